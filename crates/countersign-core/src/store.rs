@@ -1,0 +1,166 @@
+//! The `Store` trait: everything the gateway keeps, behind one interface that SQLite and PostgreSQL both
+//! implement.
+//!
+//! Work happens in a transaction ([`StoreTx`]): the gateway changes a record and appends its audit events in
+//! the same transaction, so either both land or neither does. There is deliberately no method that updates
+//! or deletes an audit event. Every query that reads tenant data takes the org id.
+
+use chrono::{DateTime, Utc};
+
+use crate::audit::{AuditEvent, NewAuditEvent};
+use crate::domain::{Action, Agent, ApiKey, Approval, DecisionRecord, Org, Session, StoredPolicy, User};
+use crate::ids::{ActionId, AgentId, ApprovalId, KeyId, OrgId, SessionId, UserId};
+use crate::state::{ActionState, ApprovalStatus};
+
+/// Why the store could not do what was asked. Carries text, never a driver's error type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness rule was broken (a name already taken, a user deciding twice, …).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database cannot be reached or is too busy; the caller may retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug, corrupt data, a failed migration.
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+/// One page of a list, and where the next one starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub limit: u32,
+    /// Opaque to callers; for the store, the last id (or seq) of the previous page.
+    pub after: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActionFilter {
+    pub state: Option<ActionState>,
+    pub agent_id: Option<AgentId>,
+    pub capability: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Exact event action, or a prefix when it ends with `.*` (`approval.*`).
+    pub action: Option<String>,
+    /// Actor id.
+    pub actor: Option<String>,
+    /// Any of these subject ids.
+    pub subjects: Vec<String>,
+    pub since_us: Option<i64>,
+    pub until_us: Option<i64>,
+}
+
+/// A pending approval's deadline, for the expiry timers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingDeadline {
+    pub org_id: OrgId,
+    pub approval_id: ApprovalId,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A transaction that may write. Writers are serialised per backend as needed.
+    async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError>;
+    /// A transaction that only reads.
+    async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError>;
+    /// Cheap liveness check for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Which backend this is, for logs and metrics.
+    fn backend(&self) -> &'static str;
+}
+
+#[async_trait::async_trait]
+pub trait StoreTx: Send {
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+
+    // Orgs and principals.
+    async fn count_orgs(&mut self) -> Result<i64, StoreError>;
+    async fn list_orgs(&mut self) -> Result<Vec<Org>, StoreError>;
+    async fn insert_org(&mut self, org: &Org) -> Result<(), StoreError>;
+    async fn get_org(&mut self, id: &OrgId) -> Result<Option<Org>, StoreError>;
+    async fn insert_user(&mut self, user: &User) -> Result<(), StoreError>;
+    async fn get_user(&mut self, org: &OrgId, id: &UserId) -> Result<Option<User>, StoreError>;
+    async fn find_user_by_name(&mut self, org: &OrgId, name: &str) -> Result<Option<User>, StoreError>;
+    async fn list_users(&mut self, org: &OrgId) -> Result<Vec<User>, StoreError>;
+    async fn disable_user(&mut self, org: &OrgId, id: &UserId, at: DateTime<Utc>) -> Result<bool, StoreError>;
+    async fn insert_agent(&mut self, agent: &Agent) -> Result<(), StoreError>;
+    async fn get_agent(&mut self, org: &OrgId, id: &AgentId) -> Result<Option<Agent>, StoreError>;
+    async fn find_agent_by_name(&mut self, org: &OrgId, name: &str) -> Result<Option<Agent>, StoreError>;
+    async fn list_agents(&mut self, org: &OrgId) -> Result<Vec<Agent>, StoreError>;
+    async fn disable_agent(&mut self, org: &OrgId, id: &AgentId, at: DateTime<Utc>) -> Result<bool, StoreError>;
+
+    // Keys and sessions. Lookup by hash is global: the secret names its org.
+    async fn insert_key(&mut self, key: &ApiKey) -> Result<(), StoreError>;
+    async fn find_key_by_hash(&mut self, hash: &str) -> Result<Option<ApiKey>, StoreError>;
+    async fn list_keys(&mut self, org: &OrgId) -> Result<Vec<ApiKey>, StoreError>;
+    async fn revoke_key(&mut self, org: &OrgId, id: &KeyId, at: DateTime<Utc>) -> Result<bool, StoreError>;
+    async fn insert_session(&mut self, session: &Session) -> Result<(), StoreError>;
+    async fn find_session_by_hash(&mut self, hash: &str) -> Result<Option<Session>, StoreError>;
+    async fn list_sessions(&mut self, org: &OrgId, agent: Option<&AgentId>) -> Result<Vec<Session>, StoreError>;
+    async fn revoke_session(&mut self, org: &OrgId, id: &SessionId, at: DateTime<Utc>) -> Result<bool, StoreError>;
+
+    // Actions.
+    async fn insert_action(&mut self, action: &Action) -> Result<(), StoreError>;
+    /// Writes the mutable fields: state, verdict, approval, result, error and times.
+    async fn update_action(&mut self, action: &Action) -> Result<(), StoreError>;
+    async fn get_action(&mut self, org: &OrgId, id: &ActionId) -> Result<Option<Action>, StoreError>;
+    async fn find_action_by_idempotency_key(
+        &mut self,
+        org: &OrgId,
+        agent: &AgentId,
+        key: &str,
+    ) -> Result<Option<Action>, StoreError>;
+    /// Newest first.
+    async fn list_actions(
+        &mut self,
+        org: &OrgId,
+        filter: &ActionFilter,
+        page: &Page,
+    ) -> Result<Vec<Action>, StoreError>;
+    async fn count_successes(&mut self, org: &OrgId, agent: &AgentId, capability: &str) -> Result<u64, StoreError>;
+    /// Across all orgs: actions that have a target and are `approved` or `executing` (restart recovery).
+    async fn list_unfinished_executions(&mut self) -> Result<Vec<Action>, StoreError>;
+
+    // Approvals.
+    async fn insert_approval(&mut self, approval: &Approval) -> Result<(), StoreError>;
+    /// Writes status and decided_at.
+    async fn update_approval(&mut self, approval: &Approval) -> Result<(), StoreError>;
+    async fn insert_decision(
+        &mut self,
+        org: &OrgId,
+        approval: &ApprovalId,
+        decision: &DecisionRecord,
+    ) -> Result<(), StoreError>;
+    async fn get_approval(&mut self, org: &OrgId, id: &ApprovalId) -> Result<Option<Approval>, StoreError>;
+    async fn find_approval_by_token_hash(&mut self, hash: &str) -> Result<Option<Approval>, StoreError>;
+    /// Pending ones oldest first; decided ones newest first.
+    async fn list_approvals(
+        &mut self,
+        org: &OrgId,
+        status: Option<ApprovalStatus>,
+        page: &Page,
+    ) -> Result<Vec<Approval>, StoreError>;
+    async fn count_pending_approvals(&mut self) -> Result<i64, StoreError>;
+    /// Across all orgs, for arming expiry timers at start.
+    async fn list_pending_deadlines(&mut self) -> Result<Vec<PendingDeadline>, StoreError>;
+
+    // Audit.
+    /// Appends after the org's current head and returns the sealed event.
+    async fn append_audit(&mut self, org: &OrgId, event: NewAuditEvent) -> Result<AuditEvent, StoreError>;
+    /// In seq order, after `after_seq`.
+    async fn list_audit(
+        &mut self,
+        org: &OrgId,
+        filter: &AuditFilter,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
+
+    // Policy versions.
+    async fn insert_policy(&mut self, policy: &StoredPolicy) -> Result<(), StoreError>;
+    async fn current_policy(&mut self, org: &OrgId) -> Result<Option<StoredPolicy>, StoreError>;
+}

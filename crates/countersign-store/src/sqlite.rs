@@ -1,0 +1,954 @@
+//! The SQLite store: one file under the data directory, WAL journal, one writer at a time.
+//!
+//! Write transactions start with `BEGIN IMMEDIATE`, so two writers never deadlock on a lock upgrade and the
+//! audit chain's head cannot move between reading it and appending after it. This module maps rows to domain
+//! types explicitly; it holds no business rules.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use countersign_core::audit::{AuditEvent, GENESIS_HASH, NewAuditEvent};
+use countersign_core::capability::{Capability, NameGlob};
+use countersign_core::domain::{
+    Action, Agent, ApiKey, Approval, DecisionRecord, Org, PrincipalRef, Role, Session, StoredPolicy, User,
+};
+use countersign_core::ids::{ActionId, AgentId, ApprovalId, EventId, KeyId, OrgId, SessionId, UserId};
+use countersign_core::state::{ActionState, ApprovalStatus, Decision};
+use countersign_core::store::{ActionFilter, AuditFilter, Page, PendingDeadline, Store, StoreError, StoreTx};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, Row, SqlSafeStr, Sqlite, SqlitePool, Transaction};
+
+use crate::rows::{corrupt, from_json, from_us, map_sqlx, opt_from_us, opt_us, to_json, to_us};
+
+const MIGRATIONS: [(i64, &str, &str); 1] = [(1, "init", include_str!("../migrations/sqlite/0001_init.sql"))];
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        Self::connect(options).await
+    }
+
+    /// A private in-memory database, for tests of the store itself.
+    pub async fn in_memory() -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(map_sqlx)?.foreign_keys(true);
+        Self::connect(options).await
+    }
+
+    async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let in_memory = options.get_filename().as_os_str().is_empty()
+            || options.get_filename().to_string_lossy().contains(":memory:");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(if in_memory { 1 } else { 8 })
+            .acquire_timeout(Duration::from_secs(15))
+            .connect_with(options)
+            .await
+            .map_err(map_sqlx)?;
+        let migrations = MIGRATIONS
+            .iter()
+            .map(|(version, name, sql)| {
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*name),
+                    MigrationType::Simple,
+                    AssertSqlSafe(*sql).into_sql_str(),
+                    false,
+                )
+            })
+            .collect();
+        Migrator::with_migrations(migrations)
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)?;
+        Ok(Box::new(SqliteTx { tx }))
+    }
+
+    async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        let tx = self.pool.begin().await.map_err(map_sqlx)?;
+        Ok(Box::new(SqliteTx { tx }))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}
+
+struct SqliteTx {
+    tx: Transaction<'static, Sqlite>,
+}
+
+fn get<T>(row: &SqliteRow, column: &str) -> Result<T, StoreError>
+where
+    T: for<'r> sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(column).map_err(map_sqlx)
+}
+
+fn org_row(row: &SqliteRow) -> Result<Org, StoreError> {
+    Ok(Org {
+        id: OrgId::from_stored(get(row, "id")?),
+        name: get(row, "name")?,
+        created_at: from_us(get(row, "created_at")?)?,
+    })
+}
+
+fn user_row(row: &SqliteRow) -> Result<User, StoreError> {
+    let role: String = get(row, "role")?;
+    Ok(User {
+        id: UserId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        name: get(row, "name")?,
+        role: Role::parse(&role).ok_or_else(|| corrupt("role", &role))?,
+        instance_admin: get::<i64>(row, "instance_admin")? != 0,
+        created_at: from_us(get(row, "created_at")?)?,
+        disabled_at: opt_from_us(get(row, "disabled_at")?)?,
+    })
+}
+
+fn agent_row(row: &SqliteRow) -> Result<Agent, StoreError> {
+    Ok(Agent {
+        id: AgentId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        name: get(row, "name")?,
+        owner: get::<Option<String>>(row, "owner_user_id")?.map(UserId::from_stored),
+        created_at: from_us(get(row, "created_at")?)?,
+        disabled_at: opt_from_us(get(row, "disabled_at")?)?,
+    })
+}
+
+fn key_row(row: &SqliteRow) -> Result<ApiKey, StoreError> {
+    let kind: String = get(row, "principal_kind")?;
+    let principal_id: String = get(row, "principal_id")?;
+    let principal = match kind.as_str() {
+        "user" => PrincipalRef::User(UserId::from_stored(principal_id)),
+        "agent" => PrincipalRef::Agent(AgentId::from_stored(principal_id)),
+        other => return Err(corrupt("principal_kind", other)),
+    };
+    Ok(ApiKey {
+        id: KeyId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        principal,
+        hash: get(row, "hash")?,
+        prefix: get(row, "prefix")?,
+        last_four: get(row, "last_four")?,
+        created_at: from_us(get(row, "created_at")?)?,
+        expires_at: opt_from_us(get(row, "expires_at")?)?,
+        revoked_at: opt_from_us(get(row, "revoked_at")?)?,
+    })
+}
+
+fn session_row(row: &SqliteRow) -> Result<Session, StoreError> {
+    let scopes: Vec<String> = from_json("scopes", &get::<String>(row, "scopes")?)?;
+    let scopes =
+        scopes.iter().map(|s| NameGlob::parse(s).map_err(|_| corrupt("scope", s))).collect::<Result<Vec<_>, _>>()?;
+    Ok(Session {
+        id: SessionId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        agent_id: AgentId::from_stored(get(row, "agent_id")?),
+        hash: get(row, "hash")?,
+        scopes,
+        created_by: get(row, "created_by")?,
+        created_at: from_us(get(row, "created_at")?)?,
+        expires_at: from_us(get(row, "expires_at")?)?,
+        revoked_at: opt_from_us(get(row, "revoked_at")?)?,
+    })
+}
+
+fn action_row(row: &SqliteRow) -> Result<Action, StoreError> {
+    let state: String = get(row, "state")?;
+    let capability: String = get(row, "capability")?;
+    Ok(Action {
+        id: ActionId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        agent_id: AgentId::from_stored(get(row, "agent_id")?),
+        agent_name: get(row, "agent_name")?,
+        session_id: get::<Option<String>>(row, "session_id")?.map(SessionId::from_stored),
+        capability: Capability::parse(&capability).map_err(|_| corrupt("capability", &capability))?,
+        params: from_json("params", &get::<String>(row, "params")?)?,
+        reasoning: get(row, "reasoning")?,
+        target: get::<Option<String>>(row, "target")?.map(|t| from_json("target", &t)).transpose()?,
+        idempotency_key: get(row, "idempotency_key")?,
+        state: ActionState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
+        verdict: get::<Option<String>>(row, "verdict")?.map(|t| from_json("verdict", &t)).transpose()?,
+        approval_id: get::<Option<String>>(row, "approval_id")?.map(ApprovalId::from_stored),
+        result: get::<Option<String>>(row, "result")?.map(|t| from_json("result", &t)).transpose()?,
+        error: get(row, "error")?,
+        request_hash: get(row, "request_hash")?,
+        created_at: from_us(get(row, "created_at")?)?,
+        decided_at: opt_from_us(get(row, "decided_at")?)?,
+        started_at: opt_from_us(get(row, "started_at")?)?,
+        finished_at: opt_from_us(get(row, "finished_at")?)?,
+    })
+}
+
+fn approval_row(row: &SqliteRow) -> Result<Approval, StoreError> {
+    let status: String = get(row, "status")?;
+    Ok(Approval {
+        id: ApprovalId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        action_id: ActionId::from_stored(get(row, "action_id")?),
+        group: get(row, "group_name")?,
+        quorum: u32::try_from(get::<i64>(row, "quorum")?).map_err(|_| corrupt("quorum", "out of range"))?,
+        status: ApprovalStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+        expires_at: from_us(get(row, "expires_at")?)?,
+        token_hash: get(row, "token_hash")?,
+        policy_version: get(row, "policy_version")?,
+        request_hash: get(row, "request_hash")?,
+        rule: get(row, "rule")?,
+        snapshot: get::<Option<String>>(row, "snapshot")?.map(|t| from_json("snapshot", &t)).transpose()?,
+        risk: from_json("risk", &get::<String>(row, "risk")?)?,
+        decisions: Vec::new(),
+        created_at: from_us(get(row, "created_at")?)?,
+        decided_at: opt_from_us(get(row, "decided_at")?)?,
+    })
+}
+
+fn decision_row(row: &SqliteRow) -> Result<DecisionRecord, StoreError> {
+    let decision: String = get(row, "decision")?;
+    Ok(DecisionRecord {
+        user_id: UserId::from_stored(get(row, "user_id")?),
+        user_name: get(row, "user_name")?,
+        decision: Decision::parse(&decision).ok_or_else(|| corrupt("decision", &decision))?,
+        note: get(row, "note")?,
+        counted: get::<i64>(row, "counted")? != 0,
+        created_at: from_us(get(row, "created_at")?)?,
+    })
+}
+
+fn audit_row(row: &SqliteRow) -> Result<AuditEvent, StoreError> {
+    Ok(AuditEvent {
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        seq: get(row, "seq")?,
+        id: EventId::from_stored(get(row, "id")?),
+        time_us: get(row, "time_us")?,
+        actor: from_json("actor", &get::<String>(row, "actor")?)?,
+        action: get(row, "action")?,
+        subject: get(row, "subject")?,
+        data: from_json("data", &get::<String>(row, "data")?)?,
+        prev_hash: get(row, "prev_hash")?,
+        hash: get(row, "hash")?,
+    })
+}
+
+fn policy_row(row: &SqliteRow) -> Result<StoredPolicy, StoreError> {
+    Ok(StoredPolicy {
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        version: get(row, "version")?,
+        sources: from_json("sources", &get::<String>(row, "sources")?)?,
+        origin: get(row, "origin")?,
+        created_at: from_us(get(row, "created_at")?)?,
+    })
+}
+
+fn limit(page: &Page) -> i64 {
+    i64::from(page.limit.clamp(1, 1000))
+}
+
+impl SqliteTx {
+    async fn fetch_all(
+        &mut self,
+        query: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> Result<Vec<SqliteRow>, StoreError> {
+        query.fetch_all(&mut *self.tx).await.map_err(map_sqlx)
+    }
+
+    async fn fetch_optional(
+        &mut self,
+        query: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> Result<Option<SqliteRow>, StoreError> {
+        query.fetch_optional(&mut *self.tx).await.map_err(map_sqlx)
+    }
+
+    async fn execute(
+        &mut self,
+        query: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> Result<u64, StoreError> {
+        query.execute(&mut *self.tx).await.map(|r| r.rows_affected()).map_err(map_sqlx)
+    }
+
+    async fn load_decisions(&mut self, approval: &mut Approval) -> Result<(), StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM decisions WHERE org_id = ? AND approval_id = ? ORDER BY created_at, user_id",
+                )
+                .bind(approval.org_id.as_str().to_owned())
+                .bind(approval.id.as_str().to_owned()),
+            )
+            .await?;
+        approval.decisions = rows.iter().map(decision_row).collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
+    async fn approvals_with_decisions(&mut self, rows: Vec<SqliteRow>) -> Result<Vec<Approval>, StoreError> {
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut approval = approval_row(row)?;
+            self.load_decisions(&mut approval).await?;
+            out.push(approval);
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl StoreTx for SqliteTx {
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.tx.commit().await.map_err(map_sqlx)
+    }
+
+    async fn count_orgs(&mut self) -> Result<i64, StoreError> {
+        let row = self.fetch_optional(sqlx::query("SELECT COUNT(*) AS n FROM orgs")).await?;
+        row.map(|r| get(&r, "n")).transpose().map(|n| n.unwrap_or(0))
+    }
+
+    async fn list_orgs(&mut self) -> Result<Vec<Org>, StoreError> {
+        let rows = self.fetch_all(sqlx::query("SELECT * FROM orgs ORDER BY created_at, id")).await?;
+        rows.iter().map(org_row).collect()
+    }
+
+    async fn insert_org(&mut self, org: &Org) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES (?, ?, ?)")
+                .bind(org.id.as_str().to_owned())
+                .bind(org.name.clone())
+                .bind(to_us(org.created_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_org(&mut self, id: &OrgId) -> Result<Option<Org>, StoreError> {
+        let row =
+            self.fetch_optional(sqlx::query("SELECT * FROM orgs WHERE id = ?").bind(id.as_str().to_owned())).await?;
+        row.as_ref().map(org_row).transpose()
+    }
+
+    async fn insert_user(&mut self, user: &User) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO users (id, org_id, name, role, instance_admin, created_at, disabled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(user.id.as_str().to_owned())
+            .bind(user.org_id.as_str().to_owned())
+            .bind(user.name.clone())
+            .bind(user.role.as_str())
+            .bind(i64::from(user.instance_admin))
+            .bind(to_us(user.created_at))
+            .bind(opt_us(user.disabled_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_user(&mut self, org: &OrgId, id: &UserId) -> Result<Option<User>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM users WHERE org_id = ? AND id = ?")
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        row.as_ref().map(user_row).transpose()
+    }
+
+    async fn find_user_by_name(&mut self, org: &OrgId, name: &str) -> Result<Option<User>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM users WHERE org_id = ? AND name = ?")
+                    .bind(org.as_str().to_owned())
+                    .bind(name.to_owned()),
+            )
+            .await?;
+        row.as_ref().map(user_row).transpose()
+    }
+
+    async fn list_users(&mut self, org: &OrgId) -> Result<Vec<User>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query("SELECT * FROM users WHERE org_id = ? ORDER BY created_at, id")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        rows.iter().map(user_row).collect()
+    }
+
+    async fn disable_user(&mut self, org: &OrgId, id: &UserId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE users SET disabled_at = ? WHERE org_id = ? AND id = ? AND disabled_at IS NULL")
+                    .bind(to_us(at))
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn insert_agent(&mut self, agent: &Agent) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query("INSERT INTO agents (id, org_id, name, owner_user_id, created_at, disabled_at) VALUES (?, ?, ?, ?, ?, ?)")
+                .bind(agent.id.as_str().to_owned())
+                .bind(agent.org_id.as_str().to_owned())
+                .bind(agent.name.clone())
+                .bind(agent.owner.as_ref().map(|o| o.as_str().to_owned()))
+                .bind(to_us(agent.created_at))
+                .bind(opt_us(agent.disabled_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_agent(&mut self, org: &OrgId, id: &AgentId) -> Result<Option<Agent>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM agents WHERE org_id = ? AND id = ?")
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        row.as_ref().map(agent_row).transpose()
+    }
+
+    async fn find_agent_by_name(&mut self, org: &OrgId, name: &str) -> Result<Option<Agent>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM agents WHERE org_id = ? AND name = ?")
+                    .bind(org.as_str().to_owned())
+                    .bind(name.to_owned()),
+            )
+            .await?;
+        row.as_ref().map(agent_row).transpose()
+    }
+
+    async fn list_agents(&mut self, org: &OrgId) -> Result<Vec<Agent>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query("SELECT * FROM agents WHERE org_id = ? ORDER BY created_at, id")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        rows.iter().map(agent_row).collect()
+    }
+
+    async fn disable_agent(&mut self, org: &OrgId, id: &AgentId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE agents SET disabled_at = ? WHERE org_id = ? AND id = ? AND disabled_at IS NULL")
+                    .bind(to_us(at))
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn insert_key(&mut self, key: &ApiKey) -> Result<(), StoreError> {
+        let (kind, principal_id) = match &key.principal {
+            PrincipalRef::User(id) => ("user", id.as_str().to_owned()),
+            PrincipalRef::Agent(id) => ("agent", id.as_str().to_owned()),
+        };
+        self.execute(
+            sqlx::query(
+                "INSERT INTO api_keys (id, org_id, principal_kind, principal_id, hash, prefix, last_four, created_at, expires_at, revoked_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(key.id.as_str().to_owned())
+            .bind(key.org_id.as_str().to_owned())
+            .bind(kind)
+            .bind(principal_id)
+            .bind(key.hash.clone())
+            .bind(key.prefix.clone())
+            .bind(key.last_four.clone())
+            .bind(to_us(key.created_at))
+            .bind(opt_us(key.expires_at))
+            .bind(opt_us(key.revoked_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn find_key_by_hash(&mut self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
+        let row =
+            self.fetch_optional(sqlx::query("SELECT * FROM api_keys WHERE hash = ?").bind(hash.to_owned())).await?;
+        row.as_ref().map(key_row).transpose()
+    }
+
+    async fn list_keys(&mut self, org: &OrgId) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query("SELECT * FROM api_keys WHERE org_id = ? ORDER BY created_at, id")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        rows.iter().map(key_row).collect()
+    }
+
+    async fn revoke_key(&mut self, org: &OrgId, id: &KeyId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE org_id = ? AND id = ? AND revoked_at IS NULL")
+                    .bind(to_us(at))
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn insert_session(&mut self, session: &Session) -> Result<(), StoreError> {
+        let scopes: Vec<&str> = session.scopes.iter().map(NameGlob::as_str).collect();
+        self.execute(
+            sqlx::query(
+                "INSERT INTO sessions (id, org_id, agent_id, hash, scopes, created_by, created_at, expires_at, revoked_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(session.id.as_str().to_owned())
+            .bind(session.org_id.as_str().to_owned())
+            .bind(session.agent_id.as_str().to_owned())
+            .bind(session.hash.clone())
+            .bind(to_json(&scopes)?)
+            .bind(session.created_by.clone())
+            .bind(to_us(session.created_at))
+            .bind(to_us(session.expires_at))
+            .bind(opt_us(session.revoked_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn find_session_by_hash(&mut self, hash: &str) -> Result<Option<Session>, StoreError> {
+        let row =
+            self.fetch_optional(sqlx::query("SELECT * FROM sessions WHERE hash = ?").bind(hash.to_owned())).await?;
+        row.as_ref().map(session_row).transpose()
+    }
+
+    async fn list_sessions(&mut self, org: &OrgId, agent: Option<&AgentId>) -> Result<Vec<Session>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query("SELECT * FROM sessions WHERE org_id = ? AND (? IS NULL OR agent_id = ?) ORDER BY created_at DESC, id DESC")
+                    .bind(org.as_str().to_owned())
+                    .bind(agent.map(|a| a.as_str().to_owned()))
+                    .bind(agent.map(|a| a.as_str().to_owned())),
+            )
+            .await?;
+        rows.iter().map(session_row).collect()
+    }
+
+    async fn revoke_session(&mut self, org: &OrgId, id: &SessionId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE sessions SET revoked_at = ? WHERE org_id = ? AND id = ? AND revoked_at IS NULL")
+                    .bind(to_us(at))
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn insert_action(&mut self, a: &Action) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO actions (id, org_id, agent_id, agent_name, session_id, capability, params, reasoning, target,
+                    idempotency_key, state, verdict, approval_id, result, error, request_hash, created_at, decided_at,
+                    started_at, finished_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(a.id.as_str().to_owned())
+            .bind(a.org_id.as_str().to_owned())
+            .bind(a.agent_id.as_str().to_owned())
+            .bind(a.agent_name.clone())
+            .bind(a.session_id.as_ref().map(|s| s.as_str().to_owned()))
+            .bind(a.capability.as_str().to_owned())
+            .bind(to_json(&a.params)?)
+            .bind(a.reasoning.clone())
+            .bind(a.target.as_ref().map(to_json).transpose()?)
+            .bind(a.idempotency_key.clone())
+            .bind(a.state.as_str())
+            .bind(a.verdict.as_ref().map(to_json).transpose()?)
+            .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
+            .bind(a.result.as_ref().map(to_json).transpose()?)
+            .bind(a.error.clone())
+            .bind(a.request_hash.clone())
+            .bind(to_us(a.created_at))
+            .bind(opt_us(a.decided_at))
+            .bind(opt_us(a.started_at))
+            .bind(opt_us(a.finished_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn update_action(&mut self, a: &Action) -> Result<(), StoreError> {
+        let n = self
+            .execute(
+                sqlx::query(
+                    "UPDATE actions SET state = ?, verdict = ?, approval_id = ?, result = ?, error = ?, decided_at = ?,
+                        started_at = ?, finished_at = ?
+                     WHERE org_id = ? AND id = ?",
+                )
+                .bind(a.state.as_str())
+                .bind(a.verdict.as_ref().map(to_json).transpose()?)
+                .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
+                .bind(a.result.as_ref().map(to_json).transpose()?)
+                .bind(a.error.clone())
+                .bind(opt_us(a.decided_at))
+                .bind(opt_us(a.started_at))
+                .bind(opt_us(a.finished_at))
+                .bind(a.org_id.as_str().to_owned())
+                .bind(a.id.as_str().to_owned()),
+            )
+            .await?;
+        if n == 1 { Ok(()) } else { Err(StoreError::Internal(format!("action {} vanished", a.id))) }
+    }
+
+    async fn get_action(&mut self, org: &OrgId, id: &ActionId) -> Result<Option<Action>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM actions WHERE org_id = ? AND id = ?")
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        row.as_ref().map(action_row).transpose()
+    }
+
+    async fn find_action_by_idempotency_key(
+        &mut self,
+        org: &OrgId,
+        agent: &AgentId,
+        key: &str,
+    ) -> Result<Option<Action>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM actions WHERE org_id = ? AND agent_id = ? AND idempotency_key = ?")
+                    .bind(org.as_str().to_owned())
+                    .bind(agent.as_str().to_owned())
+                    .bind(key.to_owned()),
+            )
+            .await?;
+        row.as_ref().map(action_row).transpose()
+    }
+
+    async fn list_actions(
+        &mut self,
+        org: &OrgId,
+        filter: &ActionFilter,
+        page: &Page,
+    ) -> Result<Vec<Action>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM actions WHERE org_id = ?
+                       AND (? IS NULL OR state = ?) AND (? IS NULL OR agent_id = ?) AND (? IS NULL OR capability = ?)
+                       AND (? IS NULL OR id < ?)
+                     ORDER BY id DESC LIMIT ?",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(filter.state.map(ActionState::as_str))
+                .bind(filter.state.map(ActionState::as_str))
+                .bind(filter.agent_id.as_ref().map(|a| a.as_str().to_owned()))
+                .bind(filter.agent_id.as_ref().map(|a| a.as_str().to_owned()))
+                .bind(filter.capability.clone())
+                .bind(filter.capability.clone())
+                .bind(page.after.clone())
+                .bind(page.after.clone())
+                .bind(limit(page)),
+            )
+            .await?;
+        rows.iter().map(action_row).collect()
+    }
+
+    async fn count_successes(&mut self, org: &OrgId, agent: &AgentId, capability: &str) -> Result<u64, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query(
+                    "SELECT COUNT(*) AS n FROM actions WHERE org_id = ? AND agent_id = ? AND capability = ?
+                       AND (state = 'succeeded' OR (state = 'approved' AND target IS NULL))",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(agent.as_str().to_owned())
+                .bind(capability.to_owned()),
+            )
+            .await?;
+        let n: i64 = row.map(|r| get(&r, "n")).transpose()?.unwrap_or(0);
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn list_unfinished_executions(&mut self) -> Result<Vec<Action>, StoreError> {
+        let rows = self
+            .fetch_all(sqlx::query(
+                "SELECT * FROM actions WHERE state IN ('approved', 'executing') AND target IS NOT NULL ORDER BY id",
+            ))
+            .await?;
+        rows.iter().map(action_row).collect()
+    }
+
+    async fn insert_approval(&mut self, a: &Approval) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO approvals (id, org_id, action_id, group_name, quorum, status, expires_at, token_hash,
+                    policy_version, request_hash, rule, snapshot, risk, created_at, decided_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(a.id.as_str().to_owned())
+            .bind(a.org_id.as_str().to_owned())
+            .bind(a.action_id.as_str().to_owned())
+            .bind(a.group.clone())
+            .bind(i64::from(a.quorum))
+            .bind(a.status.as_str())
+            .bind(to_us(a.expires_at))
+            .bind(a.token_hash.clone())
+            .bind(a.policy_version.clone())
+            .bind(a.request_hash.clone())
+            .bind(a.rule.clone())
+            .bind(a.snapshot.as_ref().map(to_json).transpose()?)
+            .bind(to_json(&a.risk)?)
+            .bind(to_us(a.created_at))
+            .bind(opt_us(a.decided_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn update_approval(&mut self, a: &Approval) -> Result<(), StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE approvals SET status = ?, decided_at = ? WHERE org_id = ? AND id = ?")
+                    .bind(a.status.as_str())
+                    .bind(opt_us(a.decided_at))
+                    .bind(a.org_id.as_str().to_owned())
+                    .bind(a.id.as_str().to_owned()),
+            )
+            .await?;
+        if n == 1 { Ok(()) } else { Err(StoreError::Internal(format!("approval {} vanished", a.id))) }
+    }
+
+    async fn insert_decision(
+        &mut self,
+        org: &OrgId,
+        approval: &ApprovalId,
+        d: &DecisionRecord,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO decisions (approval_id, org_id, user_id, user_name, decision, note, counted, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(approval.as_str().to_owned())
+            .bind(org.as_str().to_owned())
+            .bind(d.user_id.as_str().to_owned())
+            .bind(d.user_name.clone())
+            .bind(d.decision.as_str())
+            .bind(d.note.clone())
+            .bind(i64::from(d.counted))
+            .bind(to_us(d.created_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_approval(&mut self, org: &OrgId, id: &ApprovalId) -> Result<Option<Approval>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM approvals WHERE org_id = ? AND id = ?")
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        Ok(self.approvals_with_decisions(row.into_iter().collect()).await?.pop())
+    }
+
+    async fn find_approval_by_token_hash(&mut self, hash: &str) -> Result<Option<Approval>, StoreError> {
+        let row = self
+            .fetch_optional(sqlx::query("SELECT * FROM approvals WHERE token_hash = ?").bind(hash.to_owned()))
+            .await?;
+        Ok(self.approvals_with_decisions(row.into_iter().collect()).await?.pop())
+    }
+
+    async fn list_approvals(
+        &mut self,
+        org: &OrgId,
+        status: Option<ApprovalStatus>,
+        page: &Page,
+    ) -> Result<Vec<Approval>, StoreError> {
+        // Pending: oldest first (the queue); anything else: newest first (history). ULIDs sort by time.
+        let sql = if status == Some(ApprovalStatus::Pending) {
+            "SELECT * FROM approvals WHERE org_id = ? AND status = ? AND (? IS NULL OR id > ?) ORDER BY id ASC LIMIT ?"
+        } else {
+            "SELECT * FROM approvals WHERE org_id = ? AND (? IS NULL OR status = ?) AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?"
+        };
+        let query = sqlx::query(sql).bind(org.as_str().to_owned());
+        let query = if status == Some(ApprovalStatus::Pending) {
+            query.bind("pending")
+        } else {
+            query.bind(status.map(ApprovalStatus::as_str)).bind(status.map(ApprovalStatus::as_str))
+        };
+        let rows = self.fetch_all(query.bind(page.after.clone()).bind(page.after.clone()).bind(limit(page))).await?;
+        self.approvals_with_decisions(rows).await
+    }
+
+    async fn count_pending_approvals(&mut self) -> Result<i64, StoreError> {
+        let row =
+            self.fetch_optional(sqlx::query("SELECT COUNT(*) AS n FROM approvals WHERE status = 'pending'")).await?;
+        row.map(|r| get(&r, "n")).transpose().map(|n| n.unwrap_or(0))
+    }
+
+    async fn list_pending_deadlines(&mut self) -> Result<Vec<PendingDeadline>, StoreError> {
+        let rows = self
+            .fetch_all(sqlx::query(
+                "SELECT org_id, id, expires_at FROM approvals WHERE status = 'pending' ORDER BY expires_at",
+            ))
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(PendingDeadline {
+                    org_id: OrgId::from_stored(get(row, "org_id")?),
+                    approval_id: ApprovalId::from_stored(get(row, "id")?),
+                    expires_at: from_us(get(row, "expires_at")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn append_audit(&mut self, org: &OrgId, event: NewAuditEvent) -> Result<AuditEvent, StoreError> {
+        let head = self
+            .fetch_optional(
+                sqlx::query("SELECT seq, hash FROM audit_events WHERE org_id = ? ORDER BY seq DESC LIMIT 1")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        let (seq, hash) = match head {
+            Some(row) => (get::<i64>(&row, "seq")?, get::<String>(&row, "hash")?),
+            None => (0, GENESIS_HASH.to_owned()),
+        };
+        let sealed = AuditEvent::seal(org.clone(), seq, &hash, event);
+        self.execute(
+            sqlx::query(
+                "INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash, hash)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(org.as_str().to_owned())
+            .bind(sealed.seq)
+            .bind(sealed.id.as_str().to_owned())
+            .bind(sealed.time_us)
+            .bind(to_json(&sealed.actor)?)
+            .bind(sealed.action.clone())
+            .bind(sealed.subject.clone())
+            .bind(to_json(&sealed.data)?)
+            .bind(sealed.prev_hash.clone())
+            .bind(sealed.hash.clone()),
+        )
+        .await?;
+        Ok(sealed)
+    }
+
+    async fn list_audit(
+        &mut self,
+        org: &OrgId,
+        filter: &AuditFilter,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let mut sql = String::from("SELECT * FROM audit_events WHERE org_id = ? AND seq > ?");
+        let (action_exact, action_prefix) = match filter.action.as_deref() {
+            Some(a) if a.ends_with(".*") => (None, Some(a.trim_end_matches('*').to_owned())),
+            Some(a) => (Some(a.to_owned()), None),
+            None => (None, None),
+        };
+        if action_exact.is_some() {
+            sql.push_str(" AND action = ?");
+        }
+        if action_prefix.is_some() {
+            sql.push_str(" AND substr(action, 1, length(?)) = ?");
+        }
+        if filter.actor.is_some() {
+            sql.push_str(" AND json_extract(actor, '$.id') = ?");
+        }
+        if !filter.subjects.is_empty() {
+            sql.push_str(" AND subject IN (");
+            sql.push_str(&vec!["?"; filter.subjects.len()].join(", "));
+            sql.push(')');
+        }
+        if filter.since_us.is_some() {
+            sql.push_str(" AND time_us >= ?");
+        }
+        if filter.until_us.is_some() {
+            sql.push_str(" AND time_us <= ?");
+        }
+        sql.push_str(" ORDER BY seq ASC LIMIT ?");
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(org.as_str().to_owned()).bind(after_seq);
+        if let Some(a) = action_exact {
+            query = query.bind(a);
+        }
+        if let Some(p) = action_prefix {
+            query = query.bind(p.clone()).bind(p);
+        }
+        if let Some(actor) = &filter.actor {
+            query = query.bind(actor.clone());
+        }
+        for subject in &filter.subjects {
+            query = query.bind(subject.clone());
+        }
+        if let Some(since) = filter.since_us {
+            query = query.bind(since);
+        }
+        if let Some(until) = filter.until_us {
+            query = query.bind(until);
+        }
+        let rows = self.fetch_all(query.bind(i64::from(limit.clamp(1, 10_000)))).await?;
+        rows.iter().map(audit_row).collect()
+    }
+
+    async fn insert_policy(&mut self, p: &StoredPolicy) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query("INSERT INTO policies (org_id, version, sources, origin, created_at) VALUES (?, ?, ?, ?, ?)")
+                .bind(p.org_id.as_str().to_owned())
+                .bind(p.version.clone())
+                .bind(to_json(&p.sources)?)
+                .bind(p.origin.clone())
+                .bind(to_us(p.created_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn current_policy(&mut self, org: &OrgId) -> Result<Option<StoredPolicy>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM policies WHERE org_id = ? ORDER BY seq DESC LIMIT 1")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        row.as_ref().map(policy_row).transpose()
+    }
+}

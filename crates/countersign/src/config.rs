@@ -1,0 +1,281 @@
+//! Server configuration: defaults, then the TOML file, then `COUNTERSIGN_*` variables and flags (clap
+//! handles those two together). Paths inside the file are relative to the file's folder; `${env:NAME}`
+//! references in upstream settings are resolved once, at load.
+//!
+//! Secrets are redacted in `Debug`. This module does not open sockets or files other than the config file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A value that must never appear in logs.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// An upstream an `http` target may name. The agent never sees its base URL's credentials or headers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub base_url: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// May a request whose outcome is unknown after a crash be sent again?
+    #[serde(default)]
+    pub retry_safe: bool,
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn default_upstream_timeout() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Outbound-guard exceptions, as CIDR networks.
+    #[serde(default)]
+    pub allow_private: Vec<String>,
+}
+
+/// The configuration file as written; every field optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<Secret>,
+    pub policy: Option<PathBuf>,
+    pub public_url: Option<String>,
+    pub log_format: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: Option<Secret>,
+    /// A policy file or folder; `None` loads the shipped example policy.
+    pub policy: Option<PathBuf>,
+    /// How clients reach this server (for `poll_url` and session MCP URLs); defaults to the listen address.
+    pub public_url: Option<String>,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub network: NetworkConfig,
+    pub bootstrap_admin_key: Option<Secret>,
+    pub max_body_bytes: usize,
+    /// Watch the policy file for changes and reload it.
+    pub watch_policy: bool,
+}
+
+impl Config {
+    /// Everything at its default: loopback on 8080, `./data`, the example policy.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir,
+            database_url: None,
+            policy: None,
+            public_url: None,
+            upstreams: BTreeMap::new(),
+            network: NetworkConfig::default(),
+            bootstrap_admin_key: None,
+            max_body_bytes: 1024 * 1024,
+            watch_policy: true,
+        }
+    }
+}
+
+/// Command-line and environment overrides (clap reads both).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// A TOML configuration file.
+    #[arg(long, env = "COUNTERSIGN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "COUNTERSIGN_LISTEN")]
+    pub listen: Option<String>,
+    /// Folder for the SQLite file and the bootstrap admin key.
+    #[arg(long, env = "COUNTERSIGN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// PostgreSQL URL instead of the embedded SQLite store.
+    #[arg(long, env = "COUNTERSIGN_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Policy file or folder (default: the shipped example policy).
+    #[arg(long, env = "COUNTERSIGN_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// The URL clients use to reach this server.
+    #[arg(long, env = "COUNTERSIGN_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Request body limit in bytes.
+    #[arg(long, env = "COUNTERSIGN_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("configuration file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Resolves `${env:NAME}` references; a missing variable is an error, never an empty string.
+pub fn expand_env(text: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${env:") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 6..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| ConfigError::Invalid(format!("unterminated `${{env:` reference in `{text}`")))?;
+        let name = &after[..end];
+        let value = std::env::var(name)
+            .map_err(|_| ConfigError::Invalid(format!("environment variable `{name}` is referenced but not set")))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl ServeArgs {
+    /// Defaults, then the file, then these overrides.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let (file, base) = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+                let file: FileConfig = toml::from_str(&text)
+                    .map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })?;
+                (file, path.parent().map(Path::to_path_buf).unwrap_or_default())
+            }
+            None => (FileConfig::default(), PathBuf::new()),
+        };
+        let relative_to_file = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+        let mut config = Config::new(PathBuf::from("data"));
+        if let Some(dir) = file.data_dir {
+            config.data_dir = relative_to_file(dir);
+        }
+        if let Some(policy) = file.policy {
+            config.policy = Some(relative_to_file(policy));
+        }
+        config.database_url = file.database_url;
+        config.public_url = file.public_url;
+        if let Some(bytes) = file.max_body_bytes {
+            config.max_body_bytes = bytes;
+        }
+        let mut listen = file.listen;
+        for (name, mut upstream) in file.upstreams {
+            upstream.base_url = expand_env(&upstream.base_url)?;
+            url_is_http(&upstream.base_url)
+                .map_err(|m| ConfigError::Invalid(format!("upstreams.{name}.base_url: {m}")))?;
+            for value in upstream.headers.values_mut() {
+                *value = Secret::new(expand_env(value.expose())?);
+            }
+            config.upstreams.insert(name, upstream);
+        }
+        config.network = file.network;
+
+        if let Some(l) = &self.listen {
+            listen = Some(l.clone());
+        }
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(url) = &self.database_url {
+            config.database_url = Some(Secret::new(url.clone()));
+        }
+        if let Some(p) = &self.policy {
+            config.policy = Some(p.clone());
+        }
+        if let Some(u) = &self.public_url {
+            config.public_url = Some(u.clone());
+        }
+        if let Some(b) = self.max_body_bytes {
+            config.max_body_bytes = b;
+        }
+        if let Some(l) = listen {
+            config.listen = l
+                .parse()
+                .map_err(|_| ConfigError::Invalid(format!("listen `{l}` is not an address like 127.0.0.1:8080")))?;
+        }
+        config.bootstrap_admin_key = std::env::var("COUNTERSIGN_BOOTSTRAP_ADMIN_KEY").ok().map(Secret::new);
+        Ok(config)
+    }
+}
+
+fn url_is_http(text: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    match parsed.scheme() {
+        "http" | "https" => Ok(()),
+        other => Err(format!("scheme `{other}` is not http or https")),
+    }
+}
+
+/// A commented example configuration, printed by `countersign config example`.
+pub const EXAMPLE: &str = r#"# countersign.toml — every key is optional; each is also a flag or a COUNTERSIGN_* variable.
+listen = "127.0.0.1:8080"
+data_dir = "./data"                 # SQLite file and admin.key (relative to this file)
+# database_url = "postgres://…"     # PostgreSQL instead of SQLite
+# policy = "policy.yaml"            # file or folder; default: the shipped example policy
+# public_url = "https://countersign.example.com"
+
+# Upstreams an action's http target may name. Credentials live here, never with the agent.
+# [upstreams.payments]
+# base_url = "https://api.payments.example"
+# headers = { Authorization = "Bearer ${env:PAYMENTS_KEY}" }
+# retry_safe = false                # resend after a crash when the outcome is unknown?
+# timeout_seconds = 30
+
+# [network]
+# allow_private = ["127.0.0.1/32"]  # outbound guard exceptions
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_references_expand_and_missing_ones_fail() {
+        assert_eq!(expand_env("plain").ok(), Some("plain".to_owned()));
+        assert!(expand_env("Bearer ${env:COUNTERSIGN_SURELY_UNSET_VARIABLE}").is_err());
+        assert!(expand_env("${env:UNTERMINATED").is_err());
+        let path = std::env::var("PATH").unwrap_or_default();
+        assert_eq!(expand_env("x${env:PATH}y").ok(), Some(format!("x{path}y")));
+    }
+
+    #[test]
+    fn example_parses() {
+        assert!(toml::from_str::<FileConfig>(EXAMPLE).is_ok());
+    }
+}

@@ -1,0 +1,135 @@
+//! Outbound calls: the `http` connector that replays a frozen request against a configured upstream.
+//!
+//! One reqwest client for all of them, with redirects off, connect and total timeouts, no proxy taken from
+//! the environment, and a cap on how much of a response is kept. Credentials come from the server
+//! configuration and are added here, never from the agent. This module does not decide whether a call may
+//! happen; the gateway does.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use countersign_core::domain::HttpTarget;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::config::UpstreamConfig;
+
+/// Response bodies larger than this are truncated in the stored result.
+pub const MAX_RESULT_BODY_BYTES: usize = 64 * 1024;
+
+/// Response headers kept on the stored result.
+const KEPT_HEADERS: [&str; 4] = ["content-type", "location", "idempotency-key", "request-id"];
+
+#[derive(Clone)]
+pub struct Connectors {
+    client: reqwest::Client,
+    upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+/// What an upstream answered, as stored on the action.
+#[derive(Debug, Clone)]
+pub struct HttpOutcome {
+    pub status: u16,
+    pub result: Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error("unknown upstream `{0}`")]
+    UnknownUpstream(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("upstream did not answer: {0}")]
+    Transport(String),
+}
+
+impl Connectors {
+    pub fn new(upstreams: BTreeMap<String, UpstreamConfig>) -> Result<Self, ConnectorError> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(10))
+            .no_proxy()
+            .build()
+            .map_err(|e| ConnectorError::Invalid(format!("cannot build HTTP client: {e}")))?;
+        Ok(Connectors { client, upstreams })
+    }
+
+    pub fn has_upstream(&self, name: &str) -> bool {
+        self.upstreams.contains_key(name)
+    }
+
+    pub fn is_retry_safe(&self, name: &str) -> bool {
+        self.upstreams.get(name).is_some_and(|u| u.retry_safe)
+    }
+
+    /// Sends the frozen request exactly as stored, with `Idempotency-Key: <action id>`.
+    pub async fn send_http(&self, target: &HttpTarget, idempotency_key: &str) -> Result<HttpOutcome, ConnectorError> {
+        let upstream = self
+            .upstreams
+            .get(&target.upstream)
+            .ok_or_else(|| ConnectorError::UnknownUpstream(target.upstream.clone()))?;
+        let base = upstream.base_url.trim_end_matches('/');
+        let mut url = reqwest::Url::parse(&format!("{base}{}", target.path))
+            .map_err(|e| ConnectorError::Invalid(format!("cannot build the URL: {e}")))?;
+        if !target.query.is_empty() {
+            url.query_pairs_mut().extend_pairs(target.query.iter());
+        }
+        let method = reqwest::Method::from_bytes(target.method.as_bytes())
+            .map_err(|_| ConnectorError::Invalid(format!("method `{}`", target.method)))?;
+        let mut request = self
+            .client
+            .request(method, url)
+            .timeout(Duration::from_secs(upstream.timeout_seconds.max(1)))
+            .header("idempotency-key", idempotency_key);
+        for (name, value) in &target.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        for (name, value) in &upstream.headers {
+            request = request.header(name.as_str(), value.expose());
+        }
+        if let Some(body) = &target.body {
+            let bytes = serde_json::to_vec(body).map_err(|e| ConnectorError::Invalid(e.to_string()))?;
+            request = request.header("content-type", "application/json").body(bytes);
+        }
+        let response = request.send().await.map_err(|e| ConnectorError::Transport(describe(&e)))?;
+        let status = response.status().as_u16();
+        let headers: BTreeMap<String, String> = KEPT_HEADERS
+            .iter()
+            .filter_map(|name| {
+                response.headers().get(*name).and_then(|v| v.to_str().ok()).map(|v| ((*name).to_owned(), v.to_owned()))
+            })
+            .collect();
+        let mut stream = response.bytes_stream();
+        let mut body = Vec::new();
+        let mut truncated = false;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ConnectorError::Transport(describe(&e)))?;
+            let room = MAX_RESULT_BODY_BYTES - body.len();
+            if chunk.len() > room {
+                body.extend_from_slice(&chunk[..room]);
+                truncated = true;
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let body_value = if truncated {
+            Value::String(String::from_utf8_lossy(&body).into_owned())
+        } else {
+            serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
+        };
+        Ok(HttpOutcome {
+            status,
+            result: json!({"status": status, "headers": headers, "body": body_value, "truncated": truncated}),
+        })
+    }
+}
+
+fn describe(error: &reqwest::Error) -> String {
+    if error.is_timeout() {
+        "timed out".into()
+    } else if error.is_connect() {
+        format!("connection failed: {error}")
+    } else {
+        error.to_string()
+    }
+}

@@ -1,0 +1,393 @@
+//! Submitting, cancelling and waiting on actions.
+//!
+//! Submission evaluates the policy once and writes the action, its verdict, its approval (when one is
+//! needed) and their audit events in one transaction. An evaluation that cannot be made denies; nothing
+//! here turns "could not decide" into "allow".
+
+use std::time::Duration;
+
+use countersign_core::audit::canonical_hash;
+use countersign_core::capability::Capability;
+use countersign_core::domain::{Action, Approval, Target};
+use countersign_core::ids::{ActionId, ApprovalId};
+use countersign_core::policy::{Effect, EvalInput, Facts, Verdict};
+use countersign_core::risk::RiskAssessment;
+use countersign_core::secrets::{self, SecretKind};
+use countersign_core::state::{ActionState, ApprovalStatus};
+use countersign_core::store::StoreError;
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{Caller, ExpiryRequest, Gateway};
+use crate::error::{Error, Result};
+
+/// A validated submission.
+#[derive(Debug, Clone)]
+pub struct SubmitRequest {
+    pub capability: Capability,
+    pub params: Value,
+    /// Raw JSON text, kept verbatim.
+    pub reasoning: String,
+    pub target: Option<Target>,
+    pub idempotency_key: Option<String>,
+}
+
+/// What a submission produced.
+#[derive(Debug, Clone)]
+pub struct SubmitOutcome {
+    pub action: Action,
+    pub approval: Option<Approval>,
+    /// The one-time approval poll token, present only in the response that created it.
+    pub token: Option<String>,
+    /// True when the idempotency key matched an earlier submission, which is returned as it is now.
+    pub replayed: bool,
+}
+
+/// Longest a caller may hold a wait open.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+
+fn no_policy_verdict() -> Verdict {
+    Verdict {
+        effect: Effect::Deny,
+        rule: "no_policy".into(),
+        policy_version: String::new(),
+        axes: Vec::new(),
+        message: Some("no policy is loaded for this org; failing closed".into()),
+        approval: None,
+        snapshot: None,
+        risk: RiskAssessment { score: 1.0, reversible: false, external: true, prior_successes: 0, factors: Vec::new() },
+        explanation: "no policy is loaded for this org, so every action is denied".into(),
+    }
+}
+
+impl Gateway {
+    pub async fn submit(&self, caller: &Caller, request: SubmitRequest) -> Result<SubmitOutcome> {
+        let org = caller.org_id().clone();
+        let agent = caller
+            .agent()
+            .cloned()
+            .ok_or_else(|| Error::Forbidden("only agents and sessions submit actions; use an agent key".into()))?;
+        let actor = caller.actor();
+        let now = self.now();
+
+        if let Caller::Session { session, .. } = caller
+            && !session.allows(&request.capability)
+        {
+            let scopes: Vec<&str> = session.scopes.iter().map(|s| s.as_str()).collect();
+            let mut work = self.write().await?;
+            work.audit(
+                &org,
+                now,
+                &actor,
+                "action.refused",
+                Some(session.id.as_str()),
+                json!({"capability": request.capability, "reason": "outside session scopes", "scopes": scopes}),
+            )
+            .await?;
+            work.commit(self).await?;
+            return Err(Error::Forbidden(format!(
+                "capability `{}` is outside this session's scopes ({})",
+                request.capability,
+                scopes.join(", ")
+            )));
+        }
+        if let Some(Target::Http(http)) = &request.target {
+            http.validate().map_err(|m| Error::invalid("target", m))?;
+            if !self.inner.connectors.has_upstream(&http.upstream) {
+                return Err(Error::invalid(
+                    "target.upstream",
+                    format!(
+                        "unknown upstream `{}`: it must be named under [upstreams] in the server configuration",
+                        http.upstream
+                    ),
+                ));
+            }
+        }
+
+        let request_hash = match &request.target {
+            Some(target) => canonical_hash(&serde_json::to_value(target).map_err(|e| Error::Internal(e.to_string()))?),
+            None => String::new(),
+        };
+
+        let mut work = self.write().await?;
+        if let Some(key) = &request.idempotency_key
+            && let Some(existing) = work.tx.find_action_by_idempotency_key(&org, &agent.id, key).await?
+        {
+            drop(work);
+            return self.idempotent_replay(existing, &request, &request_hash).await;
+        }
+
+        let prior_successes = work.tx.count_successes(&org, &agent.id, request.capability.as_str()).await?;
+        let started = std::time::Instant::now();
+        let verdict = match self.policies().for_org(&org) {
+            Some(active) => active.policy.evaluate(&EvalInput {
+                agent: &agent.name,
+                capability: &request.capability,
+                params: &request.params,
+                facts: &Facts { prior_successes },
+            }),
+            None => no_policy_verdict(),
+        };
+        self.metrics().observe_policy_evaluation(started.elapsed());
+
+        let mut action = Action {
+            id: ActionId::new(),
+            org_id: org.clone(),
+            agent_id: agent.id.clone(),
+            agent_name: agent.name.clone(),
+            session_id: match caller {
+                Caller::Session { session, .. } => Some(session.id.clone()),
+                _ => None,
+            },
+            capability: request.capability.clone(),
+            params: request.params.clone(),
+            reasoning: request.reasoning.clone(),
+            target: request.target.clone(),
+            idempotency_key: request.idempotency_key.clone(),
+            state: ActionState::Submitted,
+            verdict: Some(verdict.clone()),
+            approval_id: None,
+            result: None,
+            error: None,
+            request_hash: request_hash.clone(),
+            created_at: now,
+            decided_at: None,
+            started_at: None,
+            finished_at: None,
+        };
+        let subject = action.id.to_string();
+        let mut approval = None;
+        let mut token = None;
+        let approval_route = verdict.approval.clone().filter(|_| verdict.effect == Effect::RequireApproval);
+        let next_state = match (verdict.effect, &approval_route) {
+            (Effect::Allow, _) => ActionState::Approved,
+            (Effect::RequireApproval, Some(_)) => ActionState::PendingApproval,
+            // An approval verdict without a route cannot be honoured: deny rather than guess.
+            (Effect::RequireApproval, None) | (Effect::Deny, _) => ActionState::Denied,
+        };
+        action.state = ActionState::Submitted.transition(next_state)?;
+        if next_state != ActionState::PendingApproval {
+            action.decided_at = Some(now);
+        }
+        if let (ActionState::PendingApproval, Some(route)) = (next_state, approval_route) {
+            let secret = secrets::generate(SecretKind::ApprovalToken);
+            let timeout =
+                chrono::Duration::seconds(i64::try_from(route.timeout_seconds).unwrap_or(i64::MAX / 1_000_000));
+            let new_approval = Approval {
+                id: ApprovalId::new(),
+                org_id: org.clone(),
+                action_id: action.id.clone(),
+                group: route.group.clone(),
+                quorum: route.quorum.max(1),
+                status: ApprovalStatus::Pending,
+                expires_at: now + timeout,
+                token_hash: secret.hash,
+                policy_version: verdict.policy_version.clone(),
+                request_hash: request_hash.clone(),
+                rule: verdict.rule.clone(),
+                snapshot: verdict.snapshot.clone(),
+                risk: verdict.risk.clone(),
+                decisions: Vec::new(),
+                created_at: now,
+                decided_at: None,
+            };
+            action.approval_id = Some(new_approval.id.clone());
+            approval = Some(new_approval);
+            token = Some(secret.plaintext);
+        }
+
+        work.tx.insert_action(&action).await.map_err(|e| match e {
+            StoreError::Conflict(_) => Error::Conflict {
+                message: "an action with this idempotency key was submitted at the same moment; retry to read it"
+                    .into(),
+                state: None,
+            },
+            other => other.into(),
+        })?;
+        work.audit(
+            &org,
+            now,
+            &actor,
+            "action.submitted",
+            Some(&subject),
+            json!({
+                "capability": action.capability,
+                "agent": {"id": agent.id, "name": agent.name},
+                "idempotency_key": action.idempotency_key,
+                "request_hash": request_hash,
+                "has_target": action.target.is_some(),
+            }),
+        )
+        .await?;
+        work.audit(
+            &org,
+            now,
+            &countersign_core::audit::Actor::system(),
+            "policy.evaluated",
+            Some(&subject),
+            json!({
+                "effect": verdict.effect,
+                "rule": verdict.rule,
+                "axes": verdict.axes,
+                "policy_version": verdict.policy_version,
+                "risk_score": verdict.risk.score,
+            }),
+        )
+        .await?;
+        let system = countersign_core::audit::Actor::system();
+        match (&approval, action.state) {
+            (Some(a), _) => {
+                work.tx.insert_approval(a).await?;
+                work.audit(
+                    &org,
+                    now,
+                    &system,
+                    "approval.requested",
+                    Some(a.id.as_str()),
+                    json!({"action_id": action.id, "group": a.group, "quorum": a.quorum, "expires_at": a.expires_at, "rule": a.rule}),
+                )
+                .await?;
+            }
+            (None, ActionState::Denied) => {
+                work.audit(
+                    &org,
+                    now,
+                    &system,
+                    "action.denied",
+                    Some(&subject),
+                    json!({"rule": verdict.rule, "message": verdict.message}),
+                )
+                .await?;
+            }
+            (None, _) => {
+                work.audit(
+                    &org,
+                    now,
+                    &system,
+                    "action.approved",
+                    Some(&subject),
+                    json!({"rule": verdict.rule, "by": "policy"}),
+                )
+                .await?;
+            }
+        }
+        work.action_changed(&org, &action.id);
+        work.commit(self).await?;
+        self.metrics().action_submitted(action.state.as_str());
+
+        if let Some(a) = &approval {
+            self.arm_expiry(a);
+        }
+        if action.state == ActionState::Approved && action.target.is_some() {
+            self.inner.executions.enqueue(org, action.id.clone());
+        }
+        Ok(SubmitOutcome { action, approval, token, replayed: false })
+    }
+
+    async fn idempotent_replay(
+        &self,
+        existing: Action,
+        request: &SubmitRequest,
+        request_hash: &str,
+    ) -> Result<SubmitOutcome> {
+        if existing.capability != request.capability
+            || existing.params != request.params
+            || existing.request_hash != request_hash
+        {
+            return Err(Error::Conflict {
+                message: format!("idempotency key was already used by action {} for a different request", existing.id),
+                state: Some(existing.state.as_str().to_owned()),
+            });
+        }
+        let approval = match &existing.approval_id {
+            Some(id) => self.read().await?.get_approval(&existing.org_id, id).await?,
+            None => None,
+        };
+        Ok(SubmitOutcome { action: existing, approval, token: None, replayed: true })
+    }
+
+    pub(crate) fn arm_expiry(&self, approval: &Approval) {
+        let _ = self.inner.expiry.send(ExpiryRequest {
+            org_id: approval.org_id.clone(),
+            approval_id: approval.id.clone(),
+            expires_at: approval.expires_at,
+        });
+    }
+
+    /// Reads an action the caller may see: agents and sessions only their own agent's.
+    pub async fn get_action(&self, caller: &Caller, id: &ActionId) -> Result<Action> {
+        let action = self
+            .read()
+            .await?
+            .get_action(caller.org_id(), id)
+            .await?
+            .ok_or_else(|| Error::not_found("action", id.as_str()))?;
+        if let Some(agent) = caller.agent()
+            && agent.id != action.agent_id
+        {
+            return Err(Error::not_found("action", id.as_str()));
+        }
+        Ok(action)
+    }
+
+    /// Waits until the action is terminal or `timeout` passes; answers the action as it is then.
+    /// Wakes on the commit that changes it, not on a polling tick.
+    pub async fn wait_action(&self, caller: &Caller, id: &ActionId, timeout: Duration) -> Result<Action> {
+        let mut changes = self.notifier().subscribe_actions();
+        let action = self.get_action(caller, id).await?;
+        if action.is_terminal() {
+            return Ok(action);
+        }
+        let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
+        loop {
+            let next = tokio::select! {
+                () = self.shutdown().cancelled() => None,
+                next = tokio::time::timeout_at(deadline, changes.recv()) => next.ok(),
+            };
+            match next {
+                None => return self.get_action(caller, id).await,
+                Some(Ok(change)) if change.action_id != *id => continue,
+                Some(Ok(_)) | Some(Err(RecvError::Lagged(_))) => {
+                    let action = self.get_action(caller, id).await?;
+                    if action.is_terminal() {
+                        return Ok(action);
+                    }
+                }
+                Some(Err(RecvError::Closed)) => return self.get_action(caller, id).await,
+            }
+        }
+    }
+
+    /// Withdraws a pending action: its own agent (or session) or an admin.
+    pub async fn cancel_action(&self, caller: &Caller, id: &ActionId) -> Result<Action> {
+        let org = caller.org_id().clone();
+        let now = self.now();
+        let mut work = self.write().await?;
+        let mut action = work.tx.get_action(&org, id).await?.ok_or_else(|| Error::not_found("action", id.as_str()))?;
+        match caller {
+            Caller::User(_) => {
+                caller.require_admin()?;
+            }
+            _ => {
+                if caller.agent().map(|a| &a.id) != Some(&action.agent_id) {
+                    return Err(Error::not_found("action", id.as_str()));
+                }
+            }
+        }
+        action.state = action.state.transition(ActionState::Cancelled)?;
+        action.decided_at = Some(now);
+        action.finished_at = Some(now);
+        work.tx.update_action(&action).await?;
+        if let Some(approval_id) = &action.approval_id
+            && let Some(mut approval) = work.tx.get_approval(&org, approval_id).await?
+        {
+            approval.status = approval.status.transition(ApprovalStatus::Cancelled)?;
+            approval.decided_at = Some(now);
+            work.tx.update_approval(&approval).await?;
+        }
+        work.audit(&org, now, &caller.actor(), "action.cancelled", Some(action.id.as_str()), json!({})).await?;
+        work.action_changed(&org, &action.id);
+        work.commit(self).await?;
+        Ok(action)
+    }
+}

@@ -1,0 +1,49 @@
+//! In-process notifications: "this action changed" and "these audit events were appended", published after
+//! the transaction that caused them commits.
+//!
+//! Waiters subscribe before they read, so a change between the read and the wait is never missed; a waiter
+//! that falls behind (lagged) simply re-reads. Cross-replica delivery (PostgreSQL LISTEN/NOTIFY) would feed
+//! the same channels; this module does not talk to a database.
+
+use countersign_core::audit::AuditEvent;
+use countersign_core::ids::{ActionId, OrgId};
+use tokio::sync::broadcast;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActionChanged {
+    pub org_id: OrgId,
+    pub action_id: ActionId,
+}
+
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    actions: broadcast::Sender<ActionChanged>,
+    audit: broadcast::Sender<AuditEvent>,
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Notifier { actions: broadcast::channel(4096).0, audit: broadcast::channel(4096).0 }
+    }
+}
+
+impl Notifier {
+    pub fn action_changed(&self, org_id: &OrgId, action_id: &ActionId) {
+        // No receivers is normal: nobody is waiting.
+        let _ = self.actions.send(ActionChanged { org_id: org_id.clone(), action_id: action_id.clone() });
+    }
+
+    pub fn audit_appended(&self, events: Vec<AuditEvent>) {
+        for event in events {
+            let _ = self.audit.send(event);
+        }
+    }
+
+    pub fn subscribe_actions(&self) -> broadcast::Receiver<ActionChanged> {
+        self.actions.subscribe()
+    }
+
+    pub fn subscribe_audit(&self) -> broadcast::Receiver<AuditEvent> {
+        self.audit.subscribe()
+    }
+}

@@ -1,0 +1,248 @@
+//! The policies in force: one per org, compiled and cached, every loaded version kept in the store.
+//!
+//! An org follows the configured policy file (origin `file`) until an admin sets its own with
+//! `PUT /v1/policy` (origin `api`). A reload that fails validation changes nothing: the running policy keeps
+//! ruling. Reading files happens here; evaluating is the pure engine in `countersign_core::policy`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use countersign_core::audit::Actor;
+use countersign_core::capability::Capability;
+use countersign_core::domain::StoredPolicy;
+use countersign_core::ids::OrgId;
+use countersign_core::policy::{EvalInput, Facts, Policy, PolicyError, Verdict};
+use serde_json::json;
+
+use super::{Caller, Gateway, Work};
+use crate::error::{Error, Result};
+
+/// The example policy shipped with the product, used when none is configured.
+pub const EXAMPLE_POLICY: &str = include_str!("../../../../policy/example.yaml");
+
+/// A compiled policy and where it came from.
+#[derive(Clone)]
+pub struct ActivePolicy {
+    pub policy: Arc<Policy>,
+    pub origin: String,
+}
+
+pub struct PolicyRegistry {
+    path: Option<PathBuf>,
+    file_policy: RwLock<Arc<Policy>>,
+    by_org: RwLock<HashMap<OrgId, ActivePolicy>>,
+}
+
+/// Reads a policy file, or every `.yaml`/`.yml` file of a folder in name order.
+pub fn load_policy_path(path: &Path) -> std::result::Result<Policy, PolicyError> {
+    let read_error =
+        |message: String| PolicyError { file: path.display().to_string(), line: None, column: None, message };
+    if path.is_dir() {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| read_error(format!("cannot read folder: {e}")))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|ext| ext == "yaml" || ext == "yml"))
+            .collect();
+        names.sort();
+        let mut files = Vec::with_capacity(names.len());
+        for name in names {
+            let text = std::fs::read_to_string(&name)
+                .map_err(|e| read_error(format!("cannot read {}: {e}", name.display())))?;
+            files.push((name.display().to_string(), text));
+        }
+        if files.is_empty() {
+            return Err(read_error("the folder holds no .yaml or .yml file".into()));
+        }
+        Policy::from_sources(&files)
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| read_error(format!("cannot read file: {e}")))?;
+        Policy::from_source(&path.display().to_string(), &text)
+    }
+}
+
+impl PolicyRegistry {
+    /// Loads the configured policy (or the example); a policy that does not validate stops the start.
+    pub fn load(path: Option<PathBuf>) -> std::result::Result<Self, PolicyError> {
+        let policy = match &path {
+            Some(p) => load_policy_path(p)?,
+            None => Policy::from_source("example.yaml", EXAMPLE_POLICY)?,
+        };
+        Ok(PolicyRegistry { path, file_policy: RwLock::new(Arc::new(policy)), by_org: RwLock::new(HashMap::new()) })
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    fn file_policy(&self) -> Arc<Policy> {
+        match self.file_policy.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The org's policy. `None` only for an org the registry has not seen, which callers treat as deny.
+    pub fn for_org(&self, org: &OrgId) -> Option<ActivePolicy> {
+        let map = match self.by_org.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.get(org).cloned()
+    }
+
+    fn set(&self, org: &OrgId, active: ActivePolicy) {
+        let mut map = match self.by_org.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.insert(org.clone(), active);
+    }
+}
+
+fn stored(org: &OrgId, policy: &Policy, origin: &str, now: chrono::DateTime<chrono::Utc>) -> StoredPolicy {
+    StoredPolicy {
+        org_id: org.clone(),
+        version: policy.version().to_owned(),
+        sources: policy.sources().to_vec(),
+        origin: origin.to_owned(),
+        created_at: now,
+    }
+}
+
+fn policy_error_json(error: &PolicyError) -> serde_json::Value {
+    json!({"file": error.file, "line": error.line, "column": error.column, "message": error.message})
+}
+
+impl Gateway {
+    /// Brings an org's policy into the registry at start or when the org is created: an `api` policy stays,
+    /// otherwise the configured file policy is recorded (a new version only when it changed).
+    pub(super) async fn activate_org_policy(&self, work: &mut Work, org: &OrgId) -> Result<ActivePolicy> {
+        let now = self.now();
+        let file_policy = self.policies().file_policy();
+        let current = work.tx.current_policy(org).await?;
+        if let Some(current) = &current
+            && current.origin == "api"
+        {
+            match Policy::from_sources(&current.sources) {
+                Ok(policy) => {
+                    let active = ActivePolicy { policy: Arc::new(policy), origin: "api".into() };
+                    self.policies().set(org, active.clone());
+                    return Ok(active);
+                }
+                Err(e) => {
+                    tracing::error!(org = %org, error = %e, "stored API policy no longer compiles; using the configured policy");
+                }
+            }
+        }
+        if current.as_ref().is_none_or(|c| c.version != file_policy.version() || c.origin != "file") {
+            work.tx.insert_policy(&stored(org, &file_policy, "file", now)).await?;
+            work.audit(
+                org,
+                now,
+                &Actor::system(),
+                "policy.updated",
+                None,
+                json!({"version": file_policy.version(), "origin": "file", "rules": file_policy.rule_count()}),
+            )
+            .await?;
+        }
+        let active = ActivePolicy { policy: file_policy, origin: "file".into() };
+        self.policies().set(org, active.clone());
+        Ok(active)
+    }
+
+    /// Loads every org's policy at start.
+    pub async fn activate_policies(&self) -> Result<()> {
+        let mut work = self.write().await?;
+        for org in work.tx.list_orgs().await? {
+            self.activate_org_policy(&mut work, &org.id).await?;
+        }
+        work.commit(self).await
+    }
+
+    /// Re-reads the configured file (SIGHUP, file change). On a validation error the running policy stays
+    /// and the error is returned for the log.
+    pub async fn reload_policy_file(&self) -> std::result::Result<Option<String>, String> {
+        let Some(path) = self.policies().path().map(Path::to_path_buf) else {
+            return Ok(None);
+        };
+        let policy = load_policy_path(&path).map_err(|e| e.to_string())?;
+        if policy.version() == self.policies().file_policy().version() {
+            return Ok(None);
+        }
+        let version = policy.version().to_owned();
+        {
+            let mut guard = match self.policies().file_policy.write() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            *guard = Arc::new(policy);
+        }
+        self.activate_policies().await.map_err(|e| e.to_string())?;
+        Ok(Some(version))
+    }
+
+    /// `PUT /v1/policy`: validates, stores as this org's own policy, audits.
+    pub async fn put_policy(&self, caller: &Caller, files: Vec<(String, String)>) -> Result<ActivePolicy> {
+        caller.require_admin()?;
+        let policy = Policy::from_sources(&files).map_err(|e| invalid_policy(&e))?;
+        let org = caller.org_id().clone();
+        let now = self.now();
+        let mut work = self.write().await?;
+        work.tx.insert_policy(&stored(&org, &policy, "api", now)).await?;
+        work.audit(
+            &org,
+            now,
+            &caller.actor(),
+            "policy.updated",
+            None,
+            json!({"version": policy.version(), "origin": "api", "rules": policy.rule_count()}),
+        )
+        .await?;
+        let active = ActivePolicy { policy: Arc::new(policy), origin: "api".into() };
+        work.commit(self).await?;
+        self.policies().set(&org, active.clone());
+        Ok(active)
+    }
+
+    pub fn current_policy(&self, caller: &Caller) -> Result<ActivePolicy> {
+        caller.require_user()?;
+        self.policies()
+            .for_org(caller.org_id())
+            .ok_or_else(|| Error::Internal("no policy is loaded for this org".into()))
+    }
+
+    /// `POST /v1/policy/validate`.
+    pub fn validate_policy(&self, caller: &Caller, files: &[(String, String)]) -> Result<Policy> {
+        caller.require_user()?;
+        Policy::from_sources(files).map_err(|e| invalid_policy(&e))
+    }
+
+    /// `POST /v1/policy/evaluate`: a dry run with the org's facts, creating nothing.
+    pub async fn evaluate_policy(
+        &self,
+        caller: &Caller,
+        agent_name: &str,
+        capability: &Capability,
+        params: &serde_json::Value,
+    ) -> Result<Verdict> {
+        caller.require_admin()?;
+        let active = self.current_policy(caller)?;
+        let mut tx = self.read().await?;
+        let prior_successes = match tx.find_agent_by_name(caller.org_id(), agent_name).await? {
+            Some(agent) => tx.count_successes(caller.org_id(), &agent.id, capability.as_str()).await?,
+            None => 0,
+        };
+        let facts = Facts { prior_successes };
+        Ok(active.policy.evaluate(&EvalInput { agent: agent_name, capability, params, facts: &facts }))
+    }
+}
+
+pub fn invalid_policy(error: &PolicyError) -> Error {
+    Error::Invalid { field: Some("policy".into()), message: format!("policy is invalid: {error}") }
+}
+
+pub fn policy_error_detail(error: &PolicyError) -> serde_json::Value {
+    policy_error_json(error)
+}

@@ -1,0 +1,171 @@
+//! Handlers for the audit log: query with filters and cursor, live SSE stream resumable with
+//! `Last-Event-ID`, chain verification, and JSON Lines export.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use chrono::DateTime;
+use countersign_core::store::AuditFilter;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::auth::Auth;
+use super::problem::ApiQuery;
+use super::{AppState, views};
+use crate::error::{Error, Result};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    action: Option<String>,
+    actor: Option<String>,
+    subject: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+fn parse_time(field: &str, text: &str) -> Result<i64> {
+    if let Ok(us) = text.parse::<i64>() {
+        return Ok(us);
+    }
+    DateTime::parse_from_rfc3339(text).map(|t| t.timestamp_micros()).map_err(|_| {
+        Error::bad_request(field, format!("`{text}` is not an RFC 3339 time or microseconds since the epoch"))
+    })
+}
+
+fn filter_from(query: &AuditQuery) -> Result<AuditFilter> {
+    Ok(AuditFilter {
+        action: query.action.clone(),
+        actor: query.actor.clone(),
+        subjects: query.subject.iter().cloned().collect(),
+        since_us: query.since.as_deref().map(|t| parse_time("since", t)).transpose()?,
+        until_us: query.until.as_deref().map(|t| parse_time("until", t)).transpose()?,
+    })
+}
+
+fn parse_cursor(cursor: Option<&str>) -> Result<i64> {
+    match cursor {
+        None => Ok(0),
+        Some(c) => c
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| Error::bad_request("cursor", "not a cursor this API returned")),
+    }
+}
+
+pub async fn query(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    ApiQuery(query): ApiQuery<AuditQuery>,
+) -> Result<Json<Value>> {
+    let filter = filter_from(&query)?;
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(Error::bad_request("limit", "must be between 1 and 1000"));
+    }
+    let after = parse_cursor(query.cursor.as_deref())?;
+    let events = state.gateway.query_audit(&caller, &filter, after, limit).await?;
+    let next = (events.len() == limit as usize).then(|| events.last().map(|e| e.seq.to_string())).flatten();
+    Ok(Json(json!({"events": events.iter().map(views::audit_event).collect::<Vec<_>>(), "next_cursor": next})))
+}
+
+pub async fn verify(State(state): State<AppState>, Auth(caller): Auth) -> Result<Json<Value>> {
+    let report = state.gateway.verify_audit(&caller).await?;
+    Ok(Json(json!(report)))
+}
+
+pub async fn export(State(state): State<AppState>, Auth(caller): Auth) -> Result<Response> {
+    caller.require_admin()?;
+    let mut out = String::new();
+    let mut after = 0;
+    loop {
+        let page = state.gateway.query_audit(&caller, &AuditFilter::default(), after, 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for event in &page {
+            out.push_str(&serde_json::to_string(event).map_err(|e| Error::Internal(e.to_string()))?);
+            out.push('\n');
+        }
+    }
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/jsonl")], out).into_response())
+}
+
+/// Server-Sent Events: first the events after `Last-Event-ID` (or `?cursor=`), then new ones live.
+pub async fn stream(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<AuditQuery>,
+) -> Result<Response> {
+    caller.require_user()?;
+    let filter = filter_from(&query)?;
+    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned).or(query.cursor.clone());
+    let mut last_seq = parse_cursor(resume.as_deref())?;
+    let org = caller.org_id().clone();
+    // Subscribe before reading the backlog so nothing appended in between is lost.
+    let mut live = state.gateway.notifier().subscribe_audit();
+    let (tx, rx) = mpsc::channel(256);
+    let gateway = state.gateway.clone();
+    tokio::spawn(async move {
+        let to_event = |e: &countersign_core::audit::AuditEvent| {
+            Event::default().id(e.seq.to_string()).event("audit").json_data(views::audit_event(e)).ok()
+        };
+        loop {
+            let page = match gateway.query_audit(&caller, &filter, last_seq, 500).await {
+                Ok(page) => page,
+                Err(_) => return,
+            };
+            let Some(last) = page.last() else { break };
+            last_seq = last.seq;
+            for e in &page {
+                if let Some(event) = to_event(e)
+                    && tx.send(Ok(event)).await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+        let shutdown = gateway.shutdown().clone();
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return,
+                next = live.recv() => next,
+            };
+            match next {
+                Ok(e) if e.org_id == org && e.seq > last_seq => {
+                    // Live events are filtered the same way as the backlog by re-reading through the query.
+                    match gateway.query_audit(&caller, &filter, last_seq, 500).await {
+                        Ok(page) => {
+                            for e in &page {
+                                last_seq = last_seq.max(e.seq);
+                                if let Some(event) = to_event(e)
+                                    && tx.send(Ok(event)).await.is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            last_seq = last_seq.max(e.seq);
+                        }
+                        Err(_) => return,
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    let stream: ReceiverStream<std::result::Result<Event, Infallible>> = ReceiverStream::new(rx);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
+}

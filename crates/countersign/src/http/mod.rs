@@ -1,0 +1,134 @@
+//! The v1 HTTP API: the axum router, its middleware (body limit, metrics, request spans, panic guard) and
+//! the operational endpoints. Handlers are thin: parse into domain types, call the gateway, map the result.
+
+mod actions;
+mod admin;
+mod approvals;
+mod audit;
+pub mod auth;
+pub mod problem;
+pub mod views;
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use countersign_core::store::Page;
+use serde_json::json;
+use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::gateway::Gateway;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub gateway: Gateway,
+}
+
+/// Page parameters: `limit` 1..=1000 (default 100) and the opaque cursor from a previous answer.
+pub fn page_from(limit: Option<u32>, cursor: Option<String>) -> Result<Page> {
+    let limit = limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(Error::bad_request("limit", "must be between 1 and 1000"));
+    }
+    if let Some(c) = &cursor
+        && (c.is_empty() || c.len() > 64 || !c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_'))
+    {
+        return Err(Error::bad_request("cursor", "not a cursor this API returned"));
+    }
+    Ok(Page { limit, after: cursor })
+}
+
+/// A full page may have a successor; its cursor is the last item's id.
+pub fn next_cursor(page: &Page, last: Option<String>, count: usize) -> Option<String> {
+    if count == page.limit as usize { last } else { None }
+}
+
+pub fn router(gateway: Gateway, max_body_bytes: usize) -> Router {
+    let state = AppState { gateway };
+    Router::new()
+        .route("/v1/actions", post(actions::submit).get(actions::list))
+        .route("/v1/actions/{id}", get(actions::get))
+        .route("/v1/actions/{id}/wait", get(actions::wait))
+        .route("/v1/actions/{id}/cancel", post(actions::cancel))
+        .route("/v1/actions/{id}/trace", get(actions::trace))
+        .route("/v1/approvals", get(approvals::list))
+        .route("/v1/approvals/{id}", get(approvals::get))
+        .route("/v1/approvals/{id}/approve", post(approvals::approve))
+        .route("/v1/approvals/{id}/deny", post(approvals::deny))
+        .route("/v1/approval-status/{token}", get(actions::approval_status))
+        .route("/v1/approval-status/{token}/result", get(actions::approval_result))
+        .route("/v1/audit", get(audit::query))
+        .route("/v1/audit/stream", get(audit::stream))
+        .route("/v1/audit/verify", get(audit::verify))
+        .route("/v1/audit/export", get(audit::export))
+        .route("/v1/sessions", post(admin::create_session).get(admin::list_sessions))
+        .route("/v1/sessions/{id}", axum::routing::delete(admin::delete_session))
+        .route("/v1/policy", get(admin::get_policy).put(admin::put_policy))
+        .route("/v1/policy/validate", post(admin::validate_policy))
+        .route("/v1/policy/evaluate", post(admin::evaluate_policy))
+        .route("/v1/agents", post(admin::create_agent).get(admin::list_agents))
+        .route("/v1/agents/{id}", get(admin::get_agent).delete(admin::delete_agent))
+        .route("/v1/users", post(admin::create_user).get(admin::list_users))
+        .route("/v1/users/{id}", get(admin::get_user).delete(admin::delete_user))
+        .route("/v1/keys", post(admin::create_key).get(admin::list_keys))
+        .route("/v1/keys/{id}", axum::routing::delete(admin::delete_key))
+        .route("/v1/orgs", post(admin::create_org))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(CatchPanicLayer::custom(|_| Error::Internal("a request handler panicked".into()).into_response()))
+        .with_state(state)
+}
+
+/// Records latency by route template and opens the request span.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route =
+        request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let span = tracing::info_span!("request", %method, %route);
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    state.gateway.metrics().observe_request(&method, &route, status, started.elapsed());
+    tracing::debug!(parent: &span, status, elapsed_ms = started.elapsed().as_secs_f64() * 1000.0, "request done");
+    response
+}
+
+async fn not_found() -> Error {
+    Error::NotFound("no such endpoint; see /v1/openapi.json".into())
+}
+
+async fn method_not_allowed() -> Response {
+    let (_, mut body) =
+        Error::BadRequest { field: None, message: "method not allowed on this endpoint".into() }.problem();
+    body["status"] = json!(405);
+    body["title"] = json!("Method not allowed");
+    body["code"] = json!("method_not_allowed");
+    problem::problem_response(StatusCode::METHOD_NOT_ALLOWED, body)
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse> {
+    state.gateway.store().ping().await.map_err(|e| Error::Unavailable(e.to_string()))?;
+    Ok(axum::Json(json!({"status": "ready", "store": state.gateway.store().backend()})))
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse> {
+    let pending = state.gateway.pending_approvals_count().await?;
+    state.gateway.metrics().set_pending_approvals(pending);
+    let text = state.gateway.metrics().encode().map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text))
+}

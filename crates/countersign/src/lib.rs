@@ -1,0 +1,16 @@
+//! Countersign: the governance gateway for AI agents. This crate is the server (gateway services, HTTP
+//! API, workers, connectors) and the typed client; `main.rs` is the thin binary over it.
+//!
+//! Policy, state transitions and audit happen in `gateway` only; every other module is an adapter.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod connectors;
+pub mod error;
+pub mod gateway;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod telemetry;
+pub mod workers;

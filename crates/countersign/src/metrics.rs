@@ -1,0 +1,112 @@
+//! Prometheus metrics: request latency, policy evaluation time, decision latency, submitted actions by
+//! outcome, and pending approvals (read from the store at scrape time, so replicas agree).
+//!
+//! Labels are low-cardinality (route templates and states, never ids). This module does not serve HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RouteLabels, Histogram>,
+    policy_evaluation: Histogram,
+    decision_latency: Histogram,
+    actions: Family<StateLabels, Counter>,
+    pending_approvals: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("countersign");
+        let requests = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register("http_request_duration_seconds", "HTTP request latency", requests.clone());
+        let policy_evaluation = Histogram::new(exponential_buckets(0.000_001, 2.0, 20));
+        registry.register("policy_evaluation_seconds", "Policy evaluation time", policy_evaluation.clone());
+        let decision_latency = Histogram::new(exponential_buckets(1.0, 2.0, 18));
+        registry.register(
+            "approval_decision_latency_seconds",
+            "Time from approval request to decision",
+            decision_latency.clone(),
+        );
+        let actions = Family::<StateLabels, Counter>::default();
+        registry.register(
+            "actions_submitted",
+            "Submitted actions by the state the policy put them in",
+            actions.clone(),
+        );
+        let pending_approvals = Gauge::default();
+        registry.register("pending_approvals", "Approvals waiting for a decision", pending_approvals.clone());
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                policy_evaluation,
+                decision_latency,
+                actions,
+                pending_approvals,
+            }),
+        }
+    }
+
+    pub fn observe_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        self.inner
+            .requests
+            .get_or_create(&RouteLabels { method: method.to_owned(), route: route.to_owned(), status })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_policy_evaluation(&self, elapsed: Duration) {
+        self.inner.policy_evaluation.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_decision_latency(&self, elapsed: Duration) {
+        self.inner.decision_latency.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn action_submitted(&self, state: &str) {
+        self.inner.actions.get_or_create(&StateLabels { state: state.to_owned() }).inc();
+    }
+
+    pub fn set_pending_approvals(&self, count: i64) {
+        self.inner.pending_approvals.set(count);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)?;
+        Ok(out)
+    }
+}

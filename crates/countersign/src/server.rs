@@ -1,0 +1,182 @@
+//! Startup and shutdown: `Server::build(config)` opens and migrates the store, bootstraps an empty one,
+//! loads the policy, binds the listener (port 0 allowed), re-arms expiry timers and recovers unfinished
+//! executions; `run_until(shutdown)` serves until the future resolves, then drains.
+//!
+//! `main` only adds signals; tests build the same server on port 0.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use countersign_core::clock::{Clock, SystemClock};
+use countersign_core::store::Store;
+use countersign_store::SqliteStore;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::connectors::Connectors;
+use crate::gateway::policy::PolicyRegistry;
+use crate::gateway::{Bootstrapped, ExecutionQueue, ExpiryRequest, Gateway, GatewayParts};
+use crate::metrics::Metrics;
+use crate::workers;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("policy: {0}")]
+    Policy(String),
+    #[error("store: {0}")]
+    Store(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+}
+
+pub struct Server {
+    gateway: Gateway,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    bootstrapped: Option<Bootstrapped>,
+    max_body_bytes: usize,
+    watch_policy: bool,
+    expiry_requests: mpsc::UnboundedReceiver<ExpiryRequest>,
+    executions: mpsc::UnboundedReceiver<(countersign_core::ids::OrgId, countersign_core::ids::ActionId)>,
+    shutdown: CancellationToken,
+}
+
+/// Installs the process-wide TLS crypto provider once (reqwest is built without one).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn write_admin_key(data_dir: &Path, key: &str) -> Result<(), StartError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("admin.key");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| StartError::DataDir { path: path.display().to_string(), source })?;
+    writeln!(file, "{key}").map_err(|source| StartError::DataDir { path: path.display().to_string(), source })
+}
+
+impl Server {
+    pub async fn build(config: Config) -> Result<Server, StartError> {
+        Self::build_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Server, StartError> {
+        install_crypto_provider();
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
+        if config.database_url.is_some() {
+            return Err(StartError::Config(
+                "database_url (PostgreSQL) is not supported by this build yet; remove it to use the embedded SQLite store".into(),
+            ));
+        }
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&config.data_dir.join("countersign.db"))
+                .await
+                .map_err(|e| StartError::Store(e.to_string()))?,
+        );
+        let policies = PolicyRegistry::load(config.policy.clone()).map_err(|e| StartError::Policy(e.to_string()))?;
+        let connectors = Connectors::new(config.upstreams.clone()).map_err(|e| StartError::Config(e.to_string()))?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{local_addr}"));
+        let shutdown = CancellationToken::new();
+        let (expiry_tx, expiry_requests) = mpsc::unbounded_channel();
+        let (executions_queue, executions) = ExecutionQueue::new();
+        let gateway = Gateway::new(GatewayParts {
+            store: store.clone(),
+            clock,
+            policies,
+            connectors,
+            expiry: expiry_tx,
+            executions: executions_queue,
+            metrics: Metrics::new(),
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            shutdown: shutdown.clone(),
+        });
+        let provided = config.bootstrap_admin_key.as_ref().map(|k| k.expose().to_owned());
+        let bootstrapped =
+            gateway.bootstrap(provided.as_deref()).await.map_err(|e| StartError::Store(e.to_string()))?;
+        if let Some(key) = bootstrapped.as_ref().and_then(|b| b.generated_key.as_deref()) {
+            write_admin_key(&config.data_dir, key)?;
+        }
+        gateway.activate_policies().await.map_err(|e| StartError::Store(e.to_string()))?;
+        Ok(Server {
+            gateway,
+            listener,
+            local_addr,
+            bootstrapped,
+            max_body_bytes: config.max_body_bytes,
+            watch_policy: config.watch_policy,
+            expiry_requests,
+            executions,
+            shutdown,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// What the first start on an empty store created, if this was it.
+    pub fn bootstrapped(&self) -> Option<&Bootstrapped> {
+        self.bootstrapped.as_ref()
+    }
+
+    /// Serves until `shutdown` resolves, then stops taking requests, finishes in-flight ones and running
+    /// executions, and stops the workers.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let token = self.shutdown.clone();
+        let tracker = TaskTracker::new();
+        let gateway = self.gateway.clone();
+
+        tracker.spawn(workers::expiry::run(gateway.clone(), self.expiry_requests, token.clone()));
+        tracker.spawn(workers::executor::run(gateway.clone(), self.executions, token.clone(), tracker.clone()));
+        if self.watch_policy {
+            tracker.spawn(workers::policy_watch::run(gateway.clone(), token.clone()));
+        }
+        // Re-arm timers and finish what an earlier process left behind.
+        match gateway.rearm_expiry_timers().await {
+            Ok(n) if n > 0 => tracing::info!(pending = n, "expiry timers re-armed"),
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "cannot re-arm expiry timers"),
+        }
+        match gateway.recover_executions().await {
+            Ok(n) if n > 0 => tracing::info!(actions = n, "unfinished executions recovered"),
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "cannot recover unfinished executions"),
+        }
+
+        let app = crate::http::router(gateway, self.max_body_bytes);
+        let serve_token = token.clone();
+        let result = axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                serve_token.cancel();
+            })
+            .await;
+        token.cancel();
+        tracker.close();
+        tracker.wait().await;
+        result
+    }
+}

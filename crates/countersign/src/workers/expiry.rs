@@ -1,0 +1,48 @@
+//! Approval expiry by timers, not by scanning the table: one task holds a `DelayQueue` with one entry per
+//! pending approval, armed at submission and, after a restart, from the store's pending deadlines.
+//!
+//! When a timer fires the gateway expires the approval in a transaction that first re-checks it is still
+//! pending and due, so a decided approval is left alone and an early timer is simply re-armed.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::DelayQueue;
+
+use crate::gateway::{ExpiryRequest, Gateway};
+
+fn delay_until(gateway: &Gateway, request: &ExpiryRequest) -> Duration {
+    (request.expires_at - gateway.now()).to_std().unwrap_or(Duration::ZERO)
+}
+
+pub async fn run(gateway: Gateway, mut requests: mpsc::UnboundedReceiver<ExpiryRequest>, shutdown: CancellationToken) {
+    let mut timers: DelayQueue<ExpiryRequest> = DelayQueue::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            request = requests.recv() => match request {
+                Some(request) => {
+                    let delay = delay_until(&gateway, &request);
+                    timers.insert(request, delay);
+                }
+                None => return,
+            },
+            Some(expired) = timers.next(), if !timers.is_empty() => {
+                let request = expired.into_inner();
+                match gateway.expire_approval(&request.org_id, &request.approval_id).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        let delay = delay_until(&gateway, &request).max(Duration::from_millis(10));
+                        timers.insert(request, delay);
+                    }
+                    Err(error) => {
+                        tracing::warn!(approval = %request.approval_id, %error, "expiring an approval failed; retrying in 1s");
+                        timers.insert(request, Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+    }
+}
