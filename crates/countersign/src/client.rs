@@ -48,6 +48,10 @@ impl Client {
         Client { base: self.base.clone(), key: Some(key.into()), http: self.http.clone() }
     }
 
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }

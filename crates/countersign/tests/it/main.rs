@@ -1,1 +1,8 @@
+//! The one integration-test binary: end-to-end tests through the typed client against a real server on
+//! port 0, with real loopback upstreams and the real SQLite file; plus the workspace tidy checks.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod core_loop;
+mod helpers;
+mod tidy;

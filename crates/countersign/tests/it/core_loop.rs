@@ -1,0 +1,351 @@
+//! The core approval loop end to end: submit, policy outcomes, approvals with routing and quorum, exactly-once
+//! replay, waiting, expiry, audit, sessions, policy reload, tenant isolation, restart, and bad input.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::helpers::{TestServer, Upstream, action, http_action};
+
+#[tokio::test]
+async fn allowed_denied_and_held_actions() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let bot = server.agent("bot").await;
+
+    let allowed = bot
+        .submit_action(&json!({"capability": "email.send.message", "params": {"to": "a@b.c"},
+                                "reasoning": {"goal": "say hi",  "why": "asked"}}))
+        .await
+        .unwrap();
+    assert_eq!(allowed.status, 200, "{:?}", allowed.body);
+    assert_eq!(allowed.str("/state"), "approved");
+    assert_eq!(allowed.str("/verdict/rule"), "default");
+    assert_eq!(allowed.body["reasoning"], json!({"goal": "say hi", "why": "asked"}));
+
+    let denied = bot.submit_action(&action("db.delete.row")).await.unwrap();
+    assert_eq!(denied.status, 403);
+    assert!(denied.content_type.starts_with("application/problem+json"));
+    assert_eq!(denied.str("/rule"), "no-deletes");
+    assert!(denied.str("/action_id").starts_with("act_"));
+    assert!(denied.str("/detail").contains("Deletes are never allowed"));
+
+    let held = bot.submit_action(&action("payments.charge.card")).await.unwrap();
+    assert_eq!(held.status, 202, "{:?}", held.body);
+    assert_eq!(held.str("/state"), "pending_approval");
+    assert!(held.str("/approval/token").starts_with("cs_ap_"));
+    assert!(held.str("/approval/poll_url").ends_with(held.str("/approval/token")));
+    assert!(held.str("/approval/id").starts_with("apr_"));
+    // The token is shown once: reading the action again does not reveal it.
+    let again = bot.get_action(held.str("/id")).await.unwrap();
+    assert_eq!(again.body["approval"].get("token"), None);
+
+    let status = server.admin.get(&format!("/v1/approval-status/{}", held.str("/approval/token"))).await.unwrap();
+    assert_eq!(status.status, 200);
+    assert_eq!(status.str("/status"), "pending");
+    assert_eq!(status.body.get("params"), None, "the token reveals only the status");
+
+    let verify = server.admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(verify.body["ok"], json!(true), "{:?}", verify.body);
+    assert!(verify.body["events"].as_u64().unwrap() >= 10);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn approval_replays_the_frozen_request_exactly_once_and_wakes_the_waiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let server = TestServer::start(dir.path(), Some(&upstream.url)).await;
+    let bot = server.agent("bot").await;
+
+    let held = bot.submit_action(&http_action("payments.charge.card")).await.unwrap();
+    assert_eq!(held.status, 202, "{:?}", held.body);
+    let action_id = held.str("/id").to_owned();
+    let approval_id = held.str("/approval/id").to_owned();
+    let token = held.str("/approval/token").to_owned();
+    assert_eq!(upstream.count(), 0, "nothing reaches the upstream before approval");
+
+    let early = server.admin.get(&format!("/v1/approval-status/{token}/result")).await.unwrap();
+    assert_eq!(early.status, 409);
+
+    let waiter = {
+        let bot = bot.clone();
+        let id = action_id.clone();
+        tokio::spawn(async move { bot.wait_action(&id, 30.0).await.unwrap() })
+    };
+    // The approval list shows the agent's reasoning verbatim and what flagged it.
+    let queue = server.admin.get("/v1/approvals?status=pending").await.unwrap();
+    assert_eq!(queue.body["items"][0]["id"], json!(approval_id));
+    assert_eq!(queue.body["items"][0]["rule"], json!("hold-charges"));
+    assert_eq!(queue.body["items"][0]["snapshot"]["name"], json!("hold-charges"));
+    assert_eq!(queue.body["items"][0]["reasoning"]["goal"], json!("charge the customer"));
+    assert!(queue.body["items"][0]["risk"]["score"].as_f64().is_some());
+
+    let started = Instant::now();
+    let approved = server.admin.approve(&approval_id, Some("looks right")).await.unwrap();
+    assert_eq!(approved.status, 200, "{:?}", approved.body);
+    let woke = waiter.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(woke.str("/state"), "succeeded", "{:?}", woke.body);
+    assert_eq!(woke.body["result"]["status"], json!(201));
+    assert_eq!(woke.body["result"]["body"]["card_id"], json!("card_123"));
+
+    let requests = upstream.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1, "replayed exactly once");
+    assert_eq!(requests[0].path, "/v1/charges");
+    assert_eq!(requests[0].headers["idempotency-key"], action_id.as_str());
+    assert_eq!(requests[0].headers["authorization"], "Bearer upstream-secret");
+    assert_eq!(&requests[0].body[..], br#"{"amount":1200,"currency":"eur"}"#);
+
+    let again = server.admin.approve(&approval_id, None).await.unwrap();
+    assert_eq!(again.status, 409);
+    assert_eq!(again.str("/state"), "approved");
+
+    let result = server.admin.get(&format!("/v1/approval-status/{token}/result")).await.unwrap();
+    assert_eq!(result.status, 200);
+    assert_eq!(result.body["result"]["body"]["card_id"], json!("card_123"));
+
+    let trace = bot.get(&format!("/v1/actions/{action_id}/trace")).await.unwrap();
+    let events: Vec<&str> =
+        trace.body["events"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        events,
+        [
+            "action.submitted",
+            "policy.evaluated",
+            "approval.requested",
+            "approval.decision",
+            "approval.approved",
+            "action.executing",
+            "action.executed"
+        ]
+    );
+    assert_eq!(upstream.count(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn routing_quorum_owner_and_who_may_decide() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let alice = server.user("alice", "approver").await;
+    let bob = server.user("bob", "approver").await;
+    let carol = server.user("carol", "approver").await;
+    let outsider = server.user("dave", "approver").await;
+    let viewer = server.user("vera", "viewer").await;
+    // alice owns the agent: her approval never counts toward its quorum.
+    let created = server.admin.post("/v1/agents", &json!({"name": "treasurer", "owner": "alice"})).await.unwrap();
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let key = server.admin.create_key("agent", "treasurer").await.unwrap();
+    let bot = server.admin.with_key(key.str("/key"));
+
+    let held = bot.submit_action(&action("finance.issue.card")).await.unwrap();
+    assert_eq!(held.status, 202);
+    assert_eq!(held.body["approval"]["group"], json!("finance"));
+    assert_eq!(held.body["approval"]["quorum"], json!(2));
+    let id = held.str("/approval/id").to_owned();
+
+    assert_eq!(bot.approve(&id, None).await.unwrap().status, 403, "agents never decide");
+    assert_eq!(viewer.approve(&id, None).await.unwrap().status, 403, "viewers never decide");
+    assert_eq!(outsider.approve(&id, None).await.unwrap().status, 403, "not in the finance group");
+
+    let owner = alice.approve(&id, Some("mine")).await.unwrap();
+    assert_eq!(owner.status, 200);
+    assert_eq!(owner.body["approvals"], json!(0));
+    assert_eq!(owner.body["decisions"][0]["counted"], json!(false));
+    let first = bob.approve(&id, None).await.unwrap();
+    assert_eq!(first.str("/status"), "pending");
+    assert_eq!(bob.approve(&id, None).await.unwrap().status, 409, "distinct approvers only");
+    let second = carol.approve(&id, Some("ok")).await.unwrap();
+    assert_eq!(second.str("/status"), "approved", "{:?}", second.body);
+    assert_eq!(bot.get_action(held.str("/id")).await.unwrap().str("/state"), "approved");
+
+    // One deny denies.
+    let held = bot.submit_action(&action("finance.issue.card")).await.unwrap();
+    let id = held.str("/approval/id").to_owned();
+    assert_eq!(bob.approve(&id, None).await.unwrap().status, 200);
+    let denied = carol.deny(&id, Some("no")).await.unwrap();
+    assert_eq!(denied.str("/status"), "denied");
+    let waited = bot.post("/v1/actions?wait=0.2", &action("finance.issue.card")).await.unwrap();
+    assert_eq!(waited.status, 202, "still pending after the wait");
+    let status = server.admin.get(&format!("/v1/approval-status/{}", held.str("/approval/token"))).await.unwrap();
+    assert_eq!(status.str("/status"), "denied");
+    assert_eq!(status.str("/note"), "no");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn pending_approvals_expire_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let bot = server.agent("bot").await;
+    let held = bot.submit_action(&action("ops.restart.service")).await.unwrap();
+    assert_eq!(held.status, 202);
+    let waited = bot.wait_action(held.str("/id"), 10.0).await.unwrap();
+    assert_eq!(waited.str("/state"), "expired");
+
+    // A second one, left pending across a restart, still expires by its timer.
+    let held = bot.submit_action(&action("ops.restart.service")).await.unwrap();
+    let id = held.str("/id").to_owned();
+    let bot_key = bot.key().unwrap().to_owned();
+    server.stop().await;
+    let server = TestServer::start(dir.path(), None).await;
+    let bot = server.admin.with_key(bot_key);
+    let waited = bot.wait_action(&id, 10.0).await.unwrap();
+    assert_eq!(waited.str("/state"), "expired", "{:?}", waited.body);
+    let verify = server.admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(verify.body["ok"], json!(true));
+    let expired = server.admin.get("/v1/audit?action=approval.expired").await.unwrap();
+    assert_eq!(expired.body["events"].as_array().unwrap().len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn orgs_are_isolated() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let bot = server.agent("bot").await;
+    let held = bot.submit_action(&action("payments.charge.card")).await.unwrap();
+    let created = server.admin.post("/v1/orgs", &json!({"name": "other"})).await.unwrap();
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let other = server.admin.with_key(created.str("/admin_key"));
+    for path in [
+        format!("/v1/actions/{}", held.str("/id")),
+        format!("/v1/actions/{}/trace", held.str("/id")),
+        format!("/v1/approvals/{}", held.str("/approval/id")),
+        format!("/v1/agents/{}", bot.get_action(held.str("/id")).await.unwrap().str("/agent/id")),
+    ] {
+        assert_eq!(other.get(&path).await.unwrap().status, 404, "{path}");
+    }
+    assert_eq!(other.approve(held.str("/approval/id"), None).await.unwrap().status, 404);
+    assert_eq!(other.get("/v1/approvals?status=pending").await.unwrap().body["items"], json!([]));
+    assert_eq!(other.get("/v1/actions").await.unwrap().body["items"], json!([]));
+    // The new org's admin is not the instance admin.
+    assert_eq!(other.post("/v1/orgs", &json!({"name": "third"})).await.unwrap().status, 403);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sessions_are_scoped_and_revocable() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let _bot = server.agent("bot").await;
+    let minted = server
+        .admin
+        .post("/v1/sessions", &json!({"agent": "bot", "ttl_seconds": 600, "scopes": ["email.*"]}))
+        .await
+        .unwrap();
+    assert_eq!(minted.status, 201, "{:?}", minted.body);
+    let token = minted.str("/token").to_owned();
+    assert!(token.starts_with("cs_st_"));
+    assert_eq!(minted.body["mcp"]["headers"]["Authorization"], json!(format!("Bearer {token}")));
+    let session = server.admin.with_key(token);
+    assert_eq!(session.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+    let outside = session.submit_action(&action("finance.issue.card")).await.unwrap();
+    assert_eq!(outside.status, 403);
+    assert!(outside.str("/detail").contains("outside this session's scopes"));
+    assert_eq!(session.post("/v1/sessions", &json!({"ttl_seconds": 60})).await.unwrap().status, 403);
+    assert_eq!(session.post("/v1/keys", &json!({"agent": "bot"})).await.unwrap().status, 403);
+    let too_long = server.admin.post("/v1/sessions", &json!({"agent": "bot", "ttl_seconds": 90000})).await.unwrap();
+    assert_eq!(too_long.status, 422);
+
+    let revoked = server.admin.delete(&format!("/v1/sessions/{}", minted.str("/id"))).await.unwrap();
+    assert_eq!(revoked.status, 204);
+    assert_eq!(session.submit_action(&action("email.send.message")).await.unwrap().status, 401);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn policy_updates_keep_the_old_policy_when_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let before = server.admin.get("/v1/policy").await.unwrap();
+    let bad = server
+        .admin
+        .send_raw(
+            reqwest::Method::PUT,
+            "/v1/policy",
+            "application/yaml",
+            b"version: 1\nrules:\n  - name: x\n    effect: deny\n    conditions: { content_patterns: ['(unclosed'] }\n"
+                .to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 422, "{:?}", bad.body);
+    assert!(bad.str("/detail").contains(":5:"), "names the line: {}", bad.str("/detail"));
+    assert_eq!(server.admin.get("/v1/policy").await.unwrap().body["version"], before.body["version"]);
+
+    let good = server
+        .admin
+        .send_raw(
+            reqwest::Method::PUT,
+            "/v1/policy",
+            "application/yaml",
+            b"version: 1\nrules:\n  - name: deny-mail\n    effect: deny\n    conditions: { capability: 'email.*' }\n"
+                .to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(good.status, 200, "{:?}", good.body);
+    assert_ne!(good.body["version"], before.body["version"]);
+    let dry = server
+        .admin
+        .post("/v1/policy/evaluate", &json!({"agent": "bot", "capability": "email.send.message", "params": {}}))
+        .await
+        .unwrap();
+    assert_eq!(dry.str("/effect"), "deny");
+    assert_eq!(dry.str("/rule"), "deny-mail");
+    assert!(!dry.str("/explanation").is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_precise_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let bot = server.agent("bot").await;
+    let raw = |body: &'static str| {
+        bot.send_raw(reqwest::Method::POST, "/v1/actions", "application/json", body.as_bytes().to_vec())
+    };
+
+    let malformed = raw("{not json").await.unwrap();
+    assert_eq!(malformed.status, 400);
+    assert!(malformed.content_type.starts_with("application/problem+json"));
+    let missing = raw(r#"{"params": {}, "reasoning": "x"}"#).await.unwrap();
+    assert_eq!(missing.status, 400);
+    assert_eq!(missing.str("/field"), "capability");
+    let bad_capability = raw(r#"{"capability": "Finance", "reasoning": "x"}"#).await.unwrap();
+    assert_eq!(bad_capability.status, 422);
+    assert_eq!(bad_capability.str("/field"), "capability");
+    let huge = format!(r#"{{"capability": "a.b.c", "reasoning": "{}"}}"#, "x".repeat(1_100_000));
+    let too_large =
+        bot.send_raw(reqwest::Method::POST, "/v1/actions", "application/json", huge.into_bytes()).await.unwrap();
+    assert_eq!(too_large.status, 413);
+    let unknown_upstream = bot.submit_action(&http_action("payments.charge.card")).await.unwrap();
+    assert_eq!(unknown_upstream.status, 422);
+    assert_eq!(bot.get_action("act_01ARZ3NDEKTSV4RRFFQ69G5FAV").await.unwrap().status, 404);
+    assert_eq!(bot.get_action("nonsense").await.unwrap().status, 404);
+    let wrong = bot.with_key("cs_sk_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+    assert_eq!(wrong.get("/v1/actions").await.unwrap().status, 401);
+    assert_eq!(bot.with_key("garbage").get("/v1/actions").await.unwrap().status, 401);
+    assert_eq!(server.admin.get("/v1/approval-status/cs_ap_nope").await.unwrap().status, 401);
+    assert_eq!(server.admin.get("/v1/nothing-here").await.unwrap().status, 404);
+    // Nothing half-written: the audit chain still verifies and holds no action for those requests.
+    let verify = server.admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(verify.body["ok"], json!(true));
+    assert_eq!(server.admin.get("/v1/actions").await.unwrap().body["items"], json!([]));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_schema_refuses_to_rewrite_audit_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    server.stop().await;
+    let url = format!("sqlite://{}", dir.path().join("countersign.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let update = sqlx::query("UPDATE audit_events SET data = '{}'").execute(&pool).await;
+    assert!(update.unwrap_err().to_string().contains("append-only"));
+    let delete = sqlx::query("DELETE FROM audit_events").execute(&pool).await;
+    assert!(delete.unwrap_err().to_string().contains("append-only"));
+}

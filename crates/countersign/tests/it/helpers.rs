@@ -1,0 +1,171 @@
+//! Test harness: spawns the real server on port 0 in a temporary data directory, a recording loopback
+//! upstream, and clients for the principals a test needs. No fixed ports, no sleeping until ready.
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use countersign::client::Client;
+use countersign::config::{Config, UpstreamConfig};
+use countersign::server::Server;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const TEST_POLICY: &str = r#"
+version: 1
+defaults:
+  effect: allow
+  approval: { group: admins, timeout: 15m, quorum: 1 }
+groups:
+  finance: [alice, bob, carol]
+rules:
+  - name: no-deletes
+    effect: deny
+    conditions: { capability: "*.delete.*" }
+    message: "Deletes are never allowed"
+  - name: payments-need-two
+    effect: require_approval
+    conditions: { capability: "finance.*" }
+    approval: { group: finance, quorum: 2 }
+  - name: quick-expiry
+    effect: require_approval
+    conditions: { capability: "ops.restart.*" }
+    approval: { timeout: 1s }
+  - name: hold-charges
+    effect: require_approval
+    conditions: { capability: "payments.charge.*" }
+"#;
+
+/// One request the fake upstream received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A loopback HTTP server that records every request and answers 201 with a JSON body.
+pub struct Upstream {
+    pub url: String,
+    pub requests: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let requests: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let seen = requests.clone();
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(Recorded { path: uri.to_string(), headers, body });
+                (axum::http::StatusCode::CREATED, axum::Json(json!({"card_id": "card_123"})))
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Upstream { url, requests }
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+}
+
+pub struct TestServer {
+    pub admin: Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+pub fn config(data_dir: &std::path::Path, upstream: Option<&str>) -> Config {
+    let mut config = Config::new(data_dir.to_path_buf());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let policy = data_dir.join("policy.yaml");
+    if !policy.exists() {
+        std::fs::create_dir_all(data_dir).unwrap();
+        std::fs::write(&policy, TEST_POLICY).unwrap();
+    }
+    config.policy = Some(policy);
+    config.watch_policy = false;
+    if let Some(url) = upstream {
+        config.upstreams.insert(
+            "payments".into(),
+            UpstreamConfig {
+                base_url: url.to_owned(),
+                headers: [(
+                    "Authorization".to_owned(),
+                    countersign::config::Secret::new("Bearer upstream-secret".into()),
+                )]
+                .into_iter()
+                .collect(),
+                retry_safe: false,
+                timeout_seconds: 10,
+            },
+        );
+    }
+    config
+}
+
+impl TestServer {
+    pub async fn start(data_dir: &std::path::Path, upstream: Option<&str>) -> TestServer {
+        let server = Server::build(config(data_dir, upstream)).await.unwrap();
+        let url = format!("http://{}", server.local_addr());
+        let key = match server.bootstrapped().and_then(|b| b.generated_key.clone()) {
+            Some(k) => k,
+            None => std::fs::read_to_string(data_dir.join("admin.key")).unwrap().trim().to_owned(),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run_until(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        TestServer { admin: Client::new(url, Some(key)).unwrap(), stop: Some(stop), task: Some(task) }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+
+    /// Creates an agent and answers a client holding its key.
+    pub async fn agent(&self, name: &str) -> Client {
+        let created = self.admin.create_agent(name).await.unwrap();
+        assert_eq!(created.status, 201, "{:?}", created.body);
+        let key = self.admin.create_key("agent", name).await.unwrap();
+        assert_eq!(key.status, 201, "{:?}", key.body);
+        self.admin.with_key(key.str("/key"))
+    }
+
+    /// Creates a user with a role and answers a client holding its key.
+    pub async fn user(&self, name: &str, role: &str) -> Client {
+        let created = self.admin.create_user(name, role).await.unwrap();
+        assert_eq!(created.status, 201, "{:?}", created.body);
+        let key = self.admin.create_key("user", name).await.unwrap();
+        assert_eq!(key.status, 201, "{:?}", key.body);
+        self.admin.with_key(key.str("/key"))
+    }
+}
+
+pub fn action(capability: &str) -> Value {
+    json!({"capability": capability, "params": {"amount_cents": 1200}, "reasoning": {"goal": "test"}})
+}
+
+pub fn http_action(capability: &str) -> Value {
+    json!({
+        "capability": capability,
+        "params": {"amount_cents": 1200},
+        "reasoning": {"goal": "charge the customer", "alternatives": ["none"]},
+        "target": {"connector": "http", "upstream": "payments", "method": "POST", "path": "/v1/charges",
+                   "body": {"amount": 1200, "currency": "eur"}}
+    })
+}
