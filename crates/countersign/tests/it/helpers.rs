@@ -75,6 +75,7 @@ impl Upstream {
 
 pub struct TestServer {
     pub admin: Client,
+    gateway: countersign::gateway::Gateway,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -116,6 +117,7 @@ impl TestServer {
             Some(k) => k,
             None => std::fs::read_to_string(data_dir.join("admin.key")).unwrap().trim().to_owned(),
         };
+        let gateway = server.gateway().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -125,7 +127,12 @@ impl TestServer {
                 .await
                 .unwrap();
         });
-        TestServer { admin: Client::new(url, Some(key)).unwrap(), stop: Some(stop), task: Some(task) }
+        TestServer { admin: Client::new(url, Some(key)).unwrap(), gateway, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Reloads the policy file as SIGHUP does; answers the new version.
+    pub async fn reload(&self) -> Result<String, String> {
+        self.gateway.reload_policy_file().await.map(|v| v.unwrap_or_default())
     }
 
     pub async fn stop(mut self) {

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod audit_and_reload;
 mod core_loop;
 mod helpers;
 mod tidy;

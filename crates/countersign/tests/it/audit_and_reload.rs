@@ -1,0 +1,95 @@
+//! The audit stream resumes from `Last-Event-ID`; replay refuses a frozen request that no longer matches its
+//! approval's hash; the policy file reloads on change, and a bad edit leaves the running policy in force.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::helpers::{TEST_POLICY, TestServer, Upstream, http_action};
+
+#[tokio::test]
+async fn a_tampered_frozen_request_is_refused_and_never_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let server = TestServer::start(dir.path(), Some(&upstream.url)).await;
+    let bot = server.agent("bot").await;
+    let held = bot.submit_action(&http_action("payments.charge.card")).await.unwrap();
+    assert_eq!(held.status, 202);
+    // Someone with database access rewrites the frozen request while it waits for approval.
+    let url = format!("sqlite://{}", dir.path().join("countersign.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("UPDATE actions SET target = replace(target, '1200', '999999') WHERE id = ?")
+        .bind(held.str("/id").to_owned())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let approved = server.admin.approve(held.str("/approval/id"), None).await.unwrap();
+    assert_eq!(approved.status, 200);
+    let finished = bot.wait_action(held.str("/id"), 10.0).await.unwrap();
+    assert_eq!(finished.str("/state"), "failed", "{:?}", finished.body);
+    assert!(finished.str("/error").contains("no longer matches"));
+    assert_eq!(upstream.count(), 0, "a tampered request is never sent");
+    let failed = server.admin.get("/v1/audit?action=action.failed").await.unwrap();
+    assert_eq!(failed.body["events"][0]["data"]["reason"], json!("request_hash_mismatch"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_audit_stream_resumes_after_the_last_event_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let bot = server.agent("bot").await;
+    let head = server.admin.get("/v1/audit?limit=1000").await.unwrap();
+    let last_seq = head.body["events"].as_array().unwrap().last().unwrap()["seq"].as_i64().unwrap();
+
+    let http = reqwest::Client::new();
+    let response = http
+        .get(format!("{}/v1/audit/stream", server.admin.base()))
+        .bearer_auth(server.admin.key().unwrap())
+        .header("last-event-id", (last_seq - 1).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    // The backlog after the given id arrives first: exactly the last event.
+    while !text.contains(&format!("id: {last_seq}\n")) {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next()).await.unwrap().unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!text.contains(&format!("id: {}\n", last_seq - 1)));
+    // Then new events arrive live.
+    bot.submit_action(&json!({"capability": "email.send.message", "reasoning": "hi"})).await.unwrap();
+    while !text.contains("action.submitted") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next()).await.unwrap().unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.contains(&format!("id: {}\n", last_seq + 1)));
+    drop(body);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_policy_file_reloads_and_a_bad_edit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let gateway_reload = |s: &TestServer| s.admin.clone();
+    let admin = gateway_reload(&server);
+    let before = admin.get("/v1/policy").await.unwrap();
+
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, format!("{TEST_POLICY}\n  - name: bad\n    effect: maybe\n")).unwrap();
+    assert!(server.reload().await.is_err());
+    assert_eq!(admin.get("/v1/policy").await.unwrap().body["version"], before.body["version"]);
+
+    std::fs::write(&policy, TEST_POLICY.replace("Deletes are never allowed", "No deletes, ever")).unwrap();
+    let version = server.reload().await.unwrap();
+    let after = admin.get("/v1/policy").await.unwrap();
+    assert_eq!(after.body["version"], json!(version));
+    assert_ne!(after.body["version"], before.body["version"]);
+    let updates = admin.get("/v1/audit?action=policy.updated").await.unwrap();
+    assert_eq!(updates.body["events"].as_array().unwrap().len(), 2);
+    server.stop().await;
+}
