@@ -110,10 +110,6 @@ fn stored(org: &OrgId, policy: &Policy, origin: &str, now: chrono::DateTime<chro
     }
 }
 
-fn policy_error_json(error: &PolicyError) -> serde_json::Value {
-    json!({"file": error.file, "line": error.line, "column": error.column, "message": error.message})
-}
-
 impl Gateway {
     /// Brings an org's policy into the registry at start or when the org is created: an `api` policy stays,
     /// otherwise the configured file policy is recorded (a new version only when it changed).
@@ -241,8 +237,4 @@ impl Gateway {
 
 pub fn invalid_policy(error: &PolicyError) -> Error {
     Error::Invalid { field: Some("policy".into()), message: format!("policy is invalid: {error}") }
-}
-
-pub fn policy_error_detail(error: &PolicyError) -> serde_json::Value {
-    policy_error_json(error)
 }

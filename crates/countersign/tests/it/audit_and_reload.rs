@@ -75,8 +75,7 @@ async fn the_audit_stream_resumes_after_the_last_event_id() {
 async fn the_policy_file_reloads_and_a_bad_edit_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), None).await;
-    let gateway_reload = |s: &TestServer| s.admin.clone();
-    let admin = gateway_reload(&server);
+    let admin = server.admin.clone();
     let before = admin.get("/v1/policy").await.unwrap();
 
     let policy = dir.path().join("policy.yaml");
