@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::capability::{Capability, NameGlob};
-use crate::ids::{ActionId, AgentId, ApprovalId, KeyId, OrgId, SessionId, UserId};
+use crate::ids::{ActionId, AgentId, ApprovalId, DeliveryId, JobId, KeyId, OrgId, SessionId, UserId, WebhookId};
 use crate::policy::Verdict;
 use crate::risk::RiskAssessment;
-use crate::state::{ActionState, ApprovalStatus, Decision};
+use crate::state::{ActionState, ApprovalStatus, Decision, JobState};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Org {
@@ -196,6 +196,8 @@ pub struct Action {
     pub decided_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The job that carries out an approved action with a target.
+    pub job_id: Option<JobId>,
 }
 
 impl Action {
@@ -251,5 +253,156 @@ pub struct StoredPolicy {
     pub sources: Vec<(String, String)>,
     /// `file` for the configured policy, `api` for one set by `PUT /v1/policy`.
     pub origin: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What a job does. Each kind has one handler in the job runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JobKind {
+    /// Carry out an approved action (subject: the action).
+    #[serde(rename = "action.execute")]
+    ActionExecute,
+    /// Deliver one event to one webhook (subject: the webhook).
+    #[serde(rename = "webhook.deliver")]
+    WebhookDeliver,
+    /// Write the org's audit log to a JSON Lines file with a signed checkpoint.
+    #[serde(rename = "audit.export")]
+    AuditExport,
+    /// Delete the org's audit events older than its retention window, behind a signed checkpoint.
+    #[serde(rename = "audit.retention")]
+    AuditRetention,
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 4] =
+        [JobKind::ActionExecute, JobKind::WebhookDeliver, JobKind::AuditExport, JobKind::AuditRetention];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::ActionExecute => "action.execute",
+            JobKind::WebhookDeliver => "webhook.deliver",
+            JobKind::AuditExport => "audit.export",
+            JobKind::AuditRetention => "audit.retention",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+/// One unit of asynchronous work, durable in the store and claimed with a lease.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: JobId,
+    pub org_id: OrgId,
+    pub kind: JobKind,
+    /// The id of what the job is about (an action, a webhook, …).
+    pub subject: Option<String>,
+    pub state: JobState,
+    /// How many times a worker has started it.
+    pub attempts: u32,
+    pub max_attempts: u32,
+    /// Not before this time (backoff between attempts).
+    pub run_at: DateTime<Utc>,
+    /// The worker holding it while `running`, and until when; a lease that ran out is taken up again.
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<DateTime<Utc>>,
+    /// What the handler needs, written at creation.
+    pub payload: Value,
+    pub progress: Option<Value>,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Job {
+    pub fn new(org_id: OrgId, kind: JobKind, subject: Option<String>, payload: Value, now: DateTime<Utc>) -> Job {
+        Job {
+            id: JobId::new(),
+            org_id,
+            kind,
+            subject,
+            state: JobState::Queued,
+            attempts: 0,
+            max_attempts: 1,
+            run_at: now,
+            lease_owner: None,
+            lease_until: None,
+            payload,
+            progress: None,
+            result: None,
+            error: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
+/// How a webhook's body is shaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    /// `{id, type, created_at, org_id, data}`.
+    Json,
+    /// A Slack incoming-webhook message linking to the dashboard.
+    Slack,
+}
+
+impl WebhookFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookFormat::Json => "json",
+            WebhookFormat::Slack => "slack",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "json" => Some(WebhookFormat::Json),
+            "slack" => Some(WebhookFormat::Slack),
+            _ => None,
+        }
+    }
+}
+
+/// A subscription: events matching any glob are delivered to the URL, signed with the secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Webhook {
+    pub id: WebhookId,
+    pub org_id: OrgId,
+    pub url: String,
+    pub events: Vec<NameGlob>,
+    /// Kept in the clear: it signs every delivery. Shown once, at creation.
+    pub secret: String,
+    pub format: WebhookFormat,
+    pub description: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+impl Webhook {
+    pub fn wants(&self, event_type: &str) -> bool {
+        self.deleted_at.is_none() && self.events.iter().any(|glob| glob.matches(event_type))
+    }
+}
+
+/// One attempt to deliver one event to one webhook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub id: DeliveryId,
+    pub org_id: OrgId,
+    pub webhook_id: WebhookId,
+    pub job_id: JobId,
+    pub event_id: String,
+    pub event_type: String,
+    pub attempt: u32,
+    /// The receiver's HTTP status, when it answered.
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    pub error: Option<String>,
     pub created_at: DateTime<Utc>,
 }

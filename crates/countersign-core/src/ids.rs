@@ -77,6 +77,12 @@ prefixed_id!(/// The approval of one action.
     ApprovalId, "apr_");
 prefixed_id!(/// One audit event.
     EventId, "evt_");
+prefixed_id!(/// One unit of asynchronous work.
+    JobId, "job_");
+prefixed_id!(/// A webhook subscription.
+    WebhookId, "whk_");
+prefixed_id!(/// One attempt to deliver a webhook.
+    DeliveryId, "dlv_");
 
 #[cfg(test)]
 mod tests {

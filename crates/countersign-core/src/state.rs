@@ -122,6 +122,50 @@ impl ApprovalStatus {
     }
 }
 
+/// Where a job is. `queued` and `running` move; the other three are terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] =
+        [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    /// A job runs (again, after a retry or a lost lease) or ends; an ended job never moves.
+    pub fn transition(self, to: JobState) -> Result<JobState, InvalidTransition> {
+        use JobState::*;
+        let legal = matches!(
+            (self, to),
+            (Queued, Running | Cancelled) | (Running, Queued | Running | Succeeded | Failed | Cancelled)
+        );
+        if legal { Ok(to) } else { Err(InvalidTransition { from: self.as_str(), to: to.as_str() }) }
+    }
+}
+
 /// A move the state machine does not allow; `from` is the object's current state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot move from `{from}` to `{to}`")]
@@ -181,6 +225,20 @@ mod tests {
             }
             assert_eq!(ActionState::parse(from.as_str()), Some(from));
         }
+    }
+
+    #[test]
+    fn ended_jobs_never_move() {
+        for from in JobState::ALL {
+            for to in JobState::ALL {
+                if from.is_terminal() {
+                    assert!(from.transition(to).is_err(), "{from:?} -> {to:?}");
+                }
+            }
+            assert_eq!(JobState::parse(from.as_str()), Some(from));
+        }
+        assert!(JobState::Queued.transition(JobState::Succeeded).is_err());
+        assert!(JobState::Running.transition(JobState::Queued).is_ok());
     }
 
     #[test]

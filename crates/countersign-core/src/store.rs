@@ -8,9 +8,12 @@
 use chrono::{DateTime, Utc};
 
 use crate::audit::{AuditEvent, NewAuditEvent};
-use crate::domain::{Action, Agent, ApiKey, Approval, DecisionRecord, Org, Session, StoredPolicy, User};
-use crate::ids::{ActionId, AgentId, ApprovalId, KeyId, OrgId, SessionId, UserId};
-use crate::state::{ActionState, ApprovalStatus};
+use crate::checkpoint::Checkpoint;
+use crate::domain::{
+    Action, Agent, ApiKey, Approval, DecisionRecord, Delivery, Job, JobKind, Org, Session, StoredPolicy, User, Webhook,
+};
+use crate::ids::{ActionId, AgentId, ApprovalId, JobId, KeyId, OrgId, SessionId, UserId, WebhookId};
+use crate::state::{ActionState, ApprovalStatus, JobState};
 
 /// Why the store could not do what was asked. Carries text, never a driver's error type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +54,29 @@ pub struct AuditFilter {
     pub subjects: Vec<String>,
     pub since_us: Option<i64>,
     pub until_us: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    pub kind: Option<JobKind>,
+    pub state: Option<JobState>,
+    pub subject: Option<String>,
+}
+
+/// The newest event of an org's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditHead {
+    pub seq: i64,
+    pub hash: String,
+    pub time: DateTime<Utc>,
+}
+
+/// An org's audit retention: the window in days (none: keep forever) and how far it has deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    pub org_id: OrgId,
+    pub days: Option<u32>,
+    pub deleted_upto: i64,
 }
 
 /// A pending approval's deadline, for the expiry timers.
@@ -159,6 +185,62 @@ pub trait StoreTx: Send {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// The newest event of the org's chain, if it has any.
+    async fn audit_head(&mut self, org: &OrgId) -> Result<Option<AuditHead>, StoreError>;
+    /// The newest seq whose event is older than `before`.
+    async fn last_audit_seq_before(&mut self, org: &OrgId, before: DateTime<Utc>) -> Result<Option<i64>, StoreError>;
+
+    // Signed checkpoints and retention.
+    async fn insert_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), StoreError>;
+    async fn checkpoint_at(&mut self, org: &OrgId, seq: i64) -> Result<Option<Checkpoint>, StoreError>;
+    async fn retention(&mut self, org: &OrgId) -> Result<Retention, StoreError>;
+    /// Across all orgs that have a window.
+    async fn list_retention_windows(&mut self) -> Result<Vec<Retention>, StoreError>;
+    async fn set_retention_days(&mut self, org: &OrgId, days: Option<u32>) -> Result<(), StoreError>;
+    /// Deletes the org's events up to `upto_seq`. A checkpoint at `upto_seq` must already be stored; the
+    /// schema refuses any other delete. Returns how many events went.
+    async fn delete_audit_prefix(&mut self, org: &OrgId, upto_seq: i64) -> Result<u64, StoreError>;
+
+    // Jobs.
+    async fn insert_job(&mut self, job: &Job) -> Result<(), StoreError>;
+    /// Writes state, attempts, run_at, lease, progress, result, error and times.
+    async fn update_job(&mut self, job: &Job) -> Result<(), StoreError>;
+    async fn get_job(&mut self, org: &OrgId, id: &JobId) -> Result<Option<Job>, StoreError>;
+    /// Newest first.
+    async fn list_jobs(&mut self, org: &OrgId, filter: &JobFilter, page: &Page) -> Result<Vec<Job>, StoreError>;
+    /// Across all orgs: takes the oldest due job — queued with `run_at` passed, or running with a lease that
+    /// ran out — marks it running under `owner` until `lease_until` and counts the attempt.
+    async fn claim_job(
+        &mut self,
+        now: DateTime<Utc>,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<Job>, StoreError>;
+    /// When the next queued job falls due or the next lease runs out.
+    async fn next_job_due(&mut self) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// Extends the lease if `owner` still holds it; false when it was lost.
+    async fn renew_job_lease(&mut self, id: &JobId, owner: &str, until: DateTime<Utc>) -> Result<bool, StoreError>;
+    /// Every running job's lease ends now (a single-process store at start: their holder is gone).
+    async fn release_job_leases(&mut self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// Queued and running jobs by kind and state, for metrics.
+    async fn count_open_jobs(&mut self) -> Result<Vec<(JobKind, JobState, i64)>, StoreError>;
+
+    // Webhooks.
+    async fn insert_webhook(&mut self, webhook: &Webhook) -> Result<(), StoreError>;
+    /// Deleted ones too (their history stays readable).
+    async fn get_webhook(&mut self, org: &OrgId, id: &WebhookId) -> Result<Option<Webhook>, StoreError>;
+    /// Live ones, oldest first.
+    async fn list_webhooks(&mut self, org: &OrgId) -> Result<Vec<Webhook>, StoreError>;
+    async fn delete_webhook(&mut self, org: &OrgId, id: &WebhookId, at: DateTime<Utc>) -> Result<bool, StoreError>;
+    async fn insert_delivery(&mut self, delivery: &Delivery) -> Result<(), StoreError>;
+    /// Newest first.
+    async fn list_deliveries(
+        &mut self,
+        org: &OrgId,
+        webhook: &WebhookId,
+        page: &Page,
+    ) -> Result<Vec<Delivery>, StoreError>;
 
     // Policy versions.
     async fn insert_policy(&mut self, policy: &StoredPolicy) -> Result<(), StoreError>;

@@ -12,19 +12,28 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use countersign_core::audit::{AuditEvent, GENESIS_HASH, NewAuditEvent};
 use countersign_core::capability::{Capability, NameGlob};
+use countersign_core::checkpoint::Checkpoint;
 use countersign_core::domain::{
-    Action, Agent, ApiKey, Approval, DecisionRecord, Org, PrincipalRef, Role, Session, StoredPolicy, User,
+    Action, Agent, ApiKey, Approval, DecisionRecord, Delivery, Job, JobKind, Org, PrincipalRef, Role, Session,
+    StoredPolicy, User, Webhook, WebhookFormat,
 };
-use countersign_core::ids::{ActionId, AgentId, ApprovalId, EventId, KeyId, OrgId, SessionId, UserId};
-use countersign_core::state::{ActionState, ApprovalStatus, Decision};
-use countersign_core::store::{ActionFilter, AuditFilter, Page, PendingDeadline, Store, StoreError, StoreTx};
+use countersign_core::ids::{
+    ActionId, AgentId, ApprovalId, DeliveryId, EventId, JobId, KeyId, OrgId, SessionId, UserId, WebhookId,
+};
+use countersign_core::state::{ActionState, ApprovalStatus, Decision, JobState};
+use countersign_core::store::{
+    ActionFilter, AuditFilter, AuditHead, JobFilter, Page, PendingDeadline, Retention, Store, StoreError, StoreTx,
+};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, Sqlite, SqlitePool, Transaction};
 
 use crate::rows::{corrupt, from_json, from_us, map_sqlx, opt_from_us, opt_us, to_json, to_us};
 
-const MIGRATIONS: [(i64, &str, &str); 1] = [(1, "init", include_str!("../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: [(i64, &str, &str); 2] = [
+    (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
+    (2, "jobs_webhooks_checkpoints", include_str!("../migrations/sqlite/0002_jobs_webhooks_checkpoints.sql")),
+];
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -206,6 +215,87 @@ fn action_row(row: &SqliteRow) -> Result<Action, StoreError> {
         decided_at: opt_from_us(get(row, "decided_at")?)?,
         started_at: opt_from_us(get(row, "started_at")?)?,
         finished_at: opt_from_us(get(row, "finished_at")?)?,
+        job_id: get::<Option<String>>(row, "job_id")?.map(JobId::from_stored),
+    })
+}
+
+fn count(value: i64, column: &str) -> Result<u32, StoreError> {
+    u32::try_from(value).map_err(|_| corrupt(column, &value.to_string()))
+}
+
+fn job_row(row: &SqliteRow) -> Result<Job, StoreError> {
+    let kind: String = get(row, "kind")?;
+    let state: String = get(row, "state")?;
+    Ok(Job {
+        id: JobId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        kind: JobKind::parse(&kind).ok_or_else(|| corrupt("kind", &kind))?,
+        subject: get(row, "subject")?,
+        state: JobState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
+        attempts: count(get(row, "attempts")?, "attempts")?,
+        max_attempts: count(get(row, "max_attempts")?, "max_attempts")?,
+        run_at: from_us(get(row, "run_at")?)?,
+        lease_owner: get(row, "lease_owner")?,
+        lease_until: opt_from_us(get(row, "lease_until")?)?,
+        payload: from_json("payload", &get::<String>(row, "payload")?)?,
+        progress: get::<Option<String>>(row, "progress")?.map(|t| from_json("progress", &t)).transpose()?,
+        result: get::<Option<String>>(row, "result")?.map(|t| from_json("result", &t)).transpose()?,
+        error: get(row, "error")?,
+        created_at: from_us(get(row, "created_at")?)?,
+        started_at: opt_from_us(get(row, "started_at")?)?,
+        finished_at: opt_from_us(get(row, "finished_at")?)?,
+    })
+}
+
+fn webhook_row(row: &SqliteRow) -> Result<Webhook, StoreError> {
+    let format: String = get(row, "format")?;
+    Ok(Webhook {
+        id: WebhookId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        url: get(row, "url")?,
+        events: from_json("events", &get::<String>(row, "events")?)?,
+        secret: get(row, "secret")?,
+        format: WebhookFormat::parse(&format).ok_or_else(|| corrupt("format", &format))?,
+        description: get(row, "description")?,
+        created_at: from_us(get(row, "created_at")?)?,
+        deleted_at: opt_from_us(get(row, "deleted_at")?)?,
+    })
+}
+
+fn delivery_row(row: &SqliteRow) -> Result<Delivery, StoreError> {
+    let status: Option<i64> = get(row, "status")?;
+    Ok(Delivery {
+        id: DeliveryId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        webhook_id: WebhookId::from_stored(get(row, "webhook_id")?),
+        job_id: JobId::from_stored(get(row, "job_id")?),
+        event_id: get(row, "event_id")?,
+        event_type: get(row, "event_type")?,
+        attempt: count(get(row, "attempt")?, "attempt")?,
+        status: status.map(|s| u16::try_from(s).map_err(|_| corrupt("status", &s.to_string()))).transpose()?,
+        latency_ms: u64::try_from(get::<i64>(row, "latency_ms")?).unwrap_or(0),
+        error: get(row, "error")?,
+        created_at: from_us(get(row, "created_at")?)?,
+    })
+}
+
+fn checkpoint_row(row: &SqliteRow) -> Result<Checkpoint, StoreError> {
+    Ok(Checkpoint {
+        org_id: get(row, "org_id")?,
+        seq: get(row, "seq")?,
+        head_hash: get(row, "head_hash")?,
+        time_us: get(row, "time_us")?,
+        key_id: get(row, "key_id")?,
+        signature: get(row, "signature")?,
+    })
+}
+
+fn retention_row(row: &SqliteRow) -> Result<Retention, StoreError> {
+    let days: Option<i64> = get(row, "days")?;
+    Ok(Retention {
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        days: days.map(|d| count(d, "days")).transpose()?,
+        deleted_upto: get(row, "deleted_upto")?,
     })
 }
 
@@ -580,8 +670,8 @@ impl StoreTx for SqliteTx {
             sqlx::query(
                 "INSERT INTO actions (id, org_id, agent_id, agent_name, session_id, capability, params, reasoning, target,
                     idempotency_key, state, verdict, approval_id, result, error, request_hash, created_at, decided_at,
-                    started_at, finished_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    started_at, finished_at, job_id)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(a.id.as_str().to_owned())
             .bind(a.org_id.as_str().to_owned())
@@ -602,7 +692,8 @@ impl StoreTx for SqliteTx {
             .bind(to_us(a.created_at))
             .bind(opt_us(a.decided_at))
             .bind(opt_us(a.started_at))
-            .bind(opt_us(a.finished_at)),
+            .bind(opt_us(a.finished_at))
+            .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned())),
         )
         .await
         .map(drop)
@@ -613,7 +704,7 @@ impl StoreTx for SqliteTx {
             .execute(
                 sqlx::query(
                     "UPDATE actions SET state = ?, verdict = ?, approval_id = ?, result = ?, error = ?, decided_at = ?,
-                        started_at = ?, finished_at = ?
+                        started_at = ?, finished_at = ?, job_id = ?
                      WHERE org_id = ? AND id = ?",
                 )
                 .bind(a.state.as_str())
@@ -624,6 +715,7 @@ impl StoreTx for SqliteTx {
                 .bind(opt_us(a.decided_at))
                 .bind(opt_us(a.started_at))
                 .bind(opt_us(a.finished_at))
+                .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned()))
                 .bind(a.org_id.as_str().to_owned())
                 .bind(a.id.as_str().to_owned()),
             )
@@ -927,6 +1019,373 @@ impl StoreTx for SqliteTx {
         }
         let rows = self.fetch_all(query.bind(i64::from(limit.clamp(1, 10_000)))).await?;
         rows.iter().map(audit_row).collect()
+    }
+
+    async fn audit_head(&mut self, org: &OrgId) -> Result<Option<AuditHead>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT seq, hash, time_us FROM audit_events WHERE org_id = ? ORDER BY seq DESC LIMIT 1")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        row.map(|row| {
+            Ok(AuditHead { seq: get(&row, "seq")?, hash: get(&row, "hash")?, time: from_us(get(&row, "time_us")?)? })
+        })
+        .transpose()
+    }
+
+    async fn last_audit_seq_before(&mut self, org: &OrgId, before: DateTime<Utc>) -> Result<Option<i64>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT MAX(seq) AS seq FROM audit_events WHERE org_id = ? AND time_us < ?")
+                    .bind(org.as_str().to_owned())
+                    .bind(to_us(before)),
+            )
+            .await?;
+        match row {
+            Some(row) => get::<Option<i64>>(&row, "seq"),
+            None => Ok(None),
+        }
+    }
+
+    async fn insert_checkpoint(&mut self, c: &Checkpoint) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO audit_checkpoints (org_id, seq, head_hash, time_us, key_id, signature)
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(c.org_id.clone())
+            .bind(c.seq)
+            .bind(c.head_hash.clone())
+            .bind(c.time_us)
+            .bind(c.key_id.clone())
+            .bind(c.signature.clone()),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn checkpoint_at(&mut self, org: &OrgId, seq: i64) -> Result<Option<Checkpoint>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM audit_checkpoints WHERE org_id = ? AND seq = ?")
+                    .bind(org.as_str().to_owned())
+                    .bind(seq),
+            )
+            .await?;
+        row.as_ref().map(checkpoint_row).transpose()
+    }
+
+    async fn retention(&mut self, org: &OrgId) -> Result<Retention, StoreError> {
+        let row = self
+            .fetch_optional(sqlx::query("SELECT * FROM audit_retention WHERE org_id = ?").bind(org.as_str().to_owned()))
+            .await?;
+        match row {
+            Some(row) => retention_row(&row),
+            None => Ok(Retention { org_id: org.clone(), days: None, deleted_upto: 0 }),
+        }
+    }
+
+    async fn list_retention_windows(&mut self) -> Result<Vec<Retention>, StoreError> {
+        let rows =
+            self.fetch_all(sqlx::query("SELECT * FROM audit_retention WHERE days IS NOT NULL ORDER BY org_id")).await?;
+        rows.iter().map(retention_row).collect()
+    }
+
+    async fn set_retention_days(&mut self, org: &OrgId, days: Option<u32>) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO audit_retention (org_id, days) VALUES (?, ?)
+                 ON CONFLICT (org_id) DO UPDATE SET days = excluded.days",
+            )
+            .bind(org.as_str().to_owned())
+            .bind(days.map(i64::from)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn delete_audit_prefix(&mut self, org: &OrgId, upto_seq: i64) -> Result<u64, StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO audit_retention (org_id, deleted_upto) VALUES (?, ?)
+                 ON CONFLICT (org_id) DO UPDATE SET deleted_upto = excluded.deleted_upto",
+            )
+            .bind(org.as_str().to_owned())
+            .bind(upto_seq),
+        )
+        .await?;
+        self.execute(
+            sqlx::query("DELETE FROM audit_events WHERE org_id = ? AND seq <= ?")
+                .bind(org.as_str().to_owned())
+                .bind(upto_seq),
+        )
+        .await
+    }
+
+    async fn insert_job(&mut self, j: &Job) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO jobs (id, org_id, kind, subject, state, attempts, max_attempts, run_at, lease_owner,
+                    lease_until, payload, progress, result, error, created_at, started_at, finished_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(j.id.as_str().to_owned())
+            .bind(j.org_id.as_str().to_owned())
+            .bind(j.kind.as_str())
+            .bind(j.subject.clone())
+            .bind(j.state.as_str())
+            .bind(i64::from(j.attempts))
+            .bind(i64::from(j.max_attempts))
+            .bind(to_us(j.run_at))
+            .bind(j.lease_owner.clone())
+            .bind(opt_us(j.lease_until))
+            .bind(to_json(&j.payload)?)
+            .bind(j.progress.as_ref().map(to_json).transpose()?)
+            .bind(j.result.as_ref().map(to_json).transpose()?)
+            .bind(j.error.clone())
+            .bind(to_us(j.created_at))
+            .bind(opt_us(j.started_at))
+            .bind(opt_us(j.finished_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn update_job(&mut self, j: &Job) -> Result<(), StoreError> {
+        let n = self
+            .execute(
+                sqlx::query(
+                    "UPDATE jobs SET state = ?, attempts = ?, run_at = ?, lease_owner = ?, lease_until = ?,
+                        progress = ?, result = ?, error = ?, started_at = ?, finished_at = ?
+                     WHERE org_id = ? AND id = ?",
+                )
+                .bind(j.state.as_str())
+                .bind(i64::from(j.attempts))
+                .bind(to_us(j.run_at))
+                .bind(j.lease_owner.clone())
+                .bind(opt_us(j.lease_until))
+                .bind(j.progress.as_ref().map(to_json).transpose()?)
+                .bind(j.result.as_ref().map(to_json).transpose()?)
+                .bind(j.error.clone())
+                .bind(opt_us(j.started_at))
+                .bind(opt_us(j.finished_at))
+                .bind(j.org_id.as_str().to_owned())
+                .bind(j.id.as_str().to_owned()),
+            )
+            .await?;
+        if n == 1 { Ok(()) } else { Err(StoreError::Internal(format!("job {} vanished", j.id))) }
+    }
+
+    async fn get_job(&mut self, org: &OrgId, id: &JobId) -> Result<Option<Job>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM jobs WHERE org_id = ? AND id = ?")
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        row.as_ref().map(job_row).transpose()
+    }
+
+    async fn list_jobs(&mut self, org: &OrgId, filter: &JobFilter, page: &Page) -> Result<Vec<Job>, StoreError> {
+        let kind = filter.kind.map(JobKind::as_str);
+        let state = filter.state.map(JobState::as_str);
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM jobs WHERE org_id = ?
+                       AND (? IS NULL OR kind = ?) AND (? IS NULL OR state = ?) AND (? IS NULL OR subject = ?)
+                       AND (? IS NULL OR id < ?)
+                     ORDER BY id DESC LIMIT ?",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(kind)
+                .bind(kind)
+                .bind(state)
+                .bind(state)
+                .bind(filter.subject.clone())
+                .bind(filter.subject.clone())
+                .bind(page.after.clone())
+                .bind(page.after.clone())
+                .bind(limit(page)),
+            )
+            .await?;
+        rows.iter().map(job_row).collect()
+    }
+
+    async fn claim_job(
+        &mut self,
+        now: DateTime<Utc>,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<Job>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query(
+                    "SELECT * FROM jobs
+                     WHERE (state = 'queued' AND run_at <= ?) OR (state = 'running' AND lease_until <= ?)
+                     ORDER BY run_at, id LIMIT 1",
+                )
+                .bind(to_us(now))
+                .bind(to_us(now)),
+            )
+            .await?;
+        let Some(mut job) = row.as_ref().map(job_row).transpose()? else { return Ok(None) };
+        job.state = JobState::Running;
+        job.attempts = job.attempts.saturating_add(1);
+        job.lease_owner = Some(owner.to_owned());
+        job.lease_until = Some(lease_until);
+        job.started_at = job.started_at.or(Some(now));
+        self.update_job(&job).await?;
+        Ok(Some(job))
+    }
+
+    async fn next_job_due(&mut self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let row = self
+            .fetch_optional(sqlx::query(
+                "SELECT MIN(t) AS t FROM (
+                    SELECT MIN(run_at) AS t FROM jobs WHERE state = 'queued'
+                    UNION ALL SELECT MIN(lease_until) AS t FROM jobs WHERE state = 'running')",
+            ))
+            .await?;
+        match row {
+            Some(row) => opt_from_us(get(&row, "t")?),
+            None => Ok(None),
+        }
+    }
+
+    async fn renew_job_lease(&mut self, id: &JobId, owner: &str, until: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running' AND lease_owner = ?")
+                    .bind(to_us(until))
+                    .bind(id.as_str().to_owned())
+                    .bind(owner.to_owned()),
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn release_job_leases(&mut self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.execute(sqlx::query("UPDATE jobs SET lease_until = ? WHERE state = 'running'").bind(to_us(now))).await
+    }
+
+    async fn count_open_jobs(&mut self) -> Result<Vec<(JobKind, JobState, i64)>, StoreError> {
+        let rows = self
+            .fetch_all(sqlx::query(
+                "SELECT kind, state, COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running') GROUP BY kind, state",
+            ))
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let kind: String = get(row, "kind")?;
+                let state: String = get(row, "state")?;
+                Ok((
+                    JobKind::parse(&kind).ok_or_else(|| corrupt("kind", &kind))?,
+                    JobState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
+                    get(row, "n")?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn insert_webhook(&mut self, w: &Webhook) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO webhooks (id, org_id, url, events, secret, format, description, created_at, deleted_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(w.id.as_str().to_owned())
+            .bind(w.org_id.as_str().to_owned())
+            .bind(w.url.clone())
+            .bind(to_json(&w.events)?)
+            .bind(w.secret.clone())
+            .bind(w.format.as_str())
+            .bind(w.description.clone())
+            .bind(to_us(w.created_at))
+            .bind(opt_us(w.deleted_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_webhook(&mut self, org: &OrgId, id: &WebhookId) -> Result<Option<Webhook>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM webhooks WHERE org_id = ? AND id = ?")
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        row.as_ref().map(webhook_row).transpose()
+    }
+
+    async fn list_webhooks(&mut self, org: &OrgId) -> Result<Vec<Webhook>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query("SELECT * FROM webhooks WHERE org_id = ? AND deleted_at IS NULL ORDER BY id")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        rows.iter().map(webhook_row).collect()
+    }
+
+    async fn delete_webhook(&mut self, org: &OrgId, id: &WebhookId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE webhooks SET deleted_at = ? WHERE org_id = ? AND id = ? AND deleted_at IS NULL")
+                    .bind(to_us(at))
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn insert_delivery(&mut self, d: &Delivery) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO webhook_deliveries (id, org_id, webhook_id, job_id, event_id, event_type, attempt, status,
+                    latency_ms, error, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(d.id.as_str().to_owned())
+            .bind(d.org_id.as_str().to_owned())
+            .bind(d.webhook_id.as_str().to_owned())
+            .bind(d.job_id.as_str().to_owned())
+            .bind(d.event_id.clone())
+            .bind(d.event_type.clone())
+            .bind(i64::from(d.attempt))
+            .bind(d.status.map(i64::from))
+            .bind(i64::try_from(d.latency_ms).unwrap_or(i64::MAX))
+            .bind(d.error.clone())
+            .bind(to_us(d.created_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn list_deliveries(
+        &mut self,
+        org: &OrgId,
+        webhook: &WebhookId,
+        page: &Page,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM webhook_deliveries WHERE org_id = ? AND webhook_id = ? AND (? IS NULL OR id < ?)
+                     ORDER BY id DESC LIMIT ?",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(webhook.as_str().to_owned())
+                .bind(page.after.clone())
+                .bind(page.after.clone())
+                .bind(limit(page)),
+            )
+            .await?;
+        rows.iter().map(delivery_row).collect()
     }
 
     async fn insert_policy(&mut self, p: &StoredPolicy) -> Result<(), StoreError> {

@@ -91,6 +91,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Watch the policy file for changes and reload it.
     pub watch_policy: bool,
+    /// The job runner's lease, concurrency and retry delays (not read from the file; tests shorten them).
+    pub jobs: crate::gateway::JobRunnerSettings,
 }
 
 impl Config {
@@ -107,6 +109,7 @@ impl Config {
             bootstrap_admin_key: None,
             max_body_bytes: 1024 * 1024,
             watch_policy: true,
+            jobs: crate::gateway::JobRunnerSettings::default(),
         }
     }
 }

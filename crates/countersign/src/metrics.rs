@@ -1,5 +1,6 @@
 //! Prometheus metrics: request latency, policy evaluation time, decision latency, submitted actions by
-//! outcome, and pending approvals (read from the store at scrape time, so replicas agree).
+//! outcome, finished jobs and webhook outcomes, and two gauges read from the store at scrape time so replicas
+//! agree: pending approvals and the job queue depth.
 //!
 //! Labels are low-cardinality (route templates and states, never ids). This module does not serve HTTP.
 
@@ -25,6 +26,17 @@ struct StateLabels {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    kind: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
@@ -37,6 +49,9 @@ struct Inner {
     decision_latency: Histogram,
     actions: Family<StateLabels, Counter>,
     pending_approvals: Gauge,
+    jobs_open: Family<JobLabels, Gauge>,
+    jobs_finished: Family<JobLabels, Counter>,
+    webhook_deliveries: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -68,6 +83,16 @@ impl Metrics {
         );
         let pending_approvals = Gauge::default();
         registry.register("pending_approvals", "Approvals waiting for a decision", pending_approvals.clone());
+        let jobs_open = Family::<JobLabels, Gauge>::default();
+        registry.register("jobs_open", "Queued and running jobs (the queue depth)", jobs_open.clone());
+        let jobs_finished = Family::<JobLabels, Counter>::default();
+        registry.register("jobs_finished", "Jobs that ended, by kind and final state", jobs_finished.clone());
+        let webhook_deliveries = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, failed, refused)",
+            webhook_deliveries.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -76,6 +101,9 @@ impl Metrics {
                 decision_latency,
                 actions,
                 pending_approvals,
+                jobs_open,
+                jobs_finished,
+                webhook_deliveries,
             }),
         }
     }
@@ -101,6 +129,27 @@ impl Metrics {
 
     pub fn set_pending_approvals(&self, count: i64) {
         self.inner.pending_approvals.set(count);
+    }
+
+    /// Sets the queue depth; kinds and states absent from `open` go to zero.
+    pub fn set_open_jobs(&self, open: &[(String, String, i64)]) {
+        for kind in countersign_core::domain::JobKind::ALL {
+            for state in ["queued", "running"] {
+                let count = open.iter().find(|(k, s, _)| k == kind.as_str() && s == state).map_or(0, |(_, _, n)| *n);
+                self.inner
+                    .jobs_open
+                    .get_or_create(&JobLabels { kind: kind.as_str().to_owned(), state: state.to_owned() })
+                    .set(count);
+            }
+        }
+    }
+
+    pub fn job_finished(&self, kind: &str, state: &str) {
+        self.inner.jobs_finished.get_or_create(&JobLabels { kind: kind.to_owned(), state: state.to_owned() }).inc();
+    }
+
+    pub fn webhook_outcome(&self, outcome: &str) {
+        self.inner.webhook_deliveries.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
     }
 
     /// The text exposition format.

@@ -1,6 +1,7 @@
 //! Startup and shutdown: `Server::build(config)` opens and migrates the store, bootstraps an empty one,
-//! loads the policy, binds the listener (port 0 allowed), re-arms expiry timers and recovers unfinished
-//! executions; `run_until(shutdown)` serves until the future resolves, then drains.
+//! loads the policy and the audit signing key, binds the listener (port 0 allowed); `run_until(shutdown)`
+//! re-arms expiry timers, releases the job leases a previous process held, starts the workers, serves until
+//! the future resolves, then drains.
 //!
 //! `main` only adds signals; tests build the same server on port 0.
 
@@ -20,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::connectors::Connectors;
 use crate::gateway::policy::PolicyRegistry;
-use crate::gateway::{Bootstrapped, ExecutionQueue, ExpiryRequest, Gateway, GatewayParts};
+use crate::gateway::{Bootstrapped, ExpiryRequest, Gateway, GatewayParts};
 use crate::metrics::Metrics;
 use crate::workers;
 
@@ -46,7 +47,6 @@ pub struct Server {
     max_body_bytes: usize,
     watch_policy: bool,
     expiry_requests: mpsc::UnboundedReceiver<ExpiryRequest>,
-    executions: mpsc::UnboundedReceiver<(countersign_core::ids::OrgId, countersign_core::ids::ActionId)>,
     shutdown: CancellationToken,
 }
 
@@ -89,7 +89,10 @@ impl Server {
                 .map_err(|e| StartError::Store(e.to_string()))?,
         );
         let policies = PolicyRegistry::load(config.policy.clone()).map_err(|e| StartError::Policy(e.to_string()))?;
-        let connectors = Connectors::new(config.upstreams.clone()).map_err(|e| StartError::Config(e.to_string()))?;
+        let connectors = Connectors::new(config.upstreams.clone(), &config.network.allow_private)
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let signer = countersign_core::checkpoint::load_or_create(&config.data_dir.join("audit-signing.key"))
+            .map_err(|e| StartError::Config(format!("audit signing key: {e}")))?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -97,14 +100,15 @@ impl Server {
         let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{local_addr}"));
         let shutdown = CancellationToken::new();
         let (expiry_tx, expiry_requests) = mpsc::unbounded_channel();
-        let (executions_queue, executions) = ExecutionQueue::new();
         let gateway = Gateway::new(GatewayParts {
             store: store.clone(),
             clock,
             policies,
             connectors,
             expiry: expiry_tx,
-            executions: executions_queue,
+            jobs: config.jobs.clone(),
+            signer,
+            data_dir: config.data_dir.clone(),
             metrics: Metrics::new(),
             public_url: public_url.trim_end_matches('/').to_owned(),
             shutdown: shutdown.clone(),
@@ -124,7 +128,6 @@ impl Server {
             max_body_bytes: config.max_body_bytes,
             watch_policy: config.watch_policy,
             expiry_requests,
-            executions,
             shutdown,
         })
     }
@@ -150,7 +153,15 @@ impl Server {
         let gateway = self.gateway.clone();
 
         tracker.spawn(workers::expiry::run(gateway.clone(), self.expiry_requests, token.clone()));
-        tracker.spawn(workers::executor::run(gateway.clone(), self.executions, token.clone(), tracker.clone()));
+        // SQLite is one process: every lease in it belonged to a process that is gone.
+        let stale = if gateway.store().backend() == "sqlite" { gateway.release_job_leases().await } else { Ok(0) };
+        match stale {
+            Ok(n) if n > 0 => tracing::info!(jobs = n, "jobs left running by an earlier process are due again"),
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "cannot release stale job leases"),
+        }
+        tracker.spawn(workers::jobs::run(gateway.clone(), token.clone(), tracker.clone()));
+        tracker.spawn(workers::jobs::sweep_retention(gateway.clone(), token.clone()));
         if self.watch_policy {
             tracker.spawn(workers::policy_watch::run(gateway.clone(), token.clone()));
         }
@@ -159,11 +170,6 @@ impl Server {
             Ok(n) if n > 0 => tracing::info!(pending = n, "expiry timers re-armed"),
             Ok(_) => {}
             Err(error) => tracing::error!(%error, "cannot re-arm expiry timers"),
-        }
-        match gateway.recover_executions().await {
-            Ok(n) if n > 0 => tracing::info!(actions = n, "unfinished executions recovered"),
-            Ok(_) => {}
-            Err(error) => tracing::error!(%error, "cannot recover unfinished executions"),
         }
 
         let app = crate::http::router(gateway, self.max_body_bytes);

@@ -1,11 +1,16 @@
-//! Outbound calls: the `http` connector that replays a frozen request against a configured upstream.
+//! Outbound calls: the `http` connector that replays a frozen request against a configured upstream, and
+//! webhook deliveries.
 //!
-//! One reqwest client for all of them, with redirects off, connect and total timeouts, no proxy taken from
-//! the environment, and a cap on how much of a response is kept. Credentials come from the server
+//! One reqwest client for all of them, built on the outbound guard ([`guard`]): every address checked, the
+//! connection pinned to the checked address, redirects off, connect and total timeouts, no proxy taken from
+//! the environment, and a cap on how much of a response is read. Credentials come from the server
 //! configuration and are added here, never from the agent. This module does not decide whether a call may
 //! happen; the gateway does.
 
+pub mod guard;
+
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use countersign_core::domain::HttpTarget;
@@ -17,12 +22,16 @@ use crate::config::UpstreamConfig;
 /// Response bodies larger than this are truncated in the stored result.
 pub const MAX_RESULT_BODY_BYTES: usize = 64 * 1024;
 
+/// How much of a webhook receiver's answer is read (and thrown away).
+const MAX_WEBHOOK_RESPONSE_BYTES: usize = 16 * 1024;
+
 /// Response headers kept on the stored result.
 const KEPT_HEADERS: [&str; 4] = ["content-type", "location", "idempotency-key", "request-id"];
 
 #[derive(Clone)]
 pub struct Connectors {
     client: reqwest::Client,
+    guard: Arc<guard::OutboundGuard>,
     upstreams: BTreeMap<String, UpstreamConfig>,
 }
 
@@ -41,17 +50,54 @@ pub enum ConnectorError {
     Invalid(String),
     #[error("upstream did not answer: {0}")]
     Transport(String),
+    /// The outbound guard refused the address.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl Connectors {
-    pub fn new(upstreams: BTreeMap<String, UpstreamConfig>) -> Result<Self, ConnectorError> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10))
-            .no_proxy()
+    /// `allow_private` is `network.allow_private`: the only way past the outbound guard.
+    pub fn new(upstreams: BTreeMap<String, UpstreamConfig>, allow_private: &[String]) -> Result<Self, ConnectorError> {
+        let guard =
+            Arc::new(guard::OutboundGuard::new(allow_private).map_err(|e| ConnectorError::Invalid(e.to_string()))?);
+        let client = guard::client_builder(guard.clone())
             .build()
             .map_err(|e| ConnectorError::Invalid(format!("cannot build HTTP client: {e}")))?;
-        Ok(Connectors { client, upstreams })
+        Ok(Connectors { client, guard, upstreams })
+    }
+
+    /// Checks a URL against the guard before a request (IP-literal hosts never reach the resolver).
+    fn check(&self, url: &reqwest::Url) -> Result<(), ConnectorError> {
+        self.guard.check_url(url).map(drop).map_err(|e| ConnectorError::Refused(e.to_string()))
+    }
+
+    /// Posts a webhook body; answers the receiver's status. Redirects are not followed.
+    pub async fn post_webhook(
+        &self,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<u16, ConnectorError> {
+        let url = reqwest::Url::parse(url).map_err(|e| ConnectorError::Invalid(format!("webhook URL: {e}")))?;
+        self.check(&url)?;
+        let mut request = self.client.post(url).timeout(timeout).body(body);
+        for (name, value) in headers {
+            request = request.header(*name, value.as_str());
+        }
+        request = request.header("user-agent", concat!("Countersign-Webhooks/", env!("CARGO_PKG_VERSION")));
+        let response = request.send().await.map_err(|e| transport(&e))?;
+        let status = response.status().as_u16();
+        // Read a little of the answer so the connection can be reused, never more.
+        let mut stream = response.bytes_stream();
+        let mut read = 0usize;
+        while let Some(Ok(chunk)) = stream.next().await {
+            read += chunk.len();
+            if read >= MAX_WEBHOOK_RESPONSE_BYTES {
+                break;
+            }
+        }
+        Ok(status)
     }
 
     pub fn has_upstream(&self, name: &str) -> bool {
@@ -71,6 +117,7 @@ impl Connectors {
         let base = upstream.base_url.trim_end_matches('/');
         let mut url = reqwest::Url::parse(&format!("{base}{}", target.path))
             .map_err(|e| ConnectorError::Invalid(format!("cannot build the URL: {e}")))?;
+        self.check(&url)?;
         if !target.query.is_empty() {
             url.query_pairs_mut().extend_pairs(target.query.iter());
         }
@@ -91,7 +138,7 @@ impl Connectors {
             let bytes = serde_json::to_vec(body).map_err(|e| ConnectorError::Invalid(e.to_string()))?;
             request = request.header("content-type", "application/json").body(bytes);
         }
-        let response = request.send().await.map_err(|e| ConnectorError::Transport(describe(&e)))?;
+        let response = request.send().await.map_err(|e| transport(&e))?;
         let status = response.status().as_u16();
         let headers: BTreeMap<String, String> = KEPT_HEADERS
             .iter()
@@ -121,6 +168,14 @@ impl Connectors {
             status,
             result: json!({"status": status, "headers": headers, "body": body_value, "truncated": truncated}),
         })
+    }
+}
+
+/// A failed send: the guard's refusal when the resolver refused the name, else what went wrong.
+fn transport(error: &reqwest::Error) -> ConnectorError {
+    match guard::GuardError::find_in(error) {
+        Some(refusal) => ConnectorError::Refused(refusal.to_string()),
+        None => ConnectorError::Transport(describe(error)),
     }
 }
 

@@ -154,6 +154,7 @@ impl Gateway {
             decided_at: None,
             started_at: None,
             finished_at: None,
+            job_id: None,
         };
         let subject = action.id.to_string();
         let mut approval = None;
@@ -196,6 +197,7 @@ impl Gateway {
             token = Some(secret.plaintext);
         }
 
+        super::execute::enqueue_execution(&mut work, &mut action, now).await?;
         work.tx.insert_action(&action).await.map_err(|e| match e {
             StoreError::Conflict(_) => Error::Conflict {
                 message: "an action with this idempotency key was submitted at the same moment; retry to read it"
@@ -247,6 +249,7 @@ impl Gateway {
                     json!({"action_id": action.id, "group": a.group, "quorum": a.quorum, "expires_at": a.expires_at, "rule": a.rule}),
                 )
                 .await?;
+                work.emit("approval.requested", super::webhooks::approval_data(self, a, &action));
             }
             (None, ActionState::Denied) => {
                 work.audit(
@@ -258,6 +261,7 @@ impl Gateway {
                     json!({"rule": verdict.rule, "message": verdict.message}),
                 )
                 .await?;
+                work.emit("action.finished", super::webhooks::action_data(&action));
             }
             (None, _) => {
                 work.audit(
@@ -269,6 +273,9 @@ impl Gateway {
                     json!({"rule": verdict.rule, "by": "policy"}),
                 )
                 .await?;
+                if action.is_terminal() {
+                    work.emit("action.finished", super::webhooks::action_data(&action));
+                }
             }
         }
         work.action_changed(&org, &action.id);
@@ -277,9 +284,6 @@ impl Gateway {
 
         if let Some(a) = &approval {
             self.arm_expiry(a);
-        }
-        if action.state == ActionState::Approved && action.target.is_some() {
-            self.inner.executions.enqueue(org, action.id.clone());
         }
         Ok(SubmitOutcome { action, approval, token, replayed: false })
     }
@@ -386,6 +390,7 @@ impl Gateway {
             work.tx.update_approval(&approval).await?;
         }
         work.audit(&org, now, &caller.actor(), "action.cancelled", Some(action.id.as_str()), json!({})).await?;
+        work.emit("action.finished", super::webhooks::action_data(&action));
         work.action_changed(&org, &action.id);
         work.commit(self).await?;
         Ok(action)

@@ -145,7 +145,6 @@ impl Gateway {
             Decision::Approve if approval.counted_approvals() >= approval.quorum => Some(ApprovalStatus::Approved),
             Decision::Approve => None,
         };
-        let mut execute = false;
         if let Some(status) = outcome {
             approval.status = approval.status.transition(status)?;
             approval.decided_at = Some(now);
@@ -160,6 +159,7 @@ impl Gateway {
             if next == ActionState::Denied {
                 action.finished_at = Some(now);
             }
+            super::execute::enqueue_execution(&mut work, &mut action, now).await?;
             work.tx.update_action(&action).await?;
             let deciders: Vec<&str> = approval.decisions.iter().map(|d| d.user_name.as_str()).collect();
             work.audit(
@@ -171,14 +171,14 @@ impl Gateway {
                 json!({"action_id": action.id, "decided_by": deciders, "note": note}),
             )
             .await?;
+            work.emit("approval.decided", super::webhooks::approval_data(self, &approval, &action));
+            if action.is_terminal() {
+                work.emit("action.finished", super::webhooks::action_data(&action));
+            }
             work.action_changed(&org, &action.id);
-            execute = next == ActionState::Approved && action.target.is_some();
             self.metrics().observe_decision_latency((now - approval.created_at).to_std().unwrap_or_default());
         }
         work.commit(self).await?;
-        if execute {
-            self.inner.executions.enqueue(org, action.id.clone());
-        }
         Ok((approval, action))
     }
 
@@ -200,6 +200,8 @@ impl Gateway {
             json!({"action_id": action.id, "expires_at": approval.expires_at}),
         )
         .await?;
+        work.emit("approval.expired", super::webhooks::approval_data(self, approval, action));
+        work.emit("action.finished", super::webhooks::action_data(action));
         work.action_changed(&approval.org_id, &action.id);
         Ok(())
     }

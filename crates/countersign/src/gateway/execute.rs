@@ -1,38 +1,21 @@
 //! Carrying out approved actions exactly once, honestly.
 //!
-//! An execution is claimed (`approved` → `executing`, audited) in its own transaction before anything is
-//! sent, and its outcome is recorded in another. A process that dies between the two leaves the action
-//! `executing`; at the next start it is sent again only when its upstream is marked `retry_safe`, and
-//! otherwise ends `failed` with `outcome unknown`. Before sending, the stored request is checked against the
+//! An approved action with a target gets an `action.execute` job in the transaction that approves it. The
+//! job claims the execution (`approved` → `executing`, audited) in its own transaction before anything is
+//! sent, and records the outcome in another. A process that dies between the two leaves the action
+//! `executing` and the job's lease runs out; the next attempt sends again only when the upstream is marked
+//! `retry_safe`, and otherwise ends the action `failed` with `outcome unknown`. Before sending, the stored request is checked against the
 //! hash its approval bound; a mismatch fails the action and nothing is sent.
 
 use countersign_core::audit::{Actor, canonical_hash};
-use countersign_core::domain::{Action, Target};
+use countersign_core::domain::{Action, Job, JobKind, Target};
 use countersign_core::ids::{ActionId, OrgId};
 use countersign_core::state::ActionState;
 use serde_json::json;
-use tokio::sync::mpsc;
 
-use super::Gateway;
+use super::jobs::JobOutcome;
+use super::{Gateway, Work};
 use crate::error::{Error, Result};
-
-/// Where approved actions wait for the executor worker.
-#[derive(Debug, Clone)]
-pub struct ExecutionQueue {
-    sender: mpsc::UnboundedSender<(OrgId, ActionId)>,
-}
-
-impl ExecutionQueue {
-    pub fn new() -> (Self, mpsc::UnboundedReceiver<(OrgId, ActionId)>) {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        (ExecutionQueue { sender }, receiver)
-    }
-
-    pub fn enqueue(&self, org: OrgId, action: ActionId) {
-        // The receiver lives as long as the server; after shutdown, restart recovery picks the action up.
-        let _ = self.sender.send((org, action));
-    }
-}
 
 enum Claim {
     /// Send the request now.
@@ -41,54 +24,84 @@ enum Claim {
     Done,
 }
 
+/// Adds the execution job of an action that was just approved and has a target, in the same transaction.
+/// Call before the action is written, so it carries its job id.
+pub(super) async fn enqueue_execution(
+    work: &mut Work,
+    action: &mut Action,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<()> {
+    if action.state != ActionState::Approved || action.target.is_none() {
+        return Ok(());
+    }
+    let job = Job::new(
+        action.org_id.clone(),
+        JobKind::ActionExecute,
+        Some(action.id.to_string()),
+        json!({"action_id": action.id}),
+        now,
+    );
+    action.job_id = Some(job.id.clone());
+    work.enqueue(&job).await
+}
+
 impl Gateway {
-    /// Runs one approved action to its end. Safe to call twice: only one call claims it.
-    pub async fn execute_action(&self, org: &OrgId, id: &ActionId) -> Result<()> {
-        let action = match self.claim(org, id, false).await? {
-            Claim::Send(action) => *action,
-            Claim::Done => return Ok(()),
-        };
-        self.send_and_record(action).await
+    /// The `action.execute` job: runs one approved action to its end. A first attempt sends; a later attempt
+    /// (the runner died holding it) finds the action `executing` with no recorded outcome and re-sends only
+    /// when the upstream is `retry_safe`, else ends it `failed` with `outcome unknown`.
+    pub(super) async fn execute_job(&self, job: &Job) -> JobOutcome {
+        match self.execute_job_inner(job).await {
+            Ok(outcome) => outcome,
+            Err(Error::Unavailable(e)) => JobOutcome::Retry(format!("store unavailable: {e}")),
+            Err(e) => JobOutcome::Failed(e.to_string()),
+        }
     }
 
-    /// At start: finishes what a previous process left `approved` or `executing`.
-    pub async fn recover_executions(&self) -> Result<usize> {
-        let unfinished = self.read().await?.list_unfinished_executions().await?;
-        let count = unfinished.len();
-        for action in unfinished {
-            match action.state {
-                ActionState::Approved => self.inner.executions.enqueue(action.org_id.clone(), action.id.clone()),
-                _ => {
-                    let retry_safe = match &action.target {
-                        Some(Target::Http(http)) => self.inner.connectors.is_retry_safe(&http.upstream),
-                        None => false,
-                    };
-                    if retry_safe {
-                        if let Claim::Send(action) = self.claim(&action.org_id, &action.id, true).await? {
-                            let gateway = self.clone();
-                            tokio::spawn(async move {
-                                if let Err(e) = gateway.send_and_record(*action).await {
-                                    tracing::error!(error = %e, "retrying an execution failed");
-                                }
-                            });
-                        }
-                    } else {
-                        self.finish(
-                            &action,
-                            ActionState::Failed,
-                            None,
-                            Some(
-                                "outcome unknown: the gateway stopped after sending the request and before recording \
-                                  the answer, and the upstream is not marked retry_safe"
-                                    .into(),
-                            ),
-                        )
-                        .await?;
-                    }
+    async fn execute_job_inner(&self, job: &Job) -> Result<JobOutcome> {
+        let Some(id) = job.subject.as_deref().and_then(ActionId::parse) else {
+            return Ok(JobOutcome::Failed("the job names no action".into()));
+        };
+        let org = &job.org_id;
+        let action =
+            self.read().await?.get_action(org, &id).await?.ok_or_else(|| Error::not_found("action", id.as_str()))?;
+        let claim = match action.state {
+            ActionState::Approved => self.claim(org, &id, false).await?,
+            ActionState::Executing => {
+                let retry_safe = match &action.target {
+                    Some(Target::Http(http)) => self.inner.connectors.is_retry_safe(&http.upstream),
+                    None => false,
+                };
+                if retry_safe {
+                    self.claim(org, &id, true).await?
+                } else {
+                    self.finish(
+                        &action,
+                        ActionState::Failed,
+                        None,
+                        Some(
+                            "outcome unknown: the gateway stopped after sending the request and before recording the \
+                             answer, and the upstream is not marked retry_safe"
+                                .into(),
+                        ),
+                    )
+                    .await?;
+                    return Ok(JobOutcome::Failed("outcome unknown; not retried (upstream not retry_safe)".into()));
                 }
             }
+            _ => Claim::Done,
+        };
+        if let Claim::Send(action) = claim {
+            self.send_and_record(*action).await?;
         }
-        Ok(count)
+        let after =
+            self.read().await?.get_action(org, &id).await?.ok_or_else(|| Error::not_found("action", id.as_str()))?;
+        let status = after.result.as_ref().and_then(|r| r.get("status")).cloned();
+        Ok(match after.state {
+            ActionState::Succeeded => {
+                JobOutcome::Succeeded(json!({"action_id": id, "state": after.state, "status": status}))
+            }
+            _ => JobOutcome::Failed(after.error.unwrap_or_else(|| format!("action ended {}", after.state.as_str()))),
+        })
     }
 
     async fn claim(&self, org: &OrgId, id: &ActionId, retry: bool) -> Result<Claim> {
@@ -124,6 +137,7 @@ impl Gateway {
                 json!({"reason": "request_hash_mismatch", "expected": approved_hash, "found": current_hash}),
             )
             .await?;
+            work.emit("action.finished", super::webhooks::action_data(&action));
             work.action_changed(org, id);
             work.commit(self).await?;
             return Ok(Claim::Done);
@@ -184,6 +198,7 @@ impl Gateway {
             json!({"status": status, "error": error}),
         )
         .await?;
+        work.emit("action.finished", super::webhooks::action_data(&current));
         work.action_changed(&action.org_id, &action.id);
         work.commit(self).await
     }

@@ -8,30 +8,34 @@
 mod actions;
 mod approvals;
 mod auth;
+mod checkpoints;
 mod execute;
+mod jobs;
 pub mod notify;
 pub mod policy;
 mod principals;
 mod queries;
 mod sessions;
+mod webhooks;
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use countersign_core::audit::{Actor, ActorKind, AuditEvent, NewAuditEvent};
 use countersign_core::clock::Clock;
-use countersign_core::domain::{Agent, Role, Session, User};
-use countersign_core::ids::{ActionId, OrgId};
+use countersign_core::domain::{Agent, Job, Role, Session, User};
+use countersign_core::ids::{ActionId, JobId, OrgId};
 use countersign_core::store::{Store, StoreTx};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 pub use actions::{SubmitOutcome, SubmitRequest};
 pub use approvals::ApprovalStatusView;
-pub use execute::ExecutionQueue;
+pub use jobs::{JobOutcome, JobRunnerSettings};
 pub use principals::{Bootstrapped, CreatedKey, CreatedOrg, KeyOwner};
 pub use queries::Trace;
 pub use sessions::{CreatedSession, SessionRequest};
+pub use webhooks::{CreatedWebhook, WebhookRequest};
 
 use crate::connectors::Connectors;
 use crate::error::{Error, Result};
@@ -115,7 +119,11 @@ struct Inner {
     notifier: Notifier,
     connectors: Connectors,
     expiry: mpsc::UnboundedSender<ExpiryRequest>,
-    executions: ExecutionQueue,
+    jobs: JobRunnerSettings,
+    /// Wakes the job runner when a commit added jobs.
+    jobs_added: Notify,
+    signer: countersign_core::checkpoint::AuditSigner,
+    data_dir: std::path::PathBuf,
     metrics: Metrics,
     public_url: String,
     shutdown: CancellationToken,
@@ -128,7 +136,11 @@ pub struct GatewayParts {
     pub policies: PolicyRegistry,
     pub connectors: Connectors,
     pub expiry: mpsc::UnboundedSender<ExpiryRequest>,
-    pub executions: ExecutionQueue,
+    pub jobs: JobRunnerSettings,
+    /// Signs audit checkpoints.
+    pub signer: countersign_core::checkpoint::AuditSigner,
+    /// Where exports are written.
+    pub data_dir: std::path::PathBuf,
     pub metrics: Metrics,
     pub public_url: String,
     /// Cancelled when the server stops: long waits and streams end then.
@@ -145,7 +157,10 @@ impl Gateway {
                 notifier: Notifier::default(),
                 connectors: parts.connectors,
                 expiry: parts.expiry,
-                executions: parts.executions,
+                jobs: parts.jobs,
+                jobs_added: Notify::new(),
+                signer: parts.signer,
+                data_dir: parts.data_dir,
                 metrics: parts.metrics,
                 public_url: parts.public_url,
                 shutdown: parts.shutdown,
@@ -187,7 +202,14 @@ impl Gateway {
     }
 
     async fn write(&self) -> Result<Work> {
-        Ok(Work { tx: self.inner.store.write().await?, events: Vec::new(), changed: Vec::new() })
+        Ok(Work {
+            tx: self.inner.store.write().await?,
+            events: Vec::new(),
+            changed: Vec::new(),
+            jobs_changed: Vec::new(),
+            emitted: Vec::new(),
+            jobs_added: false,
+        })
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>> {
@@ -200,6 +222,10 @@ struct Work {
     tx: Box<dyn StoreTx>,
     events: Vec<AuditEvent>,
     changed: Vec<(OrgId, ActionId)>,
+    jobs_changed: Vec<(OrgId, JobId)>,
+    /// Webhook events raised in this transaction; their delivery jobs are written just before the commit.
+    emitted: Vec<webhooks::Emission>,
+    jobs_added: bool,
 }
 
 impl Work {
@@ -229,13 +255,46 @@ impl Work {
         self.changed.push((org.clone(), action.clone()));
     }
 
-    async fn commit(self, gateway: &Gateway) -> Result<()> {
+    /// Adds a job in this transaction; the runner is woken once it commits.
+    async fn enqueue(&mut self, job: &Job) -> Result<()> {
+        self.tx.insert_job(job).await?;
+        self.jobs_added = true;
+        self.jobs_changed.push((job.org_id.clone(), job.id.clone()));
+        Ok(())
+    }
+
+    fn job_changed(&mut self, job: &Job) {
+        self.jobs_changed.push((job.org_id.clone(), job.id.clone()));
+    }
+
+    /// Raises a webhook event, tied to the audit event appended just before it.
+    fn emit(&mut self, event_type: &'static str, data: serde_json::Value) {
+        if let Some(cause) = self.events.last() {
+            self.emitted.push(webhooks::Emission {
+                org_id: cause.org_id.clone(),
+                id: cause.id.to_string(),
+                event_type,
+                time_us: cause.time_us,
+                data,
+            });
+        }
+    }
+
+    async fn commit(mut self, gateway: &Gateway) -> Result<()> {
+        let emitted = std::mem::take(&mut self.emitted);
+        webhooks::enqueue_deliveries(&mut self, emitted, gateway).await?;
         self.tx.commit().await?;
         let notifier = &gateway.inner.notifier;
         for (org, action) in &self.changed {
             notifier.action_changed(org, action);
         }
+        for (org, job) in &self.jobs_changed {
+            notifier.job_changed(org, job);
+        }
         notifier.audit_appended(self.events);
+        if self.jobs_added {
+            gateway.inner.jobs_added.notify_one();
+        }
         Ok(())
     }
 }

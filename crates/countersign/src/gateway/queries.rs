@@ -3,7 +3,7 @@
 //!
 //! Agents and sessions see only their own agent's actions; audit reads need a user.
 
-use countersign_core::audit::{AuditEvent, ChainReport, ChainVerifier};
+use countersign_core::audit::AuditEvent;
 use countersign_core::domain::{Action, Agent, Approval};
 use countersign_core::ids::ActionId;
 use countersign_core::store::{ActionFilter, AuditFilter, Page};
@@ -51,21 +51,6 @@ impl Gateway {
         Ok(self.read().await?.list_audit(caller.org_id(), filter, after_seq, limit).await?)
     }
 
-    /// Recomputes the org's whole chain, in pages, and names the first broken seq.
-    pub async fn verify_audit(&self, caller: &Caller) -> Result<ChainReport> {
-        caller.require_admin()?;
-        let mut verifier = ChainVerifier::default();
-        let mut after = 0;
-        let mut tx = self.read().await?;
-        loop {
-            let page = tx.list_audit(caller.org_id(), &AuditFilter::default(), after, 5000).await?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            page.iter().for_each(|e| verifier.push(e));
-        }
-        Ok(verifier.finish())
-    }
-
     pub async fn trace(&self, caller: &Caller, id: &ActionId) -> Result<Trace> {
         let action = self.get_action(caller, id).await?;
         let mut tx = self.read().await?;
@@ -87,5 +72,11 @@ impl Gateway {
     /// Pending approvals across all orgs, for the metrics gauge.
     pub async fn pending_approvals_count(&self) -> Result<i64> {
         Ok(self.read().await?.count_pending_approvals().await?)
+    }
+
+    /// Queued and running jobs by kind and state, for the queue-depth gauge.
+    pub async fn open_jobs(&self) -> Result<Vec<(String, String, i64)>> {
+        let open = self.read().await?.count_open_jobs().await?;
+        Ok(open.into_iter().map(|(k, s, n)| (k.as_str().to_owned(), s.as_str().to_owned(), n)).collect())
     }
 }

@@ -40,7 +40,7 @@ pub struct WaitQuery {
     timeout: Option<f64>,
 }
 
-fn wait_duration(seconds: Option<f64>) -> Result<Option<Duration>> {
+pub fn wait_duration(seconds: Option<f64>) -> Result<Option<Duration>> {
     match seconds {
         None => Ok(None),
         Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s.min(600.0)))),

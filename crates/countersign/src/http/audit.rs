@@ -85,22 +85,6 @@ pub async fn verify(State(state): State<AppState>, Auth(caller): Auth) -> Result
     Ok(Json(json!(report)))
 }
 
-pub async fn export(State(state): State<AppState>, Auth(caller): Auth) -> Result<Response> {
-    caller.require_admin()?;
-    let mut out = String::new();
-    let mut after = 0;
-    loop {
-        let page = state.gateway.query_audit(&caller, &AuditFilter::default(), after, 1000).await?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        for event in &page {
-            out.push_str(&serde_json::to_string(event).map_err(|e| Error::Internal(e.to_string()))?);
-            out.push('\n');
-        }
-    }
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/jsonl")], out).into_response())
-}
-
 /// Server-Sent Events: first the events after `Last-Event-ID` (or `?cursor=`), then new ones live.
 pub async fn stream(
     State(state): State<AppState>,

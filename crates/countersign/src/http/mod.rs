@@ -6,6 +6,7 @@ mod admin;
 mod approvals;
 mod audit;
 pub mod auth;
+mod jobs;
 pub mod problem;
 pub mod views;
 
@@ -66,7 +67,19 @@ pub fn router(gateway: Gateway, max_body_bytes: usize) -> Router {
         .route("/v1/audit", get(audit::query))
         .route("/v1/audit/stream", get(audit::stream))
         .route("/v1/audit/verify", get(audit::verify))
-        .route("/v1/audit/export", get(audit::export))
+        .route("/v1/audit/export", get(jobs::export_now))
+        .route("/v1/audit/exports", post(jobs::start_export))
+        .route("/v1/audit/exports/{id}", get(jobs::download_export))
+        .route("/v1/audit/public-key", get(jobs::public_key))
+        .route("/v1/audit/checkpoints", post(jobs::checkpoint))
+        .route("/v1/audit/retention", get(jobs::get_retention).put(jobs::set_retention))
+        .route("/v1/jobs", get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/wait", get(jobs::wait))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/webhooks", post(jobs::create_webhook).get(jobs::list_webhooks))
+        .route("/v1/webhooks/{id}", get(jobs::get_webhook).delete(jobs::delete_webhook))
+        .route("/v1/webhooks/{id}/deliveries", get(jobs::deliveries))
         .route("/v1/sessions", post(admin::create_session).get(admin::list_sessions))
         .route("/v1/sessions/{id}", axum::routing::delete(admin::delete_session))
         .route("/v1/policy", get(admin::get_policy).put(admin::put_policy))
@@ -129,6 +142,8 @@ async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse> {
 async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse> {
     let pending = state.gateway.pending_approvals_count().await?;
     state.gateway.metrics().set_pending_approvals(pending);
+    let open = state.gateway.open_jobs().await?;
+    state.gateway.metrics().set_open_jobs(&open);
     let text = state.gateway.metrics().encode().map_err(|e| Error::Internal(e.to_string()))?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text))
 }

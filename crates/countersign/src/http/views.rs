@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use countersign_core::audit::AuditEvent;
-use countersign_core::domain::{Action, Agent, ApiKey, Approval, PrincipalRef, Session, User};
+use countersign_core::domain::{Action, Agent, ApiKey, Approval, Delivery, Job, PrincipalRef, Session, User, Webhook};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
@@ -73,6 +73,57 @@ pub fn action(gateway: &Gateway, a: &Action, approval: Option<&Approval>, token:
         "decided_at": opt_time(a.decided_at),
         "started_at": opt_time(a.started_at),
         "finished_at": opt_time(a.finished_at),
+        "job_id": a.job_id,
+    })
+}
+
+pub fn job(j: &Job) -> Value {
+    json!({
+        "id": j.id,
+        "kind": j.kind,
+        "subject": j.subject,
+        "state": j.state,
+        "attempts": j.attempts,
+        "max_attempts": j.max_attempts,
+        "run_at": time(j.run_at),
+        "progress": j.progress,
+        "result": j.result,
+        "error": j.error,
+        "created_at": time(j.created_at),
+        "started_at": opt_time(j.started_at),
+        "finished_at": opt_time(j.finished_at),
+    })
+}
+
+/// A subscription; the secret only in the creation answer.
+pub fn webhook(w: &Webhook, secret: Option<&str>) -> Value {
+    let mut v = json!({
+        "id": w.id,
+        "url": w.url,
+        "events": w.events,
+        "format": w.format,
+        "description": w.description,
+        "created_at": time(w.created_at),
+        "deleted_at": opt_time(w.deleted_at),
+    });
+    if let Some(secret) = secret {
+        v["secret"] = json!(secret);
+    }
+    v
+}
+
+pub fn delivery(d: &Delivery) -> Value {
+    json!({
+        "id": d.id,
+        "webhook_id": d.webhook_id,
+        "job_id": d.job_id,
+        "event_id": d.event_id,
+        "event_type": d.event_type,
+        "attempt": d.attempt,
+        "status": d.status,
+        "latency_ms": d.latency_ms,
+        "error": d.error,
+        "created_at": time(d.created_at),
     })
 }
 

@@ -1,6 +1,7 @@
-//! Background workers: approval expiry timers, the executor of approved actions, and the policy file
-//! watcher. Each stops when the server's shutdown token is cancelled.
+//! Background workers: approval expiry timers, the job runner (executions, webhook deliveries, audit export
+//! and retention), the hourly retention sweep, and the policy file watcher. Each stops when the server's
+//! shutdown token is cancelled.
 
-pub mod executor;
 pub mod expiry;
+pub mod jobs;
 pub mod policy_watch;

@@ -90,6 +90,9 @@ pub fn config(data_dir: &std::path::Path, upstream: Option<&str>) -> Config {
     }
     config.policy = Some(policy);
     config.watch_policy = false;
+    // The loopback upstream and webhook receivers are private addresses: the guard lets only this one in.
+    config.network.allow_private = vec!["127.0.0.1/32".into()];
+    config.jobs.webhook_retry_base = std::time::Duration::from_millis(200);
     if let Some(url) = upstream {
         config.upstreams.insert(
             "payments".into(),

@@ -1,0 +1,918 @@
+//! Signed audit checkpoints and the offline verifier of an exported audit log.
+//!
+//! A checkpoint is an Ed25519 signature by the gateway's audit key over an org's chain head: "the event at
+//! `seq` of `org_id` has hash `head_hash`, as of `time_us`". Anyone holding the public key can check an
+//! exported log without the gateway, and a retained log whose prefix was deleted stays verifiable because a
+//! checkpoint at the last deleted seq vouches for the `prev_hash` of the first kept event.
+//!
+//! # What is signed
+//!
+//! The signed message is the UTF-8 bytes of the canonical JSON ([`canonical_json`]: compact, keys sorted) of
+//! exactly these four fields, with no trailing newline:
+//!
+//! ```text
+//! {"head_hash":"<64 lowercase hex>","org_id":"<org id>","seq":<integer>,"time_us":<integer>}
+//! ```
+//!
+//! `head_hash` is the `hash` of the event at `seq`; `time_us` is microseconds since the Unix epoch (UTC), the
+//! same representation as [`AuditEvent::time_us`]. The signature is Ed25519 (RFC 8032, pure, no context) in
+//! standard base64 with padding; the public key is its 32 bytes in standard base64; `key_id` is the first 16
+//! lowercase hex characters of SHA-256 of those 32 public-key bytes. `key_id` and `signature` are not part of
+//! the signed message.
+//!
+//! # Export format
+//!
+//! JSON Lines. Each non-blank line is either an [`AuditEvent`] exactly as it serializes, or a checkpoint line
+//! `{"checkpoint": {…}}` holding a serialized [`Checkpoint`] (see [`CheckpointLine`]). [`verify_export`]
+//! states the rules an export must meet.
+//!
+//! Besides pure functions, this module has [`load_or_create`], which reads or writes the key file.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::audit::{AuditEvent, GENESIS_HASH, canonical_json};
+
+/// A signed statement of an org's chain head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub org_id: String,
+    pub seq: i64,
+    pub head_hash: String,
+    /// Microseconds since the Unix epoch, as in [`AuditEvent::time_us`].
+    pub time_us: i64,
+    /// First 16 hex characters of SHA-256 of the signing public key's 32 bytes.
+    pub key_id: String,
+    /// Ed25519 signature of [`Checkpoint::signed_message`], standard base64.
+    pub signature: String,
+}
+
+impl Checkpoint {
+    /// The exact bytes that are signed (as a string): see the module documentation.
+    pub fn signed_message(&self) -> String {
+        canonical_json(&serde_json::json!({
+            "org_id": self.org_id,
+            "seq": self.seq,
+            "head_hash": self.head_hash,
+            "time_us": self.time_us,
+        }))
+    }
+}
+
+/// One checkpoint line of an export: `{"checkpoint": {…}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointLine {
+    pub checkpoint: Checkpoint,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("audit signing key file {}: {source}", .path.display())]
+    KeyFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("audit signing key file {}: {message}", .path.display())]
+    KeyFileContents { path: PathBuf, message: String },
+    #[error("malformed audit signing key: {0}")]
+    MalformedSigningKey(String),
+    #[error("malformed public key: {0}")]
+    MalformedPublicKey(String),
+    #[error("malformed signature: {0}")]
+    MalformedSignature(String),
+    #[error("signed by key {found}, not by the given key {expected}")]
+    KeyMismatch { expected: String, found: String },
+    #[error("the signature does not verify with the given public key")]
+    BadSignature,
+    #[error("reading the export: {0}")]
+    Read(#[source] std::io::Error),
+}
+
+/// The gateway's audit signing key.
+pub struct AuditSigner {
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for AuditSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditSigner").field("key_id", &self.key_id()).finish_non_exhaustive()
+    }
+}
+
+impl AuditSigner {
+    /// A new key from 32 random bytes.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        let key = SigningKey::from_bytes(&bytes);
+        bytes.fill(0);
+        AuditSigner { key }
+    }
+
+    /// Reads a key file's contents: the 32 secret bytes in standard base64 on one line (surrounding
+    /// whitespace is ignored).
+    pub fn from_file_contents(contents: &str) -> Result<Self, CheckpointError> {
+        let mut bytes = STANDARD
+            .decode(contents.trim())
+            .map_err(|e| CheckpointError::MalformedSigningKey(format!("not base64: {e}")))?;
+        let secret: Result<[u8; 32], _> = bytes.as_slice().try_into();
+        let len = bytes.len();
+        bytes.fill(0);
+        match secret {
+            Ok(mut secret) => {
+                let key = SigningKey::from_bytes(&secret);
+                secret.fill(0);
+                Ok(AuditSigner { key })
+            }
+            Err(_) => Err(CheckpointError::MalformedSigningKey(format!("expected 32 bytes, found {len}"))),
+        }
+    }
+
+    /// The key file's contents: the 32 secret bytes in standard base64 and a newline.
+    pub fn to_file_contents(&self) -> String {
+        format!("{}\n", STANDARD.encode(self.key.as_bytes()))
+    }
+
+    /// The 32 public-key bytes in standard base64: what a verifier needs.
+    pub fn public_key_base64(&self) -> String {
+        STANDARD.encode(self.key.verifying_key().as_bytes())
+    }
+
+    pub fn key_id(&self) -> String {
+        key_id_of(&self.key.verifying_key())
+    }
+
+    /// Signs the statement that the event at `seq` of `org_id` has hash `head_hash`, as of `time_us`.
+    pub fn sign(&self, org_id: &str, seq: i64, head_hash: &str, time_us: i64) -> Checkpoint {
+        let mut checkpoint = Checkpoint {
+            org_id: org_id.to_owned(),
+            seq,
+            head_hash: head_hash.to_owned(),
+            time_us,
+            key_id: self.key_id(),
+            signature: String::new(),
+        };
+        let signature: Signature = self.key.sign(checkpoint.signed_message().as_bytes());
+        checkpoint.signature = STANDARD.encode(signature.to_bytes());
+        checkpoint
+    }
+}
+
+fn key_id_of(key: &VerifyingKey) -> String {
+    let mut id = hex::encode(Sha256::digest(key.as_bytes()));
+    id.truncate(16);
+    id
+}
+
+fn parse_public_key(public_key_base64: &str) -> Result<VerifyingKey, CheckpointError> {
+    let bytes = STANDARD
+        .decode(public_key_base64.trim())
+        .map_err(|e| CheckpointError::MalformedPublicKey(format!("not base64: {e}")))?;
+    let bytes: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| CheckpointError::MalformedPublicKey(format!("expected 32 bytes, found {}", bytes.len())))?;
+    VerifyingKey::from_bytes(&bytes)
+        .map_err(|_| CheckpointError::MalformedPublicKey("not a valid Ed25519 public key".into()))
+}
+
+/// The `key_id` of a public key given in standard base64.
+pub fn public_key_id(public_key_base64: &str) -> Result<String, CheckpointError> {
+    parse_public_key(public_key_base64).map(|key| key_id_of(&key))
+}
+
+/// Checks that `cp` was signed by the key whose public half is `public_key_base64` (standard base64 of 32
+/// bytes). Its `key_id` must name that key and its signature must verify (strictly) over
+/// [`Checkpoint::signed_message`].
+pub fn verify_checkpoint(cp: &Checkpoint, public_key_base64: &str) -> Result<(), CheckpointError> {
+    let key = parse_public_key(public_key_base64)?;
+    verify_with(cp, &key, &key_id_of(&key))
+}
+
+fn verify_with(cp: &Checkpoint, key: &VerifyingKey, key_id: &str) -> Result<(), CheckpointError> {
+    if cp.key_id != key_id {
+        return Err(CheckpointError::KeyMismatch { expected: key_id.to_owned(), found: cp.key_id.clone() });
+    }
+    let bytes =
+        STANDARD.decode(&cp.signature).map_err(|e| CheckpointError::MalformedSignature(format!("not base64: {e}")))?;
+    let bytes: [u8; 64] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| CheckpointError::MalformedSignature(format!("expected 64 bytes, found {}", bytes.len())))?;
+    let signature = Signature::from_bytes(&bytes);
+    key.verify_strict(cp.signed_message().as_bytes(), &signature).map_err(|_| CheckpointError::BadSignature)
+}
+
+/// Reads the audit signing key at `path`, or, if there is no file there, generates one and writes it (on
+/// unix with mode 0600, never replacing an existing file). The parent directory must exist.
+pub fn load_or_create(path: &Path) -> Result<AuditSigner, CheckpointError> {
+    let io_err = |source: std::io::Error| CheckpointError::KeyFile { path: path.to_owned(), source };
+    match read_key_file(path) {
+        Err(CheckpointError::KeyFile { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+        other => return other,
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = match options.open(path) {
+        Ok(file) => file,
+        // Another process created it between our read and our create: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return read_key_file(path),
+        Err(e) => return Err(io_err(e)),
+    };
+    let signer = AuditSigner::generate();
+    let written = file.write_all(signer.to_file_contents().as_bytes()).and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(io_err(e));
+    }
+    Ok(signer)
+}
+
+fn read_key_file(path: &Path) -> Result<AuditSigner, CheckpointError> {
+    let mut contents = String::new();
+    std::fs::File::open(path)
+        .and_then(|mut file| file.read_to_string(&mut contents))
+        .map_err(|source| CheckpointError::KeyFile { path: path.to_owned(), source })?;
+    let signer = AuditSigner::from_file_contents(&contents)
+        .map_err(|e| CheckpointError::KeyFileContents { path: path.to_owned(), message: e.to_string() });
+    contents.clear();
+    signer
+}
+
+/// The outcome of [`verify_export`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportReport {
+    pub ok: bool,
+    /// Event lines read.
+    pub events: u64,
+    /// Checkpoint lines read.
+    pub checkpoints: u64,
+    /// Seq of the first event in the file.
+    pub first_seq: Option<i64>,
+    /// Seq of the last event in the file.
+    pub last_seq: Option<i64>,
+    /// Hash of the last event in the file (trustworthy only when `ok`).
+    pub head_hash: Option<String>,
+    /// Where the first failure is: the seq of the first broken event, or of a bad checkpoint; `None` for a
+    /// malformed line (its line number is in `reason`).
+    pub first_broken_seq: Option<i64>,
+    /// What the first failure is, for a person.
+    pub reason: Option<String>,
+}
+
+/// Verifies an exported audit log (JSON Lines, see the module documentation) with the audit public key
+/// (standard base64 of 32 bytes).
+///
+/// The rules, checked in file order; the first failure is reported and later lines are only counted:
+/// - every non-blank line is an audit event or a checkpoint line, else the failure names the line number;
+/// - all events and checkpoints belong to one org;
+/// - events come in seq order without gaps or repeats, each `prev_hash` is the previous event's `hash`, and
+///   each `hash` recomputes ([`AuditEvent::compute_hash`]), as in [`crate::audit::ChainVerifier`];
+/// - the first event has seq 1 and `prev_hash` [`GENESIS_HASH`]; or, for a retained export whose prefix was
+///   deleted, a correctly signed checkpoint at its seq − 1 appears before it and its `head_hash` equals the
+///   first event's `prev_hash`;
+/// - every checkpoint's `key_id` names the given key and its signature verifies; where its seq is covered by
+///   the file (from the first event's seq − 1, through the `prev_hash`, to the last event's seq), its
+///   `head_hash` equals the hash at that seq. A bad checkpoint is reported at its own seq.
+///
+/// An error is returned only when the public key is malformed or the reader fails; every verdict about the
+/// contents is in the report.
+pub fn verify_export(mut reader: impl BufRead, public_key_base64: &str) -> Result<ExportReport, CheckpointError> {
+    let key = parse_public_key(public_key_base64)?;
+    let mut verifier = ExportVerifier::new(key);
+    let mut buf = Vec::new();
+    let mut line_no = 0usize;
+    loop {
+        buf.clear();
+        let read = reader.read_until(b'\n', &mut buf).map_err(CheckpointError::Read)?;
+        if read == 0 {
+            break;
+        }
+        line_no += 1;
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match parse_line(&buf) {
+            Ok(ExportLine::Event(event)) => verifier.event(line_no, &event),
+            Ok(ExportLine::Checkpoint(cp)) => verifier.checkpoint(line_no, &cp),
+            Err(message) => verifier.fail(None, format!("line {line_no}: {message}")),
+        }
+    }
+    Ok(verifier.finish())
+}
+
+enum ExportLine {
+    Event(Box<AuditEvent>),
+    Checkpoint(Checkpoint),
+}
+
+fn parse_line(bytes: &[u8]) -> Result<ExportLine, String> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    let is_checkpoint = value.as_object().is_some_and(|map| map.contains_key("checkpoint"));
+    if is_checkpoint {
+        let line: CheckpointLine = serde_json::from_value(value).map_err(|e| format!("not a checkpoint line: {e}"))?;
+        Ok(ExportLine::Checkpoint(line.checkpoint))
+    } else {
+        let event: AuditEvent = serde_json::from_value(value).map_err(|e| format!("not an audit event: {e}"))?;
+        Ok(ExportLine::Event(Box::new(event)))
+    }
+}
+
+struct ExportVerifier {
+    key: VerifyingKey,
+    key_id: String,
+    org: Option<String>,
+    events: u64,
+    checkpoints: u64,
+    first_seq: Option<i64>,
+    last_seq: Option<i64>,
+    head_hash: Option<String>,
+    /// `prev_hash` of the first event: the hash at `first_seq - 1`.
+    start_hash: String,
+    /// Hashes of the verified events, index 0 being `first_seq`.
+    hashes: Vec<[u8; 32]>,
+    /// Checkpoints whose seq no event has reached yet: seq → (line, head_hash).
+    pending: BTreeMap<i64, Vec<(usize, String)>>,
+    failure: Option<(Option<i64>, String)>,
+}
+
+impl ExportVerifier {
+    fn new(key: VerifyingKey) -> Self {
+        ExportVerifier {
+            key_id: key_id_of(&key),
+            key,
+            org: None,
+            events: 0,
+            checkpoints: 0,
+            first_seq: None,
+            last_seq: None,
+            head_hash: None,
+            start_hash: String::new(),
+            hashes: Vec::new(),
+            pending: BTreeMap::new(),
+            failure: None,
+        }
+    }
+
+    fn fail(&mut self, seq: Option<i64>, reason: String) {
+        if self.failure.is_none() {
+            self.failure = Some((seq, reason));
+        }
+    }
+
+    /// Checks that `org` is the export's org (the first one seen), naming what carries it otherwise.
+    fn same_org(&mut self, org: &str, seq: i64, what: String) -> bool {
+        match &self.org {
+            None => {
+                self.org = Some(org.to_owned());
+                true
+            }
+            Some(expected) if expected == org => true,
+            Some(expected) => {
+                let reason = format!("{what} belongs to org {org}, but the export is of org {expected}");
+                self.fail(Some(seq), reason);
+                false
+            }
+        }
+    }
+
+    /// The verified hash at `seq`, if the file covers it.
+    fn hash_at(&self, seq: i64) -> Option<String> {
+        let first = self.first_seq?;
+        if seq == first - 1 {
+            return Some(self.start_hash.clone());
+        }
+        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
+        self.hashes.get(index).map(hex::encode)
+    }
+
+    fn event(&mut self, line: usize, event: &AuditEvent) {
+        self.events += 1;
+        self.last_seq = Some(event.seq);
+        self.head_hash = Some(event.hash.clone());
+        if self.failure.is_some() {
+            return;
+        }
+        let seq = event.seq;
+        if !self.same_org(event.org_id.as_str(), seq, format!("line {line}: the event at seq {seq}")) {
+            return;
+        }
+        let expected_seq = match self.first_seq {
+            None => {
+                if !self.start(line, event) {
+                    return;
+                }
+                seq
+            }
+            Some(_) => self.last_verified_seq().map_or(seq, |s| s + 1),
+        };
+        if seq != expected_seq {
+            let reason = if seq > expected_seq {
+                format!("seq {expected_seq} is missing: line {line} has seq {seq}")
+            } else {
+                format!("line {line}: seq {seq} is out of order, expected seq {expected_seq}")
+            };
+            self.fail(Some(expected_seq), reason);
+            return;
+        }
+        let prev_hash = match self.hash_at(seq - 1) {
+            Some(hash) => hash,
+            None => {
+                self.fail(Some(seq), format!("line {line}: no hash known for seq {}", seq - 1));
+                return;
+            }
+        };
+        if event.prev_hash != prev_hash {
+            let reason =
+                format!("line {line}: the event at seq {seq} has a prev_hash that is not the hash of seq {}", seq - 1);
+            self.fail(Some(seq), reason);
+            return;
+        }
+        let computed = event.compute_hash();
+        let digest = match hex::decode(&computed).ok().and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()) {
+            Some(digest) if computed == event.hash => digest,
+            _ => {
+                let reason = format!(
+                    "line {line}: the event at seq {seq} does not match its hash (its content or hash was altered)"
+                );
+                self.fail(Some(seq), reason);
+                return;
+            }
+        };
+        self.hashes.push(digest);
+        for (cp_line, head_hash) in self.pending.remove(&seq).unwrap_or_default() {
+            if head_hash != event.hash {
+                self.fail(Some(seq), checkpoint_mismatch(cp_line, seq, &head_hash, &event.hash));
+                return;
+            }
+        }
+    }
+
+    fn last_verified_seq(&self) -> Option<i64> {
+        let first = self.first_seq?;
+        Some(first - 1 + i64::try_from(self.hashes.len()).ok()?)
+    }
+
+    /// Anchors the chain at the first event: at genesis for seq 1, else at a signed checkpoint before it.
+    fn start(&mut self, line: usize, event: &AuditEvent) -> bool {
+        let seq = event.seq;
+        if seq < 1 {
+            self.fail(Some(seq), format!("line {line}: seq {seq} is not positive"));
+            return false;
+        }
+        if seq == 1 {
+            if event.prev_hash != GENESIS_HASH {
+                self.fail(Some(1), format!("line {line}: the event at seq 1 does not start from the genesis hash"));
+                return false;
+            }
+        } else {
+            let vouching = self.pending.get(&(seq - 1)).cloned().unwrap_or_default();
+            let disagreeing = vouching.iter().find(|(_, head_hash)| *head_hash != event.prev_hash);
+            let reason = if vouching.is_empty() {
+                Some(format!(
+                    "no signed checkpoint vouches for the start at seq {seq}: the export begins after a deleted \
+                     prefix, and no checkpoint at seq {} precedes line {line}",
+                    seq - 1
+                ))
+            } else {
+                disagreeing.map(|(cp_line, head_hash)| {
+                    format!(
+                        "no signed checkpoint vouches for the start at seq {seq}: the checkpoint at seq {} (line \
+                         {cp_line}) has head hash {head_hash}, but the event's prev_hash is {}",
+                        seq - 1,
+                        event.prev_hash
+                    )
+                })
+            };
+            if let Some(reason) = reason {
+                self.fail(Some(seq), reason);
+                return false;
+            }
+        }
+        self.first_seq = Some(seq);
+        self.start_hash = event.prev_hash.clone();
+        // Checkpoints before the start are outside the file's coverage (the one at seq - 1 was just checked).
+        self.pending = self.pending.split_off(&seq);
+        true
+    }
+
+    fn checkpoint(&mut self, line: usize, cp: &Checkpoint) {
+        self.checkpoints += 1;
+        if self.failure.is_some() {
+            return;
+        }
+        let seq = cp.seq;
+        if let Err(e) = verify_with(cp, &self.key, &self.key_id) {
+            self.fail(Some(seq), format!("line {line}: the checkpoint at seq {seq} is not valid: {e}"));
+            return;
+        }
+        if !self.same_org(&cp.org_id, seq, format!("line {line}: the checkpoint at seq {seq}")) {
+            return;
+        }
+        let Some(first) = self.first_seq else {
+            self.pending.entry(seq).or_default().push((line, cp.head_hash.clone()));
+            return;
+        };
+        if seq < first - 1 {
+            return;
+        }
+        match self.hash_at(seq) {
+            Some(hash) if hash == cp.head_hash => {}
+            Some(hash) => self.fail(Some(seq), checkpoint_mismatch(line, seq, &cp.head_hash, &hash)),
+            None => self.pending.entry(seq).or_default().push((line, cp.head_hash.clone())),
+        }
+    }
+
+    fn finish(self) -> ExportReport {
+        let (first_broken_seq, reason) = match self.failure {
+            Some((seq, reason)) => (seq, Some(reason)),
+            None => (None, None),
+        };
+        ExportReport {
+            ok: reason.is_none(),
+            events: self.events,
+            checkpoints: self.checkpoints,
+            first_seq: self.first_seq,
+            last_seq: self.last_seq,
+            head_hash: self.head_hash,
+            first_broken_seq,
+            reason,
+        }
+    }
+}
+
+fn checkpoint_mismatch(line: usize, seq: i64, head_hash: &str, hash: &str) -> String {
+    format!(
+        "line {line}: the checkpoint at seq {seq} has head hash {head_hash}, but the event at seq {seq} has hash {hash}"
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::audit::{Actor, NewAuditEvent};
+    use crate::ids::OrgId;
+
+    const T: i64 = 1_750_000_000_123_456;
+
+    fn chain(org: &OrgId, n: usize) -> Vec<AuditEvent> {
+        let mut out: Vec<AuditEvent> = Vec::new();
+        for i in 0..n {
+            let (seq, hash) = out.last().map(|e| (e.seq, e.hash.clone())).unwrap_or((0, GENESIS_HASH.into()));
+            out.push(AuditEvent::seal(
+                org.clone(),
+                seq,
+                &hash,
+                NewAuditEvent {
+                    time_us: T + i as i64,
+                    actor: Actor::system(),
+                    action: "test.event".into(),
+                    subject: Some(format!("act_{i}")),
+                    data: serde_json::json!({"i": i, "nested": {"b": 1, "a": [true, null]}}),
+                },
+            ));
+        }
+        out
+    }
+
+    enum Line<'a> {
+        E(&'a AuditEvent),
+        C(&'a Checkpoint),
+        Raw(&'a str),
+    }
+
+    fn export(lines: &[Line<'_>]) -> String {
+        let mut out = String::new();
+        for line in lines {
+            match line {
+                Line::E(e) => out.push_str(&serde_json::to_string(e).unwrap()),
+                Line::C(cp) => {
+                    out.push_str(&serde_json::to_string(&CheckpointLine { checkpoint: (*cp).clone() }).unwrap())
+                }
+                Line::Raw(text) => out.push_str(text),
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    fn events_only(events: &[AuditEvent]) -> String {
+        export(&events.iter().map(Line::E).collect::<Vec<_>>())
+    }
+
+    fn verify(text: &str, signer: &AuditSigner) -> ExportReport {
+        verify_export(text.as_bytes(), &signer.public_key_base64()).unwrap()
+    }
+
+    fn checkpoint_of(signer: &AuditSigner, event: &AuditEvent) -> Checkpoint {
+        signer.sign(event.org_id.as_str(), event.seq, &event.hash, event.time_us)
+    }
+
+    #[test]
+    fn sign_verify_roundtrip_and_tampered_checkpoints_fail() {
+        let signer = AuditSigner::generate();
+        let public = signer.public_key_base64();
+        let cp = signer.sign("org_01J0000000000000000000000A", 42, &"ab".repeat(32), T);
+        assert_eq!(cp.key_id, signer.key_id());
+        assert_eq!(cp.key_id.len(), 16);
+        assert_eq!(public_key_id(&public).unwrap(), signer.key_id());
+        verify_checkpoint(&cp, &public).unwrap();
+
+        let json = serde_json::to_string(&cp).unwrap();
+        let back: Checkpoint = serde_json::from_str(&json).unwrap();
+        verify_checkpoint(&back, &public).unwrap();
+
+        let mut seq = cp.clone();
+        seq.seq = 43;
+        assert!(matches!(verify_checkpoint(&seq, &public), Err(CheckpointError::BadSignature)));
+        let mut head = cp.clone();
+        head.head_hash = "cd".repeat(32);
+        assert!(matches!(verify_checkpoint(&head, &public), Err(CheckpointError::BadSignature)));
+        let mut time = cp.clone();
+        time.time_us += 1;
+        assert!(matches!(verify_checkpoint(&time, &public), Err(CheckpointError::BadSignature)));
+        let mut sig = cp.clone();
+        sig.signature = "not base64!".into();
+        assert!(matches!(verify_checkpoint(&sig, &public), Err(CheckpointError::MalformedSignature(_))));
+        assert!(matches!(verify_checkpoint(&cp, "AAAA"), Err(CheckpointError::MalformedPublicKey(_))));
+    }
+
+    #[test]
+    fn signed_message_is_the_documented_canonical_json() {
+        let signer = AuditSigner::from_file_contents(&STANDARD.encode([7u8; 32])).unwrap();
+        let cp = signer.sign("org_X", 5, "0f", 1_700_000_000_000_001);
+        assert_eq!(cp.signed_message(), r#"{"head_hash":"0f","org_id":"org_X","seq":5,"time_us":1700000000000001}"#);
+        // A third party's check: plain ed25519 over those bytes.
+        let key = VerifyingKey::from_bytes(&STANDARD.decode(signer.public_key_base64()).unwrap().try_into().unwrap())
+            .unwrap();
+        let sig = Signature::from_bytes(&STANDARD.decode(&cp.signature).unwrap().try_into().unwrap());
+        key.verify_strict(cp.signed_message().as_bytes(), &sig).unwrap();
+        let key_id = hex::encode(Sha256::digest(key.as_bytes()));
+        assert_eq!(cp.key_id, key_id[..16]);
+    }
+
+    #[test]
+    fn wrong_key_fails() {
+        let signer = AuditSigner::generate();
+        let other = AuditSigner::generate();
+        let cp = signer.sign("org_X", 1, &"00".repeat(32), T);
+        assert!(matches!(verify_checkpoint(&cp, &other.public_key_base64()), Err(CheckpointError::KeyMismatch { .. })));
+        // Even with the key_id relabelled, the signature itself does not verify.
+        let mut relabelled = cp;
+        relabelled.key_id = other.key_id();
+        assert!(matches!(
+            verify_checkpoint(&relabelled, &other.public_key_base64()),
+            Err(CheckpointError::BadSignature)
+        ));
+    }
+
+    #[test]
+    fn debug_does_not_reveal_the_secret() {
+        let signer = AuditSigner::generate();
+        let shown = format!("{signer:?}");
+        let secret = signer.to_file_contents();
+        assert!(shown.contains(&signer.key_id()), "{shown}");
+        assert!(!shown.contains(secret.trim()), "{shown}");
+    }
+
+    #[test]
+    fn key_file_contents_roundtrip_and_reject_garbage() {
+        let signer = AuditSigner::generate();
+        let contents = signer.to_file_contents();
+        assert_eq!(contents.lines().count(), 1);
+        let back = AuditSigner::from_file_contents(&contents).unwrap();
+        assert_eq!(back.public_key_base64(), signer.public_key_base64());
+        assert!(matches!(AuditSigner::from_file_contents("abc"), Err(CheckpointError::MalformedSigningKey(_))));
+        let short = STANDARD.encode([1u8; 31]);
+        assert!(matches!(AuditSigner::from_file_contents(&short), Err(CheckpointError::MalformedSigningKey(_))));
+    }
+
+    #[test]
+    fn intact_export_with_checkpoints_verifies() {
+        let signer = AuditSigner::generate();
+        let org = OrgId::new();
+        let events = chain(&org, 5);
+        let cp2 = checkpoint_of(&signer, &events[1]);
+        let cp5 = checkpoint_of(&signer, &events[4]);
+        // A checkpoint may come before or after the event it covers.
+        let text = export(&[
+            Line::E(&events[0]),
+            Line::C(&cp2),
+            Line::E(&events[1]),
+            Line::E(&events[2]),
+            Line::E(&events[3]),
+            Line::E(&events[4]),
+            Line::C(&cp5),
+            Line::Raw(""),
+        ]);
+        let report = verify(&text, &signer);
+        assert_eq!(
+            report,
+            ExportReport {
+                ok: true,
+                events: 5,
+                checkpoints: 2,
+                first_seq: Some(1),
+                last_seq: Some(5),
+                head_hash: Some(events[4].hash.clone()),
+                first_broken_seq: None,
+                reason: None,
+            }
+        );
+    }
+
+    #[test]
+    fn tampered_events_are_caught_at_their_seq() {
+        let signer = AuditSigner::generate();
+        let events = chain(&OrgId::new(), 5);
+
+        let mut data = events.clone();
+        data[2].data = serde_json::json!({"i": 99});
+        let report = verify(&events_only(&data), &signer);
+        assert!(!report.ok);
+        assert_eq!(report.first_broken_seq, Some(3), "{report:?}");
+        assert!(report.reason.as_deref().unwrap().contains("seq 3"), "{report:?}");
+
+        let mut seq = events.clone();
+        seq[2].seq = 2;
+        let report = verify(&events_only(&seq), &signer);
+        assert_eq!(report.first_broken_seq, Some(3), "{report:?}");
+        let mut seq = events.clone();
+        seq[2].seq = 7;
+        let report = verify(&events_only(&seq), &signer);
+        assert_eq!(report.first_broken_seq, Some(3), "{report:?}");
+
+        let mut hash = events.clone();
+        hash[2].hash = "ab".repeat(32);
+        let report = verify(&events_only(&hash), &signer);
+        assert_eq!(report.first_broken_seq, Some(3), "{report:?}");
+
+        let mut resealed = events.clone();
+        resealed[2].data = serde_json::json!({"i": 99});
+        resealed[2].hash = resealed[2].compute_hash();
+        let report = verify(&events_only(&resealed), &signer);
+        assert_eq!(report.first_broken_seq, Some(4), "{report:?}");
+        assert!(report.reason.as_deref().unwrap().contains("prev_hash"), "{report:?}");
+
+        // A checkpoint pins the head even when the tail is resealed consistently.
+        let mut rewritten = chain(&OrgId::new(), 3);
+        let cp3 = checkpoint_of(&signer, &rewritten[2]);
+        rewritten[2].data = serde_json::json!({"i": 99});
+        rewritten[2].hash = rewritten[2].compute_hash();
+        let text = export(&[Line::E(&rewritten[0]), Line::E(&rewritten[1]), Line::E(&rewritten[2]), Line::C(&cp3)]);
+        let report = verify(&text, &signer);
+        assert_eq!(report.first_broken_seq, Some(3), "{report:?}");
+        assert!(report.reason.as_deref().unwrap().contains("checkpoint at seq 3"), "{report:?}");
+    }
+
+    #[test]
+    fn gap_is_caught() {
+        let signer = AuditSigner::generate();
+        let mut events = chain(&OrgId::new(), 5);
+        events.remove(2);
+        let report = verify(&events_only(&events), &signer);
+        assert!(!report.ok);
+        assert_eq!(report.first_broken_seq, Some(3));
+        assert!(report.reason.as_deref().unwrap().contains("seq 3 is missing"), "{report:?}");
+        assert_eq!(report.events, 4);
+    }
+
+    #[test]
+    fn export_without_seq_1_needs_a_checkpoint_before_it() {
+        let signer = AuditSigner::generate();
+        let events = chain(&OrgId::new(), 6);
+        let kept = &events[3..];
+        let cp3 = checkpoint_of(&signer, &events[2]);
+
+        let mut lines = vec![Line::C(&cp3)];
+        lines.extend(kept.iter().map(Line::E));
+        let report = verify(&export(&lines), &signer);
+        assert!(report.ok, "{report:?}");
+        assert_eq!((report.first_seq, report.last_seq, report.events, report.checkpoints), (Some(4), Some(6), 3, 1));
+
+        let report = verify(&events_only(kept), &signer);
+        assert!(!report.ok);
+        assert_eq!(report.first_broken_seq, Some(4));
+        let reason = report.reason.unwrap();
+        assert!(reason.contains("no signed checkpoint vouches for the start at seq 4"), "{reason}");
+
+        // After the first event is too late.
+        let mut late: Vec<Line<'_>> = kept.iter().map(Line::E).collect();
+        late.push(Line::C(&cp3));
+        let report = verify(&export(&late), &signer);
+        assert_eq!(report.first_broken_seq, Some(4), "{report:?}");
+
+        // A signed checkpoint at seq 3 with another hash vouches for nothing.
+        let wrong = signer.sign(cp3.org_id.as_str(), 3, &events[1].hash, T);
+        let mut lines = vec![Line::C(&wrong)];
+        lines.extend(kept.iter().map(Line::E));
+        let report = verify(&export(&lines), &signer);
+        assert_eq!(report.first_broken_seq, Some(4), "{report:?}");
+        assert!(report.reason.unwrap().contains("no signed checkpoint vouches for the start at seq 4"));
+
+        // A checkpoint at seq 2 is not one at seq 3.
+        let cp2 = checkpoint_of(&signer, &events[1]);
+        let mut lines = vec![Line::C(&cp2)];
+        lines.extend(kept.iter().map(Line::E));
+        let report = verify(&export(&lines), &signer);
+        assert_eq!(report.first_broken_seq, Some(4), "{report:?}");
+    }
+
+    #[test]
+    fn forged_checkpoint_fails() {
+        let signer = AuditSigner::generate();
+        let forger = AuditSigner::generate();
+        let events = chain(&OrgId::new(), 6);
+        let forged = checkpoint_of(&forger, &events[2]);
+        let mut lines = vec![Line::C(&forged)];
+        lines.extend(events[3..].iter().map(Line::E));
+        let report = verify(&export(&lines), &signer);
+        assert!(!report.ok);
+        assert_eq!(report.first_broken_seq, Some(3), "{report:?}");
+        assert!(report.reason.as_deref().unwrap().contains("checkpoint at seq 3"), "{report:?}");
+
+        // Relabelled with the real key's id, the signature still gives it away.
+        let mut relabelled = forged.clone();
+        relabelled.key_id = signer.key_id();
+        let text = export(&[Line::E(&events[0]), Line::E(&events[1]), Line::E(&events[2]), Line::C(&relabelled)]);
+        let report = verify(&text, &signer);
+        assert_eq!(report.first_broken_seq, Some(3), "{report:?}");
+        assert!(report.reason.as_deref().unwrap().contains("does not verify"), "{report:?}");
+    }
+
+    #[test]
+    fn events_of_another_org_fail() {
+        let signer = AuditSigner::generate();
+        let a = chain(&OrgId::new(), 2);
+        let b = chain(&OrgId::new(), 2);
+        let text = export(&[Line::E(&a[0]), Line::E(&a[1]), Line::E(&b[1])]);
+        let report = verify(&text, &signer);
+        assert!(!report.ok);
+        assert!(report.reason.as_deref().unwrap().contains("belongs to org"), "{report:?}");
+    }
+
+    #[test]
+    fn malformed_line_reports_its_line_number() {
+        let signer = AuditSigner::generate();
+        let events = chain(&OrgId::new(), 3);
+        let text = export(&[Line::E(&events[0]), Line::E(&events[1]), Line::Raw("{\"seq\": 3,"), Line::E(&events[2])]);
+        let report = verify(&text, &signer);
+        assert!(!report.ok);
+        assert_eq!(report.first_broken_seq, None);
+        assert!(report.reason.as_deref().unwrap().starts_with("line 3: "), "{report:?}");
+
+        let text = export(&[Line::E(&events[0]), Line::Raw("{\"checkpoint\": {\"seq\": 1}}")]);
+        let report = verify(&text, &signer);
+        assert!(report.reason.as_deref().unwrap().starts_with("line 2: not a checkpoint line"), "{report:?}");
+
+        let mut bytes = serde_json::to_vec(&events[0]).unwrap();
+        bytes.extend_from_slice(b"\n\"\xff\xfe\"\n"); // a JSON string that is not UTF-8
+        let report = verify_export(bytes.as_slice(), &signer.public_key_base64()).unwrap();
+        assert!(report.reason.as_deref().unwrap().starts_with("line 2: "), "{report:?}");
+    }
+
+    #[test]
+    fn malformed_public_key_is_an_error() {
+        assert!(matches!(verify_export(&b""[..], "%%%"), Err(CheckpointError::MalformedPublicKey(_))));
+    }
+
+    #[test]
+    fn key_file_is_created_0600_and_reloads_to_the_same_key() {
+        let dir = std::env::temp_dir().join(format!("countersign-checkpoint-{}", ulid::Ulid::generate()));
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("audit.key");
+        let created = load_or_create(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        }
+        let loaded = load_or_create(&path).unwrap();
+        assert_eq!(loaded.public_key_base64(), created.public_key_base64());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), created.to_file_contents());
+
+        std::fs::write(&path, "garbage").unwrap();
+        assert!(matches!(load_or_create(&path), Err(CheckpointError::KeyFileContents { .. })));
+        let missing_dir = dir.join("nope").join("audit.key");
+        assert!(matches!(load_or_create(&missing_dir), Err(CheckpointError::KeyFile { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

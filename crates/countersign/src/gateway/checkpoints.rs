@@ -1,0 +1,279 @@
+//! The audit log for auditors: signed checkpoints, JSON Lines export as a job, retention as a job, and
+//! chain verification that starts from the checkpoint retention left behind.
+//!
+//! A checkpoint is an Ed25519 signature over (org, seq, head hash, time) made with the instance's key
+//! (`audit-signing.key` in the data directory). An export ends with a fresh checkpoint of its last event and,
+//! when retention has deleted a prefix, starts with the checkpoint that vouches for its first event, so
+//! `countersign audit verify --file … --public-key …` can check it offline. Retention deletes only whole
+//! prefixes and only behind a stored checkpoint; the schema refuses any other delete.
+
+use std::path::PathBuf;
+
+use countersign_core::audit::{Actor, ChainReport, ChainVerifier};
+use countersign_core::checkpoint::{Checkpoint, CheckpointLine, verify_checkpoint};
+use countersign_core::domain::{Job, JobKind};
+use countersign_core::ids::{JobId, OrgId};
+use countersign_core::store::{AuditFilter, StoreTx};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use super::jobs::JobOutcome;
+use super::{Caller, Gateway};
+use crate::error::{Error, Result};
+
+const EXPORT_PAGE: u32 = 2000;
+
+impl Gateway {
+    pub fn audit_public_key(&self) -> (String, String) {
+        (self.inner.signer.public_key_base64(), self.inner.signer.key_id())
+    }
+
+    /// Where an export job writes its file.
+    pub fn export_path(&self, job: &JobId) -> PathBuf {
+        self.inner.data_dir.join("exports").join(format!("{job}.jsonl"))
+    }
+
+    /// Signs the org's current head and stores the checkpoint (admin).
+    pub async fn checkpoint_now(&self, caller: &Caller) -> Result<Option<Checkpoint>> {
+        caller.require_admin()?;
+        let mut work = self.write().await?;
+        let checkpoint = self.checkpoint_head(&mut *work.tx, caller.org_id()).await?;
+        work.commit(self).await?;
+        Ok(checkpoint)
+    }
+
+    /// The stored checkpoint at the org's head, signing one if there is none yet.
+    async fn checkpoint_head(&self, tx: &mut dyn StoreTx, org: &OrgId) -> Result<Option<Checkpoint>> {
+        let Some(head) = tx.audit_head(org).await? else { return Ok(None) };
+        if let Some(existing) = tx.checkpoint_at(org, head.seq).await? {
+            return Ok(Some(existing));
+        }
+        let checkpoint = self.inner.signer.sign(org.as_str(), head.seq, &head.hash, head.time.timestamp_micros());
+        tx.insert_checkpoint(&checkpoint).await?;
+        Ok(Some(checkpoint))
+    }
+
+    /// Queues a JSON Lines export of the caller's org (admin); the job's result names the file.
+    pub async fn start_audit_export(&self, caller: &Caller) -> Result<Job> {
+        caller.require_admin()?;
+        let org = caller.org_id().clone();
+        let now = self.now();
+        let job = Job::new(org.clone(), JobKind::AuditExport, Some(org.to_string()), json!({}), now);
+        let mut work = self.write().await?;
+        work.enqueue(&job).await?;
+        work.audit(&org, now, &caller.actor(), "audit.export_requested", Some(job.id.as_str()), json!({})).await?;
+        work.commit(self).await?;
+        Ok(job)
+    }
+
+    /// The finished export of a job of the caller's org (admin).
+    pub async fn export_file(&self, caller: &Caller, id: &JobId) -> Result<PathBuf> {
+        caller.require_admin()?;
+        let job = self.get_job(caller, id).await?;
+        if job.kind != JobKind::AuditExport {
+            return Err(Error::not_found("audit export", id.as_str()));
+        }
+        if job.state != countersign_core::state::JobState::Succeeded {
+            return Err(Error::Conflict {
+                message: format!("export {id} is {}; wait for it to succeed", job.state.as_str()),
+                state: Some(job.state.as_str().to_owned()),
+            });
+        }
+        Ok(self.export_path(id))
+    }
+
+    pub(super) async fn export_audit_job(&self, job: &Job) -> JobOutcome {
+        match self.export_audit(job).await {
+            Ok(result) => JobOutcome::Succeeded(result),
+            Err(Error::Unavailable(e)) => JobOutcome::Retry(format!("store unavailable: {e}")),
+            Err(e) => JobOutcome::Failed(e.to_string()),
+        }
+    }
+
+    async fn export_audit(&self, job: &Job) -> Result<serde_json::Value> {
+        let org = &job.org_id;
+        let path = self.export_path(&job.id);
+        let partial = path.with_extension("jsonl.partial");
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(|e| Error::Internal(format!("cannot create {dir:?}: {e}")))?;
+        }
+        let io = |e: std::io::Error| Error::Internal(format!("cannot write the export: {e}"));
+        let mut file = tokio::io::BufWriter::new(tokio::fs::File::create(&partial).await.map_err(io)?);
+        // Sign the head first: the export covers up to it, and its checkpoint closes the file.
+        let closing = {
+            let mut work = self.write().await?;
+            let checkpoint = self.checkpoint_head(&mut *work.tx, org).await?;
+            work.commit(self).await?;
+            checkpoint
+        };
+        let upto = closing.as_ref().map_or(0, |c| c.seq);
+        let mut tx = self.read().await?;
+        let retention = tx.retention(org).await?;
+        if retention.deleted_upto > 0 {
+            let opening = tx.checkpoint_at(org, retention.deleted_upto).await?.ok_or_else(|| {
+                Error::Internal(format!("no checkpoint at seq {} where retention cut the log", retention.deleted_upto))
+            })?;
+            write_line(&mut file, &CheckpointLine { checkpoint: opening }).await?;
+        }
+        let (mut after, mut events, mut first_seq) = (retention.deleted_upto, 0u64, None);
+        while after < upto {
+            let page = tx.list_audit(org, &AuditFilter::default(), after, EXPORT_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for event in page.iter().filter(|e| e.seq <= upto) {
+                first_seq.get_or_insert(event.seq);
+                write_line(&mut file, event).await?;
+                events += 1;
+            }
+        }
+        drop(tx);
+        if let Some(checkpoint) = &closing {
+            write_line(&mut file, &CheckpointLine { checkpoint: checkpoint.clone() }).await?;
+        }
+        file.flush().await.map_err(io)?;
+        file.into_inner().sync_all().await.map_err(io)?;
+        tokio::fs::rename(&partial, &path).await.map_err(io)?;
+        let bytes = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+        Ok(json!({
+            "events": events,
+            "first_seq": first_seq,
+            "last_seq": closing.as_ref().map(|c| c.seq),
+            "head_hash": closing.as_ref().map(|c| c.head_hash.clone()),
+            "bytes": bytes,
+            "download_url": format!("{}/v1/audit/exports/{}", self.public_url(), job.id),
+            "public_key": self.inner.signer.public_key_base64(),
+        }))
+    }
+
+    /// Sets the org's retention window in days (admin); none keeps everything. Queues a run at once.
+    pub async fn set_audit_retention(&self, caller: &Caller, days: Option<u32>) -> Result<Option<Job>> {
+        caller.require_admin()?;
+        if days == Some(0) {
+            return Err(Error::invalid("days", "`days` must be at least 1, or null to keep everything"));
+        }
+        let org = caller.org_id().clone();
+        let now = self.now();
+        let mut work = self.write().await?;
+        work.tx.set_retention_days(&org, days).await?;
+        work.audit(&org, now, &caller.actor(), "audit.retention_set", Some(org.as_str()), json!({"days": days}))
+            .await?;
+        let job = match days {
+            Some(_) => {
+                let job = Job::new(org.clone(), JobKind::AuditRetention, Some(org.to_string()), json!({}), now);
+                work.enqueue(&job).await?;
+                Some(job)
+            }
+            None => None,
+        };
+        work.commit(self).await?;
+        Ok(job)
+    }
+
+    pub async fn audit_retention(&self, caller: &Caller) -> Result<countersign_core::store::Retention> {
+        caller.require_admin()?;
+        Ok(self.read().await?.retention(caller.org_id()).await?)
+    }
+
+    /// Queues a retention run for every org that has a window (the hourly sweep).
+    pub async fn schedule_retention(&self) -> Result<usize> {
+        let now = self.now();
+        let mut work = self.write().await?;
+        let windows = work.tx.list_retention_windows().await?;
+        for window in &windows {
+            let job = Job::new(
+                window.org_id.clone(),
+                JobKind::AuditRetention,
+                Some(window.org_id.to_string()),
+                json!({}),
+                now,
+            );
+            work.enqueue(&job).await?;
+        }
+        work.commit(self).await?;
+        Ok(windows.len())
+    }
+
+    pub(super) async fn retention_job(&self, job: &Job) -> JobOutcome {
+        match self.apply_retention(&job.org_id).await {
+            Ok(result) => JobOutcome::Succeeded(result),
+            Err(Error::Unavailable(e)) => JobOutcome::Retry(format!("store unavailable: {e}")),
+            Err(e) => JobOutcome::Failed(e.to_string()),
+        }
+    }
+
+    /// Deletes the events older than the window, behind a signed checkpoint at the last deleted seq.
+    async fn apply_retention(&self, org: &OrgId) -> Result<serde_json::Value> {
+        let now = self.now();
+        let mut work = self.write().await?;
+        let retention = work.tx.retention(org).await?;
+        let Some(days) = retention.days else { return Ok(json!({"deleted": 0, "reason": "no retention window"})) };
+        let cutoff = now - chrono::Duration::days(i64::from(days));
+        let upto = work.tx.last_audit_seq_before(org, cutoff).await?.unwrap_or(0);
+        if upto <= retention.deleted_upto {
+            return Ok(json!({"deleted": 0, "upto_seq": retention.deleted_upto}));
+        }
+        let event = work
+            .tx
+            .list_audit(org, &AuditFilter::default(), upto - 1, 1)
+            .await?
+            .into_iter()
+            .next()
+            .filter(|e| e.seq == upto)
+            .ok_or_else(|| Error::Internal(format!("audit event {upto} vanished")))?;
+        if work.tx.checkpoint_at(org, upto).await?.is_none() {
+            let checkpoint = self.inner.signer.sign(org.as_str(), upto, &event.hash, event.time_us);
+            work.tx.insert_checkpoint(&checkpoint).await?;
+        }
+        let deleted = work.tx.delete_audit_prefix(org, upto).await?;
+        work.audit(
+            org,
+            now,
+            &Actor::system(),
+            "audit.retention_applied",
+            Some(org.as_str()),
+            json!({"days": days, "deleted": deleted, "upto_seq": upto, "checkpoint_seq": upto}),
+        )
+        .await?;
+        work.commit(self).await?;
+        Ok(json!({"deleted": deleted, "upto_seq": upto}))
+    }
+
+    /// Recomputes the org's chain, in pages, from the start or from the checkpoint retention left, and names
+    /// the first broken seq.
+    pub async fn verify_audit(&self, caller: &Caller) -> Result<ChainReport> {
+        caller.require_admin()?;
+        let org = caller.org_id();
+        let mut tx = self.read().await?;
+        let retention = tx.retention(org).await?;
+        let mut verifier = if retention.deleted_upto > 0 {
+            let checkpoint = tx.checkpoint_at(org, retention.deleted_upto).await?;
+            match checkpoint {
+                Some(c) if verify_checkpoint(&c, &self.inner.signer.public_key_base64()).is_ok() => {
+                    ChainVerifier::starting_after(c.seq, &c.head_hash)
+                }
+                // Without a valid checkpoint the first remaining event cannot be vouched for.
+                _ => ChainVerifier::default(),
+            }
+        } else {
+            ChainVerifier::default()
+        };
+        let mut after = retention.deleted_upto;
+        loop {
+            let page = tx.list_audit(org, &AuditFilter::default(), after, 5000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            page.iter().for_each(|e| verifier.push(e));
+        }
+        Ok(verifier.finish())
+    }
+}
+
+async fn write_line<W, T>(file: &mut W, value: &T) -> Result<()>
+where
+    W: AsyncWriteExt + Unpin,
+    T: serde::Serialize,
+{
+    let mut line = serde_json::to_vec(value).map_err(|e| Error::Internal(format!("cannot encode: {e}")))?;
+    line.push(b'\n');
+    file.write_all(&line).await.map_err(|e| Error::Internal(format!("cannot write the export: {e}")))
+}

@@ -1,0 +1,337 @@
+//! Jobs: the one model for asynchronous work — executing approved actions, delivering webhooks, exporting
+//! and trimming the audit log.
+//!
+//! A job is written in the transaction that creates the need for it, claimed by a runner with a lease
+//! (`claim_job`), and settled by [`Gateway::settle_job`] only while that runner still holds the lease. A
+//! runner that dies leaves its lease to run out; the job is then claimed again and its handler sees the
+//! attempt count and the state of what it works on, so each kind decides what a second attempt may do.
+
+use std::time::Duration;
+
+use countersign_core::audit::Actor;
+use countersign_core::domain::{Job, JobKind};
+use countersign_core::ids::JobId;
+use countersign_core::state::{ActionState, JobState};
+use countersign_core::store::{JobFilter, Page};
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{Caller, Gateway};
+use crate::error::{Error, Result};
+
+/// The longest a `…/wait` holds a request.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// How the job runner behaves; tests shorten the delays.
+#[derive(Debug, Clone)]
+pub struct JobRunnerSettings {
+    /// This runner's name on the leases it takes.
+    pub owner: String,
+    /// How long a claim holds before another runner may take the job; renewed while the job runs.
+    pub lease: Duration,
+    /// Jobs run at the same time.
+    pub concurrency: usize,
+    /// The first retry delay of a webhook delivery; each later one doubles, with jitter.
+    pub webhook_retry_base: Duration,
+    pub webhook_max_attempts: u32,
+}
+
+impl Default for JobRunnerSettings {
+    fn default() -> Self {
+        JobRunnerSettings {
+            owner: format!("runner-{}", ulid::Ulid::generate()),
+            lease: Duration::from_secs(30),
+            concurrency: 64,
+            webhook_retry_base: Duration::from_secs(1),
+            webhook_max_attempts: 8,
+        }
+    }
+}
+
+/// How one run of a job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobOutcome {
+    Succeeded(Value),
+    /// Permanently: no further attempt.
+    Failed(String),
+    /// Try again after a backoff, while attempts remain.
+    Retry(String),
+    Cancelled(String),
+}
+
+/// `base · 2^(attempt-1)`, capped at an hour, with "equal jitter": half fixed, half random. Successive
+/// delays never shrink, and runners that failed together do not retry together.
+pub fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exponent = attempt.saturating_sub(1).min(20);
+    let full = base.saturating_mul(1u32 << exponent).min(Duration::from_secs(3600));
+    let half = full / 2;
+    let jitter = rand::random_range(0.0..=1.0);
+    half + half.mul_f64(jitter)
+}
+
+impl Gateway {
+    pub fn job_settings(&self) -> &JobRunnerSettings {
+        &self.inner.jobs
+    }
+
+    /// Resolves when a commit added jobs.
+    pub async fn jobs_added(&self) {
+        self.inner.jobs_added.notified().await;
+    }
+
+    /// Wakes the runner, e.g. when a slot frees up.
+    pub fn wake_job_runner(&self) {
+        self.inner.jobs_added.notify_one();
+    }
+
+    /// Takes the next due job under this runner's lease, if there is one.
+    pub async fn claim_job(&self) -> Result<Option<Job>> {
+        let now = self.now();
+        let lease_until = now + chrono::Duration::from_std(self.inner.jobs.lease).unwrap_or_default();
+        let mut work = self.write().await?;
+        let job = work.tx.claim_job(now, &self.inner.jobs.owner, lease_until).await?;
+        if let Some(job) = &job {
+            work.job_changed(job);
+        }
+        work.commit(self).await?;
+        Ok(job)
+    }
+
+    /// When the runner should look again if nothing wakes it.
+    pub async fn next_job_due(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        Ok(self.read().await?.next_job_due().await?)
+    }
+
+    /// Keeps this runner's lease on a running job; false once it was lost.
+    pub async fn renew_job_lease(&self, id: &JobId) -> Result<bool> {
+        let until = self.now() + chrono::Duration::from_std(self.inner.jobs.lease).unwrap_or_default();
+        let mut work = self.write().await?;
+        let held = work.tx.renew_job_lease(id, &self.inner.jobs.owner, until).await?;
+        work.commit(self).await?;
+        Ok(held)
+    }
+
+    /// At the start of a single-process store: whatever was running belonged to a process that is gone.
+    pub async fn release_job_leases(&self) -> Result<u64> {
+        let mut work = self.write().await?;
+        let released = work.tx.release_job_leases(self.now()).await?;
+        work.commit(self).await?;
+        if released > 0 {
+            self.wake_job_runner();
+        }
+        Ok(released)
+    }
+
+    /// Runs one claimed job's handler.
+    pub async fn run_job(&self, job: &Job) -> JobOutcome {
+        match job.kind {
+            JobKind::ActionExecute => self.execute_job(job).await,
+            JobKind::WebhookDeliver => self.deliver_webhook(job).await,
+            JobKind::AuditExport => self.export_audit_job(job).await,
+            JobKind::AuditRetention => self.retention_job(job).await,
+        }
+    }
+
+    /// Records how a run ended, if this runner still holds the job; a retry goes back to the queue.
+    pub async fn settle_job(&self, job: &Job, outcome: JobOutcome) -> Result<()> {
+        let now = self.now();
+        let mut work = self.write().await?;
+        let Some(mut current) = work.tx.get_job(&job.org_id, &job.id).await? else {
+            return Err(Error::not_found("job", job.id.as_str()));
+        };
+        if current.state != JobState::Running || current.lease_owner.as_deref() != Some(&self.inner.jobs.owner) {
+            // Cancelled meanwhile, or the lease ran out and another runner took it: theirs to settle.
+            tracing::warn!(job = %job.id, state = current.state.as_str(), "job no longer held; outcome dropped");
+            return Ok(());
+        }
+        current.lease_owner = None;
+        current.lease_until = None;
+        let (state, event) = match outcome {
+            JobOutcome::Succeeded(result) => {
+                current.result = Some(result);
+                current.error = None;
+                (JobState::Succeeded, "job.succeeded")
+            }
+            JobOutcome::Retry(error) if current.attempts < current.max_attempts => {
+                let delay = match current.kind {
+                    JobKind::WebhookDeliver => backoff(self.inner.jobs.webhook_retry_base, current.attempts),
+                    _ => backoff(Duration::from_secs(1), current.attempts),
+                };
+                current.run_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
+                current.error = Some(error);
+                (JobState::Queued, "job.retry")
+            }
+            JobOutcome::Retry(error) => {
+                current.error = Some(format!("{error} (gave up after {} attempts)", current.attempts));
+                (JobState::Failed, "job.failed")
+            }
+            JobOutcome::Failed(error) => {
+                current.error = Some(error);
+                (JobState::Failed, "job.failed")
+            }
+            JobOutcome::Cancelled(reason) => {
+                current.error = Some(reason);
+                (JobState::Cancelled, "job.cancelled")
+            }
+        };
+        current.state = current.state.transition(state)?;
+        if state.is_terminal() {
+            current.finished_at = Some(now);
+        }
+        work.tx.update_job(&current).await?;
+        // Retries are visible on the job and in webhook deliveries; the audit log records how jobs end.
+        if state.is_terminal() && current.kind != JobKind::ActionExecute {
+            work.audit(
+                &current.org_id,
+                now,
+                &Actor::system(),
+                event,
+                Some(current.id.as_str()),
+                json!({"kind": current.kind, "subject": current.subject, "attempts": current.attempts,
+                       "error": current.error}),
+            )
+            .await?;
+        }
+        work.job_changed(&current);
+        work.jobs_added |= state == JobState::Queued;
+        work.commit(self).await?;
+        self.metrics().job_finished(current.kind.as_str(), current.state.as_str());
+        Ok(())
+    }
+
+    pub async fn list_jobs(&self, caller: &Caller, filter: &JobFilter, page: &Page) -> Result<Vec<Job>> {
+        let jobs = self.read().await?.list_jobs(caller.org_id(), filter, page).await?;
+        let mut visible = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if self.may_see_job(caller, &job).await? {
+                visible.push(job);
+            }
+        }
+        Ok(visible)
+    }
+
+    pub async fn get_job(&self, caller: &Caller, id: &JobId) -> Result<Job> {
+        let job = self
+            .read()
+            .await?
+            .get_job(caller.org_id(), id)
+            .await?
+            .ok_or_else(|| Error::not_found("job", id.as_str()))?;
+        if !self.may_see_job(caller, &job).await? {
+            return Err(Error::not_found("job", id.as_str()));
+        }
+        Ok(job)
+    }
+
+    /// Users see every job of their org; agents and sessions only the executions of their own actions.
+    async fn may_see_job(&self, caller: &Caller, job: &Job) -> Result<bool> {
+        let Some(agent) = caller.agent() else { return Ok(true) };
+        if job.kind != JobKind::ActionExecute {
+            return Ok(false);
+        }
+        let Some(action_id) = job.subject.as_deref().and_then(countersign_core::ids::ActionId::parse) else {
+            return Ok(false);
+        };
+        let action = self.read().await?.get_action(&job.org_id, &action_id).await?;
+        Ok(action.is_some_and(|a| a.agent_id == agent.id))
+    }
+
+    /// Waits until the job ends or `timeout` passes; wakes on the commit that changes it.
+    pub async fn wait_job(&self, caller: &Caller, id: &JobId, timeout: Duration) -> Result<Job> {
+        let mut changes = self.notifier().subscribe_jobs();
+        let job = self.get_job(caller, id).await?;
+        if job.state.is_terminal() {
+            return Ok(job);
+        }
+        let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
+        loop {
+            let next = tokio::select! {
+                () = self.shutdown().cancelled() => None,
+                next = tokio::time::timeout_at(deadline, changes.recv()) => next.ok(),
+            };
+            match next {
+                None | Some(Err(RecvError::Closed)) => return self.get_job(caller, id).await,
+                Some(Ok(change)) if change.job_id != *id => continue,
+                Some(Ok(_)) | Some(Err(RecvError::Lagged(_))) => {
+                    let job = self.get_job(caller, id).await?;
+                    if job.state.is_terminal() {
+                        return Ok(job);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cancels a queued job (admin). A webhook delivery waiting for its next attempt is queued too. A queued
+    /// execution fails its action, audited; an execution already running cannot be called back (409).
+    pub async fn cancel_job(&self, caller: &Caller, id: &JobId) -> Result<Job> {
+        let user = caller.require_admin()?;
+        let org = caller.org_id().clone();
+        let now = self.now();
+        let mut work = self.write().await?;
+        let mut job = work.tx.get_job(&org, id).await?.ok_or_else(|| Error::not_found("job", id.as_str()))?;
+        if job.state == JobState::Running && job.kind == JobKind::ActionExecute {
+            return Err(Error::Conflict {
+                message: format!("job {id} is sending its request now; an execution in flight cannot be called back"),
+                state: Some(job.state.as_str().to_owned()),
+            });
+        }
+        job.state = job.state.transition(JobState::Cancelled)?;
+        job.error = Some(format!("cancelled by {}", user.name));
+        job.finished_at = Some(now);
+        job.lease_owner = None;
+        job.lease_until = None;
+        work.tx.update_job(&job).await?;
+        work.audit(
+            &org,
+            now,
+            &caller.actor(),
+            "job.cancelled",
+            Some(job.id.as_str()),
+            json!({"kind": job.kind, "subject": job.subject}),
+        )
+        .await?;
+        if job.kind == JobKind::ActionExecute
+            && let Some(action_id) = job.subject.as_deref().and_then(countersign_core::ids::ActionId::parse)
+            && let Some(mut action) = work.tx.get_action(&org, &action_id).await?
+            && action.state == ActionState::Approved
+        {
+            action.state = action.state.transition(ActionState::Failed)?;
+            action.error = Some(format!("execution cancelled by {} before it was sent", user.name));
+            action.finished_at = Some(now);
+            work.tx.update_action(&action).await?;
+            work.audit(
+                &org,
+                now,
+                &caller.actor(),
+                "action.failed",
+                Some(action.id.as_str()),
+                json!({"reason": "execution_cancelled", "job_id": job.id}),
+            )
+            .await?;
+            work.emit("action.finished", super::webhooks::action_data(&action));
+            work.action_changed(&org, &action.id);
+        }
+        work.job_changed(&job);
+        work.commit(self).await?;
+        Ok(job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_within_its_band() {
+        let base = Duration::from_millis(100);
+        for attempt in 1..=6u32 {
+            let full = base * (1 << (attempt - 1));
+            for _ in 0..50 {
+                let delay = backoff(base, attempt);
+                assert!(delay >= full / 2 && delay <= full, "attempt {attempt}: {delay:?}");
+            }
+        }
+        assert!(backoff(Duration::from_secs(10), 40) <= Duration::from_secs(3600));
+    }
+}

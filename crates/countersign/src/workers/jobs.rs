@@ -1,0 +1,97 @@
+//! The job runner: claims due jobs under a lease, runs each on its own task (a bounded number at a time),
+//! renews the lease while it runs, and settles the outcome.
+//!
+//! It wakes when a commit adds jobs, when a slot frees up, and when the next delayed job or lease falls due —
+//! never on a fixed polling tick, except a slow safety look every few seconds for work another replica
+//! added. On shutdown it stops claiming and lets running jobs finish; a job cut off anyway is taken up again
+//! when its lease runs out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use countersign_core::domain::Job;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::gateway::Gateway;
+
+/// The longest the runner sleeps without looking at the store.
+const SAFETY_LOOK: Duration = Duration::from_secs(5);
+/// How often orgs with a retention window get a retention job.
+const RETENTION_SWEEP: Duration = Duration::from_secs(3600);
+
+pub async fn run(gateway: Gateway, shutdown: CancellationToken, tracker: TaskTracker) {
+    let permits = Arc::new(Semaphore::new(gateway.job_settings().concurrency.max(1)));
+    loop {
+        // Claim while there are free slots and due jobs.
+        loop {
+            let Ok(permit) = permits.clone().try_acquire_owned() else { break };
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match gateway.claim_job().await {
+                Ok(Some(job)) => {
+                    let gateway = gateway.clone();
+                    tracker.spawn(async move {
+                        run_one(&gateway, job).await;
+                        drop(permit);
+                        gateway.wake_job_runner();
+                    });
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::error!(%error, "cannot claim a job");
+                    break;
+                }
+            }
+        }
+        let sleep = match gateway.next_job_due().await {
+            Ok(Some(due)) => (due - gateway.now()).to_std().unwrap_or_default().min(SAFETY_LOOK),
+            Ok(None) => SAFETY_LOOK,
+            Err(error) => {
+                tracing::error!(%error, "cannot read when the next job is due");
+                SAFETY_LOOK
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = gateway.jobs_added() => {}
+            () = tokio::time::sleep(sleep.max(Duration::from_millis(1))) => {}
+        }
+    }
+}
+
+async fn run_one(gateway: &Gateway, job: Job) {
+    let renew_every = gateway.job_settings().lease / 3;
+    let work = gateway.run_job(&job);
+    tokio::pin!(work);
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut work => break outcome,
+            () = tokio::time::sleep(renew_every) => {
+                match gateway.renew_job_lease(&job.id).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(job = %job.id, "lease lost while running; another runner may retry"),
+                    Err(error) => tracing::error!(job = %job.id, %error, "cannot renew a job lease"),
+                }
+            }
+        }
+    };
+    if let Err(error) = gateway.settle_job(&job, outcome).await {
+        tracing::error!(job = %job.id, %error, "cannot record a job's outcome; its lease will run out and it runs again");
+    }
+}
+
+/// Queues retention runs at start and then hourly.
+pub async fn sweep_retention(gateway: Gateway, shutdown: CancellationToken) {
+    loop {
+        if let Err(error) = gateway.schedule_retention().await {
+            tracing::error!(%error, "cannot schedule audit retention");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(RETENTION_SWEEP) => {}
+        }
+    }
+}
