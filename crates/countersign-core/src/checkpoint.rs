@@ -349,6 +349,8 @@ struct ExportVerifier {
     hashes: Vec<[u8; 32]>,
     /// Checkpoints whose seq no event has reached yet: seq → (line, head_hash).
     pending: BTreeMap<i64, Vec<(usize, String)>>,
+    /// The highest seq a valid checkpoint vouches for.
+    signed_upto: Option<i64>,
     failure: Option<(Option<i64>, String)>,
 }
 
@@ -366,6 +368,7 @@ impl ExportVerifier {
             start_hash: String::new(),
             hashes: Vec::new(),
             pending: BTreeMap::new(),
+            signed_upto: None,
             failure: None,
         }
     }
@@ -461,6 +464,7 @@ impl ExportVerifier {
                 self.fail(Some(seq), checkpoint_mismatch(cp_line, seq, &head_hash, &event.hash));
                 return;
             }
+            self.vouched(seq);
         }
     }
 
@@ -505,6 +509,9 @@ impl ExportVerifier {
                 return false;
             }
         }
+        if seq > 1 {
+            self.vouched(seq - 1);
+        }
         self.first_seq = Some(seq);
         self.start_hash = event.prev_hash.clone();
         // Checkpoints before the start are outside the file's coverage (the one at seq - 1 was just checked).
@@ -533,13 +540,31 @@ impl ExportVerifier {
             return;
         }
         match self.hash_at(seq) {
-            Some(hash) if hash == cp.head_hash => {}
+            Some(hash) if hash == cp.head_hash => self.vouched(seq),
             Some(hash) => self.fail(Some(seq), checkpoint_mismatch(line, seq, &cp.head_hash, &hash)),
             None => self.pending.entry(seq).or_default().push((line, cp.head_hash.clone())),
         }
     }
 
-    fn finish(self) -> ExportReport {
+    fn vouched(&mut self, seq: i64) {
+        self.signed_upto = Some(self.signed_upto.map_or(seq, |s| s.max(seq)));
+    }
+
+    fn finish(mut self) -> ExportReport {
+        // A chain anyone could have recomputed proves nothing: the last event must be vouched for by a
+        // checkpoint signed with the key (an export from the server always ends with one).
+        if let Some(last) = self.last_verified_seq().filter(|_| self.failure.is_none())
+            && self.signed_upto.is_none_or(|s| s < last)
+        {
+            let from = self.signed_upto.map_or(self.first_seq.unwrap_or(1), |s| s + 1);
+            self.fail(
+                Some(from),
+                format!(
+                    "no signed checkpoint vouches for the events from seq {from} to {last}: anyone could have written \
+                     them; an export from Countersign ends with a checkpoint of its last event"
+                ),
+            );
+        }
         let (first_broken_seq, reason) = match self.failure {
             Some((seq, reason)) => (seq, Some(reason)),
             None => (None, None),
@@ -783,6 +808,19 @@ mod tests {
     }
 
     #[test]
+    fn events_after_the_last_checkpoint_are_not_vouched_for() {
+        let signer = AuditSigner::generate();
+        let events = chain(&OrgId::new(), 5);
+        let cp3 = checkpoint_of(&signer, &events[2]);
+        let mut lines: Vec<Line<'_>> = events.iter().map(Line::E).collect();
+        lines.insert(3, Line::C(&cp3));
+        let report = verify(&export(&lines), &signer);
+        assert_eq!(report.first_broken_seq, Some(4), "{report:?}");
+        assert!(report.reason.unwrap().contains("from seq 4 to 5"));
+        assert!(!verify(&events_only(&events), &signer).ok);
+    }
+
+    #[test]
     fn gap_is_caught() {
         let signer = AuditSigner::generate();
         let mut events = chain(&OrgId::new(), 5);
@@ -801,11 +839,19 @@ mod tests {
         let kept = &events[3..];
         let cp3 = checkpoint_of(&signer, &events[2]);
 
+        let cp6 = checkpoint_of(&signer, &events[5]);
         let mut lines = vec![Line::C(&cp3)];
         lines.extend(kept.iter().map(Line::E));
+        lines.push(Line::C(&cp6));
         let report = verify(&export(&lines), &signer);
         assert!(report.ok, "{report:?}");
-        assert_eq!((report.first_seq, report.last_seq, report.events, report.checkpoints), (Some(4), Some(6), 3, 1));
+        assert_eq!((report.first_seq, report.last_seq, report.events, report.checkpoints), (Some(4), Some(6), 3, 2));
+
+        // Without the closing checkpoint, the kept events are vouched for by nothing.
+        lines.pop();
+        let report = verify(&export(&lines), &signer);
+        assert_eq!(report.first_broken_seq, Some(4), "{report:?}");
+        assert!(report.reason.unwrap().contains("no signed checkpoint vouches for the events from seq 4 to 6"));
 
         let report = verify(&events_only(kept), &signer);
         assert!(!report.ok);

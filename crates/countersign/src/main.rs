@@ -27,6 +27,28 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Audit log tools that need no server.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify an exported audit log (JSON Lines) offline: the hash chain, and every checkpoint's signature.
+    /// Exit code 0 when intact, 1 when broken (the first broken event is named), 2 on a usage error.
+    Verify {
+        /// The export file (from `GET /v1/audit/export`).
+        #[arg(long)]
+        file: std::path::PathBuf,
+        /// The instance's public key, base64 (from `GET /v1/audit/public-key`).
+        #[arg(long)]
+        public_key: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -45,7 +67,35 @@ async fn main() -> anyhow::Result<()> {
             print!("{EXAMPLE}");
             Ok(())
         }
+        Command::Audit { command: AuditCommand::Verify { file, public_key, json } } => {
+            verify_export(&file, &public_key, json)
+        }
     }
+}
+
+fn verify_export(file: &std::path::Path, public_key: &str, json: bool) -> anyhow::Result<()> {
+    let reader = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let report = countersign_core::checkpoint::verify_export(std::io::BufReader::new(reader), public_key.trim())
+        .context("cannot verify")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.ok {
+        println!(
+            "ok: {} events (seq {} to {}), {} signed checkpoints, head {}",
+            report.events,
+            report.first_seq.unwrap_or(0),
+            report.last_seq.unwrap_or(0),
+            report.checkpoints,
+            report.head_hash.as_deref().unwrap_or("-")
+        );
+    } else {
+        let at = report.first_broken_seq.map(|s| format!(" at seq {s}")).unwrap_or_default();
+        println!("BROKEN{at}: {}", report.reason.as_deref().unwrap_or("the chain does not verify"));
+    }
+    if !report.ok {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

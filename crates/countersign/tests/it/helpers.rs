@@ -112,9 +112,37 @@ pub fn config(data_dir: &std::path::Path, upstream: Option<&str>) -> Config {
     config
 }
 
+/// The system clock moved forward by however much a test says (for retention windows).
+#[derive(Debug, Default)]
+pub struct ShiftedClock {
+    shift_seconds: std::sync::atomic::AtomicI64,
+}
+
+impl ShiftedClock {
+    pub fn advance(&self, by: chrono::Duration) {
+        self.shift_seconds.fetch_add(by.num_seconds(), std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl countersign_core::clock::Clock for ShiftedClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now() + chrono::Duration::seconds(self.shift_seconds.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
 impl TestServer {
     pub async fn start(data_dir: &std::path::Path, upstream: Option<&str>) -> TestServer {
-        let server = Server::build(config(data_dir, upstream)).await.unwrap();
+        Self::start_with(config(data_dir, upstream), None).await
+    }
+
+    /// Starts a server from a configuration a test adjusted, optionally with its own clock.
+    pub async fn start_with(config: Config, clock: Option<Arc<dyn countersign_core::clock::Clock>>) -> TestServer {
+        let data_dir = config.data_dir.clone();
+        let data_dir = data_dir.as_path();
+        let server = match clock {
+            Some(clock) => Server::build_with_clock(config, clock).await.unwrap(),
+            None => Server::build(config).await.unwrap(),
+        };
         let url = format!("http://{}", server.local_addr());
         let key = match server.bootstrapped().and_then(|b| b.generated_key.clone()) {
             Some(k) => k,

@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod audit_and_reload;
+mod audit_export;
 mod core_loop;
 mod helpers;
+mod jobs_webhooks;
 mod tidy;

@@ -1,0 +1,109 @@
+//! The audit log for auditors: an export verified offline by the real binary's `audit verify` with the public
+//! key, a tampered export named at its first broken seq, and retention that deletes a prefix while a signed
+//! checkpoint keeps both the live chain and later exports verifiable.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::helpers::{ShiftedClock, TestServer, action, config};
+
+/// Runs `countersign audit verify` on an export; answers the exit code and what it printed.
+fn verify_offline(dir: &std::path::Path, name: &str, export: &str, public_key: &str) -> (i32, String) {
+    let file = dir.join(name);
+    std::fs::write(&file, export).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"))
+        .args(["audit", "verify", "--file"])
+        .arg(&file)
+        .args(["--public-key", public_key])
+        .output()
+        .unwrap();
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[tokio::test]
+async fn exports_verify_offline_and_retention_keeps_the_chain_verifiable() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ShiftedClock::default());
+    let server = TestServer::start_with(config(dir.path(), None), Some(clock.clone())).await;
+    let admin = &server.admin;
+    let agent = server.agent("writer").await;
+    for _ in 0..5 {
+        assert_eq!(agent.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+    }
+    let key = admin.get("/v1/audit/public-key").await.unwrap();
+    assert_eq!(key.str("/algorithm"), "ed25519");
+    let public_key = key.str("/public_key").to_owned();
+
+    // The one-call export, and the same export as a job.
+    let export = admin.get("/v1/audit/export").await.unwrap();
+    assert_eq!(export.status, 200);
+    assert_eq!(export.content_type, "application/jsonl");
+    let text = export.body.as_str().unwrap().to_owned();
+    let last = text.lines().last().unwrap();
+    assert!(last.starts_with(r#"{"checkpoint":"#), "an export ends with its signed checkpoint: {last}");
+    let (code, out) = verify_offline(dir.path(), "full.jsonl", &text, &public_key);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ok:"), "{out}");
+
+    let queued = admin.post("/v1/audit/exports", &json!({})).await.unwrap();
+    assert_eq!(queued.status, 202);
+    let job = admin.get(&format!("/v1/jobs/{}/wait?timeout=10", queued.str("/id"))).await.unwrap();
+    assert_eq!(job.str("/state"), "succeeded", "{:?}", job.body);
+    let file = admin.get(&format!("/v1/audit/exports/{}", queued.str("/id"))).await.unwrap();
+    assert_eq!(file.status, 200);
+    assert_eq!(verify_offline(dir.path(), "job.jsonl", file.body.as_str().unwrap(), &public_key).0, 0);
+
+    // A changed word in one event, and a different key: both refused, the first naming the seq.
+    let tampered = text.replacen("email.send.message", "email.send.messagf", 1);
+    let seq = text
+        .lines()
+        .find(|l| l.contains("email.send.message"))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"].as_i64().unwrap())
+        .unwrap();
+    let (code, out) = verify_offline(dir.path(), "tampered.jsonl", &tampered, &public_key);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with(&format!("BROKEN at seq {seq}")), "{out}");
+    let other_key = countersign_core::checkpoint::AuditSigner::generate().public_key_base64();
+    assert_eq!(verify_offline(dir.path(), "other-key.jsonl", &text, &other_key).0, 1);
+    assert_eq!(agent.get("/v1/audit/public-key").await.unwrap().status, 200, "the public key is public");
+    assert_eq!(agent.get("/v1/audit/export").await.unwrap().status, 403);
+
+    // Retention: nothing is a day old yet; two days later, everything before goes behind a checkpoint.
+    let set = admin.send(reqwest::Method::PUT, "/v1/audit/retention", Some(&json!({"days": 1}))).await.unwrap();
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    let first_run = admin.get(&format!("/v1/jobs/{}/wait?timeout=10", set.str("/job/id"))).await.unwrap();
+    assert_eq!(first_run.body["result"]["deleted"], 0, "{:?}", first_run.body);
+    let head_before = admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(head_before.body["ok"], true);
+
+    clock.advance(chrono::Duration::days(2));
+    assert_eq!(agent.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+    let set = admin.send(reqwest::Method::PUT, "/v1/audit/retention", Some(&json!({"days": 1}))).await.unwrap();
+    let run = admin.get(&format!("/v1/jobs/{}/wait?timeout=10", set.str("/job/id"))).await.unwrap();
+    assert_eq!(run.str("/state"), "succeeded", "{:?}", run.body);
+    let deleted = run.body["result"]["deleted"].as_u64().unwrap();
+    let upto = run.body["result"]["upto_seq"].as_i64().unwrap();
+    assert!(deleted >= 20 && upto as u64 == deleted, "{:?}", run.body);
+    let retention = admin.get("/v1/audit/retention").await.unwrap();
+    assert_eq!(retention.body, json!({"days": 1, "deleted_upto_seq": upto}));
+    let remaining = admin.get("/v1/audit?limit=1").await.unwrap();
+    assert_eq!(remaining.body["events"][0]["seq"], upto + 1, "the prefix is gone");
+
+    let verified = admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(verified.body["ok"], true, "{:?}", verified.body);
+    let trimmed = admin.get("/v1/audit/export").await.unwrap().body.as_str().unwrap().to_owned();
+    let first_line: serde_json::Value = serde_json::from_str(trimmed.lines().next().unwrap()).unwrap();
+    assert_eq!(first_line["checkpoint"]["seq"], upto, "the export opens with the checkpoint retention left");
+    let (code, out) = verify_offline(dir.path(), "trimmed.jsonl", &trimmed, &public_key);
+    assert_eq!(code, 0, "{out}");
+    // Without that opening checkpoint nothing vouches for the first remaining event.
+    let headless: String = trimmed.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    let (code, out) = verify_offline(dir.path(), "headless.jsonl", &headless, &public_key);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("seq {}", upto + 1)), "{out}");
+
+    let bad = admin.send(reqwest::Method::PUT, "/v1/audit/retention", Some(&json!({"days": 0}))).await.unwrap();
+    assert_eq!(bad.status, 422);
+    server.stop().await;
+}

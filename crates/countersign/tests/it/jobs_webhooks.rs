@@ -1,0 +1,383 @@
+//! Jobs and webhooks end to end: signed deliveries to a real loopback receiver that fails and then accepts,
+//! growing retry delays, every event kind, the Slack shape, the outbound guard refusing addresses and
+//! redirects, upstream failures recorded on the execution job, and the jobs API with its visibility rules.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use hmac::{KeyInit, Mac};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::helpers::{TestServer, Upstream, action, config, http_action};
+
+/// One delivery the receiver saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    event_type: String,
+    body: Value,
+    signature_ok: bool,
+}
+
+/// A loopback webhook receiver: checks the signature with the secret it is given, answers 500 to the first
+/// `fail_first` deliveries and 200 after, and reports every delivery on a channel.
+struct Receiver {
+    url: String,
+    secret: Arc<Mutex<String>>,
+    seen: mpsc::UnboundedReceiver<Seen>,
+}
+
+impl Receiver {
+    async fn start(fail_first: usize) -> Receiver {
+        let secret: Arc<Mutex<String>> = Arc::default();
+        let (tx, seen) = mpsc::unbounded_channel();
+        let count = Arc::new(Mutex::new(0usize));
+        let key = secret.clone();
+        let app = axum::Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
+            let (key, tx, count) = (key.clone(), tx.clone(), count.clone());
+            async move {
+                let signature_ok = verify(&key.lock().unwrap(), &headers, &body);
+                let event_type =
+                    headers.get("countersign-event").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                tx.send(Seen { at: Instant::now(), event_type, body, signature_ok }).unwrap();
+                let n = {
+                    let mut count = count.lock().unwrap();
+                    *count += 1;
+                    *count
+                };
+                if n <= fail_first { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Receiver { url, secret, seen }
+    }
+
+    async fn next(&mut self) -> Seen {
+        tokio::time::timeout(Duration::from_secs(20), self.seen.recv()).await.expect("a delivery in time").unwrap()
+    }
+}
+
+/// `Countersign-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "t.body">`, checked as a receiver would.
+fn verify(secret: &str, headers: &HeaderMap, body: &[u8]) -> bool {
+    let Some(header) = headers.get("countersign-signature").and_then(|v| v.to_str().ok()) else { return false };
+    let mut t = None;
+    let mut v1 = None;
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", value)) => t = Some(value.to_owned()),
+            Some(("v1", value)) => v1 = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+    let (Some(t), Some(v1)) = (t, v1) else { return false };
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    let fresh = (chrono::Utc::now().timestamp() - t.parse::<i64>().unwrap()).abs() < 300;
+    fresh && hex::decode(v1).is_ok_and(|sig| mac.verify_slice(&sig).is_ok())
+}
+
+async fn subscribe(server: &TestServer, receiver: &Receiver, events: Value, format: &str) -> Value {
+    let created = server
+        .admin
+        .post("/v1/webhooks", &json!({"url": receiver.url, "events": events, "format": format}))
+        .await
+        .unwrap();
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    assert!(created.str("/secret").starts_with("whsec_"));
+    *receiver.secret.lock().unwrap() = created.str("/secret").to_owned();
+    created.body
+}
+
+#[tokio::test]
+async fn deliveries_are_signed_retried_with_growing_delays_and_stop_on_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let mut receiver = Receiver::start(2).await;
+    let hook = subscribe(&server, &receiver, json!(["approval.requested"]), "json").await;
+    let hook_id = hook["id"].as_str().unwrap();
+    let agent = server.agent("buyer").await;
+
+    let submitted = agent.submit_action(&action("finance.issue.card")).await.unwrap();
+    assert_eq!(submitted.status, 202);
+    let first = receiver.next().await;
+    let second = receiver.next().await;
+    let third = receiver.next().await;
+    for seen in [&first, &second, &third] {
+        assert!(seen.signature_ok, "a delivery failed the signature check");
+        assert_eq!(seen.event_type, "approval.requested");
+        assert_eq!(seen.body["type"], "approval.requested");
+        assert_eq!(seen.body["data"]["approval"]["id"], submitted.body["approval"]["id"]);
+        assert_eq!(seen.body["data"]["action"]["reasoning"], r#"{"goal":"test"}"#);
+    }
+    // The same event each time, so a receiver can deduplicate.
+    assert_eq!(first.body["id"], third.body["id"]);
+    let (gap1, gap2) = (second.at - first.at, third.at - second.at);
+    // Base 200 ms with equal jitter: the first wait is 100–200 ms, the second 200–400 ms.
+    assert!(gap1 >= Duration::from_millis(100), "first retry after {gap1:?}");
+    assert!(gap2 >= Duration::from_millis(200), "second retry after {gap2:?}");
+    assert!(gap2 + Duration::from_millis(10) >= gap1, "delays must grow: {gap1:?} then {gap2:?}");
+
+    let jobs = server.admin.get(&format!("/v1/jobs?kind=webhook.deliver&subject={hook_id}")).await.unwrap();
+    let job_id = jobs.body["items"][0]["id"].as_str().unwrap().to_owned();
+    let job = server.admin.get(&format!("/v1/jobs/{job_id}/wait?timeout=10")).await.unwrap();
+    assert_eq!(job.str("/state"), "succeeded", "{:?}", job.body);
+    assert_eq!(job.body["attempts"], 3);
+    let deliveries = server.admin.get(&format!("/v1/webhooks/{hook_id}/deliveries")).await.unwrap();
+    let statuses: Vec<Value> =
+        deliveries.body["items"].as_array().unwrap().iter().map(|d| d["status"].clone()).collect();
+    assert_eq!(statuses, vec![json!(200), json!(500), json!(500)], "newest first");
+    assert!(deliveries.body["items"][1]["error"].as_str().unwrap().contains("500"));
+    assert!(deliveries.body["items"][0]["latency_ms"].is_u64());
+    // Success stops the retries: nothing more arrives.
+    assert!(tokio::time::timeout(Duration::from_millis(800), receiver.seen.recv()).await.is_err());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_event_kind_is_delivered_and_slack_gets_its_own_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let mut all = Receiver::start(0).await;
+    subscribe(&server, &all, json!(["*"]), "json").await;
+    let mut slack = Receiver::start(0).await;
+    subscribe(&server, &slack, json!(["approval.requested"]), "slack").await;
+    let agent = server.agent("ops").await;
+
+    // Held, then approved: requested, decided, finished.
+    let held = agent.submit_action(&action("payments.charge.card")).await.unwrap();
+    assert_eq!(held.status, 202);
+    let approved = server.admin.approve(held.str("/approval/id"), Some("fine")).await.unwrap();
+    assert_eq!(approved.status, 200);
+    // Held with a one-second deadline: requested, expired, finished.
+    let expiring = agent.submit_action(&action("ops.restart.db")).await.unwrap();
+    assert_eq!(expiring.status, 202);
+
+    let mut kinds = Vec::new();
+    while kinds.len() < 6 {
+        let seen = all.next().await;
+        assert!(seen.signature_ok);
+        let subject = seen.body["data"]["action"]["id"].as_str().unwrap().to_owned();
+        kinds.push((subject, seen.event_type.clone(), seen.body["data"]["action"]["state"].clone()));
+    }
+    // Deliveries run concurrently, so compare what arrived, not in which order.
+    let of = |id: &str| -> Vec<(String, Value)> {
+        let mut found: Vec<(String, Value)> =
+            kinds.iter().filter(|(s, _, _)| s == id).map(|(_, k, st)| (k.clone(), st.clone())).collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found
+    };
+    assert_eq!(
+        of(held.str("/id")),
+        vec![
+            ("action.finished".into(), json!("approved")),
+            ("approval.decided".into(), json!("approved")),
+            ("approval.requested".into(), json!("pending_approval")),
+        ]
+    );
+    assert_eq!(
+        of(expiring.str("/id")),
+        vec![
+            ("action.finished".into(), json!("expired")),
+            ("approval.expired".into(), json!("expired")),
+            ("approval.requested".into(), json!("pending_approval")),
+        ]
+    );
+
+    let message = slack.next().await;
+    assert!(message.signature_ok);
+    let text = message.body["text"].as_str().unwrap();
+    assert!(text.contains("ops") && text.contains("payments.charge.card"), "{text}");
+    assert!(text.contains("/ui/approvals/apr_"), "links to the dashboard: {text}");
+    assert!(message.body["blocks"].as_array().is_some_and(|b| !b.is_empty()));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_webhook_targets_fail_clearly_and_never_stick() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let admin = &server.admin;
+
+    let ftp = admin.post("/v1/webhooks", &json!({"url": "ftp://example.com/x", "events": ["*"]})).await.unwrap();
+    assert_eq!(ftp.status, 422);
+    assert!(ftp.str("/detail").contains("http or https"), "{:?}", ftp.body);
+    let unknown = admin.post("/v1/webhooks", &json!({"url": "https://example.com", "events": ["nope.*"]})).await;
+    assert_eq!(unknown.unwrap().status, 422);
+    let agent = server.agent("a").await;
+    let forbidden = agent.post("/v1/webhooks", &json!({"url": "https://example.com", "events": ["*"]})).await;
+    assert_eq!(forbidden.unwrap().status, 403);
+
+    // A redirecting receiver: the redirect is recorded as a failed attempt and not followed.
+    let redirected = Arc::new(Mutex::new(0usize));
+    let hits = redirected.clone();
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(|| async { (StatusCode::FOUND, [("location", "http://127.0.0.1:9/elsewhere")]) }),
+        )
+        .fallback(move || {
+            *hits.lock().unwrap() += 1;
+            async { StatusCode::OK }
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirect_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let mut hooks = Vec::new();
+    for url in
+        ["http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data", "http://[::ffff:127.0.0.2]/", &redirect_url]
+    {
+        let created = admin.post("/v1/webhooks", &json!({"url": url, "events": ["approval.requested"]})).await.unwrap();
+        assert_eq!(created.status, 201, "{:?}", created.body);
+        hooks.push(created.str("/id").to_owned());
+    }
+    assert_eq!(agent.submit_action(&action("payments.charge.card")).await.unwrap().status, 202);
+
+    let expectations =
+        ["10.1.2.3 is private", "169.254.169.254 is link-local", "refused by the outbound guard: ::ffff:127.0.0.2"];
+    for (hook, expected) in hooks.iter().zip(expectations) {
+        let job = job_of(admin, hook).await;
+        let done = admin.get(&format!("/v1/jobs/{job}/wait?timeout=10")).await.unwrap();
+        assert_eq!(done.str("/state"), "failed", "{:?}", done.body);
+        assert_eq!(done.body["attempts"], 1, "a refusal is not retried");
+        assert!(done.str("/error").contains(expected), "{expected}: {:?}", done.body);
+        let deliveries = admin.get(&format!("/v1/webhooks/{hook}/deliveries")).await.unwrap();
+        assert!(deliveries.body["items"][0]["error"].as_str().unwrap().contains("outbound guard"));
+    }
+    // The redirect is retried (the receiver may fix itself) but never followed; an admin can cancel it.
+    let redirect_hook = &hooks[3];
+    let job = job_of(admin, redirect_hook).await;
+    let first = loop {
+        let deliveries = admin.get(&format!("/v1/webhooks/{redirect_hook}/deliveries")).await.unwrap();
+        if let Some(d) = deliveries.body["items"].as_array().and_then(|items| items.last()).cloned() {
+            break d;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(first["status"], 302);
+    assert!(first["error"].as_str().unwrap().contains("redirects are not followed"));
+    let cancelled = admin.post(&format!("/v1/jobs/{job}/cancel"), &json!({})).await.unwrap();
+    assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
+    assert_eq!(cancelled.str("/state"), "cancelled");
+    assert_eq!(*redirected.lock().unwrap(), 0, "the redirect target was never called");
+    let again = admin.post(&format!("/v1/jobs/{job}/cancel"), &json!({})).await.unwrap();
+    assert_eq!(again.status, 409);
+    server.stop().await;
+}
+
+async fn job_of(admin: &countersign::client::Client, subject: &str) -> String {
+    let jobs = admin.get(&format!("/v1/jobs?subject={subject}")).await.unwrap();
+    assert_eq!(jobs.status, 200, "{:?}", jobs.body);
+    jobs.body["items"][0]["id"].as_str().expect("a job for the subject").to_owned()
+}
+
+#[tokio::test]
+async fn upstream_failures_end_on_the_job_and_never_stick_a_worker() {
+    // An upstream that hangs, fails, or sends far more than the cap.
+    let app = axum::Router::new()
+        .route("/hang", axum::routing::post(std::future::pending::<StatusCode>))
+        .route("/fail", axum::routing::post(|| async { (StatusCode::BAD_GATEWAY, "upstream broke") }))
+        .route(
+            "/huge",
+            axum::routing::post(|| async {
+                let chunk = Bytes::from(vec![b'x'; 1024 * 1024]);
+                let stream = futures_util::stream::iter((0..100).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+                axum::body::Body::from_stream(stream)
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Some(&url));
+    if let Some(upstream) = config.upstreams.get_mut("payments") {
+        upstream.timeout_seconds = 1;
+    }
+    let server = TestServer::start_with(config, None).await;
+    let agent = server.agent("payer").await;
+
+    let run = |path: &'static str| {
+        let agent = agent.clone();
+        async move {
+            let mut body = http_action("email.send.receipt");
+            body["target"]["path"] = json!(path);
+            let submitted = agent.submit_action(&body).await.unwrap();
+            assert_eq!(submitted.status, 202, "running: {:?}", submitted.body);
+            let job_id = submitted.str("/job_id").to_owned();
+            let job = agent.get(&format!("/v1/jobs/{job_id}/wait?timeout=20")).await.unwrap();
+            let action = agent.get_action(submitted.str("/id")).await.unwrap();
+            (job.body, action.body)
+        }
+    };
+    let ((hang_job, hang), (fail_job, fail), (huge_job, huge)) = tokio::join!(run("/hang"), run("/fail"), run("/huge"));
+    assert_eq!(hang_job["state"], "failed");
+    assert!(hang_job["error"].as_str().unwrap().contains("timed out"), "{hang_job:?}");
+    assert_eq!(hang["state"], "failed");
+    assert_eq!(fail_job["state"], "failed");
+    assert!(fail_job["error"].as_str().unwrap().contains("502"), "{fail_job:?}");
+    assert_eq!(fail["result"]["status"], 502);
+    // 100 MB: only the capped head is read and kept, flagged as truncated.
+    assert_eq!(huge["result"]["truncated"], true, "{huge:?}");
+    assert_eq!(huge["result"]["body"].as_str().unwrap().len(), 64 * 1024);
+    assert_eq!(huge_job["state"], "succeeded");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_jobs_api_tracks_executions_and_keeps_to_its_org_and_agent() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Some(&upstream.url)).await;
+    let agent = server.agent("payer").await;
+    let other_agent = server.agent("someone-else").await;
+
+    let submitted = agent.submit_action(&http_action("email.send.receipt")).await.unwrap();
+    let job_id = submitted.str("/job_id").to_owned();
+    assert!(job_id.starts_with("job_"), "{:?}", submitted.body);
+    let job = agent.get(&format!("/v1/jobs/{job_id}/wait?timeout=10")).await.unwrap();
+    assert_eq!(job.str("/state"), "succeeded", "{:?}", job.body);
+    assert_eq!(job.str("/kind"), "action.execute");
+    assert_eq!(job.body["subject"], submitted.body["id"]);
+    assert_eq!(job.body["result"]["status"], 201);
+    assert_eq!(upstream.count(), 1);
+
+    let listed = server.admin.get("/v1/jobs?kind=action.execute&state=succeeded").await.unwrap();
+    assert_eq!(listed.body["items"].as_array().unwrap().len(), 1);
+    let none = server.admin.get("/v1/jobs?state=queued").await.unwrap();
+    assert_eq!(none.body["items"], json!([]));
+    assert_eq!(server.admin.get("/v1/jobs?kind=bogus").await.unwrap().status, 400);
+    assert_eq!(server.admin.get("/v1/jobs?state=bogus").await.unwrap().status, 400);
+    assert_eq!(server.admin.get("/v1/jobs/job_nope").await.unwrap().status, 404);
+    // Another agent of the same org does not see this agent's executions.
+    assert_eq!(other_agent.get(&format!("/v1/jobs/{job_id}")).await.unwrap().status, 404);
+    assert_eq!(other_agent.get("/v1/jobs").await.unwrap().body["items"], json!([]));
+    // Agents cannot cancel; a finished job cannot be cancelled.
+    assert_eq!(agent.post(&format!("/v1/jobs/{job_id}/cancel"), &json!({})).await.unwrap().status, 403);
+    assert_eq!(server.admin.post(&format!("/v1/jobs/{job_id}/cancel"), &json!({})).await.unwrap().status, 409);
+    // Another org sees nothing.
+    let org = server.admin.post("/v1/orgs", &json!({"name": "elsewhere"})).await.unwrap();
+    let stranger = server.admin.with_key(org.str("/admin_key"));
+    assert_eq!(stranger.get(&format!("/v1/jobs/{job_id}")).await.unwrap().status, 404);
+    assert_eq!(stranger.get("/v1/jobs").await.unwrap().body["items"], json!([]));
+
+    let metrics = server.admin.get("/metrics").await.unwrap();
+    let text = metrics.body.as_str().unwrap();
+    for series in [
+        "countersign_jobs_open{",
+        "countersign_jobs_finished_total{kind=\"action.execute\",state=\"succeeded\"} 1",
+        "countersign_pending_approvals",
+        "countersign_approval_decision_latency_seconds",
+        "countersign_policy_evaluation_seconds",
+    ] {
+        assert!(text.contains(series), "metrics lack {series}");
+    }
+    server.stop().await;
+}
