@@ -25,6 +25,8 @@ async fn main() {
     let mut config = Config::new(dir.path().to_path_buf());
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.watch_policy = false;
+    // One agent key drives the whole load: measure the gateway, not the rate limit.
+    config.rate_limit.per_second = 0;
     let server = Server::build(config).await.unwrap();
     let url = format!("http://{}", server.local_addr());
     let key = server.bootstrapped().unwrap().generated_key.clone().unwrap();

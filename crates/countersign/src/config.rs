@@ -58,6 +58,22 @@ pub struct NetworkConfig {
     pub allow_private: Vec<String>,
 }
 
+/// Requests per principal (agent, user or session), counted after authentication. 429 beyond it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per principal; 0 turns the limit off.
+    pub per_second: u32,
+    /// How many requests may come at once above the sustained rate.
+    pub burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig { per_second: 100, burst: 200 }
+    }
+}
+
 /// The configuration file as written; every field optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,6 +89,7 @@ pub struct FileConfig {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     #[serde(default)]
     pub network: NetworkConfig,
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 /// The resolved configuration the server runs with.
@@ -91,6 +108,7 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Watch the policy file for changes and reload it.
     pub watch_policy: bool,
+    pub rate_limit: RateLimitConfig,
     /// The job runner's lease, concurrency and retry delays (not read from the file; tests shorten them).
     pub jobs: crate::gateway::JobRunnerSettings,
 }
@@ -109,6 +127,7 @@ impl Config {
             bootstrap_admin_key: None,
             max_body_bytes: 1024 * 1024,
             watch_policy: true,
+            rate_limit: RateLimitConfig::default(),
             jobs: crate::gateway::JobRunnerSettings::default(),
         }
     }
@@ -208,6 +227,9 @@ impl ServeArgs {
             config.upstreams.insert(name, upstream);
         }
         config.network = file.network;
+        if let Some(limit) = file.rate_limit {
+            config.rate_limit = limit;
+        }
 
         if let Some(l) = &self.listen {
             listen = Some(l.clone());
@@ -248,7 +270,7 @@ fn url_is_http(text: &str) -> Result<(), String> {
 /// A commented example configuration, printed by `countersign config example`.
 pub const EXAMPLE: &str = r#"# countersign.toml — every key is optional; each is also a flag or a COUNTERSIGN_* variable.
 listen = "127.0.0.1:8080"
-data_dir = "./data"                 # SQLite file and admin.key (relative to this file)
+data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key, exports (relative to this file)
 # database_url = "postgres://…"     # PostgreSQL instead of SQLite
 # policy = "policy.yaml"            # file or folder; default: the shipped example policy
 # public_url = "https://countersign.example.com"
@@ -262,6 +284,10 @@ data_dir = "./data"                 # SQLite file and admin.key (relative to thi
 
 # [network]
 # allow_private = ["127.0.0.1/32"]  # outbound guard exceptions
+
+# [rate_limit]                      # per agent, user or session; 429 beyond it
+# per_second = 100                  # 0 turns the limit off
+# burst = 200
 "#;
 
 #[cfg(test)]

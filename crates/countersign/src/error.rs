@@ -28,6 +28,9 @@ pub enum Error {
     Conflict { message: String, state: Option<String> },
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// Too many requests from one principal; retry after the given seconds.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_seconds: u64 },
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -44,6 +47,7 @@ pub enum ErrorKind {
     NotFound,
     Conflict,
     PayloadTooLarge,
+    RateLimited,
     Unavailable,
     Internal,
 }
@@ -60,6 +64,7 @@ impl ErrorKind {
             ErrorKind::NotFound => ("not_found", 404, "Not found"),
             ErrorKind::Conflict => ("conflict", 409, "Conflict"),
             ErrorKind::PayloadTooLarge => ("payload_too_large", 413, "Payload too large"),
+            ErrorKind::RateLimited => ("rate_limited", 429, "Too many requests"),
             ErrorKind::Unavailable => ("unavailable", 503, "Service unavailable"),
             ErrorKind::Internal => ("internal", 500, "Internal error"),
         }
@@ -77,6 +82,7 @@ impl Error {
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::Conflict { .. } => ErrorKind::Conflict,
             Error::PayloadTooLarge(_) => ErrorKind::PayloadTooLarge,
+            Error::RateLimited { .. } => ErrorKind::RateLimited,
             Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::Internal(_) => ErrorKind::Internal,
         }

@@ -107,6 +107,7 @@ impl Server {
             connectors,
             expiry: expiry_tx,
             jobs: config.jobs.clone(),
+            rate_limit: config.rate_limit,
             signer,
             data_dir: config.data_dir.clone(),
             metrics: Metrics::new(),
@@ -174,7 +175,13 @@ impl Server {
 
         let app = crate::http::router(gateway, self.max_body_bytes);
         let serve_token = token.clone();
-        let result = axum::serve(self.listener, app)
+        // Small request/response exchanges: do not let Nagle hold back the last segment.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
+        let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;
                 serve_token.cancel();

@@ -3,13 +3,46 @@
 //! Only hashes are looked up, and the stored hash is compared in constant time. Every failure answers the
 //! same kind of 401 with a reason that helps the caller fix it without revealing whether a key exists.
 
+use std::num::NonZeroU32;
+
 use countersign_core::domain::PrincipalRef;
 use countersign_core::secrets::{self, SecretKind};
+use governor::clock::{Clock as _, DefaultClock};
 
 use super::{Caller, Gateway};
+use crate::config::RateLimitConfig;
 use crate::error::{Error, Result};
 
+/// Requests per principal, in memory: each replica limits what it serves.
+pub type RateLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+pub fn rate_limiter(config: RateLimitConfig) -> Option<RateLimiter> {
+    let per_second = NonZeroU32::new(config.per_second)?;
+    let burst = NonZeroU32::new(config.burst.max(config.per_second)).unwrap_or(per_second);
+    Some(governor::RateLimiter::keyed(governor::Quota::per_second(per_second).allow_burst(burst)))
+}
+
 impl Gateway {
+    /// Refuses a principal that is over its rate with 429 and when to retry.
+    pub fn check_rate(&self, caller: &Caller) -> Result<()> {
+        let Some(limiter) = &self.inner.limiter else { return Ok(()) };
+        let key = match caller {
+            Caller::User(u) => u.id.to_string(),
+            Caller::Agent(a) => a.id.to_string(),
+            Caller::Session { session, .. } => session.id.to_string(),
+        };
+        match limiter.check_key(&key) {
+            Ok(()) => Ok(()),
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Err(Error::RateLimited {
+                    message: format!("too many requests from {key}; slow down and retry after {} ms", wait.as_millis()),
+                    retry_after_seconds: wait.as_secs().max(1),
+                })
+            }
+        }
+    }
+
     pub async fn authenticate(&self, secret: &str) -> Result<Caller> {
         let now = self.now();
         let hash = secrets::hash_secret(secret);

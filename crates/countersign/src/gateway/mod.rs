@@ -120,6 +120,7 @@ struct Inner {
     connectors: Connectors,
     expiry: mpsc::UnboundedSender<ExpiryRequest>,
     jobs: JobRunnerSettings,
+    limiter: Option<auth::RateLimiter>,
     /// Wakes the job runner when a commit added jobs.
     jobs_added: Notify,
     signer: countersign_core::checkpoint::AuditSigner,
@@ -137,6 +138,7 @@ pub struct GatewayParts {
     pub connectors: Connectors,
     pub expiry: mpsc::UnboundedSender<ExpiryRequest>,
     pub jobs: JobRunnerSettings,
+    pub rate_limit: crate::config::RateLimitConfig,
     /// Signs audit checkpoints.
     pub signer: countersign_core::checkpoint::AuditSigner,
     /// Where exports are written.
@@ -158,6 +160,7 @@ impl Gateway {
                 connectors: parts.connectors,
                 expiry: parts.expiry,
                 jobs: parts.jobs,
+                limiter: auth::rate_limiter(parts.rate_limit),
                 jobs_added: Notify::new(),
                 signer: parts.signer,
                 data_dir: parts.data_dir,

@@ -1,5 +1,5 @@
 //! The credential extractor: `Authorization: Bearer <key or session token>` (or `x-api-key`) becomes a
-//! [`Caller`] through the gateway. No handler sees a raw secret.
+//! [`Caller`] through the gateway, then the caller's rate limit is checked. No handler sees a raw secret.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -36,6 +36,8 @@ impl FromRequestParts<AppState> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let secret = presented_secret(parts)?;
-        Ok(Auth(state.gateway.authenticate(secret).await?))
+        let caller = state.gateway.authenticate(secret).await?;
+        state.gateway.check_rate(&caller)?;
+        Ok(Auth(caller))
     }
 }

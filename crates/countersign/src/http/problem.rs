@@ -46,6 +46,9 @@ impl Error {
             Error::Conflict { state: Some(state), .. } => {
                 body.insert("state".into(), json!(state));
             }
+            Error::RateLimited { retry_after_seconds, .. } => {
+                body.insert("retry_after_seconds".into(), json!(retry_after_seconds));
+            }
             _ => {}
         }
         (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), Value::Object(body))
@@ -69,7 +72,11 @@ pub fn problem_response(status: StatusCode, body: Value) -> Response {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, body) = self.problem();
-        problem_response(status, body)
+        let mut response = problem_response(status, body);
+        if let Error::RateLimited { retry_after_seconds, .. } = self {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, retry_after_seconds.into());
+        }
+        response
     }
 }
 

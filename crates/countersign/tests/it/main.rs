@@ -8,4 +8,5 @@ mod audit_export;
 mod core_loop;
 mod helpers;
 mod jobs_webhooks;
+mod limits;
 mod tidy;

@@ -1,0 +1,122 @@
+//! Credentials that end and limits that bite: keys and sessions past their expiry get 401 (with the clock
+//! moved, not slept), a principal over its rate gets 429 with `Retry-After`, and an edit of the watched
+//! policy file takes effect without a signal.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::helpers::{ShiftedClock, TEST_POLICY, TestServer, action, config};
+
+#[tokio::test]
+async fn keys_and_sessions_stop_working_when_they_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ShiftedClock::default());
+    let server = TestServer::start_with(config(dir.path(), None), Some(clock.clone())).await;
+    let admin = &server.admin;
+    assert_eq!(admin.create_agent("temp").await.unwrap().status, 201);
+    let in_an_hour = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let key = admin.post("/v1/keys", &json!({"agent": "temp", "expires_at": in_an_hour})).await.unwrap();
+    assert_eq!(key.status, 201, "{:?}", key.body);
+    let agent = admin.with_key(key.str("/key"));
+    assert_eq!(agent.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+    let past = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    assert_eq!(admin.post("/v1/keys", &json!({"agent": "temp", "expires_at": past})).await.unwrap().status, 422);
+
+    let session = admin.post("/v1/sessions", &json!({"agent": "temp", "ttl_seconds": 600})).await.unwrap();
+    assert_eq!(session.status, 201);
+    let session = admin.with_key(session.str("/token"));
+    assert_eq!(session.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+
+    clock.advance(chrono::Duration::minutes(11));
+    let expired = session.submit_action(&action("email.send.message")).await.unwrap();
+    assert_eq!(expired.status, 401);
+    assert!(expired.str("/detail").contains("expired"), "{:?}", expired.body);
+    assert_eq!(agent.submit_action(&action("email.send.message")).await.unwrap().status, 200, "the key lasts 1 h");
+
+    clock.advance(chrono::Duration::hours(1));
+    let expired = agent.submit_action(&action("email.send.message")).await.unwrap();
+    assert_eq!(expired.status, 401);
+    assert_eq!(expired.str("/detail"), "this API key has expired");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_principal_over_its_rate_gets_429_and_others_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), None);
+    config.rate_limit = countersign::config::RateLimitConfig { per_second: 1, burst: 5 };
+    let server = TestServer::start_with(config, None).await;
+    let chatty = server.agent("chatty").await;
+    let quiet = server.agent("quiet").await;
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(chatty.get("/v1/actions").await.unwrap());
+    }
+    // Creating the agent's key counted against the admin, not the agent: the agent gets its full burst.
+    assert!(
+        statuses[..5].iter().all(|r| r.status == 200),
+        "{:?}",
+        statuses.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    let limited = statuses.iter().find(|r| r.status == 429).expect("the burst runs out");
+    assert_eq!(limited.content_type, "application/problem+json");
+    assert_eq!(limited.str("/code"), "rate_limited");
+    assert!(limited.body["retry_after_seconds"].as_u64().unwrap() >= 1);
+    let raw = reqwest::Client::new()
+        .get(format!("{}/v1/actions", chatty.base()))
+        .bearer_auth(chatty.key().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 429);
+    assert!(raw.headers().get("retry-after").is_some());
+    assert_eq!(quiet.get("/v1/actions").await.unwrap().status, 200, "limits are per principal");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_edit_of_the_watched_policy_file_takes_effect_without_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), None);
+    config.watch_policy = true;
+    let server = TestServer::start_with(config, None).await;
+    let admin = &server.admin;
+    let before = admin.get("/v1/policy").await.unwrap();
+    let head = admin.get("/v1/audit?action=policy.updated").await.unwrap();
+    let after_seq = head.body["events"].as_array().unwrap().last().unwrap()["seq"].as_i64().unwrap();
+
+    // Follow the audit stream from here; the reload writes `policy.updated` when it lands.
+    let stream = reqwest::Client::new()
+        .get(format!("{}/v1/audit/stream?action=policy.updated", admin.base()))
+        .bearer_auth(admin.key().unwrap())
+        .header("last-event-id", after_seq.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    std::fs::write(dir.path().join("policy.yaml"), TEST_POLICY.replace("Deletes are never allowed", "Never delete"))
+        .unwrap();
+    let mut body = stream.bytes_stream();
+    let mut seen = String::new();
+    let found = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        while let Some(chunk) = body.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if seen.contains("policy.updated") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(found, "no policy.updated event after the edit: {seen}");
+    let after = admin.get("/v1/policy").await.unwrap();
+    assert_ne!(after.body["version"], before.body["version"]);
+    assert!(after.str("/source").contains("Never delete"));
+    let denied = server.agent("a").await.submit_action(&action("db.delete.table")).await.unwrap();
+    assert_eq!(denied.status, 403);
+    assert!(denied.str("/detail").contains("Never delete"), "{:?}", denied.body);
+    server.stop().await;
+}
