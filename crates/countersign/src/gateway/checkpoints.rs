@@ -125,6 +125,9 @@ impl Gateway {
                 write_line(&mut file, event).await?;
                 events += 1;
             }
+            if after < upto {
+                self.report_progress(job, json!({"events_written": events, "upto_seq": upto})).await?;
+            }
         }
         drop(tx);
         if let Some(checkpoint) = &closing {
@@ -134,6 +137,7 @@ impl Gateway {
         file.into_inner().sync_all().await.map_err(io)?;
         tokio::fs::rename(&partial, &path).await.map_err(io)?;
         let bytes = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+        self.report_progress(job, json!({"events_written": events, "upto_seq": upto})).await?;
         Ok(json!({
             "events": events,
             "first_seq": first_seq,

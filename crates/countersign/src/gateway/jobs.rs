@@ -111,6 +111,19 @@ impl Gateway {
         Ok(held)
     }
 
+    /// Records how far a running job has come, if this runner still holds it.
+    pub async fn report_progress(&self, job: &Job, progress: Value) -> Result<()> {
+        let mut work = self.write().await?;
+        let Some(mut current) = work.tx.get_job(&job.org_id, &job.id).await? else { return Ok(()) };
+        if current.state != JobState::Running || current.lease_owner.as_deref() != Some(&self.inner.jobs.owner) {
+            return Ok(());
+        }
+        current.progress = Some(progress);
+        work.tx.update_job(&current).await?;
+        work.job_changed(&current);
+        work.commit(self).await
+    }
+
     /// At the start of a single-process store: whatever was running belonged to a process that is gone.
     pub async fn release_job_leases(&self) -> Result<u64> {
         let mut work = self.write().await?;

@@ -50,6 +50,7 @@ async fn exports_verify_offline_and_retention_keeps_the_chain_verifiable() {
     assert_eq!(queued.status, 202);
     let job = admin.get(&format!("/v1/jobs/{}/wait?timeout=10", queued.str("/id"))).await.unwrap();
     assert_eq!(job.str("/state"), "succeeded", "{:?}", job.body);
+    assert_eq!(job.body["progress"]["events_written"], job.body["result"]["events"], "{:?}", job.body);
     let file = admin.get(&format!("/v1/audit/exports/{}", queued.str("/id"))).await.unwrap();
     assert_eq!(file.status, 200);
     assert_eq!(verify_offline(dir.path(), "job.jsonl", file.body.as_str().unwrap(), &public_key).0, 0);
