@@ -103,6 +103,12 @@ pub trait Store: Send + Sync + 'static {
 pub trait StoreTx: Send {
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 
+    /// Tells the other replicas on this database about the transaction's changes, delivered only if it
+    /// commits (PostgreSQL `NOTIFY`). A single-process store has no one to tell.
+    async fn publish(&mut self, _message: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     // Orgs and principals.
     async fn count_orgs(&mut self) -> Result<i64, StoreError>;
     async fn list_orgs(&mut self) -> Result<Vec<Org>, StoreError>;

@@ -18,7 +18,7 @@ use countersign_core::store::StoreError;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{Caller, ExpiryRequest, Gateway};
+use super::{Caller, Gateway};
 use crate::error::{Error, Result};
 
 /// A validated submission.
@@ -250,6 +250,7 @@ impl Gateway {
                 )
                 .await?;
                 work.emit("approval.requested", super::webhooks::approval_data(self, a, &action));
+                work.expiry_armed(a);
             }
             (None, ActionState::Denied) => {
                 work.audit(
@@ -281,10 +282,6 @@ impl Gateway {
         work.action_changed(&org, &action.id);
         work.commit(self).await?;
         self.metrics().action_submitted(action.state.as_str());
-
-        if let Some(a) = &approval {
-            self.arm_expiry(a);
-        }
         Ok(SubmitOutcome { action, approval, token, replayed: false })
     }
 
@@ -308,14 +305,6 @@ impl Gateway {
             None => None,
         };
         Ok(SubmitOutcome { action: existing, approval, token: None, replayed: true })
-    }
-
-    pub(crate) fn arm_expiry(&self, approval: &Approval) {
-        let _ = self.inner.expiry.send(ExpiryRequest {
-            org_id: approval.org_id.clone(),
-            approval_id: approval.id.clone(),
-            expires_at: approval.expires_at,
-        });
     }
 
     /// Reads an action the caller may see: agents and sessions only their own agent's.
@@ -350,7 +339,7 @@ impl Gateway {
             };
             match next {
                 None => return self.get_action(caller, id).await,
-                Some(Ok(change)) if change.action_id != *id => continue,
+                Some(Ok(change)) if !change.concerns(id) => continue,
                 Some(Ok(_)) | Some(Err(RecvError::Lagged(_))) => {
                     let action = self.get_action(caller, id).await?;
                     if action.is_terminal() {

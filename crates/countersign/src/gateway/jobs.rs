@@ -264,7 +264,7 @@ impl Gateway {
             };
             match next {
                 None | Some(Err(RecvError::Closed)) => return self.get_job(caller, id).await,
-                Some(Ok(change)) if change.job_id != *id => continue,
+                Some(Ok(change)) if !change.concerns(id) => continue,
                 Some(Ok(_)) | Some(Err(RecvError::Lagged(_))) => {
                     let job = self.get_job(caller, id).await?;
                     if job.state.is_terminal() {

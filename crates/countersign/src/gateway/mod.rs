@@ -191,6 +191,17 @@ impl Gateway {
         &self.inner.public_url
     }
 
+    /// Applies what another replica committed: wakes local waiters, the job runner and expiry timers.
+    pub fn apply_remote_changes(&self, message: &str) {
+        let follow_up = self.inner.notifier.apply_remote(message, &self.inner.jobs.owner);
+        if follow_up.jobs_added {
+            self.inner.jobs_added.notify_one();
+        }
+        for request in follow_up.expiries {
+            let _ = self.inner.expiry.send(request);
+        }
+    }
+
     /// Resolves when the server begins to stop.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.inner.shutdown
@@ -212,6 +223,7 @@ impl Gateway {
             jobs_changed: Vec::new(),
             emitted: Vec::new(),
             jobs_added: false,
+            expiries: Vec::new(),
         })
     }
 
@@ -229,6 +241,7 @@ struct Work {
     /// Webhook events raised in this transaction; their delivery jobs are written just before the commit.
     emitted: Vec<webhooks::Emission>,
     jobs_added: bool,
+    expiries: Vec<(OrgId, countersign_core::ids::ApprovalId, DateTime<Utc>)>,
 }
 
 impl Work {
@@ -283,20 +296,40 @@ impl Work {
         }
     }
 
+    /// An approval's deadline: armed here and, through the commit's message, on every other replica.
+    fn expiry_armed(&mut self, approval: &countersign_core::domain::Approval) {
+        self.expiries.push((approval.org_id.clone(), approval.id.clone(), approval.expires_at));
+    }
+
     async fn commit(mut self, gateway: &Gateway) -> Result<()> {
         let emitted = std::mem::take(&mut self.emitted);
         webhooks::enqueue_deliveries(&mut self, emitted, gateway).await?;
+        let mut audit: Vec<(OrgId, i64)> = Vec::new();
+        for event in &self.events {
+            match audit.iter_mut().find(|(org, _)| *org == event.org_id) {
+                Some(entry) => entry.1 = entry.1.max(event.seq),
+                None => audit.push((event.org_id.clone(), event.seq)),
+            }
+        }
+        let changes = notify::Changes {
+            replica: gateway.inner.jobs.owner.clone(),
+            actions: std::mem::take(&mut self.changed),
+            jobs: std::mem::take(&mut self.jobs_changed),
+            audit,
+            jobs_added: self.jobs_added,
+            expiries: std::mem::take(&mut self.expiries),
+            everything: false,
+        };
+        if !changes.is_empty() {
+            self.tx.publish(&changes.to_wire()).await?;
+        }
         self.tx.commit().await?;
-        let notifier = &gateway.inner.notifier;
-        for (org, action) in &self.changed {
-            notifier.action_changed(org, action);
-        }
-        for (org, job) in &self.jobs_changed {
-            notifier.job_changed(org, job);
-        }
-        notifier.audit_appended(self.events);
-        if self.jobs_added {
+        gateway.inner.notifier.publish(&changes);
+        if changes.jobs_added {
             gateway.inner.jobs_added.notify_one();
+        }
+        for (org_id, approval_id, expires_at) in changes.expiries {
+            let _ = gateway.inner.expiry.send(ExpiryRequest { org_id, approval_id, expires_at });
         }
         Ok(())
     }

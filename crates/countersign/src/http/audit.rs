@@ -127,7 +127,7 @@ pub async fn stream(
                 next = live.recv() => next,
             };
             match next {
-                Ok(e) if e.org_id == org && e.seq > last_seq => {
+                Ok(e) if e.concerns(&org, last_seq) => {
                     // Live events are filtered the same way as the backlog by re-reading through the query.
                     match gateway.query_audit(&caller, &filter, last_seq, 500).await {
                         Ok(page) => {
@@ -139,7 +139,6 @@ pub async fn stream(
                                     return;
                                 }
                             }
-                            last_seq = last_seq.max(e.seq);
                         }
                         Err(_) => return,
                     }
