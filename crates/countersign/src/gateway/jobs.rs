@@ -212,15 +212,23 @@ impl Gateway {
         Ok(())
     }
 
-    pub async fn list_jobs(&self, caller: &Caller, filter: &JobFilter, page: &Page) -> Result<Vec<Job>> {
+    /// One page of the org's jobs the caller may see, and the cursor of the next page (computed from what
+    /// the store read, so a page thinned by visibility never ends the listing early).
+    pub async fn list_jobs(
+        &self,
+        caller: &Caller,
+        filter: &JobFilter,
+        page: &Page,
+    ) -> Result<(Vec<Job>, Option<String>)> {
         let jobs = self.read().await?.list_jobs(caller.org_id(), filter, page).await?;
+        let next = if jobs.len() == page.limit as usize { jobs.last().map(|j| j.id.to_string()) } else { None };
         let mut visible = Vec::with_capacity(jobs.len());
         for job in jobs {
             if self.may_see_job(caller, &job).await? {
                 visible.push(job);
             }
         }
-        Ok(visible)
+        Ok((visible, next))
     }
 
     pub async fn get_job(&self, caller: &Caller, id: &JobId) -> Result<Job> {

@@ -68,9 +68,7 @@ pub async fn list(
     };
     let page = page_from(query.limit, query.cursor)?;
     let filter = JobFilter { kind, state: job_state, subject: query.subject };
-    let jobs = state.gateway.list_jobs(&caller, &filter, &page).await?;
-    // The cursor follows what the store read, even when some jobs were not the caller's to see.
-    let next = next_cursor(&page, jobs.last().map(|j| j.id.to_string()), jobs.len());
+    let (jobs, next) = state.gateway.list_jobs(&caller, &filter, &page).await?;
     Ok(Json(views::list(jobs.iter().map(views::job).collect(), next)))
 }
 

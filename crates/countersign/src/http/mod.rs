@@ -29,6 +29,7 @@ use crate::gateway::Gateway;
 #[derive(Clone)]
 pub struct AppState {
     pub gateway: Gateway,
+    pub max_body_bytes: usize,
 }
 
 /// Page parameters: `limit` 1..=1000 (default 100) and the opaque cursor from a previous answer.
@@ -51,7 +52,7 @@ pub fn next_cursor(page: &Page, last: Option<String>, count: usize) -> Option<St
 }
 
 pub fn router(gateway: Gateway, max_body_bytes: usize) -> Router {
-    let state = AppState { gateway };
+    let state = AppState { gateway, max_body_bytes };
     Router::new()
         .route("/v1/actions", post(actions::submit).get(actions::list))
         .route("/v1/actions/{id}", get(actions::get))
@@ -95,6 +96,7 @@ pub fn router(gateway: Gateway, max_body_bytes: usize) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -110,11 +112,23 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     let route =
         request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let span = tracing::info_span!("request", %method, %route);
-    let response = next.run(request).instrument(span.clone()).await;
+    let mut response = next.run(request).instrument(span.clone()).await;
+    // Handlers that read the raw body get axum's plain-text 413; every error is problem+json.
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem(&response) {
+        response =
+            Error::PayloadTooLarge(format!("the body is over the {} byte limit", state.max_body_bytes)).into_response();
+    }
     let status = response.status().as_u16();
     state.gateway.metrics().observe_request(&method, &route, status, started.elapsed());
     tracing::debug!(parent: &span, status, elapsed_ms = started.elapsed().as_secs_f64() * 1000.0, "request done");
     response
+}
+
+fn is_problem(response: &Response) -> bool {
+    response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"))
 }
 
 async fn not_found() -> Error {
@@ -127,6 +141,7 @@ async fn method_not_allowed() -> Response {
     body["status"] = json!(405);
     body["title"] = json!("Method not allowed");
     body["code"] = json!("method_not_allowed");
+    body["type"] = json!("https://countersign.dev/problems/method_not_allowed");
     problem::problem_response(StatusCode::METHOD_NOT_ALLOWED, body)
 }
 
@@ -146,4 +161,9 @@ async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse> {
     state.gateway.metrics().set_open_jobs(&open);
     let text = state.gateway.metrics().encode().map_err(|e| Error::Internal(e.to_string()))?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text))
+}
+
+/// The OpenAPI 3.1 description of this API, written by hand; a test keeps its paths equal to the router's.
+async fn openapi() -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], include_str!("openapi.json"))
 }

@@ -120,3 +120,25 @@ async fn an_edit_of_the_watched_policy_file_takes_effect_without_a_signal() {
     assert!(denied.str("/detail").contains("Never delete"), "{:?}", denied.body);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_oversized_body_is_a_problem_on_every_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let big = vec![b' '; 2 * 1024 * 1024];
+    for (method, path) in [
+        (reqwest::Method::POST, "/v1/actions"),
+        (reqwest::Method::POST, "/v1/approvals/apr_01JZ0000000000000000000000/approve"),
+        (reqwest::Method::PUT, "/v1/policy"),
+        (reqwest::Method::POST, "/v1/policy/validate"),
+    ] {
+        let answer = server.admin.send_raw(method, path, "application/json", big.clone()).await.unwrap();
+        assert_eq!(answer.status, 413, "{path}");
+        assert_eq!(answer.content_type, "application/problem+json", "{path}");
+        assert_eq!(answer.str("/code"), "payload_too_large", "{path}");
+    }
+    let wrong_method = server.admin.send(reqwest::Method::PATCH, "/v1/actions", None).await.unwrap();
+    assert_eq!(wrong_method.status, 405);
+    assert_eq!(wrong_method.str("/type"), "https://countersign.dev/problems/method_not_allowed");
+    server.stop().await;
+}

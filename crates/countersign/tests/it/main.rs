@@ -9,4 +9,5 @@ mod core_loop;
 mod helpers;
 mod jobs_webhooks;
 mod limits;
+mod openapi;
 mod tidy;
