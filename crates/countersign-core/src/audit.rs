@@ -207,6 +207,30 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_event_with_floats_still_matches_its_hash() {
+        // 0.1 * 0.3 style floats: the score an agent's 19th success gets. Read back from JSON, the event
+        // must hash the same, or verification reports a chain nobody broke.
+        let event = AuditEvent::seal(
+            OrgId::new(),
+            0,
+            GENESIS_HASH,
+            NewAuditEvent {
+                time_us: 1,
+                actor: Actor::system(),
+                action: "policy.evaluated".into(),
+                subject: None,
+                data: serde_json::json!({"risk_score": 0.030000000000000006, "x": [0.1, 1e-7, 123456.789]}),
+            },
+        );
+        let text = serde_json::to_string(&event).unwrap_or_default();
+        let back: AuditEvent = serde_json::from_str(&text).unwrap_or_else(|_| event.clone());
+        assert_eq!(back.compute_hash(), event.hash);
+        let data_text = serde_json::to_string(&event.data).unwrap_or_default();
+        let data_back: Value = serde_json::from_str(&data_text).unwrap_or_default();
+        assert_eq!(canonical_json(&data_back), canonical_json(&event.data));
+    }
+
+    #[test]
     fn intact_chain_verifies_and_tampering_names_the_event() {
         let events = chain(5);
         let mut v = ChainVerifier::default();

@@ -55,18 +55,14 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn write_admin_key(data_dir: &Path, key: &str) -> Result<(), StartError> {
+/// Writes the generated admin key (0600) and syncs it to disk.
+fn write_admin_key(data_dir: &Path, key: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join("admin.key");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|source| StartError::DataDir { path: path.display().to_string(), source })?;
-    writeln!(file, "{key}").map_err(|source| StartError::DataDir { path: path.display().to_string(), source })
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    writeln!(file, "{key}")?;
+    file.sync_all()
 }
 
 impl Server {
@@ -115,11 +111,11 @@ impl Server {
             shutdown: shutdown.clone(),
         });
         let provided = config.bootstrap_admin_key.as_ref().map(|k| k.expose().to_owned());
-        let bootstrapped =
-            gateway.bootstrap(provided.as_deref()).await.map_err(|e| StartError::Store(e.to_string()))?;
-        if let Some(key) = bootstrapped.as_ref().and_then(|b| b.generated_key.as_deref()) {
-            write_admin_key(&config.data_dir, key)?;
-        }
+        let data_dir = config.data_dir.clone();
+        let bootstrapped = gateway
+            .bootstrap(provided.as_deref(), |key| write_admin_key(&data_dir, key))
+            .await
+            .map_err(|e| StartError::Store(e.to_string()))?;
         gateway.activate_policies().await.map_err(|e| StartError::Store(e.to_string()))?;
         Ok(Server {
             gateway,

@@ -17,6 +17,12 @@ use super::jobs::JobOutcome;
 use super::{Gateway, Work};
 use crate::error::{Error, Result};
 
+/// How long recording an execution's outcome keeps retrying a busy store (100 ms doubling, about 25 s).
+const RECORD_RETRY_LIMIT: std::time::Duration = std::time::Duration::from_secs(13);
+
+/// Attempts of an execution job: a busy store before the request is sent is worth retrying.
+const EXECUTION_ATTEMPTS: u32 = 5;
+
 enum Claim {
     /// Send the request now.
     Send(Box<Action>),
@@ -41,6 +47,7 @@ pub(super) async fn enqueue_execution(
         json!({"action_id": action.id}),
         now,
     );
+    let job = Job { max_attempts: EXECUTION_ATTEMPTS, ..job };
     action.job_id = Some(job.id.clone());
     work.enqueue(&job).await
 }
@@ -156,15 +163,25 @@ impl Gateway {
             Some(Target::Http(http)) => self.inner.connectors.send_http(http, action.id.as_str()).await,
             None => return Ok(()),
         };
-        match outcome {
-            Ok(answer) if (200..300).contains(&answer.status) => {
-                self.finish(&action, ActionState::Succeeded, Some(answer.result), None).await
-            }
+        let (state, result, error) = match outcome {
+            Ok(answer) if (200..300).contains(&answer.status) => (ActionState::Succeeded, Some(answer.result), None),
             Ok(answer) => {
                 let error = format!("upstream answered {}", answer.status);
-                self.finish(&action, ActionState::Failed, Some(answer.result), Some(error)).await
+                (ActionState::Failed, Some(answer.result), Some(error))
             }
-            Err(e) => self.finish(&action, ActionState::Failed, None, Some(e.to_string())).await,
+            Err(e) => (ActionState::Failed, None, Some(e.to_string())),
+        };
+        // The request went out: its outcome is known only here, so a busy store must not lose it.
+        let mut delay = std::time::Duration::from_millis(100);
+        loop {
+            match self.finish(&action, state, result.clone(), error.clone()).await {
+                Err(Error::Unavailable(e)) if delay <= RECORD_RETRY_LIMIT => {
+                    tracing::warn!(action = %action.id, error = %e, "store busy recording an outcome; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                other => return other,
+            }
         }
     }
 

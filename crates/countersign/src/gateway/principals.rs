@@ -147,7 +147,14 @@ impl Gateway {
     }
 
     /// On an empty store: org `default`, user `admin`, and an admin key (the given one, or a new one).
-    pub async fn bootstrap(&self, provided_key: Option<&str>) -> Result<Option<Bootstrapped>> {
+    /// On an empty store: creates org `default` with an admin user and key. A generated key is handed to
+    /// `keep_key` (which writes it to the data dir) before the transaction commits, so a crash can never
+    /// leave a bootstrapped store whose only admin key was lost.
+    pub async fn bootstrap(
+        &self,
+        provided_key: Option<&str>,
+        keep_key: impl FnOnce(&str) -> std::io::Result<()> + Send,
+    ) -> Result<Option<Bootstrapped>> {
         if let Some(key) = provided_key
             && !secrets::is_well_formed(SecretKind::ApiKey, key)
         {
@@ -161,6 +168,10 @@ impl Gateway {
             return Ok(None);
         }
         let created = self.create_org_in(&mut work, "default", true, provided_key.map(str::to_owned)).await?;
+        if provided_key.is_none() {
+            keep_key(&created.admin_key)
+                .map_err(|e| Error::Internal(format!("cannot keep the generated admin key: {e}")))?;
+        }
         work.commit(self).await?;
         Ok(Some(Bootstrapped {
             org: created.org,

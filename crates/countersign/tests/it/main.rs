@@ -6,6 +6,7 @@
 mod audit_and_reload;
 mod audit_export;
 mod core_loop;
+mod crash;
 mod helpers;
 mod jobs_webhooks;
 mod limits;
