@@ -1,10 +1,13 @@
-//! Implementations of `countersign_core::store::Store`: SQLite now (the embedded default), PostgreSQL
-//! later, each with its own migrations and explicit row mapping.
+//! Implementations of `countersign_core::store::Store`: SQLite (the embedded default) and PostgreSQL (one
+//! database shared by several replicas), each with its own migrations and explicit row mapping.
 //!
-//! Nothing above this crate knows which database it talks to; no sqlx type leaves it.
+//! Nothing above this crate knows which database it talks to; no sqlx type leaves it, except through
+//! [`PostgresStore::pool`]. Replicas on one PostgreSQL hear each other through [`PostgresStore::subscribe`].
 #![forbid(unsafe_code)]
 
+pub mod postgres;
 mod rows;
 pub mod sqlite;
 
+pub use postgres::{CHANGES_CHANNEL, PostgresStore, ReplicaFeed};
 pub use sqlite::SqliteStore;

@@ -1,10 +1,22 @@
-//! Conversions shared by the backends: times as microseconds, enums and JSON columns as text, and the
-//! mapping of driver errors onto `StoreError`.
+//! Conversions shared by the backends: times as microseconds, enums and JSON columns as text, the mapping
+//! of a result row onto each domain record, and the mapping of driver errors onto `StoreError`.
 //!
-//! Kept free of any one driver's row type so both backends can use it.
+//! Kept free of any one driver's row type: each backend implements [`Cols`] for its row, and the record
+//! mappers here read through it, so a column added to a table is mapped once for both backends.
 
 use chrono::{DateTime, Utc};
-use countersign_core::store::StoreError;
+use countersign_core::audit::AuditEvent;
+use countersign_core::capability::{Capability, NameGlob};
+use countersign_core::checkpoint::Checkpoint;
+use countersign_core::domain::{
+    Action, Agent, ApiKey, Approval, DecisionRecord, Delivery, Job, JobKind, Org, PrincipalRef, Role, Session,
+    StoredPolicy, User, Webhook, WebhookFormat,
+};
+use countersign_core::ids::{
+    ActionId, AgentId, ApprovalId, DeliveryId, EventId, JobId, KeyId, OrgId, SessionId, UserId, WebhookId,
+};
+use countersign_core::state::{ActionState, ApprovalStatus, Decision, JobState};
+use countersign_core::store::{Page, Retention, StoreError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -36,15 +48,314 @@ pub fn corrupt(column: &str, value: &str) -> StoreError {
     StoreError::Internal(format!("stored {column} `{value}` is not valid"))
 }
 
+/// SQLSTATEs after which PostgreSQL asks the client to try again: serialization failure, deadlock, lock not
+/// available, admin shutdown, cannot connect now, too many connections.
+const PG_RETRYABLE: [&str; 6] = ["40001", "40P01", "55P03", "57P01", "57P03", "53300"];
+
 pub fn map_sqlx(error: sqlx::Error) -> StoreError {
     match &error {
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(db.message().to_owned()),
+        sqlx::Error::Database(db) if db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() => {
+            let code = db.code().unwrap_or_default();
+            // Class 08 is "connection exception".
+            if PG_RETRYABLE.contains(&code.as_ref()) || code.starts_with("08") {
+                StoreError::Unavailable(format!("{} ({code})", db.message()))
+            } else {
+                StoreError::Internal(format!("{} ({code})", db.message()))
+            }
+        }
         sqlx::Error::Database(db) if db.message().contains("locked") || db.message().contains("busy") => {
             StoreError::Unavailable(db.message().to_owned())
         }
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
             StoreError::Unavailable(error.to_string())
         }
         _ => StoreError::Internal(error.to_string()),
     }
+}
+
+/// Typed column access over one driver's result row. Each backend implements it for its row type; the
+/// record mappers below use nothing else.
+pub trait Cols {
+    fn text(&self, column: &str) -> Result<String, StoreError>;
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError>;
+    fn int(&self, column: &str) -> Result<i64, StoreError>;
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
+    /// A boolean column (an integer 0/1 in SQLite, `BOOLEAN` in PostgreSQL).
+    fn flag(&self, column: &str) -> Result<bool, StoreError>;
+}
+
+/// A Rust type one column can be read as, through [`Cols`].
+pub trait Column: Sized {
+    fn read(row: &impl Cols, column: &str) -> Result<Self, StoreError>;
+}
+
+impl Column for String {
+    fn read(row: &impl Cols, column: &str) -> Result<Self, StoreError> {
+        row.text(column)
+    }
+}
+
+impl Column for Option<String> {
+    fn read(row: &impl Cols, column: &str) -> Result<Self, StoreError> {
+        row.opt_text(column)
+    }
+}
+
+impl Column for i64 {
+    fn read(row: &impl Cols, column: &str) -> Result<Self, StoreError> {
+        row.int(column)
+    }
+}
+
+impl Column for Option<i64> {
+    fn read(row: &impl Cols, column: &str) -> Result<Self, StoreError> {
+        row.opt_int(column)
+    }
+}
+
+/// Reads one column as whatever type the caller needs.
+pub fn get<T: Column>(row: &impl Cols, column: &str) -> Result<T, StoreError> {
+    T::read(row, column)
+}
+
+pub fn org_row(row: &impl Cols) -> Result<Org, StoreError> {
+    Ok(Org {
+        id: OrgId::from_stored(get(row, "id")?),
+        name: get(row, "name")?,
+        created_at: from_us(get(row, "created_at")?)?,
+    })
+}
+
+pub fn user_row(row: &impl Cols) -> Result<User, StoreError> {
+    let role: String = get(row, "role")?;
+    Ok(User {
+        id: UserId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        name: get(row, "name")?,
+        role: Role::parse(&role).ok_or_else(|| corrupt("role", &role))?,
+        instance_admin: row.flag("instance_admin")?,
+        created_at: from_us(get(row, "created_at")?)?,
+        disabled_at: opt_from_us(get(row, "disabled_at")?)?,
+    })
+}
+
+pub fn agent_row(row: &impl Cols) -> Result<Agent, StoreError> {
+    Ok(Agent {
+        id: AgentId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        name: get(row, "name")?,
+        owner: get::<Option<String>>(row, "owner_user_id")?.map(UserId::from_stored),
+        created_at: from_us(get(row, "created_at")?)?,
+        disabled_at: opt_from_us(get(row, "disabled_at")?)?,
+    })
+}
+
+pub fn key_row(row: &impl Cols) -> Result<ApiKey, StoreError> {
+    let kind: String = get(row, "principal_kind")?;
+    let principal_id: String = get(row, "principal_id")?;
+    let principal = match kind.as_str() {
+        "user" => PrincipalRef::User(UserId::from_stored(principal_id)),
+        "agent" => PrincipalRef::Agent(AgentId::from_stored(principal_id)),
+        other => return Err(corrupt("principal_kind", other)),
+    };
+    Ok(ApiKey {
+        id: KeyId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        principal,
+        hash: get(row, "hash")?,
+        prefix: get(row, "prefix")?,
+        last_four: get(row, "last_four")?,
+        created_at: from_us(get(row, "created_at")?)?,
+        expires_at: opt_from_us(get(row, "expires_at")?)?,
+        revoked_at: opt_from_us(get(row, "revoked_at")?)?,
+    })
+}
+
+pub fn session_row(row: &impl Cols) -> Result<Session, StoreError> {
+    let scopes: Vec<String> = from_json("scopes", &get::<String>(row, "scopes")?)?;
+    let scopes =
+        scopes.iter().map(|s| NameGlob::parse(s).map_err(|_| corrupt("scope", s))).collect::<Result<Vec<_>, _>>()?;
+    Ok(Session {
+        id: SessionId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        agent_id: AgentId::from_stored(get(row, "agent_id")?),
+        hash: get(row, "hash")?,
+        scopes,
+        created_by: get(row, "created_by")?,
+        created_at: from_us(get(row, "created_at")?)?,
+        expires_at: from_us(get(row, "expires_at")?)?,
+        revoked_at: opt_from_us(get(row, "revoked_at")?)?,
+    })
+}
+
+pub fn action_row(row: &impl Cols) -> Result<Action, StoreError> {
+    let state: String = get(row, "state")?;
+    let capability: String = get(row, "capability")?;
+    Ok(Action {
+        id: ActionId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        agent_id: AgentId::from_stored(get(row, "agent_id")?),
+        agent_name: get(row, "agent_name")?,
+        session_id: get::<Option<String>>(row, "session_id")?.map(SessionId::from_stored),
+        capability: Capability::parse(&capability).map_err(|_| corrupt("capability", &capability))?,
+        params: from_json("params", &get::<String>(row, "params")?)?,
+        reasoning: get(row, "reasoning")?,
+        target: get::<Option<String>>(row, "target")?.map(|t| from_json("target", &t)).transpose()?,
+        idempotency_key: get(row, "idempotency_key")?,
+        state: ActionState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
+        verdict: get::<Option<String>>(row, "verdict")?.map(|t| from_json("verdict", &t)).transpose()?,
+        approval_id: get::<Option<String>>(row, "approval_id")?.map(ApprovalId::from_stored),
+        result: get::<Option<String>>(row, "result")?.map(|t| from_json("result", &t)).transpose()?,
+        error: get(row, "error")?,
+        request_hash: get(row, "request_hash")?,
+        created_at: from_us(get(row, "created_at")?)?,
+        decided_at: opt_from_us(get(row, "decided_at")?)?,
+        started_at: opt_from_us(get(row, "started_at")?)?,
+        finished_at: opt_from_us(get(row, "finished_at")?)?,
+        job_id: get::<Option<String>>(row, "job_id")?.map(JobId::from_stored),
+    })
+}
+
+pub fn count(value: i64, column: &str) -> Result<u32, StoreError> {
+    u32::try_from(value).map_err(|_| corrupt(column, &value.to_string()))
+}
+
+pub fn job_row(row: &impl Cols) -> Result<Job, StoreError> {
+    let kind: String = get(row, "kind")?;
+    let state: String = get(row, "state")?;
+    Ok(Job {
+        id: JobId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        kind: JobKind::parse(&kind).ok_or_else(|| corrupt("kind", &kind))?,
+        subject: get(row, "subject")?,
+        state: JobState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
+        attempts: count(get(row, "attempts")?, "attempts")?,
+        max_attempts: count(get(row, "max_attempts")?, "max_attempts")?,
+        run_at: from_us(get(row, "run_at")?)?,
+        lease_owner: get(row, "lease_owner")?,
+        lease_until: opt_from_us(get(row, "lease_until")?)?,
+        payload: from_json("payload", &get::<String>(row, "payload")?)?,
+        progress: get::<Option<String>>(row, "progress")?.map(|t| from_json("progress", &t)).transpose()?,
+        result: get::<Option<String>>(row, "result")?.map(|t| from_json("result", &t)).transpose()?,
+        error: get(row, "error")?,
+        created_at: from_us(get(row, "created_at")?)?,
+        started_at: opt_from_us(get(row, "started_at")?)?,
+        finished_at: opt_from_us(get(row, "finished_at")?)?,
+    })
+}
+
+pub fn webhook_row(row: &impl Cols) -> Result<Webhook, StoreError> {
+    let format: String = get(row, "format")?;
+    Ok(Webhook {
+        id: WebhookId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        url: get(row, "url")?,
+        events: from_json("events", &get::<String>(row, "events")?)?,
+        secret: get(row, "secret")?,
+        format: WebhookFormat::parse(&format).ok_or_else(|| corrupt("format", &format))?,
+        description: get(row, "description")?,
+        created_at: from_us(get(row, "created_at")?)?,
+        deleted_at: opt_from_us(get(row, "deleted_at")?)?,
+    })
+}
+
+pub fn delivery_row(row: &impl Cols) -> Result<Delivery, StoreError> {
+    let status: Option<i64> = get(row, "status")?;
+    Ok(Delivery {
+        id: DeliveryId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        webhook_id: WebhookId::from_stored(get(row, "webhook_id")?),
+        job_id: JobId::from_stored(get(row, "job_id")?),
+        event_id: get(row, "event_id")?,
+        event_type: get(row, "event_type")?,
+        attempt: count(get(row, "attempt")?, "attempt")?,
+        status: status.map(|s| u16::try_from(s).map_err(|_| corrupt("status", &s.to_string()))).transpose()?,
+        latency_ms: u64::try_from(get::<i64>(row, "latency_ms")?).unwrap_or(0),
+        error: get(row, "error")?,
+        created_at: from_us(get(row, "created_at")?)?,
+    })
+}
+
+pub fn checkpoint_row(row: &impl Cols) -> Result<Checkpoint, StoreError> {
+    Ok(Checkpoint {
+        org_id: get(row, "org_id")?,
+        seq: get(row, "seq")?,
+        head_hash: get(row, "head_hash")?,
+        time_us: get(row, "time_us")?,
+        key_id: get(row, "key_id")?,
+        signature: get(row, "signature")?,
+    })
+}
+
+pub fn retention_row(row: &impl Cols) -> Result<Retention, StoreError> {
+    let days: Option<i64> = get(row, "days")?;
+    Ok(Retention {
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        days: days.map(|d| count(d, "days")).transpose()?,
+        deleted_upto: get(row, "deleted_upto")?,
+    })
+}
+
+pub fn approval_row(row: &impl Cols) -> Result<Approval, StoreError> {
+    let status: String = get(row, "status")?;
+    Ok(Approval {
+        id: ApprovalId::from_stored(get(row, "id")?),
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        action_id: ActionId::from_stored(get(row, "action_id")?),
+        group: get(row, "group_name")?,
+        quorum: u32::try_from(get::<i64>(row, "quorum")?).map_err(|_| corrupt("quorum", "out of range"))?,
+        status: ApprovalStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+        expires_at: from_us(get(row, "expires_at")?)?,
+        token_hash: get(row, "token_hash")?,
+        policy_version: get(row, "policy_version")?,
+        request_hash: get(row, "request_hash")?,
+        rule: get(row, "rule")?,
+        snapshot: get::<Option<String>>(row, "snapshot")?.map(|t| from_json("snapshot", &t)).transpose()?,
+        risk: from_json("risk", &get::<String>(row, "risk")?)?,
+        decisions: Vec::new(),
+        created_at: from_us(get(row, "created_at")?)?,
+        decided_at: opt_from_us(get(row, "decided_at")?)?,
+    })
+}
+
+pub fn decision_row(row: &impl Cols) -> Result<DecisionRecord, StoreError> {
+    let decision: String = get(row, "decision")?;
+    Ok(DecisionRecord {
+        user_id: UserId::from_stored(get(row, "user_id")?),
+        user_name: get(row, "user_name")?,
+        decision: Decision::parse(&decision).ok_or_else(|| corrupt("decision", &decision))?,
+        note: get(row, "note")?,
+        counted: row.flag("counted")?,
+        created_at: from_us(get(row, "created_at")?)?,
+    })
+}
+
+pub fn audit_row(row: &impl Cols) -> Result<AuditEvent, StoreError> {
+    Ok(AuditEvent {
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        seq: get(row, "seq")?,
+        id: EventId::from_stored(get(row, "id")?),
+        time_us: get(row, "time_us")?,
+        actor: from_json("actor", &get::<String>(row, "actor")?)?,
+        action: get(row, "action")?,
+        subject: get(row, "subject")?,
+        data: from_json("data", &get::<String>(row, "data")?)?,
+        prev_hash: get(row, "prev_hash")?,
+        hash: get(row, "hash")?,
+    })
+}
+
+pub fn policy_row(row: &impl Cols) -> Result<StoredPolicy, StoreError> {
+    Ok(StoredPolicy {
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        version: get(row, "version")?,
+        sources: from_json("sources", &get::<String>(row, "sources")?)?,
+        origin: get(row, "origin")?,
+        created_at: from_us(get(row, "created_at")?)?,
+    })
+}
+
+pub fn limit(page: &Page) -> i64 {
+    i64::from(page.limit.clamp(1, 1000))
 }

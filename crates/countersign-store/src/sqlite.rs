@@ -1,8 +1,8 @@
 //! The SQLite store: one file under the data directory, WAL journal, one writer at a time.
 //!
 //! Write transactions start with `BEGIN IMMEDIATE`, so two writers never deadlock on a lock upgrade and the
-//! audit chain's head cannot move between reading it and appending after it. This module maps rows to domain
-//! types explicitly; it holds no business rules.
+//! audit chain's head cannot move between reading it and appending after it. Rows become domain records
+//! through the mappers in `rows`, shared with the PostgreSQL store; this module holds no business rules.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -11,16 +11,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use countersign_core::audit::{AuditEvent, GENESIS_HASH, NewAuditEvent};
-use countersign_core::capability::{Capability, NameGlob};
+use countersign_core::capability::NameGlob;
 use countersign_core::checkpoint::Checkpoint;
 use countersign_core::domain::{
-    Action, Agent, ApiKey, Approval, DecisionRecord, Delivery, Job, JobKind, Org, PrincipalRef, Role, Session,
-    StoredPolicy, User, Webhook, WebhookFormat,
+    Action, Agent, ApiKey, Approval, DecisionRecord, Delivery, Job, JobKind, Org, PrincipalRef, Session, StoredPolicy,
+    User, Webhook,
 };
-use countersign_core::ids::{
-    ActionId, AgentId, ApprovalId, DeliveryId, EventId, JobId, KeyId, OrgId, SessionId, UserId, WebhookId,
-};
-use countersign_core::state::{ActionState, ApprovalStatus, Decision, JobState};
+use countersign_core::ids::{ActionId, AgentId, ApprovalId, JobId, KeyId, OrgId, SessionId, UserId, WebhookId};
+use countersign_core::state::{ActionState, ApprovalStatus, JobState};
 use countersign_core::store::{
     ActionFilter, AuditFilter, AuditHead, JobFilter, Page, PendingDeadline, Retention, Store, StoreError, StoreTx,
 };
@@ -28,7 +26,11 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, Sqlite, SqlitePool, Transaction};
 
-use crate::rows::{corrupt, from_json, from_us, map_sqlx, opt_from_us, opt_us, to_json, to_us};
+use crate::rows::{
+    Cols, action_row, agent_row, approval_row, audit_row, checkpoint_row, corrupt, decision_row, delivery_row, from_us,
+    get, job_row, key_row, limit, map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, session_row,
+    to_json, to_us, user_row, webhook_row,
+};
 
 const MIGRATIONS: [(i64, &str, &str); 2] = [
     (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
@@ -114,254 +116,27 @@ struct SqliteTx {
     tx: Transaction<'static, Sqlite>,
 }
 
-fn get<T>(row: &SqliteRow, column: &str) -> Result<T, StoreError>
-where
-    T: for<'r> sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
-{
-    row.try_get(column).map_err(map_sqlx)
-}
+impl Cols for SqliteRow {
+    fn text(&self, column: &str) -> Result<String, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
 
-fn org_row(row: &SqliteRow) -> Result<Org, StoreError> {
-    Ok(Org {
-        id: OrgId::from_stored(get(row, "id")?),
-        name: get(row, "name")?,
-        created_at: from_us(get(row, "created_at")?)?,
-    })
-}
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
 
-fn user_row(row: &SqliteRow) -> Result<User, StoreError> {
-    let role: String = get(row, "role")?;
-    Ok(User {
-        id: UserId::from_stored(get(row, "id")?),
-        org_id: OrgId::from_stored(get(row, "org_id")?),
-        name: get(row, "name")?,
-        role: Role::parse(&role).ok_or_else(|| corrupt("role", &role))?,
-        instance_admin: get::<i64>(row, "instance_admin")? != 0,
-        created_at: from_us(get(row, "created_at")?)?,
-        disabled_at: opt_from_us(get(row, "disabled_at")?)?,
-    })
-}
+    fn int(&self, column: &str) -> Result<i64, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
 
-fn agent_row(row: &SqliteRow) -> Result<Agent, StoreError> {
-    Ok(Agent {
-        id: AgentId::from_stored(get(row, "id")?),
-        org_id: OrgId::from_stored(get(row, "org_id")?),
-        name: get(row, "name")?,
-        owner: get::<Option<String>>(row, "owner_user_id")?.map(UserId::from_stored),
-        created_at: from_us(get(row, "created_at")?)?,
-        disabled_at: opt_from_us(get(row, "disabled_at")?)?,
-    })
-}
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
 
-fn key_row(row: &SqliteRow) -> Result<ApiKey, StoreError> {
-    let kind: String = get(row, "principal_kind")?;
-    let principal_id: String = get(row, "principal_id")?;
-    let principal = match kind.as_str() {
-        "user" => PrincipalRef::User(UserId::from_stored(principal_id)),
-        "agent" => PrincipalRef::Agent(AgentId::from_stored(principal_id)),
-        other => return Err(corrupt("principal_kind", other)),
-    };
-    Ok(ApiKey {
-        id: KeyId::from_stored(get(row, "id")?),
-        org_id: OrgId::from_stored(get(row, "org_id")?),
-        principal,
-        hash: get(row, "hash")?,
-        prefix: get(row, "prefix")?,
-        last_four: get(row, "last_four")?,
-        created_at: from_us(get(row, "created_at")?)?,
-        expires_at: opt_from_us(get(row, "expires_at")?)?,
-        revoked_at: opt_from_us(get(row, "revoked_at")?)?,
-    })
+    fn flag(&self, column: &str) -> Result<bool, StoreError> {
+        Ok(self.try_get::<i64, _>(column).map_err(map_sqlx)? != 0)
+    }
 }
-
-fn session_row(row: &SqliteRow) -> Result<Session, StoreError> {
-    let scopes: Vec<String> = from_json("scopes", &get::<String>(row, "scopes")?)?;
-    let scopes =
-        scopes.iter().map(|s| NameGlob::parse(s).map_err(|_| corrupt("scope", s))).collect::<Result<Vec<_>, _>>()?;
-    Ok(Session {
-        id: SessionId::from_stored(get(row, "id")?),
-        org_id: OrgId::from_stored(get(row, "org_id")?),
-        agent_id: AgentId::from_stored(get(row, "agent_id")?),
-        hash: get(row, "hash")?,
-        scopes,
-        created_by: get(row, "created_by")?,
-        created_at: from_us(get(row, "created_at")?)?,
-        expires_at: from_us(get(row, "expires_at")?)?,
-        revoked_at: opt_from_us(get(row, "revoked_at")?)?,
-    })
-}
-
-fn action_row(row: &SqliteRow) -> Result<Action, StoreError> {
-    let state: String = get(row, "state")?;
-    let capability: String = get(row, "capability")?;
-    Ok(Action {
-        id: ActionId::from_stored(get(row, "id")?),
-        org_id: OrgId::from_stored(get(row, "org_id")?),
-        agent_id: AgentId::from_stored(get(row, "agent_id")?),
-        agent_name: get(row, "agent_name")?,
-        session_id: get::<Option<String>>(row, "session_id")?.map(SessionId::from_stored),
-        capability: Capability::parse(&capability).map_err(|_| corrupt("capability", &capability))?,
-        params: from_json("params", &get::<String>(row, "params")?)?,
-        reasoning: get(row, "reasoning")?,
-        target: get::<Option<String>>(row, "target")?.map(|t| from_json("target", &t)).transpose()?,
-        idempotency_key: get(row, "idempotency_key")?,
-        state: ActionState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
-        verdict: get::<Option<String>>(row, "verdict")?.map(|t| from_json("verdict", &t)).transpose()?,
-        approval_id: get::<Option<String>>(row, "approval_id")?.map(ApprovalId::from_stored),
-        result: get::<Option<String>>(row, "result")?.map(|t| from_json("result", &t)).transpose()?,
-        error: get(row, "error")?,
-        request_hash: get(row, "request_hash")?,
-        created_at: from_us(get(row, "created_at")?)?,
-        decided_at: opt_from_us(get(row, "decided_at")?)?,
-        started_at: opt_from_us(get(row, "started_at")?)?,
-        finished_at: opt_from_us(get(row, "finished_at")?)?,
-        job_id: get::<Option<String>>(row, "job_id")?.map(JobId::from_stored),
-    })
-}
-
-fn count(value: i64, column: &str) -> Result<u32, StoreError> {
-    u32::try_from(value).map_err(|_| corrupt(column, &value.to_string()))
-}
-
-fn job_row(row: &SqliteRow) -> Result<Job, StoreError> {
-    let kind: String = get(row, "kind")?;
-    let state: String = get(row, "state")?;
-    Ok(Job {
-        id: JobId::from_stored(get(row, "id")?),
-        org_id: OrgId::from_stored(get(row, "org_id")?),
-        kind: JobKind::parse(&kind).ok_or_else(|| corrupt("kind", &kind))?,
-        subject: get(row, "subject")?,
-        state: JobState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
-        attempts: count(get(row, "attempts")?, "attempts")?,
-        max_attempts: count(get(row, "max_attempts")?, "max_attempts")?,
-        run_at: from_us(get(row, "run_at")?)?,
-        lease_owner: get(row, "lease_owner")?,
-        lease_until: opt_from_us(get(row, "lease_until")?)?,
-        payload: from_json("payload", &get::<String>(row, "payload")?)?,
-        progress: get::<Option<String>>(row, "progress")?.map(|t| from_json("progress", &t)).transpose()?,
-        result: get::<Option<String>>(row, "result")?.map(|t| from_json("result", &t)).transpose()?,
-        error: get(row, "error")?,
-        created_at: from_us(get(row, "created_at")?)?,
-        started_at: opt_from_us(get(row, "started_at")?)?,
-        finished_at: opt_from_us(get(row, "finished_at")?)?,
-    })
-}
-
-fn webhook_row(row: &SqliteRow) -> Result<Webhook, StoreError> {
-    let format: String = get(row, "format")?;
-    Ok(Webhook {
-        id: WebhookId::from_stored(get(row, "id")?),
-        org_id: OrgId::from_stored(get(row, "org_id")?),
-        url: get(row, "url")?,
-        events: from_json("events", &get::<String>(row, "events")?)?,
-        secret: get(row, "secret")?,
-        format: WebhookFormat::parse(&format).ok_or_else(|| corrupt("format", &format))?,
-        description: get(row, "description")?,
-        created_at: from_us(get(row, "created_at")?)?,
-        deleted_at: opt_from_us(get(row, "deleted_at")?)?,
-    })
-}
-
-fn delivery_row(row: &SqliteRow) -> Result<Delivery, StoreError> {
-    let status: Option<i64> = get(row, "status")?;
-    Ok(Delivery {
-        id: DeliveryId::from_stored(get(row, "id")?),
-        org_id: OrgId::from_stored(get(row, "org_id")?),
-        webhook_id: WebhookId::from_stored(get(row, "webhook_id")?),
-        job_id: JobId::from_stored(get(row, "job_id")?),
-        event_id: get(row, "event_id")?,
-        event_type: get(row, "event_type")?,
-        attempt: count(get(row, "attempt")?, "attempt")?,
-        status: status.map(|s| u16::try_from(s).map_err(|_| corrupt("status", &s.to_string()))).transpose()?,
-        latency_ms: u64::try_from(get::<i64>(row, "latency_ms")?).unwrap_or(0),
-        error: get(row, "error")?,
-        created_at: from_us(get(row, "created_at")?)?,
-    })
-}
-
-fn checkpoint_row(row: &SqliteRow) -> Result<Checkpoint, StoreError> {
-    Ok(Checkpoint {
-        org_id: get(row, "org_id")?,
-        seq: get(row, "seq")?,
-        head_hash: get(row, "head_hash")?,
-        time_us: get(row, "time_us")?,
-        key_id: get(row, "key_id")?,
-        signature: get(row, "signature")?,
-    })
-}
-
-fn retention_row(row: &SqliteRow) -> Result<Retention, StoreError> {
-    let days: Option<i64> = get(row, "days")?;
-    Ok(Retention {
-        org_id: OrgId::from_stored(get(row, "org_id")?),
-        days: days.map(|d| count(d, "days")).transpose()?,
-        deleted_upto: get(row, "deleted_upto")?,
-    })
-}
-
-fn approval_row(row: &SqliteRow) -> Result<Approval, StoreError> {
-    let status: String = get(row, "status")?;
-    Ok(Approval {
-        id: ApprovalId::from_stored(get(row, "id")?),
-        org_id: OrgId::from_stored(get(row, "org_id")?),
-        action_id: ActionId::from_stored(get(row, "action_id")?),
-        group: get(row, "group_name")?,
-        quorum: u32::try_from(get::<i64>(row, "quorum")?).map_err(|_| corrupt("quorum", "out of range"))?,
-        status: ApprovalStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
-        expires_at: from_us(get(row, "expires_at")?)?,
-        token_hash: get(row, "token_hash")?,
-        policy_version: get(row, "policy_version")?,
-        request_hash: get(row, "request_hash")?,
-        rule: get(row, "rule")?,
-        snapshot: get::<Option<String>>(row, "snapshot")?.map(|t| from_json("snapshot", &t)).transpose()?,
-        risk: from_json("risk", &get::<String>(row, "risk")?)?,
-        decisions: Vec::new(),
-        created_at: from_us(get(row, "created_at")?)?,
-        decided_at: opt_from_us(get(row, "decided_at")?)?,
-    })
-}
-
-fn decision_row(row: &SqliteRow) -> Result<DecisionRecord, StoreError> {
-    let decision: String = get(row, "decision")?;
-    Ok(DecisionRecord {
-        user_id: UserId::from_stored(get(row, "user_id")?),
-        user_name: get(row, "user_name")?,
-        decision: Decision::parse(&decision).ok_or_else(|| corrupt("decision", &decision))?,
-        note: get(row, "note")?,
-        counted: get::<i64>(row, "counted")? != 0,
-        created_at: from_us(get(row, "created_at")?)?,
-    })
-}
-
-fn audit_row(row: &SqliteRow) -> Result<AuditEvent, StoreError> {
-    Ok(AuditEvent {
-        org_id: OrgId::from_stored(get(row, "org_id")?),
-        seq: get(row, "seq")?,
-        id: EventId::from_stored(get(row, "id")?),
-        time_us: get(row, "time_us")?,
-        actor: from_json("actor", &get::<String>(row, "actor")?)?,
-        action: get(row, "action")?,
-        subject: get(row, "subject")?,
-        data: from_json("data", &get::<String>(row, "data")?)?,
-        prev_hash: get(row, "prev_hash")?,
-        hash: get(row, "hash")?,
-    })
-}
-
-fn policy_row(row: &SqliteRow) -> Result<StoredPolicy, StoreError> {
-    Ok(StoredPolicy {
-        org_id: OrgId::from_stored(get(row, "org_id")?),
-        version: get(row, "version")?,
-        sources: from_json("sources", &get::<String>(row, "sources")?)?,
-        origin: get(row, "origin")?,
-        created_at: from_us(get(row, "created_at")?)?,
-    })
-}
-
-fn limit(page: &Page) -> i64 {
-    i64::from(page.limit.clamp(1, 1000))
-}
-
 impl SqliteTx {
     async fn fetch_all(
         &mut self,
@@ -941,7 +716,24 @@ impl StoreTx for SqliteTx {
             .await?;
         let (seq, hash) = match head {
             Some(row) => (get::<i64>(&row, "seq")?, get::<String>(&row, "hash")?),
-            None => (0, GENESIS_HASH.to_owned()),
+            // No events: a new org, or retention deleted every one; then the chain goes on from the
+            // checkpoint retention left, never from genesis again.
+            None => {
+                let retained = self
+                    .fetch_optional(
+                        sqlx::query(
+                            "SELECT c.seq, c.head_hash FROM audit_retention r
+                             JOIN audit_checkpoints c ON c.org_id = r.org_id AND c.seq = r.deleted_upto
+                             WHERE r.org_id = ? AND r.deleted_upto > 0",
+                        )
+                        .bind(org.as_str().to_owned()),
+                    )
+                    .await?;
+                match retained {
+                    Some(row) => (get::<i64>(&row, "seq")?, get::<String>(&row, "head_hash")?),
+                    None => (0, GENESIS_HASH.to_owned()),
+                }
+            }
         };
         let sealed = AuditEvent::seal(org.clone(), seq, &hash, event);
         self.execute(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use countersign_core::clock::{Clock, SystemClock};
 use countersign_core::store::Store;
-use countersign_store::SqliteStore;
+use countersign_store::{PostgresStore, SqliteStore};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +47,8 @@ pub struct Server {
     max_body_bytes: usize,
     watch_policy: bool,
     expiry_requests: mpsc::UnboundedReceiver<ExpiryRequest>,
+    /// With PostgreSQL: where other replicas' changes come from.
+    replicas: Option<PostgresStore>,
     shutdown: CancellationToken,
 }
 
@@ -74,16 +76,24 @@ impl Server {
         install_crypto_provider();
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
-        if config.database_url.is_some() {
-            return Err(StartError::Config(
-                "database_url (PostgreSQL) is not supported by this build yet; remove it to use the embedded SQLite store".into(),
-            ));
-        }
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.data_dir.join("countersign.db"))
-                .await
-                .map_err(|e| StartError::Store(e.to_string()))?,
-        );
+        let mut postgres = None;
+        let store: Arc<dyn Store> = match &config.database_url {
+            Some(url) if url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://") => {
+                let pg = PostgresStore::connect(url.expose()).await.map_err(|e| StartError::Store(e.to_string()))?;
+                postgres = Some(pg.clone());
+                Arc::new(pg)
+            }
+            Some(_) => {
+                return Err(StartError::Config(
+                    "database_url must be a postgres:// URL; leave it out to use the embedded SQLite store".into(),
+                ));
+            }
+            None => Arc::new(
+                SqliteStore::open(&config.data_dir.join("countersign.db"))
+                    .await
+                    .map_err(|e| StartError::Store(e.to_string()))?,
+            ),
+        };
         let policies = PolicyRegistry::load(config.policy.clone()).map_err(|e| StartError::Policy(e.to_string()))?;
         let connectors = Connectors::new(config.upstreams.clone(), &config.network.allow_private)
             .map_err(|e| StartError::Config(e.to_string()))?;
@@ -125,6 +135,7 @@ impl Server {
             max_body_bytes: config.max_body_bytes,
             watch_policy: config.watch_policy,
             expiry_requests,
+            replicas: postgres,
             shutdown,
         })
     }
@@ -156,6 +167,9 @@ impl Server {
             Ok(n) if n > 0 => tracing::info!(jobs = n, "jobs left running by an earlier process are due again"),
             Ok(_) => {}
             Err(error) => tracing::error!(%error, "cannot release stale job leases"),
+        }
+        if let Some(store) = self.replicas {
+            tracker.spawn(workers::replicas::run(gateway.clone(), store, token.clone()));
         }
         tracker.spawn(workers::jobs::run(gateway.clone(), token.clone(), tracker.clone()));
         tracker.spawn(workers::jobs::sweep_retention(gateway.clone(), token.clone()));

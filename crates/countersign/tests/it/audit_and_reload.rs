@@ -17,13 +17,13 @@ async fn a_tampered_frozen_request_is_refused_and_never_sent() {
     let held = bot.submit_action(&http_action("payments.charge.card")).await.unwrap();
     assert_eq!(held.status, 202);
     // Someone with database access rewrites the frozen request while it waits for approval.
-    let url = format!("sqlite://{}", dir.path().join("countersign.db").display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::query("UPDATE actions SET target = replace(target, '1200', '999999') WHERE id = ?")
-        .bind(held.str("/id").to_owned())
-        .execute(&pool)
-        .await
-        .unwrap();
+    let changed = crate::helpers::raw_sql(
+        dir.path(),
+        "UPDATE actions SET target = replace(target, '1200', '999999') WHERE id = ?",
+        Some(held.str("/id")),
+    )
+    .await;
+    assert_eq!(changed, Ok(1));
     let approved = server.admin.approve(held.str("/approval/id"), None).await.unwrap();
     assert_eq!(approved.status, 200);
     let finished = bot.wait_action(held.str("/id"), 10.0).await.unwrap();

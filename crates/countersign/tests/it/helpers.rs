@@ -112,6 +112,56 @@ pub fn config(data_dir: &std::path::Path, upstream: Option<&str>) -> Config {
     config
 }
 
+/// Set by `scripts/with-postgres`: the whole suite then runs against PostgreSQL.
+pub fn postgres_url() -> Option<String> {
+    std::env::var("COUNTERSIGN_TEST_DATABASE_URL").ok().filter(|url| !url.is_empty())
+}
+
+/// With PostgreSQL, the database of a data dir (created on first use, so a restart finds its data again).
+pub async fn database_for(data_dir: &std::path::Path) -> Option<String> {
+    use sha2::Digest;
+    use sqlx::Connection;
+    let base = postgres_url()?;
+    let digest = sha2::Sha256::digest(data_dir.to_string_lossy().as_bytes());
+    let name = format!("cs_{}", &hex::encode(digest)[..20]);
+    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+    let exists = sqlx::query("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut admin)
+        .await
+        .unwrap()
+        .is_some();
+    if !exists {
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
+    }
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    Some(format!("{prefix}/{name}"))
+}
+
+/// Runs one statement straight against a test server's database, as someone with database access would
+/// (`?` placeholders; at most one bound text value). Answers the rows affected or the database's error.
+pub async fn raw_sql(data_dir: &std::path::Path, sql: &str, bind: Option<&str>) -> Result<u64, String> {
+    match database_for(data_dir).await {
+        Some(url) => {
+            let pool = sqlx::PgPool::connect(&url).await.unwrap();
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.replace('?', "$1")));
+            if let Some(value) = bind {
+                query = query.bind(value.to_owned());
+            }
+            query.execute(&pool).await.map(|r| r.rows_affected()).map_err(|e| e.to_string())
+        }
+        None => {
+            let url = format!("sqlite://{}", data_dir.join("countersign.db").display());
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()));
+            if let Some(value) = bind {
+                query = query.bind(value.to_owned());
+            }
+            query.execute(&pool).await.map(|r| r.rows_affected()).map_err(|e| e.to_string())
+        }
+    }
+}
+
 /// The system clock moved forward by however much a test says (for retention windows).
 #[derive(Debug, Default)]
 pub struct ShiftedClock {
@@ -136,7 +186,12 @@ impl TestServer {
     }
 
     /// Starts a server from a configuration a test adjusted, optionally with its own clock.
-    pub async fn start_with(config: Config, clock: Option<Arc<dyn countersign_core::clock::Clock>>) -> TestServer {
+    pub async fn start_with(mut config: Config, clock: Option<Arc<dyn countersign_core::clock::Clock>>) -> TestServer {
+        if config.database_url.is_none()
+            && let Some(url) = database_for(&config.data_dir).await
+        {
+            config.database_url = Some(countersign::config::Secret::new(url));
+        }
         let data_dir = config.data_dir.clone();
         let data_dir = data_dir.as_path();
         let server = match clock {

@@ -1,0 +1,1294 @@
+//! The PostgreSQL store: one database shared by any number of gateway replicas.
+//!
+//! SQLite serialises writers with one file lock; here several replicas write at once, and the store keeps the
+//! gateway's read-check-write steps safe with row locks instead:
+//!
+//! - **Writer transactions** ([`Store::write`]) run at READ COMMITTED and are marked as writers. In them, every
+//!   read of a mutable row the gateway may then change — `get_action`, `find_action_by_idempotency_key`,
+//!   `get_approval`, `find_approval_by_token_hash`, `get_job`, `get_webhook`, `find_session_by_hash` and
+//!   `retention` — is `SELECT … FOR UPDATE`. Two replicas deciding the same approval queue on its row; the
+//!   second reads it only after the first commits, and so sees it decided. A lookup that finds nothing locks
+//!   nothing: two concurrent inserts of the same unique key meet at the unique index and the second gets
+//!   `StoreError::Conflict`.
+//! - **The audit head.** `audit_heads` holds each org's newest `(seq, hash)`. `append_audit` locks that row
+//!   (creating it at seq 0 on the org's first event), seals the event after it, inserts the event and moves the
+//!   head in one statement. Appends to one org from any number of replicas therefore queue on one row and the
+//!   chain stays gapless; different orgs never wait for each other. The lock is held until commit, so a
+//!   transaction that appends should take its other row locks first, or PostgreSQL may break a lock cycle by
+//!   failing one transaction (mapped to `StoreError::Unavailable`).
+//! - **Jobs** are claimed with `FOR UPDATE SKIP LOCKED`: a claimer skips rows another replica is claiming, so
+//!   each due job goes to exactly one replica and claimers never wait for each other.
+//! - **Reader transactions** ([`Store::read`]) are `REPEATABLE READ READ ONLY`: one consistent snapshot (as a
+//!   SQLite read transaction has), no locks, and no serialization failures.
+//!
+//! Between replicas, [`StoreTx::publish`] is `NOTIFY` on [`CHANGES_CHANNEL`] inside the transaction (delivered
+//! only if it commits), and [`PostgresStore::subscribe`] is the `LISTEN` side, on a connection of its own.
+//!
+//! The schema (`migrations/postgres/`) refuses to change or remove audit events and checkpoints with trigger
+//! functions, exactly as the SQLite triggers do. Rows become domain records through the shared mappers in
+//! `rows`; this module holds no business rules.
+
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use countersign_core::audit::{AuditEvent, GENESIS_HASH, NewAuditEvent};
+use countersign_core::capability::NameGlob;
+use countersign_core::checkpoint::Checkpoint;
+use countersign_core::domain::{
+    Action, Agent, ApiKey, Approval, DecisionRecord, Delivery, Job, JobKind, Org, PrincipalRef, Session, StoredPolicy,
+    User, Webhook,
+};
+use countersign_core::ids::{ActionId, AgentId, ApprovalId, JobId, KeyId, OrgId, SessionId, UserId, WebhookId};
+use countersign_core::state::{ActionState, ApprovalStatus, JobState};
+use countersign_core::store::{
+    ActionFilter, AuditFilter, AuditHead, JobFilter, Page, PendingDeadline, Retention, Store, StoreError, StoreTx,
+};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, SqlSafeStr, Transaction};
+
+use crate::rows::{
+    Cols, action_row, agent_row, approval_row, audit_row, checkpoint_row, corrupt, decision_row, delivery_row, from_us,
+    get, job_row, key_row, limit, map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, session_row,
+    to_json, to_us, user_row, webhook_row,
+};
+
+const MIGRATIONS: [(i64, &str, &str); 1] = [(1, "init", include_str!("../migrations/postgres/0001_init.sql"))];
+
+/// Connections per replica. Each open transaction holds one.
+const MAX_CONNECTIONS: u32 = 16;
+/// How long a transaction waits for a free connection before the store answers `Unavailable`.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `LISTEN`/`NOTIFY` channel on which each commit tells the other replicas what it changed.
+pub const CHANGES_CHANNEL: &str = "countersign_changes";
+
+/// How long the replica feed waits before trying to listen again after a failure, at most.
+const MAX_RELISTEN_DELAY: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    /// Kept to open the replica feed's own connection; holds the password, so it is left out of `Debug`.
+    options: PgConnectOptions,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("pool", &self.pool).finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user:password@host:port/database`) and brings the schema up to date.
+    /// Several replicas may start at once: sqlx holds an advisory lock while it migrates.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Internal(format!("invalid database URL: {e}")))?
+            .application_name("countersign");
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options.clone())
+            .await
+            .map_err(map_sqlx)?;
+        let migrations = MIGRATIONS
+            .iter()
+            .map(|(version, name, sql)| {
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*name),
+                    MigrationType::Simple,
+                    AssertSqlSafe(*sql).into_sql_str(),
+                    false,
+                )
+            })
+            .collect();
+        Migrator::with_migrations(migrations)
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
+        Ok(PostgresStore { pool, options })
+    }
+
+    /// The connection pool, for what the `Store` trait does not cover.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Starts listening to what the other replicas publish ([`StoreTx::publish`]), on a connection of its
+    /// own (not one of the pool's). A replica hears its own messages too.
+    pub async fn subscribe(&self) -> Result<ReplicaFeed, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(self.options.clone())
+            .await
+            .map_err(map_sqlx)?;
+        let listener = listen(&pool).await?;
+        Ok(ReplicaFeed { pool, listener: Some(listener), lost: false })
+    }
+}
+
+async fn listen(pool: &PgPool) -> Result<PgListener, StoreError> {
+    let mut listener = PgListener::connect_with(pool).await.map_err(map_sqlx)?;
+    listener.ignore_pool_close_event(true);
+    listener.listen(CHANGES_CHANNEL).await.map_err(map_sqlx)?;
+    Ok(listener)
+}
+
+/// Messages from every replica's commits, in commit order, as they were published.
+pub struct ReplicaFeed {
+    pool: PgPool,
+    listener: Option<PgListener>,
+    /// The connection dropped since the last `recv` returned: the next one says so once listening again.
+    lost: bool,
+}
+
+impl ReplicaFeed {
+    /// The next message: `Some(Some(text))`. `Some(None)` when the connection was lost and the feed is
+    /// listening again: anything published in between was missed, so the caller should re-read what it
+    /// watches. `None` when the feed has closed for good. A lost connection is re-opened with backoff; this
+    /// waits until then.
+    pub async fn recv(&mut self) -> Option<Option<String>> {
+        let mut delay = Duration::from_millis(250);
+        loop {
+            let Some(listener) = self.listener.as_mut() else {
+                match listen(&self.pool).await {
+                    Ok(listener) => self.listener = Some(listener),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot listen for other replicas; retrying in {delay:?}");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(MAX_RELISTEN_DELAY);
+                    }
+                }
+                continue;
+            };
+            if self.lost {
+                self.lost = false;
+                return Some(None);
+            }
+            match listener.try_recv().await {
+                Ok(Some(notification)) => return Some(Some(notification.payload().to_owned())),
+                // Lost, and already listening again on a new connection.
+                Ok(None) => return Some(None),
+                Err(sqlx::Error::PoolClosed) => return None,
+                Err(error) => {
+                    tracing::warn!(%error, "lost the connection that listens for other replicas");
+                    self.listener = None;
+                    self.lost = true;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PostgresStore {
+    async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await.map_err(map_sqlx)?;
+        Ok(Box::new(PgTx { tx, writer: true }))
+    }
+
+    async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(map_sqlx)?;
+        Ok(Box::new(PgTx { tx, writer: false }))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+}
+
+struct PgTx {
+    tx: Transaction<'static, Postgres>,
+    /// Begun by `write()`: reads of mutable rows lock them.
+    writer: bool,
+}
+
+impl Cols for PgRow {
+    fn text(&self, column: &str) -> Result<String, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
+
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
+
+    fn int(&self, column: &str) -> Result<i64, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
+
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
+
+    fn flag(&self, column: &str) -> Result<bool, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
+
+impl PgTx {
+    /// `sql` as is in a reader; with `FOR UPDATE` appended in a writer.
+    fn locking(&self, sql: &'static str) -> PgQuery<'static> {
+        if self.writer { sqlx::query(AssertSqlSafe(format!("{sql} FOR UPDATE"))) } else { sqlx::query(sql) }
+    }
+
+    async fn fetch_all(&mut self, query: PgQuery<'_>) -> Result<Vec<PgRow>, StoreError> {
+        query.fetch_all(&mut *self.tx).await.map_err(map_sqlx)
+    }
+
+    async fn fetch_optional(&mut self, query: PgQuery<'_>) -> Result<Option<PgRow>, StoreError> {
+        query.fetch_optional(&mut *self.tx).await.map_err(map_sqlx)
+    }
+
+    async fn fetch_count(&mut self, query: PgQuery<'_>) -> Result<i64, StoreError> {
+        let row = self.fetch_optional(query).await?;
+        row.map(|r| get(&r, "n")).transpose().map(|n| n.unwrap_or(0))
+    }
+
+    async fn execute(&mut self, query: PgQuery<'_>) -> Result<u64, StoreError> {
+        query.execute(&mut *self.tx).await.map(|r| r.rows_affected()).map_err(map_sqlx)
+    }
+
+    /// Maps approval rows and attaches their decisions, fetched in one query.
+    async fn approvals_with_decisions(&mut self, rows: Vec<PgRow>) -> Result<Vec<Approval>, StoreError> {
+        let mut approvals = rows.iter().map(approval_row).collect::<Result<Vec<_>, _>>()?;
+        let Some(first) = approvals.first() else { return Ok(approvals) };
+        let org = first.org_id.as_str().to_owned();
+        let ids: Vec<String> = approvals.iter().map(|a| a.id.as_str().to_owned()).collect();
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM decisions WHERE org_id = $1 AND approval_id = ANY($2)
+                     ORDER BY created_at, user_id",
+                )
+                .bind(org)
+                .bind(ids),
+            )
+            .await?;
+        for row in &rows {
+            let approval_id: String = get(row, "approval_id")?;
+            let decision = decision_row(row)?;
+            if let Some(approval) = approvals.iter_mut().find(|a| a.id.as_str() == approval_id) {
+                approval.decisions.push(decision);
+            }
+        }
+        Ok(approvals)
+    }
+
+    async fn one_approval(&mut self, row: Option<PgRow>) -> Result<Option<Approval>, StoreError> {
+        Ok(self.approvals_with_decisions(row.into_iter().collect()).await?.pop())
+    }
+}
+
+#[async_trait::async_trait]
+impl StoreTx for PgTx {
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.tx.commit().await.map_err(map_sqlx)
+    }
+
+    async fn publish(&mut self, message: &str) -> Result<(), StoreError> {
+        self.execute(sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGES_CHANNEL).bind(message.to_owned()))
+            .await
+            .map(drop)
+    }
+
+    async fn count_orgs(&mut self) -> Result<i64, StoreError> {
+        self.fetch_count(sqlx::query("SELECT COUNT(*) AS n FROM orgs")).await
+    }
+
+    async fn list_orgs(&mut self) -> Result<Vec<Org>, StoreError> {
+        let rows = self.fetch_all(sqlx::query("SELECT * FROM orgs ORDER BY created_at, id")).await?;
+        rows.iter().map(org_row).collect()
+    }
+
+    async fn insert_org(&mut self, org: &Org) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES ($1, $2, $3)")
+                .bind(org.id.as_str().to_owned())
+                .bind(org.name.clone())
+                .bind(to_us(org.created_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_org(&mut self, id: &OrgId) -> Result<Option<Org>, StoreError> {
+        let row =
+            self.fetch_optional(sqlx::query("SELECT * FROM orgs WHERE id = $1").bind(id.as_str().to_owned())).await?;
+        row.as_ref().map(org_row).transpose()
+    }
+
+    async fn insert_user(&mut self, user: &User) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO users (id, org_id, name, role, instance_admin, created_at, disabled_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(user.id.as_str().to_owned())
+            .bind(user.org_id.as_str().to_owned())
+            .bind(user.name.clone())
+            .bind(user.role.as_str())
+            .bind(user.instance_admin)
+            .bind(to_us(user.created_at))
+            .bind(opt_us(user.disabled_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_user(&mut self, org: &OrgId, id: &UserId) -> Result<Option<User>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM users WHERE org_id = $1 AND id = $2")
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        row.as_ref().map(user_row).transpose()
+    }
+
+    async fn find_user_by_name(&mut self, org: &OrgId, name: &str) -> Result<Option<User>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM users WHERE org_id = $1 AND name = $2")
+                    .bind(org.as_str().to_owned())
+                    .bind(name.to_owned()),
+            )
+            .await?;
+        row.as_ref().map(user_row).transpose()
+    }
+
+    async fn list_users(&mut self, org: &OrgId) -> Result<Vec<User>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query("SELECT * FROM users WHERE org_id = $1 ORDER BY created_at, id")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        rows.iter().map(user_row).collect()
+    }
+
+    async fn disable_user(&mut self, org: &OrgId, id: &UserId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE users SET disabled_at = $1 WHERE org_id = $2 AND id = $3 AND disabled_at IS NULL")
+                    .bind(to_us(at))
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn insert_agent(&mut self, agent: &Agent) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO agents (id, org_id, name, owner_user_id, created_at, disabled_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(agent.id.as_str().to_owned())
+            .bind(agent.org_id.as_str().to_owned())
+            .bind(agent.name.clone())
+            .bind(agent.owner.as_ref().map(|o| o.as_str().to_owned()))
+            .bind(to_us(agent.created_at))
+            .bind(opt_us(agent.disabled_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_agent(&mut self, org: &OrgId, id: &AgentId) -> Result<Option<Agent>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM agents WHERE org_id = $1 AND id = $2")
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        row.as_ref().map(agent_row).transpose()
+    }
+
+    async fn find_agent_by_name(&mut self, org: &OrgId, name: &str) -> Result<Option<Agent>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM agents WHERE org_id = $1 AND name = $2")
+                    .bind(org.as_str().to_owned())
+                    .bind(name.to_owned()),
+            )
+            .await?;
+        row.as_ref().map(agent_row).transpose()
+    }
+
+    async fn list_agents(&mut self, org: &OrgId) -> Result<Vec<Agent>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query("SELECT * FROM agents WHERE org_id = $1 ORDER BY created_at, id")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        rows.iter().map(agent_row).collect()
+    }
+
+    async fn disable_agent(&mut self, org: &OrgId, id: &AgentId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE agents SET disabled_at = $1 WHERE org_id = $2 AND id = $3 AND disabled_at IS NULL")
+                    .bind(to_us(at))
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn insert_key(&mut self, key: &ApiKey) -> Result<(), StoreError> {
+        let (kind, principal_id) = match &key.principal {
+            PrincipalRef::User(id) => ("user", id.as_str().to_owned()),
+            PrincipalRef::Agent(id) => ("agent", id.as_str().to_owned()),
+        };
+        self.execute(
+            sqlx::query(
+                "INSERT INTO api_keys (id, org_id, principal_kind, principal_id, hash, prefix, last_four, created_at,
+                    expires_at, revoked_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(key.id.as_str().to_owned())
+            .bind(key.org_id.as_str().to_owned())
+            .bind(kind)
+            .bind(principal_id)
+            .bind(key.hash.clone())
+            .bind(key.prefix.clone())
+            .bind(key.last_four.clone())
+            .bind(to_us(key.created_at))
+            .bind(opt_us(key.expires_at))
+            .bind(opt_us(key.revoked_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn find_key_by_hash(&mut self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
+        let row =
+            self.fetch_optional(sqlx::query("SELECT * FROM api_keys WHERE hash = $1").bind(hash.to_owned())).await?;
+        row.as_ref().map(key_row).transpose()
+    }
+
+    async fn list_keys(&mut self, org: &OrgId) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query("SELECT * FROM api_keys WHERE org_id = $1 ORDER BY created_at, id")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        rows.iter().map(key_row).collect()
+    }
+
+    async fn revoke_key(&mut self, org: &OrgId, id: &KeyId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE org_id = $2 AND id = $3 AND revoked_at IS NULL")
+                    .bind(to_us(at))
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn insert_session(&mut self, session: &Session) -> Result<(), StoreError> {
+        let scopes: Vec<&str> = session.scopes.iter().map(NameGlob::as_str).collect();
+        self.execute(
+            sqlx::query(
+                "INSERT INTO sessions (id, org_id, agent_id, hash, scopes, created_by, created_at, expires_at,
+                    revoked_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(session.id.as_str().to_owned())
+            .bind(session.org_id.as_str().to_owned())
+            .bind(session.agent_id.as_str().to_owned())
+            .bind(session.hash.clone())
+            .bind(to_json(&scopes)?)
+            .bind(session.created_by.clone())
+            .bind(to_us(session.created_at))
+            .bind(to_us(session.expires_at))
+            .bind(opt_us(session.revoked_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn find_session_by_hash(&mut self, hash: &str) -> Result<Option<Session>, StoreError> {
+        let query = self.locking("SELECT * FROM sessions WHERE hash = $1").bind(hash.to_owned());
+        let row = self.fetch_optional(query).await?;
+        row.as_ref().map(session_row).transpose()
+    }
+
+    async fn list_sessions(&mut self, org: &OrgId, agent: Option<&AgentId>) -> Result<Vec<Session>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM sessions WHERE org_id = $1 AND ($2::text IS NULL OR agent_id = $2)
+                     ORDER BY created_at DESC, id DESC",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(agent.map(|a| a.as_str().to_owned())),
+            )
+            .await?;
+        rows.iter().map(session_row).collect()
+    }
+
+    async fn revoke_session(&mut self, org: &OrgId, id: &SessionId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE sessions SET revoked_at = $1 WHERE org_id = $2 AND id = $3 AND revoked_at IS NULL")
+                    .bind(to_us(at))
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn insert_action(&mut self, a: &Action) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO actions (id, org_id, agent_id, agent_name, session_id, capability, params, reasoning,
+                    target, idempotency_key, state, verdict, approval_id, result, error, request_hash, created_at,
+                    decided_at, started_at, finished_at, job_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+                    $21)",
+            )
+            .bind(a.id.as_str().to_owned())
+            .bind(a.org_id.as_str().to_owned())
+            .bind(a.agent_id.as_str().to_owned())
+            .bind(a.agent_name.clone())
+            .bind(a.session_id.as_ref().map(|s| s.as_str().to_owned()))
+            .bind(a.capability.as_str().to_owned())
+            .bind(to_json(&a.params)?)
+            .bind(a.reasoning.clone())
+            .bind(a.target.as_ref().map(to_json).transpose()?)
+            .bind(a.idempotency_key.clone())
+            .bind(a.state.as_str())
+            .bind(a.verdict.as_ref().map(to_json).transpose()?)
+            .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
+            .bind(a.result.as_ref().map(to_json).transpose()?)
+            .bind(a.error.clone())
+            .bind(a.request_hash.clone())
+            .bind(to_us(a.created_at))
+            .bind(opt_us(a.decided_at))
+            .bind(opt_us(a.started_at))
+            .bind(opt_us(a.finished_at))
+            .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned())),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn update_action(&mut self, a: &Action) -> Result<(), StoreError> {
+        let n = self
+            .execute(
+                sqlx::query(
+                    "UPDATE actions SET state = $1, verdict = $2, approval_id = $3, result = $4, error = $5,
+                        decided_at = $6, started_at = $7, finished_at = $8, job_id = $9
+                     WHERE org_id = $10 AND id = $11",
+                )
+                .bind(a.state.as_str())
+                .bind(a.verdict.as_ref().map(to_json).transpose()?)
+                .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
+                .bind(a.result.as_ref().map(to_json).transpose()?)
+                .bind(a.error.clone())
+                .bind(opt_us(a.decided_at))
+                .bind(opt_us(a.started_at))
+                .bind(opt_us(a.finished_at))
+                .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned()))
+                .bind(a.org_id.as_str().to_owned())
+                .bind(a.id.as_str().to_owned()),
+            )
+            .await?;
+        if n == 1 { Ok(()) } else { Err(StoreError::Internal(format!("action {} vanished", a.id))) }
+    }
+
+    async fn get_action(&mut self, org: &OrgId, id: &ActionId) -> Result<Option<Action>, StoreError> {
+        let query = self
+            .locking("SELECT * FROM actions WHERE org_id = $1 AND id = $2")
+            .bind(org.as_str().to_owned())
+            .bind(id.as_str().to_owned());
+        let row = self.fetch_optional(query).await?;
+        row.as_ref().map(action_row).transpose()
+    }
+
+    async fn find_action_by_idempotency_key(
+        &mut self,
+        org: &OrgId,
+        agent: &AgentId,
+        key: &str,
+    ) -> Result<Option<Action>, StoreError> {
+        let query = self
+            .locking("SELECT * FROM actions WHERE org_id = $1 AND agent_id = $2 AND idempotency_key = $3")
+            .bind(org.as_str().to_owned())
+            .bind(agent.as_str().to_owned())
+            .bind(key.to_owned());
+        let row = self.fetch_optional(query).await?;
+        row.as_ref().map(action_row).transpose()
+    }
+
+    async fn list_actions(
+        &mut self,
+        org: &OrgId,
+        filter: &ActionFilter,
+        page: &Page,
+    ) -> Result<Vec<Action>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM actions WHERE org_id = $1
+                       AND ($2::text IS NULL OR state = $2) AND ($3::text IS NULL OR agent_id = $3)
+                       AND ($4::text IS NULL OR capability = $4) AND ($5::text IS NULL OR id < $5)
+                     ORDER BY id DESC LIMIT $6",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(filter.state.map(ActionState::as_str))
+                .bind(filter.agent_id.as_ref().map(|a| a.as_str().to_owned()))
+                .bind(filter.capability.clone())
+                .bind(page.after.clone())
+                .bind(limit(page)),
+            )
+            .await?;
+        rows.iter().map(action_row).collect()
+    }
+
+    async fn count_successes(&mut self, org: &OrgId, agent: &AgentId, capability: &str) -> Result<u64, StoreError> {
+        let n = self
+            .fetch_count(
+                sqlx::query(
+                    "SELECT COUNT(*) AS n FROM actions WHERE org_id = $1 AND agent_id = $2 AND capability = $3
+                       AND (state = 'succeeded' OR (state = 'approved' AND target IS NULL))",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(agent.as_str().to_owned())
+                .bind(capability.to_owned()),
+            )
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn list_unfinished_executions(&mut self) -> Result<Vec<Action>, StoreError> {
+        let rows = self
+            .fetch_all(sqlx::query(
+                "SELECT * FROM actions WHERE state IN ('approved', 'executing') AND target IS NOT NULL ORDER BY id",
+            ))
+            .await?;
+        rows.iter().map(action_row).collect()
+    }
+
+    async fn insert_approval(&mut self, a: &Approval) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO approvals (id, org_id, action_id, group_name, quorum, status, expires_at, token_hash,
+                    policy_version, request_hash, rule, snapshot, risk, created_at, decided_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            )
+            .bind(a.id.as_str().to_owned())
+            .bind(a.org_id.as_str().to_owned())
+            .bind(a.action_id.as_str().to_owned())
+            .bind(a.group.clone())
+            .bind(i64::from(a.quorum))
+            .bind(a.status.as_str())
+            .bind(to_us(a.expires_at))
+            .bind(a.token_hash.clone())
+            .bind(a.policy_version.clone())
+            .bind(a.request_hash.clone())
+            .bind(a.rule.clone())
+            .bind(a.snapshot.as_ref().map(to_json).transpose()?)
+            .bind(to_json(&a.risk)?)
+            .bind(to_us(a.created_at))
+            .bind(opt_us(a.decided_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn update_approval(&mut self, a: &Approval) -> Result<(), StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE approvals SET status = $1, decided_at = $2 WHERE org_id = $3 AND id = $4")
+                    .bind(a.status.as_str())
+                    .bind(opt_us(a.decided_at))
+                    .bind(a.org_id.as_str().to_owned())
+                    .bind(a.id.as_str().to_owned()),
+            )
+            .await?;
+        if n == 1 { Ok(()) } else { Err(StoreError::Internal(format!("approval {} vanished", a.id))) }
+    }
+
+    async fn insert_decision(
+        &mut self,
+        org: &OrgId,
+        approval: &ApprovalId,
+        d: &DecisionRecord,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO decisions (approval_id, org_id, user_id, user_name, decision, note, counted, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(approval.as_str().to_owned())
+            .bind(org.as_str().to_owned())
+            .bind(d.user_id.as_str().to_owned())
+            .bind(d.user_name.clone())
+            .bind(d.decision.as_str())
+            .bind(d.note.clone())
+            .bind(d.counted)
+            .bind(to_us(d.created_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_approval(&mut self, org: &OrgId, id: &ApprovalId) -> Result<Option<Approval>, StoreError> {
+        let query = self
+            .locking("SELECT * FROM approvals WHERE org_id = $1 AND id = $2")
+            .bind(org.as_str().to_owned())
+            .bind(id.as_str().to_owned());
+        let row = self.fetch_optional(query).await?;
+        self.one_approval(row).await
+    }
+
+    async fn find_approval_by_token_hash(&mut self, hash: &str) -> Result<Option<Approval>, StoreError> {
+        let query = self.locking("SELECT * FROM approvals WHERE token_hash = $1").bind(hash.to_owned());
+        let row = self.fetch_optional(query).await?;
+        self.one_approval(row).await
+    }
+
+    async fn list_approvals(
+        &mut self,
+        org: &OrgId,
+        status: Option<ApprovalStatus>,
+        page: &Page,
+    ) -> Result<Vec<Approval>, StoreError> {
+        // Pending: oldest first (the queue); anything else: newest first (history). ULIDs sort by time.
+        let sql = if status == Some(ApprovalStatus::Pending) {
+            "SELECT * FROM approvals WHERE org_id = $1 AND status = $2 AND ($3::text IS NULL OR id > $3)
+             ORDER BY id ASC LIMIT $4"
+        } else {
+            "SELECT * FROM approvals WHERE org_id = $1 AND ($2::text IS NULL OR status = $2)
+               AND ($3::text IS NULL OR id < $3)
+             ORDER BY id DESC LIMIT $4"
+        };
+        let rows = self
+            .fetch_all(
+                sqlx::query(sql)
+                    .bind(org.as_str().to_owned())
+                    .bind(status.map(ApprovalStatus::as_str))
+                    .bind(page.after.clone())
+                    .bind(limit(page)),
+            )
+            .await?;
+        self.approvals_with_decisions(rows).await
+    }
+
+    async fn count_pending_approvals(&mut self) -> Result<i64, StoreError> {
+        self.fetch_count(sqlx::query("SELECT COUNT(*) AS n FROM approvals WHERE status = 'pending'")).await
+    }
+
+    async fn list_pending_deadlines(&mut self) -> Result<Vec<PendingDeadline>, StoreError> {
+        let rows = self
+            .fetch_all(sqlx::query(
+                "SELECT org_id, id, expires_at FROM approvals WHERE status = 'pending' ORDER BY expires_at",
+            ))
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(PendingDeadline {
+                    org_id: OrgId::from_stored(get(row, "org_id")?),
+                    approval_id: ApprovalId::from_stored(get(row, "id")?),
+                    expires_at: from_us(get(row, "expires_at")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn append_audit(&mut self, org: &OrgId, event: NewAuditEvent) -> Result<AuditEvent, StoreError> {
+        const LOCK_HEAD: &str = "SELECT seq, hash FROM audit_heads WHERE org_id = $1 FOR UPDATE";
+        let mut head = self.fetch_optional(sqlx::query(LOCK_HEAD).bind(org.as_str().to_owned())).await?;
+        if head.is_none() {
+            // The org's first event: create its head at the genesis. A concurrent first append waits on the
+            // unique index, then does nothing; both then queue on the row lock below.
+            self.execute(
+                sqlx::query(
+                    "INSERT INTO audit_heads (org_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (org_id) DO NOTHING",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(GENESIS_HASH),
+            )
+            .await?;
+            head = self.fetch_optional(sqlx::query(LOCK_HEAD).bind(org.as_str().to_owned())).await?;
+        }
+        let head = head.ok_or_else(|| StoreError::Internal(format!("audit head of org {org} is missing")))?;
+        let (seq, hash): (i64, String) = (get(&head, "seq")?, get(&head, "hash")?);
+        let sealed = AuditEvent::seal(org.clone(), seq, &hash, event);
+        let n = self
+            .execute(
+                sqlx::query(
+                    "WITH appended AS (
+                        INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash,
+                            hash)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                        RETURNING org_id, seq, hash
+                     )
+                     UPDATE audit_heads h SET seq = appended.seq, hash = appended.hash
+                     FROM appended WHERE h.org_id = appended.org_id",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(sealed.seq)
+                .bind(sealed.id.as_str().to_owned())
+                .bind(sealed.time_us)
+                .bind(to_json(&sealed.actor)?)
+                .bind(sealed.action.clone())
+                .bind(sealed.subject.clone())
+                .bind(to_json(&sealed.data)?)
+                .bind(sealed.prev_hash.clone())
+                .bind(sealed.hash.clone()),
+            )
+            .await?;
+        if n == 1 { Ok(sealed) } else { Err(StoreError::Internal(format!("audit head of org {org} did not move"))) }
+    }
+
+    async fn list_audit(
+        &mut self,
+        org: &OrgId,
+        filter: &AuditFilter,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let (action_exact, action_prefix) = match filter.action.as_deref() {
+            Some(a) if a.ends_with(".*") => (None, Some(a.trim_end_matches('*').to_owned())),
+            Some(a) => (Some(a.to_owned()), None),
+            None => (None, None),
+        };
+        let subjects = (!filter.subjects.is_empty()).then(|| filter.subjects.clone());
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM audit_events WHERE org_id = $1 AND seq > $2
+                       AND ($3::text IS NULL OR action = $3)
+                       AND ($4::text IS NULL OR left(action, length($4)) = $4)
+                       AND ($5::text IS NULL OR actor::jsonb ->> 'id' = $5)
+                       AND ($6::text[] IS NULL OR subject = ANY($6))
+                       AND ($7::bigint IS NULL OR time_us >= $7)
+                       AND ($8::bigint IS NULL OR time_us <= $8)
+                     ORDER BY seq ASC LIMIT $9",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(after_seq)
+                .bind(action_exact)
+                .bind(action_prefix)
+                .bind(filter.actor.clone())
+                .bind(subjects)
+                .bind(filter.since_us)
+                .bind(filter.until_us)
+                .bind(i64::from(limit.clamp(1, 10_000))),
+            )
+            .await?;
+        rows.iter().map(audit_row).collect()
+    }
+
+    async fn audit_head(&mut self, org: &OrgId) -> Result<Option<AuditHead>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT seq, hash, time_us FROM audit_events WHERE org_id = $1 ORDER BY seq DESC LIMIT 1")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        row.map(|row| {
+            Ok(AuditHead { seq: get(&row, "seq")?, hash: get(&row, "hash")?, time: from_us(get(&row, "time_us")?)? })
+        })
+        .transpose()
+    }
+
+    async fn last_audit_seq_before(&mut self, org: &OrgId, before: DateTime<Utc>) -> Result<Option<i64>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT MAX(seq) AS seq FROM audit_events WHERE org_id = $1 AND time_us < $2")
+                    .bind(org.as_str().to_owned())
+                    .bind(to_us(before)),
+            )
+            .await?;
+        match row {
+            Some(row) => get::<Option<i64>>(&row, "seq"),
+            None => Ok(None),
+        }
+    }
+
+    async fn insert_checkpoint(&mut self, c: &Checkpoint) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO audit_checkpoints (org_id, seq, head_hash, time_us, key_id, signature)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(c.org_id.clone())
+            .bind(c.seq)
+            .bind(c.head_hash.clone())
+            .bind(c.time_us)
+            .bind(c.key_id.clone())
+            .bind(c.signature.clone()),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn checkpoint_at(&mut self, org: &OrgId, seq: i64) -> Result<Option<Checkpoint>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM audit_checkpoints WHERE org_id = $1 AND seq = $2")
+                    .bind(org.as_str().to_owned())
+                    .bind(seq),
+            )
+            .await?;
+        row.as_ref().map(checkpoint_row).transpose()
+    }
+
+    async fn retention(&mut self, org: &OrgId) -> Result<Retention, StoreError> {
+        let query = self.locking("SELECT * FROM audit_retention WHERE org_id = $1").bind(org.as_str().to_owned());
+        let row = self.fetch_optional(query).await?;
+        match row {
+            Some(row) => retention_row(&row),
+            None => Ok(Retention { org_id: org.clone(), days: None, deleted_upto: 0 }),
+        }
+    }
+
+    async fn list_retention_windows(&mut self) -> Result<Vec<Retention>, StoreError> {
+        let rows =
+            self.fetch_all(sqlx::query("SELECT * FROM audit_retention WHERE days IS NOT NULL ORDER BY org_id")).await?;
+        rows.iter().map(retention_row).collect()
+    }
+
+    async fn set_retention_days(&mut self, org: &OrgId, days: Option<u32>) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO audit_retention (org_id, days) VALUES ($1, $2)
+                 ON CONFLICT (org_id) DO UPDATE SET days = excluded.days",
+            )
+            .bind(org.as_str().to_owned())
+            .bind(days.map(i64::from)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn delete_audit_prefix(&mut self, org: &OrgId, upto_seq: i64) -> Result<u64, StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO audit_retention (org_id, deleted_upto) VALUES ($1, $2)
+                 ON CONFLICT (org_id) DO UPDATE SET deleted_upto = excluded.deleted_upto",
+            )
+            .bind(org.as_str().to_owned())
+            .bind(upto_seq),
+        )
+        .await?;
+        self.execute(
+            sqlx::query("DELETE FROM audit_events WHERE org_id = $1 AND seq <= $2")
+                .bind(org.as_str().to_owned())
+                .bind(upto_seq),
+        )
+        .await
+    }
+
+    async fn insert_job(&mut self, j: &Job) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO jobs (id, org_id, kind, subject, state, attempts, max_attempts, run_at, lease_owner,
+                    lease_until, payload, progress, result, error, created_at, started_at, finished_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+            )
+            .bind(j.id.as_str().to_owned())
+            .bind(j.org_id.as_str().to_owned())
+            .bind(j.kind.as_str())
+            .bind(j.subject.clone())
+            .bind(j.state.as_str())
+            .bind(i64::from(j.attempts))
+            .bind(i64::from(j.max_attempts))
+            .bind(to_us(j.run_at))
+            .bind(j.lease_owner.clone())
+            .bind(opt_us(j.lease_until))
+            .bind(to_json(&j.payload)?)
+            .bind(j.progress.as_ref().map(to_json).transpose()?)
+            .bind(j.result.as_ref().map(to_json).transpose()?)
+            .bind(j.error.clone())
+            .bind(to_us(j.created_at))
+            .bind(opt_us(j.started_at))
+            .bind(opt_us(j.finished_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn update_job(&mut self, j: &Job) -> Result<(), StoreError> {
+        let n = self
+            .execute(
+                sqlx::query(
+                    "UPDATE jobs SET state = $1, attempts = $2, run_at = $3, lease_owner = $4, lease_until = $5,
+                        progress = $6, result = $7, error = $8, started_at = $9, finished_at = $10
+                     WHERE org_id = $11 AND id = $12",
+                )
+                .bind(j.state.as_str())
+                .bind(i64::from(j.attempts))
+                .bind(to_us(j.run_at))
+                .bind(j.lease_owner.clone())
+                .bind(opt_us(j.lease_until))
+                .bind(j.progress.as_ref().map(to_json).transpose()?)
+                .bind(j.result.as_ref().map(to_json).transpose()?)
+                .bind(j.error.clone())
+                .bind(opt_us(j.started_at))
+                .bind(opt_us(j.finished_at))
+                .bind(j.org_id.as_str().to_owned())
+                .bind(j.id.as_str().to_owned()),
+            )
+            .await?;
+        if n == 1 { Ok(()) } else { Err(StoreError::Internal(format!("job {} vanished", j.id))) }
+    }
+
+    async fn get_job(&mut self, org: &OrgId, id: &JobId) -> Result<Option<Job>, StoreError> {
+        let query = self
+            .locking("SELECT * FROM jobs WHERE org_id = $1 AND id = $2")
+            .bind(org.as_str().to_owned())
+            .bind(id.as_str().to_owned());
+        let row = self.fetch_optional(query).await?;
+        row.as_ref().map(job_row).transpose()
+    }
+
+    async fn list_jobs(&mut self, org: &OrgId, filter: &JobFilter, page: &Page) -> Result<Vec<Job>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM jobs WHERE org_id = $1
+                       AND ($2::text IS NULL OR kind = $2) AND ($3::text IS NULL OR state = $3)
+                       AND ($4::text IS NULL OR subject = $4) AND ($5::text IS NULL OR id < $5)
+                     ORDER BY id DESC LIMIT $6",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(filter.kind.map(JobKind::as_str))
+                .bind(filter.state.map(JobState::as_str))
+                .bind(filter.subject.clone())
+                .bind(page.after.clone())
+                .bind(limit(page)),
+            )
+            .await?;
+        rows.iter().map(job_row).collect()
+    }
+
+    async fn claim_job(
+        &mut self,
+        now: DateTime<Utc>,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<Job>, StoreError> {
+        // SKIP LOCKED: a job another replica is claiming right now is passed over, not waited for. A row
+        // claimed and committed since this statement's snapshot is re-checked under its lock and dropped.
+        let row = self
+            .fetch_optional(
+                sqlx::query(
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = $2,
+                        lease_until = $3, started_at = COALESCE(started_at, $1)
+                     WHERE id = (
+                        SELECT id FROM jobs
+                        WHERE (state = 'queued' AND run_at <= $1) OR (state = 'running' AND lease_until <= $1)
+                        ORDER BY run_at, id LIMIT 1
+                        FOR UPDATE SKIP LOCKED
+                     )
+                     RETURNING *",
+                )
+                .bind(to_us(now))
+                .bind(owner.to_owned())
+                .bind(to_us(lease_until)),
+            )
+            .await?;
+        row.as_ref().map(job_row).transpose()
+    }
+
+    async fn next_job_due(&mut self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let row = self
+            .fetch_optional(sqlx::query(
+                "SELECT LEAST(
+                    (SELECT MIN(run_at) FROM jobs WHERE state = 'queued'),
+                    (SELECT MIN(lease_until) FROM jobs WHERE state = 'running')) AS t",
+            ))
+            .await?;
+        match row {
+            Some(row) => opt_from_us(get(&row, "t")?),
+            None => Ok(None),
+        }
+    }
+
+    async fn renew_job_lease(&mut self, id: &JobId, owner: &str, until: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query(
+                    "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND state = 'running' AND lease_owner = $3",
+                )
+                .bind(to_us(until))
+                .bind(id.as_str().to_owned())
+                .bind(owner.to_owned()),
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn release_job_leases(&mut self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.execute(sqlx::query("UPDATE jobs SET lease_until = $1 WHERE state = 'running'").bind(to_us(now))).await
+    }
+
+    async fn count_open_jobs(&mut self) -> Result<Vec<(JobKind, JobState, i64)>, StoreError> {
+        let rows = self
+            .fetch_all(sqlx::query(
+                "SELECT kind, state, COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running') GROUP BY kind, state",
+            ))
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let kind: String = get(row, "kind")?;
+                let state: String = get(row, "state")?;
+                Ok((
+                    JobKind::parse(&kind).ok_or_else(|| corrupt("kind", &kind))?,
+                    JobState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
+                    get(row, "n")?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn insert_webhook(&mut self, w: &Webhook) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO webhooks (id, org_id, url, events, secret, format, description, created_at, deleted_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(w.id.as_str().to_owned())
+            .bind(w.org_id.as_str().to_owned())
+            .bind(w.url.clone())
+            .bind(to_json(&w.events)?)
+            .bind(w.secret.clone())
+            .bind(w.format.as_str())
+            .bind(w.description.clone())
+            .bind(to_us(w.created_at))
+            .bind(opt_us(w.deleted_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_webhook(&mut self, org: &OrgId, id: &WebhookId) -> Result<Option<Webhook>, StoreError> {
+        let query = self
+            .locking("SELECT * FROM webhooks WHERE org_id = $1 AND id = $2")
+            .bind(org.as_str().to_owned())
+            .bind(id.as_str().to_owned());
+        let row = self.fetch_optional(query).await?;
+        row.as_ref().map(webhook_row).transpose()
+    }
+
+    async fn list_webhooks(&mut self, org: &OrgId) -> Result<Vec<Webhook>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query("SELECT * FROM webhooks WHERE org_id = $1 AND deleted_at IS NULL ORDER BY id")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        rows.iter().map(webhook_row).collect()
+    }
+
+    async fn delete_webhook(&mut self, org: &OrgId, id: &WebhookId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query("UPDATE webhooks SET deleted_at = $1 WHERE org_id = $2 AND id = $3 AND deleted_at IS NULL")
+                    .bind(to_us(at))
+                    .bind(org.as_str().to_owned())
+                    .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn insert_delivery(&mut self, d: &Delivery) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO webhook_deliveries (id, org_id, webhook_id, job_id, event_id, event_type, attempt,
+                    status, latency_ms, error, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(d.id.as_str().to_owned())
+            .bind(d.org_id.as_str().to_owned())
+            .bind(d.webhook_id.as_str().to_owned())
+            .bind(d.job_id.as_str().to_owned())
+            .bind(d.event_id.clone())
+            .bind(d.event_type.clone())
+            .bind(i64::from(d.attempt))
+            .bind(d.status.map(i64::from))
+            .bind(i64::try_from(d.latency_ms).unwrap_or(i64::MAX))
+            .bind(d.error.clone())
+            .bind(to_us(d.created_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn list_deliveries(
+        &mut self,
+        org: &OrgId,
+        webhook: &WebhookId,
+        page: &Page,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM webhook_deliveries WHERE org_id = $1 AND webhook_id = $2
+                       AND ($3::text IS NULL OR id < $3)
+                     ORDER BY id DESC LIMIT $4",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(webhook.as_str().to_owned())
+                .bind(page.after.clone())
+                .bind(limit(page)),
+            )
+            .await?;
+        rows.iter().map(delivery_row).collect()
+    }
+
+    async fn insert_policy(&mut self, p: &StoredPolicy) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO policies (org_id, version, sources, origin, created_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(p.org_id.as_str().to_owned())
+            .bind(p.version.clone())
+            .bind(to_json(&p.sources)?)
+            .bind(p.origin.clone())
+            .bind(to_us(p.created_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn current_policy(&mut self, org: &OrgId) -> Result<Option<StoredPolicy>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM policies WHERE org_id = $1 ORDER BY seq DESC LIMIT 1")
+                    .bind(org.as_str().to_owned()),
+            )
+            .await?;
+        row.as_ref().map(policy_row).transpose()
+    }
+}

@@ -1,0 +1,39 @@
+//! Hearing the other replicas: with PostgreSQL, every commit publishes what it changed (`NOTIFY`), and this
+//! worker feeds what the other replicas published into the local notifier, the job runner and the expiry
+//! timers — so an agent waiting on one replica wakes when an approver decides on another.
+//!
+//! After a lost connection it may have missed messages, so it wakes every waiter to re-read and re-arms the
+//! expiry timers from the store. SQLite is one process and has no such worker.
+
+use countersign_store::PostgresStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::Gateway;
+
+pub async fn run(gateway: Gateway, store: PostgresStore, shutdown: CancellationToken) {
+    let mut feed = match store.subscribe().await {
+        Ok(feed) => feed,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for other replicas; waits will only wake on this replica's changes");
+            return;
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = feed.recv() => next,
+        };
+        match next {
+            Some(Some(message)) => gateway.apply_remote_changes(&message),
+            Some(None) => {
+                tracing::info!("replica feed reconnected; waking every waiter to re-read");
+                gateway.notifier().wake_everyone();
+                gateway.wake_job_runner();
+                if let Err(error) = gateway.rearm_expiry_timers().await {
+                    tracing::warn!(%error, "cannot re-arm expiry timers after reconnecting");
+                }
+            }
+            None => return,
+        }
+    }
+}
