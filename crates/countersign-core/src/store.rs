@@ -109,6 +109,12 @@ pub trait StoreTx: Send {
         Ok(())
     }
 
+    /// The audit signing key all replicas share: the first `candidate` stored wins and every later call
+    /// answers it. A single-process store answers `None`; its key file in the data dir serves instead.
+    async fn shared_signing_key(&mut self, _candidate: &str) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+
     // Orgs and principals.
     async fn count_orgs(&mut self) -> Result<i64, StoreError>;
     async fn list_orgs(&mut self) -> Result<Vec<Org>, StoreError>;

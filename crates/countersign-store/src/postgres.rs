@@ -55,12 +55,15 @@ use crate::rows::{
     to_json, to_us, user_row, webhook_row,
 };
 
-const MIGRATIONS: [(i64, &str, &str); 1] = [(1, "init", include_str!("../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: [(i64, &str, &str); 2] = [
+    (1, "init", include_str!("../migrations/postgres/0001_init.sql")),
+    (2, "instance_secrets", include_str!("../migrations/postgres/0002_instance_secrets.sql")),
+];
 
 /// Connections per replica. Each open transaction holds one.
 const MAX_CONNECTIONS: u32 = 16;
 /// How long a transaction waits for a free connection before the store answers `Unavailable`.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The `LISTEN`/`NOTIFY` channel on which each commit tells the other replicas what it changed.
 pub const CHANGES_CHANNEL: &str = "countersign_changes";
@@ -304,6 +307,20 @@ impl StoreTx for PgTx {
         self.execute(sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGES_CHANNEL).bind(message.to_owned()))
             .await
             .map(drop)
+    }
+
+    async fn shared_signing_key(&mut self, candidate: &str) -> Result<Option<String>, StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO instance_secrets (name, value) VALUES ('audit_signing_key', $1) ON CONFLICT DO NOTHING",
+            )
+            .bind(candidate.to_owned()),
+        )
+        .await?;
+        let row = self
+            .fetch_optional(sqlx::query("SELECT value FROM instance_secrets WHERE name = 'audit_signing_key'"))
+            .await?;
+        row.map(|row| row.try_get::<String, _>("value").map_err(map_sqlx)).transpose()
     }
 
     async fn count_orgs(&mut self) -> Result<i64, StoreError> {

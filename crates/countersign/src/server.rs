@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use countersign_core::checkpoint::AuditSigner;
 use countersign_core::clock::{Clock, SystemClock};
 use countersign_core::store::Store;
 use countersign_store::{PostgresStore, SqliteStore};
@@ -67,6 +68,25 @@ fn write_admin_key(data_dir: &Path, key: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// The audit signing key: shared through the database when replicas share one, else the key file in the data
+/// dir (created on first start).
+async fn load_signer(store: &dyn Store, data_dir: &Path) -> Result<AuditSigner, StartError> {
+    let candidate = AuditSigner::generate().to_file_contents();
+    let shared = async {
+        let mut tx = store.write().await?;
+        let shared = tx.shared_signing_key(&candidate).await?;
+        tx.commit().await?;
+        Ok::<_, countersign_core::store::StoreError>(shared)
+    }
+    .await
+    .map_err(|e| StartError::Store(e.to_string()))?;
+    match shared {
+        Some(text) => AuditSigner::from_file_contents(&text),
+        None => countersign_core::checkpoint::load_or_create(&data_dir.join("audit-signing.key")),
+    }
+    .map_err(|e| StartError::Config(format!("audit signing key: {e}")))
+}
+
 impl Server {
     pub async fn build(config: Config) -> Result<Server, StartError> {
         Self::build_with_clock(config, Arc::new(SystemClock)).await
@@ -97,8 +117,7 @@ impl Server {
         let policies = PolicyRegistry::load(config.policy.clone()).map_err(|e| StartError::Policy(e.to_string()))?;
         let connectors = Connectors::new(config.upstreams.clone(), &config.network.allow_private)
             .map_err(|e| StartError::Config(e.to_string()))?;
-        let signer = countersign_core::checkpoint::load_or_create(&config.data_dir.join("audit-signing.key"))
-            .map_err(|e| StartError::Config(format!("audit signing key: {e}")))?;
+        let signer = load_signer(store.as_ref(), &config.data_dir).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;

@@ -355,7 +355,13 @@ impl Gateway {
     pub async fn cancel_action(&self, caller: &Caller, id: &ActionId) -> Result<Action> {
         let org = caller.org_id().clone();
         let now = self.now();
+        // Lock the approval before the action, in the same order as deciding does.
+        let approval_id = self.read().await?.get_action(&org, id).await?.and_then(|a| a.approval_id);
         let mut work = self.write().await?;
+        let locked_approval = match &approval_id {
+            Some(approval_id) => work.tx.get_approval(&org, approval_id).await?,
+            None => None,
+        };
         let mut action = work.tx.get_action(&org, id).await?.ok_or_else(|| Error::not_found("action", id.as_str()))?;
         match caller {
             Caller::User(_) => {
@@ -371,9 +377,7 @@ impl Gateway {
         action.decided_at = Some(now);
         action.finished_at = Some(now);
         work.tx.update_action(&action).await?;
-        if let Some(approval_id) = &action.approval_id
-            && let Some(mut approval) = work.tx.get_approval(&org, approval_id).await?
-        {
+        if let Some(mut approval) = locked_approval {
             approval.status = approval.status.transition(ApprovalStatus::Cancelled)?;
             approval.decided_at = Some(now);
             work.tx.update_approval(&approval).await?;

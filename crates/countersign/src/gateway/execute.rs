@@ -112,6 +112,16 @@ impl Gateway {
     }
 
     async fn claim(&self, org: &OrgId, id: &ActionId, retry: bool) -> Result<Claim> {
+        // The hash the approval bound never changes: read it before locking the action, so this
+        // transaction never holds the action's row while waiting for the approval's (decide locks the
+        // approval first, then the action).
+        let bound = {
+            let mut tx = self.read().await?;
+            match tx.get_action(org, id).await?.and_then(|a| a.approval_id) {
+                Some(approval_id) => Some(tx.get_approval(org, &approval_id).await?.map(|a| a.request_hash)),
+                None => None,
+            }
+        };
         let now = self.now();
         let mut work = self.write().await?;
         let Some(mut action) = work.tx.get_action(org, id).await? else {
@@ -126,9 +136,10 @@ impl Gateway {
             Some(target) => canonical_hash(&serde_json::to_value(target).map_err(|e| Error::Internal(e.to_string()))?),
             None => String::new(),
         };
-        let approved_hash = match &action.approval_id {
-            Some(approval_id) => work.tx.get_approval(org, approval_id).await?.map(|a| a.request_hash),
-            None => Some(action.request_hash.clone()),
+        let approved_hash = match (&action.approval_id, bound) {
+            (Some(_), Some(bound)) => bound,
+            (Some(_), None) => None,
+            (None, _) => Some(action.request_hash.clone()),
         };
         if approved_hash.as_deref() != Some(current_hash.as_str()) || action.request_hash != current_hash {
             action.state = action.state.transition(ActionState::Failed)?;

@@ -303,15 +303,7 @@ impl Gateway {
         job.lease_owner = None;
         job.lease_until = None;
         work.tx.update_job(&job).await?;
-        work.audit(
-            &org,
-            now,
-            &caller.actor(),
-            "job.cancelled",
-            Some(job.id.as_str()),
-            json!({"kind": job.kind, "subject": job.subject}),
-        )
-        .await?;
+        // Every row lock before the first audit append (which locks the org's chain head).
         if job.kind == JobKind::ActionExecute
             && let Some(action_id) = job.subject.as_deref().and_then(countersign_core::ids::ActionId::parse)
             && let Some(mut action) = work.tx.get_action(&org, &action_id).await?
@@ -333,6 +325,15 @@ impl Gateway {
             work.emit("action.finished", super::webhooks::action_data(&action));
             work.action_changed(&org, &action.id);
         }
+        work.audit(
+            &org,
+            now,
+            &caller.actor(),
+            "job.cancelled",
+            Some(job.id.as_str()),
+            json!({"kind": job.kind, "subject": job.subject}),
+        )
+        .await?;
         work.job_changed(&job);
         work.commit(self).await?;
         Ok(job)

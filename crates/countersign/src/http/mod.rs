@@ -150,7 +150,11 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse> {
-    state.gateway.store().ping().await.map_err(|e| Error::Unavailable(e.to_string()))?;
+    // A store that cannot answer within two seconds is not ready, whatever its pool would wait for.
+    tokio::time::timeout(std::time::Duration::from_secs(2), state.gateway.store().ping())
+        .await
+        .map_err(|_| Error::Unavailable("the store did not answer within 2 s".into()))?
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
     Ok(axum::Json(json!({"status": "ready", "store": state.gateway.store().backend()})))
 }
 

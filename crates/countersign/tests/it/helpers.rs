@@ -194,12 +194,13 @@ impl TestServer {
         }
         let data_dir = config.data_dir.clone();
         let data_dir = data_dir.as_path();
+        let provided_key = config.bootstrap_admin_key.as_ref().map(|k| k.expose().to_owned());
         let server = match clock {
             Some(clock) => Server::build_with_clock(config, clock).await.unwrap(),
             None => Server::build(config).await.unwrap(),
         };
         let url = format!("http://{}", server.local_addr());
-        let key = match server.bootstrapped().and_then(|b| b.generated_key.clone()) {
+        let key = match server.bootstrapped().and_then(|b| b.generated_key.clone()).or(provided_key) {
             Some(k) => k,
             None => std::fs::read_to_string(data_dir.join("admin.key")).unwrap().trim().to_owned(),
         };

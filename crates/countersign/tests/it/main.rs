@@ -11,4 +11,5 @@ mod helpers;
 mod jobs_webhooks;
 mod limits;
 mod openapi;
+mod replicas;
 mod tidy;

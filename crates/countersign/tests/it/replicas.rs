@@ -1,0 +1,237 @@
+//! Several replicas on one PostgreSQL (run when `scripts/with-postgres` sets the database URL): a decision
+//! on one replica wakes an agent waiting on another, every expiry fires once, every job runs once, the
+//! chain stays gapless and valid, and all replicas sign with one key. Restarting PostgreSQL under load is
+//! its own test, run alone (`--ignored`) because it stops the cluster the other tests share.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use countersign::client::Client;
+use countersign_core::secrets::{SecretKind, generate};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestServer, Upstream, action, config, database_for, http_action, postgres_url};
+
+/// Three servers on one database, each with its own data dir, sharing the bootstrap admin key.
+async fn replicas(upstream: Option<&str>) -> Option<(Vec<tempfile::TempDir>, Vec<TestServer>)> {
+    if postgres_url().is_none() {
+        eprintln!("replicas: skipped (COUNTERSIGN_TEST_DATABASE_URL is not set; scripts/with-postgres sets it)");
+        return None;
+    }
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let url = database_for(dirs[0].path()).await.unwrap();
+    let key = generate(SecretKind::ApiKey).plaintext;
+    let mut servers = Vec::new();
+    for dir in &dirs {
+        let mut config = config(dir.path(), upstream);
+        config.database_url = Some(countersign::config::Secret::new(url.clone()));
+        config.bootstrap_admin_key = Some(countersign::config::Secret::new(key.clone()));
+        config.rate_limit.per_second = 0;
+        servers.push(TestServer::start_with(config, None).await);
+    }
+    Some((dirs, servers))
+}
+
+#[tokio::test]
+async fn three_replicas_wake_expire_execute_and_audit_exactly_once() {
+    let upstream = Upstream::start().await;
+    let Some((_dirs, servers)) = replicas(Some(&upstream.url)).await else { return };
+    let admins: Vec<Client> = servers.iter().map(|s| s.admin.clone()).collect();
+    let agent_key = servers[0].agent("fleet").await.key().unwrap().to_owned();
+    let agents: Vec<Client> = admins.iter().map(|a| a.with_key(agent_key.clone())).collect();
+
+    // A decision on one replica wakes the agent waiting on another, within milliseconds.
+    let mut wake_ms = Vec::new();
+    for round in 0..6 {
+        let (submit_on, wait_on, decide_on) = (round % 3, (round + 1) % 3, (round + 2) % 3);
+        let held = agents[submit_on].submit_action(&action("payments.charge.card")).await.unwrap();
+        assert_eq!(held.status, 202);
+        let id = held.str("/id").to_owned();
+        let waiter = {
+            let agent = agents[wait_on].clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                let answer = agent.wait_action(&id, 20.0).await.unwrap();
+                (Instant::now(), answer)
+            })
+        };
+        // The waiter's request is in flight; make sure it reached its replica before deciding.
+        let _ = agents[wait_on].get_action(&id).await.unwrap();
+        let sent = Instant::now();
+        let decided = admins[decide_on].approve(held.str("/approval/id"), None).await.unwrap();
+        assert_eq!(decided.status, 200, "{:?}", decided.body);
+        let (woke, answer) = waiter.await.unwrap();
+        assert_eq!(answer.str("/state"), "approved", "round {round}: {:?}", answer.body);
+        wake_ms.push(woke.saturating_duration_since(sent).as_secs_f64() * 1000.0);
+    }
+    eprintln!("cross-replica wake after approve (ms): {wake_ms:?}");
+
+    // A load spread over the replicas: submissions, waiters and decisions on different ones.
+    let mut tasks = Vec::new();
+    for i in 0..30usize {
+        let agent = agents[i % 3].clone();
+        let waiter = agents[(i + 1) % 3].clone();
+        let admin = admins[(i + 2) % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            let held = agent.submit_action(&action("payments.charge.card")).await.unwrap();
+            assert_eq!(held.status, 202);
+            let id = held.str("/id").to_owned();
+            let wait = tokio::spawn({
+                let waiter = waiter.clone();
+                let id = id.clone();
+                async move { waiter.wait_action(&id, 30.0).await.unwrap() }
+            });
+            let decision = if i % 4 == 0 {
+                admin.deny(held.str("/approval/id"), Some("no")).await.unwrap()
+            } else {
+                admin.approve(held.str("/approval/id"), Some("ok")).await.unwrap()
+            };
+            assert_eq!(decision.status, 200, "{:?}", decision.body);
+            let answer = wait.await.unwrap();
+            let expected = if i % 4 == 0 { "denied" } else { "approved" };
+            assert_eq!(answer.str("/state"), expected, "{:?}", answer.body);
+        }));
+    }
+    // Executions: every allowed http action reaches the upstream exactly once, whichever replica runs it.
+    for i in 0..24usize {
+        let agent = agents[i % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            let submitted = agent.submit_action(&http_action("email.send.receipt")).await.unwrap();
+            let done = agent.wait_action(submitted.str("/id"), 30.0).await.unwrap();
+            assert_eq!(done.str("/state"), "succeeded", "{:?}", done.body);
+        }));
+    }
+    // Expiry: armed on every replica, fired once.
+    let mut expiring = Vec::new();
+    for i in 0..6usize {
+        let held = agents[i % 3].submit_action(&action("ops.restart.db")).await.unwrap();
+        assert_eq!(held.status, 202);
+        expiring.push((held.str("/id").to_owned(), held.str("/approval/id").to_owned()));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for (i, (id, _)) in expiring.iter().enumerate() {
+        let done = agents[(i + 1) % 3].wait_action(id, 20.0).await.unwrap();
+        assert_eq!(done.str("/state"), "expired", "{:?}", done.body);
+    }
+
+    let requests = upstream.requests.lock().unwrap().clone();
+    let mut per_key: HashMap<String, usize> = HashMap::new();
+    for request in &requests {
+        let key = request.headers.get("idempotency-key").unwrap().to_str().unwrap().to_owned();
+        *per_key.entry(key).or_default() += 1;
+    }
+    assert_eq!(per_key.len(), 24, "every execution reached the upstream");
+    assert!(per_key.values().all(|n| *n == 1), "no execution ran twice: {per_key:?}");
+
+    let expired = admins[0].get("/v1/audit?action=approval.expired&limit=1000").await.unwrap();
+    let mut fired: HashMap<String, usize> = HashMap::new();
+    for event in expired.body["events"].as_array().unwrap() {
+        *fired.entry(event["subject"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    for (_, approval) in &expiring {
+        assert_eq!(fired.get(approval), Some(&1), "expiry of {approval} fired once: {fired:?}");
+    }
+
+    let mut heads = Vec::new();
+    let mut keys = Vec::new();
+    for admin in &admins {
+        let verify = admin.get("/v1/audit/verify").await.unwrap();
+        assert_eq!(verify.body["ok"], true, "{:?}", verify.body);
+        heads.push(verify.body["head_hash"].clone());
+        keys.push(admin.get("/v1/audit/public-key").await.unwrap().body["public_key"].clone());
+    }
+    assert!(heads.windows(2).all(|w| w[0] == w[1]), "one chain: {heads:?}");
+    assert!(keys.windows(2).all(|w| w[0] == w[1]), "one signing key: {keys:?}");
+    let events = admins[1].get("/v1/audit?limit=1000").await.unwrap();
+    let seqs: Vec<i64> = events.body["events"].as_array().unwrap().iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "gapless seq");
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+fn pg_ctl(args: &[&str]) {
+    let ctl = std::env::var("COUNTERSIGN_TEST_PG_CTL").unwrap();
+    let data = std::env::var("COUNTERSIGN_TEST_PG_DATA").unwrap();
+    let options = std::env::var("COUNTERSIGN_TEST_PG_OPTIONS").unwrap();
+    let log = std::env::var("COUNTERSIGN_TEST_PG_LOG").unwrap();
+    let mut command = if running_as_root() {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--", &ctl]);
+        c
+    } else {
+        std::process::Command::new(&ctl)
+    };
+    command.args(["-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60"]).args(args);
+    let status = command.status().unwrap();
+    assert!(status.success(), "pg_ctl {args:?} failed");
+}
+
+fn running_as_root() -> bool {
+    std::process::Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+}
+
+/// Stops PostgreSQL under the replicas' feet: readiness fails and requests answer 503 problem+json; once it
+/// is back, the replicas recover on their own and nothing acknowledged before is lost.
+#[tokio::test]
+#[ignore = "stops the shared PostgreSQL cluster; scripts/test runs it alone"]
+async fn replicas_recover_from_a_postgres_restart() {
+    let Some((_dirs, servers)) = replicas(None).await else { return };
+    let admins: Vec<Client> = servers.iter().map(|s| s.admin.clone()).collect();
+    let agent_key = servers[0].agent("steady").await.key().unwrap().to_owned();
+    let agents: Vec<Client> = admins.iter().map(|a| a.with_key(agent_key.clone())).collect();
+    let mut acknowledged = Vec::new();
+    for i in 0..9usize {
+        let answer = agents[i % 3].submit_action(&action("email.send.message")).await.unwrap();
+        assert_eq!(answer.status, 200);
+        acknowledged.push(answer.str("/id").to_owned());
+    }
+    let held = agents[0].submit_action(&action("payments.charge.card")).await.unwrap();
+    assert_eq!(held.status, 202);
+
+    pg_ctl(&["-m", "fast", "stop"]);
+    for admin in &admins {
+        let ready = admin.get("/readyz").await.unwrap();
+        assert_eq!(ready.status, 503, "{:?}", ready.body);
+        assert_eq!(ready.content_type, "application/problem+json");
+    }
+    let refused = agents[0].submit_action(&action("email.send.message")).await.unwrap();
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert_eq!(refused.str("/code"), "unavailable");
+    pg_ctl(&["start"]);
+
+    // Readiness has no event to await: ask until every replica says ready (bounded).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for admin in &admins {
+        while admin.get("/readyz").await.unwrap().status != 200 {
+            assert!(Instant::now() < deadline, "a replica did not recover");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for (i, id) in acknowledged.iter().enumerate() {
+        let action = agents[(i + 1) % 3].get_action(id).await.unwrap();
+        assert_eq!(action.status, 200);
+        assert_eq!(action.str("/state"), "approved");
+    }
+    // The feed reconnected: a decision on one replica still wakes a waiter on another.
+    let waiter = {
+        let agent = agents[2].clone();
+        let id = held.str("/id").to_owned();
+        tokio::spawn(async move { agent.wait_action(&id, 20.0).await.unwrap() })
+    };
+    let _ = agents[2].get_action(held.str("/id")).await.unwrap();
+    assert_eq!(admins[1].approve(held.str("/approval/id"), None).await.unwrap().status, 200);
+    assert_eq!(waiter.await.unwrap().str("/state"), "approved");
+    let after = agents[1].submit_action(&action("email.send.message")).await.unwrap();
+    assert_eq!(after.status, 200);
+    let verify = admins[2].get("/v1/audit/verify").await.unwrap();
+    assert_eq!(
+        verify.body,
+        json!({"ok": true, "events": verify.body["events"], "head_hash": verify.body["head_hash"], "first_broken_seq": Value::Null})
+    );
+    for server in servers {
+        server.stop().await;
+    }
+}
