@@ -220,6 +220,50 @@ async fn orgs_are_isolated() {
     assert_eq!(other.approve(held.str("/approval/id"), None).await.unwrap().status, 404);
     assert_eq!(other.get("/v1/approvals?status=pending").await.unwrap().body["items"], json!([]));
     assert_eq!(other.get("/v1/actions").await.unwrap().body["items"], json!([]));
+
+    // Every other endpoint that names an object of the first org answers 404 to the second.
+    let user = server.admin.post("/v1/users", &json!({"name": "erin", "role": "viewer"})).await.unwrap();
+    let key = server.admin.post("/v1/keys", &json!({"user": "erin"})).await.unwrap();
+    let session = server.admin.post("/v1/sessions", &json!({"agent": "bot", "ttl_seconds": 60})).await.unwrap();
+    let hook = server
+        .admin
+        .post("/v1/webhooks", &json!({"url": "https://hooks.example.com/x", "events": ["approval.*"]}))
+        .await
+        .unwrap();
+    let export = server.admin.post("/v1/audit/exports", &json!({})).await.unwrap();
+    let job = export.str("/id");
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/v1/actions/{}/wait?timeout=0", held.str("/id"))),
+        (reqwest::Method::POST, format!("/v1/actions/{}/cancel", held.str("/id"))),
+        (reqwest::Method::POST, format!("/v1/approvals/{}/deny", held.str("/approval/id"))),
+        (reqwest::Method::GET, format!("/v1/users/{}", user.str("/id"))),
+        (reqwest::Method::DELETE, format!("/v1/users/{}", user.str("/id"))),
+        (reqwest::Method::DELETE, format!("/v1/keys/{}", key.str("/id"))),
+        (reqwest::Method::DELETE, format!("/v1/sessions/{}", session.str("/id"))),
+        (reqwest::Method::GET, format!("/v1/webhooks/{}", hook.str("/id"))),
+        (reqwest::Method::GET, format!("/v1/webhooks/{}/deliveries", hook.str("/id"))),
+        (reqwest::Method::DELETE, format!("/v1/webhooks/{}", hook.str("/id"))),
+        (reqwest::Method::GET, format!("/v1/jobs/{job}")),
+        (reqwest::Method::GET, format!("/v1/jobs/{job}/wait?timeout=0")),
+        (reqwest::Method::POST, format!("/v1/jobs/{job}/cancel")),
+        (reqwest::Method::GET, format!("/v1/audit/exports/{job}")),
+    ] {
+        let body = (method == reqwest::Method::POST).then(|| json!({}));
+        let answer = other.send(method.clone(), &path, body.as_ref()).await.unwrap();
+        assert_eq!(answer.status, 404, "{method} {path}: {:?}", answer.body);
+    }
+    for path in ["/v1/users", "/v1/keys", "/v1/sessions", "/v1/webhooks", "/v1/agents"] {
+        let listed = other.get(path).await.unwrap();
+        let items = listed.body["items"].as_array().unwrap();
+        let ours = [user.str("/id"), key.str("/id"), session.str("/id"), hook.str("/id")];
+        assert!(items.iter().all(|i| !ours.contains(&i["id"].as_str().unwrap_or_default())), "{path}");
+    }
+    let theirs = other.get(&format!("/v1/audit?subject={}", held.str("/id"))).await.unwrap();
+    assert_eq!(theirs.body["events"], json!([]));
+    assert_eq!(other.get("/v1/jobs").await.unwrap().body["items"], json!([]));
+    // Nothing the second org tried changed the first org's objects.
+    assert_eq!(bot.get_action(held.str("/id")).await.unwrap().str("/state"), "pending_approval");
+    assert_eq!(server.admin.get(&format!("/v1/webhooks/{}", hook.str("/id"))).await.unwrap().status, 200);
     // The new org's admin is not the instance admin.
     assert_eq!(other.post("/v1/orgs", &json!({"name": "third"})).await.unwrap().status, 403);
     server.stop().await;
