@@ -117,6 +117,41 @@ impl Session {
 #[serde(tag = "connector", rename_all = "snake_case")]
 pub enum Target {
     Http(HttpTarget),
+    /// Made by the LLM proxy: a model request frozen as the agent sent it.
+    Llm(LlmTarget),
+}
+
+/// A request to a model provider named under `[llm.NAME]` in the server configuration. The provider's key
+/// is added from the configuration when it is sent; it is never part of the frozen request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmTarget {
+    pub provider: String,
+    /// The path on the provider's base URL, e.g. `/v1/chat/completions`.
+    pub path: String,
+    /// The request body exactly as the agent sent it.
+    pub body: Value,
+    /// A client holds its connection open for the answer: once approved, the execution job waits a grace
+    /// period so that the live connection can carry the request out (and stream it) itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+}
+
+impl LlmTarget {
+    /// Checks what serde cannot: the provider name, the path shape and the body.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.provider.is_empty() || !self.provider.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!("target.provider `{}` must be a provider name ([A-Za-z0-9_-])", self.provider));
+        }
+        if !self.path.starts_with("/v1/") || self.path.contains("..") || self.path.contains("//") {
+            return Err(format!("target.path `{}` must be a provider path under /v1/ (no `..`)", self.path));
+        }
+        if !self.body.is_object() {
+            return Err("target.body must be a JSON object".into());
+        }
+        Ok(())
+    }
 }
 
 /// A request against an upstream named in the server configuration.

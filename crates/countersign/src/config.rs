@@ -50,6 +50,64 @@ fn default_upstream_timeout() -> u64 {
     30
 }
 
+/// The wire format a model provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    /// `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/models`; `Authorization: Bearer`.
+    Openai,
+    /// `/v1/messages`; `x-api-key` and `anthropic-version`.
+    Anthropic,
+}
+
+impl Dialect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Openai => "openai",
+            Dialect::Anthropic => "anthropic",
+        }
+    }
+}
+
+/// A model provider as written under `[llm.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmFileConfig {
+    pub base_url: String,
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// Default: `anthropic` when the provider is named `anthropic`, else `openai`.
+    #[serde(default)]
+    pub dialect: Option<Dialect>,
+    #[serde(default = "default_llm_timeout")]
+    pub timeout_seconds: u64,
+}
+
+/// A model provider the LLM proxy forwards to. The agent never sees its key.
+#[derive(Debug, Clone)]
+pub struct LlmConfig {
+    /// Up to, not including, `/v1/…`: e.g. `https://api.openai.com`.
+    pub base_url: String,
+    pub api_key: Secret,
+    pub dialect: Dialect,
+    pub timeout_seconds: u64,
+}
+
+impl LlmConfig {
+    /// A provider whose dialect follows its name, as in the file when `dialect` is left out.
+    pub fn new(name: &str, base_url: String, api_key: Secret) -> Self {
+        LlmConfig { base_url, api_key, dialect: default_dialect(name), timeout_seconds: default_llm_timeout() }
+    }
+}
+
+fn default_dialect(name: &str) -> Dialect {
+    if name == "anthropic" { Dialect::Anthropic } else { Dialect::Openai }
+}
+
+fn default_llm_timeout() -> u64 {
+    120
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkConfig {
@@ -88,6 +146,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     #[serde(default)]
+    pub llm: BTreeMap<String, LlmFileConfig>,
+    #[serde(default)]
     pub network: NetworkConfig,
     pub rate_limit: Option<RateLimitConfig>,
 }
@@ -103,6 +163,8 @@ pub struct Config {
     /// How clients reach this server (for `poll_url` and session MCP URLs); defaults to the listen address.
     pub public_url: Option<String>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Model providers of the LLM proxy, by the name in `/llm/{name}/v1/…`.
+    pub llm: BTreeMap<String, LlmConfig>,
     pub network: NetworkConfig,
     pub bootstrap_admin_key: Option<Secret>,
     pub max_body_bytes: usize,
@@ -123,6 +185,7 @@ impl Config {
             policy: None,
             public_url: None,
             upstreams: BTreeMap::new(),
+            llm: BTreeMap::new(),
             network: NetworkConfig::default(),
             bootstrap_admin_key: None,
             max_body_bytes: 1024 * 1024,
@@ -226,6 +289,21 @@ impl ServeArgs {
             }
             config.upstreams.insert(name, upstream);
         }
+        for (name, provider) in file.llm {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(ConfigError::Invalid(format!("llm.{name}: a provider name is [A-Za-z0-9_-]")));
+            }
+            let base_url = expand_env(&provider.base_url)?;
+            url_is_http(&base_url).map_err(|m| ConfigError::Invalid(format!("llm.{name}.base_url: {m}")))?;
+            let api_key = match provider.api_key {
+                Some(key) => Secret::new(expand_env(key.expose())?),
+                None => Secret::default(),
+            };
+            let dialect = provider.dialect.unwrap_or_else(|| default_dialect(&name));
+            config
+                .llm
+                .insert(name, LlmConfig { base_url, api_key, dialect, timeout_seconds: provider.timeout_seconds });
+        }
         config.network = file.network;
         if let Some(limit) = file.rate_limit {
             config.rate_limit = limit;
@@ -282,6 +360,16 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # retry_safe = false                # resend after a crash when the outcome is unknown?
 # timeout_seconds = 30
 
+# Model providers for the LLM proxy: agents call /llm/NAME/v1/… with their Countersign key.
+# [llm.openai]
+# base_url = "https://api.openai.com"
+# api_key = "${env:OPENAI_API_KEY}"
+# dialect = "openai"                # default: "anthropic" for [llm.anthropic], else "openai"
+# timeout_seconds = 120
+# [llm.anthropic]
+# base_url = "https://api.anthropic.com"
+# api_key = "${env:ANTHROPIC_API_KEY}"
+
 # [network]
 # allow_private = ["127.0.0.1/32"]  # outbound guard exceptions
 
@@ -301,6 +389,21 @@ mod tests {
         assert!(expand_env("${env:UNTERMINATED").is_err());
         let path = std::env::var("PATH").unwrap_or_default();
         assert_eq!(expand_env("x${env:PATH}y").ok(), Some(format!("x{path}y")));
+    }
+
+    #[test]
+    fn llm_providers_take_their_dialect_from_the_name_by_default() {
+        let file: FileConfig = toml::from_str(
+            "[llm.anthropic]\nbase_url = \"https://a.example\"\n[llm.local]\nbase_url = \"http://l.example\"\n\
+             dialect = \"anthropic\"\n[llm.openai]\nbase_url = \"https://o.example\"\napi_key = \"k\"\n",
+        )
+        .unwrap_or_default();
+        assert_eq!(file.llm.len(), 3);
+        assert_eq!(file.llm.get("local").and_then(|p| p.dialect), Some(Dialect::Anthropic));
+        assert_eq!(default_dialect("anthropic"), Dialect::Anthropic);
+        assert_eq!(default_dialect("openai"), Dialect::Openai);
+        assert_eq!(file.llm.get("openai").map(|p| p.timeout_seconds), Some(120));
+        assert!(!format!("{:?}", file.llm.get("openai")).contains("\"k\""));
     }
 
     #[test]

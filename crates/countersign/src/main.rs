@@ -1,9 +1,13 @@
 //! The `countersign` binary: parses the command line, starts telemetry, and dispatches. `serve` runs the
-//! gateway until SIGINT/SIGTERM and reloads the policy on SIGHUP. No business logic lives here.
+//! gateway until SIGINT/SIGTERM and reloads the policy on SIGHUP; every other command is the client in
+//! `countersign::cli`. No business logic lives here.
 #![forbid(unsafe_code)]
+
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use countersign::cli;
 use countersign::config::{EXAMPLE, ServeArgs};
 use countersign::server::Server;
 use countersign::workers::policy_watch;
@@ -14,6 +18,8 @@ struct Cli {
     /// Log format: text or json.
     #[arg(long, global = true, env = "COUNTERSIGN_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    #[command(flatten)]
+    remote: cli::Remote,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,28 +33,8 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Audit log tools that need no server.
-    Audit {
-        #[command(subcommand)]
-        command: AuditCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum AuditCommand {
-    /// Verify an exported audit log (JSON Lines) offline: the hash chain, and every checkpoint's signature.
-    /// Exit code 0 when intact, 1 when broken (the first broken event is named), 2 on a usage error.
-    Verify {
-        /// The export file (from `GET /v1/audit/export`).
-        #[arg(long)]
-        file: std::path::PathBuf,
-        /// The instance's public key, base64 (from `GET /v1/audit/public-key`).
-        #[arg(long)]
-        public_key: String,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    #[command(flatten)]
+    Client(cli::Command),
 }
 
 #[derive(Subcommand)]
@@ -58,44 +44,17 @@ enum ConfigCommand {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     countersign::telemetry::init(cli.log_format == "json");
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
         Command::Config { command: ConfigCommand::Example } => {
             print!("{EXAMPLE}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Audit { command: AuditCommand::Verify { file, public_key, json } } => {
-            verify_export(&file, &public_key, json)
-        }
+        Command::Client(command) => Ok(cli::run(cli.remote, command).await),
     }
-}
-
-fn verify_export(file: &std::path::Path, public_key: &str, json: bool) -> anyhow::Result<()> {
-    let reader = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-    let report = countersign_core::checkpoint::verify_export(std::io::BufReader::new(reader), public_key.trim())
-        .context("cannot verify")?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else if report.ok {
-        println!(
-            "ok: {} events (seq {} to {}), {} signed checkpoints, head {}",
-            report.events,
-            report.first_seq.unwrap_or(0),
-            report.last_seq.unwrap_or(0),
-            report.checkpoints,
-            report.head_hash.as_deref().unwrap_or("-")
-        );
-    } else {
-        let at = report.first_broken_seq.map(|s| format!(" at seq {s}")).unwrap_or_default();
-        println!("BROKEN{at}: {}", report.reason.as_deref().unwrap_or("the chain does not verify"));
-    }
-    if !report.ok {
-        std::process::exit(1);
-    }
-    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -116,7 +116,8 @@ impl Server {
         };
         let policies = PolicyRegistry::load(config.policy.clone()).map_err(|e| StartError::Policy(e.to_string()))?;
         let connectors = Connectors::new(config.upstreams.clone(), &config.network.allow_private)
-            .map_err(|e| StartError::Config(e.to_string()))?;
+            .map_err(|e| StartError::Config(e.to_string()))?
+            .with_llm(config.llm.clone());
         let signer = load_signer(store.as_ref(), &config.data_dir).await?;
         let listener = TcpListener::bind(config.listen)
             .await

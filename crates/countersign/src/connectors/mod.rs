@@ -8,6 +8,7 @@
 //! happen; the gateway does.
 
 pub mod guard;
+pub mod llm;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use countersign_core::domain::HttpTarget;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::config::UpstreamConfig;
+use crate::config::{LlmConfig, UpstreamConfig};
 
 /// Response bodies larger than this are truncated in the stored result.
 pub const MAX_RESULT_BODY_BYTES: usize = 64 * 1024;
@@ -33,6 +34,8 @@ pub struct Connectors {
     client: reqwest::Client,
     guard: Arc<guard::OutboundGuard>,
     upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Model providers of the LLM proxy (`[llm.NAME]`).
+    llm: BTreeMap<String, LlmConfig>,
 }
 
 /// What an upstream answered, as stored on the action.
@@ -50,6 +53,9 @@ pub enum ConnectorError {
     Invalid(String),
     #[error("upstream did not answer: {0}")]
     Transport(String),
+    /// The upstream did not answer in time.
+    #[error("upstream timed out: {0}")]
+    Timeout(String),
     /// The outbound guard refused the address.
     #[error("{0}")]
     Refused(String),
@@ -63,7 +69,7 @@ impl Connectors {
         let client = guard::client_builder(guard.clone())
             .build()
             .map_err(|e| ConnectorError::Invalid(format!("cannot build HTTP client: {e}")))?;
-        Ok(Connectors { client, guard, upstreams })
+        Ok(Connectors { client, guard, upstreams, llm: BTreeMap::new() })
     }
 
     /// Checks a URL against the guard before a request (IP-literal hosts never reach the resolver).

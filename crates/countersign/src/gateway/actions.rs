@@ -61,7 +61,29 @@ fn no_policy_verdict() -> Verdict {
 }
 
 impl Gateway {
+    /// Submits an action; an approved one with a target gets its execution job in the same transaction.
     pub async fn submit(&self, caller: &Caller, request: SubmitRequest) -> Result<SubmitOutcome> {
+        if let Some(Target::Llm(_)) = &request.target {
+            return Err(Error::invalid(
+                "target.connector",
+                "`llm` targets are made by the LLM proxy (/llm/{provider}/v1/…), not submitted directly",
+            ));
+        }
+        self.submit_with(caller, request, false).await
+    }
+
+    /// Submits a model request of the LLM proxy. Allowed at once, it gets no execution job: the proxy's
+    /// live connection claims and carries it out ([`Gateway::claim_inline`], [`Gateway::finish_inline`]), so
+    /// the audit trail is the same as the job's. Held for approval, the approval enqueues the job as usual
+    /// (after a grace period when the client holds its connection open).
+    pub async fn submit_inline(&self, caller: &Caller, request: SubmitRequest) -> Result<SubmitOutcome> {
+        if !matches!(request.target, Some(Target::Llm(_))) {
+            return Err(Error::invalid("target", "an inline submission carries an `llm` target"));
+        }
+        self.submit_with(caller, request, true).await
+    }
+
+    async fn submit_with(&self, caller: &Caller, request: SubmitRequest, inline: bool) -> Result<SubmitOutcome> {
         let org = caller.org_id().clone();
         let agent = caller
             .agent()
@@ -99,6 +121,18 @@ impl Gateway {
                     format!(
                         "unknown upstream `{}`: it must be named under [upstreams] in the server configuration",
                         http.upstream
+                    ),
+                ));
+            }
+        }
+        if let Some(Target::Llm(llm)) = &request.target {
+            llm.validate().map_err(|m| Error::invalid("target", m))?;
+            if self.inner.connectors.llm_dialect(&llm.provider).is_none() {
+                return Err(Error::invalid(
+                    "target.provider",
+                    format!(
+                        "unknown model provider `{}`: it must be named under [llm] in the configuration",
+                        llm.provider
                     ),
                 ));
             }
@@ -197,7 +231,9 @@ impl Gateway {
             token = Some(secret.plaintext);
         }
 
-        super::execute::enqueue_execution(&mut work, &mut action, now).await?;
+        if !inline {
+            super::execute::enqueue_execution(self, &mut work, &mut action, now).await?;
+        }
         work.tx.insert_action(&action).await.map_err(|e| match e {
             StoreError::Conflict(_) => Error::Conflict {
                 message: "an action with this idempotency key was submitted at the same moment; retry to read it"
@@ -326,9 +362,20 @@ impl Gateway {
     /// Waits until the action is terminal or `timeout` passes; answers the action as it is then.
     /// Wakes on the commit that changes it, not on a polling tick.
     pub async fn wait_action(&self, caller: &Caller, id: &ActionId, timeout: Duration) -> Result<Action> {
+        self.wait_action_until(caller, id, timeout, Action::is_terminal).await
+    }
+
+    /// Waits until `done` holds for the action or `timeout` passes; answers the action as it is then.
+    pub async fn wait_action_until(
+        &self,
+        caller: &Caller,
+        id: &ActionId,
+        timeout: Duration,
+        done: impl Fn(&Action) -> bool,
+    ) -> Result<Action> {
         let mut changes = self.notifier().subscribe_actions();
         let action = self.get_action(caller, id).await?;
-        if action.is_terminal() {
+        if done(&action) {
             return Ok(action);
         }
         let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
@@ -342,7 +389,7 @@ impl Gateway {
                 Some(Ok(change)) if !change.concerns(id) => continue,
                 Some(Ok(_)) | Some(Err(RecvError::Lagged(_))) => {
                     let action = self.get_action(caller, id).await?;
-                    if action.is_terminal() {
+                    if done(&action) {
                         return Ok(action);
                     }
                 }

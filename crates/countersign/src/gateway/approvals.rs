@@ -159,7 +159,7 @@ impl Gateway {
             if next == ActionState::Denied {
                 action.finished_at = Some(now);
             }
-            super::execute::enqueue_execution(&mut work, &mut action, now).await?;
+            super::execute::enqueue_execution(self, &mut work, &mut action, now).await?;
             work.tx.update_action(&action).await?;
             let deciders: Vec<&str> = approval.decisions.iter().map(|d| d.user_name.as_str()).collect();
             work.audit(

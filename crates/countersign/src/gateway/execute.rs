@@ -10,7 +10,7 @@
 use countersign_core::audit::{Actor, canonical_hash};
 use countersign_core::domain::{Action, Job, JobKind, Target};
 use countersign_core::ids::{ActionId, OrgId};
-use countersign_core::state::ActionState;
+use countersign_core::state::{ActionState, JobState};
 use serde_json::json;
 
 use super::jobs::JobOutcome;
@@ -23,7 +23,7 @@ const RECORD_RETRY_LIMIT: std::time::Duration = std::time::Duration::from_secs(1
 /// Attempts of an execution job: a busy store before the request is sent is worth retrying.
 const EXECUTION_ATTEMPTS: u32 = 5;
 
-enum Claim {
+pub(super) enum Claim {
     /// Send the request now.
     Send(Box<Action>),
     /// Nothing to do (already executed, or settled by the binding check).
@@ -31,8 +31,11 @@ enum Claim {
 }
 
 /// Adds the execution job of an action that was just approved and has a target, in the same transaction.
-/// Call before the action is written, so it carries its job id.
+/// Call before the action is written, so it carries its job id. A model request whose client holds its
+/// connection open waits the grace period first, so that the live connection claims it (and can stream it);
+/// the job carries it out only if that client went away.
 pub(super) async fn enqueue_execution(
+    gateway: &Gateway,
     work: &mut Work,
     action: &mut Action,
     now: chrono::DateTime<chrono::Utc>,
@@ -47,7 +50,12 @@ pub(super) async fn enqueue_execution(
         json!({"action_id": action.id}),
         now,
     );
-    let job = Job { max_attempts: EXECUTION_ATTEMPTS, ..job };
+    let mut job = Job { max_attempts: EXECUTION_ATTEMPTS, ..job };
+    if let Some(Target::Llm(llm)) = &action.target
+        && llm.held
+    {
+        job.run_at = now + chrono::Duration::from_std(gateway.job_settings().llm_hold_grace).unwrap_or_default();
+    }
     action.job_id = Some(job.id.clone());
     work.enqueue(&job).await
 }
@@ -72,14 +80,15 @@ impl Gateway {
         let action =
             self.read().await?.get_action(org, &id).await?.ok_or_else(|| Error::not_found("action", id.as_str()))?;
         let claim = match action.state {
-            ActionState::Approved => self.claim(org, &id, false).await?,
+            ActionState::Approved => self.claim(org, &id, false, false).await?,
             ActionState::Executing => {
                 let retry_safe = match &action.target {
                     Some(Target::Http(http)) => self.inner.connectors.is_retry_safe(&http.upstream),
-                    None => false,
+                    // A model call is never resent blind: it costs, and its answer may differ.
+                    Some(Target::Llm(_)) | None => false,
                 };
                 if retry_safe {
-                    self.claim(org, &id, true).await?
+                    self.claim(org, &id, true, false).await?
                 } else {
                     self.finish(
                         &action,
@@ -90,6 +99,7 @@ impl Gateway {
                              answer, and the upstream is not marked retry_safe"
                                 .into(),
                         ),
+                        json!({}),
                     )
                     .await?;
                     return Ok(JobOutcome::Failed("outcome unknown; not retried (upstream not retry_safe)".into()));
@@ -111,19 +121,30 @@ impl Gateway {
         })
     }
 
-    async fn claim(&self, org: &OrgId, id: &ActionId, retry: bool) -> Result<Claim> {
+    /// `approved` → `executing`, audited, after the binding check. `inline`: the live connection of the LLM
+    /// proxy claims it, and the execution job waiting out its grace period is cancelled in the same
+    /// transaction (a job the runner already took keeps the action, and this claim answers `Done`).
+    pub(super) async fn claim(&self, org: &OrgId, id: &ActionId, retry: bool, inline: bool) -> Result<Claim> {
         // The hash the approval bound never changes: read it before locking the action, so this
         // transaction never holds the action's row while waiting for the approval's (decide locks the
         // approval first, then the action).
-        let bound = {
+        let (bound, job_id) = {
             let mut tx = self.read().await?;
-            match tx.get_action(org, id).await?.and_then(|a| a.approval_id) {
+            let action = tx.get_action(org, id).await?;
+            let job_id = action.as_ref().and_then(|a| a.job_id.clone());
+            let bound = match action.and_then(|a| a.approval_id) {
                 Some(approval_id) => Some(tx.get_approval(org, &approval_id).await?.map(|a| a.request_hash)),
                 None => None,
-            }
+            };
+            (bound, job_id)
         };
         let now = self.now();
         let mut work = self.write().await?;
+        // The job before the action, in the same order as cancelling a job does.
+        let waiting_job = match (&job_id, inline) {
+            (Some(job_id), true) => work.tx.get_job(org, job_id).await?.filter(|j| j.state == JobState::Queued),
+            _ => None,
+        };
         let Some(mut action) = work.tx.get_action(org, id).await? else {
             return Err(Error::not_found("action", id.as_str()));
         };
@@ -163,29 +184,69 @@ impl Gateway {
         action.state = action.state.transition(ActionState::Executing)?;
         action.started_at = Some(now);
         work.tx.update_action(&action).await?;
-        work.audit(org, now, &Actor::system(), "action.executing", Some(id.as_str()), json!({"retry": retry})).await?;
+        if let Some(mut job) = waiting_job {
+            job.state = job.state.transition(JobState::Cancelled)?;
+            job.error = Some("carried out by the client's live connection to the LLM proxy".into());
+            job.finished_at = Some(now);
+            work.tx.update_job(&job).await?;
+            work.job_changed(&job);
+        }
+        let mut data = json!({"retry": retry});
+        if inline {
+            data["inline"] = json!(true);
+        }
+        work.audit(org, now, &Actor::system(), "action.executing", Some(id.as_str()), data).await?;
         work.action_changed(org, id);
         work.commit(self).await?;
         Ok(Claim::Send(Box::new(action)))
     }
 
     async fn send_and_record(&self, action: Action) -> Result<()> {
-        let outcome = match &action.target {
-            Some(Target::Http(http)) => self.inner.connectors.send_http(http, action.id.as_str()).await,
+        let started = std::time::Instant::now();
+        let (state, result, error, details) = match &action.target {
+            Some(Target::Http(http)) => match self.inner.connectors.send_http(http, action.id.as_str()).await {
+                Ok(answer) if (200..300).contains(&answer.status) => {
+                    (ActionState::Succeeded, Some(answer.result), None, json!({}))
+                }
+                Ok(answer) => {
+                    let error = format!("upstream answered {}", answer.status);
+                    (ActionState::Failed, Some(answer.result), Some(error), json!({}))
+                }
+                Err(e) => (ActionState::Failed, None, Some(e.to_string()), json!({})),
+            },
+            Some(Target::Llm(llm)) => match self.inner.connectors.execute_llm(llm, action.id.as_str()).await {
+                Ok(answer) => {
+                    let mut details = answer.details;
+                    details["latency_ms"] = json!(started.elapsed().as_millis());
+                    details["provider"] = json!(llm.provider);
+                    let state = if answer.succeeded { ActionState::Succeeded } else { ActionState::Failed };
+                    (state, Some(answer.result), answer.error, details)
+                }
+                Err(e) => (
+                    ActionState::Failed,
+                    None,
+                    Some(e.to_string()),
+                    json!({"provider": llm.provider, "latency_ms": started.elapsed().as_millis()}),
+                ),
+            },
             None => return Ok(()),
         };
-        let (state, result, error) = match outcome {
-            Ok(answer) if (200..300).contains(&answer.status) => (ActionState::Succeeded, Some(answer.result), None),
-            Ok(answer) => {
-                let error = format!("upstream answered {}", answer.status);
-                (ActionState::Failed, Some(answer.result), Some(error))
-            }
-            Err(e) => (ActionState::Failed, None, Some(e.to_string())),
-        };
-        // The request went out: its outcome is known only here, so a busy store must not lose it.
+        self.record(&action, state, result, error, details).await
+    }
+
+    /// Records an execution's outcome. The request went out: its outcome is known only here, so a busy store
+    /// must not lose it.
+    pub(super) async fn record(
+        &self,
+        action: &Action,
+        state: ActionState,
+        result: Option<serde_json::Value>,
+        error: Option<String>,
+        details: serde_json::Value,
+    ) -> Result<()> {
         let mut delay = std::time::Duration::from_millis(100);
         loop {
-            match self.finish(&action, state, result.clone(), error.clone()).await {
+            match self.finish(action, state, result.clone(), error.clone(), details.clone()).await {
                 Err(Error::Unavailable(e)) if delay <= RECORD_RETRY_LIMIT => {
                     tracing::warn!(action = %action.id, error = %e, "store busy recording an outcome; retrying");
                     tokio::time::sleep(delay).await;
@@ -202,6 +263,7 @@ impl Gateway {
         state: ActionState,
         result: Option<serde_json::Value>,
         error: Option<String>,
+        details: serde_json::Value,
     ) -> Result<()> {
         let now = self.now();
         let mut work = self.write().await?;
@@ -217,15 +279,13 @@ impl Gateway {
         work.tx.update_action(&current).await?;
         let status = current.result.as_ref().and_then(|r| r.get("status")).cloned();
         let event = if state == ActionState::Succeeded { "action.executed" } else { "action.failed" };
-        work.audit(
-            &action.org_id,
-            now,
-            &Actor::system(),
-            event,
-            Some(action.id.as_str()),
-            json!({"status": status, "error": error}),
-        )
-        .await?;
+        let mut data = json!({"status": status, "error": error});
+        if let (Some(data), serde_json::Value::Object(details)) = (data.as_object_mut(), details) {
+            for (key, value) in details {
+                data.entry(key).or_insert(value);
+            }
+        }
+        work.audit(&action.org_id, now, &Actor::system(), event, Some(action.id.as_str()), data).await?;
         work.emit("action.finished", super::webhooks::action_data(&current));
         work.action_changed(&action.org_id, &action.id);
         work.commit(self).await

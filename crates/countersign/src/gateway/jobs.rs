@@ -34,6 +34,9 @@ pub struct JobRunnerSettings {
     /// The first retry delay of a webhook delivery; each later one doubles, with jitter.
     pub webhook_retry_base: Duration,
     pub webhook_max_attempts: u32,
+    /// How long the execution job of an approved model request waits while its client holds the LLM
+    /// proxy's connection open, so that the live connection carries it out; the job runs it only after.
+    pub llm_hold_grace: Duration,
 }
 
 impl Default for JobRunnerSettings {
@@ -44,6 +47,7 @@ impl Default for JobRunnerSettings {
             concurrency: 64,
             webhook_retry_base: Duration::from_secs(1),
             webhook_max_attempts: 8,
+            llm_hold_grace: Duration::from_secs(30),
         }
     }
 }

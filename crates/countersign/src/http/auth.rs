@@ -13,7 +13,12 @@ pub struct Auth(pub Caller);
 
 /// The presented secret, from `Authorization: Bearer` or `x-api-key`.
 pub fn presented_secret(parts: &Parts) -> Result<&str, Error> {
-    if let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION) {
+    presented_secret_in(&parts.headers)
+}
+
+/// The presented secret, from `Authorization: Bearer` or `x-api-key` in these headers.
+pub fn presented_secret_in(headers: &axum::http::HeaderMap) -> Result<&str, Error> {
+    if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
         let text =
             value.to_str().map_err(|_| Error::Unauthenticated("the Authorization header is not valid text".into()))?;
         let (scheme, token) = text.split_once(' ').unwrap_or((text, ""));
@@ -22,7 +27,7 @@ pub fn presented_secret(parts: &Parts) -> Result<&str, Error> {
         }
         return Ok(token.trim());
     }
-    if let Some(value) = parts.headers.get("x-api-key") {
+    if let Some(value) = headers.get("x-api-key") {
         return value
             .to_str()
             .map(str::trim)

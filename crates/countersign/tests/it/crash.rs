@@ -662,3 +662,91 @@ async fn approved_but_unsent_actions_run_after_restart() {
     eprintln!("killed right after the last approval: {outcomes:#?}");
     server.verify_audit().await;
 }
+
+/// SIGKILL several times under load: allowed record-only actions, held ones approved at once, and allowed
+/// actions executed against a non-retry-safe upstream, from four agents at a time. After the last restart
+/// every acknowledged action is there, every execution ended, no upstream call happened twice, and the
+/// chain verifies.
+#[tokio::test]
+async fn repeated_kill_9_under_load_loses_nothing_and_sends_nothing_twice() {
+    let upstream = FakeUpstream::start(false).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), Some(&upstream.url));
+    let mut acknowledged: BTreeSet<String> = BTreeSet::new();
+    let mut executions: BTreeSet<String> = BTreeSet::new();
+    let mut n = 0usize;
+    for round in 0..3 {
+        let server = Proc::start(dir.path()).await;
+        let key = server.agent_key(&format!("round-{round}")).await;
+        let (heard_tx, mut heard) = mpsc::unbounded_channel::<(String, bool)>();
+        let mut workers = Vec::new();
+        for worker in 0..4usize {
+            let (bot, admin, heard_tx) = (server.admin.with_key(key.clone()), server.admin.clone(), heard_tx.clone());
+            let base = n + worker * 1000;
+            workers.push(tokio::spawn(async move {
+                for i in 0..200usize {
+                    let (body, execution) = match i % 3 {
+                        0 => (http_to("email.send.receipt", "unsafe_up", base + i), true),
+                        1 => (action("payments.charge.card"), false),
+                        _ => (action("email.send.message"), false),
+                    };
+                    let Ok(answer) = bot.submit_action(&body).await else { return };
+                    if ![200, 202].contains(&answer.status) {
+                        return;
+                    }
+                    let id = answer.str("/id").to_owned();
+                    if heard_tx.send((id, execution)).is_err() {
+                        return;
+                    }
+                    if i % 3 == 1 && admin.approve(answer.str("/approval/id"), None).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        drop(heard_tx);
+        // Kill once this round has had 30 acknowledgements, with the load still running.
+        let mut this_round = 0;
+        while this_round < 30 {
+            let (id, execution) = tokio::time::timeout(PATIENCE, heard.recv()).await.unwrap().unwrap();
+            acknowledged.insert(id.clone());
+            if execution {
+                executions.insert(id);
+            }
+            this_round += 1;
+        }
+        server.kill9().await;
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        while let Ok((id, execution)) = heard.try_recv() {
+            acknowledged.insert(id.clone());
+            if execution {
+                executions.insert(id);
+            }
+        }
+        n += 10_000;
+    }
+
+    let server = Proc::start(dir.path()).await;
+    for id in &acknowledged {
+        let found = server.admin.get_action(id).await.unwrap();
+        assert_eq!(found.status, 200, "acknowledged action {id} lost");
+    }
+    for id in &executions {
+        let done = server.wait_action(id).await;
+        let state = done.str("/state");
+        assert!(
+            state == "succeeded" || (state == "failed" && done.str("/error").contains("outcome unknown")),
+            "{id}: {:?}",
+            done.body
+        );
+        assert!(upstream.for_key(id).len() <= 1, "{id} was sent {} times", upstream.for_key(id).len());
+        if state == "succeeded" {
+            assert_eq!(upstream.for_key(id).len(), 1);
+        }
+    }
+    assert!(acknowledged.len() >= 90 && !executions.is_empty());
+    let verified = server.verify_audit().await;
+    assert_eq!(verified["ok"], true, "{verified:?}");
+}

@@ -35,6 +35,26 @@ rules:
   - name: hold-charges
     effect: require_approval
     conditions: { capability: "payments.charge.*" }
+  - name: llm-no-launch-codes
+    effect: deny
+    conditions: { capability: "llm.*", content_patterns: ["launch codes?"] }
+    message: "Never ask a model for launch codes"
+  - name: llm-quick-review
+    effect: require_approval
+    conditions: { capability: "llm.*", models: ["review-fast-*"] }
+    approval: { timeout: 2s }
+  - name: llm-premium-models
+    effect: require_approval
+    conditions: { capability: "llm.*", models: ["gpt-premium", "claude-opus-*"] }
+    message: "Premium models need a human"
+  - name: llm-big-budget
+    effect: require_approval
+    conditions: { capability: "llm.*", max_tokens_threshold: 4000 }
+    message: "More than 4000 tokens needs a human"
+  - name: llm-money-talk
+    effect: require_approval
+    conditions: { capability: "llm.*", content_patterns: ["wire .*money"] }
+    message: "Talk of wiring money needs a human"
 "#;
 
 /// One request the fake upstream received.
@@ -109,6 +129,23 @@ pub fn config(data_dir: &std::path::Path, upstream: Option<&str>) -> Config {
             },
         );
     }
+    config
+}
+
+/// A configuration with the LLM proxy's providers pointed at a fake provider: `openai` (2 s timeout) and
+/// `anthropic` at `provider_url`, and `down`, an OpenAI-dialect provider on a port nobody listens on.
+pub fn llm_config(data_dir: &std::path::Path, provider_url: &str) -> Config {
+    use countersign::config::{LlmConfig, Secret};
+    let mut config = config(data_dir, None);
+    let key = Secret::new(crate::fake_llm::PROVIDER_KEY.into());
+    let mut openai = LlmConfig::new("openai", provider_url.to_owned(), key.clone());
+    openai.timeout_seconds = 2;
+    config.llm.insert("openai".into(), openai);
+    config.llm.insert("anthropic".into(), LlmConfig::new("anthropic", provider_url.to_owned(), key.clone()));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    config.llm.insert("down".into(), LlmConfig::new("down", down, key));
     config
 }
 

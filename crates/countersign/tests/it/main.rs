@@ -5,11 +5,15 @@
 
 mod audit_and_reload;
 mod audit_export;
+mod cli;
 mod core_loop;
 mod crash;
+mod fake_llm;
 mod helpers;
 mod jobs_webhooks;
 mod limits;
+mod llm_proxy;
+mod llm_python;
 mod openapi;
 mod replicas;
 mod tidy;

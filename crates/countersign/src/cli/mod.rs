@@ -1,0 +1,288 @@
+//! The command-line client: `approvals`, `actions`, `audit`, `policy`, `sessions`, `keys`, `agents`,
+//! `users`, `jobs` and `webhooks`, over the typed v1 client (`client.rs`), the same one the tests use.
+//!
+//! This module holds the clap definitions, the global options (`--url`/`COUNTERSIGN_URL`,
+//! `--key`/`COUNTERSIGN_KEY`, `--json`), and the one place that turns a failure into a message and an exit
+//! code. Output is a table or aligned fields for people, or with `--json` the server's JSON document as is.
+//! Exit codes: 0 success; 1 an error (a problem+json answer is printed as `error: <title>: <detail>`), or for
+//! the `wait` commands a denied, failed or cancelled outcome; 2 a usage error (clap), or for `wait` an
+//! expired approval; 3 a `wait` that timed out with the action still pending or running.
+//!
+//! It decides nothing: every rule is the server's (or, for `policy check` and `policy test`, the same
+//! `countersign_core::policy` code the server runs). `serve` and `config example` stay in `main.rs`.
+
+mod admin;
+mod approvals;
+mod audit;
+mod output;
+mod policy;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use crate::client::{ApiResponse, Client, ClientError};
+
+/// Options every client command shares. `--key` and `--json` may come before or after the subcommand;
+/// `--url` comes before it (`countersign --url URL approvals list`), because `webhooks create --url` names
+/// the receiver, not the server.
+#[derive(Debug, Clone, Args)]
+pub struct Remote {
+    /// The server's base URL (give it before the subcommand).
+    #[arg(long, env = "COUNTERSIGN_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// The API key (a user key to decide and administer, an agent key to submit).
+    #[arg(long, global = true, env = "COUNTERSIGN_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// Machine output: the server's JSON as is, one document (JSON Lines for `audit tail`).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The approval queue: list, show, approve, deny, wait.
+    Approvals {
+        #[command(subcommand)]
+        command: approvals::ApprovalsCommand,
+    },
+    /// Actions: submit (with an agent key), get, wait, trace.
+    Actions {
+        #[command(subcommand)]
+        command: approvals::ActionsCommand,
+    },
+    /// The audit log: query, tail, verify (the server's chain, or an export offline), export.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
+    /// Policies: check a file and run test cases offline; explain a decision of the server's policy.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
+    /// Sessions: short-lived, scoped agent credentials.
+    Sessions {
+        #[command(subcommand)]
+        command: admin::SessionsCommand,
+    },
+    /// API keys for agents and users.
+    Keys {
+        #[command(subcommand)]
+        command: admin::KeysCommand,
+    },
+    /// Agents.
+    Agents {
+        #[command(subcommand)]
+        command: admin::AgentsCommand,
+    },
+    /// Users and their roles.
+    Users {
+        #[command(subcommand)]
+        command: admin::UsersCommand,
+    },
+    /// Background jobs: executions, webhook deliveries, exports, retention.
+    Jobs {
+        #[command(subcommand)]
+        command: admin::JobsCommand,
+    },
+    /// Webhook subscriptions and their delivery history.
+    Webhooks {
+        #[command(subcommand)]
+        command: admin::WebhooksCommand,
+    },
+}
+
+/// Why a command stopped without its normal output.
+#[derive(Debug)]
+pub enum Failure {
+    /// The server answered with an error status; the body is problem+json when the server wrote it.
+    Api(ApiResponse),
+    /// Anything else, as a sentence.
+    Message(String),
+    /// Stop with this exit code and print nothing more (e.g. stdout was closed).
+    Quiet(u8),
+}
+
+impl From<ClientError> for Failure {
+    fn from(error: ClientError) -> Self {
+        Failure::Message(error.to_string())
+    }
+}
+
+/// What a command hands back: its exit code (0 unless a `wait` says otherwise).
+pub type Outcome = Result<u8, Failure>;
+
+/// The context of one command: the global options.
+pub struct Ctx {
+    remote: Remote,
+}
+
+impl Ctx {
+    pub fn json(&self) -> bool {
+        self.remote.json
+    }
+
+    /// A client holding the key; without one, a message that says where a key comes from.
+    pub fn client(&self) -> Result<Client, Failure> {
+        let key = self.remote.key.as_deref().map(str::trim).filter(|k| !k.is_empty()).ok_or_else(|| {
+            Failure::Message(
+                "no API key: set COUNTERSIGN_KEY (or pass --key) to a key of this server; the first admin key is \
+                 printed by `countersign serve` at its first start and kept in the data dir as admin.key"
+                    .into(),
+            )
+        })?;
+        Client::new(self.remote.url.clone(), Some(key.to_owned())).map_err(Failure::from)
+    }
+
+    /// Awaits a call and keeps only a 2xx answer; an error status becomes [`Failure::Api`], a transport
+    /// error a message naming the server.
+    pub async fn call(
+        &self,
+        call: impl std::future::Future<Output = Result<ApiResponse, ClientError>>,
+    ) -> Result<ApiResponse, Failure> {
+        match call.await {
+            Ok(response) if (200..300).contains(&response.status) => Ok(response),
+            Ok(response) => Err(Failure::Api(response)),
+            Err(e) => Err(self.unreachable(&e)),
+        }
+    }
+
+    pub fn unreachable(&self, error: &ClientError) -> Failure {
+        Failure::Message(format!("cannot reach the server at {} ({error}); is COUNTERSIGN_URL right?", self.remote.url))
+    }
+
+    /// Prints the server's document with `--json`, or the human rendering otherwise.
+    pub fn show(&self, document: &Value, human: impl FnOnce(&Value) -> String) -> Result<(), Failure> {
+        if self.json() { output::json(document) } else { output::out(&human(document)) }
+    }
+
+    /// What a 204 (delete, revoke) prints: `{"id": …, "ok": true}` with `--json`, or a sentence.
+    pub fn done(&self, id: &str, sentence: &str) -> Outcome {
+        if self.json() {
+            output::json(&serde_json::json!({"id": id, "ok": true}))?;
+        } else {
+            output::out(sentence)?;
+        }
+        Ok(0)
+    }
+}
+
+/// Runs one client command and reports how it ended: its output on stdout, errors on stderr.
+pub async fn run(remote: Remote, command: Command) -> ExitCode {
+    let ctx = Ctx { remote };
+    let outcome = match command {
+        Command::Approvals { command } => approvals::run_approvals(&ctx, command).await,
+        Command::Actions { command } => approvals::run_actions(&ctx, command).await,
+        Command::Audit { command } => audit::run(&ctx, command).await,
+        Command::Policy { command } => policy::run(&ctx, command).await,
+        Command::Sessions { command } => admin::run_sessions(&ctx, command).await,
+        Command::Keys { command } => admin::run_keys(&ctx, command).await,
+        Command::Agents { command } => admin::run_agents(&ctx, command).await,
+        Command::Users { command } => admin::run_users(&ctx, command).await,
+        Command::Jobs { command } => admin::run_jobs(&ctx, command).await,
+        Command::Webhooks { command } => admin::run_webhooks(&ctx, command).await,
+    };
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => ExitCode::from(report(&ctx, failure)),
+    }
+}
+
+/// Prints a failure (stderr; with `--json` the problem document also goes to stdout) and answers the exit
+/// code.
+fn report(ctx: &Ctx, failure: Failure) -> u8 {
+    match failure {
+        Failure::Quiet(code) => code,
+        Failure::Message(message) => {
+            output::note(&format!("error: {}", output::clean(&message)));
+            1
+        }
+        Failure::Api(response) => {
+            if ctx.json() && response.body.is_object() {
+                let _ = output::json(&response.body);
+            }
+            output::note(&problem_line(&response));
+            1
+        }
+    }
+}
+
+/// `error: <title>: <detail>`, then the rule, field, state or action the problem names.
+pub fn problem_line(response: &ApiResponse) -> String {
+    let body = &response.body;
+    if !body.is_object() {
+        let text = body.as_str().map(str::to_owned).unwrap_or_else(|| body.to_string());
+        let text: String = text.chars().take(500).collect();
+        return format!("error: HTTP {}: {}", response.status, output::clean(text.trim()));
+    }
+    let title = body.get("title").and_then(Value::as_str).unwrap_or("error");
+    let mut line = format!("error: {}", output::clean(title));
+    if let Some(detail) = body.get("detail").and_then(Value::as_str).filter(|d| !d.is_empty()) {
+        line.push_str(&format!(": {}", output::clean(detail)));
+    }
+    let extras: Vec<String> = ["rule", "field", "state", "action_id", "retry_after_seconds"]
+        .iter()
+        .filter_map(|name| {
+            let value = body.get(*name)?;
+            let text = value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
+            Some(format!("{}: {}", name.replace('_', " "), output::clean(&text)))
+        })
+        .collect();
+    if !extras.is_empty() {
+        line.push_str(&format!(" ({})", extras.join(", ")));
+    }
+    line
+}
+
+/// A duration given as seconds (`30`, `0.5`) or with a unit (`90s`, `15m`, `1h`, `2d`).
+pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+    if let Ok(seconds) = text.trim().parse::<f64>() {
+        return if seconds.is_finite() && (0.0..1e9).contains(&seconds) {
+            Ok(Duration::from_secs_f64(seconds))
+        } else {
+            Err(format!("`{text}` is not a number of seconds, 0 or more"))
+        };
+    }
+    countersign_core::policy::parse_duration(text)
+}
+
+/// A JSON value given on the command line; `what` names it in the message.
+pub fn parse_json(what: &str, text: &str) -> Result<Value, Failure> {
+    serde_json::from_str(text).map_err(|e| Failure::Message(format!("{what} is not valid JSON: {e}")))
+}
+
+/// `next_cursor` of a list, reported on stderr so a table stays a table.
+pub fn more(document: &Value) {
+    if let Some(cursor) = document.get("next_cursor").and_then(Value::as_str) {
+        output::note(&format!("(more: pass --cursor {cursor})"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_take_numbers_and_units() {
+        assert_eq!(parse_seconds("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
+    }
+
+    #[test]
+    fn problems_read_as_one_line() {
+        let response = ApiResponse {
+            status: 403,
+            content_type: "application/problem+json".into(),
+            body: serde_json::json!({"title": "Policy denied", "detail": "denied by rule `x`", "rule": "x",
+                                      "action_id": "act_1"}),
+        };
+        assert_eq!(problem_line(&response), "error: Policy denied: denied by rule `x` (rule: x, action id: act_1)");
+        let plain = ApiResponse { status: 502, content_type: "text/plain".into(), body: Value::String("bad".into()) };
+        assert_eq!(problem_line(&plain), "error: HTTP 502: bad");
+    }
+}

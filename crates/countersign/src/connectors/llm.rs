@@ -1,0 +1,358 @@
+//! The `llm` connector: sends a frozen model request to a provider configured under `[llm.NAME]`, with the
+//! provider's key from the configuration, through the same guarded client as every other outbound call; and
+//! reads what providers answer (token usage and model from a JSON body or from a server-sent event stream).
+//!
+//! It does not decide whether a call may happen (the gateway does) and does not shape responses for
+//! clients (the proxy does). The provider key is added here and appears in no result, log or error.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use countersign_core::domain::LlmTarget;
+use futures_util::StreamExt;
+use serde_json::{Map, Value, json};
+
+use super::{ConnectorError, Connectors, MAX_RESULT_BODY_BYTES, transport};
+use crate::config::{Dialect, LlmConfig};
+
+/// How much of a non-streamed provider answer is read; a larger answer is a failure.
+pub const MAX_LLM_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+
+/// The `anthropic-version` sent to Anthropic-dialect providers.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// What a provider answered, classified, ready to be recorded on the action.
+#[derive(Debug, Clone)]
+pub struct LlmAnswer {
+    pub status: u16,
+    /// A 2xx answer that is what the request asked for (valid JSON, or a stream).
+    pub succeeded: bool,
+    /// Why it did not succeed.
+    pub error: Option<String>,
+    /// Stored on the action: status, selected headers, body (capped), truncation flag.
+    pub result: Value,
+    /// Recorded in the finish audit event: model and token usage when the provider reported them.
+    pub details: Value,
+}
+
+impl Connectors {
+    /// Adds the model providers of the LLM proxy.
+    pub fn with_llm(mut self, providers: BTreeMap<String, LlmConfig>) -> Self {
+        self.llm = providers;
+        self
+    }
+
+    /// The dialect of a configured provider; `None` when no provider has this name.
+    pub fn llm_dialect(&self, provider: &str) -> Option<Dialect> {
+        self.llm.get(provider).map(|p| p.dialect)
+    }
+
+    fn llm_request(
+        &self,
+        provider: &str,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<(reqwest::RequestBuilder, Duration), ConnectorError> {
+        let config = self.llm.get(provider).ok_or_else(|| ConnectorError::UnknownUpstream(provider.to_owned()))?;
+        let base = config.base_url.trim_end_matches('/');
+        let url = reqwest::Url::parse(&format!("{base}{path}"))
+            .map_err(|e| ConnectorError::Invalid(format!("cannot build the URL: {e}")))?;
+        self.check(&url)?;
+        let mut request = self.client.request(method, url);
+        let key = config.api_key.expose();
+        match config.dialect {
+            Dialect::Openai => {
+                if !key.is_empty() {
+                    request = request.bearer_auth(key);
+                }
+            }
+            Dialect::Anthropic => {
+                if !key.is_empty() {
+                    request = request.header("x-api-key", key);
+                }
+                request = request.header("anthropic-version", ANTHROPIC_VERSION);
+            }
+        }
+        request = request.header("user-agent", concat!("Countersign-LLM-Proxy/", env!("CARGO_PKG_VERSION")));
+        Ok((request, Duration::from_secs(config.timeout_seconds.max(1))))
+    }
+
+    /// Sends a frozen model request; answers once the provider's status and headers are in. The caller
+    /// reads the body (all of it, or as a stream). The provider's timeout bounds the wait for the headers;
+    /// a non-streamed request is bounded by it as a whole.
+    pub async fn send_llm(
+        &self,
+        target: &LlmTarget,
+        idempotency_key: &str,
+        stream: bool,
+    ) -> Result<(reqwest::Response, Duration), ConnectorError> {
+        let (request, timeout) = self.llm_request(&target.provider, reqwest::Method::POST, &target.path)?;
+        let mut request = request.header("idempotency-key", idempotency_key).json(&target.body);
+        if !stream {
+            request = request.timeout(timeout);
+        }
+        let response = tokio::time::timeout(timeout, request.send())
+            .await
+            .map_err(|_| ConnectorError::Timeout(format!("the provider did not answer within {}s", timeout.as_secs())))?
+            .map_err(|e| llm_transport(&e))?;
+        Ok((response, timeout))
+    }
+
+    /// `GET` on a provider path (the model list): no action, just the provider's answer.
+    pub async fn get_llm(&self, provider: &str, path: &str) -> Result<(u16, String, Vec<u8>), ConnectorError> {
+        let (request, timeout) = self.llm_request(provider, reqwest::Method::GET, path)?;
+        let response = request.timeout(timeout).send().await.map_err(|e| llm_transport(&e))?;
+        let status = response.status().as_u16();
+        let content_type = content_type(&response);
+        let body = read_all(response, MAX_LLM_RESPONSE_BYTES).await?;
+        Ok((status, content_type, body))
+    }
+
+    /// Sends and reads the whole answer (the execution job's path: nobody is waiting on a stream).
+    pub async fn execute_llm(&self, target: &LlmTarget, idempotency_key: &str) -> Result<LlmAnswer, ConnectorError> {
+        let dialect = self.llm_dialect(&target.provider).unwrap_or(Dialect::Openai);
+        let stream = target.body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let (response, timeout) = self.send_llm(target, idempotency_key, stream).await?;
+        let status = response.status().as_u16();
+        let content_type = content_type(&response);
+        let body =
+            tokio::time::timeout(timeout, read_all(response, MAX_LLM_RESPONSE_BYTES)).await.map_err(|_| {
+                ConnectorError::Timeout(format!("the provider's answer took over {}s", timeout.as_secs()))
+            })??;
+        Ok(classify(dialect, status, &content_type, &body))
+    }
+}
+
+pub fn content_type(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_owned()
+}
+
+/// Reads a whole body, refusing one over `limit` bytes.
+pub async fn read_all(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, ConnectorError> {
+    let mut stream = response.bytes_stream();
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| llm_transport(&e))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ConnectorError::Transport(format!("the provider's answer is over {limit} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A failed send; timeouts kept apart so they can answer 504.
+pub fn llm_transport(error: &reqwest::Error) -> ConnectorError {
+    if error.is_timeout() { ConnectorError::Timeout("the provider timed out".into()) } else { transport(error) }
+}
+
+/// Classifies a whole provider answer: 2xx with the expected body succeeds; anything else fails, saying why.
+pub fn classify(dialect: Dialect, status: u16, content_type: &str, body: &[u8]) -> LlmAnswer {
+    let is_stream = content_type.starts_with("text/event-stream");
+    let parsed: Option<Value> = if is_stream { None } else { serde_json::from_slice(body).ok() };
+    let mut details = Map::new();
+    if is_stream {
+        let mut usage = SseUsage::new(dialect);
+        usage.feed(body);
+        usage.finish();
+        details = usage.details();
+    } else if let Some(value) = &parsed {
+        details = usage_of(dialect, value);
+    }
+    let (succeeded, error) = match (status, &parsed) {
+        (200..=299, Some(_)) => (true, None),
+        (200..=299, None) if is_stream => (true, None),
+        (200..=299, None) => (false, Some("the provider answered with a body that is not valid JSON".to_owned())),
+        (status, _) => (false, Some(format!("upstream answered {status}"))),
+    };
+    LlmAnswer {
+        status,
+        succeeded,
+        error,
+        result: stored_result(status, content_type, body, parsed),
+        details: Value::Object(details),
+    }
+}
+
+/// The result stored on the action: like an `http` target's, the body capped at [`MAX_RESULT_BODY_BYTES`].
+pub fn stored_result(status: u16, content_type: &str, body: &[u8], parsed: Option<Value>) -> Value {
+    let truncated = body.len() > MAX_RESULT_BODY_BYTES;
+    let body_value = match parsed {
+        Some(value) if !truncated => value,
+        _ => {
+            let end = body.len().min(MAX_RESULT_BODY_BYTES);
+            Value::String(String::from_utf8_lossy(&body[..end]).into_owned())
+        }
+    };
+    json!({"status": status, "headers": {"content-type": content_type}, "body": body_value, "truncated": truncated})
+}
+
+/// Model and token usage from a non-streamed answer, as the provider reported them.
+pub fn usage_of(dialect: Dialect, body: &Value) -> Map<String, Value> {
+    let mut details = Map::new();
+    if let Some(model) = body.get("model").and_then(Value::as_str) {
+        details.insert("model".into(), json!(model));
+    }
+    if let Some(usage) = body.get("usage").filter(|u| u.is_object()) {
+        details.insert("usage".into(), normalize_usage(dialect, usage));
+    }
+    details
+}
+
+/// The provider's own usage object, plus `input_tokens`/`output_tokens` in both dialects.
+fn normalize_usage(dialect: Dialect, usage: &Value) -> Value {
+    let mut out = usage.as_object().cloned().unwrap_or_default();
+    if dialect == Dialect::Openai {
+        if let Some(v) = usage.get("prompt_tokens") {
+            out.insert("input_tokens".into(), v.clone());
+        }
+        if let Some(v) = usage.get("completion_tokens") {
+            out.insert("output_tokens".into(), v.clone());
+        }
+    }
+    Value::Object(out)
+}
+
+/// Reads model and token usage out of a server-sent event stream as it passes, chunk by chunk: OpenAI's
+/// final chunk carries `usage` (with `stream_options.include_usage`); Anthropic's `message_start` carries the
+/// input tokens and `message_delta` the output tokens.
+#[derive(Debug)]
+pub struct SseUsage {
+    dialect: Dialect,
+    line: Vec<u8>,
+    model: Option<String>,
+    usage: Map<String, Value>,
+    /// The stream said it was complete (`[DONE]` or `message_stop`).
+    pub completed: bool,
+}
+
+/// A line longer than this is not an event we read usage from; it is skipped, not buffered.
+const MAX_SSE_LINE: usize = 1024 * 1024;
+
+impl SseUsage {
+    pub fn new(dialect: Dialect) -> Self {
+        SseUsage { dialect, line: Vec::new(), model: None, usage: Map::new(), completed: false }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        for &byte in chunk {
+            if byte == b'\n' {
+                let line = std::mem::take(&mut self.line);
+                self.line_done(&line);
+            } else if self.line.len() < MAX_SSE_LINE {
+                self.line.push(byte);
+            }
+        }
+    }
+
+    /// Reads a last line that had no newline after it.
+    pub fn finish(&mut self) {
+        let line = std::mem::take(&mut self.line);
+        self.line_done(&line);
+    }
+
+    fn line_done(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else { return };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data == b"[DONE]" {
+            self.completed = true;
+            return;
+        }
+        let Ok(event) = serde_json::from_slice::<Value>(data) else { return };
+        match self.dialect {
+            Dialect::Openai => {
+                if let Some(model) = event.get("model").and_then(Value::as_str) {
+                    self.model = Some(model.to_owned());
+                }
+                if let Some(usage) = event.get("usage").filter(|u| u.is_object())
+                    && let Value::Object(u) = normalize_usage(Dialect::Openai, usage)
+                {
+                    self.usage = u;
+                }
+            }
+            Dialect::Anthropic => {
+                let message = event.get("message");
+                if let Some(model) = message.and_then(|m| m.get("model")).and_then(Value::as_str) {
+                    self.model = Some(model.to_owned());
+                }
+                let usage = message.and_then(|m| m.get("usage")).or_else(|| event.get("usage"));
+                if let Some(Value::Object(usage)) = usage {
+                    for (key, value) in usage {
+                        if !value.is_null() {
+                            self.usage.insert(key.clone(), value.clone());
+                        }
+                    }
+                }
+                if event.get("type").and_then(Value::as_str) == Some("message_stop") {
+                    self.completed = true;
+                }
+            }
+        }
+    }
+
+    /// `{model, usage}` as far as the stream reported them.
+    pub fn details(&self) -> Map<String, Value> {
+        let mut details = Map::new();
+        if let Some(model) = &self.model {
+            details.insert("model".into(), json!(model));
+        }
+        if !self.usage.is_empty() {
+            details.insert("usage".into(), Value::Object(self.usage.clone()));
+        }
+        details
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_stream_usage_comes_from_the_last_chunk_across_chunk_boundaries() {
+        let mut usage = SseUsage::new(Dialect::Openai);
+        let text = "data: {\"model\":\"gpt-x\",\"choices\":[],\"usage\":null}\n\ndata: {\"model\":\"gpt-x\",\"choices\":[],\
+                    \"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5,\"total_tokens\":8}}\n\ndata: [DONE]\n\n";
+        for piece in text.as_bytes().chunks(7) {
+            usage.feed(piece);
+        }
+        usage.finish();
+        let details = Value::Object(usage.details());
+        assert_eq!(details["model"], "gpt-x");
+        assert_eq!(details["usage"]["input_tokens"], 3);
+        assert_eq!(details["usage"]["output_tokens"], 5);
+        assert!(usage.completed);
+    }
+
+    #[test]
+    fn anthropic_stream_usage_joins_message_start_and_message_delta() {
+        let mut usage = SseUsage::new(Dialect::Anthropic);
+        usage.feed(
+            b"event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\",\
+                     \"usage\":{\"input_tokens\":11,\"output_tokens\":1}}}\r\n\r\n",
+        );
+        usage.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":7}}\n\n");
+        usage.feed(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+        let details = Value::Object(usage.details());
+        assert_eq!(details["model"], "claude-x");
+        assert_eq!(details["usage"]["input_tokens"], 11);
+        assert_eq!(details["usage"]["output_tokens"], 7);
+        assert!(usage.completed);
+    }
+
+    #[test]
+    fn answers_are_classified() {
+        let ok = classify(Dialect::Openai, 200, "application/json", br#"{"model":"m","usage":{"prompt_tokens":1}}"#);
+        assert!(ok.succeeded);
+        assert_eq!(ok.details["usage"]["input_tokens"], 1);
+        let bad = classify(Dialect::Openai, 200, "application/json", b"<html>");
+        assert!(!bad.succeeded);
+        let failed = classify(Dialect::Anthropic, 503, "application/json", b"{}");
+        assert_eq!(failed.error.as_deref(), Some("upstream answered 503"));
+    }
+}

@@ -1,0 +1,402 @@
+//! The LLM proxy: a front end that speaks the OpenAI and Anthropic APIs at `/llm/{provider}/v1/…`, so an
+//! unmodified client governs every model call by changing only its base URL and API key (the Countersign
+//! key, as `Authorization: Bearer` or `x-api-key`).
+//!
+//! Each request becomes an action through the gateway (`submit_inline`): denied answers the provider's
+//! own error shape with 403 naming the rule; allowed is carried out at once on this connection (claim →
+//! send → finish, streamed chunk by chunk when asked); held for approval waits on this connection until
+//! decided (default, up to the rule's timeout or `Countersign-Wait`) or answers 202 at once
+//! (`Countersign-Wait: 0`). An adapter only: every decision is the gateway's, and the provider key never
+//! leaves the connectors.
+
+mod relay;
+mod wire;
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use countersign_core::capability::Capability;
+use countersign_core::domain::{Action, Approval, LlmTarget, Target};
+use countersign_core::state::ActionState;
+use serde_json::{Value, json};
+
+use crate::config::Dialect;
+use crate::connectors::ConnectorError;
+use crate::connectors::llm::{MAX_LLM_RESPONSE_BYTES, classify, content_type, read_all};
+use crate::error::Error;
+use crate::gateway::{Caller, Gateway, InlineOutcome, SubmitRequest};
+use crate::http::AppState;
+pub use wire::Endpoint;
+
+/// How long a client may hold its connection at most, whatever it asks for.
+const MAX_HOLD: Duration = Duration::from_secs(600);
+
+/// The proxy's routes, merged into the v1 router (they share its middleware and state).
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/llm/{provider}/v1/chat/completions", post(chat_completions))
+        .route("/llm/{provider}/v1/completions", post(completions))
+        .route("/llm/{provider}/v1/embeddings", post(embeddings))
+        .route("/llm/{provider}/v1/messages", post(messages))
+        .route("/llm/{provider}/v1/models", get(models))
+}
+
+async fn chat_completions(state: State<AppState>, provider: Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(&state, &provider, Endpoint::ChatCompletions, &headers, &body).await
+}
+
+async fn completions(state: State<AppState>, provider: Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(&state, &provider, Endpoint::Completions, &headers, &body).await
+}
+
+async fn embeddings(state: State<AppState>, provider: Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(&state, &provider, Endpoint::Embeddings, &headers, &body).await
+}
+
+async fn messages(state: State<AppState>, provider: Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(&state, &provider, Endpoint::Messages, &headers, &body).await
+}
+
+/// The model list: forwarded for an authenticated caller; no action.
+async fn models(State(state): State<AppState>, Path(provider): Path<String>, headers: HeaderMap) -> Response {
+    let dialect = match provider_dialect(&state.gateway, &provider, None) {
+        Ok(dialect) => dialect,
+        Err(response) => return *response,
+    };
+    let caller = match authenticate(&state.gateway, &headers).await {
+        Ok(caller) => caller,
+        Err(e) => return wire::from_error(dialect, &e),
+    };
+    match state.gateway.llm_models(&caller, &provider).await {
+        Ok((status, content_type, body)) => raw(status, &content_type, body),
+        Err(e) => upstream_failure(dialect, &e),
+    }
+}
+
+/// The provider's dialect, when it is configured and (for an action endpoint) speaks this endpoint's.
+fn provider_dialect(gateway: &Gateway, provider: &str, endpoint: Option<Endpoint>) -> Result<Dialect, Box<Response>> {
+    let wanted = endpoint.map(Endpoint::dialect);
+    match (gateway.llm_dialect(provider), wanted) {
+        (Some(dialect), None) => Ok(dialect),
+        (Some(dialect), Some(wanted)) if dialect == wanted => Ok(dialect),
+        (Some(dialect), Some(wanted)) => Err(Box::new(wire::error(
+            wanted,
+            StatusCode::NOT_FOUND,
+            &format!("provider `{provider}` speaks the {} API, which has no such endpoint", dialect.as_str()),
+        ))),
+        (None, wanted) => Err(Box::new(wire::error(
+            wanted.unwrap_or(Dialect::Openai),
+            StatusCode::NOT_FOUND,
+            &format!("no model provider `{provider}` is configured under [llm] on this server"),
+        ))),
+    }
+}
+
+async fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, Error> {
+    let secret = crate::http::auth::presented_secret_in(headers)?;
+    let caller = gateway.authenticate(secret).await?;
+    gateway.check_rate(&caller)?;
+    Ok(caller)
+}
+
+/// `Countersign-Wait`: absent holds up to the rule's timeout; 0 answers 202 at once; else seconds to hold.
+fn requested_wait(headers: &HeaderMap) -> Result<Option<Duration>, Error> {
+    let Some(value) = headers.get("countersign-wait") else { return Ok(None) };
+    let seconds = value
+        .to_str()
+        .ok()
+        .and_then(|text| text.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .ok_or_else(|| Error::bad_request("Countersign-Wait", "must be a number of seconds, 0 or more"))?;
+    Ok(Some(Duration::from_secs_f64(seconds.min(MAX_HOLD.as_secs_f64()))))
+}
+
+/// `Countersign-Reasoning` as JSON when it is JSON, else as a JSON string; by default the proxy says so.
+fn reasoning(headers: &HeaderMap) -> String {
+    match headers.get("countersign-reasoning").and_then(|v| v.to_str().ok()).map(str::trim) {
+        Some(text) if !text.is_empty() => match serde_json::from_str::<Value>(text) {
+            Ok(_) => text.to_owned(),
+            Err(_) => Value::String(text.to_owned()).to_string(),
+        },
+        _ => json!({"source": "llm-proxy"}).to_string(),
+    }
+}
+
+async fn handle(state: &AppState, provider: &str, endpoint: Endpoint, headers: &HeaderMap, body: &Bytes) -> Response {
+    let dialect = match provider_dialect(&state.gateway, provider, Some(endpoint)) {
+        Ok(dialect) => dialect,
+        Err(response) => return *response,
+    };
+    match governed(&state.gateway, provider, endpoint, dialect, headers, body).await {
+        Ok(response) => response,
+        Err(e) => wire::from_error(dialect, &e),
+    }
+}
+
+async fn governed(
+    gateway: &Gateway,
+    provider: &str,
+    endpoint: Endpoint,
+    dialect: Dialect,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, Error> {
+    let caller = authenticate(gateway, headers).await?;
+    let request: Value = serde_json::from_slice(body)
+        .map_err(|e| Error::bad_request("body", format!("request body is not valid JSON: {e}")))?;
+    if !request.is_object() {
+        return Err(Error::bad_request("body", "the request body must be a JSON object"));
+    }
+    let wait = requested_wait(headers)?;
+    let immediate = wait.is_some_and(|w| w.is_zero());
+    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let capability = Capability::parse(endpoint.capability()).map_err(|e| Error::Internal(e.to_string()))?;
+    let params = wire::params(provider, &request);
+    let target =
+        LlmTarget { provider: provider.to_owned(), path: endpoint.path().to_owned(), body: request, held: !immediate };
+    let outcome = gateway
+        .submit_inline(
+            &caller,
+            SubmitRequest {
+                capability,
+                params,
+                reasoning: reasoning(headers),
+                target: Some(Target::Llm(target)),
+                idempotency_key: None,
+            },
+        )
+        .await?;
+    let action = outcome.action;
+    let response = match action.state {
+        ActionState::Approved => execute(gateway, &caller, dialect, &action, stream).await?,
+        ActionState::PendingApproval => {
+            let approval =
+                outcome.approval.ok_or_else(|| Error::Internal("a pending action has no approval".into()))?;
+            let token = outcome.token.unwrap_or_default();
+            if immediate {
+                pending(gateway, &action, &approval, &token)
+            } else {
+                let until_expiry = (approval.expires_at - gateway.now()).to_std().unwrap_or_default();
+                // A little past the deadline, so the expiry lands while this connection still waits.
+                let limit = wait.unwrap_or(until_expiry + Duration::from_secs(1)).min(MAX_HOLD);
+                let decided = gateway
+                    .wait_action_until(&caller, &action.id, limit, |a| a.state != ActionState::PendingApproval)
+                    .await?;
+                match decided.state {
+                    ActionState::PendingApproval => pending(gateway, &decided, &approval, &token),
+                    ActionState::Approved => execute(gateway, &caller, dialect, &decided, stream).await?,
+                    ActionState::Executing | ActionState::Succeeded | ActionState::Failed => {
+                        stored_answer(gateway, &caller, dialect, &decided).await?
+                    }
+                    _ => denied(dialect, &decided),
+                }
+            }
+        }
+        _ => denied(dialect, &action),
+    };
+    Ok(with_action_id(response, &action))
+}
+
+fn with_action_id(mut response: Response, action: &Action) -> Response {
+    if let Ok(value) = HeaderValue::from_str(action.id.as_str()) {
+        response.headers_mut().insert("countersign-action-id", value);
+    }
+    response
+}
+
+/// 403 in the provider's shape, naming the rule; for every way an action ends without being sent.
+fn denied(dialect: Dialect, action: &Action) -> Response {
+    let verdict = action.verdict.as_ref();
+    let rule = verdict.map(|v| v.rule.as_str()).unwrap_or("default");
+    let message = match action.state {
+        ActionState::Denied if action.approval_id.is_some() => {
+            format!("Countersign: an approver denied this request (held by rule `{rule}`); action {}", action.id)
+        }
+        ActionState::Expired => {
+            format!("Countersign: the approval for rule `{rule}` expired before anyone decided; action {}", action.id)
+        }
+        ActionState::Cancelled => format!("Countersign: action {} was cancelled (rule `{rule}`)", action.id),
+        _ => {
+            let why =
+                verdict.and_then(|v| v.message.clone()).unwrap_or_else(|| "the policy denies this request".into());
+            format!("Countersign denied this request by rule `{rule}`: {why}")
+        }
+    };
+    wire::error(dialect, StatusCode::FORBIDDEN, &message)
+}
+
+/// 202 for `Countersign-Wait: 0` (or a hold that ran out): how to follow the approval.
+fn pending(gateway: &Gateway, action: &Action, approval: &Approval, token: &str) -> Response {
+    let verdict = action.verdict.as_ref();
+    let rule = verdict.map(|v| v.rule.as_str()).unwrap_or("default");
+    let why = verdict.and_then(|v| v.message.clone()).unwrap_or_else(|| "this request needs a human approval".into());
+    let body = json!({
+        "error": {
+            "type": "approval_required",
+            "message": format!("Countersign holds this request for approval by rule `{rule}`: {why}"),
+            "policy": rule,
+            "agent": action.agent_name,
+        },
+        "action_id": action.id,
+        "approval_id": approval.id,
+        "approval_token": token,
+        "poll_url": gateway.poll_url_for(token),
+        "expires_at": approval.expires_at.to_rfc3339(),
+    });
+    (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+}
+
+/// Carries out an approved request on this connection, or, when the execution job took it first,
+/// answers with what the job stored.
+async fn execute(
+    gateway: &Gateway,
+    caller: &Caller,
+    dialect: Dialect,
+    action: &Action,
+    stream: bool,
+) -> Result<Response, Error> {
+    let Some(action) = gateway.claim_inline(caller, &action.id).await? else {
+        return stored_answer(gateway, caller, dialect, action).await;
+    };
+    let provider = match &action.target {
+        Some(Target::Llm(llm)) => llm.provider.clone(),
+        _ => return Err(Error::Internal("a model request without its target".into())),
+    };
+    let started = Instant::now();
+    let failed = |error: &ConnectorError| InlineOutcome {
+        succeeded: false,
+        result: None,
+        error: Some(error.to_string()),
+        details: json!({"provider": provider, "latency_ms": started.elapsed().as_millis(), "streamed": stream}),
+    };
+    let (response, idle) = match gateway.send_inline(&action, stream).await {
+        Ok(sent) => sent,
+        Err(e) => {
+            gateway.finish_inline(&action, failed(&e)).await?;
+            return Ok(upstream_failure(dialect, &e));
+        }
+    };
+    let status = response.status().as_u16();
+    let content_type = content_type(&response);
+    if stream && (200..300).contains(&status) && content_type.starts_with("text/event-stream") {
+        let recorder = relay::Recorder::new(
+            gateway.clone(),
+            action.clone(),
+            provider.clone(),
+            dialect,
+            status,
+            content_type.clone(),
+            started,
+        );
+        let body = relay::relay(response, recorder, idle);
+        let mut answer = Response::new(body);
+        *answer.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+        answer.headers_mut().insert(header::CONTENT_TYPE, header_value(&content_type));
+        answer.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(answer);
+    }
+    let body = match tokio::time::timeout(idle, read_all(response, MAX_LLM_RESPONSE_BYTES)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            gateway.finish_inline(&action, failed(&e)).await?;
+            return Ok(upstream_failure(dialect, &e));
+        }
+        Err(_) => {
+            let e = ConnectorError::Timeout(format!("the provider's answer took over {}s", idle.as_secs()));
+            gateway.finish_inline(&action, failed(&e)).await?;
+            return Ok(upstream_failure(dialect, &e));
+        }
+    };
+    let answer = classify(dialect, status, &content_type, &body);
+    let mut details = answer.details.clone();
+    details["provider"] = json!(provider);
+    details["latency_ms"] = json!(started.elapsed().as_millis());
+    details["streamed"] = json!(false);
+    let error = answer.error.clone();
+    // Durable before the agent sees the answer: a failed record is an error, not an answer.
+    gateway
+        .finish_inline(
+            &action,
+            InlineOutcome { succeeded: answer.succeeded, result: Some(answer.result), error, details },
+        )
+        .await?;
+    Ok(answer_response(dialect, status, &content_type, body, answer.succeeded))
+}
+
+/// The provider's answer as the agent gets it: a success or the provider's own 4xx verbatim; a provider
+/// failure (5xx, or a success that is not valid JSON) as 502 in the provider's shape.
+fn answer_response(dialect: Dialect, status: u16, content_type: &str, body: Vec<u8>, succeeded: bool) -> Response {
+    if succeeded || (400..500).contains(&status) {
+        return raw(status, content_type, body);
+    }
+    let message = if (200..300).contains(&status) {
+        "the model provider answered with a body that is not valid JSON".to_owned()
+    } else {
+        format!("the model provider answered {status}")
+    };
+    wire::error(dialect, StatusCode::BAD_GATEWAY, &format!("Countersign: {message}"))
+}
+
+/// Once the execution job carried the request out: its stored answer (waiting for it to finish).
+async fn stored_answer(
+    gateway: &Gateway,
+    caller: &Caller,
+    dialect: Dialect,
+    action: &Action,
+) -> Result<Response, Error> {
+    let action = gateway.wait_action(caller, &action.id, MAX_HOLD).await?;
+    let result = action.result.as_ref();
+    let status = result.and_then(|r| r.get("status")).and_then(Value::as_u64).unwrap_or(0);
+    let status = u16::try_from(status).unwrap_or(0);
+    let content_type = result
+        .and_then(|r| r.pointer("/headers/content-type"))
+        .and_then(Value::as_str)
+        .unwrap_or("application/json")
+        .to_owned();
+    let body = match result.and_then(|r| r.get("body")) {
+        Some(Value::String(text)) => text.clone().into_bytes(),
+        Some(value) => value.to_string().into_bytes(),
+        None => Vec::new(),
+    };
+    match action.state {
+        ActionState::Succeeded | ActionState::Failed if status != 0 => {
+            Ok(answer_response(dialect, status, &content_type, body, action.state == ActionState::Succeeded))
+        }
+        ActionState::Failed => {
+            let error = action.error.clone().unwrap_or_else(|| "the request failed".into());
+            let status =
+                if error.contains("timed out") { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
+            Ok(wire::error(dialect, status, &format!("Countersign: {error}")))
+        }
+        _ => Ok(wire::error(
+            dialect,
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!("Countersign: action {} is still being carried out; see /v1/actions/{}", action.id, action.id),
+        )),
+    }
+}
+
+/// A provider that did not answer: 504 on a timeout, else 502, in the provider's shape.
+fn upstream_failure(dialect: Dialect, error: &ConnectorError) -> Response {
+    let status = match error {
+        ConnectorError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    wire::error(dialect, status, &format!("Countersign could not reach the model provider: {error}"))
+}
+
+fn raw(status: u16, content_type: &str, body: Vec<u8>) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    response.headers_mut().insert(header::CONTENT_TYPE, header_value(content_type));
+    response
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"))
+}

@@ -1,0 +1,152 @@
+//! Relaying a provider's server-sent event stream to the agent chunk by chunk, as it arrives (nothing is
+//! buffered beyond the chunk in hand), while reading model and token usage out of it; the outcome is
+//! recorded on the action when the stream ends, before the agent sees its end.
+//!
+//! A client that disconnects drops the response body, which drops the provider's stream (cancelling the
+//! upstream call) and the [`Recorder`], which then records the action as failed. This module decides
+//! nothing; it only carries bytes and reports what happened to the gateway.
+
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use countersign_core::domain::Action;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use serde_json::{Value, json};
+
+use crate::config::Dialect;
+use crate::connectors::MAX_RESULT_BODY_BYTES;
+use crate::connectors::llm::{SseUsage, stored_result};
+use crate::gateway::{Gateway, InlineOutcome};
+
+/// Watches one streamed execution and records its outcome exactly once.
+pub struct Recorder {
+    gateway: Gateway,
+    action: Action,
+    provider: String,
+    status: u16,
+    content_type: String,
+    started: Instant,
+    first_chunk_ms: Option<u128>,
+    usage: SseUsage,
+    /// The start of the stream, kept for the stored result.
+    kept: Vec<u8>,
+    bytes: usize,
+    recorded: bool,
+}
+
+impl Recorder {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        gateway: Gateway,
+        action: Action,
+        provider: String,
+        dialect: Dialect,
+        status: u16,
+        content_type: String,
+        started: Instant,
+    ) -> Self {
+        Recorder {
+            gateway,
+            action,
+            provider,
+            status,
+            content_type,
+            started,
+            first_chunk_ms: None,
+            usage: SseUsage::new(dialect),
+            kept: Vec::new(),
+            bytes: 0,
+            recorded: false,
+        }
+    }
+
+    fn chunk(&mut self, chunk: &[u8]) {
+        if self.first_chunk_ms.is_none() {
+            self.first_chunk_ms = Some(self.started.elapsed().as_millis());
+        }
+        self.bytes += chunk.len();
+        self.usage.feed(chunk);
+        let room = (MAX_RESULT_BODY_BYTES + 1).saturating_sub(self.kept.len());
+        self.kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+
+    fn outcome(&mut self, error: Option<String>) -> InlineOutcome {
+        self.recorded = true;
+        self.usage.finish();
+        let mut details = Value::Object(self.usage.details());
+        details["provider"] = json!(self.provider);
+        details["streamed"] = json!(true);
+        details["latency_ms"] = json!(self.started.elapsed().as_millis());
+        details["first_chunk_ms"] = json!(self.first_chunk_ms);
+        details["bytes"] = json!(self.bytes);
+        details["completed"] = json!(self.usage.completed);
+        let result = stored_result(self.status, &self.content_type, &self.kept, None);
+        InlineOutcome { succeeded: error.is_none(), result: Some(result), error, details }
+    }
+
+    /// Records the outcome and waits until it is durable.
+    async fn record(mut self, error: Option<String>) {
+        let outcome = self.outcome(error);
+        if let Err(e) = self.gateway.finish_inline(&self.action, outcome).await {
+            tracing::error!(action = %self.action.id, error = %e, "cannot record a streamed model call");
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        let outcome = self
+            .outcome(Some("the client disconnected before the stream ended; the provider call was cancelled".into()));
+        let gateway = self.gateway.clone();
+        let action = self.action.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = gateway.finish_inline(&action, outcome).await {
+                    tracing::error!(action = %action.id, error = %e, "cannot record a disconnected model stream");
+                }
+            });
+        }
+    }
+}
+
+struct Relay {
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    recorder: Option<Recorder>,
+    idle: Duration,
+}
+
+/// The response body: the provider's bytes as they come; at the end the outcome is recorded (the agent
+/// sees the end of the stream only after that). A provider that breaks off, or stays silent longer than
+/// `idle`, ends the body with an error and the action failed.
+pub fn relay(upstream: reqwest::Response, recorder: Recorder, idle: Duration) -> Body {
+    let state = Relay { upstream: upstream.bytes_stream().boxed(), recorder: Some(recorder), idle };
+    let stream = futures_util::stream::unfold(state, |mut state| async move {
+        let mut recorder = state.recorder.take()?;
+        match tokio::time::timeout(state.idle, state.upstream.next()).await {
+            Ok(Some(Ok(chunk))) => {
+                recorder.chunk(&chunk);
+                state.recorder = Some(recorder);
+                Some((Ok(chunk), state))
+            }
+            Ok(None) => {
+                recorder.record(None).await;
+                None
+            }
+            Ok(Some(Err(e))) => {
+                let message = format!("the provider's stream broke off: {e}");
+                recorder.record(Some(message.clone())).await;
+                Some((Err(std::io::Error::other(message)), state))
+            }
+            Err(_) => {
+                let message = format!("the provider sent nothing for {}s", state.idle.as_secs());
+                recorder.record(Some(message.clone())).await;
+                Some((Err(std::io::Error::other(message)), state))
+            }
+        }
+    });
+    Body::from_stream(stream)
+}

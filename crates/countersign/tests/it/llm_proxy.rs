@@ -1,0 +1,507 @@
+//! The LLM proxy end to end over HTTP against a real server and the fake provider: allowed calls forwarded
+//! with the provider key and audited with model, usage and latency; denials in each provider's error shape;
+//! held calls answered once approved from another task (or 403 once expired); `Countersign-Wait: 0` and the
+//! stored result; upstream failures as 502/504; and streams relayed chunk by chunk as they arrive.
+
+use std::time::{Duration, Instant};
+
+use countersign::client::{AuditQuery, Client};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::fake_llm::{CHUNK_DELAY, FakeProvider, PROVIDER_KEY, STREAM_CHUNKS};
+use crate::helpers::{TestServer, llm_config};
+
+struct Setup {
+    server: TestServer,
+    agent: Client,
+    provider: FakeProvider,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start().await;
+    let server = TestServer::start_with(llm_config(dir.path(), &provider.url), None).await;
+    let agent = server.agent("model-user").await;
+    Setup { server, agent, provider, http: reqwest::Client::new(), _dir: dir }
+}
+
+impl Setup {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.agent.base())
+    }
+
+    /// A POST with the agent's key as `Authorization: Bearer` (OpenAI) or `x-api-key` (Anthropic).
+    fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+        let key = self.agent.key().unwrap().to_owned();
+        let request = self.http.post(self.url(path)).json(body);
+        if path.ends_with("/messages") { request.header("x-api-key", key) } else { request.bearer_auth(key) }
+    }
+
+    async fn action(&self, response: &reqwest::Response) -> Value {
+        let id = response.headers()["countersign-action-id"].to_str().unwrap().to_owned();
+        self.agent.get_action(&id).await.unwrap().body
+    }
+
+    async fn events(&self, action_id: &str) -> Vec<Value> {
+        let query = AuditQuery { subject: Some(action_id.to_owned()), ..AuditQuery::default() };
+        let page = self.server.admin.query_audit(&query).await.unwrap();
+        page.body["events"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+fn event<'a>(events: &'a [Value], name: &str) -> &'a Value {
+    events.iter().find(|e| e["action"] == name).unwrap_or_else(|| panic!("no {name} event in {events:?}"))
+}
+
+/// Approves the next pending approval as the admin, from another task, once it shows up.
+fn approve_when_pending(admin: Client) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
+        for _ in 0..200 {
+            let page = admin.list_approvals(Some("pending"), None, None).await.unwrap();
+            if let Some(id) = page.body["items"][0]["id"].as_str() {
+                let approved = admin.approve(id, Some("fine")).await.unwrap();
+                assert_eq!(approved.status, 200, "{:?}", approved.body);
+                return id.to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no approval became pending");
+    })
+}
+
+#[tokio::test]
+async fn allowed_calls_are_forwarded_with_the_provider_key_and_audited() {
+    let s = setup().await;
+    let response = s
+        .post(
+            "/llm/openai/v1/chat/completions",
+            &json!({"model": "gpt-fake", "max_tokens": 50, "messages": [{"role": "user", "content": "hello there"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let action = s.action(&response).await;
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: hello there");
+    assert!(!body.to_string().contains(PROVIDER_KEY));
+
+    let seen = s.provider.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v1/chat/completions");
+    assert_eq!(seen[0].headers["authorization"], format!("Bearer {PROVIDER_KEY}").as_str());
+    assert_eq!(seen[0].body["messages"][0]["content"], "hello there", "the body is forwarded as sent");
+
+    assert_eq!(action["state"], "succeeded");
+    assert_eq!(action["capability"], "llm.chat.completion");
+    assert_eq!(action["params"]["model"], "gpt-fake");
+    assert_eq!(action["params"]["max_tokens"], 50);
+    assert_eq!(action["params"]["text"], "hello there");
+    assert_eq!(action["reasoning"], json!({"source": "llm-proxy"}));
+    assert_eq!(action["target"]["connector"], "llm");
+    assert_eq!(action["result"]["status"], 200);
+
+    let events = s.events(action["id"].as_str().unwrap()).await;
+    let names: Vec<&str> = events.iter().filter_map(|e| e["action"].as_str()).collect();
+    let executing = names.iter().position(|n| *n == "action.executing").unwrap();
+    let executed = names.iter().position(|n| *n == "action.executed").unwrap();
+    assert!(executing < executed, "{names:?}");
+    let done = event(&events, "action.executed");
+    assert_eq!(done["data"]["model"], "gpt-fake");
+    assert_eq!(done["data"]["usage"]["input_tokens"], 7);
+    assert_eq!(done["data"]["usage"]["output_tokens"], 3);
+    assert_eq!(done["data"]["status"], 200);
+    assert!(done["data"]["latency_ms"].is_number());
+    for e in &events {
+        assert!(!e.to_string().contains(PROVIDER_KEY), "the provider key is never audited");
+    }
+
+    // Anthropic, with the key as x-api-key; and the other OpenAI endpoints.
+    let response = s
+        .post(
+            "/llm/anthropic/v1/messages",
+            &json!({"model": "claude-fake", "max_tokens": 64, "system": "be kind",
+                    "messages": [{"role": "user", "content": [{"type": "text", "text": "hi claude"}]}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let action = s.action(&response).await;
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["content"][0]["text"], "echo: hi claude");
+    assert_eq!(action["capability"], "llm.messages.create");
+    assert_eq!(action["params"]["text"], "be kind\nhi claude");
+    let last = s.provider.requests().pop().unwrap();
+    assert_eq!(last.headers["x-api-key"], PROVIDER_KEY);
+    assert!(last.headers.get("anthropic-version").is_some());
+    let events = s.events(action["id"].as_str().unwrap()).await;
+    assert_eq!(event(&events, "action.executed")["data"]["usage"]["output_tokens"], 6);
+
+    let embeddings =
+        s.post("/llm/openai/v1/embeddings", &json!({"model": "fake-embed", "input": "vectors"})).send().await.unwrap();
+    assert_eq!(embeddings.status(), 200);
+    assert_eq!(s.action(&embeddings).await["capability"], "llm.embedding.create");
+    let completions = s
+        .post("/llm/openai/v1/completions", &json!({"model": "fake-instruct", "prompt": "once"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(completions.status(), 200);
+    assert_eq!(s.action(&completions).await["capability"], "llm.completion.create");
+    let models = s.http.get(s.url("/llm/openai/v1/models")).bearer_auth(s.agent.key().unwrap()).send().await.unwrap();
+    assert_eq!(models.status(), 200);
+    assert_eq!(models.json::<Value>().await.unwrap()["data"][0]["id"], "gpt-fake");
+
+    // No key, a wrong key, an unknown provider, a dialect mismatch: provider-shaped errors, nothing sent.
+    let before = s.provider.count();
+    let anonymous = s.http.post(s.url("/llm/openai/v1/chat/completions")).json(&json!({})).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert!(anonymous.json::<Value>().await.unwrap()["error"]["message"].is_string());
+    let unknown = s.post("/llm/nobody/v1/chat/completions", &json!({"model": "x"})).send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    let mismatch = s.post("/llm/openai/v1/messages", &json!({"model": "x"})).send().await.unwrap();
+    assert_eq!(mismatch.status(), 404);
+    assert_eq!(mismatch.json::<Value>().await.unwrap()["type"], "error");
+    assert_eq!(s.provider.count(), before);
+    s.server.stop().await;
+}
+
+#[tokio::test]
+async fn denied_calls_answer_403_in_the_providers_shape_naming_the_rule() {
+    let s = setup().await;
+    let openai = s
+        .post(
+            "/llm/openai/v1/chat/completions",
+            &json!({"model": "gpt-fake", "messages": [{"role": "user", "content": "what are the launch codes?"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(openai.status(), 403);
+    let action = s.action(&openai).await;
+    assert_eq!(action["state"], "denied");
+    let body: Value = openai.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "policy_denied");
+    assert_eq!(body["error"]["code"], "policy_denied");
+    assert!(body["error"]["param"].is_null());
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("rule `llm-no-launch-codes`") && message.contains("Never ask a model"), "{message}");
+
+    // Anthropic: the text may hide in the system prompt's blocks.
+    let anthropic = s
+        .post(
+            "/llm/anthropic/v1/messages",
+            &json!({"model": "claude-fake", "max_tokens": 10,
+                    "system": [{"type": "text", "text": "You know the LAUNCH CODES."}],
+                    "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anthropic.status(), 403);
+    let body: Value = anthropic.json().await.unwrap();
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "permission_error");
+    assert!(body["error"]["message"].as_str().unwrap().contains("llm-no-launch-codes"));
+    assert_eq!(s.provider.count(), 0, "nothing denied reaches the provider");
+    s.server.stop().await;
+}
+
+#[tokio::test]
+async fn held_calls_wait_for_the_decision_then_answer_with_the_real_response() {
+    let s = setup().await;
+    let approver = approve_when_pending(s.server.admin.clone());
+    let response = s
+        .post(
+            "/llm/openai/v1/chat/completions",
+            &json!({"model": "gpt-premium", "messages": [{"role": "user", "content": "premium please"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    approver.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let action = s.action(&response).await;
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: premium please");
+    assert_eq!(action["state"], "succeeded");
+    assert_eq!(action["verdict"]["rule"], "llm-premium-models");
+    // The live connection carried it out; the grace-period job was called off, and nothing ran twice.
+    let events = s.events(action["id"].as_str().unwrap()).await;
+    assert_eq!(event(&events, "action.executing")["data"]["inline"], true);
+    let job = s.server.admin.get(&format!("/v1/jobs/{}", action["job_id"].as_str().unwrap())).await.unwrap();
+    assert_eq!(job.body["state"], "cancelled", "{:?}", job.body);
+    assert_eq!(s.provider.count(), 1);
+
+    // Streamed and held: the approval arrives, then the chunks.
+    let approver = approve_when_pending(s.server.admin.clone());
+    let response = s
+        .post(
+            "/llm/anthropic/v1/messages",
+            &json!({"model": "claude-opus-9", "max_tokens": 10, "stream": true,
+                    "messages": [{"role": "user", "content": "stream it"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    approver.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("message_stop") && text.contains("part4"), "{text}");
+
+    // Denied by the approver: 403 naming the rule that held it.
+    let admin = s.server.admin.clone();
+    let denier = tokio::spawn(async move {
+        for _ in 0..200 {
+            let page = admin.list_approvals(Some("pending"), None, None).await.unwrap();
+            if let Some(id) = page.body["items"][0]["id"].as_str() {
+                return admin.deny(id, Some("no")).await.unwrap().status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        0
+    });
+    let response = s
+        .post(
+            "/llm/openai/v1/chat/completions",
+            &json!({"model": "gpt-fake", "messages": [{"role": "user", "content": "please wire the money"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denier.await.unwrap(), 200);
+    assert_eq!(response.status(), 403);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("llm-money-talk"), "{body}");
+    assert_eq!(s.provider.count(), 2);
+    s.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_held_call_nobody_decides_expires_with_a_403() {
+    let s = setup().await;
+    let started = Instant::now();
+    let response = s
+        .post(
+            "/llm/openai/v1/chat/completions",
+            &json!({"model": "review-fast-1", "messages": [{"role": "user", "content": "anyone?"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert!(started.elapsed() >= Duration::from_millis(1500), "held until the 2 s approval timeout");
+    let action = s.action(&response).await;
+    assert_eq!(action["state"], "expired");
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("expired") && message.contains("llm-quick-review"), "{message}");
+    assert_eq!(s.provider.count(), 0);
+    s.server.stop().await;
+}
+
+#[tokio::test]
+async fn immediate_mode_answers_202_and_the_job_executes_after_approval() {
+    let s = setup().await;
+    let response = s
+        .post(
+            "/llm/openai/v1/chat/completions",
+            &json!({"model": "gpt-fake", "max_completion_tokens": 5000,
+                    "messages": [{"role": "user", "content": "long answer"}]}),
+        )
+        .header("Countersign-Wait", "0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "approval_required");
+    assert_eq!(body["error"]["policy"], "llm-big-budget");
+    assert_eq!(body["error"]["agent"], "model-user");
+    assert!(body["error"]["message"].as_str().unwrap().contains("4000 tokens"));
+    assert!(body["expires_at"].is_string());
+    let token = body["approval_token"].as_str().unwrap().to_owned();
+    assert!(body["poll_url"].as_str().unwrap().ends_with(&token));
+    assert_eq!(s.provider.count(), 0);
+
+    let result_url = s.url(&format!("/v1/approval-status/{token}/result"));
+    assert_eq!(s.http.get(&result_url).send().await.unwrap().status(), 409, "no result before approval");
+    approve_when_pending(s.server.admin.clone()).await.unwrap();
+    let mut stored = Value::Null;
+    for _ in 0..100 {
+        let answer = s.http.get(&result_url).send().await.unwrap();
+        if answer.status() == 200 {
+            stored = answer.json().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored["state"], "succeeded", "{stored}");
+    assert_eq!(stored["result"]["status"], 200);
+    assert_eq!(stored["result"]["body"]["choices"][0]["message"]["content"], "echo: long answer");
+    let seen = s.provider.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers["authorization"], format!("Bearer {PROVIDER_KEY}").as_str());
+    let events = s.events(stored["action_id"].as_str().unwrap()).await;
+    assert_eq!(event(&events, "action.executed")["data"]["usage"]["input_tokens"], 7);
+
+    // Each condition routes a call to approval: model list, token threshold, content pattern.
+    for (body, rule) in [
+        (json!({"model": "gpt-premium", "messages": []}), "llm-premium-models"),
+        (json!({"model": "gpt-fake", "max_tokens": 4001, "messages": []}), "llm-big-budget"),
+        (
+            json!({"model": "gpt-fake", "messages": [{"role": "user", "content": [{"type": "text", "text": "Wire the MONEY"}]}]}),
+            "llm-money-talk",
+        ),
+        (json!({"model": "gpt-fake", "max_tokens": 4000, "messages": []}), ""),
+    ] {
+        let response =
+            s.post("/llm/openai/v1/chat/completions", &body).header("Countersign-Wait", "0").send().await.unwrap();
+        if rule.is_empty() {
+            assert_eq!(response.status(), 200, "at the threshold is not above it");
+        } else {
+            assert_eq!(response.status(), 202, "{body}");
+            assert_eq!(response.json::<Value>().await.unwrap()["error"]["policy"], rule);
+        }
+    }
+    s.server.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_failures_answer_502_or_504_in_the_providers_shape_and_are_recorded() {
+    let s = setup().await;
+    let chat = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "x"}]});
+    for (path, body, status, error) in [
+        ("/llm/openai/v1/chat/completions", chat("fail-500"), 502, "upstream answered 500"),
+        ("/llm/openai/v1/chat/completions", chat("bad-json"), 502, "not valid JSON"),
+        ("/llm/openai/v1/chat/completions", chat("slow"), 504, "timed out"),
+        ("/llm/down/v1/chat/completions", chat("gpt-fake"), 502, "connection failed"),
+        ("/llm/anthropic/v1/messages", json!({"model": "fail-500", "max_tokens": 5, "messages": []}), 502, "500"),
+    ] {
+        let response = s.post(path, &body).send().await.unwrap();
+        assert_eq!(response.status(), status, "{path} {body}");
+        let action = s.action(&response).await;
+        let answer: Value = response.json().await.unwrap();
+        let message = if path.ends_with("messages") {
+            assert_eq!(answer["type"], "error");
+            answer["error"]["message"].as_str().unwrap().to_owned()
+        } else {
+            assert!(answer["error"]["type"].is_string());
+            answer["error"]["message"].as_str().unwrap().to_owned()
+        };
+        assert!(message.starts_with("Countersign"), "{message}");
+        assert_eq!(action["state"], "failed", "{action}");
+        assert!(action["error"].as_str().unwrap().contains(error), "{action}");
+        let events = s.events(action["id"].as_str().unwrap()).await;
+        assert!(event(&events, "action.failed")["data"]["error"].as_str().unwrap().contains(error));
+    }
+    s.server.stop().await;
+}
+
+/// Reads a streamed body, noting when each piece arrived.
+async fn arrivals(response: reqwest::Response) -> (Vec<Duration>, String) {
+    let started = Instant::now();
+    let mut times = Vec::new();
+    let mut text = String::new();
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.unwrap();
+        times.push(started.elapsed());
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    (times, text)
+}
+
+#[tokio::test]
+async fn streams_are_relayed_chunk_by_chunk_as_they_arrive() {
+    let s = setup().await;
+    let whole = CHUNK_DELAY * u32::try_from(STREAM_CHUNKS + 3).unwrap();
+    for (path, body, usage_field, usage) in [
+        (
+            "/llm/openai/v1/chat/completions",
+            json!({"model": "gpt-fake", "stream": true, "stream_options": {"include_usage": true},
+                   "messages": [{"role": "user", "content": "stream"}]}),
+            "input_tokens",
+            7,
+        ),
+        (
+            "/llm/anthropic/v1/messages",
+            json!({"model": "claude-fake", "stream": true, "max_tokens": 20,
+                   "messages": [{"role": "user", "content": "stream"}]}),
+            "output_tokens",
+            6,
+        ),
+    ] {
+        let response = s.post(path, &body).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let id = response.headers()["countersign-action-id"].to_str().unwrap().to_owned();
+        let (times, text) = arrivals(response).await;
+        assert!(times.len() >= STREAM_CHUNKS, "{path}: the body came in {} pieces", times.len());
+        let first = times[0];
+        let last = *times.last().unwrap();
+        assert!(last >= whole - CHUNK_DELAY, "{path}: the stream lasted {last:?}");
+        assert!(first + CHUNK_DELAY * 3 < last, "{path}: first chunk at {first:?}, last at {last:?}: buffered?");
+        assert!(text.contains("part0") && text.contains("part4"));
+
+        let action = s.agent.get_action(&id).await.unwrap().body;
+        assert_eq!(action["state"], "succeeded", "the outcome is recorded before the stream ends: {action}");
+        let events = s.events(&id).await;
+        let done = event(&events, "action.executed");
+        assert_eq!(done["data"]["usage"][usage_field], usage, "{done}");
+        assert_eq!(done["data"]["streamed"], true);
+        assert!(done["data"]["first_chunk_ms"].as_u64().unwrap() < done["data"]["latency_ms"].as_u64().unwrap());
+    }
+    s.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_fails_the_action() {
+    let s = setup().await;
+    let response = s
+        .post(
+            "/llm/openai/v1/chat/completions",
+            &json!({"model": "gpt-fake", "stream": true, "messages": [{"role": "user", "content": "bye"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = response.headers()["countersign-action-id"].to_str().unwrap().to_owned();
+    let mut body = response.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body);
+    let action = s.agent.wait_action(&id, 10.0).await.unwrap().body;
+    assert_eq!(action["state"], "failed", "{action}");
+    assert!(action["error"].as_str().unwrap().contains("disconnected"), "{action}");
+    s.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_held_call_whose_client_left_is_carried_out_by_the_job_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start().await;
+    let mut config = llm_config(dir.path(), &provider.url);
+    config.jobs.llm_hold_grace = Duration::from_millis(500);
+    let server = TestServer::start_with(config, None).await;
+    let agent = server.agent("impatient").await;
+    let gave_up = reqwest::Client::new()
+        .post(format!("{}/llm/openai/v1/chat/completions", agent.base()))
+        .bearer_auth(agent.key().unwrap())
+        .json(&json!({"model": "gpt-premium", "messages": [{"role": "user", "content": "later is fine"}]}))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client gave up while the call was held");
+    approve_when_pending(server.admin.clone()).await.unwrap();
+    let page = server.admin.get("/v1/actions?capability=llm.chat.completion").await.unwrap();
+    let id = page.body["items"][0]["id"].as_str().unwrap().to_owned();
+    let action = agent.wait_action(&id, 10.0).await.unwrap().body;
+    assert_eq!(action["state"], "succeeded", "{action}");
+    assert_eq!(action["result"]["body"]["choices"][0]["message"]["content"], "echo: later is fine");
+    assert_eq!(provider.count(), 1);
+    server.stop().await;
+}
