@@ -150,6 +150,20 @@ pub struct FileConfig {
     #[serde(default)]
     pub network: NetworkConfig,
     pub rate_limit: Option<RateLimitConfig>,
+    pub jobs: Option<JobsFileConfig>,
+}
+
+/// `[jobs]`: how the job runner behaves. Every key optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsFileConfig {
+    /// How long a claimed job is held before another replica may take it over (renewed while it runs).
+    pub lease_seconds: Option<u64>,
+    /// Jobs run at the same time per replica.
+    pub concurrency: Option<usize>,
+    /// The first webhook retry delay; each later one doubles, with jitter.
+    pub webhook_retry_base_ms: Option<u64>,
+    pub webhook_max_attempts: Option<u32>,
 }
 
 /// The resolved configuration the server runs with.
@@ -308,6 +322,23 @@ impl ServeArgs {
         if let Some(limit) = file.rate_limit {
             config.rate_limit = limit;
         }
+        if let Some(jobs) = file.jobs {
+            if let Some(seconds) = jobs.lease_seconds {
+                if seconds == 0 {
+                    return Err(ConfigError::Invalid("jobs.lease_seconds must be at least 1".into()));
+                }
+                config.jobs.lease = std::time::Duration::from_secs(seconds);
+            }
+            if let Some(concurrency) = jobs.concurrency {
+                config.jobs.concurrency = concurrency.max(1);
+            }
+            if let Some(ms) = jobs.webhook_retry_base_ms {
+                config.jobs.webhook_retry_base = std::time::Duration::from_millis(ms.max(1));
+            }
+            if let Some(attempts) = jobs.webhook_max_attempts {
+                config.jobs.webhook_max_attempts = attempts.max(1);
+            }
+        }
 
         if let Some(l) = &self.listen {
             listen = Some(l.clone());
@@ -372,6 +403,12 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 
 # [network]
 # allow_private = ["127.0.0.1/32"]  # outbound guard exceptions
+
+# [jobs]
+# lease_seconds = 30                # a crashed replica's job is taken over after this
+# concurrency = 64
+# webhook_retry_base_ms = 1000      # then doubling, with jitter
+# webhook_max_attempts = 8
 
 # [rate_limit]                      # per agent, user or session; 429 beyond it
 # per_second = 100                  # 0 turns the limit off

@@ -750,3 +750,44 @@ async fn repeated_kill_9_under_load_loses_nothing_and_sends_nothing_twice() {
     let verified = server.verify_audit().await;
     assert_eq!(verified["ok"], true, "{verified:?}");
 }
+
+/// With PostgreSQL (skipped without it): a replica killed while it holds an execution's lease. Another
+/// replica on the same database takes the job over once the lease runs out and, the upstream being
+/// retry-safe, sends the request once more with the same `Idempotency-Key`; the action succeeds.
+#[tokio::test]
+async fn a_replica_killed_mid_job_has_its_job_taken_over() {
+    if crate::helpers::postgres_url().is_none() {
+        eprintln!("a_replica_killed_mid_job_has_its_job_taken_over: skipped (no PostgreSQL; scripts/with-postgres)");
+        return;
+    }
+    let upstream = FakeUpstream::start(true).await;
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let database = crate::helpers::database_for(first.path()).await.unwrap();
+    for dir in [first.path(), second.path()] {
+        write_config(dir, Some(&upstream.url));
+        let toml = std::fs::read_to_string(dir.join("countersign.toml")).unwrap();
+        let toml = format!("database_url = \"{database}\"\n{toml}\n[jobs]\nlease_seconds = 2\n");
+        std::fs::write(dir.join("countersign.toml"), toml).unwrap();
+    }
+    let a = Proc::start(first.path()).await;
+    let bot = a.admin.with_key(a.agent_key("mover").await);
+    let submitted = bot.submit_action(&http_to("email.send.receipt", "safe_up", 1)).await.unwrap();
+    assert_eq!(submitted.status, 202, "{:?}", submitted.body);
+    let id = submitted.str("/id").to_owned();
+    upstream.received_at_least(1).await;
+
+    // The second replica shares the database (and so the admin key the first one bootstrapped).
+    std::fs::create_dir_all(second.path().join("data")).unwrap();
+    std::fs::copy(first.path().join("data/admin.key"), second.path().join("data/admin.key")).unwrap();
+    let b = Proc::start(second.path()).await;
+    upstream.hold.store(false, Ordering::SeqCst);
+    a.kill9().await;
+
+    let done = b.wait_action(&id).await;
+    assert_eq!(done.str("/state"), "succeeded", "{:?}", done.body);
+    let sent = upstream.for_key(&id);
+    assert_eq!(sent.len(), 2, "sent by the dead replica, then once more by the one that took over");
+    let job = b.wait_job(submitted.str("/job_id")).await;
+    assert_eq!(job.body["attempts"], 2, "{:?}", job.body);
+    assert_eq!(b.verify_audit().await["ok"], true);
+}
