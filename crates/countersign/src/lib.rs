@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connectors;
+pub mod dashboard;
 pub mod error;
 pub mod gateway;
 pub mod http;

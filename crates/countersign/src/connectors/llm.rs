@@ -47,6 +47,11 @@ impl Connectors {
         self.llm.get(provider).map(|p| p.dialect)
     }
 
+    /// How long a configured provider may take to answer (and, streaming, between two chunks).
+    pub fn llm_timeout(&self, provider: &str) -> Option<Duration> {
+        self.llm.get(provider).map(|p| Duration::from_secs(p.timeout_seconds.max(1)))
+    }
+
     fn llm_request(
         &self,
         provider: &str,

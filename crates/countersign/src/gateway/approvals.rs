@@ -4,7 +4,7 @@
 //! Each decision, and the transitions it causes, are written with their audit events in one transaction.
 
 use countersign_core::audit::Actor;
-use countersign_core::domain::{Action, Approval, DecisionRecord, Role};
+use countersign_core::domain::{Action, Approval, DecisionRecord, Role, User};
 use countersign_core::ids::{ApprovalId, OrgId};
 use countersign_core::secrets::{self, SecretKind};
 use countersign_core::state::{ActionState, ApprovalStatus, Decision};
@@ -65,15 +65,7 @@ impl Gateway {
         decision: Decision,
         note: Option<String>,
     ) -> Result<(Approval, Action)> {
-        let user = match caller {
-            Caller::User(user) => user.clone(),
-            _ => return Err(Error::Forbidden("agents and sessions can never decide approvals".into())),
-        };
-        if user.role == Role::Viewer {
-            return Err(Error::Forbidden(
-                "viewers cannot decide approvals; this needs the approver or admin role".into(),
-            ));
-        }
+        let user = Self::decider(caller)?.clone();
         let org = caller.org_id().clone();
         let now = self.now();
         let mut work = self.write().await?;
@@ -84,16 +76,7 @@ impl Gateway {
             .get_action(&org, &approval.action_id)
             .await?
             .ok_or_else(|| Error::Internal(format!("approval {id} has no action")))?;
-
-        let members =
-            self.policies().for_org(&org).and_then(|p| p.policy.group_members(&approval.group).map(<[String]>::to_vec));
-        let is_member = members.as_ref().is_some_and(|m| m.contains(&user.name));
-        if user.role != Role::Admin && !is_member {
-            return Err(Error::Forbidden(format!(
-                "approval {id} is routed to group `{}`, and you are not a member of it",
-                approval.group
-            )));
-        }
+        self.check_group(&user, &approval)?;
         if approval.status != ApprovalStatus::Pending {
             return Err(Error::Conflict {
                 message: format!("approval {id} is already {}", approval.status.as_str()),
@@ -180,6 +163,53 @@ impl Gateway {
         }
         work.commit(self).await?;
         Ok((approval, action))
+    }
+
+    /// A user who may decide approvals at all: not an agent or session, not a viewer.
+    fn decider(caller: &Caller) -> Result<&User> {
+        let user = match caller {
+            Caller::User(user) => user,
+            _ => return Err(Error::Forbidden("agents and sessions can never decide approvals".into())),
+        };
+        if user.role == Role::Viewer {
+            return Err(Error::Forbidden(
+                "viewers cannot decide approvals; this needs the approver or admin role".into(),
+            ));
+        }
+        Ok(user)
+    }
+
+    /// Only members of the approval's group, or admins, may decide it.
+    fn check_group(&self, user: &User, approval: &Approval) -> Result<()> {
+        let members = self
+            .policies()
+            .for_org(&approval.org_id)
+            .and_then(|p| p.policy.group_members(&approval.group).map(<[String]>::to_vec));
+        let is_member = members.as_ref().is_some_and(|m| m.contains(&user.name));
+        if user.role != Role::Admin && !is_member {
+            return Err(Error::Forbidden(format!(
+                "approval {} is routed to group `{}`, and you are not a member of it",
+                approval.id, approval.group
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether `decide` would accept a decision from this caller on this approval as it stands now, and if
+    /// not, the reason to show (the same checks `decide` makes, so a front end can disable its buttons).
+    pub fn may_decide(&self, caller: &Caller, approval: &Approval) -> std::result::Result<(), String> {
+        let user = Self::decider(caller).map_err(|e| e.to_string())?;
+        self.check_group(user, approval).map_err(|e| e.to_string())?;
+        if approval.status != ApprovalStatus::Pending {
+            return Err(format!("this approval is already {}", approval.status.as_str()));
+        }
+        if approval.expires_at <= self.now() {
+            return Err("this approval has expired".into());
+        }
+        if approval.decisions.iter().any(|d| d.user_id == user.id) {
+            return Err("you have already decided this approval; the quorum needs distinct approvers".into());
+        }
+        Ok(())
     }
 
     async fn expire_in(&self, work: &mut Work, approval: &mut Approval, action: &mut Action) -> Result<()> {

@@ -48,37 +48,7 @@ impl Gateway {
         let hash = secrets::hash_secret(secret);
         let mut tx = self.read().await?;
         match SecretKind::of(secret) {
-            Some(SecretKind::ApiKey) => {
-                let key = tx
-                    .find_key_by_hash(&hash)
-                    .await?
-                    .filter(|k| secrets::hashes_equal(&k.hash, &hash))
-                    .ok_or_else(|| Error::Unauthenticated("unknown API key".into()))?;
-                if key.revoked_at.is_some() {
-                    return Err(Error::Unauthenticated("this API key has been revoked".into()));
-                }
-                if key.expires_at.is_some_and(|at| at <= now) {
-                    return Err(Error::Unauthenticated("this API key has expired".into()));
-                }
-                match &key.principal {
-                    PrincipalRef::User(id) => {
-                        let user = tx
-                            .get_user(&key.org_id, id)
-                            .await?
-                            .filter(|u| u.disabled_at.is_none())
-                            .ok_or_else(|| Error::Unauthenticated("the user of this key is disabled".into()))?;
-                        Ok(Caller::User(user))
-                    }
-                    PrincipalRef::Agent(id) => {
-                        let agent = tx
-                            .get_agent(&key.org_id, id)
-                            .await?
-                            .filter(|a| a.disabled_at.is_none())
-                            .ok_or_else(|| Error::Unauthenticated("the agent of this key is disabled".into()))?;
-                        Ok(Caller::Agent(agent))
-                    }
-                }
-            }
+            Some(SecretKind::ApiKey) => self.caller_for_key_hash(&mut *tx, &hash).await,
             Some(SecretKind::SessionToken) => {
                 let session = tx
                     .find_session_by_hash(&hash)
@@ -104,6 +74,46 @@ impl Gateway {
             None => Err(Error::Unauthenticated(
                 "expected `Authorization: Bearer` with a Countersign key (cs_sk_…) or session token (cs_st_…)".into(),
             )),
+        }
+    }
+
+    /// The caller behind an API key, found by the key's SHA-256 (a dashboard session keeps only this hash, so
+    /// a revoked key, an expired key or a disabled user ends the session at its next request).
+    pub async fn authenticate_key_hash(&self, hash: &str) -> Result<Caller> {
+        let mut tx = self.read().await?;
+        self.caller_for_key_hash(&mut *tx, hash).await
+    }
+
+    async fn caller_for_key_hash(&self, tx: &mut dyn countersign_core::store::StoreTx, hash: &str) -> Result<Caller> {
+        let now = self.now();
+        let key = tx
+            .find_key_by_hash(hash)
+            .await?
+            .filter(|k| secrets::hashes_equal(&k.hash, hash))
+            .ok_or_else(|| Error::Unauthenticated("unknown API key".into()))?;
+        if key.revoked_at.is_some() {
+            return Err(Error::Unauthenticated("this API key has been revoked".into()));
+        }
+        if key.expires_at.is_some_and(|at| at <= now) {
+            return Err(Error::Unauthenticated("this API key has expired".into()));
+        }
+        match &key.principal {
+            PrincipalRef::User(id) => {
+                let user = tx
+                    .get_user(&key.org_id, id)
+                    .await?
+                    .filter(|u| u.disabled_at.is_none())
+                    .ok_or_else(|| Error::Unauthenticated("the user of this key is disabled".into()))?;
+                Ok(Caller::User(user))
+            }
+            PrincipalRef::Agent(id) => {
+                let agent = tx
+                    .get_agent(&key.org_id, id)
+                    .await?
+                    .filter(|a| a.disabled_at.is_none())
+                    .ok_or_else(|| Error::Unauthenticated("the agent of this key is disabled".into()))?;
+                Ok(Caller::Agent(agent))
+            }
         }
     }
 }

@@ -43,14 +43,7 @@ pub(super) async fn enqueue_execution(
     if action.state != ActionState::Approved || action.target.is_none() {
         return Ok(());
     }
-    let job = Job::new(
-        action.org_id.clone(),
-        JobKind::ActionExecute,
-        Some(action.id.to_string()),
-        json!({"action_id": action.id}),
-        now,
-    );
-    let mut job = Job { max_attempts: EXECUTION_ATTEMPTS, ..job };
+    let mut job = execution_job(action, now);
     if let Some(Target::Llm(llm)) = &action.target
         && llm.held
     {
@@ -58,6 +51,18 @@ pub(super) async fn enqueue_execution(
     }
     action.job_id = Some(job.id.clone());
     work.enqueue(&job).await
+}
+
+/// A new, queued `action.execute` job for an action, due now.
+fn execution_job(action: &Action, now: chrono::DateTime<chrono::Utc>) -> Job {
+    let job = Job::new(
+        action.org_id.clone(),
+        JobKind::ActionExecute,
+        Some(action.id.to_string()),
+        json!({"action_id": action.id}),
+        now,
+    );
+    Job { max_attempts: EXECUTION_ATTEMPTS, ..job }
 }
 
 impl Gateway {
@@ -90,19 +95,22 @@ impl Gateway {
                 if retry_safe {
                     self.claim(org, &id, true, false).await?
                 } else {
-                    self.finish(
-                        &action,
-                        ActionState::Failed,
-                        None,
-                        Some(
-                            "outcome unknown: the gateway stopped after sending the request and before recording the \
-                             answer, and the upstream is not marked retry_safe"
-                                .into(),
+                    let (error, details, outcome) = match &action.target {
+                        Some(Target::Llm(llm)) => (
+                            "outcome unknown: the gateway stopped while the model call was in flight and before \
+                             recording the answer; a model call is never sent twice",
+                            json!({"reason": "outcome_unknown", "provider": llm.provider}),
+                            "outcome unknown; a model call is not retried",
                         ),
-                        json!({}),
-                    )
-                    .await?;
-                    return Ok(JobOutcome::Failed("outcome unknown; not retried (upstream not retry_safe)".into()));
+                        _ => (
+                            "outcome unknown: the gateway stopped after sending the request and before recording \
+                             the answer, and the upstream is not marked retry_safe",
+                            json!({"reason": "outcome_unknown"}),
+                            "outcome unknown; not retried (upstream not retry_safe)",
+                        ),
+                    };
+                    self.finish(&action, ActionState::Failed, None, Some(error.into()), details).await?;
+                    return Ok(JobOutcome::Failed(outcome.into()));
                 }
             }
             _ => Claim::Done,
@@ -122,8 +130,12 @@ impl Gateway {
     }
 
     /// `approved` → `executing`, audited, after the binding check. `inline`: the live connection of the LLM
-    /// proxy claims it, and the execution job waiting out its grace period is cancelled in the same
-    /// transaction (a job the runner already took keeps the action, and this claim answers `Done`).
+    /// proxy claims it, and in the same transaction its execution job (the grace-period job of a held
+    /// request, or a new one) becomes the recovery job: queued, lease-free, due only once the provider's
+    /// timeout and the recovery margin have passed. The finish transaction settles it; it runs only if the
+    /// process carrying the call died, and then ends the action `failed` with `outcome unknown` (a model
+    /// call is never sent twice). A job the runner already took keeps the action, and this claim answers
+    /// `Done`.
     pub(super) async fn claim(&self, org: &OrgId, id: &ActionId, retry: bool, inline: bool) -> Result<Claim> {
         // The hash the approval bound never changes: read it before locking the action, so this
         // transaction never holds the action's row while waiting for the approval's (decide locks the
@@ -142,7 +154,10 @@ impl Gateway {
         let mut work = self.write().await?;
         // The job before the action, in the same order as cancelling a job does.
         let waiting_job = match (&job_id, inline) {
-            (Some(job_id), true) => work.tx.get_job(org, job_id).await?.filter(|j| j.state == JobState::Queued),
+            (Some(job_id), true) => match work.tx.get_job(org, job_id).await? {
+                Some(job) if job.state == JobState::Running => return Ok(Claim::Done),
+                job => job.filter(|j| j.state == JobState::Queued),
+            },
             _ => None,
         };
         let Some(mut action) = work.tx.get_action(org, id).await? else {
@@ -183,18 +198,29 @@ impl Gateway {
         }
         action.state = action.state.transition(ActionState::Executing)?;
         action.started_at = Some(now);
-        work.tx.update_action(&action).await?;
-        if let Some(mut job) = waiting_job {
-            job.state = job.state.transition(JobState::Cancelled)?;
-            job.error = Some("carried out by the client's live connection to the LLM proxy".into());
-            job.finished_at = Some(now);
-            work.tx.update_job(&job).await?;
-            work.job_changed(&job);
-        }
         let mut data = json!({"retry": retry});
         if inline {
+            let due = now + self.inline_recovery_delay(&action);
+            let job = match waiting_job {
+                Some(mut job) => {
+                    job.run_at = due;
+                    work.tx.update_job(&job).await?;
+                    job
+                }
+                None => {
+                    let job = Job { run_at: due, ..execution_job(&action, now) };
+                    // Not due for a while: the runner finds it on its own, no need to wake it now.
+                    work.tx.insert_job(&job).await?;
+                    action.job_id = Some(job.id.clone());
+                    job
+                }
+            };
+            work.job_changed(&job);
             data["inline"] = json!(true);
+            data["recovery_job_id"] = json!(job.id);
+            data["recovery_due"] = json!(due);
         }
+        work.tx.update_action(&action).await?;
         work.audit(org, now, &Actor::system(), "action.executing", Some(id.as_str()), data).await?;
         work.action_changed(org, id);
         work.commit(self).await?;
@@ -267,6 +293,13 @@ impl Gateway {
     ) -> Result<()> {
         let now = self.now();
         let mut work = self.write().await?;
+        // The job before the action (the order cancelling a job takes). Still queued, it is the recovery
+        // job of an inline execution, which ends here with the action's outcome; a job the runner holds is
+        // the runner's to settle.
+        let recovery = match &action.job_id {
+            Some(job_id) => work.tx.get_job(&action.org_id, job_id).await?.filter(|j| j.state == JobState::Queued),
+            None => None,
+        };
         let mut current = work
             .tx
             .get_action(&action.org_id, &action.id)
@@ -278,6 +311,23 @@ impl Gateway {
         current.finished_at = Some(now);
         work.tx.update_action(&current).await?;
         let status = current.result.as_ref().and_then(|r| r.get("status")).cloned();
+        let settled = match recovery {
+            Some(mut job) => {
+                // Carried out on the live connection: its one attempt, with the action's outcome.
+                let end = if state == ActionState::Succeeded { JobState::Succeeded } else { JobState::Failed };
+                job.state = job.state.transition(JobState::Running)?.transition(end)?;
+                job.attempts += 1;
+                job.started_at = current.started_at;
+                job.finished_at = Some(now);
+                job.result = Some(json!({"action_id": current.id, "state": current.state, "status": status,
+                                         "inline": true}));
+                job.error = error.clone();
+                work.tx.update_job(&job).await?;
+                work.job_changed(&job);
+                Some(end)
+            }
+            None => None,
+        };
         let event = if state == ActionState::Succeeded { "action.executed" } else { "action.failed" };
         let mut data = json!({"status": status, "error": error});
         if let (Some(data), serde_json::Value::Object(details)) = (data.as_object_mut(), details) {
@@ -288,6 +338,10 @@ impl Gateway {
         work.audit(&action.org_id, now, &Actor::system(), event, Some(action.id.as_str()), data).await?;
         work.emit("action.finished", super::webhooks::action_data(&current));
         work.action_changed(&action.org_id, &action.id);
-        work.commit(self).await
+        work.commit(self).await?;
+        if let Some(end) = settled {
+            self.metrics().job_finished(JobKind::ActionExecute.as_str(), end.as_str());
+        }
+        Ok(())
     }
 }

@@ -37,6 +37,9 @@ pub struct JobRunnerSettings {
     /// How long the execution job of an approved model request waits while its client holds the LLM
     /// proxy's connection open, so that the live connection carries it out; the job runs it only after.
     pub llm_hold_grace: Duration,
+    /// How far past the provider's timeout the recovery job of an inline model call is due: it runs only
+    /// if the process carrying the call died, and ends the action `failed` with `outcome unknown`.
+    pub llm_recovery_margin: Duration,
 }
 
 impl Default for JobRunnerSettings {
@@ -48,6 +51,7 @@ impl Default for JobRunnerSettings {
             webhook_retry_base: Duration::from_secs(1),
             webhook_max_attempts: 8,
             llm_hold_grace: Duration::from_secs(30),
+            llm_recovery_margin: Duration::from_secs(60),
         }
     }
 }
@@ -298,6 +302,22 @@ impl Gateway {
         if job.state == JobState::Running && job.kind == JobKind::ActionExecute {
             return Err(Error::Conflict {
                 message: format!("job {id} is sending its request now; an execution in flight cannot be called back"),
+                state: Some(job.state.as_str().to_owned()),
+            });
+        }
+        // A queued execution whose action is already `executing` is the recovery job of a model call in
+        // flight on the LLM proxy: the only thing that settles that call if the process dies.
+        if job.kind == JobKind::ActionExecute
+            && job.state == JobState::Queued
+            && let Some(action_id) = job.subject.as_deref().and_then(countersign_core::ids::ActionId::parse)
+            && let Some(action) = work.tx.get_action(&org, &action_id).await?
+            && action.state == ActionState::Executing
+        {
+            return Err(Error::Conflict {
+                message: format!(
+                    "job {id} guards action {action_id}, a model call in flight; it ends with that call and cannot \
+                     be cancelled"
+                ),
                 state: Some(job.state.as_str().to_owned()),
             });
         }

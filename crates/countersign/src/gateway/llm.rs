@@ -3,13 +3,20 @@
 //! the execution job, so the audit trail is the same: `action.executing`, then `action.executed` or
 //! `action.failed` with model, token usage, latency and status.
 //!
+//! The claim also makes the call recoverable: in its transaction the action's `action.execute` job becomes
+//! (or is created as) a queued, lease-free recovery job due after the provider's timeout plus
+//! `llm_recovery_margin`; the finish transaction settles it with the action's outcome. If the process dies
+//! mid-call, the job runs later, finds the action `executing`, and ends it `failed` with `outcome unknown`,
+//! audited, without a second send. A stream that outlives the first deadline pushes it on
+//! ([`Gateway::keep_inline`]).
+//!
 //! Nothing here shapes HTTP responses; the proxy does. The provider key stays inside the connectors.
 
 use std::time::Duration;
 
 use countersign_core::domain::{Action, Target};
 use countersign_core::ids::ActionId;
-use countersign_core::state::ActionState;
+use countersign_core::state::{ActionState, JobState};
 use serde_json::Value;
 
 use super::execute::Claim;
@@ -71,7 +78,40 @@ impl Gateway {
         }
     }
 
-    /// Records how an inline execution ended (`action.executed` or `action.failed`); durable when it returns.
+    /// Pushes the recovery job of an inline execution still in flight (a long stream) past the provider's
+    /// timeout and the margin again, from now. A no-op once the execution finished.
+    pub async fn keep_inline(&self, action: &Action) -> Result<()> {
+        let Some(job_id) = &action.job_id else { return Ok(()) };
+        let due = self.now() + self.inline_recovery_delay(action);
+        let mut work = self.write().await?;
+        let Some(mut job) = work.tx.get_job(&action.org_id, job_id).await? else { return Ok(()) };
+        if job.state != JobState::Queued || job.run_at >= due {
+            return Ok(());
+        }
+        job.run_at = due;
+        work.tx.update_job(&job).await?;
+        work.job_changed(&job);
+        work.commit(self).await
+    }
+
+    /// How long after a claim (or a [`Gateway::keep_inline`]) the recovery job of an inline execution is
+    /// due: the provider's timeout (twice for a stream: once for the headers, once more for the first chunk)
+    /// plus the margin.
+    pub(super) fn inline_recovery_delay(&self, action: &Action) -> chrono::Duration {
+        let (timeout, stream) = match &action.target {
+            Some(Target::Llm(llm)) => (
+                self.inner.connectors.llm_timeout(&llm.provider).unwrap_or(Duration::from_secs(120)),
+                llm.body.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            ),
+            _ => (Duration::from_secs(120), false),
+        };
+        let timeout = if stream { timeout * 2 } else { timeout };
+        chrono::Duration::from_std(timeout + self.inner.jobs.llm_recovery_margin)
+            .unwrap_or_else(|_| chrono::Duration::hours(1))
+    }
+
+    /// Records how an inline execution ended (`action.executed` or `action.failed`) and settles its recovery
+    /// job in the same transaction; durable when it returns.
     pub async fn finish_inline(&self, action: &Action, outcome: InlineOutcome) -> Result<()> {
         let state = if outcome.succeeded { ActionState::Succeeded } else { ActionState::Failed };
         self.record(action, state, outcome.result, outcome.error, outcome.details).await

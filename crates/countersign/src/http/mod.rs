@@ -98,6 +98,7 @@ pub fn router(gateway: Gateway, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .merge(crate::proxy::router())
+        .merge(crate::dashboard::router(state.gateway.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -268,6 +268,7 @@ async fn execute(
         _ => return Err(Error::Internal("a model request without its target".into())),
     };
     let started = Instant::now();
+    let mut hung_up = HangUp { gateway: gateway.clone(), action: Some(action.clone()), started, stream };
     let failed = |error: &ConnectorError| InlineOutcome {
         succeeded: false,
         result: None,
@@ -277,7 +278,8 @@ async fn execute(
     let (response, idle) = match gateway.send_inline(&action, stream).await {
         Ok(sent) => sent,
         Err(e) => {
-            gateway.finish_inline(&action, failed(&e)).await?;
+            hung_up.disarm();
+            finish(gateway, &action, failed(&e)).await?;
             return Ok(upstream_failure(dialect, &e));
         }
     };
@@ -293,6 +295,8 @@ async fn execute(
             content_type.clone(),
             started,
         );
+        // From here the recorder answers for the outcome, a hang-up included.
+        hung_up.disarm();
         let body = relay::relay(response, recorder, idle);
         let mut answer = Response::new(body);
         *answer.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
@@ -303,15 +307,18 @@ async fn execute(
     let body = match tokio::time::timeout(idle, read_all(response, MAX_LLM_RESPONSE_BYTES)).await {
         Ok(Ok(body)) => body,
         Ok(Err(e)) => {
-            gateway.finish_inline(&action, failed(&e)).await?;
+            hung_up.disarm();
+            finish(gateway, &action, failed(&e)).await?;
             return Ok(upstream_failure(dialect, &e));
         }
         Err(_) => {
+            hung_up.disarm();
             let e = ConnectorError::Timeout(format!("the provider's answer took over {}s", idle.as_secs()));
-            gateway.finish_inline(&action, failed(&e)).await?;
+            finish(gateway, &action, failed(&e)).await?;
             return Ok(upstream_failure(dialect, &e));
         }
     };
+    hung_up.disarm();
     let answer = classify(dialect, status, &content_type, &body);
     let mut details = answer.details.clone();
     details["provider"] = json!(provider);
@@ -319,13 +326,63 @@ async fn execute(
     details["streamed"] = json!(false);
     let error = answer.error.clone();
     // Durable before the agent sees the answer: a failed record is an error, not an answer.
-    gateway
-        .finish_inline(
-            &action,
-            InlineOutcome { succeeded: answer.succeeded, result: Some(answer.result), error, details },
-        )
-        .await?;
+    finish(
+        gateway,
+        &action,
+        InlineOutcome { succeeded: answer.succeeded, result: Some(answer.result), error, details },
+    )
+    .await?;
     Ok(answer_response(dialect, status, &content_type, body, answer.succeeded))
+}
+
+/// Records an inline outcome on a task of its own, so a client that hangs up meanwhile (hyper then drops
+/// this handler) cannot cut the record off halfway; the handler still waits for it to be durable.
+async fn finish(gateway: &Gateway, action: &Action, outcome: InlineOutcome) -> Result<(), Error> {
+    let (gateway, action) = (gateway.clone(), action.clone());
+    tokio::spawn(async move { gateway.finish_inline(&action, outcome).await })
+        .await
+        .map_err(|e| Error::Internal(format!("recording a model call's outcome stopped: {e}")))?
+}
+
+/// Armed while a non-streamed inline call is in flight. Hyper drops the handler when the client hangs up,
+/// which drops (and so cancels) the provider call; this then records the action `failed`, as a stream's
+/// [`relay::Recorder`] does, instead of leaving it `executing` until its recovery job runs.
+struct HangUp {
+    gateway: Gateway,
+    action: Option<Action>,
+    started: Instant,
+    stream: bool,
+}
+
+impl HangUp {
+    fn disarm(&mut self) {
+        self.action = None;
+    }
+}
+
+impl Drop for HangUp {
+    fn drop(&mut self) {
+        let Some(action) = self.action.take() else { return };
+        let provider = match &action.target {
+            Some(Target::Llm(llm)) => llm.provider.clone(),
+            _ => String::new(),
+        };
+        let outcome = InlineOutcome {
+            succeeded: false,
+            result: None,
+            error: Some("the client disconnected before the provider answered; the provider call was cancelled".into()),
+            details: json!({"provider": provider, "latency_ms": self.started.elapsed().as_millis(),
+                            "streamed": self.stream, "client_disconnected": true}),
+        };
+        let gateway = self.gateway.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = gateway.finish_inline(&action, outcome).await {
+                    tracing::error!(action = %action.id, error = %e, "cannot record a model call the client left");
+                }
+            });
+        }
+    }
 }
 
 /// The provider's answer as the agent gets it: a success or the provider's own 4xx verbatim; a provider

@@ -33,6 +33,9 @@ pub struct Recorder {
     kept: Vec<u8>,
     bytes: usize,
     recorded: bool,
+    /// When the recovery job was last pushed on, and how often a long stream pushes it again.
+    kept_alive: Instant,
+    keep_every: Duration,
 }
 
 impl Recorder {
@@ -47,7 +50,6 @@ impl Recorder {
         started: Instant,
     ) -> Self {
         Recorder {
-            gateway,
             action,
             provider,
             status,
@@ -58,6 +60,27 @@ impl Recorder {
             kept: Vec::new(),
             bytes: 0,
             recorded: false,
+            kept_alive: started,
+            keep_every: gateway.job_settings().llm_recovery_margin / 2,
+            gateway,
+        }
+    }
+
+    /// A stream may run longer than the recovery job's deadline (the timeout bounds only the silence between
+    /// chunks): every half margin, push the deadline on, off the stream's path.
+    fn keep_alive(&mut self) {
+        if self.kept_alive.elapsed() < self.keep_every {
+            return;
+        }
+        self.kept_alive = Instant::now();
+        let gateway = self.gateway.clone();
+        let action = self.action.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = gateway.keep_inline(&action).await {
+                    tracing::warn!(action = %action.id, error = %e, "cannot push on the recovery job of a model stream");
+                }
+            });
         }
     }
 
@@ -65,6 +88,7 @@ impl Recorder {
         if self.first_chunk_ms.is_none() {
             self.first_chunk_ms = Some(self.started.elapsed().as_millis());
         }
+        self.keep_alive();
         self.bytes += chunk.len();
         self.usage.feed(chunk);
         let room = (MAX_RESULT_BODY_BYTES + 1).saturating_sub(self.kept.len());

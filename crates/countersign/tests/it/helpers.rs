@@ -254,6 +254,12 @@ impl TestServer {
         TestServer { admin: Client::new(url, Some(key)).unwrap(), gateway, stop: Some(stop), task: Some(task) }
     }
 
+    /// The server's gateway, for tests that build a situation no HTTP request can (a process that dies
+    /// mid-call).
+    pub fn gateway(&self) -> &countersign::gateway::Gateway {
+        &self.gateway
+    }
+
     /// Reloads the policy file as SIGHUP does; answers the new version.
     pub async fn reload(&self) -> Result<String, String> {
         self.gateway.reload_policy_file().await.map(|v| v.unwrap_or_default())

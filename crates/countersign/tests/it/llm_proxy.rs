@@ -118,6 +118,14 @@ async fn allowed_calls_are_forwarded_with_the_provider_key_and_audited() {
     for e in &events {
         assert!(!e.to_string().contains(PROVIDER_KEY), "the provider key is never audited");
     }
+    // Carried out inline, it still had a recovery job, settled with the call in the finish transaction.
+    let job = s.server.admin.get(&format!("/v1/jobs/{}", action["job_id"].as_str().unwrap())).await.unwrap();
+    assert_eq!(job.body["state"], "succeeded", "{:?}", job.body);
+    assert_eq!(job.body["attempts"], 1, "{:?}", job.body);
+    assert_eq!(
+        job.body["result"],
+        json!({"action_id": action["id"], "state": "succeeded", "status": 200, "inline": true})
+    );
 
     // Anthropic, with the key as x-api-key; and the other OpenAI endpoints.
     let response = s
@@ -230,11 +238,14 @@ async fn held_calls_wait_for_the_decision_then_answer_with_the_real_response() {
     assert_eq!(body["choices"][0]["message"]["content"], "echo: premium please");
     assert_eq!(action["state"], "succeeded");
     assert_eq!(action["verdict"]["rule"], "llm-premium-models");
-    // The live connection carried it out; the grace-period job was called off, and nothing ran twice.
+    // The live connection carried it out; the grace-period job became its recovery job and ended with the
+    // call's outcome, and nothing ran twice.
     let events = s.events(action["id"].as_str().unwrap()).await;
     assert_eq!(event(&events, "action.executing")["data"]["inline"], true);
+    assert_eq!(event(&events, "action.executing")["data"]["recovery_job_id"], action["job_id"]);
     let job = s.server.admin.get(&format!("/v1/jobs/{}", action["job_id"].as_str().unwrap())).await.unwrap();
-    assert_eq!(job.body["state"], "cancelled", "{:?}", job.body);
+    assert_eq!(job.body["state"], "succeeded", "{:?}", job.body);
+    assert_eq!(job.body["result"]["inline"], true, "{:?}", job.body);
     assert_eq!(s.provider.count(), 1);
 
     // Streamed and held: the approval arrives, then the chunks.
@@ -503,5 +514,123 @@ async fn a_held_call_whose_client_left_is_carried_out_by_the_job_after_the_grace
     assert_eq!(action["state"], "succeeded", "{action}");
     assert_eq!(action["result"]["body"]["choices"][0]["message"]["content"], "echo: later is fine");
     assert_eq!(provider.count(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_on_a_non_streamed_call_leaves_it_finished() {
+    let s = setup().await;
+    let gave_up = s
+        .post(
+            "/llm/openai/v1/chat/completions",
+            &json!({"model": "slow", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client hung up before the provider answered");
+    let page = s.server.admin.get("/v1/actions?capability=llm.chat.completion").await.unwrap();
+    let id = page.body["items"][0]["id"].as_str().unwrap().to_owned();
+    let action = s.agent.wait_action(&id, 10.0).await.unwrap().body;
+    assert_eq!(action["state"], "failed", "{action}");
+    assert!(action["error"].as_str().unwrap().contains("disconnected"), "{action}");
+    let job = s.server.admin.get(&format!("/v1/jobs/{}", action["job_id"].as_str().unwrap())).await.unwrap();
+    assert_eq!(job.body["state"], "failed", "{:?}", job.body);
+    assert_eq!(s.provider.count(), 1);
+    s.server.stop().await;
+}
+
+/// The process carrying an allowed call inline dies after sending it: claim and send go through the gateway
+/// as the proxy does them, then nothing records the answer, and the server stops. The recovery job written
+/// with the claim, due after the provider's timeout and the margin, ends the action `failed` with
+/// `outcome unknown` after the restart, audited, and the provider saw exactly one request.
+#[tokio::test]
+async fn an_inline_call_cut_off_by_a_crash_ends_failed_outcome_unknown_after_restart() {
+    use countersign::gateway::SubmitRequest;
+    use countersign_core::capability::Capability;
+    use countersign_core::domain::{LlmTarget, Target};
+
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start().await;
+    let config = || {
+        let mut config = llm_config(dir.path(), &provider.url);
+        config.jobs.llm_recovery_margin = Duration::from_millis(500);
+        config
+    };
+    let server = TestServer::start_with(config(), None).await;
+    let agent = server.agent("cut-off").await;
+    let gateway = server.gateway().clone();
+    let caller = gateway.authenticate(agent.key().unwrap()).await.unwrap();
+    let body = json!({"model": "gpt-fake", "messages": [{"role": "user", "content": "in flight"}]});
+    let submitted = gateway
+        .submit_inline(
+            &caller,
+            SubmitRequest {
+                capability: Capability::parse("llm.chat.completion").unwrap(),
+                params: json!({"provider": "openai", "model": "gpt-fake", "text": "in flight"}),
+                reasoning: json!({"source": "llm-proxy"}).to_string(),
+                target: Some(Target::Llm(LlmTarget {
+                    provider: "openai".into(),
+                    path: "/v1/chat/completions".into(),
+                    body,
+                    held: true,
+                })),
+                idempotency_key: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(submitted.action.state.as_str(), "approved");
+    assert!(submitted.action.job_id.is_none(), "allowed inline: no job until the claim");
+    let claimed = gateway.claim_inline(&caller, &submitted.action.id).await.unwrap().unwrap();
+    let id = claimed.id.to_string();
+    let job_id = claimed.job_id.clone().expect("the claim writes the recovery job").to_string();
+
+    // Claimed: executing, with a queued, lease-free job due past the provider's timeout (2 s) and margin.
+    let job = server.admin.get(&format!("/v1/jobs/{job_id}")).await.unwrap().body;
+    assert_eq!(job["state"], "queued", "{job}");
+    assert_eq!(job["kind"], "action.execute");
+    assert_eq!(job["subject"], id.as_str());
+    let run_at = chrono::DateTime::parse_from_rfc3339(job["run_at"].as_str().unwrap()).unwrap();
+    let started = claimed.started_at.unwrap();
+    assert!(run_at >= started + chrono::Duration::milliseconds(2499), "{run_at} vs {started}");
+    // A long stream pushes the deadline on while it runs.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gateway.keep_inline(&claimed).await.unwrap();
+    let pushed = server.admin.get(&format!("/v1/jobs/{job_id}")).await.unwrap().body;
+    let pushed = chrono::DateTime::parse_from_rfc3339(pushed["run_at"].as_str().unwrap()).unwrap();
+    assert!(pushed > run_at, "{pushed} after {run_at}");
+    // While the call is in flight, nobody can cancel the only thing that would settle it.
+    let cancel = server.admin.post(&format!("/v1/jobs/{job_id}/cancel"), &json!({})).await.unwrap();
+    assert_eq!(cancel.status, 409, "{:?}", cancel.body);
+
+    // The request goes out; then the process "dies": nothing reads or records the answer.
+    let (response, _) = gateway.send_inline(&claimed, false).await.unwrap();
+    drop(response);
+    drop(gateway);
+    server.stop().await;
+    assert_eq!(provider.count(), 1);
+
+    let server = TestServer::start_with(config(), None).await;
+    let action = server.admin.wait_action(&id, 20.0).await.unwrap().body;
+    assert_eq!(action["state"], "failed", "{action}");
+    assert!(action["error"].as_str().unwrap().contains("outcome unknown"), "{action}");
+    let job = server.admin.get(&format!("/v1/jobs/{job_id}/wait?timeout=10")).await.unwrap().body;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("outcome unknown"), "{job}");
+
+    let query = AuditQuery { subject: Some(id.clone()), ..AuditQuery::default() };
+    let events = server.admin.query_audit(&query).await.unwrap().body["events"].as_array().cloned().unwrap();
+    let names: Vec<&str> = events.iter().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(names.iter().filter(|n| **n == "action.executing").count(), 1, "{names:?}");
+    let failed = event(&events, "action.failed");
+    assert_eq!(failed["data"]["reason"], "outcome_unknown", "{failed}");
+    assert!(!names.contains(&"action.executed"), "{names:?}");
+    let verify = server.admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(verify.body["ok"], true, "{:?}", verify.body);
+
+    // Nothing was sent again, during or after the recovery.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(provider.count(), 1, "a model call is never sent twice");
     server.stop().await;
 }

@@ -8,6 +8,7 @@ mod audit_export;
 mod cli;
 mod core_loop;
 mod crash;
+mod dashboard;
 mod fake_llm;
 mod helpers;
 mod jobs_webhooks;

@@ -1,4 +1,5 @@
-//! The hand-written OpenAPI document stays true: its paths and methods are exactly the router's, every
+//! The hand-written OpenAPI document stays true: its paths and methods are exactly the routers' (the v1
+//! router and the LLM proxy's, which it merges), every
 //! path parameter is declared, every `$ref` resolves, and the server serves it at `/v1/openapi.json`
 //! without a key.
 
@@ -9,7 +10,9 @@ use serde_json::Value;
 
 use crate::helpers::TestServer;
 
-const ROUTER_SOURCE: &str = include_str!("../../src/http/mod.rs");
+/// The sources of every router the server serves: the v1 surface and the LLM proxy it merges.
+const ROUTER_SOURCES: [(&str, &str); 2] =
+    [("http/mod.rs", include_str!("../../src/http/mod.rs")), ("proxy/mod.rs", include_str!("../../src/proxy/mod.rs"))];
 const DOCUMENT: &str = include_str!("../../src/http/openapi.json");
 const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
 
@@ -18,7 +21,7 @@ fn document() -> Value {
 }
 
 /// The text of one call's arguments: from just after its `(` to the matching `)`.
-fn call_arguments(text: &str) -> &str {
+fn call_arguments<'a>(text: &'a str, file: &str) -> &'a str {
     let mut depth = 1usize;
     for (i, c) in text.char_indices() {
         match c {
@@ -32,30 +35,32 @@ fn call_arguments(text: &str) -> &str {
             _ => {}
         }
     }
-    panic!("unbalanced `.route(` call in mod.rs");
+    panic!("unbalanced `.route(` call in {file}");
 }
 
-/// Every `(path, method)` the router serves, read from its `.route("PATH", METHODS)` calls: methods are the
+/// Every `(path, method)` the routers serve, read from their `.route("PATH", METHODS)` calls: methods are the
 /// `get(` / `.post(` / `axum::routing::delete(` … calls inside each one.
 fn router_routes() -> BTreeSet<(String, String)> {
     let mut routes = BTreeSet::new();
-    for (start, _) in ROUTER_SOURCE.match_indices(".route(") {
-        let args = call_arguments(&ROUTER_SOURCE[start + ".route(".len()..]);
-        let open = args.find('"').expect("a route path literal");
-        let close = open + 1 + args[open + 1..].find('"').expect("the end of the route path literal");
-        let path = &args[open + 1..close];
-        let rest = &args[close + 1..];
-        let mut found = false;
-        for method in METHODS {
-            for (at, _) in rest.match_indices(&format!("{method}(")) {
-                let before = rest[..at].chars().next_back();
-                if before.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_')) {
-                    routes.insert((path.to_owned(), method.to_owned()));
-                    found = true;
+    for (file, source) in ROUTER_SOURCES {
+        for (start, _) in source.match_indices(".route(") {
+            let args = call_arguments(&source[start + ".route(".len()..], file);
+            let open = args.find('"').expect("a route path literal");
+            let close = open + 1 + args[open + 1..].find('"').expect("the end of the route path literal");
+            let path = &args[open + 1..close];
+            let rest = &args[close + 1..];
+            let mut found = false;
+            for method in METHODS {
+                for (at, _) in rest.match_indices(&format!("{method}(")) {
+                    let before = rest[..at].chars().next_back();
+                    if before.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_')) {
+                        routes.insert((path.to_owned(), method.to_owned()));
+                        found = true;
+                    }
                 }
             }
+            assert!(found, "no method found in the route for {path} in {file}");
         }
-        assert!(found, "no method found in the route for {path}");
     }
     routes
 }
@@ -81,6 +86,11 @@ async fn the_document_has_exactly_the_routers_paths_and_methods() {
         assert!(router.contains(&(path.to_owned(), method.to_owned())), "the route parser missed {method} {path}");
     }
     assert!(router.contains(&("/v1/openapi.json".to_owned(), "get".to_owned())));
+    // The proxy's routes are read too, and the v1 router still merges them (so they are served).
+    for (path, method) in [("/llm/{provider}/v1/chat/completions", "post"), ("/llm/{provider}/v1/models", "get")] {
+        assert!(router.contains(&(path.to_owned(), method.to_owned())), "the route parser missed {method} {path}");
+    }
+    assert!(ROUTER_SOURCES[0].1.contains(".merge(crate::proxy::router())"), "the v1 router merges the proxy's");
     let documented = document_routes(&document());
     let undocumented: Vec<_> = router.difference(&documented).collect();
     let extra: Vec<_> = documented.difference(&router).collect();
@@ -162,4 +172,25 @@ async fn the_server_serves_the_document_without_a_key() {
     assert_eq!(response.str("/info/version"), env!("CARGO_PKG_VERSION"), "info.version follows the crate");
     assert_eq!(response.body, document());
     server.stop().await;
+}
+
+#[tokio::test]
+async fn the_llm_proxy_is_documented_in_the_providers_shapes() {
+    let doc = document();
+    let chat = &doc["paths"]["/llm/{provider}/v1/chat/completions"]["post"];
+    for status in ["200", "202", "403", "502", "504"] {
+        assert!(chat["responses"].get(status).is_some(), "chat completions: {status}");
+    }
+    assert!(chat["responses"]["200"]["content"].get("text/event-stream").is_some(), "streaming is documented");
+    let schemas = &doc["components"]["schemas"];
+    for name in ["OpenAIChatCompletionRequest", "OpenAIChatCompletion", "AnthropicMessageRequest", "AnthropicMessage"] {
+        assert_eq!(schemas[name]["additionalProperties"], true, "{name} stays loose: providers add fields");
+    }
+    assert_eq!(
+        schemas["LlmApprovalRequired"]["properties"]["error"]["properties"]["type"]["const"],
+        "approval_required"
+    );
+    let denied = &doc["components"]["responses"]["AnthropicDenied"]["content"]["application/json"]["schema"]["$ref"];
+    assert_eq!(denied, "#/components/schemas/AnthropicError");
+    assert_eq!(schemas["Target"]["discriminator"]["mapping"]["llm"], "#/components/schemas/LlmTarget");
 }

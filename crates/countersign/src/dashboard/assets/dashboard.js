@@ -1,0 +1,89 @@
+// Countersign dashboard: the little script the server-rendered pages need. It listens to /ui/events (SSE)
+// and re-fetches the pending list or appends audit rows; it opens an approval in the drawer. Every page
+// works without it (links and forms are plain HTML).
+"use strict";
+(function () {
+  const page = document.body.dataset.page;
+  const list = document.getElementById("pending-list");
+  const drawer = document.getElementById("drawer");
+  const audit = document.getElementById("audit");
+  let openId = null;
+
+  async function fetchHtml(url) {
+    const response = await fetch(url, { credentials: "same-origin", headers: { "accept": "text/html" } });
+    if (response.redirected && response.url.includes("/ui/login")) { location.href = "/ui/login"; return null; }
+    if (!response.ok) { return null; }
+    return response.text();
+  }
+
+  async function refreshQueue() {
+    if (!list) return;
+    const html = await fetchHtml("/ui/pending/list");
+    if (html === null) return;
+    list.innerHTML = html;
+    markSelected();
+    if (openId && !list.querySelector(`tr[data-approval="${openId}"]`)) refreshDrawer();
+  }
+
+  function markSelected() {
+    if (!list) return;
+    list.querySelectorAll("tr[data-approval]").forEach((tr) => tr.classList.toggle("selected", tr.dataset.approval === openId));
+  }
+
+  async function openDrawer(id, focus) {
+    const html = await fetchHtml(`/ui/approvals/${encodeURIComponent(id)}?partial=1`);
+    if (html === null) return;
+    openId = id;
+    drawer.innerHTML = html;
+    drawer.hidden = false;
+    drawer.parentElement.classList.add("open");
+    markSelected();
+    if (focus) drawer.focus();
+  }
+
+  function refreshDrawer() { if (openId) openDrawer(openId, false); }
+
+  function closeDrawer() {
+    if (!drawer || drawer.hidden) return;
+    const id = openId;
+    openId = null;
+    drawer.hidden = true;
+    drawer.innerHTML = "";
+    drawer.parentElement.classList.remove("open");
+    markSelected();
+    const link = list && list.querySelector(`tr[data-approval="${id}"] a.open`);
+    if (link) link.focus();
+  }
+
+  if (list && drawer) {
+    list.addEventListener("click", (event) => {
+      const link = event.target.closest("a.open");
+      if (!link || event.ctrlKey || event.metaKey || event.shiftKey) return;
+      event.preventDefault();
+      openDrawer(link.closest("tr").dataset.approval, true);
+    });
+    drawer.addEventListener("click", (event) => { if (event.target.closest("[data-close]")) closeDrawer(); });
+    document.addEventListener("keydown", (event) => { if (event.key === "Escape") closeDrawer(); });
+    // Ages and "expires in" move on even when nothing happens.
+    setInterval(refreshQueue, 15000);
+  }
+
+  async function tailAudit() {
+    const last = audit.dataset.last || "0";
+    const html = await fetchHtml(`/ui/audit/rows?after=${encodeURIComponent(last)}&${audit.dataset.query}`);
+    if (!html || !html.trim()) return;
+    const body = document.getElementById("audit-rows");
+    body.insertAdjacentHTML("beforeend", html);
+    const rows = body.querySelectorAll("tr[data-seq]");
+    if (rows.length) audit.dataset.last = rows[rows.length - 1].dataset.seq;
+  }
+
+  if (window.EventSource && (list || audit)) {
+    const live = document.getElementById("live");
+    const source = new EventSource("/ui/events");
+    source.addEventListener("ready", () => { if (live) live.classList.add("on"); refreshQueue(); });
+    source.addEventListener("approvals", () => { refreshQueue(); });
+    source.addEventListener("audit", () => { if (audit) tailAudit(); });
+    source.onerror = () => { if (live) live.classList.remove("on"); };
+  }
+})();

@@ -1,0 +1,70 @@
+//! The dashboard at `/ui/`: server-rendered pages (askama templates compiled into the binary) over the
+//! gateway, for the people who approve and audit. A thin adapter like the REST handlers: it parses forms,
+//! calls `Gateway` methods and renders what they answer; every rule (who may decide, quorum, expiry) stays
+//! in `gateway/`.
+//!
+//! Login takes a user key once and keeps, server side, only its SHA-256 behind a random cookie token
+//! ([`session`]); every state-changing form carries a per-session CSRF token. The pending queue is live: an
+//! SSE stream fed by the audit notifier tells a small embedded script when to re-fetch the list. No Node, no
+//! build step, no asset outside the binary.
+
+mod approvals;
+mod live;
+mod pages;
+mod session;
+mod view;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::header;
+use axum::response::{IntoResponse, Redirect};
+use axum::routing::{get, post};
+
+use crate::gateway::Gateway;
+use session::SessionStore;
+
+/// What every dashboard handler shares.
+#[derive(Clone)]
+pub struct DashboardState {
+    gateway: Gateway,
+    sessions: Arc<SessionStore>,
+    /// Cookies get `Secure` when the public URL is https.
+    secure_cookies: bool,
+}
+
+/// The dashboard's routes, all under `/ui/`, with their own state; merged into the API router.
+pub fn router<S: Clone + Send + Sync + 'static>(gateway: Gateway) -> Router<S> {
+    let secure_cookies = gateway.public_url().starts_with("https://");
+    let state = DashboardState { gateway, sessions: Arc::new(SessionStore::default()), secure_cookies };
+    Router::new()
+        .route("/ui", get(|| async { Redirect::to("/ui/") }))
+        .route("/ui/", get(|| async { Redirect::to("/ui/pending") }))
+        .route("/ui/login", get(session::login_page).post(session::login))
+        .route("/ui/logout", post(session::logout))
+        .route("/ui/pending", get(approvals::pending))
+        .route("/ui/pending/list", get(approvals::pending_list))
+        .route("/ui/approvals/{id}", get(approvals::detail))
+        .route("/ui/approvals/{id}/decide", post(approvals::decide))
+        .route("/ui/history", get(approvals::history))
+        .route("/ui/audit", get(pages::audit))
+        .route("/ui/audit/rows", get(pages::audit_rows))
+        .route("/ui/events", get(live::events))
+        .route("/ui/assets/dashboard.css", get(stylesheet))
+        .route("/ui/assets/dashboard.js", get(script))
+        .with_state(state)
+}
+
+async fn stylesheet() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")],
+        include_str!("assets/dashboard.css"),
+    )
+}
+
+async fn script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")],
+        include_str!("assets/dashboard.js"),
+    )
+}

@@ -1,0 +1,272 @@
+//! Dashboard sessions: login with a user key, the session cookie, the CSRF token, logout.
+//!
+//! The cookie holds only a random token; the server keeps, in memory and keyed by the token's SHA-256, the
+//! SHA-256 of the user's key and the session's CSRF token. Every request re-resolves that key hash through
+//! the gateway, so revoking the key or disabling the user ends the session at once. Sessions live in one
+//! process: with several replicas, a load balancer must keep a browser on one replica (or it logs in again).
+//! The login form itself is guarded by a double-submit token (a short-lived cookie equal to a form field).
+//! This module makes no authorization decision beyond "is this a logged-in user".
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use askama::Template;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use countersign_core::domain::User;
+use countersign_core::secrets::{self, SecretKind};
+use serde::Deserialize;
+
+use super::DashboardState;
+use super::view::render;
+use crate::error::Error;
+use crate::gateway::Caller;
+
+pub const SESSION_COOKIE: &str = "cs_ui";
+const LOGIN_COOKIE: &str = "cs_ui_login";
+/// A session ends this long after login, whatever happens.
+const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// More live sessions than this in one process: the oldest are dropped.
+const MAX_SESSIONS: usize = 10_000;
+
+struct Entry {
+    key_hash: String,
+    csrf: String,
+    expires: Instant,
+}
+
+/// Live sessions, keyed by the SHA-256 of the cookie token.
+#[derive(Default)]
+pub struct SessionStore {
+    sessions: Mutex<HashMap<String, Entry>>,
+}
+
+/// A random token for a cookie or a form (32 bytes, base64url).
+fn random_token() -> String {
+    // The API-key generator is the one source of secret randomness; its prefix is not wanted here.
+    let secret = secrets::generate(SecretKind::ApiKey).plaintext;
+    secret.trim_start_matches(SecretKind::ApiKey.prefix()).to_owned()
+}
+
+impl SessionStore {
+    /// Starts a session for a key hash; answers (cookie token, CSRF token).
+    fn create(&self, key_hash: String) -> (String, String) {
+        let token = random_token();
+        let csrf = random_token();
+        let now = Instant::now();
+        let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sessions.retain(|_, e| e.expires > now);
+        if sessions.len() >= MAX_SESSIONS
+            && let Some(oldest) = sessions.iter().min_by_key(|(_, e)| e.expires).map(|(k, _)| k.clone())
+        {
+            sessions.remove(&oldest);
+        }
+        sessions.insert(
+            secrets::hash_secret(&token),
+            Entry { key_hash, csrf: csrf.clone(), expires: now + SESSION_LIFETIME },
+        );
+        (token, csrf)
+    }
+
+    /// (key hash, CSRF token) of a live session.
+    fn find(&self, token: &str) -> Option<(String, String)> {
+        let sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = sessions.get(&secrets::hash_secret(token))?;
+        (entry.expires > Instant::now()).then(|| (entry.key_hash.clone(), entry.csrf.clone()))
+    }
+
+    fn remove(&self, token: &str) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sessions.remove(&secrets::hash_secret(token));
+    }
+}
+
+/// The value of one cookie from the request.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn set_cookie(state: &DashboardState, name: &str, value: &str, path: &str, max_age: Option<u64>) -> HeaderValue {
+    let mut text = format!("{name}={value}; Path={path}; HttpOnly; SameSite=Strict");
+    if let Some(seconds) = max_age {
+        text.push_str(&format!("; Max-Age={seconds}"));
+    }
+    if state.secure_cookies {
+        text.push_str("; Secure");
+    }
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("cs_ui=; Path=/ui; Max-Age=0"))
+}
+
+/// A logged-in user of the dashboard, resolved afresh on every request.
+pub struct UiUser {
+    pub caller: Caller,
+    pub user: User,
+    pub csrf: String,
+}
+
+impl UiUser {
+    /// Refuses a state-changing request whose form field or `x-csrf-token` header is not this session's
+    /// token (constant-time comparison).
+    pub fn check_csrf(&self, presented: Option<&str>) -> Result<(), Error> {
+        match presented {
+            Some(token) if secrets::hashes_equal(token, &self.csrf) => Ok(()),
+            _ => Err(Error::Forbidden("missing or wrong CSRF token; reload the page and try again".into())),
+        }
+    }
+}
+
+/// No session: a page asks the browser to log in; anything else answers 401.
+pub enum NoSession {
+    Login,
+    Problem(Error),
+}
+
+impl IntoResponse for NoSession {
+    fn into_response(self) -> Response {
+        match self {
+            NoSession::Login => Redirect::to("/ui/login").into_response(),
+            NoSession::Problem(e) => e.into_response(),
+        }
+    }
+}
+
+impl FromRequestParts<DashboardState> for UiUser {
+    type Rejection = NoSession;
+
+    async fn from_request_parts(parts: &mut Parts, state: &DashboardState) -> Result<Self, Self::Rejection> {
+        let reject = |error: Error| {
+            if parts.method == Method::GET { NoSession::Login } else { NoSession::Problem(error) }
+        };
+        let Some(token) = cookie(&parts.headers, SESSION_COOKIE) else {
+            return Err(reject(Error::Unauthenticated("not logged in to the dashboard".into())));
+        };
+        let Some((key_hash, csrf)) = state.sessions.find(token) else {
+            return Err(reject(Error::Unauthenticated("the dashboard session has ended; log in again".into())));
+        };
+        let caller = match state.gateway.authenticate_key_hash(&key_hash).await {
+            Ok(caller) => caller,
+            Err(Error::Unauthenticated(reason)) => {
+                state.sessions.remove(token);
+                return Err(reject(Error::Unauthenticated(reason)));
+            }
+            Err(other) => return Err(NoSession::Problem(other)),
+        };
+        state.gateway.check_rate(&caller).map_err(NoSession::Problem)?;
+        let Some(user) = caller.user().cloned() else {
+            state.sessions.remove(token);
+            return Err(reject(Error::Unauthenticated("the dashboard is for users, not agents".into())));
+        };
+        Ok(UiUser { caller, user, csrf })
+    }
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    csrf: String,
+    error: Option<String>,
+}
+
+fn login_response(state: &DashboardState, status: StatusCode, error: Option<String>) -> Response {
+    let csrf = random_token();
+    let cookie = set_cookie(state, LOGIN_COOKIE, &csrf, "/ui/login", Some(600));
+    let mut response = render(status, &LoginPage { csrf, error });
+    response.headers_mut().append(header::SET_COOKIE, cookie);
+    response
+}
+
+pub async fn login_page(State(state): State<DashboardState>) -> Response {
+    login_response(&state, StatusCode::OK, None)
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    csrf: Option<String>,
+}
+
+pub async fn login(State(state): State<DashboardState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let form = serde_urlencoded::from_bytes::<LoginForm>(&body).unwrap_or(LoginForm { key: String::new(), csrf: None });
+    let expected = cookie(&headers, LOGIN_COOKIE);
+    let csrf_ok = matches!((expected, form.csrf.as_deref()), (Some(a), Some(b)) if secrets::hashes_equal(a, b));
+    if !csrf_ok {
+        return Error::Forbidden("missing or wrong CSRF token on the login form; reload the page".into())
+            .into_response();
+    }
+    let key = form.key.trim();
+    if SecretKind::of(key) != Some(SecretKind::ApiKey) {
+        let message = "paste a user key: it starts with cs_sk_".to_owned();
+        return login_response(&state, StatusCode::UNAUTHORIZED, Some(message));
+    }
+    let caller = match state.gateway.authenticate(key).await {
+        Ok(caller) => caller,
+        Err(Error::Unauthenticated(reason)) => return login_response(&state, StatusCode::UNAUTHORIZED, Some(reason)),
+        Err(other) => return other.into_response(),
+    };
+    if let Err(e) = state.gateway.check_rate(&caller) {
+        return e.into_response();
+    }
+    if caller.user().is_none() {
+        let message = "this is an agent's key; the dashboard needs a user key".to_owned();
+        return login_response(&state, StatusCode::FORBIDDEN, Some(message));
+    }
+    let (token, _csrf) = state.sessions.create(secrets::hash_secret(key));
+    let mut response = Redirect::to("/ui/pending").into_response();
+    let headers = response.headers_mut();
+    headers.append(header::SET_COOKIE, set_cookie(&state, SESSION_COOKIE, &token, "/ui", None));
+    headers.append(header::SET_COOKIE, set_cookie(&state, LOGIN_COOKIE, "", "/ui/login", Some(0)));
+    response
+}
+
+/// A state-changing request: a logged-in user whose CSRF token matched, and the form they sent. The token is
+/// the form's `csrf` field or the `x-csrf-token` header; anything else (no token, a wrong one, no body)
+/// answers 403 before the handler runs.
+pub struct Posted<T> {
+    pub ui: UiUser,
+    pub form: T,
+}
+
+#[derive(Deserialize, Default)]
+pub struct CsrfField {
+    #[serde(default)]
+    csrf: Option<String>,
+}
+
+impl<T: serde::de::DeserializeOwned + Send> axum::extract::FromRequest<DashboardState> for Posted<T> {
+    type Rejection = Response;
+
+    async fn from_request(request: axum::extract::Request, state: &DashboardState) -> Result<Self, Response> {
+        let (mut parts, body) = request.into_parts();
+        let ui = UiUser::from_request_parts(&mut parts, state).await.map_err(IntoResponse::into_response)?;
+        let bytes = axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .map_err(|_| Error::PayloadTooLarge("a dashboard form is at most 64 KiB".into()).into_response())?;
+        let header = parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let field = serde_urlencoded::from_bytes::<CsrfField>(&bytes).unwrap_or_default().csrf;
+        ui.check_csrf(field.or(header).as_deref()).map_err(IntoResponse::into_response)?;
+        let form = serde_urlencoded::from_bytes::<T>(&bytes)
+            .map_err(|e| Error::BadRequest { field: None, message: format!("unreadable form: {e}") }.into_response())?;
+        Ok(Posted { ui, form })
+    }
+}
+
+pub async fn logout(State(state): State<DashboardState>, headers: HeaderMap, _posted: Posted<CsrfField>) -> Response {
+    if let Some(token) = cookie(&headers, SESSION_COOKIE) {
+        state.sessions.remove(token);
+    }
+    let mut response = Redirect::to("/ui/login").into_response();
+    response.headers_mut().append(header::SET_COOKIE, set_cookie(&state, SESSION_COOKIE, "", "/ui", Some(0)));
+    response
+}
