@@ -1116,25 +1116,31 @@ impl StoreTx for PgTx {
     ) -> Result<Option<Job>, StoreError> {
         // SKIP LOCKED: a job another replica is claiming right now is passed over, not waited for. A row
         // claimed and committed since this statement's snapshot is re-checked under its lock and dropped.
-        let row = self
-            .fetch_optional(
-                sqlx::query(
-                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = $2,
-                        lease_until = $3, started_at = COALESCE(started_at, $1)
-                     WHERE id = (
-                        SELECT id FROM jobs
-                        WHERE (state = 'queued' AND run_at <= $1) OR (state = 'running' AND lease_until <= $1)
-                        ORDER BY run_at, id LIMIT 1
-                        FOR UPDATE SKIP LOCKED
-                     )
-                     RETURNING *",
+        // Due queued jobs first, then jobs whose lease ran out; each probe walks its own partial index
+        // (`jobs_due`, `jobs_leased`) instead of one OR that would look at every running job.
+        for probe in [
+            "SELECT id FROM jobs WHERE state = 'queued' AND run_at <= $1 ORDER BY run_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+            "SELECT id FROM jobs WHERE state = 'running' AND lease_until <= $1 ORDER BY lease_until LIMIT 1
+             FOR UPDATE SKIP LOCKED",
+        ] {
+            let row = self
+                .fetch_optional(
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = $2,
+                            lease_until = $3, started_at = COALESCE(started_at, $1)
+                         WHERE id = ({probe})
+                         RETURNING *"
+                    )))
+                    .bind(to_us(now))
+                    .bind(owner.to_owned())
+                    .bind(to_us(lease_until)),
                 )
-                .bind(to_us(now))
-                .bind(owner.to_owned())
-                .bind(to_us(lease_until)),
-            )
-            .await?;
-        row.as_ref().map(job_row).transpose()
+                .await?;
+            if let Some(row) = row {
+                return job_row(&row).map(Some);
+            }
+        }
+        Ok(None)
     }
 
     async fn next_job_due(&mut self) -> Result<Option<DateTime<Utc>>, StoreError> {

@@ -1014,10 +1014,14 @@ impl StoreTx for SqliteTx {
     ) -> Result<Option<Job>, StoreError> {
         let row = self
             .fetch_optional(
+                // Two probes, each on its partial index (`jobs_due`, `jobs_leased`); one OR over both would scan
+                // every running job on each claim.
                 sqlx::query(
-                    "SELECT * FROM jobs
-                     WHERE (state = 'queued' AND run_at <= ?) OR (state = 'running' AND lease_until <= ?)
-                     ORDER BY run_at, id LIMIT 1",
+                    "SELECT * FROM (SELECT * FROM jobs WHERE state = 'queued' AND run_at <= ? ORDER BY run_at LIMIT 1)
+                     UNION ALL
+                     SELECT * FROM (SELECT * FROM jobs WHERE state = 'running' AND lease_until <= ?
+                                    ORDER BY lease_until LIMIT 1)
+                     ORDER BY run_at LIMIT 1",
                 )
                 .bind(to_us(now))
                 .bind(to_us(now)),
