@@ -13,6 +13,7 @@ pub mod dashboard;
 pub mod error;
 pub mod gateway;
 pub mod http;
+pub mod mcp;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

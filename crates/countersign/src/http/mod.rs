@@ -97,6 +97,7 @@ pub fn router(gateway: Gateway, max_body_bytes: usize) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
+        .nest_service("/mcp", crate::mcp::router(state.gateway.clone(), max_body_bytes))
         .merge(crate::proxy::router())
         .merge(crate::dashboard::router(state.gateway.clone()))
         .fallback(not_found)

@@ -15,6 +15,7 @@ mod jobs_webhooks;
 mod limits;
 mod llm_proxy;
 mod llm_python;
+mod mcp;
 mod openapi;
 mod replicas;
 mod tidy;

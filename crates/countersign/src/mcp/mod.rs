@@ -1,0 +1,147 @@
+//! `/mcp`: the Model Context Protocol over Streamable HTTP (rmcp), for agents and session tokens.
+//!
+//! Every HTTP request is authenticated before rmcp sees it (an axum middleware answers 401 problem+json for
+//! a missing, unknown, expired or revoked credential, so a revoked session is cut off at its next request);
+//! the [`Caller`] rides in the request's extensions, which rmcp hands to the tools as
+//! [`http::request::Parts`](axum::http::request::Parts). The tools are thin adapters over the gateway,
+//! which checks session scopes, evaluates the policy and audits as for any other front end.
+//!
+//! Resources `countersign://actions/{id}` can be read and subscribed; a subscription sends
+//! `notifications/resources/updated` when the action changes.
+
+mod server;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+
+use serde_json::json;
+
+use crate::error::Error;
+use crate::gateway::{Caller, Gateway};
+use crate::http::auth::presented_secret_in;
+
+/// The bearer secret the request was authenticated with, so a subscription can re-check it before it
+/// speaks again (a revoked session stops receiving updates).
+#[derive(Clone)]
+pub(crate) struct Secret(pub(crate) Arc<str>);
+
+/// The `/mcp` service: authentication in front of rmcp's Streamable HTTP server.
+pub fn router(gateway: Gateway, max_body_bytes: usize) -> Router {
+    let config = StreamableHttpServerConfig::default()
+        .with_allowed_hosts(allowed_hosts(gateway.public_url()))
+        .with_cancellation_token(gateway.shutdown().child_token())
+        .with_max_request_body_bytes(max_body_bytes);
+    let for_sessions = gateway.clone();
+    let service = StreamableHttpService::new(
+        move || Ok(server::McpServer::new(for_sessions.clone())),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    );
+    let state = Front { gateway, max_body_bytes };
+    Router::new().fallback_service(service).layer(middleware::from_fn_with_state(state, authenticate))
+}
+
+#[derive(Clone)]
+struct Front {
+    gateway: Gateway,
+    max_body_bytes: usize,
+}
+
+/// Loopback names plus the host of the public URL, with and without its port.
+fn allowed_hosts(public_url: &str) -> Vec<String> {
+    let mut hosts: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into(), "[::1]".into()];
+    let rest = public_url.split_once("://").map_or(public_url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if !authority.is_empty() {
+        hosts.push(authority.to_owned());
+        let host = if authority.starts_with('[') {
+            authority.split_once(']').map(|(h, _)| format!("{h}]")).unwrap_or_else(|| authority.to_owned())
+        } else {
+            authority.split(':').next().unwrap_or(authority).to_owned()
+        };
+        hosts.push(host);
+    }
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+/// Checks the credential on every request and passes the [`Caller`] on; refusals are problem+json.
+async fn authenticate(State(front): State<Front>, request: Request, next: Next) -> Response {
+    let gateway = &front.gateway;
+    let secret = match presented_secret_in(request.headers()) {
+        Ok(secret) => Secret(Arc::from(secret)),
+        Err(error) => return error.into_response(),
+    };
+    let caller = match caller_of(gateway, &secret).await {
+        Ok(caller) => caller,
+        Err(error) => return error.into_response(),
+    };
+    let (mut parts, body) = request.into_parts();
+    parts.extensions.insert(caller);
+    parts.extensions.insert(secret);
+    if parts.method != Method::POST {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
+    // Buffer the message so a refusal by rmcp (which answers plain text) can become a JSON-RPC error.
+    let bytes = match axum::body::to_bytes(body, front.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            return Error::PayloadTooLarge(format!("the body is over the {} byte limit", front.max_body_bytes))
+                .into_response();
+        }
+    };
+    let is_json = serde_json::from_slice::<serde_json::Value>(&bytes).is_ok();
+    let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    if response.status().is_client_error() && !is_json_response(&response) {
+        return json_rpc_error(response, is_json).await;
+    }
+    response
+}
+
+fn is_json_response(response: &Response) -> bool {
+    response.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.starts_with(b"application/json") || v.starts_with(b"application/problem+json")
+    })
+}
+
+/// rmcp's plain-text refusal of a POST as a JSON-RPC error object, keeping its status.
+async fn json_rpc_error(response: Response, body_was_json: bool) -> Response {
+    let status = response.status();
+    let text = axum::body::to_bytes(response.into_body(), 64 * 1024).await.unwrap_or_default();
+    let (code, title) = if body_was_json { (-32600, "Invalid Request") } else { (-32700, "Parse error") };
+    let message = format!("{title}: {}", String::from_utf8_lossy(&text).trim());
+    let body = json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message}});
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn caller_of(gateway: &Gateway, secret: &Secret) -> crate::error::Result<Caller> {
+    let caller = gateway.authenticate(&secret.0).await?;
+    gateway.check_rate(&caller)?;
+    Ok(caller)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allowed_hosts;
+
+    #[test]
+    fn public_host_is_allowed_with_and_without_port() {
+        let hosts = allowed_hosts("https://gw.example.com:8443/base");
+        assert!(hosts.contains(&"gw.example.com".to_owned()));
+        assert!(hosts.contains(&"gw.example.com:8443".to_owned()));
+        assert!(hosts.contains(&"localhost".to_owned()));
+        let hosts = allowed_hosts("http://[::1]:9000");
+        assert!(hosts.contains(&"[::1]".to_owned()));
+    }
+}
