@@ -7,12 +7,19 @@
 //! ([`session`]); every state-changing form carries a per-session CSRF token. The pending queue is live: an
 //! SSE stream fed by the audit notifier tells a small embedded script when to re-fetch the list. No Node, no
 //! build step, no asset outside the binary.
+//!
+//! Beside the approver's and auditor's pages are the operator's: Jobs, agent Sessions, Webhooks and Policy.
+//! Each form that needs the admin role is shown disabled, with the gateway's reason, to other users.
 
+mod agent_sessions;
 mod approvals;
+mod jobs;
 mod live;
 mod pages;
+mod policy;
 mod session;
 mod view;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -49,6 +56,17 @@ pub fn router<S: Clone + Send + Sync + 'static>(gateway: Gateway) -> Router<S> {
         .route("/ui/history", get(approvals::history))
         .route("/ui/audit", get(pages::audit))
         .route("/ui/audit/rows", get(pages::audit_rows))
+        .route("/ui/jobs", get(jobs::list))
+        .route("/ui/jobs/{id}", get(jobs::detail))
+        .route("/ui/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/ui/sessions", get(agent_sessions::list).post(agent_sessions::mint))
+        .route("/ui/sessions/{id}/revoke", post(agent_sessions::revoke))
+        .route("/ui/webhooks", get(webhooks::list).post(webhooks::create))
+        .route("/ui/webhooks/{id}", get(webhooks::deliveries))
+        .route("/ui/webhooks/{id}/delete", post(webhooks::delete))
+        .route("/ui/policy", get(policy::show))
+        .route("/ui/policy/validate", post(policy::validate))
+        .route("/ui/policy/evaluate", post(policy::evaluate))
         .route("/ui/events", get(live::events))
         .route("/ui/assets/dashboard.css", get(stylesheet))
         .route("/ui/assets/dashboard.js", get(script))

@@ -8,6 +8,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use countersign_core::domain::{Action, Approval};
 use serde_json::Value;
 
+use super::session::UiUser;
 use crate::error::Error;
 
 /// Renders a template as an HTML response with the dashboard's security headers.
@@ -31,6 +32,33 @@ pub fn render<T: Template>(status: StatusCode, template: &T) -> Response {
         }
         Err(e) => Error::Internal(format!("a dashboard template did not render: {e}")).into_response(),
     }
+}
+
+/// A refusal the user should read next to the form that caused it (bad input, not allowed, wrong state),
+/// as its status and message; anything else stays an error.
+pub fn shown(error: Error) -> Result<(StatusCode, String), Error> {
+    match error {
+        e @ (Error::Forbidden(_) | Error::Conflict { .. } | Error::BadRequest { .. } | Error::Invalid { .. }) => {
+            let status = StatusCode::from_u16(e.kind().table().1).unwrap_or(StatusCode::BAD_REQUEST);
+            Ok((status, e.to_string()))
+        }
+        other => Err(other),
+    }
+}
+
+/// Why this user's forms that need the admin role are disabled; the gateway's own answer, so the page and
+/// the refusal say the same thing.
+pub fn admin_block(ui: &UiUser) -> Option<String> {
+    ui.caller.require_admin().err().map(|e| e.to_string())
+}
+
+/// `a, b c` or one per line → `["a", "b", "c"]`.
+pub fn list_of(text: &str) -> Vec<String> {
+    text.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+pub fn opt_clock(t: Option<DateTime<Utc>>) -> String {
+    t.map(clock).unwrap_or_default()
 }
 
 /// `2026-11-23 10:04:05 UTC`

@@ -37,7 +37,7 @@ pub use llm::InlineOutcome;
 pub use principals::{Bootstrapped, CreatedKey, CreatedOrg, KeyOwner};
 pub use queries::Trace;
 pub use sessions::{CreatedSession, SessionRequest};
-pub use webhooks::{CreatedWebhook, WebhookRequest};
+pub use webhooks::{CreatedWebhook, EVENT_TYPES as WEBHOOK_EVENTS, WebhookRequest};
 
 use crate::connectors::Connectors;
 use crate::error::{Error, Result};

@@ -211,8 +211,18 @@ impl Gateway {
 
     /// `POST /v1/policy/validate`.
     pub fn validate_policy(&self, caller: &Caller, files: &[(String, String)]) -> Result<Policy> {
+        self.check_policy(caller, files)?.map_err(|e| invalid_policy(&e))
+    }
+
+    /// The same check as `validate_policy`, answering the policy's own error (file, line, column) for a
+    /// front end that shows where it is.
+    pub fn check_policy(
+        &self,
+        caller: &Caller,
+        files: &[(String, String)],
+    ) -> Result<std::result::Result<Policy, PolicyError>> {
         caller.require_user()?;
-        Policy::from_sources(files).map_err(|e| invalid_policy(&e))
+        Ok(Policy::from_sources(files))
     }
 
     /// `POST /v1/policy/evaluate`: a dry run with the org's facts, creating nothing.

@@ -121,6 +121,21 @@ try {
   expect((await page.textContent("#audit-rows")).includes("approval.approved"), "the audit page lists the decision");
   await page.screenshot({ path: join(shots, "07-audit.png"), fullPage: true });
 
+  // The operator's pages are one click away in the nav; the policy page dry-runs an action.
+  for (const [name, path] of [["Jobs", "jobs"], ["Sessions", "sessions"], ["Webhooks", "webhooks"], ["Policy", "policy"]]) {
+    await page.click(`nav >> text=${name}`);
+    await page.waitForURL(`**/ui/${path}`);
+    expect((await page.getAttribute(`nav a[href="/ui/${path}"]`, "aria-current")) === "page", `${name} is the current tab`);
+    await page.screenshot({ path: join(shots, `08-${path}.png`), fullPage: true });
+  }
+  await page.fill("#d-agent", "refund-bot");
+  await page.fill("#d-capability", "payments.charge.card");
+  await page.fill("#d-params", '{"amount_cents": 4200}');
+  await page.click("#dry-run button[type=submit]");
+  await page.waitForSelector("#verdict-effect");
+  expect((await page.textContent("#verdict-effect")).trim() === "require_approval", "the dry run shows the verdict");
+  await page.screenshot({ path: join(shots, "09-policy-dry-run.png"), fullPage: true });
+
   // Logging out ends the session.
   await page.click("text=Log out");
   await page.waitForURL("**/ui/login");

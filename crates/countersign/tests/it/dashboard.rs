@@ -208,6 +208,203 @@ async fn login_cookie_flags_csrf_and_logout() {
     server.stop().await;
 }
 
+/// GET a dashboard page with a session; answers (status, body).
+async fn page(base: &str, session: &str, path: &str) -> (StatusCode, String) {
+    let response = http().get(format!("{base}{path}")).header(COOKIE, session).send().await.unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+/// POST a dashboard form with a session; answers (status, Location, body).
+async fn submit_form(base: &str, session: &str, path: &str, form: &[(&str, &str)]) -> (StatusCode, String, String) {
+    let response = http().post(format!("{base}{path}")).header(COOKIE, session).form(form).send().await.unwrap();
+    let location = response.headers().get(LOCATION).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    (response.status(), location, response.text().await.unwrap())
+}
+
+/// The first `attr="…"` value in a page.
+fn attr_in(html: &str, attr: &str) -> String {
+    let needle = format!("{attr}=\"");
+    let start = html.find(&needle).map(|i| i + needle.len()).unwrap_or_else(|| panic!("no {attr} in {html}"));
+    html[start..].split('"').next().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn operator_pages_jobs_sessions_webhooks_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::helpers::config(dir.path(), None);
+    // A failed delivery waits an hour for its next attempt, so its job stays queued and can be cancelled.
+    config.jobs.webhook_retry_base = Duration::from_secs(3600);
+    let server = TestServer::start_with(config, None).await;
+    let base = server.admin.base().to_owned();
+    let agent = server.agent("refund-bot").await;
+    let viewer = server.user("vera", "viewer").await;
+    let (admin, csrf) = login(&base, server.admin.key().unwrap()).await;
+    let csrf = csrf.as_str();
+
+    // Every page renders for an admin and is linked from the nav.
+    for (path, marker) in [
+        ("/ui/jobs", "<h1>Jobs</h1>"),
+        ("/ui/sessions", "Mint a session"),
+        ("/ui/webhooks", "Create a webhook"),
+        ("/ui/policy", "policy-version"),
+    ] {
+        let (status, html) = page(&base, &admin, path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {html}");
+        assert!(html.contains(marker), "{path} lacks {marker}: {html}");
+        for link in ["/ui/jobs", "/ui/sessions", "/ui/webhooks", "/ui/policy"] {
+            assert!(html.contains(&format!("href=\"{link}\"")), "{path}: the nav links {link}");
+        }
+        assert!(html.contains("aria-current=\"page\""), "{path} marks its tab");
+    }
+
+    // Webhooks: a CSRF-less create is refused; with the token the secret is shown once; the list escapes.
+    let receiver = "http://127.0.0.1:1/hook";
+    let hook_form =
+        [("url", receiver), ("events", "approval.requested"), ("format", "json"), ("description", "<i>ops</i>")];
+    let (status, _, _) = submit_form(&base, &admin, "/ui/webhooks", &hook_form).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(page(&base, &admin, "/ui/webhooks").await.1.contains("No webhooks."));
+    let mut with_token = hook_form.to_vec();
+    with_token.push(("csrf", csrf));
+    let (status, _, html) = submit_form(&base, &admin, "/ui/webhooks", &with_token).await;
+    assert_eq!(status, StatusCode::CREATED, "{html}");
+    let secret = html.split("id=\"webhook-secret\">").nth(1).unwrap().split('<').next().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    assert!(html.contains("ops") && !html.contains("<i>ops"), "the description is escaped");
+    let hook = attr_in(&html, "data-webhook");
+    let (_, listed) = page(&base, &admin, "/ui/webhooks").await;
+    assert!(listed.contains(&hook) && !listed.contains(&secret), "the secret is shown only once");
+    let bad_hook = [("url", "ftp://x"), ("events", "approval.*"), ("csrf", csrf)];
+    let (status, _, html) = submit_form(&base, &admin, "/ui/webhooks", &bad_hook).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(html.contains("must be http or https"), "{html}");
+
+    // A held action raises `approval.requested`: one delivery, which fails and waits for its retry.
+    let submitted = agent.submit_action(&action("payments.charge.card")).await.unwrap();
+    assert_eq!(submitted.status, 202, "{:?}", submitted.body);
+    let queued = "/ui/jobs?kind=webhook.deliver&state=queued";
+    let mut html = String::new();
+    for _ in 0..100 {
+        html = page(&base, &admin, queued).await.1;
+        if html.contains("data-label=\"Attempts\">1/") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(html.contains("data-label=\"Attempts\">1/"), "one attempt, then queued for the retry: {html}");
+    let (_, deliveries) = page(&base, &admin, &format!("/ui/webhooks/{hook}")).await;
+    assert!(deliveries.contains("approval.requested") && deliveries.contains("no answer"), "{deliveries}");
+    assert!(deliveries.contains(" ms</td>"), "latency: {deliveries}");
+
+    // Jobs: filtered list, detail, and a cancel that needs the token.
+    let job = attr_in(&html, "data-job");
+    assert!(html.contains("<option value=\"webhook.deliver\" selected>"), "{html}");
+    let (status, html) = page(&base, &admin, "/ui/jobs?kind=audit.export").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("No jobs here.") && !html.contains(&job));
+    assert_eq!(page(&base, &admin, "/ui/jobs?kind=nonsense").await.0, StatusCode::BAD_REQUEST);
+    let (status, html) = page(&base, &admin, &format!("/ui/jobs/{job}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("id=\"job-error\"") && html.contains("Cancel job"), "{html}");
+    let cancel = format!("/ui/jobs/{job}/cancel");
+    assert_eq!(submit_form(&base, &admin, &cancel, &[]).await.0, StatusCode::FORBIDDEN);
+    let (status, location, _) = submit_form(&base, &admin, &cancel, &[("csrf", csrf)]).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(location, format!("/ui/jobs/{job}"));
+    assert_eq!(server.admin.get_job(&job).await.unwrap().str("/state"), "cancelled");
+    let html = page(&base, &admin, &format!("/ui/jobs/{job}")).await.1;
+    assert!(html.contains("cancelled by admin") && !html.contains("Cancel job"), "{html}");
+    let (status, _, html) = submit_form(&base, &admin, &cancel, &[("csrf", csrf)]).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a second cancel is the gateway's 409, shown on the page: {html}");
+
+    // Webhook delete needs the token.
+    let delete = format!("/ui/webhooks/{hook}/delete");
+    assert_eq!(submit_form(&base, &admin, &delete, &[]).await.0, StatusCode::FORBIDDEN);
+    let (status, location, _) = submit_form(&base, &admin, &delete, &[("csrf", csrf)]).await;
+    assert_eq!((status, location.as_str()), (StatusCode::SEE_OTHER, "/ui/webhooks"));
+    assert!(!page(&base, &admin, "/ui/webhooks").await.1.contains(&hook));
+
+    // Sessions: mint shows the token once; revoke needs the token.
+    let mint = [("agent", "refund-bot"), ("scopes", "payments.*, refunds.issue"), ("ttl_seconds", "600")];
+    assert_eq!(submit_form(&base, &admin, "/ui/sessions", &mint).await.0, StatusCode::FORBIDDEN);
+    let mut with_token = mint.to_vec();
+    with_token.push(("csrf", csrf));
+    let (status, _, html) = submit_form(&base, &admin, "/ui/sessions", &with_token).await;
+    assert_eq!(status, StatusCode::CREATED, "{html}");
+    let token = html.split("id=\"minted-token\">").nth(1).unwrap().split('<').next().unwrap().to_owned();
+    assert!(token.starts_with("cs_st_"), "{token}");
+    let session_id = attr_in(&html, "data-session");
+    assert!(html.contains("payments.*, refunds.issue") && html.contains("active"), "{html}");
+    let (_, listed) = page(&base, &admin, "/ui/sessions").await;
+    assert!(listed.contains(&session_id) && !listed.contains(&token), "the token is shown only once");
+    let (status, _, html) = submit_form(
+        &base,
+        &admin,
+        "/ui/sessions",
+        &[("agent", "refund-bot"), ("ttl_seconds", "999999"), ("csrf", csrf)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(html.contains("24 hours") && html.contains("value=\"999999\""), "the refusal keeps the form: {html}");
+    let revoke = format!("/ui/sessions/{session_id}/revoke");
+    assert_eq!(submit_form(&base, &admin, &revoke, &[]).await.0, StatusCode::FORBIDDEN);
+    let (status, location, _) = submit_form(&base, &admin, &revoke, &[("csrf", csrf)]).await;
+    assert_eq!((status, location.as_str()), (StatusCode::SEE_OTHER, "/ui/sessions"));
+    assert!(page(&base, &admin, "/ui/sessions").await.1.contains("status-revoked"));
+
+    // Policy: the current text; validation with line and column; a dry run with its verdict.
+    let (_, html) = page(&base, &admin, "/ui/policy").await;
+    assert!(html.contains("hold-charges") && html.contains("policy.yaml"), "{html}");
+    let bad = "version: 1\nrules:\n  - name: x\n    effect: sometimes\n";
+    assert_eq!(submit_form(&base, &admin, "/ui/policy/validate", &[("source", bad)]).await.0, StatusCode::FORBIDDEN);
+    let (status, _, html) = submit_form(&base, &admin, "/ui/policy/validate", &[("source", bad), ("csrf", csrf)]).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{html}");
+    assert!(html.contains("class=\"line\">4<") && html.contains("class=\"column\">"), "line and column: {html}");
+    let good = "version: 1\nrules:\n  - name: ok\n    effect: allow\n    conditions: { capability: \"a.b.c\" }\n";
+    let (status, _, html) =
+        submit_form(&base, &admin, "/ui/policy/validate", &[("source", good), ("csrf", csrf)]).await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    assert!(html.contains("Valid: version") && html.contains("1 rules"), "{html}");
+    let dry = [("agent", "refund-bot"), ("capability", "payments.charge.card"), ("params", "{\"amount\": 5}")];
+    assert_eq!(submit_form(&base, &admin, "/ui/policy/evaluate", &dry).await.0, StatusCode::FORBIDDEN);
+    let mut with_token = dry.to_vec();
+    with_token.push(("csrf", csrf));
+    let (status, _, html) = submit_form(&base, &admin, "/ui/policy/evaluate", &with_token).await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    assert!(html.contains("id=\"verdict-effect\">require_approval<") && html.contains("hold-charges"), "{html}");
+    assert!(html.contains("verdict-explanation"), "{html}");
+    let (status, _, html) = submit_form(
+        &base,
+        &admin,
+        "/ui/policy/evaluate",
+        &[("agent", "refund-bot"), ("capability", "payments.charge.card"), ("params", "[1, <b>"), ("csrf", csrf)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        html.contains("not JSON") && html.contains("[1, ") && !html.contains("[1, <b>"),
+        "the bad params come back escaped: {html}"
+    );
+
+    // A viewer reads the pages; the admin-only forms are disabled with the gateway's reason.
+    let (viewer_session, viewer_csrf) = login(&base, viewer.key().unwrap()).await;
+    for path in ["/ui/sessions", "/ui/webhooks", "/ui/policy"] {
+        let (status, html) = page(&base, &viewer_session, path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {html}");
+        assert!(html.contains("id=\"blocked-reason\"") && html.contains("needs the admin role"), "{path}: {html}");
+        assert!(html.contains("<fieldset disabled"), "{path}: {html}");
+    }
+    let (status, html) = page(&base, &viewer_session, "/ui/jobs").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains(&job), "viewers see the jobs: {html}");
+    let mut with_token = mint.to_vec();
+    with_token.push(("csrf", viewer_csrf.as_str()));
+    let (status, _, html) = submit_form(&base, &viewer_session, "/ui/sessions", &with_token).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "the gateway refuses a viewer anyway: {html}");
+    assert!(html.contains("needs the admin role"));
+    server.stop().await;
+}
+
 /// The workspace's target directory, where the screenshots go.
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -253,7 +450,17 @@ async fn approver_path_in_a_real_browser() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "the browser test failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("dashboard browser test passed"), "{stdout}\n{stderr}");
-    for shot in ["02-pending-live.png", "03-drawer.png", "04-history.png", "06-viewer-phone-drawer.png"] {
+    for shot in [
+        "02-pending-live.png",
+        "03-drawer.png",
+        "04-history.png",
+        "06-viewer-phone-drawer.png",
+        "08-jobs.png",
+        "08-sessions.png",
+        "08-webhooks.png",
+        "08-policy.png",
+        "09-policy-dry-run.png",
+    ] {
         assert!(shots.join(shot).exists(), "screenshot {shot} was not saved");
     }
     server.stop().await;
