@@ -160,8 +160,6 @@ pub trait StoreTx: Send {
         page: &Page,
     ) -> Result<Vec<Action>, StoreError>;
     async fn count_successes(&mut self, org: &OrgId, agent: &AgentId, capability: &str) -> Result<u64, StoreError>;
-    /// Across all orgs: actions that have a target and are `approved` or `executing` (restart recovery).
-    async fn list_unfinished_executions(&mut self) -> Result<Vec<Action>, StoreError>;
 
     // Approvals.
     async fn insert_approval(&mut self, approval: &Approval) -> Result<(), StoreError>;

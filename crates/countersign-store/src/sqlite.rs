@@ -571,15 +571,6 @@ impl StoreTx for SqliteTx {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    async fn list_unfinished_executions(&mut self) -> Result<Vec<Action>, StoreError> {
-        let rows = self
-            .fetch_all(sqlx::query(
-                "SELECT * FROM actions WHERE state IN ('approved', 'executing') AND target IS NOT NULL ORDER BY id",
-            ))
-            .await?;
-        rows.iter().map(action_row).collect()
-    }
-
     async fn insert_approval(&mut self, a: &Approval) -> Result<(), StoreError> {
         self.execute(
             sqlx::query(

@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Redirect, Response};
 use countersign_core::domain::{Job, JobKind};
 use countersign_core::ids::JobId;
 use countersign_core::state::JobState;
-use countersign_core::store::JobFilter;
 use serde::Deserialize;
 
 use super::DashboardState;
@@ -82,16 +81,10 @@ pub async fn list(
 ) -> Result<Response, Error> {
     let kind_text = chosen(query.kind);
     let state_text = chosen(query.state);
-    let kind = match kind_text.as_str() {
-        "all" => None,
-        k => Some(JobKind::parse(k).ok_or_else(|| Error::bad_request("kind", format!("`{k}` is not a job kind")))?),
-    };
-    let job_state = match state_text.as_str() {
-        "all" => None,
-        s => Some(JobState::parse(s).ok_or_else(|| Error::bad_request("state", format!("`{s}` is not a job state")))?),
-    };
     let page = crate::http::page_from(Some(JOBS_LIMIT), query.cursor.filter(|c| !c.is_empty()))?;
-    let filter = JobFilter { kind, state: job_state, subject: None };
+    let chosen_filter = |text: &str| (text != "all").then(|| text.to_owned());
+    let filter =
+        crate::gateway::job_filter(chosen_filter(&kind_text).as_deref(), chosen_filter(&state_text).as_deref(), None)?;
     let (jobs, next) = state.gateway.list_jobs(&ui.caller, &filter, &page).await?;
     let kinds = std::iter::once("all").chain(JobKind::ALL.iter().map(|k| k.as_str())).map(String::from).collect();
     let states = std::iter::once("all").chain(JobState::ALL.iter().map(|s| s.as_str())).map(String::from).collect();

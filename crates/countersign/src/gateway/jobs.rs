@@ -67,6 +67,28 @@ pub enum JobOutcome {
     Cancelled(String),
 }
 
+/// A job filter from the text every front end receives; an unknown kind or state is a 400 naming the field and
+/// the values that exist.
+pub fn job_filter(kind: Option<&str>, state: Option<&str>, subject: Option<String>) -> Result<JobFilter> {
+    let kind = kind
+        .map(|k| {
+            JobKind::parse(k).ok_or_else(|| {
+                let known: Vec<&str> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
+                Error::bad_request("kind", format!("`{k}` is not a job kind; known: {}", known.join(", ")))
+            })
+        })
+        .transpose()?;
+    let state = state
+        .map(|s| {
+            JobState::parse(s).ok_or_else(|| {
+                let known: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+                Error::bad_request("state", format!("`{s}` is not a job state; known: {}", known.join(", ")))
+            })
+        })
+        .transpose()?;
+    Ok(JobFilter { kind, state, subject })
+}
+
 /// `base · 2^(attempt-1)`, capped at an hour, with "equal jitter": half fixed, half random. Successive
 /// delays never shrink, and runners that failed together do not retry together.
 pub fn backoff(base: Duration, attempt: u32) -> Duration {

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use actions::{SubmitOutcome, SubmitRequest};
 pub use approvals::ApprovalStatusView;
-pub use jobs::{JobOutcome, JobRunnerSettings};
+pub use jobs::{JobOutcome, JobRunnerSettings, job_filter};
 pub use llm::InlineOutcome;
 pub use principals::{Bootstrapped, CreatedKey, CreatedOrg, KeyOwner};
 pub use queries::Trace;

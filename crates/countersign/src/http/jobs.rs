@@ -7,10 +7,8 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use countersign_core::domain::JobKind;
 use countersign_core::ids::{JobId, WebhookId};
 use countersign_core::state::JobState;
-use countersign_core::store::JobFilter;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -19,7 +17,7 @@ use super::auth::Auth;
 use super::problem::{ApiJson, ApiPath, ApiQuery};
 use super::{AppState, next_cursor, page_from, views};
 use crate::error::{Error, Result};
-use crate::gateway::WebhookRequest;
+use crate::gateway::{WebhookRequest, job_filter};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,24 +48,8 @@ pub async fn list(
     Auth(caller): Auth,
     ApiQuery(query): ApiQuery<JobQuery>,
 ) -> Result<Json<Value>> {
-    let kind = match query.kind.as_deref() {
-        None => None,
-        Some(k) => Some(JobKind::parse(k).ok_or_else(|| {
-            let known: Vec<&str> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
-            Error::bad_request("kind", format!("`{k}` is not a job kind; known: {}", known.join(", ")))
-        })?),
-    };
-    let job_state = match query.state.as_deref() {
-        None => None,
-        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
-            Error::bad_request(
-                "state",
-                format!("`{s}` is not a job state (queued, running, succeeded, failed, cancelled)"),
-            )
-        })?),
-    };
     let page = page_from(query.limit, query.cursor)?;
-    let filter = JobFilter { kind, state: job_state, subject: query.subject };
+    let filter = job_filter(query.kind.as_deref(), query.state.as_deref(), query.subject)?;
     let (jobs, next) = state.gateway.list_jobs(&caller, &filter, &page).await?;
     Ok(Json(views::list(jobs.iter().map(views::job).collect(), next)))
 }

@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use axum::http::request::Parts;
 use countersign_core::capability::Capability;
-use countersign_core::domain::{Action, JobKind, Target};
+use countersign_core::domain::{Action, Target};
 use countersign_core::ids::{ActionId, JobId};
-use countersign_core::state::{ActionState, JobState};
-use countersign_core::store::JobFilter;
+use countersign_core::state::ActionState;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::Extension;
 use rmcp::handler::server::wrapper::Parameters;
@@ -314,24 +313,8 @@ impl McpServer {
         let caller = caller_in(&parts)?;
         answer(
             async {
-                let kind = match args.kind.as_deref() {
-                    None => None,
-                    Some(k) => Some(JobKind::parse(k).ok_or_else(|| {
-                        let known: Vec<&str> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
-                        Error::bad_request("kind", format!("`{k}` is not a job kind; known: {}", known.join(", ")))
-                    })?),
-                };
-                let state = match args.state.as_deref() {
-                    None => None,
-                    Some(s) => Some(JobState::parse(s).ok_or_else(|| {
-                        Error::bad_request(
-                            "state",
-                            format!("`{s}` is not a job state (queued, running, succeeded, failed, cancelled)"),
-                        )
-                    })?),
-                };
                 let page = crate::http::page_from(args.limit, args.cursor)?;
-                let filter = JobFilter { kind, state, subject: None };
+                let filter = crate::gateway::job_filter(args.kind.as_deref(), args.state.as_deref(), None)?;
                 let (jobs, next) = self.gateway.list_jobs(&caller, &filter, &page).await?;
                 Ok(CallToolResult::structured(views::list(jobs.iter().map(views::job).collect(), next)))
             }
