@@ -112,6 +112,24 @@ impl Session {
     }
 }
 
+/// A person's login to the dashboard. The browser's cookie holds a random token; only its SHA-256 is kept,
+/// so a copy of the table cannot be replayed as a cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DashboardSession {
+    /// SHA-256 of the cookie token: the lookup key.
+    pub token_hash: String,
+    pub org_id: OrgId,
+    pub user_id: UserId,
+    /// SHA-256 of the user key that logged in (the hash `api_keys` already holds). Every request resolves
+    /// it again, so revoking the key or disabling the user ends the session.
+    pub key_hash: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    /// Set by logout.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
 /// How an action is carried out once allowed. Absent: record-only, the agent acts itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "connector", rename_all = "snake_case")]

@@ -10,7 +10,8 @@ use chrono::{DateTime, Utc};
 use crate::audit::{AuditEvent, NewAuditEvent};
 use crate::checkpoint::Checkpoint;
 use crate::domain::{
-    Action, Agent, ApiKey, Approval, DecisionRecord, Delivery, Job, JobKind, Org, Session, StoredPolicy, User, Webhook,
+    Action, Agent, ApiKey, Approval, DashboardSession, DecisionRecord, Delivery, Job, JobKind, Org, Session,
+    StoredPolicy, User, Webhook,
 };
 use crate::ids::{ActionId, AgentId, ApprovalId, JobId, KeyId, OrgId, SessionId, UserId, WebhookId};
 use crate::state::{ActionState, ApprovalStatus, JobState};
@@ -141,6 +142,28 @@ pub trait StoreTx: Send {
     async fn list_sessions(&mut self, org: &OrgId, agent: Option<&AgentId>) -> Result<Vec<Session>, StoreError>;
     async fn revoke_session(&mut self, org: &OrgId, id: &SessionId, at: DateTime<Utc>) -> Result<bool, StoreError>;
 
+    // Dashboard logins.
+    async fn insert_dashboard_session(&mut self, session: &DashboardSession) -> Result<(), StoreError>;
+    /// By the SHA-256 of the cookie token, in any org (the token names its org, as a key does).
+    async fn find_dashboard_session(&mut self, token_hash: &str) -> Result<Option<DashboardSession>, StoreError>;
+    /// Records that the session was used at `at`; false when the org has no such unrevoked session.
+    async fn touch_dashboard_session(
+        &mut self,
+        org: &OrgId,
+        token_hash: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+    /// Logout: false when the org has no such unrevoked session.
+    async fn revoke_dashboard_session(
+        &mut self,
+        org: &OrgId,
+        token_hash: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+    /// Across all orgs: deletes the sessions whose lifetime ended before `now`, revoked or not; answers how
+    /// many went.
+    async fn delete_expired_dashboard_sessions(&mut self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+
     // Actions.
     async fn insert_action(&mut self, action: &Action) -> Result<(), StoreError>;
     /// Writes the mutable fields: state, verdict, approval, result, error and times.
@@ -193,6 +216,14 @@ pub trait StoreTx: Send {
         org: &OrgId,
         filter: &AuditFilter,
         after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Newest first: the events before `before_seq` (all of them when `None`), in descending seq order.
+    async fn list_audit_newest(
+        &mut self,
+        org: &OrgId,
+        filter: &AuditFilter,
+        before_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError>;
 

@@ -50,14 +50,15 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions, P
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, SqlSafeStr, Transaction};
 
 use crate::rows::{
-    Cols, action_row, agent_row, approval_row, audit_row, checkpoint_row, corrupt, decision_row, delivery_row, from_us,
-    get, job_row, key_row, limit, map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, session_row,
-    to_json, to_us, user_row, webhook_row,
+    Cols, action_row, agent_row, approval_row, audit_row, checkpoint_row, corrupt, dashboard_session_row, decision_row,
+    delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, opt_from_us, opt_us, org_row, policy_row,
+    retention_row, session_row, to_json, to_us, user_row, webhook_row,
 };
 
-const MIGRATIONS: [(i64, &str, &str); 2] = [
+const MIGRATIONS: [(i64, &str, &str); 3] = [
     (1, "init", include_str!("../migrations/postgres/0001_init.sql")),
     (2, "instance_secrets", include_str!("../migrations/postgres/0002_instance_secrets.sql")),
+    (3, "dashboard_sessions", include_str!("../migrations/postgres/0003_dashboard_sessions.sql")),
 ];
 
 /// Connections per replica. Each open transaction holds one.
@@ -244,6 +245,54 @@ impl Cols for PgRow {
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
 impl PgTx {
+    /// Audit events matching `filter`: oldest first after `seq`, or (`newest`) newest first before it.
+    async fn select_audit(
+        &mut self,
+        org: &OrgId,
+        filter: &AuditFilter,
+        newest: bool,
+        seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        const OLDEST_SQL: &str = "SELECT * FROM audit_events WHERE org_id = $1 AND seq > $2
+               AND ($3::text IS NULL OR action = $3)
+               AND ($4::text IS NULL OR left(action, length($4)) = $4)
+               AND ($5::text IS NULL OR actor::jsonb ->> 'id' = $5)
+               AND ($6::text[] IS NULL OR subject = ANY($6))
+               AND ($7::bigint IS NULL OR time_us >= $7)
+               AND ($8::bigint IS NULL OR time_us <= $8)
+             ORDER BY seq ASC LIMIT $9";
+        const NEWEST_SQL: &str = "SELECT * FROM audit_events WHERE org_id = $1 AND seq < $2
+               AND ($3::text IS NULL OR action = $3)
+               AND ($4::text IS NULL OR left(action, length($4)) = $4)
+               AND ($5::text IS NULL OR actor::jsonb ->> 'id' = $5)
+               AND ($6::text[] IS NULL OR subject = ANY($6))
+               AND ($7::bigint IS NULL OR time_us >= $7)
+               AND ($8::bigint IS NULL OR time_us <= $8)
+             ORDER BY seq DESC LIMIT $9";
+        let (action_exact, action_prefix) = match filter.action.as_deref() {
+            Some(a) if a.ends_with(".*") => (None, Some(a.trim_end_matches('*').to_owned())),
+            Some(a) => (Some(a.to_owned()), None),
+            None => (None, None),
+        };
+        let subjects = (!filter.subjects.is_empty()).then(|| filter.subjects.clone());
+        let rows = self
+            .fetch_all(
+                sqlx::query(if newest { NEWEST_SQL } else { OLDEST_SQL })
+                    .bind(org.as_str().to_owned())
+                    .bind(seq)
+                    .bind(action_exact)
+                    .bind(action_prefix)
+                    .bind(filter.actor.clone())
+                    .bind(subjects)
+                    .bind(filter.since_us)
+                    .bind(filter.until_us)
+                    .bind(i64::from(limit.clamp(1, 10_000))),
+            )
+            .await?;
+        rows.iter().map(audit_row).collect()
+    }
+
     /// `sql` as is in a reader; with `FOR UPDATE` appended in a writer.
     fn locking(&self, sql: &'static str) -> PgQuery<'static> {
         if self.writer { sqlx::query(AssertSqlSafe(format!("{sql} FOR UPDATE"))) } else { sqlx::query(sql) }
@@ -580,6 +629,85 @@ impl StoreTx for PgTx {
         Ok(n > 0)
     }
 
+    async fn insert_dashboard_session(
+        &mut self,
+        session: &countersign_core::domain::DashboardSession,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO dashboard_sessions
+                    (token_hash, org_id, user_id, key_hash, created_at, expires_at, last_seen_at, revoked_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(session.token_hash.clone())
+            .bind(session.org_id.as_str().to_owned())
+            .bind(session.user_id.as_str().to_owned())
+            .bind(session.key_hash.clone())
+            .bind(to_us(session.created_at))
+            .bind(to_us(session.expires_at))
+            .bind(to_us(session.last_seen_at))
+            .bind(opt_us(session.revoked_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn find_dashboard_session(
+        &mut self,
+        token_hash: &str,
+    ) -> Result<Option<countersign_core::domain::DashboardSession>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM dashboard_sessions WHERE token_hash = $1").bind(token_hash.to_owned()),
+            )
+            .await?;
+        row.as_ref().map(dashboard_session_row).transpose()
+    }
+
+    async fn touch_dashboard_session(
+        &mut self,
+        org: &OrgId,
+        token_hash: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query(
+                    "UPDATE dashboard_sessions SET last_seen_at = GREATEST(last_seen_at, $1)
+                     WHERE org_id = $2 AND token_hash = $3 AND revoked_at IS NULL",
+                )
+                .bind(to_us(at))
+                .bind(org.as_str().to_owned())
+                .bind(token_hash.to_owned()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn revoke_dashboard_session(
+        &mut self,
+        org: &OrgId,
+        token_hash: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query(
+                    "UPDATE dashboard_sessions SET revoked_at = $1
+                     WHERE org_id = $2 AND token_hash = $3 AND revoked_at IS NULL",
+                )
+                .bind(to_us(at))
+                .bind(org.as_str().to_owned())
+                .bind(token_hash.to_owned()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn delete_expired_dashboard_sessions(&mut self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.execute(sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at <= $1").bind(to_us(now))).await
+    }
+
     async fn insert_action(&mut self, a: &Action) -> Result<(), StoreError> {
         self.execute(
             sqlx::query(
@@ -883,36 +1011,17 @@ impl StoreTx for PgTx {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError> {
-        let (action_exact, action_prefix) = match filter.action.as_deref() {
-            Some(a) if a.ends_with(".*") => (None, Some(a.trim_end_matches('*').to_owned())),
-            Some(a) => (Some(a.to_owned()), None),
-            None => (None, None),
-        };
-        let subjects = (!filter.subjects.is_empty()).then(|| filter.subjects.clone());
-        let rows = self
-            .fetch_all(
-                sqlx::query(
-                    "SELECT * FROM audit_events WHERE org_id = $1 AND seq > $2
-                       AND ($3::text IS NULL OR action = $3)
-                       AND ($4::text IS NULL OR left(action, length($4)) = $4)
-                       AND ($5::text IS NULL OR actor::jsonb ->> 'id' = $5)
-                       AND ($6::text[] IS NULL OR subject = ANY($6))
-                       AND ($7::bigint IS NULL OR time_us >= $7)
-                       AND ($8::bigint IS NULL OR time_us <= $8)
-                     ORDER BY seq ASC LIMIT $9",
-                )
-                .bind(org.as_str().to_owned())
-                .bind(after_seq)
-                .bind(action_exact)
-                .bind(action_prefix)
-                .bind(filter.actor.clone())
-                .bind(subjects)
-                .bind(filter.since_us)
-                .bind(filter.until_us)
-                .bind(i64::from(limit.clamp(1, 10_000))),
-            )
-            .await?;
-        rows.iter().map(audit_row).collect()
+        self.select_audit(org, filter, false, after_seq, limit).await
+    }
+
+    async fn list_audit_newest(
+        &mut self,
+        org: &OrgId,
+        filter: &AuditFilter,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        self.select_audit(org, filter, true, before_seq.unwrap_or(i64::MAX), limit).await
     }
 
     async fn audit_head(&mut self, org: &OrgId) -> Result<Option<AuditHead>, StoreError> {

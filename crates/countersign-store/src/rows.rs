@@ -189,6 +189,19 @@ pub fn session_row(row: &impl Cols) -> Result<Session, StoreError> {
     })
 }
 
+pub fn dashboard_session_row(row: &impl Cols) -> Result<countersign_core::domain::DashboardSession, StoreError> {
+    Ok(countersign_core::domain::DashboardSession {
+        token_hash: get(row, "token_hash")?,
+        org_id: OrgId::from_stored(get(row, "org_id")?),
+        user_id: UserId::from_stored(get(row, "user_id")?),
+        key_hash: get(row, "key_hash")?,
+        created_at: from_us(get(row, "created_at")?)?,
+        expires_at: from_us(get(row, "expires_at")?)?,
+        last_seen_at: from_us(get(row, "last_seen_at")?)?,
+        revoked_at: opt_from_us(get(row, "revoked_at")?)?,
+    })
+}
+
 pub fn action_row(row: &impl Cols) -> Result<Action, StoreError> {
     let state: String = get(row, "state")?;
     let capability: String = get(row, "capability")?;

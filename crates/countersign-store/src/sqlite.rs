@@ -27,14 +27,15 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, Sqlite, SqlitePool, Transaction};
 
 use crate::rows::{
-    Cols, action_row, agent_row, approval_row, audit_row, checkpoint_row, corrupt, decision_row, delivery_row, from_us,
-    get, job_row, key_row, limit, map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, session_row,
-    to_json, to_us, user_row, webhook_row,
+    Cols, action_row, agent_row, approval_row, audit_row, checkpoint_row, corrupt, dashboard_session_row, decision_row,
+    delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, opt_from_us, opt_us, org_row, policy_row,
+    retention_row, session_row, to_json, to_us, user_row, webhook_row,
 };
 
-const MIGRATIONS: [(i64, &str, &str); 2] = [
+const MIGRATIONS: [(i64, &str, &str); 3] = [
     (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
     (2, "jobs_webhooks_checkpoints", include_str!("../migrations/sqlite/0002_jobs_webhooks_checkpoints.sql")),
+    (3, "dashboard_sessions", include_str!("../migrations/sqlite/0003_dashboard_sessions.sql")),
 ];
 
 #[derive(Debug, Clone)]
@@ -137,7 +138,82 @@ impl Cols for SqliteRow {
         Ok(self.try_get::<i64, _>(column).map_err(map_sqlx)? != 0)
     }
 }
+
+/// Which way an audit listing runs from its cursor.
+#[derive(Clone, Copy)]
+enum AuditOrder {
+    /// Oldest first, after this seq.
+    After(i64),
+    /// Newest first, before this seq.
+    Before(i64),
+}
+
 impl SqliteTx {
+    /// Audit events matching `filter`, oldest first after a seq or newest first before one.
+    async fn select_audit(
+        &mut self,
+        org: &OrgId,
+        filter: &AuditFilter,
+        order: AuditOrder,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let (bound, seq) = match order {
+            AuditOrder::After(seq) => ("seq > ?", seq),
+            AuditOrder::Before(seq) => ("seq < ?", seq),
+        };
+        let mut sql = format!("SELECT * FROM audit_events WHERE org_id = ? AND {bound}");
+        let (action_exact, action_prefix) = match filter.action.as_deref() {
+            Some(a) if a.ends_with(".*") => (None, Some(a.trim_end_matches('*').to_owned())),
+            Some(a) => (Some(a.to_owned()), None),
+            None => (None, None),
+        };
+        if action_exact.is_some() {
+            sql.push_str(" AND action = ?");
+        }
+        if action_prefix.is_some() {
+            sql.push_str(" AND substr(action, 1, length(?)) = ?");
+        }
+        if filter.actor.is_some() {
+            sql.push_str(" AND json_extract(actor, '$.id') = ?");
+        }
+        if !filter.subjects.is_empty() {
+            sql.push_str(" AND subject IN (");
+            sql.push_str(&vec!["?"; filter.subjects.len()].join(", "));
+            sql.push(')');
+        }
+        if filter.since_us.is_some() {
+            sql.push_str(" AND time_us >= ?");
+        }
+        if filter.until_us.is_some() {
+            sql.push_str(" AND time_us <= ?");
+        }
+        sql.push_str(match order {
+            AuditOrder::After(_) => " ORDER BY seq ASC LIMIT ?",
+            AuditOrder::Before(_) => " ORDER BY seq DESC LIMIT ?",
+        });
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(org.as_str().to_owned()).bind(seq);
+        if let Some(a) = action_exact {
+            query = query.bind(a);
+        }
+        if let Some(p) = action_prefix {
+            query = query.bind(p.clone()).bind(p);
+        }
+        if let Some(actor) = &filter.actor {
+            query = query.bind(actor.clone());
+        }
+        for subject in &filter.subjects {
+            query = query.bind(subject.clone());
+        }
+        if let Some(since) = filter.since_us {
+            query = query.bind(since);
+        }
+        if let Some(until) = filter.until_us {
+            query = query.bind(until);
+        }
+        let rows = self.fetch_all(query.bind(i64::from(limit.clamp(1, 10_000)))).await?;
+        rows.iter().map(audit_row).collect()
+    }
+
     async fn fetch_all(
         &mut self,
         query: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
@@ -438,6 +514,85 @@ impl StoreTx for SqliteTx {
             )
             .await?;
         Ok(n > 0)
+    }
+
+    async fn insert_dashboard_session(
+        &mut self,
+        session: &countersign_core::domain::DashboardSession,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO dashboard_sessions
+                    (token_hash, org_id, user_id, key_hash, created_at, expires_at, last_seen_at, revoked_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(session.token_hash.clone())
+            .bind(session.org_id.as_str().to_owned())
+            .bind(session.user_id.as_str().to_owned())
+            .bind(session.key_hash.clone())
+            .bind(to_us(session.created_at))
+            .bind(to_us(session.expires_at))
+            .bind(to_us(session.last_seen_at))
+            .bind(opt_us(session.revoked_at)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn find_dashboard_session(
+        &mut self,
+        token_hash: &str,
+    ) -> Result<Option<countersign_core::domain::DashboardSession>, StoreError> {
+        let row = self
+            .fetch_optional(
+                sqlx::query("SELECT * FROM dashboard_sessions WHERE token_hash = ?").bind(token_hash.to_owned()),
+            )
+            .await?;
+        row.as_ref().map(dashboard_session_row).transpose()
+    }
+
+    async fn touch_dashboard_session(
+        &mut self,
+        org: &OrgId,
+        token_hash: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query(
+                    "UPDATE dashboard_sessions SET last_seen_at = max(last_seen_at, ?)
+                     WHERE org_id = ? AND token_hash = ? AND revoked_at IS NULL",
+                )
+                .bind(to_us(at))
+                .bind(org.as_str().to_owned())
+                .bind(token_hash.to_owned()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn revoke_dashboard_session(
+        &mut self,
+        org: &OrgId,
+        token_hash: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                sqlx::query(
+                    "UPDATE dashboard_sessions SET revoked_at = ?
+                     WHERE org_id = ? AND token_hash = ? AND revoked_at IS NULL",
+                )
+                .bind(to_us(at))
+                .bind(org.as_str().to_owned())
+                .bind(token_hash.to_owned()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn delete_expired_dashboard_sessions(&mut self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.execute(sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at <= ?").bind(to_us(now))).await
     }
 
     async fn insert_action(&mut self, a: &Action) -> Result<(), StoreError> {
@@ -754,54 +909,17 @@ impl StoreTx for SqliteTx {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError> {
-        let mut sql = String::from("SELECT * FROM audit_events WHERE org_id = ? AND seq > ?");
-        let (action_exact, action_prefix) = match filter.action.as_deref() {
-            Some(a) if a.ends_with(".*") => (None, Some(a.trim_end_matches('*').to_owned())),
-            Some(a) => (Some(a.to_owned()), None),
-            None => (None, None),
-        };
-        if action_exact.is_some() {
-            sql.push_str(" AND action = ?");
-        }
-        if action_prefix.is_some() {
-            sql.push_str(" AND substr(action, 1, length(?)) = ?");
-        }
-        if filter.actor.is_some() {
-            sql.push_str(" AND json_extract(actor, '$.id') = ?");
-        }
-        if !filter.subjects.is_empty() {
-            sql.push_str(" AND subject IN (");
-            sql.push_str(&vec!["?"; filter.subjects.len()].join(", "));
-            sql.push(')');
-        }
-        if filter.since_us.is_some() {
-            sql.push_str(" AND time_us >= ?");
-        }
-        if filter.until_us.is_some() {
-            sql.push_str(" AND time_us <= ?");
-        }
-        sql.push_str(" ORDER BY seq ASC LIMIT ?");
-        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(org.as_str().to_owned()).bind(after_seq);
-        if let Some(a) = action_exact {
-            query = query.bind(a);
-        }
-        if let Some(p) = action_prefix {
-            query = query.bind(p.clone()).bind(p);
-        }
-        if let Some(actor) = &filter.actor {
-            query = query.bind(actor.clone());
-        }
-        for subject in &filter.subjects {
-            query = query.bind(subject.clone());
-        }
-        if let Some(since) = filter.since_us {
-            query = query.bind(since);
-        }
-        if let Some(until) = filter.until_us {
-            query = query.bind(until);
-        }
-        let rows = self.fetch_all(query.bind(i64::from(limit.clamp(1, 10_000)))).await?;
-        rows.iter().map(audit_row).collect()
+        self.select_audit(org, filter, AuditOrder::After(after_seq), limit).await
+    }
+
+    async fn list_audit_newest(
+        &mut self,
+        org: &OrgId,
+        filter: &AuditFilter,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        self.select_audit(org, filter, AuditOrder::Before(before_seq.unwrap_or(i64::MAX)), limit).await
     }
 
     async fn audit_head(&mut self, org: &OrgId) -> Result<Option<AuditHead>, StoreError> {

@@ -17,8 +17,8 @@ use countersign_core::audit::{Actor, ActorKind, ChainVerifier, NewAuditEvent};
 use countersign_core::capability::{Capability, NameGlob};
 use countersign_core::checkpoint::Checkpoint;
 use countersign_core::domain::{
-    Action, Agent, ApiKey, Approval, DecisionRecord, Delivery, HttpTarget, Job, JobKind, Org, PrincipalRef, Role,
-    Session, StoredPolicy, Target, User, Webhook, WebhookFormat,
+    Action, Agent, ApiKey, Approval, DashboardSession, DecisionRecord, Delivery, HttpTarget, Job, JobKind, Org,
+    PrincipalRef, Role, Session, StoredPolicy, Target, User, Webhook, WebhookFormat,
 };
 use countersign_core::ids::{
     ActionId, AgentId, ApprovalId, DeliveryId, JobId, KeyId, OrgId, SessionId, UserId, WebhookId,
@@ -422,6 +422,52 @@ mod checks {
         assert!(tx.revoke_session(&o1.id, &session.id, now()).await.unwrap(), "{n}");
         tx.commit().await.unwrap();
 
+        // Dashboard logins: found by the token's hash; touched, revoked and swept within their org only.
+        let login = DashboardSession {
+            token_hash: format!("ui-{}", SessionId::new()),
+            org_id: o1.id.clone(),
+            user_id: alice.id.clone(),
+            key_hash: user_key.hash.clone(),
+            created_at: now(),
+            expires_at: now() + TimeDelta::hours(12),
+            last_seen_at: now(),
+            revoked_at: None,
+        };
+        let stale = DashboardSession {
+            token_hash: format!("ui-{}", SessionId::new()),
+            created_at: now() - TimeDelta::hours(13),
+            expires_at: now() - TimeDelta::hours(1),
+            last_seen_at: now() - TimeDelta::hours(2),
+            ..login.clone()
+        };
+        let mut tx = b.store.write().await.unwrap();
+        tx.insert_dashboard_session(&login).await.unwrap();
+        tx.insert_dashboard_session(&stale).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = b.store.read().await.unwrap();
+        assert_eq!(tx.find_dashboard_session(&login.token_hash).await.unwrap(), Some(login.clone()), "{n}");
+        assert_eq!(tx.find_dashboard_session("nope").await.unwrap(), None, "{n}");
+        drop(tx);
+        let mut tx = b.store.write().await.unwrap();
+        let later = now() + TimeDelta::minutes(5);
+        assert!(!tx.touch_dashboard_session(&o2.id, &login.token_hash, later).await.unwrap(), "{n}: wrong org");
+        assert!(tx.touch_dashboard_session(&o1.id, &login.token_hash, later).await.unwrap(), "{n}");
+        // An older request landing late does not move last-seen back.
+        assert!(tx.touch_dashboard_session(&o1.id, &login.token_hash, now()).await.unwrap(), "{n}");
+        let touched = tx.find_dashboard_session(&login.token_hash).await.unwrap().unwrap();
+        assert_eq!(touched.last_seen_at, later, "{n}");
+        assert!(!tx.revoke_dashboard_session(&o2.id, &login.token_hash, later).await.unwrap(), "{n}: wrong org");
+        assert!(tx.revoke_dashboard_session(&o1.id, &login.token_hash, later).await.unwrap(), "{n}");
+        assert!(!tx.revoke_dashboard_session(&o1.id, &login.token_hash, later).await.unwrap(), "{n}: twice");
+        assert!(!tx.touch_dashboard_session(&o1.id, &login.token_hash, later).await.unwrap(), "{n}: revoked");
+        let revoked = tx.find_dashboard_session(&login.token_hash).await.unwrap().unwrap();
+        assert_eq!(revoked.revoked_at, Some(later), "{n}");
+        assert_eq!(tx.delete_expired_dashboard_sessions(now()).await.unwrap(), 1, "{n}: only the expired one");
+        assert_eq!(tx.find_dashboard_session(&stale.token_hash).await.unwrap(), None, "{n}");
+        assert!(tx.find_dashboard_session(&login.token_hash).await.unwrap().is_some(), "{n}");
+        assert_eq!(tx.delete_expired_dashboard_sessions(now() + TimeDelta::hours(13)).await.unwrap(), 1, "{n}");
+        tx.commit().await.unwrap();
+
         // Uniqueness is a conflict: an org name, a user name within an org, a key hash.
         let mut tx = b.store.write().await.unwrap();
         assert!(is_conflict(tx.insert_org(&Org { id: OrgId::new(), ..o1.clone() }).await), "{n}: org name");
@@ -700,6 +746,20 @@ mod checks {
             assert_eq!(got, expected, "{n}: {filter:?} after {after}");
         }
         assert_eq!(seqs(tx.list_audit(&o.id, &AuditFilter::default(), 0, 2).await.unwrap()), vec![1, 2], "{n}");
+        // Newest first, before a seq (or from the head), with the same filters.
+        let newest: Vec<(AuditFilter, Option<i64>, u32, Vec<i64>)> = vec![
+            (AuditFilter::default(), None, 100, vec![5, 4, 3, 2, 1]),
+            (AuditFilter::default(), None, 2, vec![5, 4]),
+            (AuditFilter::default(), Some(4), 2, vec![3, 2]),
+            (AuditFilter::default(), Some(1), 100, vec![]),
+            (AuditFilter { action: Some("approval.*".into()), ..Default::default() }, None, 100, vec![2, 1]),
+            (AuditFilter { actor: Some("alice".into()), ..Default::default() }, Some(3), 100, vec![1]),
+            (AuditFilter { since_us: Some(200), until_us: Some(400), ..Default::default() }, None, 2, vec![4, 3]),
+        ];
+        for (filter, before, limit, expected) in newest {
+            let got = seqs(tx.list_audit_newest(&o.id, &filter, before, limit).await.unwrap());
+            assert_eq!(got, expected, "{n}: newest {filter:?} before {before:?}");
+        }
         let before = DateTime::from_timestamp_micros(300).unwrap();
         assert_eq!(tx.last_audit_seq_before(&o.id, before).await.unwrap(), Some(2), "{n}");
         let epoch = DateTime::from_timestamp_micros(0).unwrap();

@@ -67,10 +67,10 @@ pub struct Filters {
     /// Subject id, exact (an action, approval, job …).
     #[arg(long)]
     subject: Option<String>,
-    /// RFC 3339 time or microseconds since the epoch; inclusive.
+    /// RFC 3339, a UTC date and time without offset (2026-11-23T19:00), or microseconds since the epoch; inclusive.
     #[arg(long)]
     since: Option<String>,
-    /// RFC 3339 time or microseconds since the epoch; inclusive.
+    /// RFC 3339, a UTC date and time without offset (2026-11-23T19:00), or microseconds since the epoch; inclusive.
     #[arg(long)]
     until: Option<String>,
 }

@@ -3,8 +3,9 @@
 //! calls `Gateway` methods and renders what they answer; every rule (who may decide, quorum, expiry) stays
 //! in `gateway/`.
 //!
-//! Login takes a user key once and keeps, server side, only its SHA-256 behind a random cookie token
-//! ([`session`]); every state-changing form carries a per-session CSRF token. The pending queue is live: an
+//! Login takes a user key once; the store keeps, behind a random cookie token, only SHA-256 hashes of the
+//! token and the key ([`session`]), so every replica accepts the cookie; every state-changing form carries
+//! the session's CSRF token (an HMAC of the cookie token). The pending queue is live: an
 //! SSE stream fed by the audit notifier tells a small embedded script when to re-fetch the list. No Node, no
 //! build step, no asset outside the binary.
 //!
@@ -21,21 +22,17 @@ mod session;
 mod view;
 mod webhooks;
 
-use std::sync::Arc;
-
 use axum::Router;
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect};
 use axum::routing::{get, post};
 
 use crate::gateway::Gateway;
-use session::SessionStore;
 
 /// What every dashboard handler shares.
 #[derive(Clone)]
 pub struct DashboardState {
     gateway: Gateway,
-    sessions: Arc<SessionStore>,
     /// Cookies get `Secure` when the public URL is https.
     secure_cookies: bool,
 }
@@ -43,7 +40,7 @@ pub struct DashboardState {
 /// The dashboard's routes, all under `/ui/`, with their own state; merged into the API router.
 pub fn router<S: Clone + Send + Sync + 'static>(gateway: Gateway) -> Router<S> {
     let secure_cookies = gateway.public_url().starts_with("https://");
-    let state = DashboardState { gateway, sessions: Arc::new(SessionStore::default()), secure_cookies };
+    let state = DashboardState { gateway, secure_cookies };
     Router::new()
         .route("/ui", get(|| async { Redirect::to("/ui/") }))
         .route("/ui/", get(|| async { Redirect::to("/ui/pending") }))

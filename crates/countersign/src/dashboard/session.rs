@@ -1,15 +1,12 @@
 //! Dashboard sessions: login with a user key, the session cookie, the CSRF token, logout.
 //!
-//! The cookie holds only a random token; the server keeps, in memory and keyed by the token's SHA-256, the
-//! SHA-256 of the user's key and the session's CSRF token. Every request re-resolves that key hash through
-//! the gateway, so revoking the key or disabling the user ends the session at once. Sessions live in one
-//! process: with several replicas, a load balancer must keep a browser on one replica (or it logs in again).
-//! The login form itself is guarded by a double-submit token (a short-lived cookie equal to a form field).
-//! This module makes no authorization decision beyond "is this a logged-in user".
-
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+//! The cookie holds only a random token. The session itself lives in the store (`Gateway::
+//! start_dashboard_session`), keyed by the token's SHA-256, so any replica on the database accepts the
+//! cookie. Every request resolves the session afresh through the gateway, so logout, expiry, revoking the
+//! key or disabling the user ends it at once. The CSRF token is not stored: it is an HMAC of the cookie
+//! token, which only the browser holding the cookie (and the server it sends it to) can compute. The login
+//! form itself is guarded by a double-submit token (a short-lived cookie equal to a form field). This module
+//! makes no authorization decision beyond "is this a logged-in user".
 
 use askama::Template;
 use axum::extract::{FromRequestParts, State};
@@ -18,6 +15,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use countersign_core::domain::User;
 use countersign_core::secrets::{self, SecretKind};
+use hmac::{KeyInit, Mac};
 use serde::Deserialize;
 
 use super::DashboardState;
@@ -27,60 +25,26 @@ use crate::gateway::Caller;
 
 pub const SESSION_COOKIE: &str = "cs_ui";
 const LOGIN_COOKIE: &str = "cs_ui_login";
-/// A session ends this long after login, whatever happens.
-const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
-/// More live sessions than this in one process: the oldest are dropped.
-const MAX_SESSIONS: usize = 10_000;
+/// What the CSRF token's HMAC signs, so the same key could never sign anything else by accident.
+const CSRF_LABEL: &[u8] = b"countersign dashboard csrf v1";
 
-struct Entry {
-    key_hash: String,
-    csrf: String,
-    expires: Instant,
-}
-
-/// Live sessions, keyed by the SHA-256 of the cookie token.
-#[derive(Default)]
-pub struct SessionStore {
-    sessions: Mutex<HashMap<String, Entry>>,
-}
-
-/// A random token for a cookie or a form (32 bytes, base64url).
+/// A random token for the login form (32 bytes, base64url).
 fn random_token() -> String {
     // The API-key generator is the one source of secret randomness; its prefix is not wanted here.
     let secret = secrets::generate(SecretKind::ApiKey).plaintext;
     secret.trim_start_matches(SecretKind::ApiKey.prefix()).to_owned()
 }
 
-impl SessionStore {
-    /// Starts a session for a key hash; answers (cookie token, CSRF token).
-    fn create(&self, key_hash: String) -> (String, String) {
-        let token = random_token();
-        let csrf = random_token();
-        let now = Instant::now();
-        let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        sessions.retain(|_, e| e.expires > now);
-        if sessions.len() >= MAX_SESSIONS
-            && let Some(oldest) = sessions.iter().min_by_key(|(_, e)| e.expires).map(|(k, _)| k.clone())
-        {
-            sessions.remove(&oldest);
+/// The CSRF token of a session: hex HMAC-SHA256 of a fixed label, keyed by the session's cookie token.
+fn csrf_for(session_token: &str) -> String {
+    // HMAC takes a key of any length, so `new_from_slice` cannot fail; if it ever did, a random token would
+    // make every POST of the session fail closed.
+    match hmac::Hmac::<sha2::Sha256>::new_from_slice(session_token.as_bytes()) {
+        Ok(mut mac) => {
+            mac.update(CSRF_LABEL);
+            hex::encode(mac.finalize().into_bytes())
         }
-        sessions.insert(
-            secrets::hash_secret(&token),
-            Entry { key_hash, csrf: csrf.clone(), expires: now + SESSION_LIFETIME },
-        );
-        (token, csrf)
-    }
-
-    /// (key hash, CSRF token) of a live session.
-    fn find(&self, token: &str) -> Option<(String, String)> {
-        let sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = sessions.get(&secrets::hash_secret(token))?;
-        (entry.expires > Instant::now()).then(|| (entry.key_hash.clone(), entry.csrf.clone()))
-    }
-
-    fn remove(&self, token: &str) {
-        let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        sessions.remove(&secrets::hash_secret(token));
+        Err(_) => random_token(),
     }
 }
 
@@ -150,23 +114,16 @@ impl FromRequestParts<DashboardState> for UiUser {
         let Some(token) = cookie(&parts.headers, SESSION_COOKIE) else {
             return Err(reject(Error::Unauthenticated("not logged in to the dashboard".into())));
         };
-        let Some((key_hash, csrf)) = state.sessions.find(token) else {
-            return Err(reject(Error::Unauthenticated("the dashboard session has ended; log in again".into())));
-        };
-        let caller = match state.gateway.authenticate_key_hash(&key_hash).await {
+        let caller = match state.gateway.resume_dashboard_session(token).await {
             Ok(caller) => caller,
-            Err(Error::Unauthenticated(reason)) => {
-                state.sessions.remove(token);
-                return Err(reject(Error::Unauthenticated(reason)));
-            }
+            Err(Error::Unauthenticated(reason)) => return Err(reject(Error::Unauthenticated(reason))),
             Err(other) => return Err(NoSession::Problem(other)),
         };
         state.gateway.check_rate(&caller).map_err(NoSession::Problem)?;
         let Some(user) = caller.user().cloned() else {
-            state.sessions.remove(token);
             return Err(reject(Error::Unauthenticated("the dashboard is for users, not agents".into())));
         };
-        Ok(UiUser { caller, user, csrf })
+        Ok(UiUser { caller, user, csrf: csrf_for(token) })
     }
 }
 
@@ -222,10 +179,13 @@ pub async fn login(State(state): State<DashboardState>, headers: HeaderMap, body
         let message = "this is an agent's key; the dashboard needs a user key".to_owned();
         return login_response(&state, StatusCode::FORBIDDEN, Some(message));
     }
-    let (token, _csrf) = state.sessions.create(secrets::hash_secret(key));
+    let login = match state.gateway.start_dashboard_session(&caller, key).await {
+        Ok(login) => login,
+        Err(e) => return e.into_response(),
+    };
     let mut response = Redirect::to("/ui/pending").into_response();
     let headers = response.headers_mut();
-    headers.append(header::SET_COOKIE, set_cookie(&state, SESSION_COOKIE, &token, "/ui", None));
+    headers.append(header::SET_COOKIE, set_cookie(&state, SESSION_COOKIE, &login.token, "/ui", None));
     headers.append(header::SET_COOKIE, set_cookie(&state, LOGIN_COOKIE, "", "/ui/login", Some(0)));
     response
 }
@@ -262,9 +222,11 @@ impl<T: serde::de::DeserializeOwned + Send> axum::extract::FromRequest<Dashboard
     }
 }
 
-pub async fn logout(State(state): State<DashboardState>, headers: HeaderMap, _posted: Posted<CsrfField>) -> Response {
-    if let Some(token) = cookie(&headers, SESSION_COOKIE) {
-        state.sessions.remove(token);
+pub async fn logout(State(state): State<DashboardState>, headers: HeaderMap, posted: Posted<CsrfField>) -> Response {
+    if let Some(token) = cookie(&headers, SESSION_COOKIE)
+        && let Err(e) = state.gateway.end_dashboard_session(&posted.ui.caller, token).await
+    {
+        return e.into_response();
     }
     let mut response = Redirect::to("/ui/login").into_response();
     response.headers_mut().append(header::SET_COOKIE, set_cookie(&state, SESSION_COOKIE, "", "/ui", Some(0)));

@@ -79,12 +79,11 @@ impl Gateway {
 
     /// The caller behind an API key, found by the key's SHA-256 (a dashboard session keeps only this hash, so
     /// a revoked key, an expired key or a disabled user ends the session at its next request).
-    pub async fn authenticate_key_hash(&self, hash: &str) -> Result<Caller> {
-        let mut tx = self.read().await?;
-        self.caller_for_key_hash(&mut *tx, hash).await
-    }
-
-    async fn caller_for_key_hash(&self, tx: &mut dyn countersign_core::store::StoreTx, hash: &str) -> Result<Caller> {
+    pub(super) async fn caller_for_key_hash(
+        &self,
+        tx: &mut dyn countersign_core::store::StoreTx,
+        hash: &str,
+    ) -> Result<Caller> {
         let now = self.now();
         let key = tx
             .find_key_by_hash(hash)

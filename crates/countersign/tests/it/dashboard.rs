@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::helpers::{TestServer, action};
 
 /// `application/x-www-form-urlencoded` bodies (reqwest's `form` feature is off in this workspace).
-trait FormBody {
+pub(crate) trait FormBody {
     fn form<T: serde::Serialize + ?Sized>(self, form: &T) -> Self;
 }
 
@@ -24,12 +24,12 @@ impl FormBody for reqwest::RequestBuilder {
 }
 
 /// A client that does not follow redirects, so each answer can be checked.
-fn http() -> reqwest::Client {
+pub(crate) fn http() -> reqwest::Client {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
 /// The value of `name="csrf" value="…"` or `data-csrf="…"` in a page.
-fn csrf_in(html: &str) -> String {
+pub(crate) fn csrf_in(html: &str) -> String {
     let start = html
         .find("name=\"csrf\" value=\"")
         .map(|i| i + "name=\"csrf\" value=\"".len())
@@ -47,7 +47,7 @@ fn cookie_pair(set_cookie: &str) -> String {
 }
 
 /// Logs in with a key; answers the session cookie (`cs_ui=…`) and the CSRF token of the session.
-async fn login(base: &str, key: &str) -> (String, String) {
+pub(crate) async fn login(base: &str, key: &str) -> (String, String) {
     let client = http();
     let page = client.get(format!("{base}/ui/login")).send().await.unwrap();
     let login_cookie = cookie_pair(&set_cookies(&page)[0]);
@@ -405,6 +405,136 @@ async fn operator_pages_jobs_sessions_webhooks_policy() {
     server.stop().await;
 }
 
+/// The `data-seq` values of the audit rows in a page, in page order.
+fn seqs_in(html: &str) -> Vec<i64> {
+    html.split("<tr data-seq=\"").skip(1).map(|rest| rest.split('"').next().unwrap().parse().unwrap()).collect()
+}
+
+/// The `href` of the link with `rel="…"`, with `&amp;` decoded.
+fn rel_link(html: &str, rel: &str) -> Option<String> {
+    let start = html.find(&format!("rel=\"{rel}\" href=\""))? + format!("rel=\"{rel}\" href=\"").len();
+    Some(html[start..].split('"').next().unwrap().replace("&amp;", "&"))
+}
+
+#[tokio::test]
+async fn audit_page_time_filters_order_and_pages_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let base = server.admin.base().to_owned();
+    let agent = server.agent("refund-bot").await;
+    let (admin, _) = login(&base, server.admin.key().unwrap()).await;
+    // Enough events for more than one page of 100.
+    for _ in 0..40 {
+        let submitted = agent.submit_action(&action("payments.charge.card")).await.unwrap();
+        assert_eq!(submitted.status, 202, "{:?}", submitted.body);
+    }
+    let api = |query: &str| {
+        let request = http().get(format!("{base}/v1/audit?{query}")).bearer_auth(server.admin.key().unwrap());
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (_, all) = api("limit=1000").await;
+    let events = all["events"].as_array().unwrap().clone();
+    let head = events.last().unwrap()["seq"].as_i64().unwrap();
+    assert!(head > 100, "more than a page of events: {head}");
+
+    // The page opens on the newest events, newest first; older pages and back again.
+    let (status, html) = page(&base, &admin, "/ui/audit").await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    let first = seqs_in(&html);
+    assert_eq!(first.len(), 100);
+    assert_eq!(first[0], head, "the newest event is on top");
+    assert!(first.windows(2).all(|w| w[0] > w[1]), "newest first: {first:?}");
+    assert!(html.contains("Times are UTC") && html.contains("data-live=\"prepend\""), "{html}");
+    assert!(rel_link(&html, "prev").is_none(), "nothing is newer than the head");
+    let older = rel_link(&html, "next").expect("an Older link");
+    assert!(older.contains(&format!("before={}", head - 99)) && older.contains("order=newest"), "{older}");
+    let (_, html) = page(&base, &admin, &older).await;
+    let second = seqs_in(&html);
+    assert_eq!(second.first(), Some(&(head - 100)), "the next page starts right below the first");
+    assert!(html.contains("data-live=\"\""), "an older page does not tail");
+    let newer = rel_link(&html, "prev").expect("a Newer link back");
+    let (_, html) = page(&base, &admin, &newer).await;
+    assert_eq!(seqs_in(&html), first, "Newer from the second page is the first page again");
+
+    // Oldest first from seq 1, the same pages the other way.
+    let (_, html) = page(&base, &admin, "/ui/audit?order=oldest").await;
+    let oldest = seqs_in(&html);
+    assert_eq!(oldest, (1..=100).collect::<Vec<_>>());
+    assert!(rel_link(&html, "prev").is_none(), "nothing is older than seq 1");
+    let next = rel_link(&html, "next").expect("a Newer link");
+    assert!(next.contains("after=100") && next.contains("order=oldest"), "{next}");
+    let (_, html) = page(&base, &admin, &next).await;
+    assert_eq!(seqs_in(&html).first(), Some(&101));
+    assert!(html.contains("data-live=\"append\""), "the last page in oldest order tails: {html}");
+    assert!(html.contains("id=\"audit-newest\""), "a jump to the newest events is always there");
+
+    // Time filters: `datetime-local` values (no offset) are UTC, with seconds; both ends inclusive.
+    let pick = &events[10];
+    let time_us = pick["time_us"].as_i64().unwrap();
+    let at = chrono::DateTime::from_timestamp_micros(time_us).unwrap();
+    let local = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%S").to_string();
+    let since = local(at - chrono::TimeDelta::seconds(1));
+    let until = local(at + chrono::TimeDelta::seconds(1));
+    let path = format!("/ui/audit?order=oldest&since={since}&until={until}");
+    let (status, html) = page(&base, &admin, &path).await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    let seqs = seqs_in(&html);
+    assert!(seqs.contains(&pick["seq"].as_i64().unwrap()), "{seqs:?}");
+    let in_window = events
+        .iter()
+        .filter(|e| {
+            let t = e["time_us"].as_i64().unwrap();
+            t >= (at - chrono::TimeDelta::seconds(1)).timestamp_micros() / 1_000_000 * 1_000_000
+                && t <= (at + chrono::TimeDelta::seconds(1)).timestamp_micros() / 1_000_000 * 1_000_000
+        })
+        .count();
+    assert_eq!(seqs.len(), in_window.min(100), "exactly the events in the window");
+    assert!(html.contains(&format!("value=\"{since}\"")), "the form keeps the time: {html}");
+    let (_, html) = page(&base, &admin, "/ui/audit?since=2999-01-01T00:00").await;
+    assert!(seqs_in(&html).is_empty() && html.contains("No events match."), "{html}");
+    // RFC 3339 with an offset is read too, and shown in UTC.
+    let (status, html) = page(&base, &admin, "/ui/audit?since=2999-01-01T02:00:00%2B02:00").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("value=\"2999-01-01T00:00:00\""), "{html}");
+
+    // Bad input: a clear message on the page (400), the form kept, never a 500.
+    for (query, message) in [
+        ("since=yesterday", "`yesterday` is not a time"),
+        ("until=2026-13-45T99:00", "is not a time"),
+        ("since=2026-11-23T10:00&until=2026-11-23T09:00", "`since` is after `until`"),
+        ("before=abc", "`abc` is not an audit seq"),
+        ("order=sideways", "`sideways` is not an order"),
+    ] {
+        let (status, html) = page(&base, &admin, &format!("/ui/audit?{query}&action=approval.*")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {html}");
+        assert!(html.contains("role=\"alert\"") && html.contains(message), "{query}: {html}");
+        assert!(html.contains("value=\"approval.*\"") && seqs_in(&html).is_empty(), "{query}: {html}");
+    }
+    // The live tail's fragment takes the same filters and refuses the same bad input.
+    let rows = http()
+        .get(format!("{base}/ui/audit/rows?after={}&order=newest", head - 3))
+        .header(COOKIE, &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rows.status(), StatusCode::OK);
+    assert_eq!(seqs_in(&rows.text().await.unwrap()), vec![head, head - 1, head - 2]);
+    let rows = http().get(format!("{base}/ui/audit/rows?since=nope")).header(COOKIE, &admin).send().await.unwrap();
+    assert_eq!(rows.status(), StatusCode::BAD_REQUEST);
+
+    // REST reads times with the same parser: a UTC date and time without offset, and the same refusal.
+    let (status, body) = api(&format!("since={since}&until={until}&limit=1000")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["events"].as_array().unwrap().len(), in_window);
+    let (status, body) = api("since=yesterday").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["detail"].as_str().unwrap().contains("`yesterday` is not a time"), "{body}");
+    server.stop().await;
+}
+
 /// The workspace's target directory, where the screenshots go.
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -450,6 +580,8 @@ async fn approver_path_in_a_real_browser() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "the browser test failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("dashboard browser test passed"), "{stdout}\n{stderr}");
+    // The browser script's measurements (the appear latency of new approvals), shown with `--nocapture`.
+    eprintln!("{stdout}");
     for shot in [
         "02-pending-live.png",
         "03-drawer.png",

@@ -1,7 +1,8 @@
 //! Several replicas on one PostgreSQL (run when `scripts/with-postgres` sets the database URL): a decision
 //! on one replica wakes an agent waiting on another, every expiry fires once, every job runs once, the
-//! chain stays gapless and valid, and all replicas sign with one key. Restarting PostgreSQL under load is
-//! its own test, run alone (`--ignored`) because it stops the cluster the other tests share.
+//! chain stays gapless and valid, all replicas sign with one key, and a dashboard cookie from one replica
+//! works on every other. Restarting PostgreSQL under load is its own test, run alone (`--ignored`) because
+//! it stops the cluster the other tests share.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -231,6 +232,61 @@ async fn replicas_recover_from_a_postgres_restart() {
         verify.body,
         json!({"ok": true, "events": verify.body["events"], "head_hash": verify.body["head_hash"], "first_broken_seq": Value::Null})
     );
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// A dashboard login is kept in the database: a cookie from one replica works on the others (a load
+/// balancer need not be sticky), its CSRF token too, and logging out on one ends it on all.
+#[tokio::test]
+async fn a_dashboard_cookie_works_on_every_replica() {
+    use reqwest::StatusCode;
+    use reqwest::header::{COOKIE, LOCATION};
+
+    use crate::dashboard::{FormBody, csrf_in, http, login};
+
+    let Some((_dirs, servers)) = replicas(None).await else { return };
+    let bases: Vec<String> = servers.iter().map(|s| s.admin.base().to_owned()).collect();
+    let agent = servers[2].admin.with_key(servers[0].agent("fleet").await.key().unwrap().to_owned());
+    let (session, csrf) = login(&bases[0], servers[0].admin.key().unwrap()).await;
+    let client = http();
+
+    for base in &bases[1..] {
+        let pending = client.get(format!("{base}/ui/pending")).header(COOKIE, &session).send().await.unwrap();
+        assert_eq!(pending.status(), StatusCode::OK, "{base}");
+        assert_eq!(csrf_in(&pending.text().await.unwrap()), csrf, "{base}: the same CSRF token on every replica");
+    }
+
+    // Submitted on one replica, decided through the dashboard of another with the cookie and its token.
+    let held = agent.submit_action(&action("payments.charge.card")).await.unwrap();
+    assert_eq!(held.status, 202, "{:?}", held.body);
+    let approval = held.str("/approval/id").to_owned();
+    let decide = format!("{}/ui/approvals/{approval}/decide", bases[1]);
+    let forged = client.post(&decide).header(COOKIE, &session).form(&[("decision", "approve")]).send().await.unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN, "no CSRF token, no decision");
+    let decided = client
+        .post(&decide)
+        .header(COOKIE, &session)
+        .form(&[("decision", "approve"), ("note", "from replica 1"), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decided.status(), StatusCode::SEE_OTHER);
+    assert_eq!(servers[2].admin.get_approval(&approval).await.unwrap().str("/status"), "approved");
+
+    // Logout on the third replica ends the session on the first.
+    let out = client
+        .post(format!("{}/ui/logout", bases[2]))
+        .header(COOKIE, &session)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    let after = client.get(format!("{}/ui/pending", bases[0])).header(COOKIE, &session).send().await.unwrap();
+    assert_eq!(after.status(), StatusCode::SEE_OTHER);
+    assert_eq!(after.headers()[LOCATION], "/ui/login");
     for server in servers {
         server.stop().await;
     }

@@ -68,14 +68,32 @@
     setInterval(refreshQueue, 15000);
   }
 
+  // The audit page showing the newest events adds new ones as they are written: at the top when it lists
+  // newest first ("prepend"), at the bottom when oldest first ("append"); other pages stay as they are.
   async function tailAudit() {
+    const mode = audit.dataset.live;
+    if (mode !== "prepend" && mode !== "append") return;
     const last = audit.dataset.last || "0";
     const html = await fetchHtml(`/ui/audit/rows?after=${encodeURIComponent(last)}&${audit.dataset.query}`);
     if (!html || !html.trim()) return;
     const body = document.getElementById("audit-rows");
-    body.insertAdjacentHTML("beforeend", html);
-    const rows = body.querySelectorAll("tr[data-seq]");
-    if (rows.length) audit.dataset.last = rows[rows.length - 1].dataset.seq;
+    body.insertAdjacentHTML(mode === "prepend" ? "afterbegin" : "beforeend", html);
+    const seqs = Array.from(body.querySelectorAll("tr[data-seq]"), (tr) => Number(tr.dataset.seq));
+    if (seqs.length) audit.dataset.last = String(Math.max(...seqs));
+    const empty = document.getElementById("audit-empty");
+    if (empty) empty.remove();
+  }
+
+  // One tail request at a time (each starts after the newest row shown); a wake during one runs another.
+  let tailing = false;
+  let tailAgain = false;
+  function tail() {
+    if (tailing) { tailAgain = true; return; }
+    tailing = true;
+    tailAudit().finally(() => {
+      tailing = false;
+      if (tailAgain) { tailAgain = false; tail(); }
+    });
   }
 
   if (window.EventSource && (list || audit)) {
@@ -83,7 +101,7 @@
     const source = new EventSource("/ui/events");
     source.addEventListener("ready", () => { if (live) live.classList.add("on"); refreshQueue(); });
     source.addEventListener("approvals", () => { refreshQueue(); });
-    source.addEventListener("audit", () => { if (audit) tailAudit(); });
+    source.addEventListener("audit", () => { if (audit) tail(); });
     source.onerror = () => { if (live) live.classList.remove("on"); };
   }
 })();
