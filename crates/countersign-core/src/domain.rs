@@ -137,7 +137,45 @@ pub enum Target {
     Http(HttpTarget),
     /// Made by the LLM proxy: a model request frozen as the agent sent it.
     Llm(LlmTarget),
+    /// Made by the MCP gateway: a `tools/call` on an upstream MCP server, frozen as the agent sent it.
+    Mcp(McpTarget),
 }
+
+/// A tool call on an upstream MCP server named under `[mcp_servers.NAME]` in the server configuration. The
+/// upstream's credentials (headers, environment) come from the configuration; they are never part of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpTarget {
+    /// The upstream's name in the configuration.
+    pub server: String,
+    /// The tool's name as the upstream lists it (without the `NAME__` prefix the gateway shows).
+    pub tool: String,
+    /// The call's arguments exactly as the agent sent them: a JSON object.
+    pub arguments: Value,
+}
+
+impl McpTarget {
+    /// Checks what serde cannot: the server name, the tool name and the arguments.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.server.is_empty()
+            || self.server.contains("__")
+            || !self.server.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!("target.server `{}` must be an MCP server name ([A-Za-z0-9_-], no `__`)", self.server));
+        }
+        if self.tool.is_empty() || self.tool.len() > 256 || self.tool.chars().any(char::is_control) {
+            return Err(format!("target.tool `{}` must be a tool name (1 to 256 printable characters)", self.tool));
+        }
+        if !self.arguments.is_object() {
+            return Err("target.arguments must be a JSON object".into());
+        }
+        Ok(())
+    }
+}
+
+/// The client headers the LLM proxy passes on to a provider: they pick API versions and beta features.
+/// Credentials and everything else stay the gateway's.
+pub const LLM_FORWARDED_HEADERS: [&str; 3] = ["anthropic-beta", "anthropic-version", "openai-beta"];
 
 /// A request to a model provider named under `[llm.NAME]` in the server configuration. The provider's key
 /// is added from the configuration when it is sent; it is never part of the frozen request.
@@ -149,6 +187,10 @@ pub struct LlmTarget {
     pub path: String,
     /// The request body exactly as the agent sent it.
     pub body: Value,
+    /// The client's provider headers that change what the request does (`anthropic-beta`,
+    /// `anthropic-version`, `openai-beta`), lowercased; frozen with the body so an approval binds them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
     /// A client holds its connection open for the answer: once approved, the execution job waits a grace
     /// period so that the live connection can carry the request out (and stream it) itself.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -167,6 +209,12 @@ impl LlmTarget {
         }
         if !self.body.is_object() {
             return Err("target.body must be a JSON object".into());
+        }
+        if let Some(name) = self.headers.keys().find(|name| !LLM_FORWARDED_HEADERS.contains(&name.as_str())) {
+            return Err(format!(
+                "target.headers: `{name}` is not forwarded to a model provider (only {})",
+                LLM_FORWARDED_HEADERS.join(", ")
+            ));
         }
         Ok(())
     }

@@ -1,12 +1,20 @@
 //! The SQLite store: one file under the data directory, WAL journal, one writer at a time.
 //!
-//! Write transactions start with `BEGIN IMMEDIATE`, so two writers never deadlock on a lock upgrade and the
-//! audit chain's head cannot move between reading it and appending after it. Rows become domain records
-//! through the mappers in `rows`, shared with the PostgreSQL store; this module holds no business rules.
+//! Writes go through a pool of exactly one connection, so writers queue in order (tokio's fair semaphore
+//! inside the pool) instead of meeting SQLite's busy handler, which sleeps in steps of milliseconds; reads
+//! use a pool of their own and never wait for a writer (WAL). Write transactions still start with `BEGIN
+//! IMMEDIATE`, so a second process on the same file cannot upgrade a lock under us and the audit chain's head
+//! cannot move between reading it and appending after it. The writer does not checkpoint the WAL on commit
+//! (`wal_autocheckpoint = 0`): every [`CHECKPOINT_EVERY`] commits a passive checkpoint runs on a reader
+//! connection in the background, so no request pays for copying pages back and syncing the file. Rows become
+//! domain records through the mappers in `rows`, shared with the PostgreSQL store; this module holds no
+//! business rules.
 
 use std::borrow::Cow;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -38,9 +46,45 @@ const MIGRATIONS: [(i64, &str, &str); 3] = [
     (3, "dashboard_sessions", include_str!("../migrations/sqlite/0003_dashboard_sessions.sql")),
 ];
 
+/// Commits between two background WAL checkpoints (about 1,000 pages of WAL at the usual write sizes).
+const CHECKPOINT_EVERY: u64 = 256;
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    /// One connection: every write transaction.
+    writer: SqlitePool,
+    /// Read transactions and the background checkpoint (the same pool as `writer` for an in-memory database,
+    /// which a second connection could not see).
+    reader: SqlitePool,
+    checkpoints: Arc<Checkpoints>,
+}
+
+/// Counts commits and runs one passive WAL checkpoint at a time, off the write path.
+#[derive(Debug, Default)]
+struct Checkpoints {
+    commits: AtomicU64,
+    running: Arc<AtomicBool>,
+    /// False for an in-memory database (no WAL).
+    enabled: bool,
+}
+
+impl Checkpoints {
+    fn committed(&self, reader: &SqlitePool) {
+        if !self.enabled || !(self.commits.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(CHECKPOINT_EVERY) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (reader, running) = (reader.clone(), Arc::clone(&self.running));
+        runtime.spawn(async move {
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&reader).await {
+                tracing::warn!(error = %e, "background WAL checkpoint failed; the next one tries again");
+            }
+            running.store(false, Ordering::Release);
+        });
+    }
 }
 
 impl SqliteStore {
@@ -65,12 +109,19 @@ impl SqliteStore {
     async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
         let in_memory = options.get_filename().as_os_str().is_empty()
             || options.get_filename().to_string_lossy().contains(":memory:");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(if in_memory { 1 } else { 8 })
-            .acquire_timeout(Duration::from_secs(15))
-            .connect_with(options)
-            .await
-            .map_err(map_sqlx)?;
+        let pool = |connections: u32, options: SqliteConnectOptions| {
+            SqlitePoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(Duration::from_secs(15))
+                .connect_with(options)
+        };
+        let (writer, reader) = if in_memory {
+            let only = pool(1, options).await.map_err(map_sqlx)?;
+            (only.clone(), only)
+        } else {
+            let writer = pool(1, options.clone().pragma("wal_autocheckpoint", "0")).await.map_err(map_sqlx)?;
+            (writer, pool(8, options).await.map_err(map_sqlx)?)
+        };
         let migrations = MIGRATIONS
             .iter()
             .map(|(version, name, sql)| {
@@ -84,27 +135,28 @@ impl SqliteStore {
             })
             .collect();
         Migrator::with_migrations(migrations)
-            .run(&pool)
+            .run(&writer)
             .await
             .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
-        Ok(SqliteStore { pool })
+        let checkpoints = Arc::new(Checkpoints { enabled: !in_memory, ..Checkpoints::default() });
+        Ok(SqliteStore { writer, reader, checkpoints })
     }
 }
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx { tx }))
+        let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)?;
+        Ok(Box::new(SqliteTx { tx, head: None, committed: Some((self.reader.clone(), Arc::clone(&self.checkpoints))) }))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
-        let tx = self.pool.begin().await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx { tx }))
+        let tx = self.reader.begin().await.map_err(map_sqlx)?;
+        Ok(Box::new(SqliteTx { tx, head: None, committed: None }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_sqlx)?;
+        sqlx::query("SELECT 1").execute(&self.reader).await.map_err(map_sqlx)?;
         Ok(())
     }
 
@@ -115,6 +167,11 @@ impl Store for SqliteStore {
 
 struct SqliteTx {
     tx: Transaction<'static, Sqlite>,
+    /// The org and (seq, hash) of the last audit event this transaction appended: the next append in the
+    /// same transaction follows it without reading the head again (the write lock keeps it the head).
+    head: Option<(OrgId, i64, String)>,
+    /// A write transaction's reader pool and checkpoint counter, told of the commit.
+    committed: Option<(SqlitePool, Arc<Checkpoints>)>,
 }
 
 impl Cols for SqliteRow {
@@ -149,6 +206,36 @@ enum AuditOrder {
 }
 
 impl SqliteTx {
+    /// Seals an event after the head (seq, hash), inserts it, and remembers it as the new head.
+    async fn insert_audit(
+        &mut self,
+        org: &OrgId,
+        seq: i64,
+        hash: &str,
+        event: NewAuditEvent,
+    ) -> Result<AuditEvent, StoreError> {
+        let sealed = AuditEvent::seal(org.clone(), seq, hash, event);
+        self.execute(
+            sqlx::query(
+                "INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash, hash)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(org.as_str().to_owned())
+            .bind(sealed.seq)
+            .bind(sealed.id.as_str().to_owned())
+            .bind(sealed.time_us)
+            .bind(to_json(&sealed.actor)?)
+            .bind(sealed.action.clone())
+            .bind(sealed.subject.clone())
+            .bind(to_json(&sealed.data)?)
+            .bind(sealed.prev_hash.clone())
+            .bind(sealed.hash.clone()),
+        )
+        .await?;
+        self.head = Some((org.clone(), sealed.seq, sealed.hash.clone()));
+        Ok(sealed)
+    }
+
     /// Audit events matching `filter`, oldest first after a seq or newest first before one.
     async fn select_audit(
         &mut self,
@@ -263,7 +350,12 @@ impl SqliteTx {
 #[async_trait::async_trait]
 impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        self.tx.commit().await.map_err(map_sqlx)
+        let SqliteTx { tx, committed, .. } = *self;
+        tx.commit().await.map_err(map_sqlx)?;
+        if let Some((reader, checkpoints)) = committed {
+            checkpoints.committed(&reader);
+        }
+        Ok(())
     }
 
     async fn count_orgs(&mut self) -> Result<i64, StoreError> {
@@ -854,6 +946,11 @@ impl StoreTx for SqliteTx {
     }
 
     async fn append_audit(&mut self, org: &OrgId, event: NewAuditEvent) -> Result<AuditEvent, StoreError> {
+        if let Some((head_org, seq, hash)) = self.head.take()
+            && head_org == *org
+        {
+            return self.insert_audit(org, seq, &hash, event).await;
+        }
         let head = self
             .fetch_optional(
                 sqlx::query("SELECT seq, hash FROM audit_events WHERE org_id = ? ORDER BY seq DESC LIMIT 1")
@@ -881,25 +978,7 @@ impl StoreTx for SqliteTx {
                 }
             }
         };
-        let sealed = AuditEvent::seal(org.clone(), seq, &hash, event);
-        self.execute(
-            sqlx::query(
-                "INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash, hash)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(org.as_str().to_owned())
-            .bind(sealed.seq)
-            .bind(sealed.id.as_str().to_owned())
-            .bind(sealed.time_us)
-            .bind(to_json(&sealed.actor)?)
-            .bind(sealed.action.clone())
-            .bind(sealed.subject.clone())
-            .bind(to_json(&sealed.data)?)
-            .bind(sealed.prev_hash.clone())
-            .bind(sealed.hash.clone()),
-        )
-        .await?;
-        Ok(sealed)
+        self.insert_audit(org, seq, &hash, event).await
     }
 
     async fn list_audit(

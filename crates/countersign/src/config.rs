@@ -108,6 +108,121 @@ fn default_llm_timeout() -> u64 {
     120
 }
 
+/// An upstream MCP server as written under `[mcp_servers.NAME]`: exactly one of `url` (Streamable HTTP)
+/// or `command` (spawned, spoken to over stdio).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerFileConfig {
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Sent with every request to a `url` upstream (credentials); values may use `${env:NAME}`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// The program and its arguments, e.g. `["python3", "server.py"]`.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Environment of a `command` upstream (credentials); values may use `${env:NAME}`.
+    #[serde(default)]
+    pub env: BTreeMap<String, Secret>,
+    /// Working directory of a `command` upstream, relative to the configuration file.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// How long one tool call may take.
+    #[serde(default = "default_mcp_timeout")]
+    pub timeout_seconds: u64,
+}
+
+/// How the gateway reaches an upstream MCP server.
+#[derive(Debug, Clone)]
+pub enum McpTransportConfig {
+    /// Streamable HTTP, through the outbound guard.
+    Http { url: String, headers: BTreeMap<String, Secret> },
+    /// A child process spoken to over stdin/stdout. It gets only `PATH`, `HOME`, `LANG`, `USER`, `LOGNAME`,
+    /// `SHELL`, `TERM` and `TMPDIR` of the server's environment, plus `env`.
+    Stdio { command: Vec<String>, env: BTreeMap<String, Secret>, cwd: Option<PathBuf> },
+}
+
+/// An upstream MCP server whose tools the gateway offers as `NAME__tool`. The agent never sees its
+/// credentials.
+#[derive(Debug, Clone)]
+pub struct McpServerConfig {
+    pub transport: McpTransportConfig,
+    pub timeout_seconds: u64,
+}
+
+impl McpServerConfig {
+    pub fn http(url: impl Into<String>) -> Self {
+        McpServerConfig {
+            transport: McpTransportConfig::Http { url: url.into(), headers: BTreeMap::new() },
+            timeout_seconds: default_mcp_timeout(),
+        }
+    }
+
+    pub fn stdio(command: Vec<String>) -> Self {
+        McpServerConfig {
+            transport: McpTransportConfig::Stdio { command, env: BTreeMap::new(), cwd: None },
+            timeout_seconds: default_mcp_timeout(),
+        }
+    }
+}
+
+fn default_mcp_timeout() -> u64 {
+    60
+}
+
+/// An MCP server name: `[A-Za-z0-9_-]`, no `__` (the separator in `NAME__tool`).
+pub fn valid_mcp_server_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains("__") && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl McpServerFileConfig {
+    /// Checks the entry and resolves `${env:…}` references and a relative `cwd`.
+    fn resolve(self, name: &str, base: &Path) -> Result<McpServerConfig, ConfigError> {
+        let invalid = |m: String| ConfigError::Invalid(format!("mcp_servers.{name}: {m}"));
+        if !valid_mcp_server_name(name) {
+            return Err(invalid("a server name is [A-Za-z0-9_-] and must not contain `__`".into()));
+        }
+        if self.timeout_seconds == 0 {
+            return Err(invalid("timeout_seconds must be at least 1".into()));
+        }
+        let transport = match (self.url, self.command) {
+            (Some(url), None) => {
+                if !self.env.is_empty() || self.cwd.is_some() {
+                    return Err(invalid("`env` and `cwd` belong to a `command` server, not a `url` one".into()));
+                }
+                let url = expand_env(&url)?;
+                url_is_http(&url).map_err(|m| invalid(format!("url: {m}")))?;
+                let mut headers = BTreeMap::new();
+                for (header, value) in self.headers {
+                    axum::http::HeaderName::from_bytes(header.as_bytes())
+                        .map_err(|_| invalid(format!("headers: `{header}` is not a header name")))?;
+                    headers.insert(header, Secret::new(expand_env(value.expose())?));
+                }
+                McpTransportConfig::Http { url, headers }
+            }
+            (None, Some(command)) => {
+                if !self.headers.is_empty() {
+                    return Err(invalid("`headers` belong to a `url` server, not a `command` one".into()));
+                }
+                if command.first().is_none_or(|program| program.is_empty()) {
+                    return Err(invalid("command must name a program: [\"python3\", \"server.py\"]".into()));
+                }
+                let mut env = BTreeMap::new();
+                for (variable, value) in self.env {
+                    env.insert(variable, Secret::new(expand_env(value.expose())?));
+                }
+                let cwd = self.cwd.map(|dir| if dir.is_absolute() { dir } else { base.join(dir) });
+                McpTransportConfig::Stdio { command, env, cwd }
+            }
+            (Some(_), Some(_)) => return Err(invalid("give either `url` or `command`, not both".into())),
+            (None, None) => {
+                return Err(invalid("give `url` (Streamable HTTP) or `command` (spawned over stdio)".into()));
+            }
+        };
+        Ok(McpServerConfig { transport, timeout_seconds: self.timeout_seconds })
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkConfig {
@@ -148,6 +263,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub llm: BTreeMap<String, LlmFileConfig>,
     #[serde(default)]
+    pub mcp_servers: BTreeMap<String, McpServerFileConfig>,
+    #[serde(default)]
     pub network: NetworkConfig,
     pub rate_limit: Option<RateLimitConfig>,
     pub jobs: Option<JobsFileConfig>,
@@ -164,6 +281,12 @@ pub struct JobsFileConfig {
     /// The first webhook retry delay; each later one doubles, with jitter.
     pub webhook_retry_base_ms: Option<u64>,
     pub webhook_max_attempts: Option<u32>,
+    /// After an approval, how long the execution job leaves a held model request to the client still
+    /// waiting on its connection (which can stream it) before carrying it out itself.
+    pub llm_hold_grace_seconds: Option<u64>,
+    /// How long past the provider's timeout a model or tool call cut off by a crash is declared `failed`
+    /// ("outcome unknown") by its recovery job.
+    pub llm_recovery_margin_seconds: Option<u64>,
 }
 
 /// The resolved configuration the server runs with.
@@ -179,6 +302,8 @@ pub struct Config {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// Model providers of the LLM proxy, by the name in `/llm/{name}/v1/…`.
     pub llm: BTreeMap<String, LlmConfig>,
+    /// Upstream MCP servers of the MCP gateway, by the name in `NAME__tool`.
+    pub mcp_servers: BTreeMap<String, McpServerConfig>,
     pub network: NetworkConfig,
     pub bootstrap_admin_key: Option<Secret>,
     pub max_body_bytes: usize,
@@ -200,6 +325,7 @@ impl Config {
             public_url: None,
             upstreams: BTreeMap::new(),
             llm: BTreeMap::new(),
+            mcp_servers: BTreeMap::new(),
             network: NetworkConfig::default(),
             bootstrap_admin_key: None,
             max_body_bytes: 1024 * 1024,
@@ -318,6 +444,10 @@ impl ServeArgs {
                 .llm
                 .insert(name, LlmConfig { base_url, api_key, dialect, timeout_seconds: provider.timeout_seconds });
         }
+        for (name, server) in file.mcp_servers {
+            let resolved = server.resolve(&name, &base)?;
+            config.mcp_servers.insert(name, resolved);
+        }
         config.network = file.network;
         if let Some(limit) = file.rate_limit {
             config.rate_limit = limit;
@@ -337,6 +467,15 @@ impl ServeArgs {
             }
             if let Some(attempts) = jobs.webhook_max_attempts {
                 config.jobs.webhook_max_attempts = attempts.max(1);
+            }
+            if let Some(seconds) = jobs.llm_hold_grace_seconds {
+                config.jobs.llm_hold_grace = std::time::Duration::from_secs(seconds);
+            }
+            if let Some(seconds) = jobs.llm_recovery_margin_seconds {
+                if seconds == 0 {
+                    return Err(ConfigError::Invalid("jobs.llm_recovery_margin_seconds must be at least 1".into()));
+                }
+                config.jobs.llm_recovery_margin = std::time::Duration::from_secs(seconds);
             }
         }
 
@@ -401,6 +540,17 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # base_url = "https://api.anthropic.com"
 # api_key = "${env:ANTHROPIC_API_KEY}"
 
+# Upstream MCP servers: their tools appear on /mcp as NAME__tool, and each call is an action with the
+# capability mcp.NAME.tool (lowercased; other characters than a-z 0-9 _ - become _) and the arguments as params.
+# [mcp_servers.github]
+# url = "https://mcp.github.example/mcp"  # Streamable HTTP, through the outbound guard
+# headers = { Authorization = "Bearer ${env:GITHUB_TOKEN}" }
+# timeout_seconds = 60              # one tool call
+# [mcp_servers.files]
+# command = ["python3", "files_server.py", "--root", "/srv/files"]   # spawned, spoken to over stdio
+# env = { FILES_TOKEN = "${env:FILES_TOKEN}" }   # the child gets PATH, HOME, LANG, … plus these
+# cwd = "mcp"                       # relative to this file
+
 # [network]
 # allow_private = ["127.0.0.1/32"]  # outbound guard exceptions
 
@@ -409,6 +559,8 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # concurrency = 64
 # webhook_retry_base_ms = 1000      # then doubling, with jitter
 # webhook_max_attempts = 8
+# llm_hold_grace_seconds = 30       # an approved held model call waits this long for its client first
+# llm_recovery_margin_seconds = 60  # a call cut off by a crash ends "outcome unknown" this long past its timeout
 
 # [rate_limit]                      # per agent, user or session; 429 beyond it
 # per_second = 100                  # 0 turns the limit off
@@ -416,6 +568,7 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 "#;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -441,6 +594,83 @@ mod tests {
         assert_eq!(default_dialect("openai"), Dialect::Openai);
         assert_eq!(file.llm.get("openai").map(|p| p.timeout_seconds), Some(120));
         assert!(!format!("{:?}", file.llm.get("openai")).contains("\"k\""));
+    }
+
+    fn mcp(text: &str) -> Result<BTreeMap<String, McpServerConfig>, String> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut out = BTreeMap::new();
+        for (name, server) in file.mcp_servers {
+            let resolved = server.resolve(&name, Path::new("/etc/countersign")).map_err(|e| e.to_string())?;
+            out.insert(name, resolved);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn mcp_servers_take_a_url_or_a_command() {
+        let servers = mcp("[mcp_servers.gh]\nurl = \"https://mcp.example/mcp\"\nheaders = { Authorization = \"Bearer x\" }\n\
+                           [mcp_servers.files-1]\ncommand = [\"python3\", \"s.py\"]\nenv = { TOKEN = \"t\" }\ncwd = \"mcp\"\n")
+        .unwrap_or_default();
+        assert_eq!(servers.len(), 2);
+        match servers.get("gh").map(|s| &s.transport) {
+            Some(McpTransportConfig::Http { url, headers }) => {
+                assert_eq!(url, "https://mcp.example/mcp");
+                assert_eq!(headers.get("Authorization").map(Secret::expose), Some("Bearer x"));
+            }
+            other => unreachable!("{other:?}"),
+        }
+        match servers.get("files-1").map(|s| &s.transport) {
+            Some(McpTransportConfig::Stdio { command, env, cwd }) => {
+                assert_eq!(command, &["python3".to_owned(), "s.py".to_owned()]);
+                assert_eq!(env.get("TOKEN").map(Secret::expose), Some("t"));
+                assert_eq!(cwd.as_deref(), Some(Path::new("/etc/countersign/mcp")));
+                assert!(!format!("{env:?}").contains("\"t\""));
+            }
+            other => unreachable!("{other:?}"),
+        }
+        assert_eq!(servers.get("gh").map(|s| s.timeout_seconds), Some(60));
+    }
+
+    #[test]
+    fn mcp_servers_refuse_bad_entries() {
+        for (text, expected) in [
+            ("[mcp_servers.a]\nurl = \"http://x\"\ncommand = [\"p\"]\n", "not both"),
+            ("[mcp_servers.a]\ntimeout_seconds = 5\n", "give `url`"),
+            ("[mcp_servers.a__b]\nurl = \"http://x\"\n", "`__`"),
+            ("[mcp_servers.\"a.b\"]\nurl = \"http://x\"\n", "[A-Za-z0-9_-]"),
+            ("[mcp_servers.a]\ncommand = []\n", "must name a program"),
+            ("[mcp_servers.a]\nurl = \"ftp://x\"\n", "scheme"),
+            ("[mcp_servers.a]\nurl = \"http://x\"\nenv = { A = \"b\" }\n", "belong to a `command`"),
+            ("[mcp_servers.a]\ncommand = [\"p\"]\nheaders = { A = \"b\" }\n", "belong to a `url`"),
+            ("[mcp_servers.a]\nurl = \"http://x\"\nbogus = 1\n", "unknown field"),
+            ("[mcp_servers.a]\nurl = \"http://x\"\nheaders = { \"bad header\" = \"b\" }\n", "not a header name"),
+        ] {
+            match mcp(text) {
+                Err(message) => assert!(message.contains(expected), "{text}: {message}"),
+                Ok(_) => unreachable!("{text} was accepted"),
+            }
+        }
+        assert!(valid_mcp_server_name("files_1-a"));
+        assert!(!valid_mcp_server_name(""));
+    }
+
+    #[test]
+    fn jobs_settings_are_read_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("countersign.toml");
+        std::fs::write(
+            &path,
+            "[jobs]\nllm_hold_grace_seconds = 5\nllm_recovery_margin_seconds = 7\nlease_seconds = 9\n",
+        )
+        .unwrap();
+        let args = ServeArgs { config: Some(path.clone()), ..ServeArgs::default() };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.jobs.llm_hold_grace, std::time::Duration::from_secs(5));
+        assert_eq!(config.jobs.llm_recovery_margin, std::time::Duration::from_secs(7));
+        assert_eq!(config.jobs.lease, std::time::Duration::from_secs(9));
+        std::fs::write(&path, "[jobs]\nllm_recovery_margin_seconds = 0\n").unwrap();
+        let error = ServeArgs { config: Some(path), ..ServeArgs::default() }.resolve().unwrap_err();
+        assert!(error.to_string().contains("llm_recovery_margin_seconds"), "{error}");
     }
 
     #[test]

@@ -117,7 +117,8 @@ impl Server {
         let policies = PolicyRegistry::load(config.policy.clone()).map_err(|e| StartError::Policy(e.to_string()))?;
         let connectors = Connectors::new(config.upstreams.clone(), &config.network.allow_private)
             .map_err(|e| StartError::Config(e.to_string()))?
-            .with_llm(config.llm.clone());
+            .with_llm(config.llm.clone())
+            .with_mcp(config.mcp_servers.clone());
         let signer = load_signer(store.as_ref(), &config.data_dir).await?;
         let listener = TcpListener::bind(config.listen)
             .await
@@ -193,6 +194,11 @@ impl Server {
         }
         tracker.spawn(workers::jobs::run(gateway.clone(), token.clone(), tracker.clone()));
         tracker.spawn(workers::jobs::sweep_retention(gateway.clone(), token.clone()));
+        // Upstream MCP servers connect in the background: one that is down never holds up the start. They
+        // stay connected until every request and job that may call them has finished.
+        let upstreams = TaskTracker::new();
+        let upstreams_stop = CancellationToken::new();
+        gateway.start_mcp_upstreams(&upstreams_stop, &upstreams);
         if self.watch_policy {
             tracker.spawn(workers::policy_watch::run(gateway.clone(), token.clone()));
         }
@@ -220,6 +226,9 @@ impl Server {
         token.cancel();
         tracker.close();
         tracker.wait().await;
+        upstreams_stop.cancel();
+        upstreams.close();
+        upstreams.wait().await;
         result
     }
 }

@@ -57,6 +57,7 @@ impl Connectors {
         provider: &str,
         method: reqwest::Method,
         path: &str,
+        client_headers: &BTreeMap<String, String>,
     ) -> Result<(reqwest::RequestBuilder, Duration), ConnectorError> {
         let config = self.llm.get(provider).ok_or_else(|| ConnectorError::UnknownUpstream(provider.to_owned()))?;
         let base = config.base_url.trim_end_matches('/');
@@ -75,8 +76,13 @@ impl Connectors {
                 if !key.is_empty() {
                     request = request.header("x-api-key", key);
                 }
-                request = request.header("anthropic-version", ANTHROPIC_VERSION);
+                if !client_headers.contains_key("anthropic-version") {
+                    request = request.header("anthropic-version", ANTHROPIC_VERSION);
+                }
             }
+        }
+        for (name, value) in client_headers {
+            request = request.header(name.as_str(), value.as_str());
         }
         request = request.header("user-agent", concat!("Countersign-LLM-Proxy/", env!("CARGO_PKG_VERSION")));
         Ok((request, Duration::from_secs(config.timeout_seconds.max(1))))
@@ -85,14 +91,28 @@ impl Connectors {
     /// Sends a frozen model request; answers once the provider's status and headers are in. The caller
     /// reads the body (all of it, or as a stream). The provider's timeout bounds the wait for the headers;
     /// a non-streamed request is bounded by it as a whole.
+    ///
+    /// `stream_usage`: the caller relays an OpenAI stream and wants its token usage, which OpenAI sends only
+    /// when asked (`stream_options.include_usage`); when the client did not ask, it is asked for here and
+    /// the caller drops the extra usage chunk before the client sees it ([`adds_stream_usage`]).
     pub async fn send_llm(
         &self,
         target: &LlmTarget,
         idempotency_key: &str,
         stream: bool,
+        stream_usage: bool,
     ) -> Result<(reqwest::Response, Duration), ConnectorError> {
-        let (request, timeout) = self.llm_request(&target.provider, reqwest::Method::POST, &target.path)?;
-        let mut request = request.header("idempotency-key", idempotency_key).json(&target.body);
+        let (request, timeout) =
+            self.llm_request(&target.provider, reqwest::Method::POST, &target.path, &target.headers)?;
+        let dialect = self.llm_dialect(&target.provider).unwrap_or(Dialect::Openai);
+        let mut request = request.header("idempotency-key", idempotency_key);
+        request = if stream_usage && adds_stream_usage(dialect, target) {
+            let mut body = target.body.clone();
+            body["stream_options"]["include_usage"] = Value::Bool(true);
+            request.json(&body)
+        } else {
+            request.json(&target.body)
+        };
         if !stream {
             request = request.timeout(timeout);
         }
@@ -105,7 +125,7 @@ impl Connectors {
 
     /// `GET` on a provider path (the model list): no action, just the provider's answer.
     pub async fn get_llm(&self, provider: &str, path: &str) -> Result<(u16, String, Vec<u8>), ConnectorError> {
-        let (request, timeout) = self.llm_request(provider, reqwest::Method::GET, path)?;
+        let (request, timeout) = self.llm_request(provider, reqwest::Method::GET, path, &BTreeMap::new())?;
         let response = request.timeout(timeout).send().await.map_err(|e| llm_transport(&e))?;
         let status = response.status().as_u16();
         let content_type = content_type(&response);
@@ -117,7 +137,7 @@ impl Connectors {
     pub async fn execute_llm(&self, target: &LlmTarget, idempotency_key: &str) -> Result<LlmAnswer, ConnectorError> {
         let dialect = self.llm_dialect(&target.provider).unwrap_or(Dialect::Openai);
         let stream = target.body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        let (response, timeout) = self.send_llm(target, idempotency_key, stream).await?;
+        let (response, timeout) = self.send_llm(target, idempotency_key, stream, false).await?;
         let status = response.status().as_u16();
         let content_type = content_type(&response);
         let body =
@@ -125,6 +145,35 @@ impl Connectors {
                 ConnectorError::Timeout(format!("the provider's answer took over {}s", timeout.as_secs()))
             })??;
         Ok(classify(dialect, status, &content_type, &body))
+    }
+}
+
+/// Whether a relayed stream of this request gets `stream_options.include_usage` added: an OpenAI-dialect
+/// chat or text completion streamed without the client asking for usage. The relay then drops the usage
+/// chunk ([`is_added_usage_event`]), so the client sees the stream it asked for.
+pub fn adds_stream_usage(dialect: Dialect, target: &LlmTarget) -> bool {
+    dialect == Dialect::Openai
+        && matches!(target.path.as_str(), "/v1/chat/completions" | "/v1/completions")
+        && target.body.get("stream").and_then(Value::as_bool) == Some(true)
+        && target.body.pointer("/stream_options/include_usage").and_then(Value::as_bool) != Some(true)
+}
+
+/// The usage-only chunk OpenAI sends last when `include_usage` is on: no choices, a `usage` object.
+/// `event` is one server-sent event, without its blank-line terminator.
+pub fn is_added_usage_event(event: &[u8]) -> bool {
+    let mut data = Vec::new();
+    for line in event.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+        }
+    }
+    match serde_json::from_slice::<Value>(&data) {
+        Ok(chunk) => {
+            chunk.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty)
+                && chunk.get("usage").is_some_and(Value::is_object)
+        }
+        Err(_) => false,
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod guard;
 pub mod llm;
+pub mod mcp;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use countersign_core::domain::HttpTarget;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::config::{LlmConfig, UpstreamConfig};
+use crate::config::{LlmConfig, McpServerConfig, UpstreamConfig};
 
 /// Response bodies larger than this are truncated in the stored result.
 pub const MAX_RESULT_BODY_BYTES: usize = 64 * 1024;
@@ -36,6 +37,8 @@ pub struct Connectors {
     upstreams: BTreeMap<String, UpstreamConfig>,
     /// Model providers of the LLM proxy (`[llm.NAME]`).
     llm: BTreeMap<String, LlmConfig>,
+    /// Upstream MCP servers of the MCP gateway (`[mcp_servers.NAME]`).
+    mcp: mcp::McpUpstreams,
 }
 
 /// What an upstream answered, as stored on the action.
@@ -69,7 +72,24 @@ impl Connectors {
         let client = guard::client_builder(guard.clone())
             .build()
             .map_err(|e| ConnectorError::Invalid(format!("cannot build HTTP client: {e}")))?;
-        Ok(Connectors { client, guard, upstreams, llm: BTreeMap::new() })
+        Ok(Connectors { client, guard, upstreams, llm: BTreeMap::new(), mcp: mcp::McpUpstreams::new(BTreeMap::new()) })
+    }
+
+    /// Adds the upstream MCP servers; they connect once [`Connectors::start_mcp`] runs.
+    pub fn with_mcp(mut self, servers: BTreeMap<String, McpServerConfig>) -> Self {
+        self.mcp = mcp::McpUpstreams::new(servers);
+        self
+    }
+
+    /// The upstream MCP servers and their cached tools.
+    pub fn mcp(&self) -> &mcp::McpUpstreams {
+        &self.mcp
+    }
+
+    /// Starts connecting to the upstream MCP servers (HTTP ones through the outbound guard), in the
+    /// background; they stop, and spawned ones are killed, on `shutdown`.
+    pub fn start_mcp(&self, shutdown: &tokio_util::sync::CancellationToken, tracker: &tokio_util::task::TaskTracker) {
+        self.mcp.start(self.guard.clone(), shutdown, tracker);
     }
 
     /// Checks a URL against the guard before a request (IP-literal hosts never reach the resolver).

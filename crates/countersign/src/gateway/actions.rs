@@ -69,6 +69,13 @@ impl Gateway {
                 "`llm` targets are made by the LLM proxy (/llm/{provider}/v1/…), not submitted directly",
             ));
         }
+        if let Some(Target::Mcp(_)) = &request.target {
+            return Err(Error::invalid(
+                "target.connector",
+                "`mcp` targets are made by the MCP gateway (call the upstream's tool NAME__tool on /mcp), not \
+                 submitted directly",
+            ));
+        }
         self.submit_with(caller, request, false).await
     }
 
@@ -77,8 +84,8 @@ impl Gateway {
     /// the audit trail is the same as the job's. Held for approval, the approval enqueues the job as usual
     /// (after a grace period when the client holds its connection open).
     pub async fn submit_inline(&self, caller: &Caller, request: SubmitRequest) -> Result<SubmitOutcome> {
-        if !matches!(request.target, Some(Target::Llm(_))) {
-            return Err(Error::invalid("target", "an inline submission carries an `llm` target"));
+        if !matches!(request.target, Some(Target::Llm(_) | Target::Mcp(_))) {
+            return Err(Error::invalid("target", "an inline submission carries an `llm` or `mcp` target"));
         }
         self.submit_with(caller, request, true).await
     }
@@ -133,6 +140,19 @@ impl Gateway {
                     format!(
                         "unknown model provider `{}`: it must be named under [llm] in the configuration",
                         llm.provider
+                    ),
+                ));
+            }
+        }
+
+        if let Some(Target::Mcp(mcp)) = &request.target {
+            mcp.validate().map_err(|m| Error::invalid("target", m))?;
+            if !self.inner.connectors.mcp().has_server(&mcp.server) {
+                return Err(Error::invalid(
+                    "target.server",
+                    format!(
+                        "unknown MCP server `{}`: it must be named under [mcp_servers] in the configuration",
+                        mcp.server
                     ),
                 ));
             }

@@ -89,8 +89,9 @@ impl Gateway {
             ActionState::Executing => {
                 let retry_safe = match &action.target {
                     Some(Target::Http(http)) => self.inner.connectors.is_retry_safe(&http.upstream),
-                    // A model call is never resent blind: it costs, and its answer may differ.
-                    Some(Target::Llm(_)) | None => false,
+                    // A model call is never resent blind: it costs, and its answer may differ. Nor is a tool
+                    // call: nothing says an upstream MCP tool is idempotent.
+                    Some(Target::Llm(_) | Target::Mcp(_)) | None => false,
                 };
                 if retry_safe {
                     self.claim(org, &id, true, false).await?
@@ -101,6 +102,12 @@ impl Gateway {
                              recording the answer; a model call is never sent twice",
                             json!({"reason": "outcome_unknown", "provider": llm.provider}),
                             "outcome unknown; a model call is not retried",
+                        ),
+                        Some(Target::Mcp(mcp)) => (
+                            "outcome unknown: the gateway stopped while the tool call was in flight and before \
+                             recording the answer; a tool call is never sent twice",
+                            json!({"reason": "outcome_unknown", "server": mcp.server, "tool": mcp.tool}),
+                            "outcome unknown; a tool call is not retried",
                         ),
                         _ => (
                             "outcome unknown: the gateway stopped after sending the request and before recording \
@@ -255,6 +262,10 @@ impl Gateway {
                     json!({"provider": llm.provider, "latency_ms": started.elapsed().as_millis()}),
                 ),
             },
+            Some(Target::Mcp(_)) => {
+                let outcome = self.send_mcp(&action).await;
+                (outcome.state, outcome.result, outcome.error, outcome.details)
+            }
             None => return Ok(()),
         };
         self.record(&action, state, result, error, details).await

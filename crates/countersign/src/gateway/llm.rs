@@ -66,14 +66,15 @@ impl Gateway {
     }
 
     /// Sends a claimed model request; answers once the provider's status and headers are in, with the
-    /// provider's timeout (which also bounds the wait between two streamed chunks).
+    /// provider's timeout (which also bounds the wait between two streamed chunks). A relayed OpenAI stream
+    /// asks for usage (see [`crate::connectors::llm::adds_stream_usage`]).
     pub async fn send_inline(
         &self,
         action: &Action,
         stream: bool,
     ) -> std::result::Result<(reqwest::Response, Duration), ConnectorError> {
         match &action.target {
-            Some(Target::Llm(llm)) => self.inner.connectors.send_llm(llm, action.id.as_str(), stream).await,
+            Some(Target::Llm(llm)) => self.inner.connectors.send_llm(llm, action.id.as_str(), stream, stream).await,
             _ => Err(ConnectorError::Invalid("not a model request".into())),
         }
     }
@@ -103,6 +104,9 @@ impl Gateway {
                 self.inner.connectors.llm_timeout(&llm.provider).unwrap_or(Duration::from_secs(120)),
                 llm.body.get("stream").and_then(Value::as_bool).unwrap_or(false),
             ),
+            Some(Target::Mcp(mcp)) => {
+                (self.inner.connectors.mcp().timeout(&mcp.server).unwrap_or(Duration::from_secs(120)), false)
+            }
             _ => (Duration::from_secs(120), false),
         };
         let timeout = if stream { timeout * 2 } else { timeout };

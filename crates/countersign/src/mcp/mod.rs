@@ -10,6 +10,7 @@
 //! `notifications/resources/updated` when the action changes.
 
 mod server;
+mod upstream_tools;
 
 use std::sync::Arc;
 

@@ -1,4 +1,5 @@
-//! The MCP server handler: the six tools over the gateway, and the subscribable action resources.
+//! The MCP server handler: the six tools over the gateway, the tools of the upstream MCP servers
+//! (`NAME__tool`, see `upstream_tools`), and the subscribable action resources.
 //!
 //! Gateway errors become tool errors (`isError: true`) whose structured content is the same problem body
 //! the REST API answers, so an agent sees the rule that denied it, the scope it lacks or the id it got
@@ -14,21 +15,22 @@ use countersign_core::domain::{Action, Target};
 use countersign_core::ids::{ActionId, JobId};
 use countersign_core::state::ActionState;
 use rmcp::handler::server::router::tool::ToolRouter;
-use rmcp::handler::server::tool::Extension;
+use rmcp::handler::server::tool::{Extension, ToolCallContext};
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolResult, Implementation, ListResourceTemplatesResult, PaginatedRequestParams, ReadResourceRequestParams,
-    ReadResourceResponse, ReadResourceResult, ResourceContents, ResourceTemplate, ResourceUpdatedNotificationParam,
-    ServerCapabilities, ServerConfig, SubscribeRequestParams, UnsubscribeRequestParams,
+    CallToolRequestParams, CallToolResponse, CallToolResult, Implementation, ListResourceTemplatesResult,
+    ListToolsResult, PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult,
+    ResourceContents, ResourceTemplate, ResourceUpdatedNotificationParam, ServerCapabilities, ServerConfig,
+    SubscribeRequestParams, Tool, UnsubscribeRequestParams,
 };
-use rmcp::service::RequestContext;
+use rmcp::service::{MaybeSendFuture, NotificationContext, RequestContext};
 use rmcp::{ErrorData, Peer, RoleServer, ServerHandler, schemars, tool, tool_handler, tool_router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::Secret;
+use super::{Secret, upstream_tools};
 use crate::error::Error;
 use crate::gateway::{Caller, Gateway, SubmitOutcome, SubmitRequest};
 use crate::http::views;
@@ -106,6 +108,10 @@ pub struct McpServer {
     tool_router: ToolRouter<Self>,
     /// Live resource subscriptions of this session, by URI.
     subscriptions: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    /// Cancelled when the last clone of this session's handler is dropped: ends the task that forwards
+    /// upstream tool list changes.
+    ended: CancellationToken,
+    _ended_on_drop: Arc<DropGuard>,
 }
 
 impl Drop for McpServer {
@@ -172,7 +178,7 @@ fn action_result(gateway: &Gateway, outcome: &SubmitOutcome) -> CallToolResult {
     CallToolResult::structured(body)
 }
 
-fn next_steps(action: &Action) -> Value {
+pub(super) fn next_steps(action: &Action) -> Value {
     let waiting_for = if matches!(action.state, ActionState::Submitted | ActionState::PendingApproval) {
         "a human approval"
     } else {
@@ -221,7 +227,14 @@ fn answer(result: Result<CallToolResult, Error>) -> Result<CallToolResult, Error
 #[tool_router]
 impl McpServer {
     pub fn new(gateway: Gateway) -> Self {
-        Self { gateway, tool_router: Self::tool_router(), subscriptions: Arc::new(Mutex::new(HashMap::new())) }
+        let ended = CancellationToken::new();
+        Self {
+            gateway,
+            tool_router: Self::tool_router(),
+            subscriptions: Arc::new(Mutex::new(HashMap::new())),
+            _ended_on_drop: Arc::new(ended.clone().drop_guard()),
+            ended,
+        }
     }
 
     async fn outcome_of(&self, action: Action) -> Result<SubmitOutcome, Error> {
@@ -408,7 +421,12 @@ async fn follow(
 impl ServerHandler for McpServer {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
-            ServerCapabilities::builder().enable_tools().enable_resources().enable_resources_subscribe().build(),
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tool_list_changed()
+                .enable_resources()
+                .enable_resources_subscribe()
+                .build(),
         )
         .with_server_info(Implementation::new("countersign", env!("CARGO_PKG_VERSION")))
         .with_instructions(
@@ -416,6 +434,60 @@ impl ServerHandler for McpServer {
                  when it answers pending, call `wait_action` with the action id (or subscribe to the resource \
                  countersign://actions/{id}) and act only once the action is approved or succeeded.",
         )
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let mut tools = self.tool_router.list_all();
+        tools.extend(upstream_tools::listed(&self.gateway));
+        Ok(ListToolsResult::with_all_items(tools))
+    }
+
+    fn get_tool(&self, name: &str) -> Option<Tool> {
+        self.tool_router.get(name).cloned().or_else(|| upstream_tools::find(&self.gateway, name))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        if self.tool_router.has_route(&request.name) {
+            let call = ToolCallContext::new(self, request, context);
+            return self.tool_router.call(call).await;
+        }
+        let (caller, _) = caller_of(&context)?;
+        upstream_tools::call(&self.gateway, &caller, request, &context.meta).await.map(CallToolResponse::from)
+    }
+
+    /// With upstream MCP servers configured, tells this client `notifications/tools/list_changed` whenever
+    /// an upstream's tools change (or it comes or goes), until the session ends.
+    fn on_initialized(
+        &self,
+        context: NotificationContext<RoleServer>,
+    ) -> impl Future<Output = ()> + MaybeSendFuture + '_ {
+        if self.gateway.mcp_upstreams().tools().is_empty() {
+            return std::future::ready(());
+        }
+        let mut changes = self.gateway.mcp_upstreams().changes();
+        changes.mark_unchanged();
+        let (peer, ended, shutdown) = (context.peer, self.ended.clone(), self.gateway.shutdown().clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = ended.cancelled() => return,
+                    () = shutdown.cancelled() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+                if peer.notify_tool_list_changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        std::future::ready(())
     }
 
     async fn list_resource_templates(

@@ -21,13 +21,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use countersign_core::capability::Capability;
-use countersign_core::domain::{Action, Approval, LlmTarget, Target};
+use countersign_core::domain::{Action, Approval, LLM_FORWARDED_HEADERS, LlmTarget, Target};
 use countersign_core::state::ActionState;
 use serde_json::{Value, json};
 
 use crate::config::Dialect;
 use crate::connectors::ConnectorError;
-use crate::connectors::llm::{MAX_LLM_RESPONSE_BYTES, classify, content_type, read_all};
+use crate::connectors::llm::{MAX_LLM_RESPONSE_BYTES, adds_stream_usage, classify, content_type, read_all};
 use crate::error::Error;
 use crate::gateway::{Caller, Gateway, InlineOutcome, SubmitRequest};
 use crate::http::AppState;
@@ -116,6 +116,23 @@ fn requested_wait(headers: &HeaderMap) -> Result<Option<Duration>, Error> {
     Ok(Some(Duration::from_secs_f64(seconds.min(MAX_HOLD.as_secs_f64()))))
 }
 
+/// The client's headers that pick provider API versions and beta features, passed on with the request.
+fn forwarded_headers(headers: &HeaderMap) -> Result<std::collections::BTreeMap<String, String>, Error> {
+    let mut out = std::collections::BTreeMap::new();
+    for name in LLM_FORWARDED_HEADERS {
+        let values: Vec<&str> = headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().map(str::trim))
+            .collect::<Result<_, _>>()
+            .map_err(|_| Error::bad_request(name, "must be visible ASCII text"))?;
+        if !values.is_empty() {
+            out.insert(name.to_owned(), values.join(","));
+        }
+    }
+    Ok(out)
+}
+
 /// `Countersign-Reasoning` as JSON when it is JSON, else as a JSON string; by default the proxy says so.
 fn reasoning(headers: &HeaderMap) -> String {
     match headers.get("countersign-reasoning").and_then(|v| v.to_str().ok()).map(str::trim) {
@@ -157,8 +174,13 @@ async fn governed(
     let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let capability = Capability::parse(endpoint.capability()).map_err(|e| Error::Internal(e.to_string()))?;
     let params = wire::params(provider, &request);
-    let target =
-        LlmTarget { provider: provider.to_owned(), path: endpoint.path().to_owned(), body: request, held: !immediate };
+    let target = LlmTarget {
+        provider: provider.to_owned(),
+        path: endpoint.path().to_owned(),
+        body: request,
+        headers: forwarded_headers(headers)?,
+        held: !immediate,
+    };
     let outcome = gateway
         .submit_inline(
             &caller,
@@ -297,7 +319,11 @@ async fn execute(
         );
         // From here the recorder answers for the outcome, a hang-up included.
         hung_up.disarm();
-        let body = relay::relay(response, recorder, idle);
+        let drop_usage = match &action.target {
+            Some(Target::Llm(llm)) => adds_stream_usage(dialect, llm),
+            _ => false,
+        };
+        let body = relay::relay(response, recorder, idle, drop_usage);
         let mut answer = Response::new(body);
         *answer.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
         answer.headers_mut().insert(header::CONTENT_TYPE, header_value(&content_type));

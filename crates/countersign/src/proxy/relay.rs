@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::config::Dialect;
 use crate::connectors::MAX_RESULT_BODY_BYTES;
-use crate::connectors::llm::{SseUsage, stored_result};
+use crate::connectors::llm::{SseUsage, is_added_usage_event, stored_result};
 use crate::gateway::{Gateway, InlineOutcome};
 
 /// Watches one streamed execution and records its outcome exactly once.
@@ -141,24 +141,78 @@ struct Relay {
     upstream: BoxStream<'static, reqwest::Result<Bytes>>,
     recorder: Option<Recorder>,
     idle: Duration,
+    /// Set when the gateway asked an OpenAI stream for usage the client did not ask for.
+    drop_usage: Option<UsageChunkFilter>,
+}
+
+/// Holds back the bytes of an unfinished server-sent event and drops the usage-only chunk the gateway
+/// asked for, so the client gets the stream it asked for. Complete events pass at once.
+#[derive(Default)]
+struct UsageChunkFilter {
+    pending: Vec<u8>,
+}
+
+impl UsageChunkFilter {
+    fn pass(&mut self, chunk: &[u8]) -> Bytes {
+        self.pending.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(self.pending.len());
+        let mut start = 0;
+        while let Some(end) = event_end(&self.pending[start..]) {
+            let event = &self.pending[start..start + end];
+            if !is_added_usage_event(event) {
+                out.extend_from_slice(event);
+            }
+            start += end;
+        }
+        self.pending.drain(..start);
+        Bytes::from(out)
+    }
+
+    fn rest(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.pending))
+    }
+}
+
+/// The length of the first complete event in `bytes`, its blank-line terminator included.
+fn event_end(bytes: &[u8]) -> Option<usize> {
+    let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The response body: the provider's bytes as they come; at the end the outcome is recorded (the agent
 /// sees the end of the stream only after that). A provider that breaks off, or stays silent longer than
 /// `idle`, ends the body with an error and the action failed.
-pub fn relay(upstream: reqwest::Response, recorder: Recorder, idle: Duration) -> Body {
-    let state = Relay { upstream: upstream.bytes_stream().boxed(), recorder: Some(recorder), idle };
+///
+/// `drop_usage`: the gateway added `include_usage` to an OpenAI stream; its usage chunk is read for the
+/// record and not passed on.
+pub fn relay(upstream: reqwest::Response, recorder: Recorder, idle: Duration, drop_usage: bool) -> Body {
+    let state = Relay {
+        upstream: upstream.bytes_stream().boxed(),
+        recorder: Some(recorder),
+        idle,
+        drop_usage: drop_usage.then(UsageChunkFilter::default),
+    };
     let stream = futures_util::stream::unfold(state, |mut state| async move {
         let mut recorder = state.recorder.take()?;
         match tokio::time::timeout(state.idle, state.upstream.next()).await {
             Ok(Some(Ok(chunk))) => {
                 recorder.chunk(&chunk);
                 state.recorder = Some(recorder);
+                let chunk = match &mut state.drop_usage {
+                    Some(filter) => filter.pass(&chunk),
+                    None => chunk,
+                };
                 Some((Ok(chunk), state))
             }
             Ok(None) => {
                 recorder.record(None).await;
-                None
+                // What is left is an event the provider did not finish: passed on as it came.
+                let rest = state.drop_usage.as_mut().map(UsageChunkFilter::rest).filter(|b| !b.is_empty())?;
+                Some((Ok(rest), state))
             }
             Ok(Some(Err(e))) => {
                 let message = format!("the provider's stream broke off: {e}");

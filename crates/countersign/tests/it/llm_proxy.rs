@@ -471,6 +471,47 @@ async fn streams_are_relayed_chunk_by_chunk_as_they_arrive() {
 }
 
 #[tokio::test]
+async fn stream_usage_is_recorded_without_the_client_asking_and_version_headers_pass_on() {
+    let s = setup().await;
+    // OpenAI sends usage on a stream only when asked: the gateway asks, records it, and drops the extra
+    // chunk, so the client gets the stream it asked for.
+    let body = json!({"model": "gpt-fake", "stream": true, "messages": [{"role": "user", "content": "count me"}]});
+    let response =
+        s.post("/llm/openai/v1/chat/completions", &body).header("openai-beta", "assistants=v2").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let id = response.headers()["countersign-action-id"].to_str().unwrap().to_owned();
+    let (_, text) = arrivals(response).await;
+    assert!(text.contains("part4") && text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(!text.contains("\"usage\""), "the usage chunk the client did not ask for reached it: {text}");
+    let sent = s.provider.requests().into_iter().last().unwrap();
+    assert_eq!(sent.body["stream_options"]["include_usage"], true, "{:?}", sent.body);
+    assert_eq!(sent.headers["openai-beta"], "assistants=v2");
+    let events = s.events(&id).await;
+    assert_eq!(event(&events, "action.executed")["data"]["usage"]["input_tokens"], 7);
+    let action = s.agent.get_action(&id).await.unwrap().body;
+    assert_eq!(action["target"]["body"].get("stream_options"), None, "the frozen request is the agent's own");
+    assert_eq!(action["target"]["headers"]["openai-beta"], "assistants=v2");
+
+    // Anthropic: the client's version and beta headers reach the provider, once each; others do not.
+    let body = json!({"model": "claude-fake", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]});
+    let response = s
+        .post("/llm/anthropic/v1/messages", &body)
+        .header("anthropic-version", "2023-01-01")
+        .header("anthropic-beta", "tools-2024-04-04")
+        .header("x-custom-thing", "nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let sent = s.provider.requests().into_iter().last().unwrap();
+    let versions: Vec<_> = sent.headers.get_all("anthropic-version").iter().collect();
+    assert_eq!(versions, ["2023-01-01"]);
+    assert_eq!(sent.headers["anthropic-beta"], "tools-2024-04-04");
+    assert!(sent.headers.get("x-custom-thing").is_none());
+    s.server.stop().await;
+}
+
+#[tokio::test]
 async fn a_client_that_disconnects_mid_stream_fails_the_action() {
     let s = setup().await;
     let response = s
@@ -573,6 +614,7 @@ async fn an_inline_call_cut_off_by_a_crash_ends_failed_outcome_unknown_after_res
                     provider: "openai".into(),
                     path: "/v1/chat/completions".into(),
                     body,
+                    headers: Default::default(),
                     held: true,
                 })),
                 idempotency_key: None,

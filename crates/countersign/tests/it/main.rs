@@ -16,6 +16,7 @@ mod limits;
 mod llm_proxy;
 mod llm_python;
 mod mcp;
+mod mcp_gateway;
 mod openapi;
 mod replicas;
 mod tidy;
