@@ -41,6 +41,10 @@ pub struct SubmitOutcome {
     pub token: Option<String>,
     /// True when the idempotency key matched an earlier submission, which is returned as it is now.
     pub replayed: bool,
+    /// An inline submission the policy allowed is claimed for the caller in the same transaction: the
+    /// action is `executing`, its recovery job written, and the caller sends it now (and records how it
+    /// ended with [`Gateway::finish_inline`] or [`Gateway::record`]).
+    pub claimed: bool,
 }
 
 /// Longest a caller may hold a wait open.
@@ -79,10 +83,12 @@ impl Gateway {
         self.submit_with(caller, request, false).await
     }
 
-    /// Submits a model request of the LLM proxy. Allowed at once, it gets no execution job: the proxy's
-    /// live connection claims and carries it out ([`Gateway::claim_inline`], [`Gateway::finish_inline`]), so
-    /// the audit trail is the same as the job's. Held for approval, the approval enqueues the job as usual
-    /// (after a grace period when the client holds its connection open).
+    /// Submits a model request of the LLM proxy or a tool call of the MCP gateway. Allowed at once, it is
+    /// claimed for the caller in the same transaction (`executing`, `claimed: true`, with its recovery job):
+    /// the caller's live connection carries it out and records the outcome ([`Gateway::finish_inline`]), so
+    /// the audit trail is the same as the job's, and the call costs one write before it is sent. Held for
+    /// approval, the approval enqueues the job as usual (after a grace period when the client holds its
+    /// connection open), and the connection claims it with [`Gateway::claim_inline`] if it is still there.
     pub async fn submit_inline(&self, caller: &Caller, request: SubmitRequest) -> Result<SubmitOutcome> {
         if !matches!(request.target, Some(Target::Llm(_) | Target::Mcp(_))) {
             return Err(Error::invalid("target", "an inline submission carries an `llm` or `mcp` target"));
@@ -254,6 +260,20 @@ impl Gateway {
         if !inline {
             super::execute::enqueue_execution(self, &mut work, &mut action, now).await?;
         }
+        // Allowed inline: claimed here for the caller, so the call costs one transaction before it is sent.
+        let claim = if inline && action.state == ActionState::Approved {
+            let due = now + self.inline_recovery_delay(&action);
+            let job = countersign_core::domain::Job { run_at: due, ..super::execute::execution_job(&action, now) };
+            action.state = action.state.transition(ActionState::Executing)?;
+            action.started_at = Some(now);
+            action.job_id = Some(job.id.clone());
+            // Written before the action that names it. Not due for a while: the runner finds it on its own.
+            work.tx.insert_job(&job).await?;
+            work.job_changed(&job);
+            Some((job.id, due))
+        } else {
+            None
+        };
         work.tx.insert_action(&action).await.map_err(|e| match e {
             StoreError::Conflict(_) => Error::Conflict {
                 message: "an action with this idempotency key was submitted at the same moment; retry to read it"
@@ -335,10 +355,21 @@ impl Gateway {
                 }
             }
         }
+        if let Some((job_id, due)) = &claim {
+            work.audit(
+                &org,
+                now,
+                &system,
+                "action.executing",
+                Some(&subject),
+                json!({"retry": false, "inline": true, "recovery_job_id": job_id, "recovery_due": due}),
+            )
+            .await?;
+        }
         work.action_changed(&org, &action.id);
         work.commit(self).await?;
         self.metrics().action_submitted(action.state.as_str());
-        Ok(SubmitOutcome { action, approval, token, replayed: false })
+        Ok(SubmitOutcome { action, approval, token, replayed: false, claimed: claim.is_some() })
     }
 
     async fn idempotent_replay(
@@ -360,7 +391,7 @@ impl Gateway {
             Some(id) => self.read().await?.get_approval(&existing.org_id, id).await?,
             None => None,
         };
-        Ok(SubmitOutcome { action: existing, approval, token: None, replayed: true })
+        Ok(SubmitOutcome { action: existing, approval, token: None, replayed: true, claimed: false })
     }
 
     /// Reads an action the caller may see: agents and sessions only their own agent's.

@@ -54,7 +54,7 @@ pub(super) async fn enqueue_execution(
 }
 
 /// A new, queued `action.execute` job for an action, due now.
-fn execution_job(action: &Action, now: chrono::DateTime<chrono::Utc>) -> Job {
+pub(super) fn execution_job(action: &Action, now: chrono::DateTime<chrono::Utc>) -> Job {
     let job = Job::new(
         action.org_id.clone(),
         JobKind::ActionExecute,

@@ -78,9 +78,9 @@ impl Gateway {
         self.mcp_upstreams().wait_connected(server, timeout).await
     }
 
-    /// Submits an upstream tool call: evaluated like any action (session scopes first). Allowed, it has no
-    /// job: the caller carries it out at once ([`Gateway::claim_mcp_inline`],
-    /// [`Gateway::execute_mcp_inline`]). Held, the approval writes its execution job.
+    /// Submits an upstream tool call: evaluated like any action (session scopes first). Allowed, it is
+    /// claimed for the caller as it is submitted (`claimed: true`) and the caller carries it out at once
+    /// ([`Gateway::execute_mcp_inline`]). Held, the approval writes its execution job.
     pub async fn submit_mcp(&self, caller: &Caller, call: McpCall) -> Result<SubmitOutcome> {
         let capability = mcp_capability(&call.server, &call.tool)?;
         let target = McpTarget { server: call.server, tool: call.tool, arguments: call.arguments.clone() };

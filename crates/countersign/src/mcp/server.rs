@@ -239,7 +239,7 @@ impl McpServer {
 
     async fn outcome_of(&self, action: Action) -> Result<SubmitOutcome, Error> {
         let approval = self.gateway.approval_of(&action).await?;
-        Ok(SubmitOutcome { action, approval, token: None, replayed: false })
+        Ok(SubmitOutcome { action, approval, token: None, replayed: false, claimed: false })
     }
 
     #[tool(description = "Ask Countersign for permission to perform an action (and, with a target, to carry it out). \

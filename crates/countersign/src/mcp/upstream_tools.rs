@@ -115,6 +115,11 @@ async fn governed(
     let outcome = gateway.submit_mcp(caller, call).await?;
     let action = outcome.action;
     match action.state {
+        ActionState::Executing if outcome.claimed => {
+            // Allowed, and claimed for this request as it was submitted.
+            let done = gateway.execute_mcp_inline(&action).await?;
+            Ok(answer_of(name, &action, done.state, done.result.as_ref(), done.error.as_deref()))
+        }
         ActionState::Approved => match gateway.claim_mcp_inline(caller, &action.id).await? {
             Some(claimed) => {
                 // Recorded before it answers: the result is the one stored on the action.

@@ -195,7 +195,7 @@ async fn governed(
         .await?;
     let action = outcome.action;
     let response = match action.state {
-        ActionState::Approved => execute(gateway, &caller, dialect, &action, stream).await?,
+        ActionState::Executing if outcome.claimed => carry_out(gateway, dialect, action.clone(), stream).await?,
         ActionState::PendingApproval => {
             let approval =
                 outcome.approval.ok_or_else(|| Error::Internal("a pending action has no approval".into()))?;
@@ -285,6 +285,11 @@ async fn execute(
     let Some(action) = gateway.claim_inline(caller, &action.id).await? else {
         return stored_answer(gateway, caller, dialect, action).await;
     };
+    carry_out(gateway, dialect, action, stream).await
+}
+
+/// Sends a request claimed for this connection, relays or reads the answer, and records the outcome.
+async fn carry_out(gateway: &Gateway, dialect: Dialect, action: Action, stream: bool) -> Result<Response, Error> {
     let provider = match &action.target {
         Some(Target::Llm(llm)) => llm.provider.clone(),
         _ => return Err(Error::Internal("a model request without its target".into())),

@@ -622,9 +622,11 @@ async fn an_inline_call_cut_off_by_a_crash_ends_failed_outcome_unknown_after_res
         )
         .await
         .unwrap();
-    assert_eq!(submitted.action.state.as_str(), "approved");
-    assert!(submitted.action.job_id.is_none(), "allowed inline: no job until the claim");
-    let claimed = gateway.claim_inline(&caller, &submitted.action.id).await.unwrap().unwrap();
+    // Allowed inline: claimed for the caller in the submission's own transaction.
+    assert_eq!(submitted.action.state.as_str(), "executing");
+    assert!(submitted.claimed);
+    let claimed = submitted.action;
+    assert!(gateway.claim_inline(&caller, &claimed.id).await.unwrap().is_none(), "claimed once only");
     let id = claimed.id.to_string();
     let job_id = claimed.job_id.clone().expect("the claim writes the recovery job").to_string();
 

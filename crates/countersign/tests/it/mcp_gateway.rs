@@ -584,9 +584,10 @@ async fn a_tool_call_cut_off_by_a_crash_ends_failed_outcome_unknown_and_is_never
         reasoning: json!({"goal": "crash test"}).to_string(),
     };
     let submitted = gateway.submit_mcp(&caller, call).await.unwrap();
-    assert_eq!(submitted.action.state.as_str(), "approved");
-    assert!(submitted.action.job_id.is_none(), "allowed inline: no job until the claim");
-    let claimed = gateway.claim_mcp_inline(&caller, &submitted.action.id).await.unwrap().unwrap();
+    // Allowed: claimed for the caller in the submission's own transaction.
+    assert_eq!(submitted.action.state.as_str(), "executing");
+    assert!(submitted.claimed);
+    let claimed = submitted.action;
     let id = claimed.id.to_string();
     let job_id = claimed.job_id.clone().expect("the claim writes the recovery job").to_string();
     // Claimed twice? No: the second claim finds it executing.
