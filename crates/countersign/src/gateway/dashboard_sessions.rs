@@ -57,6 +57,15 @@ impl Gateway {
         let mut work = self.write().await?;
         let swept = work.tx.delete_expired_dashboard_sessions(now).await?;
         work.tx.insert_dashboard_session(&session).await?;
+        work.audit(
+            &user.org_id,
+            now,
+            &caller.actor(),
+            "dashboard.login",
+            Some(user.id.as_str()),
+            serde_json::json!({"expires_at": session.expires_at}),
+        )
+        .await?;
         work.commit(self).await?;
         tracing::debug!(user_id = %user.id, swept, "dashboard session started");
         Ok(DashboardLogin { token, expires_at: session.expires_at })
@@ -103,8 +112,20 @@ impl Gateway {
     /// Logout: the token stops working on every replica at once.
     pub async fn end_dashboard_session(&self, caller: &Caller, token: &str) -> Result<()> {
         let hash = secrets::hash_secret(token);
+        let now = self.now();
         let mut work = self.write().await?;
-        work.tx.revoke_dashboard_session(caller.org_id(), &hash, self.now()).await?;
+        if work.tx.revoke_dashboard_session(caller.org_id(), &hash, now).await? {
+            let subject = caller.user().map(|u| u.id.to_string());
+            work.audit(
+                caller.org_id(),
+                now,
+                &caller.actor(),
+                "dashboard.logout",
+                subject.as_deref(),
+                serde_json::json!({}),
+            )
+            .await?;
+        }
         work.commit(self).await
     }
 }

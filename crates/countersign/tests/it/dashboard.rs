@@ -193,6 +193,14 @@ async fn login_cookie_flags_csrf_and_logout() {
     assert!(cleared.contains("Max-Age=0"), "{cleared}");
     let after = client.get(format!("{base}/ui/pending")).header(COOKIE, &session).send().await.unwrap();
     assert_eq!(after.status(), StatusCode::SEE_OTHER);
+    // Who logged in and out is in the audit log.
+    for name in ["dashboard.login", "dashboard.logout"] {
+        let query = countersign::client::AuditQuery { action: Some(name.into()), ..Default::default() };
+        let events = server.admin.query_audit(&query).await.unwrap().body;
+        let events = events["events"].as_array().unwrap();
+        assert!(!events.is_empty(), "no {name} event");
+        assert_eq!(events[0]["actor"]["kind"], "user", "{events:?}");
+    }
 
     // Revoking the key behind a session ends the session at its next request.
     let (viewer_session, _) = login(&base, viewer.key().unwrap()).await;
