@@ -5,11 +5,19 @@
 //! proxied call is an allowed action with its audit events durable before the answer returns (submit, claim
 //! with its recovery job, finish: three write transactions). Rate limit off.
 //!
+//! With `COUNTERSIGN_BENCH_LITELLM` naming a `litellm` executable (`scripts/bench-llm` installs one into
+//! `.venv-litellm`), LiteLLM's proxy is started too, in front of the same fake provider (its defaults: one
+//! uvicorn worker, no database, telemetry and the remote cost map off), measured by the same loop in the
+//! same run, and each case also prints the ratio of the two added latencies (LiteLLM's over Countersign's).
+//! Without the variable LiteLLM is never touched.
+//!
 //! `cargo bench -p countersign --bench llm_proxy` prints the figures; under `cargo test` it runs a few
 //! iterations only, as a smoke test. Not a test of speed: nothing here asserts a time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::convert::Infallible;
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -23,6 +31,10 @@ use serde_json::{Value, json};
 
 const POLICY: &str = "version: 1\ndefaults:\n  effect: allow\n";
 const PROVIDER_KEY: &str = "sk-bench-provider";
+const LITELLM_ENV: &str = "COUNTERSIGN_BENCH_LITELLM";
+const LITELLM_KEY: &str = "sk-bench-litellm";
+/// How long LiteLLM may take to answer its health endpoint (it imports a lot of Python: ~15 s here).
+const LITELLM_STARTUP: Duration = Duration::from_secs(180);
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -31,6 +43,29 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// Median and p99 of one series of calls.
+#[derive(Clone, Copy)]
+struct Stats {
+    median: Duration,
+    p99: Duration,
+}
+
+impl Stats {
+    fn of(sorted: &[Duration]) -> Self {
+        Self { median: percentile(sorted, 0.5), p99: percentile(sorted, 0.99) }
+    }
+
+    /// What a proxy added over the direct calls.
+    fn minus(self, direct: Stats) -> Self {
+        Self { median: self.median.saturating_sub(direct.median), p99: self.p99.saturating_sub(direct.p99) }
+    }
+}
+
+/// `a / b` as "12.3x", or "n/a" when `b` is too small to divide by meaningfully.
+fn ratio(a: Duration, b: Duration) -> String {
+    if b < Duration::from_micros(1) { "n/a".into() } else { format!("{:.1}x", a.as_secs_f64() / b.as_secs_f64()) }
 }
 
 /// The fake provider: `/v1/chat/completions`, a JSON answer at once, or (with `stream: true`) five
@@ -76,13 +111,91 @@ struct Target {
     key: String,
 }
 
+/// LiteLLM's proxy as a child process in front of the fake provider; killed when dropped.
+struct LiteLlm {
+    target: Target,
+    child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl LiteLlm {
+    /// Writes its config (the fake provider as `gpt-fake`, a master key, no database), starts `bin` on a free
+    /// loopback port and waits, up to `LITELLM_STARTUP`, for `/health/liveliness` to answer.
+    async fn start(bin: &Path, provider: &str, http: &reqwest::Client) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        // YAML, written as JSON (which YAML reads).
+        let config = dir.path().join("litellm.yaml");
+        let model = json!({"model": "openai/gpt-fake", "api_base": format!("{provider}/v1"), "api_key": PROVIDER_KEY});
+        let yaml = json!({
+            "model_list": [{"model_name": "gpt-fake", "litellm_params": model}],
+            "general_settings": {"master_key": LITELLM_KEY},
+            "litellm_settings": {"telemetry": false},
+        });
+        std::fs::write(&config, yaml.to_string())?;
+        // A free port: bound, read and released for LiteLLM to bind.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let log = dir.path().join("litellm.log");
+        let log_file = std::fs::File::create(&log)?;
+        let child = tokio::process::Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .env("LITELLM_TELEMETRY", "False")
+            .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()?;
+        let url = format!("http://127.0.0.1:{port}");
+        let mut litellm = Self {
+            target: Target { url: format!("{url}/v1/chat/completions"), key: LITELLM_KEY.into() },
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + LITELLM_STARTUP;
+        loop {
+            let health = http.get(format!("{url}/health/liveliness")).timeout(Duration::from_secs(5)).send().await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                return Ok(litellm);
+            }
+            if let Some(status) = litellm.child.try_wait()? {
+                anyhow::bail!("{} exited with {status}; its log ends:\n{}", bin.display(), tail(&log));
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "{} did not answer within {LITELLM_STARTUP:?}; its log ends:\n{}",
+                    bin.display(),
+                    tail(&log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// The last lines of a log file.
+fn tail(path: &Path) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
 /// One call: the whole answer, or (streamed) up to its first chunk, which is what is timed; the rest of
 /// the stream is read to its end so the action finishes.
 async fn call(http: &reqwest::Client, target: &Target, stream: bool) -> Duration {
     let body = json!({"model": "gpt-fake", "stream": stream, "messages": [{"role": "user", "content": "hello"}]});
     let started = Instant::now();
     let response = http.post(&target.url).bearer_auth(&target.key).json(&body).send().await.unwrap();
-    assert_eq!(response.status(), 200);
+    if response.status() != 200 {
+        let status = response.status();
+        panic!("{}: {status}: {}", target.url, response.text().await.unwrap_or_default());
+    }
     if stream {
         let mut chunks = response.bytes_stream();
         chunks.next().await.unwrap().unwrap();
@@ -154,30 +267,65 @@ async fn main() {
     let proxied = Target { url: format!("{url}/llm/openai/v1/chat/completions"), key: agent_key };
     let http = reqwest::Client::builder().pool_max_idle_per_host(128).build().unwrap();
 
-    // Warm both paths (connections, the SQLite cache) before measuring.
-    run(&http, &direct, 8, warmup / 8 + 1, false).await;
-    run(&http, &proxied, 8, warmup / 8 + 1, false).await;
+    let litellm = match std::env::var_os(LITELLM_ENV) {
+        None => None,
+        Some(bin) => match LiteLlm::start(Path::new(&bin), &provider, &http).await {
+            Ok(litellm) => Some(litellm),
+            Err(e) => {
+                eprintln!("{LITELLM_ENV} is set but LiteLLM did not start, measuring without it: {e:#}");
+                None
+            }
+        },
+    };
+    let mut targets = vec![("countersign", proxied)];
+    if let Some(litellm) = &litellm {
+        targets.push(("litellm", litellm.target.clone()));
+    }
 
-    println!("LLM proxy added latency (fake provider on loopback; proxied minus direct, same client)");
+    // Warm every path (connections, the SQLite cache, LiteLLM's first-call setup) before measuring.
+    for target in std::iter::once(&direct).chain(targets.iter().map(|(_, t)| t)) {
+        run(&http, target, 8, warmup / 8 + 1, false).await;
+        run(&http, target, 8, 1, true).await;
+    }
+
+    println!("LLM proxy added latency (fake provider on loopback; through the proxy minus direct, same client)");
     for (label, stream) in [("non-streamed, whole answer", false), ("streamed, time to first chunk", true)] {
         for clients in [1usize, 64] {
             let per_client = if clients == 1 { sequential } else { per_client_64 };
-            let d = run(&http, &direct, clients, per_client, stream).await;
-            let p = run(&http, &proxied, clients, per_client, stream).await;
-            let (dm, d99, pm, p99) =
-                (percentile(&d, 0.5), percentile(&d, 0.99), percentile(&p, 0.5), percentile(&p, 0.99));
+            let direct_stats = Stats::of(&run(&http, &direct, clients, per_client, stream).await);
+            println!("  {label}, {clients} client(s), {} calls each target", clients * per_client);
             println!(
-                "  {label}, {clients:>2} client(s), {} calls: direct median {:.3} ms p99 {:.3} ms; proxied median \
-                 {:.3} ms p99 {:.3} ms; added median {:.3} ms p99 {:.3} ms",
-                p.len(),
-                ms(dm),
-                ms(d99),
-                ms(pm),
-                ms(p99),
-                ms(pm.saturating_sub(dm)),
-                ms(p99.saturating_sub(d99)),
+                "    {:<12} median {:>7.3} ms  p99 {:>7.3} ms",
+                "direct",
+                ms(direct_stats.median),
+                ms(direct_stats.p99)
             );
+            let mut added = Vec::new();
+            for (name, target) in &targets {
+                let stats = Stats::of(&run(&http, target, clients, per_client, stream).await);
+                let plus = stats.minus(direct_stats);
+                println!(
+                    "    {name:<12} median {:>7.3} ms  p99 {:>7.3} ms  added median {:>7.3} ms  p99 {:>7.3} ms",
+                    ms(stats.median),
+                    ms(stats.p99),
+                    ms(plus.median),
+                    ms(plus.p99),
+                );
+                added.push(plus);
+            }
+            if let [countersign, litellm] = added[..] {
+                println!(
+                    "    ratio, LiteLLM added / Countersign added: median {}  p99 {}",
+                    ratio(litellm.median, countersign.median),
+                    ratio(litellm.p99, countersign.p99),
+                );
+            }
         }
+    }
+    if let Some(litellm) = litellm {
+        litellm.stop().await;
+    } else if std::env::var_os(LITELLM_ENV).is_none() && full {
+        println!("(LiteLLM not measured: set {LITELLM_ENV} to a litellm executable, or run scripts/bench-llm)");
     }
     let _ = stop.send(());
     task.await.unwrap().unwrap();
