@@ -63,6 +63,12 @@ pub struct RiskAssessment {
 
 /// Scores an action from its capability's profile (`None` when the policy has none for it) and the number
 /// of earlier successes of this agent on this capability. See the module documentation for the formula.
+/// Earlier successes are counted up to this many: counting is a range scan, and an agent with a hundred
+/// thousand calls of one capability would pay for it on every submission. Past the cap the precedent factor
+/// is at most 1/51 and falls by less than 0.02 more, so the score stays as high or higher (never lower)
+/// than an exact count would make it.
+pub const PRECEDENT_CAP: u64 = 100;
+
 pub fn assess(profile: Option<&CapabilityProfile>, prior_successes: u64) -> RiskAssessment {
     let mut factors = Vec::with_capacity(4);
     let mut inherent = BASE_RISK;
@@ -92,7 +98,8 @@ pub fn assess(profile: Option<&CapabilityProfile>, prior_successes: u64) -> Risk
         factors.push("first use: no earlier success of this agent on this capability ×1.00".to_owned());
     } else {
         factors.push(format!(
-            "{prior_successes} earlier success{} of this agent on this capability ×{precedent:.2} (1 / (1 + n/2))",
+            "{prior_successes}{} earlier success{} of this agent on this capability ×{precedent:.2} (1 / (1 + n/2))",
+            if prior_successes >= PRECEDENT_CAP { " or more" } else { "" },
             if prior_successes == 1 { "" } else { "es" }
         ));
     }

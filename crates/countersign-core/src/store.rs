@@ -182,6 +182,8 @@ pub trait StoreTx: Send {
         filter: &ActionFilter,
         page: &Page,
     ) -> Result<Vec<Action>, StoreError>;
+    /// The agent's earlier successes on the capability (succeeded, or approved record-only), counted up to
+    /// [`crate::risk::PRECEDENT_CAP`]: never more than that, so a submission costs the same at any history.
     async fn count_successes(&mut self, org: &OrgId, agent: &AgentId, capability: &str) -> Result<u64, StoreError>;
 
     // Approvals.

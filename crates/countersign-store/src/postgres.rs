@@ -41,6 +41,7 @@ use countersign_core::domain::{
     User, Webhook,
 };
 use countersign_core::ids::{ActionId, AgentId, ApprovalId, JobId, KeyId, OrgId, SessionId, UserId, WebhookId};
+use countersign_core::risk::PRECEDENT_CAP;
 use countersign_core::state::{ActionState, ApprovalStatus, JobState};
 use countersign_core::store::{
     ActionFilter, AuditFilter, AuditHead, JobFilter, Page, PendingDeadline, Retention, Store, StoreError, StoreTx,
@@ -820,12 +821,14 @@ impl StoreTx for PgTx {
         let n = self
             .fetch_count(
                 sqlx::query(
-                    "SELECT COUNT(*) AS n FROM actions WHERE org_id = $1 AND agent_id = $2 AND capability = $3
-                       AND (state = 'succeeded' OR (state = 'approved' AND target IS NULL))",
+                    "SELECT COUNT(*) AS n FROM (SELECT 1 FROM actions WHERE org_id = $1 AND agent_id = $2
+                       AND capability = $3 AND (state = 'succeeded' OR (state = 'approved' AND target IS NULL))
+                       LIMIT $4) AS earlier",
                 )
                 .bind(org.as_str().to_owned())
                 .bind(agent.as_str().to_owned())
-                .bind(capability.to_owned()),
+                .bind(capability.to_owned())
+                .bind(i64::try_from(PRECEDENT_CAP).unwrap_or(i64::MAX)),
             )
             .await?;
         Ok(u64::try_from(n).unwrap_or(0))

@@ -26,6 +26,7 @@ use countersign_core::domain::{
     User, Webhook,
 };
 use countersign_core::ids::{ActionId, AgentId, ApprovalId, JobId, KeyId, OrgId, SessionId, UserId, WebhookId};
+use countersign_core::risk::PRECEDENT_CAP;
 use countersign_core::state::{ActionState, ApprovalStatus, JobState};
 use countersign_core::store::{
     ActionFilter, AuditFilter, AuditHead, JobFilter, Page, PendingDeadline, Retention, Store, StoreError, StoreTx,
@@ -806,12 +807,13 @@ impl StoreTx for SqliteTx {
         let row = self
             .fetch_optional(
                 sqlx::query(
-                    "SELECT COUNT(*) AS n FROM actions WHERE org_id = ? AND agent_id = ? AND capability = ?
-                       AND (state = 'succeeded' OR (state = 'approved' AND target IS NULL))",
+                    "SELECT COUNT(*) AS n FROM (SELECT 1 FROM actions WHERE org_id = ? AND agent_id = ? AND capability = ?
+                       AND (state = 'succeeded' OR (state = 'approved' AND target IS NULL)) LIMIT ?)",
                 )
                 .bind(org.as_str().to_owned())
                 .bind(agent.as_str().to_owned())
-                .bind(capability.to_owned()),
+                .bind(capability.to_owned())
+                .bind(i64::try_from(PRECEDENT_CAP).unwrap_or(i64::MAX)),
             )
             .await?;
         let n: i64 = row.map(|r| get(&r, "n")).transpose()?.unwrap_or(0);

@@ -584,6 +584,16 @@ mod checks {
         // Successes: succeeded, or approved without a target.
         assert_eq!(tx.count_successes(&o.id, &bot.id, "finance.issue.card").await.unwrap(), 1, "{n}");
         assert_eq!(tx.count_successes(&other.id, &bot.id, "finance.issue.card").await.unwrap(), 0, "{n}");
+        drop(tx);
+
+        // Counted up to the cap, so a long history costs a submission nothing more.
+        let cap = countersign_core::risk::PRECEDENT_CAP;
+        let mut tx = b.store.write().await.unwrap();
+        for _ in 0..cap + 5 {
+            tx.insert_action(&action(&o, &bot2, "llm.chat.completion", ActionState::Succeeded)).await.unwrap();
+        }
+        assert_eq!(tx.count_successes(&o.id, &bot2.id, "llm.chat.completion").await.unwrap(), cap, "{n}");
+        tx.commit().await.unwrap();
     }
 
     pub async fn approvals_and_decisions_round_trip(b: &Backend) {
