@@ -159,9 +159,13 @@ impl McpTarget {
     pub fn validate(&self) -> Result<(), String> {
         if self.server.is_empty()
             || self.server.contains("__")
+            || self.server.ends_with('_')
             || !self.server.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(format!("target.server `{}` must be an MCP server name ([A-Za-z0-9_-], no `__`)", self.server));
+            return Err(format!(
+                "target.server `{}` must be an MCP server name ([A-Za-z0-9_-], no `__`, not ending in `_`)",
+                self.server
+            ));
         }
         if self.tool.is_empty() || self.tool.len() > 256 || self.tool.chars().any(char::is_control) {
             return Err(format!("target.tool `{}` must be a tool name (1 to 256 printable characters)", self.tool));

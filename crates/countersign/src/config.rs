@@ -81,6 +81,11 @@ pub struct LlmFileConfig {
     pub dialect: Option<Dialect>,
     #[serde(default = "default_llm_timeout")]
     pub timeout_seconds: u64,
+    /// Ask an OpenAI-dialect stream for its token usage (`stream_options.include_usage`) when the client
+    /// did not, so the audit records it; the extra chunk is not passed on. Default: on for api.openai.com,
+    /// off elsewhere (some OpenAI-compatible servers refuse the field).
+    #[serde(default)]
+    pub stream_usage: Option<bool>,
 }
 
 /// A model provider the LLM proxy forwards to. The agent never sees its key.
@@ -91,13 +96,27 @@ pub struct LlmConfig {
     pub api_key: Secret,
     pub dialect: Dialect,
     pub timeout_seconds: u64,
+    /// See [`LlmFileConfig::stream_usage`].
+    pub stream_usage: bool,
 }
 
 impl LlmConfig {
     /// A provider whose dialect follows its name, as in the file when `dialect` is left out.
     pub fn new(name: &str, base_url: String, api_key: Secret) -> Self {
-        LlmConfig { base_url, api_key, dialect: default_dialect(name), timeout_seconds: default_llm_timeout() }
+        let stream_usage = default_stream_usage(&base_url);
+        LlmConfig {
+            base_url,
+            api_key,
+            dialect: default_dialect(name),
+            timeout_seconds: default_llm_timeout(),
+            stream_usage,
+        }
     }
+}
+
+/// OpenAI itself takes `stream_options`; other OpenAI-compatible servers may not.
+fn default_stream_usage(base_url: &str) -> bool {
+    reqwest::Url::parse(base_url).ok().and_then(|u| u.host_str().map(|h| h == "api.openai.com")).unwrap_or(false)
 }
 
 fn default_dialect(name: &str) -> Dialect {
@@ -170,9 +189,13 @@ fn default_mcp_timeout() -> u64 {
     60
 }
 
-/// An MCP server name: `[A-Za-z0-9_-]`, no `__` (the separator in `NAME__tool`).
+/// An MCP server name: `[A-Za-z0-9_-]`, no `__` (the separator in `NAME__tool`) and no `_` at the end
+/// (`a_` + `__` + `tool` would read back as `a` and `_tool`).
 pub fn valid_mcp_server_name(name: &str) -> bool {
-    !name.is_empty() && !name.contains("__") && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !name.is_empty()
+        && !name.contains("__")
+        && !name.ends_with('_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 impl McpServerFileConfig {
@@ -180,7 +203,9 @@ impl McpServerFileConfig {
     fn resolve(self, name: &str, base: &Path) -> Result<McpServerConfig, ConfigError> {
         let invalid = |m: String| ConfigError::Invalid(format!("mcp_servers.{name}: {m}"));
         if !valid_mcp_server_name(name) {
-            return Err(invalid("a server name is [A-Za-z0-9_-] and must not contain `__`".into()));
+            return Err(invalid(
+                "a server name is [A-Za-z0-9_-], must not contain `__` and must not end in `_`".into(),
+            ));
         }
         if self.timeout_seconds == 0 {
             return Err(invalid("timeout_seconds must be at least 1".into()));
@@ -440,9 +465,9 @@ impl ServeArgs {
                 None => Secret::default(),
             };
             let dialect = provider.dialect.unwrap_or_else(|| default_dialect(&name));
-            config
-                .llm
-                .insert(name, LlmConfig { base_url, api_key, dialect, timeout_seconds: provider.timeout_seconds });
+            let stream_usage = provider.stream_usage.unwrap_or_else(|| default_stream_usage(&base_url));
+            let timeout_seconds = provider.timeout_seconds;
+            config.llm.insert(name, LlmConfig { base_url, api_key, dialect, timeout_seconds, stream_usage });
         }
         for (name, server) in file.mcp_servers {
             let resolved = server.resolve(&name, &base)?;
@@ -536,6 +561,7 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # api_key = "${env:OPENAI_API_KEY}"
 # dialect = "openai"                # default: "anthropic" for [llm.anthropic], else "openai"
 # timeout_seconds = 120
+# stream_usage = true               # ask streams for token usage (default: on for api.openai.com only)
 # [llm.anthropic]
 # base_url = "https://api.anthropic.com"
 # api_key = "${env:ANTHROPIC_API_KEY}"
@@ -637,6 +663,7 @@ mod tests {
             ("[mcp_servers.a]\nurl = \"http://x\"\ncommand = [\"p\"]\n", "not both"),
             ("[mcp_servers.a]\ntimeout_seconds = 5\n", "give `url`"),
             ("[mcp_servers.a__b]\nurl = \"http://x\"\n", "`__`"),
+            ("[mcp_servers.gh_]\nurl = \"http://x\"\n", "end in `_`"),
             ("[mcp_servers.\"a.b\"]\nurl = \"http://x\"\n", "[A-Za-z0-9_-]"),
             ("[mcp_servers.a]\ncommand = []\n", "must name a program"),
             ("[mcp_servers.a]\nurl = \"ftp://x\"\n", "scheme"),

@@ -104,14 +104,10 @@ impl Connectors {
     ) -> Result<(reqwest::Response, Duration), ConnectorError> {
         let (request, timeout) =
             self.llm_request(&target.provider, reqwest::Method::POST, &target.path, &target.headers)?;
-        let dialect = self.llm_dialect(&target.provider).unwrap_or(Dialect::Openai);
         let mut request = request.header("idempotency-key", idempotency_key);
-        request = if stream_usage && adds_stream_usage(dialect, target) {
-            let mut body = target.body.clone();
-            body["stream_options"]["include_usage"] = Value::Bool(true);
-            request.json(&body)
-        } else {
-            request.json(&target.body)
+        request = match stream_usage.then(|| self.with_stream_usage(target)).flatten() {
+            Some(body) => request.json(&body),
+            None => request.json(&target.body),
         };
         if !stream {
             request = request.timeout(timeout);
@@ -121,6 +117,37 @@ impl Connectors {
             .map_err(|_| ConnectorError::Timeout(format!("the provider did not answer within {}s", timeout.as_secs())))?
             .map_err(|e| llm_transport(&e))?;
         Ok((response, timeout))
+    }
+
+    /// The body with `stream_options.include_usage` added, when [`Connectors::adds_stream_usage`] says so.
+    fn with_stream_usage(&self, target: &LlmTarget) -> Option<Value> {
+        if !self.adds_stream_usage(target) {
+            return None;
+        }
+        let mut body = target.body.clone();
+        match body.as_object_mut()?.entry("stream_options").or_insert(Value::Null) {
+            options @ Value::Null => *options = json!({"include_usage": true}),
+            Value::Object(options) => {
+                options.insert("include_usage".into(), Value::Bool(true));
+            }
+            _ => return None,
+        }
+        Some(body)
+    }
+
+    /// Whether a relayed stream of this request gets `stream_options.include_usage` added: a provider
+    /// configured with `stream_usage` (on by default for api.openai.com), an OpenAI-dialect chat or text
+    /// completion streamed without the client asking for usage, and `stream_options` absent or an object.
+    /// The relay then drops the usage chunk ([`is_added_usage_event`]), so the client sees the stream it
+    /// asked for.
+    pub fn adds_stream_usage(&self, target: &LlmTarget) -> bool {
+        let Some(config) = self.llm.get(&target.provider) else { return false };
+        config.stream_usage
+            && config.dialect == Dialect::Openai
+            && matches!(target.path.as_str(), "/v1/chat/completions" | "/v1/completions")
+            && target.body.get("stream").and_then(Value::as_bool) == Some(true)
+            && matches!(target.body.get("stream_options"), None | Some(Value::Null) | Some(Value::Object(_)))
+            && target.body.pointer("/stream_options/include_usage").and_then(Value::as_bool) != Some(true)
     }
 
     /// `GET` on a provider path (the model list): no action, just the provider's answer.
@@ -146,16 +173,6 @@ impl Connectors {
             })??;
         Ok(classify(dialect, status, &content_type, &body))
     }
-}
-
-/// Whether a relayed stream of this request gets `stream_options.include_usage` added: an OpenAI-dialect
-/// chat or text completion streamed without the client asking for usage. The relay then drops the usage
-/// chunk ([`is_added_usage_event`]), so the client sees the stream it asked for.
-pub fn adds_stream_usage(dialect: Dialect, target: &LlmTarget) -> bool {
-    dialect == Dialect::Openai
-        && matches!(target.path.as_str(), "/v1/chat/completions" | "/v1/completions")
-        && target.body.get("stream").and_then(Value::as_bool) == Some(true)
-        && target.body.pointer("/stream_options/include_usage").and_then(Value::as_bool) != Some(true)
 }
 
 /// The usage-only chunk OpenAI sends last when `include_usage` is on: no choices, a `usage` object.

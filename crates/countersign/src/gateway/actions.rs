@@ -368,7 +368,8 @@ impl Gateway {
         }
         work.action_changed(&org, &action.id);
         work.commit(self).await?;
-        self.metrics().action_submitted(action.state.as_str());
+        // Counted by the verdict: an allowed inline call claimed at once still counts as approved.
+        self.metrics().action_submitted(next_state.as_str());
         Ok(SubmitOutcome { action, approval, token, replayed: false, claimed: claim.is_some() })
     }
 

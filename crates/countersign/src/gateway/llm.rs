@@ -67,7 +67,7 @@ impl Gateway {
 
     /// Sends a claimed model request; answers once the provider's status and headers are in, with the
     /// provider's timeout (which also bounds the wait between two streamed chunks). A relayed OpenAI stream
-    /// asks for usage (see [`crate::connectors::llm::adds_stream_usage`]).
+    /// asks for usage (see [`Gateway::llm_adds_stream_usage`]).
     pub async fn send_inline(
         &self,
         action: &Action,
@@ -77,6 +77,12 @@ impl Gateway {
             Some(Target::Llm(llm)) => self.inner.connectors.send_llm(llm, action.id.as_str(), stream, stream).await,
             _ => Err(ConnectorError::Invalid("not a model request".into())),
         }
+    }
+
+    /// Whether a relayed stream of this request has `include_usage` added, whose usage chunk the relay
+    /// then holds back from the client.
+    pub fn llm_adds_stream_usage(&self, target: &countersign_core::domain::LlmTarget) -> bool {
+        self.inner.connectors.adds_stream_usage(target)
     }
 
     /// Pushes the recovery job of an inline execution still in flight (a long stream) past the provider's

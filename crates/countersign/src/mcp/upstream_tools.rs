@@ -34,9 +34,7 @@ pub fn listed(gateway: &Gateway) -> Vec<Tool> {
     let mut listed = Vec::new();
     for (server, tools) in gateway.mcp_upstreams().tools() {
         for tool in tools.iter() {
-            let mut shown = tool.clone();
-            shown.name = format!("{server}{SEPARATOR}{}", tool.name).into();
-            listed.push(shown);
+            listed.push(shown(tool.clone(), format!("{server}{SEPARATOR}{}", tool.name)));
         }
     }
     listed
@@ -45,9 +43,15 @@ pub fn listed(gateway: &Gateway) -> Vec<Tool> {
 /// The upstream tool behind a `NAME__tool` name, renamed as `/mcp` shows it.
 pub fn find(gateway: &Gateway, name: &str) -> Option<Tool> {
     let (server, tool) = name.split_once(SEPARATOR)?;
-    let mut shown = gateway.mcp_upstreams().tool(server, tool)?;
-    shown.name = name.to_owned().into();
-    Some(shown)
+    Some(shown(gateway.mcp_upstreams().tool(server, tool)?, name.to_owned()))
+}
+
+/// An upstream tool as `/mcp` shows it: renamed, and without its output schema, since a held call answers
+/// with the gateway's own structured content (pending, how to wait), which a client would check against it.
+fn shown(mut tool: Tool, name: String) -> Tool {
+    tool.name = name.into();
+    tool.output_schema = None;
+    tool
 }
 
 fn unknown_tool(name: &str) -> ErrorData {

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 
 use crate::config::Dialect;
 use crate::connectors::ConnectorError;
-use crate::connectors::llm::{MAX_LLM_RESPONSE_BYTES, adds_stream_usage, classify, content_type, read_all};
+use crate::connectors::llm::{MAX_LLM_RESPONSE_BYTES, classify, content_type, read_all};
 use crate::error::Error;
 use crate::gateway::{Caller, Gateway, InlineOutcome, SubmitRequest};
 use crate::http::AppState;
@@ -173,12 +173,17 @@ async fn governed(
     let immediate = wait.is_some_and(|w| w.is_zero());
     let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let capability = Capability::parse(endpoint.capability()).map_err(|e| Error::Internal(e.to_string()))?;
-    let params = wire::params(provider, &request);
+    let forwarded = forwarded_headers(headers)?;
+    let mut params = wire::params(provider, &request);
+    if !forwarded.is_empty() {
+        // So a rule can match a beta feature or API version, too.
+        params["headers"] = json!(forwarded);
+    }
     let target = LlmTarget {
         provider: provider.to_owned(),
         path: endpoint.path().to_owned(),
         body: request,
-        headers: forwarded_headers(headers)?,
+        headers: forwarded,
         held: !immediate,
     };
     let outcome = gateway
@@ -325,7 +330,7 @@ async fn carry_out(gateway: &Gateway, dialect: Dialect, action: Action, stream: 
         // From here the recorder answers for the outcome, a hang-up included.
         hung_up.disarm();
         let drop_usage = match &action.target {
-            Some(Target::Llm(llm)) => adds_stream_usage(dialect, llm),
+            Some(Target::Llm(llm)) => gateway.llm_adds_stream_usage(llm),
             _ => false,
         };
         let body = relay::relay(response, recorder, idle, drop_usage);

@@ -140,6 +140,7 @@ pub fn llm_config(data_dir: &std::path::Path, provider_url: &str) -> Config {
     let key = Secret::new(crate::fake_llm::PROVIDER_KEY.into());
     let mut openai = LlmConfig::new("openai", provider_url.to_owned(), key.clone());
     openai.timeout_seconds = 2;
+    openai.stream_usage = true;
     config.llm.insert("openai".into(), openai);
     config.llm.insert("anthropic".into(), LlmConfig::new("anthropic", provider_url.to_owned(), key.clone()));
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

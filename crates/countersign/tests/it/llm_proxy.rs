@@ -491,6 +491,13 @@ async fn stream_usage_is_recorded_without_the_client_asking_and_version_headers_
     let action = s.agent.get_action(&id).await.unwrap().body;
     assert_eq!(action["target"]["body"].get("stream_options"), None, "the frozen request is the agent's own");
     assert_eq!(action["target"]["headers"]["openai-beta"], "assistants=v2");
+    assert_eq!(action["params"]["headers"]["openai-beta"], "assistants=v2", "rules can match it: {action}");
+    // `stream_options` that is not an object is the provider's to judge: sent as it came, nothing added.
+    let odd = json!({"model": "gpt-fake", "stream": true, "stream_options": "yes", "messages": [{"role": "user", "content": "x"}]});
+    let response = s.post("/llm/openai/v1/chat/completions", &odd).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    arrivals(response).await;
+    assert_eq!(s.provider.requests().into_iter().last().unwrap().body["stream_options"], "yes");
 
     // Anthropic: the client's version and beta headers reach the provider, once each; others do not.
     let body = json!({"model": "claude-fake", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]});
