@@ -209,6 +209,7 @@ impl Server {
             Err(error) => tracing::error!(%error, "cannot re-arm expiry timers"),
         }
 
+        let inline = gateway.clone();
         let app = crate::http::router(gateway, self.max_body_bytes);
         let serve_token = token.clone();
         // Small request/response exchanges: do not let Nagle hold back the last segment.
@@ -226,6 +227,8 @@ impl Server {
         token.cancel();
         tracker.close();
         tracker.wait().await;
+        // Tool calls still in flight finish (and are recorded) before their upstreams are dropped.
+        inline.inline_finished().await;
         upstreams_stop.cancel();
         upstreams.close();
         upstreams.wait().await;

@@ -114,7 +114,7 @@ impl Gateway {
     /// on a task of its own, so a client that goes away meanwhile cannot cut the record off halfway.
     pub async fn execute_mcp_inline(&self, action: &Action) -> Result<McpOutcome> {
         let (gateway, action) = (self.clone(), action.clone());
-        tokio::spawn(async move {
+        self.spawn_inline(async move {
             let outcome = gateway.send_mcp(&action).await;
             gateway
                 .record(&action, outcome.state, outcome.result.clone(), outcome.error.clone(), outcome.details.clone())

@@ -134,6 +134,10 @@ struct Inner {
     metrics: Metrics,
     public_url: String,
     shutdown: CancellationToken,
+    /// Inline executions (a model call's record, a tool call's send and record) run as tasks of their own,
+    /// so a caller that goes away cannot cut them off halfway; the server waits for them before it stops
+    /// the connectors they use.
+    inline: tokio_util::task::TaskTracker,
 }
 
 /// Everything the gateway is built from.
@@ -173,6 +177,7 @@ impl Gateway {
                 metrics: parts.metrics,
                 public_url: parts.public_url,
                 shutdown: parts.shutdown,
+                inline: tokio_util::task::TaskTracker::new(),
             }),
         }
     }
@@ -211,6 +216,21 @@ impl Gateway {
     /// Resolves when the server begins to stop.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.inner.shutdown
+    }
+
+    /// Runs an inline execution's step on a task of its own, awaited by [`Gateway::inline_finished`].
+    pub fn spawn_inline<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.inner.inline.spawn(task)
+    }
+
+    /// Waits for every inline execution still running (at shutdown, before the connectors stop).
+    pub async fn inline_finished(&self) {
+        self.inner.inline.close();
+        self.inner.inline.wait().await;
     }
 
     pub fn now(&self) -> DateTime<Utc> {

@@ -375,7 +375,9 @@ async fn carry_out(gateway: &Gateway, dialect: Dialect, action: Action, stream: 
 /// this handler) cannot cut the record off halfway; the handler still waits for it to be durable.
 async fn finish(gateway: &Gateway, action: &Action, outcome: InlineOutcome) -> Result<(), Error> {
     let (gateway, action) = (gateway.clone(), action.clone());
-    tokio::spawn(async move { gateway.finish_inline(&action, outcome).await })
+    gateway
+        .clone()
+        .spawn_inline(async move { gateway.finish_inline(&action, outcome).await })
         .await
         .map_err(|e| Error::Internal(format!("recording a model call's outcome stopped: {e}")))?
 }
@@ -411,8 +413,9 @@ impl Drop for HangUp {
                             "streamed": self.stream, "client_disconnected": true}),
         };
         let gateway = self.gateway.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
+        // Outside a runtime (the process is ending) there is nothing to run it on; the recovery job settles it.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            gateway.clone().spawn_inline(async move {
                 if let Err(e) = gateway.finish_inline(&action, outcome).await {
                     tracing::error!(action = %action.id, error = %e, "cannot record a model call the client left");
                 }

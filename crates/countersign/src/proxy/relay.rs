@@ -75,8 +75,9 @@ impl Recorder {
         self.kept_alive = Instant::now();
         let gateway = self.gateway.clone();
         let action = self.action.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
+        // Outside a runtime (the process is ending) there is nothing to run it on.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            gateway.clone().spawn_inline(async move {
                 if let Err(e) = gateway.keep_inline(&action).await {
                     tracing::warn!(action = %action.id, error = %e, "cannot push on the recovery job of a model stream");
                 }
@@ -127,8 +128,9 @@ impl Drop for Recorder {
             .outcome(Some("the client disconnected before the stream ended; the provider call was cancelled".into()));
         let gateway = self.gateway.clone();
         let action = self.action.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
+        // Outside a runtime (the process is ending) there is nothing to run it on; the recovery job settles it.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            gateway.clone().spawn_inline(async move {
                 if let Err(e) = gateway.finish_inline(&action, outcome).await {
                     tracing::error!(action = %action.id, error = %e, "cannot record a disconnected model stream");
                 }
