@@ -217,7 +217,7 @@ impl McpUpstreams {
             }
             Ok(Err(error)) => {
                 upstream.refresh.notify_one();
-                Err(ConnectorError::Transport(format!("MCP server `{server}`: {error}")))
+                Err(ConnectorError::OutcomeUnknown(format!("MCP server `{server}`: {error}")))
             }
             Err(_) => Err(ConnectorError::Timeout(format!(
                 "MCP server `{server}` did not answer `{tool}` within {}s",

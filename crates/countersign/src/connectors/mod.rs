@@ -62,6 +62,10 @@ pub enum ConnectorError {
     /// The outbound guard refused the address.
     #[error("{0}")]
     Refused(String),
+    /// The request went out and the connection failed before an answer: it may or may not have taken
+    /// effect upstream.
+    #[error("outcome unknown: the request was sent and no answer came ({0})")]
+    OutcomeUnknown(String),
 }
 
 impl Connectors {

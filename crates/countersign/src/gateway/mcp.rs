@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use super::execute::Claim;
 use super::{Caller, Gateway, SubmitOutcome, SubmitRequest};
+use crate::connectors::ConnectorError;
 use crate::connectors::mcp::McpUpstreams;
 use crate::error::{Error, Result};
 
@@ -166,12 +167,19 @@ impl Gateway {
                     }
                 }
             }
-            Err(error) => McpOutcome {
-                state: ActionState::Failed,
-                result: None,
-                error: Some(error.to_string()),
-                details: details(json!({"reason": "upstream_unavailable"})),
-            },
+            Err(error) => {
+                // Sent and then cut off, or timed out: the tool may have run. Otherwise it was never sent.
+                let reason = match error {
+                    ConnectorError::OutcomeUnknown(_) | ConnectorError::Timeout(_) => "outcome_unknown",
+                    _ => "upstream_unavailable",
+                };
+                McpOutcome {
+                    state: ActionState::Failed,
+                    result: None,
+                    error: Some(error.to_string()),
+                    details: details(json!({"reason": reason})),
+                }
+            }
         }
     }
 }

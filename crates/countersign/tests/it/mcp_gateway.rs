@@ -341,6 +341,13 @@ async fn a_held_call_returns_pending_when_asked_not_to_wait_and_a_denial_by_an_a
     g.server.stop().await;
 }
 
+/// The `reason` of the action's `action.failed` audit event.
+async fn failure_reason(server: &TestServer, action_id: &str) -> Value {
+    let query = countersign::client::AuditQuery { subject: Some(action_id.to_owned()), ..Default::default() };
+    let events = server.admin.query_audit(&query).await.unwrap().body["events"].as_array().cloned().unwrap();
+    events.iter().find(|e| e["action"] == "action.failed").unwrap()["data"]["reason"].clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_upstream_and_bad_input_get_errors_not_dropped_connections() {
     let g = start().await;
@@ -356,6 +363,17 @@ async fn a_dead_upstream_and_bad_input_get_errors_not_dropped_connections() {
     assert_eq!(action.body["state"], "failed", "{:?}", action.body);
     assert!(action.body["error"].as_str().unwrap().contains("unavailable"), "{:?}", action.body);
     assert_eq!(action.body["capability"], "mcp.dead.echo");
+    assert_eq!(failure_reason(&g.server, &action_id).await, "upstream_unavailable", "never sent");
+
+    // An upstream that dies after it got the call: the tool may have run, so the outcome is unknown.
+    assert!(g.server.gateway().mcp_upstream_ready("local", READY).await, "the stdio upstream did not connect");
+    let vanished = call(&client, "local__vanish", json!({}), None).await.unwrap();
+    assert_eq!(vanished.is_error, Some(true), "{vanished:?}");
+    let action_id = vanished.structured_content.as_ref().unwrap()["action_id"].as_str().unwrap().to_owned();
+    let action = agent.get_action(&action_id).await.unwrap();
+    assert!(action.body["error"].as_str().unwrap().contains("outcome unknown"), "{:?}", action.body);
+    assert_eq!(failure_reason(&g.server, &action_id).await, "outcome_unknown");
+    assert_eq!(calls(&g.stdio_log, "vanish").len(), 1);
 
     // Unknown tools and arguments that do not fit the schema: JSON-RPC errors naming the problem, nothing
     // recorded, nothing sent.

@@ -1,7 +1,7 @@
 """An upstream MCP server for the MCP gateway tests, written with the official `mcp` package (2.x).
 
-Tools: `echo`, `transfer` and `delete_repo` (the policy allows, holds and denies them), and `grow`, which
-adds the tool `extra` and tells its client that its tools changed. Every call is appended as one JSON line
+Tools: `echo`, `transfer` and `delete_repo` (the policy allows, holds and denies them), `grow`, which
+adds the tool `extra` and tells its client that its tools changed, and `vanish`, which dies mid-call. Every call is appended as one JSON line
 to the file named by MCP_UPSTREAM_LOG, so a test can count what the upstream really saw.
 
     python mcp_upstream.py                # over stdio (the gateway spawns it)
@@ -41,6 +41,12 @@ def transfer(to: str, amount_cents: int) -> str:
 def delete_repo(name: str) -> str:
     record("delete_repo", {"name": name})
     return f"deleted {name}"
+
+
+@server.tool(description="Records the call, then the server process dies before it answers.", structured_output=False)
+def vanish() -> str:
+    record("vanish", {})
+    os._exit(3)
 
 
 def extra(note: str = "") -> str:
