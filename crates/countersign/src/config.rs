@@ -198,6 +198,26 @@ pub fn valid_mcp_server_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// Every `[mcp_servers.NAME]`, checked and resolved. Two names that differ only in case are refused: the
+/// capability `mcp.NAME.tool` is lowercased, so policy could not tell them apart.
+fn resolve_mcp_servers(
+    servers: BTreeMap<String, McpServerFileConfig>,
+    base: &Path,
+) -> Result<BTreeMap<String, McpServerConfig>, ConfigError> {
+    let mut out: BTreeMap<String, McpServerConfig> = BTreeMap::new();
+    for (name, server) in servers {
+        if let Some(other) = out.keys().find(|other| other.eq_ignore_ascii_case(&name)) {
+            return Err(ConfigError::Invalid(format!(
+                "mcp_servers.{name}: `{other}` differs only in case, and both would be the capability `mcp.{}.*`",
+                name.to_ascii_lowercase()
+            )));
+        }
+        let resolved = server.resolve(&name, base)?;
+        out.insert(name, resolved);
+    }
+    Ok(out)
+}
+
 impl McpServerFileConfig {
     /// Checks the entry and resolves `${env:…}` references and a relative `cwd`.
     fn resolve(self, name: &str, base: &Path) -> Result<McpServerConfig, ConfigError> {
@@ -469,10 +489,7 @@ impl ServeArgs {
             let timeout_seconds = provider.timeout_seconds;
             config.llm.insert(name, LlmConfig { base_url, api_key, dialect, timeout_seconds, stream_usage });
         }
-        for (name, server) in file.mcp_servers {
-            let resolved = server.resolve(&name, &base)?;
-            config.mcp_servers.insert(name, resolved);
-        }
+        config.mcp_servers = resolve_mcp_servers(file.mcp_servers, &base)?;
         config.network = file.network;
         if let Some(limit) = file.rate_limit {
             config.rate_limit = limit;
@@ -624,12 +641,7 @@ mod tests {
 
     fn mcp(text: &str) -> Result<BTreeMap<String, McpServerConfig>, String> {
         let file: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        let mut out = BTreeMap::new();
-        for (name, server) in file.mcp_servers {
-            let resolved = server.resolve(&name, Path::new("/etc/countersign")).map_err(|e| e.to_string())?;
-            out.insert(name, resolved);
-        }
-        Ok(out)
+        resolve_mcp_servers(file.mcp_servers, Path::new("/etc/countersign")).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -664,6 +676,10 @@ mod tests {
             ("[mcp_servers.a]\ntimeout_seconds = 5\n", "give `url`"),
             ("[mcp_servers.a__b]\nurl = \"http://x\"\n", "`__`"),
             ("[mcp_servers.gh_]\nurl = \"http://x\"\n", "end in `_`"),
+            (
+                "[mcp_servers.GitHub]\nurl = \"http://x\"\n[mcp_servers.github]\nurl = \"http://y\"\n",
+                "differs only in case",
+            ),
             ("[mcp_servers.\"a.b\"]\nurl = \"http://x\"\n", "[A-Za-z0-9_-]"),
             ("[mcp_servers.a]\ncommand = []\n", "must name a program"),
             ("[mcp_servers.a]\nurl = \"ftp://x\"\n", "scheme"),
