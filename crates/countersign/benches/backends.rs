@@ -8,7 +8,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
+mod common;
+use common::{ms, percentile};
+
+use std::time::Instant;
 
 use countersign::client::Client;
 use countersign::config::{Config, Secret};
@@ -16,11 +19,6 @@ use countersign::server::Server;
 use countersign_core::secrets::{SecretKind, generate};
 use serde_json::json;
 use sqlx::Connection;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(index).copied().unwrap_or_default()
-}
 
 struct Replica {
     admin: Client,
@@ -137,8 +135,8 @@ async fn measure(label: &str, database_url: Option<String>, replicas: usize, ful
         latencies.sort();
         println!(
             "{label}: approve on one replica -> agent waiting on another answered: median {:.2} ms, p99 {:.2} ms",
-            percentile(&latencies, 0.5).as_secs_f64() * 1000.0,
-            percentile(&latencies, 0.99).as_secs_f64() * 1000.0
+            ms(percentile(&latencies, 0.5)),
+            ms(percentile(&latencies, 0.99))
         );
     }
     for node in nodes {

@@ -5,17 +5,15 @@
 //! only, as a smoke test. Not a test of speed: nothing here asserts a time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
+mod common;
+use common::{ms, percentile};
+
+use std::time::Instant;
 
 use countersign::client::Client;
 use countersign::config::Config;
 use countersign::server::Server;
 use serde_json::json;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
 
 #[tokio::main]
 async fn main() {
@@ -87,8 +85,8 @@ async fn main() {
     println!("allowed record-only actions, 16 concurrent agents: {concurrent:.0}/s");
     println!(
         "approve call -> waiting agent answered: median {:.2} ms, p99 {:.2} ms ({} samples)",
-        percentile(&latencies, 0.5).as_secs_f64() * 1000.0,
-        percentile(&latencies, 0.99).as_secs_f64() * 1000.0,
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.99)),
         latencies.len()
     );
     let _ = stop.send(());

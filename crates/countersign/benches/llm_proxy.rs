@@ -2,8 +2,8 @@
 //! written here; the same shape as the integration tests' `fake_llm.rs`) is called directly and through
 //! the proxy by the same HTTP client, and the figures are the difference. Non-streamed: median and p99 at 1
 //! and at 64 concurrent clients. Streamed: time to the first chunk, median and p99, at 1 and 64. Every
-//! proxied call is an allowed action with its audit events durable before the answer returns (submit, claim
-//! with its recovery job, finish: three write transactions). Rate limit off.
+//! proxied call is an allowed action with its audit events durable before the answer returns (submit and
+//! claim with its recovery job in one write transaction, then the finish in a second). Rate limit off.
 //!
 //! With `COUNTERSIGN_BENCH_LITELLM` naming a `litellm` executable (`scripts/bench-llm` installs one into
 //! `.venv-litellm`), LiteLLM's proxy is started too, in front of the same fake provider (its defaults: one
@@ -14,6 +14,9 @@
 //! `cargo bench -p countersign --bench llm_proxy` prints the figures; under `cargo test` it runs a few
 //! iterations only, as a smoke test. Not a test of speed: nothing here asserts a time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+use common::{ms, percentile};
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -35,15 +38,6 @@ const LITELLM_ENV: &str = "COUNTERSIGN_BENCH_LITELLM";
 const LITELLM_KEY: &str = "sk-bench-litellm";
 /// How long LiteLLM may take to answer its health endpoint (it imports a lot of Python: ~15 s here).
 const LITELLM_STARTUP: Duration = Duration::from_secs(180);
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(index.min(sorted.len().saturating_sub(1))).copied().unwrap_or_default()
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// Median and p99 of one series of calls.
 #[derive(Clone, Copy)]

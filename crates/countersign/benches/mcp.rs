@@ -2,12 +2,15 @@
 //! on loopback, one `echo` tool, written here) is called directly and through Countersign's `/mcp` as
 //! `bench__echo`, by the same rmcp client, and the figures are the difference. Median and p99 for one
 //! client calling in a loop and for 16 clients at once. Every gateway call is an allowed action with its
-//! audit events durable before the answer returns (submit, claim with its recovery job, finish: three
-//! write transactions). Rate limit off.
+//! audit events durable before the answer returns (submit and claim with its recovery job in one
+//! write transaction, then the finish in a second). Rate limit off.
 //!
 //! `cargo bench -p countersign --bench mcp` prints the figures; under `cargo test` it runs a few
 //! iterations only, as a smoke test. Not a test of speed: nothing here asserts a time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+use common::{ms, percentile};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,15 +31,6 @@ use rmcp::{ClientHandler, ErrorData, RoleClient, RoleServer, ServerHandler, Serv
 use serde_json::json;
 
 const POLICY: &str = "version: 1\ndefaults:\n  effect: allow\n";
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(index.min(sorted.len().saturating_sub(1))).copied().unwrap_or_default()
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// The upstream: one tool, `echo`, answering its `text` at once.
 #[derive(Clone)]

@@ -231,10 +231,6 @@ impl Client {
         self.post("/v1/keys", &json!({kind: name})).await
     }
 
-    pub async fn put(&self, path: &str, body: &Value) -> Result<ApiResponse, ClientError> {
-        self.send(reqwest::Method::PUT, path, Some(body)).await
-    }
-
     /// Submits an action and holds the answer until it is terminal or `wait_seconds` pass (`?wait=`).
     pub async fn submit_action_waiting(&self, body: &Value, wait_seconds: f64) -> Result<ApiResponse, ClientError> {
         self.post(&format!("/v1/actions?wait={wait_seconds}"), body).await
@@ -242,10 +238,6 @@ impl Client {
 
     pub async fn trace_action(&self, id: &str) -> Result<ApiResponse, ClientError> {
         self.get(&format!("/v1/actions/{}/trace", segment(id))).await
-    }
-
-    pub async fn cancel_action(&self, id: &str) -> Result<ApiResponse, ClientError> {
-        self.post(&format!("/v1/actions/{}/cancel", segment(id)), &json!({})).await
     }
 
     /// The approval queue; `status` is one of the approval statuses or `all` (`None`: every status).

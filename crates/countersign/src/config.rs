@@ -189,6 +189,19 @@ fn default_mcp_timeout() -> u64 {
     60
 }
 
+/// The longest timeout, grace or margin the configuration takes: a day. Deadlines are computed from these,
+/// and an unbounded value would overflow them.
+const MAX_CONFIGURED_SECONDS: u64 = 86_400;
+
+/// `seconds` when it lies between `min` and a day; else an error naming `key`.
+fn seconds_in_range(key: &str, seconds: u64, min: u64) -> Result<u64, ConfigError> {
+    if (min..=MAX_CONFIGURED_SECONDS).contains(&seconds) {
+        Ok(seconds)
+    } else {
+        Err(ConfigError::Invalid(format!("{key} must be between {min} and {MAX_CONFIGURED_SECONDS} seconds")))
+    }
+}
+
 /// An MCP server name: `[A-Za-z0-9_-]`, no `__` (the separator in `NAME__tool`) and no `_` at the end
 /// (`a_` + `__` + `tool` would read back as `a` and `_tool`).
 pub fn valid_mcp_server_name(name: &str) -> bool {
@@ -227,9 +240,7 @@ impl McpServerFileConfig {
                 "a server name is [A-Za-z0-9_-], must not contain `__` and must not end in `_`".into(),
             ));
         }
-        if self.timeout_seconds == 0 {
-            return Err(invalid("timeout_seconds must be at least 1".into()));
-        }
+        seconds_in_range(&format!("mcp_servers.{name}.timeout_seconds"), self.timeout_seconds, 1)?;
         let transport = match (self.url, self.command) {
             (Some(url), None) => {
                 if !self.env.is_empty() || self.cwd.is_some() {
@@ -355,7 +366,7 @@ pub struct Config {
     /// Watch the policy file for changes and reload it.
     pub watch_policy: bool,
     pub rate_limit: RateLimitConfig,
-    /// The job runner's lease, concurrency and retry delays (not read from the file; tests shorten them).
+    /// The job runner's lease, concurrency, retry delays, hold grace and recovery margin (`[jobs]`; tests shorten them).
     pub jobs: crate::gateway::JobRunnerSettings,
 }
 
@@ -486,7 +497,8 @@ impl ServeArgs {
             };
             let dialect = provider.dialect.unwrap_or_else(|| default_dialect(&name));
             let stream_usage = provider.stream_usage.unwrap_or_else(|| default_stream_usage(&base_url));
-            let timeout_seconds = provider.timeout_seconds;
+            let timeout_seconds =
+                seconds_in_range(&format!("llm.{name}.timeout_seconds"), provider.timeout_seconds, 1)?;
             config.llm.insert(name, LlmConfig { base_url, api_key, dialect, timeout_seconds, stream_usage });
         }
         config.mcp_servers = resolve_mcp_servers(file.mcp_servers, &base)?;
@@ -511,12 +523,11 @@ impl ServeArgs {
                 config.jobs.webhook_max_attempts = attempts.max(1);
             }
             if let Some(seconds) = jobs.llm_hold_grace_seconds {
+                let seconds = seconds_in_range("jobs.llm_hold_grace_seconds", seconds, 0)?;
                 config.jobs.llm_hold_grace = std::time::Duration::from_secs(seconds);
             }
             if let Some(seconds) = jobs.llm_recovery_margin_seconds {
-                if seconds == 0 {
-                    return Err(ConfigError::Invalid("jobs.llm_recovery_margin_seconds must be at least 1".into()));
-                }
+                let seconds = seconds_in_range("jobs.llm_recovery_margin_seconds", seconds, 1)?;
                 config.jobs.llm_recovery_margin = std::time::Duration::from_secs(seconds);
             }
         }
@@ -711,9 +722,11 @@ mod tests {
         assert_eq!(config.jobs.llm_hold_grace, std::time::Duration::from_secs(5));
         assert_eq!(config.jobs.llm_recovery_margin, std::time::Duration::from_secs(7));
         assert_eq!(config.jobs.lease, std::time::Duration::from_secs(9));
-        std::fs::write(&path, "[jobs]\nllm_recovery_margin_seconds = 0\n").unwrap();
-        let error = ServeArgs { config: Some(path), ..ServeArgs::default() }.resolve().unwrap_err();
-        assert!(error.to_string().contains("llm_recovery_margin_seconds"), "{error}");
+        for text in ["[jobs]\nllm_recovery_margin_seconds = 0\n", "[jobs]\nllm_hold_grace_seconds = 99999999999\n"] {
+            std::fs::write(&path, text).unwrap();
+            let error = ServeArgs { config: Some(path.clone()), ..ServeArgs::default() }.resolve().unwrap_err();
+            assert!(error.to_string().contains("must be between"), "{text}: {error}");
+        }
     }
 
     #[test]

@@ -50,6 +50,17 @@ pub struct SubmitOutcome {
 /// Longest a caller may hold a wait open.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
 
+/// A wait a caller asked for, in seconds (a query parameter, a header, an MCP argument): 0 or more, capped
+/// at [`MAX_WAIT`]; anything else is a 400 naming `field`.
+pub fn wait_seconds(field: &str, seconds: f64) -> Result<Duration> {
+    if seconds.is_finite() && seconds >= 0.0 {
+        // Capped before converting: a huge finite number would not fit a Duration.
+        Ok(Duration::from_secs_f64(seconds.min(MAX_WAIT.as_secs_f64())))
+    } else {
+        Err(Error::bad_request(field, "must be a number of seconds, 0 or more"))
+    }
+}
+
 fn no_policy_verdict() -> Verdict {
     Verdict {
         effect: Effect::Deny,

@@ -32,7 +32,7 @@ use countersign_core::store::{Store, StoreTx};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-pub use actions::{SubmitOutcome, SubmitRequest};
+pub use actions::{MAX_WAIT, SubmitOutcome, SubmitRequest, wait_seconds};
 pub use approvals::ApprovalStatusView;
 pub use dashboard_sessions::DashboardLogin;
 pub use jobs::{JobOutcome, JobRunnerSettings, job_filter};

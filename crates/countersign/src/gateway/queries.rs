@@ -1,4 +1,4 @@
-//! Read-only views: action lists, the audit log with filters and cursors, chain verification, and the joint
+//! Read-only views: action lists, the audit log with filters and cursors (and their parser), and the joint
 //! trace of one action.
 //!
 //! Agents and sessions see only their own agent's actions; audit reads need a user.

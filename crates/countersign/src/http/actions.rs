@@ -41,11 +41,7 @@ pub struct WaitQuery {
 }
 
 pub fn wait_duration(seconds: Option<f64>) -> Result<Option<Duration>> {
-    match seconds {
-        None => Ok(None),
-        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s.min(600.0)))),
-        Some(_) => Err(Error::bad_request("wait", "must be a number of seconds, 0 or more")),
-    }
+    seconds.map(|s| crate::gateway::wait_seconds("wait", s)).transpose()
 }
 
 fn parse_submit(body: SubmitBody) -> Result<SubmitRequest> {

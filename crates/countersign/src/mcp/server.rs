@@ -38,8 +38,6 @@ use crate::http::views;
 const RESOURCE_PREFIX: &str = "countersign://actions/";
 /// How long `wait_action` holds when the agent names no timeout; MCP clients commonly give up at 60 s.
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
-/// The longest wait the gateway grants.
-const MAX_WAIT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -289,10 +287,7 @@ impl McpServer {
             async {
                 let timeout = match args.timeout_seconds {
                     None => DEFAULT_WAIT,
-                    Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s).min(MAX_WAIT),
-                    Some(_) => {
-                        return Err(Error::bad_request("timeout_seconds", "must be a number of seconds, 0 or more"));
-                    }
+                    Some(s) => crate::gateway::wait_seconds("timeout_seconds", s)?,
                 };
                 let action = self.gateway.wait_action(&caller, &parse_action_id(&args.id)?, timeout).await?;
                 Ok(action_result(&self.gateway, &self.outcome_of(action).await?))

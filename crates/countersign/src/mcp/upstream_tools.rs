@@ -27,7 +27,7 @@ pub const SEPARATOR: &str = "__";
 /// How long a held call waits for its decision by default: under the 60 s many MCP clients give a request.
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(50);
 /// The longest hold `_meta.countersign_wait` may ask for.
-const MAX_HOLD: Duration = Duration::from_secs(600);
+const MAX_HOLD: Duration = crate::gateway::MAX_WAIT;
 
 /// Every upstream tool, renamed `NAME__tool`.
 pub fn listed(gateway: &Gateway) -> Vec<Tool> {
@@ -92,10 +92,8 @@ pub async fn call(
     };
     let hold = match meta.and_then(|m| m.get("countersign_wait")) {
         None | Some(Value::Null) => None,
-        Some(value) => match value.as_f64() {
-            Some(seconds) if seconds.is_finite() && seconds >= 0.0 => {
-                Some(Duration::from_secs_f64(seconds.min(MAX_HOLD.as_secs_f64())))
-            }
+        Some(value) => match value.as_f64().map(|s| crate::gateway::wait_seconds("_meta.countersign_wait", s)) {
+            Some(Ok(hold)) => Some(hold),
             _ => {
                 return Err(ErrorData::invalid_params(
                     "_meta.countersign_wait must be a number of seconds, 0 or more",

@@ -34,7 +34,7 @@ use crate::http::AppState;
 pub use wire::Endpoint;
 
 /// How long a client may hold its connection at most, whatever it asks for.
-const MAX_HOLD: Duration = Duration::from_secs(600);
+const MAX_HOLD: Duration = crate::gateway::MAX_WAIT;
 
 /// The proxy's routes, merged into the v1 router (they share its middleware and state).
 pub fn router() -> Router<AppState> {
@@ -107,13 +107,8 @@ async fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, 
 /// `Countersign-Wait`: absent holds up to the rule's timeout; 0 answers 202 at once; else seconds to hold.
 fn requested_wait(headers: &HeaderMap) -> Result<Option<Duration>, Error> {
     let Some(value) = headers.get("countersign-wait") else { return Ok(None) };
-    let seconds = value
-        .to_str()
-        .ok()
-        .and_then(|text| text.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .ok_or_else(|| Error::bad_request("Countersign-Wait", "must be a number of seconds, 0 or more"))?;
-    Ok(Some(Duration::from_secs_f64(seconds.min(MAX_HOLD.as_secs_f64()))))
+    let seconds = value.to_str().ok().and_then(|text| text.trim().parse::<f64>().ok()).unwrap_or(f64::NAN);
+    crate::gateway::wait_seconds("Countersign-Wait", seconds).map(Some)
 }
 
 /// The client's headers that pick provider API versions and beta features, passed on with the request.

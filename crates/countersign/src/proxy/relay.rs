@@ -110,12 +110,14 @@ impl Recorder {
         InlineOutcome { succeeded: error.is_none(), result: Some(result), error, details }
     }
 
-    /// Records the outcome and waits until it is durable.
-    async fn record(mut self, error: Option<String>) {
+    /// Records the outcome and waits until it is durable. An error when it could not be: the stream must
+    /// then not end as if complete (the recovery job later ends the action "outcome unknown").
+    async fn record(mut self, error: Option<String>) -> Result<(), std::io::Error> {
         let outcome = self.outcome(error);
-        if let Err(e) = self.gateway.finish_inline(&self.action, outcome).await {
+        self.gateway.finish_inline(&self.action, outcome).await.map_err(|e| {
             tracing::error!(action = %self.action.id, error = %e, "cannot record a streamed model call");
-        }
+            std::io::Error::other(format!("Countersign could not record this call's outcome: {e}"))
+        })
     }
 }
 
@@ -244,19 +246,24 @@ pub fn relay(upstream: reqwest::Response, recorder: Recorder, idle: Duration, dr
                 Some((Ok(chunk), state))
             }
             Ok(None) => {
-                recorder.record(None).await;
+                // Not durable: the body ends with an error, not as a complete answer.
+                if let Err(e) = recorder.record(None).await {
+                    return Some((Err(e), state));
+                }
                 // What is left is an event the provider did not finish: passed on as it came.
                 let rest = state.drop_usage.as_mut().map(UsageChunkFilter::rest).filter(|b| !b.is_empty())?;
                 Some((Ok(rest), state))
             }
             Ok(Some(Err(e))) => {
                 let message = format!("the provider's stream broke off: {e}");
-                recorder.record(Some(message.clone())).await;
+                // Ends with an error either way; a failed record is logged by `record`.
+                recorder.record(Some(message.clone())).await.ok();
                 Some((Err(std::io::Error::other(message)), state))
             }
             Err(_) => {
                 let message = format!("the provider sent nothing for {}s", state.idle.as_secs());
-                recorder.record(Some(message.clone())).await;
+                // Ends with an error either way; a failed record is logged by `record`.
+                recorder.record(Some(message.clone())).await.ok();
                 Some((Err(std::io::Error::other(message)), state))
             }
         }
