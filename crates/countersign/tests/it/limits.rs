@@ -142,3 +142,20 @@ async fn an_oversized_body_is_a_problem_on_every_endpoint() {
     assert_eq!(wrong_method.str("/type"), "https://countersign.dev/problems/method_not_allowed");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_wait_must_be_seconds_and_a_huge_one_is_capped_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let bot = server.agent("waiting-bot").await;
+    // Allowed and record-only: terminal at once, so even the longest wait answers now.
+    let huge = bot.submit_action_waiting(&action("crm.read.contact"), 1e300).await.unwrap();
+    assert!(huge.status < 300, "{} {:?}", huge.status, huge.body);
+    assert_eq!(huge.body["state"], "approved", "{:?}", huge.body);
+    for bad in [-1.0, f64::NAN] {
+        let refused = bot.submit_action_waiting(&action("crm.read.contact"), bad).await.unwrap();
+        assert_eq!(refused.status, 400, "{bad}: {:?}", refused.body);
+        assert_eq!(refused.body["field"], "wait", "{:?}", refused.body);
+    }
+    server.stop().await;
+}
