@@ -4,14 +4,16 @@
 //! inside the pool) instead of meeting SQLite's busy handler, which sleeps in steps of milliseconds; reads
 //! use a pool of their own and never wait for a writer (WAL). Write transactions still start with `BEGIN
 //! IMMEDIATE`, so a second process on the same file cannot upgrade a lock under us and the audit chain's head
-//! cannot move between reading it and appending after it. The writer does not checkpoint the WAL on commit
-//! (`wal_autocheckpoint = 0`): every [`CHECKPOINT_EVERY`] commits a passive checkpoint runs on a reader
-//! connection in the background, so no request pays for copying pages back and syncing the file. Rows become
+//! cannot move between reading it and appending after it. Commits are group-committed: a commit returns once
+//! an `fdatasync` of the WAL that began after it has finished, and one sync serves every writer queued behind
+//! it (see [`Durability`]). The writer does not checkpoint the WAL on commit (`wal_autocheckpoint = 0`):
+//! every [`CHECKPOINT_EVERY`] commits a passive checkpoint runs on a reader connection in the background, so
+//! no request pays for copying pages back and syncing the file. Rows become
 //! domain records through the mappers in `rows`, shared with the PostgreSQL store; this module holds no
 //! business rules.
 
 use std::borrow::Cow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -57,34 +59,96 @@ pub struct SqliteStore {
     /// Read transactions and the background checkpoint (the same pool as `writer` for an in-memory database,
     /// which a second connection could not see).
     reader: SqlitePool,
-    checkpoints: Arc<Checkpoints>,
+    durability: Arc<Durability>,
 }
 
-/// Counts commits and runs one passive WAL checkpoint at a time, off the write path.
+/// Group commit and checkpoints for the file database; inert for an in-memory one.
+///
+/// Commits run with `synchronous = NORMAL`, so SQLite writes the WAL frames under the write lock but does not
+/// sync them. A commit is reported only after an `fdatasync` of the WAL file that began after it: the
+/// guarantee of `synchronous = FULL` (the WAL is on disk before the commit is acknowledged), with the sync
+/// taken out of the single writer's turn and shared. Whoever finds no sync running starts one covering every
+/// commit so far; commits that land meanwhile wait for the next, so one sync serves a whole queue of writers.
+/// A failed sync poisons the store: the kernel may have dropped the dirty pages and cleared the error, so no
+/// later sync could prove anything, and every write and readiness check fails until a restart.
 #[derive(Debug, Default)]
-struct Checkpoints {
-    commits: AtomicU64,
-    running: Arc<AtomicBool>,
-    /// False for an in-memory database (no WAL).
-    enabled: bool,
+struct Durability {
+    /// The WAL file; `None` for an in-memory database.
+    wal: Option<PathBuf>,
+    /// Commits made, and the number known to be on disk.
+    committed: AtomicU64,
+    synced: AtomicU64,
+    /// Held while a sync runs.
+    syncing: tokio::sync::Mutex<()>,
+    poisoned: AtomicBool,
+    checkpoint_running: Arc<AtomicBool>,
 }
 
-impl Checkpoints {
-    fn committed(&self, reader: &SqlitePool) {
-        if !self.enabled || !(self.commits.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(CHECKPOINT_EVERY) {
-            return;
+const POISONED: &str = "the database's write-ahead log could not be synced to disk; \
+    writes are refused until the gateway restarts";
+
+impl Durability {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable(POISONED.into()));
         }
+        Ok(())
+    }
+
+    /// Called after each commit: returns once that commit is on disk.
+    async fn committed(&self, reader: &SqlitePool) -> Result<(), StoreError> {
+        let Some(wal) = &self.wal else { return Ok(()) };
+        let ticket = self.committed.fetch_add(1, Ordering::AcqRel) + 1;
+        if ticket.is_multiple_of(CHECKPOINT_EVERY) {
+            self.checkpoint(reader);
+        }
+        if self.synced.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        let _turn = self.syncing.lock().await;
+        if self.synced.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        self.check()?;
+        // Every commit counted by now has written its frames: one sync covers them all.
+        let upto = self.committed.load(Ordering::Acquire);
+        let path = wal.clone();
+        let synced = tokio::task::spawn_blocking(move || sync_data(&path))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = synced {
+            self.poisoned.store(true, Ordering::Release);
+            tracing::error!(error = %e, "syncing the SQLite write-ahead log failed; refusing writes until restart");
+            return Err(StoreError::Unavailable(POISONED.into()));
+        }
+        self.synced.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Starts one passive checkpoint on a reader connection unless one is running.
+    fn checkpoint(&self, reader: &SqlitePool) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        if self.running.swap(true, Ordering::AcqRel) {
+        if self.checkpoint_running.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (reader, running) = (reader.clone(), Arc::clone(&self.running));
+        let (reader, running) = (reader.clone(), Arc::clone(&self.checkpoint_running));
         runtime.spawn(async move {
             if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&reader).await {
                 tracing::warn!(error = %e, "background WAL checkpoint failed; the next one tries again");
             }
             running.store(false, Ordering::Release);
         });
+    }
+}
+
+/// `fdatasync` of one file, opened afresh so a file SQLite replaced is never missed. A missing WAL has been
+/// checkpointed into the database file, which SQLite synced before removing it.
+fn sync_data(path: &Path) -> std::io::Result<()> {
+    match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(file) => file.sync_data(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -110,9 +174,19 @@ impl SqliteStore {
     async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
         let in_memory = options.get_filename().as_os_str().is_empty()
             || options.get_filename().to_string_lossy().contains(":memory:");
+        let wal = (!in_memory).then(|| {
+            let mut wal = options.get_filename().as_os_str().to_owned();
+            wal.push("-wal");
+            PathBuf::from(wal)
+        });
         let pool = |connections: u32, options: SqliteConnectOptions| {
+            // Connections live as long as the store: the last one closing would checkpoint and delete the WAL
+            // (and an in-memory database with it).
             SqlitePoolOptions::new()
                 .max_connections(connections)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
                 .acquire_timeout(Duration::from_secs(15))
                 .connect_with(options)
         };
@@ -139,16 +213,25 @@ impl SqliteStore {
             .run(&writer)
             .await
             .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
-        let checkpoints = Arc::new(Checkpoints { enabled: !in_memory, ..Checkpoints::default() });
-        Ok(SqliteStore { writer, reader, checkpoints })
+        if let Some(dir) = wal.as_deref().and_then(Path::parent) {
+            // The migrations created the database and WAL files: make their directory entries durable too.
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir }.to_owned();
+            tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
+                .await
+                .map_err(|e| StoreError::Internal(e.to_string()))?
+                .map_err(|e| StoreError::Internal(format!("cannot sync the data directory: {e}")))?;
+        }
+        let durability = Arc::new(Durability { wal, ..Durability::default() });
+        Ok(SqliteStore { writer, reader, durability })
     }
 }
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        self.durability.check()?;
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx { tx, head: None, committed: Some((self.reader.clone(), Arc::clone(&self.checkpoints))) }))
+        Ok(Box::new(SqliteTx { tx, head: None, committed: Some((self.reader.clone(), Arc::clone(&self.durability))) }))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
@@ -157,6 +240,7 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
+        self.durability.check()?;
         sqlx::query("SELECT 1").execute(&self.reader).await.map_err(map_sqlx)?;
         Ok(())
     }
@@ -172,7 +256,7 @@ struct SqliteTx {
     /// same transaction follows it without reading the head again (the write lock keeps it the head).
     head: Option<(OrgId, i64, String)>,
     /// A write transaction's reader pool and checkpoint counter, told of the commit.
-    committed: Option<(SqlitePool, Arc<Checkpoints>)>,
+    committed: Option<(SqlitePool, Arc<Durability>)>,
 }
 
 impl Cols for SqliteRow {
@@ -353,10 +437,10 @@ impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let SqliteTx { tx, committed, .. } = *self;
         tx.commit().await.map_err(map_sqlx)?;
-        if let Some((reader, checkpoints)) = committed {
-            checkpoints.committed(&reader);
+        match committed {
+            Some((reader, durability)) => durability.committed(&reader).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     async fn count_orgs(&mut self) -> Result<i64, StoreError> {
@@ -1395,5 +1479,51 @@ impl StoreTx for SqliteTx {
             )
             .await?;
         row.as_ref().map(policy_row).transpose()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_commit_returns_after_a_sync_that_covers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let writers = (0..32).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut tx = store.write().await.unwrap();
+                tx.insert_org(&Org { id: OrgId::new(), name: format!("org-{i}"), created_at: Utc::now() })
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            })
+        });
+        for writer in writers.collect::<Vec<_>>() {
+            writer.await.unwrap();
+        }
+        let durability = &store.durability;
+        assert_eq!(durability.committed.load(Ordering::Acquire), 32);
+        assert_eq!(durability.synced.load(Ordering::Acquire), 32, "a commit returned before its sync");
+        let mut tx = store.read().await.unwrap();
+        assert_eq!(tx.count_orgs().await.unwrap(), 32);
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_refuses_every_later_write_and_readiness() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        // A directory where the WAL should be: opening it for writing fails as a failed sync would.
+        let broken = Durability { wal: Some(dir.path().to_owned()), ..Durability::default() };
+        let poisoned = SqliteStore { durability: Arc::new(broken), ..store.clone() };
+        let mut tx = poisoned.write().await.unwrap();
+        tx.insert_org(&Org { id: OrgId::new(), name: "lost".into(), created_at: Utc::now() }).await.unwrap();
+        let err = tx.commit().await.unwrap_err();
+        assert!(matches!(&err, StoreError::Unavailable(m) if m.contains("restarts")), "{err:?}");
+        assert!(poisoned.write().await.is_err(), "a write began after a failed sync");
+        assert!(poisoned.ping().await.is_err(), "a store that cannot sync reported ready");
+        assert!(store.ping().await.is_ok());
     }
 }
