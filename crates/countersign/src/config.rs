@@ -312,7 +312,7 @@ pub struct FileConfig {
     pub database_url: Option<Secret>,
     pub policy: Option<PathBuf>,
     pub public_url: Option<String>,
-    pub log_format: Option<String>,
+    pub log_format: Option<crate::telemetry::LogFormat>,
     pub max_body_bytes: Option<usize>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
@@ -368,6 +368,8 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// The job runner's lease, concurrency, retry delays, hold grace and recovery margin (`[jobs]`; tests shorten them).
     pub jobs: crate::gateway::JobRunnerSettings,
+    /// `log_format` from the file; the `--log-format` flag or `COUNTERSIGN_LOG_FORMAT` wins over it.
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 impl Config {
@@ -388,6 +390,7 @@ impl Config {
             watch_policy: true,
             rate_limit: RateLimitConfig::default(),
             jobs: crate::gateway::JobRunnerSettings::default(),
+            log_format: crate::telemetry::LogFormat::default(),
         }
     }
 }
@@ -472,6 +475,7 @@ impl ServeArgs {
         }
         config.database_url = file.database_url;
         config.public_url = file.public_url;
+        config.log_format = file.log_format.unwrap_or_default();
         if let Some(bytes) = file.max_body_bytes {
             config.max_body_bytes = bytes;
         }
@@ -575,6 +579,7 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # database_url = "postgres://…"     # PostgreSQL instead of SQLite
 # policy = "policy.yaml"            # file or folder; default: the shipped example policy
 # public_url = "https://countersign.example.com"
+# log_format = "json"               # text (default) or json; --log-format wins
 
 # Upstreams an action's http target may name. Credentials live here, never with the agent.
 # [upstreams.payments]
@@ -727,6 +732,20 @@ mod tests {
             let error = ServeArgs { config: Some(path.clone()), ..ServeArgs::default() }.resolve().unwrap_err();
             assert!(error.to_string().contains("must be between"), "{text}: {error}");
         }
+    }
+
+    #[test]
+    fn log_format_is_read_from_the_file_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("countersign.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            ServeArgs { config: Some(path.clone()), ..ServeArgs::default() }.resolve()
+        };
+        assert_eq!(resolve("").unwrap().log_format, crate::telemetry::LogFormat::Text);
+        assert_eq!(resolve("log_format = \"json\"\n").unwrap().log_format, crate::telemetry::LogFormat::Json);
+        let error = resolve("log_format = \"yaml\"\n").unwrap_err().to_string();
+        assert!(error.contains("log_format") && error.contains("json"), "{error}");
     }
 
     #[test]

@@ -8,16 +8,17 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use countersign::cli;
-use countersign::config::{EXAMPLE, ServeArgs};
+use countersign::config::{Config, EXAMPLE, ServeArgs};
 use countersign::server::Server;
+use countersign::telemetry::{self, LogFormat};
 use countersign::workers::policy_watch;
 
 #[derive(Parser)]
 #[command(name = "countersign", version, about = "The governance gateway for AI agents")]
 struct Cli {
-    /// Log format: text or json.
-    #[arg(long, global = true, env = "COUNTERSIGN_LOG_FORMAT", default_value = "text")]
-    log_format: String,
+    /// Log format (default: `log_format` in the configuration file, else text).
+    #[arg(long, global = true, env = "COUNTERSIGN_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
     #[command(flatten)]
     remote: cli::Remote,
     #[command(subcommand)]
@@ -46,19 +47,24 @@ enum ConfigCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    countersign::telemetry::init(cli.log_format == "json");
     match cli.command {
-        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => {
+            let config = args.resolve()?;
+            telemetry::init(cli.log_format.unwrap_or(config.log_format));
+            serve(config).await.map(|()| ExitCode::SUCCESS)
+        }
         Command::Config { command: ConfigCommand::Example } => {
             print!("{EXAMPLE}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Client(command) => Ok(cli::run(cli.remote, command).await),
+        Command::Client(command) => {
+            telemetry::init(cli.log_format.unwrap_or_default());
+            Ok(cli::run(cli.remote, command).await)
+        }
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.resolve()?;
+async fn serve(config: Config) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let server = Server::build(config).await.context("cannot start")?;
     let url = server.gateway().public_url().to_owned();
@@ -76,6 +82,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("Countersign is listening on {url}");
     println!("Dashboard: {url}/ui/");
     println!("API:       {url}/v1/  (health: {url}/healthz)");
+    tracing::info!(url = %url, store = server.gateway().store().backend(), version = env!("CARGO_PKG_VERSION"), "serving");
 
     let gateway = server.gateway().clone();
     tokio::spawn(async move {

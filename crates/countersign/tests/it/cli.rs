@@ -599,3 +599,48 @@ async fn errors_are_clear_and_exit_codes_usable() {
     assert_eq!(cli.admin(&["audit", "verify", "--public-key", "x"]).await.code, 2);
     server.stop().await;
 }
+
+/// `log_format` in the configuration file chooses JSON log lines for `serve`; a value that is not a format
+/// stops the start with a message naming the key.
+#[tokio::test]
+async fn serve_logs_json_when_the_config_file_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("countersign.toml");
+    let serve = || {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_countersign"));
+        command.arg("serve").arg("--config").arg(&config).stdin(Stdio::null()).kill_on_drop(true);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("COUNTERSIGN_") {
+                command.env_remove(name);
+            }
+        }
+        command.env("RUST_LOG", "info");
+        command
+    };
+
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nlog_format = \"json\"\n").unwrap();
+    let mut child = serve().stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let event: Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            if event["fields"]["message"] == "serving" {
+                return event;
+            }
+        }
+        panic!("the server ended without logging that it serves");
+    })
+    .await
+    .expect("no `serving` log line within 20 s");
+    assert_eq!(serving["level"], "INFO");
+    assert_eq!(serving["fields"]["store"], "sqlite");
+    assert!(serving["fields"]["url"].as_str().unwrap().starts_with("http://127.0.0.1:"), "{serving}");
+    child.kill().await.unwrap();
+
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nlog_format = \"yaml\"\n").unwrap();
+    let refused = serve().output().await.unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("log_format") && stderr.contains("json"), "{stderr}");
+}
