@@ -7,8 +7,9 @@
 //! cannot move between reading it and appending after it. Commits are group-committed: a commit returns once
 //! an `fdatasync` of the WAL that began after it has finished, and one sync serves every writer queued behind
 //! it (see [`Durability`]). The writer does not checkpoint the WAL on commit (`wal_autocheckpoint = 0`):
-//! every [`CHECKPOINT_EVERY`] commits a passive checkpoint runs on a reader connection in the background, so
-//! no request pays for copying pages back and syncing the file. Rows become
+//! every [`CHECKPOINT_EVERY`] commits a passive checkpoint copies the bulk of the log on a reader connection
+//! in the background, and a second one, in the writer's turn, copies the few frames appended meanwhile so the
+//! log can start over (see [`Durability::checkpoint`]). Rows become
 //! domain records through the mappers in `rows`, shared with the PostgreSQL store; this module holds no
 //! business rules.
 
@@ -96,11 +97,11 @@ impl Durability {
     }
 
     /// Called after each commit: returns once that commit is on disk.
-    async fn committed(&self, reader: &SqlitePool) -> Result<(), StoreError> {
+    async fn committed(&self, writer: &SqlitePool, reader: &SqlitePool) -> Result<(), StoreError> {
         let Some(wal) = &self.wal else { return Ok(()) };
         let ticket = self.committed.fetch_add(1, Ordering::AcqRel) + 1;
         if ticket.is_multiple_of(CHECKPOINT_EVERY) {
-            self.checkpoint(reader);
+            self.checkpoint(writer, reader);
         }
         if self.synced.load(Ordering::Acquire) >= ticket {
             return Ok(());
@@ -126,16 +127,25 @@ impl Durability {
         Ok(())
     }
 
-    /// Starts one passive checkpoint on a reader connection unless one is running.
-    fn checkpoint(&self, reader: &SqlitePool) {
+    /// Checkpoints the WAL in the background unless a checkpoint is running, in two passes. The first, on a
+    /// reader connection, copies the bulk of the frames into the database file while writers go on. It can
+    /// never finish the log under load, since writers keep appending, and SQLite starts the WAL over from its
+    /// beginning only once every frame is copied: so the second pass takes a turn on the writer connection
+    /// and copies the few frames appended meanwhile. The next write then restarts the log, which keeps the
+    /// file bounded (instead of growing by every commit) and keeps its syncs overwriting blocks already
+    /// allocated.
+    fn checkpoint(&self, writer: &SqlitePool, reader: &SqlitePool) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         if self.checkpoint_running.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (reader, running) = (reader.clone(), Arc::clone(&self.checkpoint_running));
+        let (writer, reader, running) = (writer.clone(), reader.clone(), Arc::clone(&self.checkpoint_running));
         runtime.spawn(async move {
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&reader).await {
-                tracing::warn!(error = %e, "background WAL checkpoint failed; the next one tries again");
+            for (pass, pool) in [("bulk", &reader), ("tail", &writer)] {
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(pool).await {
+                    tracing::warn!(error = %e, pass, "background WAL checkpoint failed; the next one tries again");
+                    break;
+                }
             }
             running.store(false, Ordering::Release);
         });
@@ -231,7 +241,7 @@ impl Store for SqliteStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.check()?;
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx { tx, head: None, committed: Some((self.reader.clone(), Arc::clone(&self.durability))) }))
+        Ok(Box::new(SqliteTx { tx, head: None, committed: Some(self.clone()) }))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
@@ -255,8 +265,8 @@ struct SqliteTx {
     /// The org and (seq, hash) of the last audit event this transaction appended: the next append in the
     /// same transaction follows it without reading the head again (the write lock keeps it the head).
     head: Option<(OrgId, i64, String)>,
-    /// A write transaction's reader pool and checkpoint counter, told of the commit.
-    committed: Option<(SqlitePool, Arc<Durability>)>,
+    /// A write transaction's store, whose group commit and checkpoints are told of the commit.
+    committed: Option<SqliteStore>,
 }
 
 impl Cols for SqliteRow {
@@ -438,7 +448,7 @@ impl StoreTx for SqliteTx {
         let SqliteTx { tx, committed, .. } = *self;
         tx.commit().await.map_err(map_sqlx)?;
         match committed {
-            Some((reader, durability)) => durability.committed(&reader).await,
+            Some(store) => store.durability.committed(&store.writer, &store.reader).await,
             None => Ok(()),
         }
     }
@@ -1509,6 +1519,26 @@ mod tests {
         assert_eq!(durability.synced.load(Ordering::Acquire), 32, "a commit returned before its sync");
         let mut tx = store.read().await.unwrap();
         assert_eq!(tx.count_orgs().await.unwrap(), 32);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_starts_over_instead_of_growing_under_steady_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let wal = store.durability.wal.clone().unwrap();
+        let padding = "x".repeat(2000);
+        let mut sizes = Vec::new();
+        for i in 0..1500 {
+            let mut tx = store.write().await.unwrap();
+            let org = Org { id: OrgId::new(), name: format!("org-{i}-{padding}"), created_at: Utc::now() };
+            tx.insert_org(&org).await.unwrap();
+            tx.commit().await.unwrap();
+            sizes.push(std::fs::metadata(&wal).unwrap().len());
+        }
+        // Without the log starting over, each commit adds its frames for good: 1,500 of them come to about
+        // 50 MB here. Starting over every few hundred commits keeps it near a few hundred commits' worth.
+        let (first, last) = (sizes[299], sizes[1499]);
+        assert!(last < 2 * first, "the WAL grew from {first} bytes at 300 commits to {last} at 1,500");
     }
 
     #[tokio::test]
