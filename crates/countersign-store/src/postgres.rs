@@ -52,8 +52,8 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, SqlSafeStr, Transaction};
 
 use crate::rows::{
     Cols, action_row, agent_row, approval_row, audit_row, checkpoint_row, corrupt, dashboard_session_row, decision_row,
-    delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, opt_from_us, opt_us, org_row, policy_row,
-    retention_row, session_row, to_json, to_us, user_row, webhook_row,
+    delivery_row, from_us, get, insert_audit_rows, job_row, key_row, limit, map_sqlx, opt_from_us, opt_us, org_row,
+    policy_row, retention_row, session_row, to_json, to_us, user_row, webhook_row,
 };
 
 const MIGRATIONS: [(i64, &str, &str); 3] = [
@@ -197,12 +197,12 @@ impl ReplicaFeed {
 impl Store for PostgresStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await.map_err(map_sqlx)?;
-        Ok(Box::new(PgTx { tx, writer: true }))
+        Ok(Box::new(PgTx { tx, writer: true, head: None, pending_audit: Vec::new() }))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(map_sqlx)?;
-        Ok(Box::new(PgTx { tx, writer: false }))
+        Ok(Box::new(PgTx { tx, writer: false, head: None, pending_audit: Vec::new() }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -219,7 +219,16 @@ struct PgTx {
     tx: Transaction<'static, Postgres>,
     /// Begun by `write()`: reads of mutable rows lock them.
     writer: bool,
+    /// The org and (seq, hash) of the last audit event this transaction appended. Its `audit_heads` row is
+    /// locked until the commit, so the next append of the same org follows it without asking again.
+    head: Option<(OrgId, i64, String)>,
+    /// Audit events sealed but not yet written: written together, with the head row moved to the last,
+    /// before the transaction's next statement or its commit. A rollback drops them with everything else.
+    pending_audit: Vec<AuditEvent>,
 }
+
+/// Audit rows per multi-row `INSERT` (ten parameters each, far below PostgreSQL's limit).
+const AUDIT_ROWS_PER_INSERT: usize = 64;
 
 impl Cols for PgRow {
     fn text(&self, column: &str) -> Result<String, StoreError> {
@@ -246,6 +255,40 @@ impl Cols for PgRow {
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
 impl PgTx {
+    /// Seals the event after the head (seq, hash) and queues it for [`PgTx::write_pending_audit`].
+    fn seal_audit(&mut self, org: &OrgId, seq: i64, hash: &str, event: NewAuditEvent) -> AuditEvent {
+        let sealed = AuditEvent::seal(org.clone(), seq, hash, event);
+        self.head = Some((org.clone(), sealed.seq, sealed.hash.clone()));
+        self.pending_audit.push(sealed.clone());
+        sealed
+    }
+
+    /// Writes the audit events sealed since the last statement: per run of one org, one multi-row insert
+    /// that also moves the org's head row to the last of them. Called before every statement and the commit.
+    async fn write_pending_audit(&mut self) -> Result<(), StoreError> {
+        if self.pending_audit.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending_audit);
+        for run in pending.chunk_by(|a, b| a.org_id == b.org_id) {
+            for rows in run.chunks(AUDIT_ROWS_PER_INSERT) {
+                let mut query = insert_audit_rows::<Postgres>("WITH appended AS (", rows)?;
+                query.push(
+                    " RETURNING org_id, seq, hash),
+                     last AS (SELECT org_id, seq, hash FROM appended ORDER BY seq DESC LIMIT 1)
+                     UPDATE audit_heads h SET seq = last.seq, hash = last.hash
+                     FROM last WHERE h.org_id = last.org_id",
+                );
+                let moved = query.build().execute(&mut *self.tx).await.map_err(map_sqlx)?.rows_affected();
+                if moved != 1 {
+                    let org = rows.first().map(|e| e.org_id.to_string()).unwrap_or_default();
+                    return Err(StoreError::Internal(format!("audit head of org {org} did not move")));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Audit events matching `filter`: oldest first after `seq`, or (`newest`) newest first before it.
     async fn select_audit(
         &mut self,
@@ -300,10 +343,12 @@ impl PgTx {
     }
 
     async fn fetch_all(&mut self, query: PgQuery<'_>) -> Result<Vec<PgRow>, StoreError> {
+        self.write_pending_audit().await?;
         query.fetch_all(&mut *self.tx).await.map_err(map_sqlx)
     }
 
     async fn fetch_optional(&mut self, query: PgQuery<'_>) -> Result<Option<PgRow>, StoreError> {
+        self.write_pending_audit().await?;
         query.fetch_optional(&mut *self.tx).await.map_err(map_sqlx)
     }
 
@@ -313,6 +358,7 @@ impl PgTx {
     }
 
     async fn execute(&mut self, query: PgQuery<'_>) -> Result<u64, StoreError> {
+        self.write_pending_audit().await?;
         query.execute(&mut *self.tx).await.map(|r| r.rows_affected()).map_err(map_sqlx)
     }
 
@@ -349,7 +395,8 @@ impl PgTx {
 
 #[async_trait::async_trait]
 impl StoreTx for PgTx {
-    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+    async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.write_pending_audit().await?;
         self.tx.commit().await.map_err(map_sqlx)
     }
 
@@ -962,6 +1009,11 @@ impl StoreTx for PgTx {
     }
 
     async fn append_audit(&mut self, org: &OrgId, event: NewAuditEvent) -> Result<AuditEvent, StoreError> {
+        if let Some((head_org, seq, hash)) = self.head.take()
+            && head_org == *org
+        {
+            return Ok(self.seal_audit(org, seq, &hash, event));
+        }
         const LOCK_HEAD: &str = "SELECT seq, hash FROM audit_heads WHERE org_id = $1 FOR UPDATE";
         let mut head = self.fetch_optional(sqlx::query(LOCK_HEAD).bind(org.as_str().to_owned())).await?;
         if head.is_none() {
@@ -979,32 +1031,7 @@ impl StoreTx for PgTx {
         }
         let head = head.ok_or_else(|| StoreError::Internal(format!("audit head of org {org} is missing")))?;
         let (seq, hash): (i64, String) = (get(&head, "seq")?, get(&head, "hash")?);
-        let sealed = AuditEvent::seal(org.clone(), seq, &hash, event);
-        let n = self
-            .execute(
-                sqlx::query(
-                    "WITH appended AS (
-                        INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash,
-                            hash)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                        RETURNING org_id, seq, hash
-                     )
-                     UPDATE audit_heads h SET seq = appended.seq, hash = appended.hash
-                     FROM appended WHERE h.org_id = appended.org_id",
-                )
-                .bind(org.as_str().to_owned())
-                .bind(sealed.seq)
-                .bind(sealed.id.as_str().to_owned())
-                .bind(sealed.time_us)
-                .bind(to_json(&sealed.actor)?)
-                .bind(sealed.action.clone())
-                .bind(sealed.subject.clone())
-                .bind(to_json(&sealed.data)?)
-                .bind(sealed.prev_hash.clone())
-                .bind(sealed.hash.clone()),
-            )
-            .await?;
-        if n == 1 { Ok(sealed) } else { Err(StoreError::Internal(format!("audit head of org {org} did not move"))) }
+        Ok(self.seal_audit(org, seq, &hash, event))
     }
 
     async fn list_audit(

@@ -40,6 +40,36 @@ pub fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Internal(format!("cannot encode JSON column: {e}")))
 }
 
+/// `{prefix}INSERT INTO audit_events (…) VALUES (…), (…)` with every row's values bound: how both backends
+/// write the audit events a transaction sealed, in one statement (the caller keeps `rows` under the
+/// backend's limit on bound values and may append to the statement).
+pub fn insert_audit_rows<DB>(prefix: &str, rows: &[AuditEvent]) -> Result<sqlx::QueryBuilder<DB>, StoreError>
+where
+    DB: sqlx::Database,
+    DB::Arguments: Default,
+    for<'t> String: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    for<'t> Option<String>: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    for<'t> i64: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    let encoded = rows.iter().map(|e| Ok((to_json(&e.actor)?, to_json(&e.data)?))).collect::<Result<Vec<_>, _>>()?;
+    let mut query = sqlx::QueryBuilder::new(format!(
+        "{prefix}INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash, hash) "
+    ));
+    query.push_values(rows.iter().zip(encoded), |mut row, (event, (actor, data))| {
+        row.push_bind(event.org_id.as_str().to_owned())
+            .push_bind(event.seq)
+            .push_bind(event.id.as_str().to_owned())
+            .push_bind(event.time_us)
+            .push_bind(actor)
+            .push_bind(event.action.clone())
+            .push_bind(event.subject.clone())
+            .push_bind(data)
+            .push_bind(event.prev_hash.clone())
+            .push_bind(event.hash.clone());
+    });
+    Ok(query)
+}
+
 pub fn from_json<T: DeserializeOwned>(column: &str, text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Internal(format!("stored {column} is not valid: {e}")))
 }

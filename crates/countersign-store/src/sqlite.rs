@@ -40,8 +40,8 @@ use sqlx::{AssertSqlSafe, Row, SqlSafeStr, Sqlite, SqlitePool, Transaction};
 
 use crate::rows::{
     Cols, action_row, agent_row, approval_row, audit_row, checkpoint_row, corrupt, dashboard_session_row, decision_row,
-    delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, opt_from_us, opt_us, org_row, policy_row,
-    retention_row, session_row, to_json, to_us, user_row, webhook_row,
+    delivery_row, from_us, get, insert_audit_rows, job_row, key_row, limit, map_sqlx, opt_from_us, opt_us, org_row,
+    policy_row, retention_row, session_row, to_json, to_us, user_row, webhook_row,
 };
 
 const MIGRATIONS: [(i64, &str, &str); 3] = [
@@ -241,12 +241,12 @@ impl Store for SqliteStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.check()?;
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx { tx, head: None, committed: Some(self.clone()) }))
+        Ok(Box::new(SqliteTx { tx, head: None, committed: Some(self.clone()), pending_audit: Vec::new() }))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         let tx = self.reader.begin().await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx { tx, head: None, committed: None }))
+        Ok(Box::new(SqliteTx { tx, head: None, committed: None, pending_audit: Vec::new() }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -267,7 +267,14 @@ struct SqliteTx {
     head: Option<(OrgId, i64, String)>,
     /// A write transaction's store, whose group commit and checkpoints are told of the commit.
     committed: Option<SqliteStore>,
+    /// Audit events sealed in this transaction but not yet written. They are written together, in one
+    /// statement, before the transaction's next statement or its commit, so every statement sees them and a
+    /// commit never lacks them; a rollback drops them with everything else.
+    pending_audit: Vec<AuditEvent>,
 }
+
+/// Audit rows per multi-row `INSERT` (ten values each, far below SQLite's limit on bound values).
+const AUDIT_ROWS_PER_INSERT: usize = 64;
 
 impl Cols for SqliteRow {
     fn text(&self, column: &str) -> Result<String, StoreError> {
@@ -310,25 +317,22 @@ impl SqliteTx {
         event: NewAuditEvent,
     ) -> Result<AuditEvent, StoreError> {
         let sealed = AuditEvent::seal(org.clone(), seq, hash, event);
-        self.execute(
-            sqlx::query(
-                "INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash, hash)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(org.as_str().to_owned())
-            .bind(sealed.seq)
-            .bind(sealed.id.as_str().to_owned())
-            .bind(sealed.time_us)
-            .bind(to_json(&sealed.actor)?)
-            .bind(sealed.action.clone())
-            .bind(sealed.subject.clone())
-            .bind(to_json(&sealed.data)?)
-            .bind(sealed.prev_hash.clone())
-            .bind(sealed.hash.clone()),
-        )
-        .await?;
         self.head = Some((org.clone(), sealed.seq, sealed.hash.clone()));
+        self.pending_audit.push(sealed.clone());
         Ok(sealed)
+    }
+
+    /// Writes the audit events sealed since the last statement, in as few statements as the bound-value
+    /// limit allows. Called before every statement and before the commit.
+    async fn write_pending_audit(&mut self) -> Result<(), StoreError> {
+        if self.pending_audit.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending_audit);
+        for rows in pending.chunks(AUDIT_ROWS_PER_INSERT) {
+            insert_audit_rows::<Sqlite>("", rows)?.build().execute(&mut *self.tx).await.map_err(map_sqlx)?;
+        }
+        Ok(())
     }
 
     /// Audit events matching `filter`, oldest first after a seq or newest first before one.
@@ -400,6 +404,7 @@ impl SqliteTx {
         &mut self,
         query: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
     ) -> Result<Vec<SqliteRow>, StoreError> {
+        self.write_pending_audit().await?;
         query.fetch_all(&mut *self.tx).await.map_err(map_sqlx)
     }
 
@@ -407,6 +412,7 @@ impl SqliteTx {
         &mut self,
         query: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
     ) -> Result<Option<SqliteRow>, StoreError> {
+        self.write_pending_audit().await?;
         query.fetch_optional(&mut *self.tx).await.map_err(map_sqlx)
     }
 
@@ -414,6 +420,7 @@ impl SqliteTx {
         &mut self,
         query: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
     ) -> Result<u64, StoreError> {
+        self.write_pending_audit().await?;
         query.execute(&mut *self.tx).await.map(|r| r.rows_affected()).map_err(map_sqlx)
     }
 
@@ -445,7 +452,9 @@ impl SqliteTx {
 #[async_trait::async_trait]
 impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        let SqliteTx { tx, committed, .. } = *self;
+        let mut this = *self;
+        this.write_pending_audit().await?;
+        let SqliteTx { tx, committed, .. } = this;
         tx.commit().await.map_err(map_sqlx)?;
         match committed {
             Some(store) => store.durability.committed(&store.writer, &store.reader).await,

@@ -167,6 +167,7 @@ contract!(
     actions_round_trip_with_filters_and_cursor,
     approvals_and_decisions_round_trip,
     audit_appends_stay_gapless_under_concurrent_writers,
+    many_appends_in_one_transaction_are_seen_by_it_and_land_together,
     audit_filters_select_events,
     schema_refuses_audit_changes_and_retention_needs_a_checkpoint,
     concurrent_claimers_take_each_job_once,
@@ -711,6 +712,47 @@ mod checks {
         let kept = tx.append_audit(&o.id, event("test.kept", "x", None, 1)).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!((lost.seq, kept.seq), (total + 1, total + 1), "{n}");
+    }
+
+    pub async fn many_appends_in_one_transaction_are_seen_by_it_and_land_together(b: &Backend) {
+        // More than one multi-row insert's worth, for two orgs interleaved.
+        const APPENDS: i64 = 150;
+        let (o, _, _) = seed(b, "batch").await;
+        let (other, _, _) = seed(b, "batch-other").await;
+        let n = b.name;
+
+        let mut tx = b.store.write().await.unwrap();
+        for i in 0..APPENDS {
+            let e = tx.append_audit(&o.id, event("test.batch", "x", None, i)).await.unwrap();
+            assert_eq!(e.seq, i + 1, "{n}");
+            if i % 50 == 0 {
+                tx.append_audit(&other.id, event("test.other", "x", None, i)).await.unwrap();
+            }
+        }
+        // Read back inside the transaction: every append is there, for both orgs.
+        let head = tx.audit_head(&o.id).await.unwrap().unwrap();
+        assert_eq!(head.seq, APPENDS, "{n}");
+        assert_eq!(tx.audit_head(&other.id).await.unwrap().map(|h| h.seq), Some(3), "{n}");
+        let after = tx.append_audit(&o.id, event("test.after-read", "x", None, 0)).await.unwrap();
+        assert_eq!(after.prev_hash, head.hash, "{n}: an append after a read follows the head it read");
+        drop(tx);
+        let mut tx = b.store.read().await.unwrap();
+        assert_eq!(tx.audit_head(&o.id).await.unwrap(), None, "{n}: a rolled-back batch left events behind");
+        drop(tx);
+
+        let mut tx = b.store.write().await.unwrap();
+        for i in 0..APPENDS {
+            tx.append_audit(&o.id, event("test.batch", "x", None, i)).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let mut tx = b.store.read().await.unwrap();
+        let events = tx.list_audit(&o.id, &AuditFilter::default(), 0, 1_000).await.unwrap();
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=APPENDS).collect::<Vec<_>>(), "{n}");
+        let mut verifier = ChainVerifier::default();
+        events.iter().for_each(|e| verifier.push(e));
+        let report = verifier.finish();
+        assert!(report.ok, "{n}: chain broken at {:?}", report.first_broken_seq);
+        assert_eq!(tx.audit_head(&o.id).await.unwrap().map(|h| h.hash), Some(report.head_hash), "{n}");
     }
 
     pub async fn audit_filters_select_events(b: &Backend) {

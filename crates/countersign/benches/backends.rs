@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
-use common::{ms, percentile};
+use common::{fresh_database, ms, percentile};
 
 use std::time::Instant;
 
@@ -18,7 +18,6 @@ use countersign::config::{Config, Secret};
 use countersign::server::Server;
 use countersign_core::secrets::{SecretKind, generate};
 use serde_json::json;
-use sqlx::Connection;
 
 struct Replica {
     admin: Client,
@@ -45,14 +44,6 @@ async fn start(dir: &std::path::Path, database_url: Option<&str>, key: &str) -> 
             .unwrap();
     });
     Replica { admin, stop, task }
-}
-
-async fn fresh_database(base: &str) -> String {
-    let name = format!("cs_bench_{}", ulid::Ulid::generate().to_string().to_lowercase());
-    let mut admin = sqlx::PgConnection::connect(base).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
-    let (prefix, _) = base.rsplit_once('/').unwrap();
-    format!("{prefix}/{name}")
 }
 
 async fn measure(label: &str, database_url: Option<String>, replicas: usize, full: bool) {

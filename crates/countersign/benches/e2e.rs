@@ -6,11 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
-use common::{ms, percentile};
+use common::{Running, ms, percentile};
 
 use std::time::Instant;
 
-use countersign::client::Client;
 use countersign::config::Config;
 use countersign::server::Server;
 use serde_json::json;
@@ -25,14 +24,8 @@ async fn main() {
     config.watch_policy = false;
     // One agent key drives the whole load: measure the gateway, not the rate limit.
     config.rate_limit.per_second = 0;
-    let server = Server::build(config).await.unwrap();
-    let url = format!("http://{}", server.local_addr());
-    let key = server.bootstrapped().unwrap().generated_key.clone().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run_until(async move {
-        let _ = stopped.await;
-    }));
-    let admin = Client::new(url, Some(key)).unwrap();
+    let running = Running::start(Server::build(config).await.unwrap());
+    let admin = running.admin.clone();
     admin.create_agent("bench").await.unwrap();
     let agent = admin.with_key(admin.create_key("agent", "bench").await.unwrap().str("/key"));
     let allowed = json!({"capability": "email.send.message", "params": {"to": "a@example.com"}, "reasoning": "bench"});
@@ -89,6 +82,5 @@ async fn main() {
         ms(percentile(&latencies, 0.99)),
         latencies.len()
     );
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }

@@ -7,11 +7,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+use common::Running;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use countersign::client::Client;
 use countersign::config::Config;
 use countersign::server::Server;
 use countersign_core::domain::{Job, JobKind};
@@ -55,13 +57,9 @@ async fn webhook_deliveries(full: bool) {
 
     let dir = tempfile::tempdir().unwrap();
     let server = Server::build(config(dir.path())).await.unwrap();
-    let key = server.bootstrapped().unwrap().generated_key.clone().unwrap();
-    let admin = Client::new(format!("http://{}", server.local_addr()), Some(key)).unwrap();
     let org = server.bootstrapped().unwrap().org.id.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run_until(async move {
-        let _ = stopped.await;
-    }));
+    let running = Running::start(server);
+    let admin = running.admin.clone();
     let hook = admin.post("/v1/webhooks", &json!({"url": receiver, "events": ["approval.requested"]})).await.unwrap();
     let hook_id = hook.str("/id").to_owned();
 
@@ -92,8 +90,7 @@ async fn webhook_deliveries(full: bool) {
     tokio::time::timeout(Duration::from_secs(300), done.notified()).await.unwrap();
     let rate = (deliveries - 1) as f64 / first.elapsed().as_secs_f64();
     println!("webhook deliveries to a loopback receiver: {rate:.0}/s ({deliveries} signed deliveries)");
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 async fn jobs_claimed(full: bool) {
@@ -168,13 +165,8 @@ async fn restart_with_pending(full: bool) {
     let base = config(dir.path());
     // One real held action gives the shape; the rest are copies with their own ids.
     {
-        let server = Server::build(base).await.unwrap();
-        let key = server.bootstrapped().unwrap().generated_key.clone().unwrap();
-        let admin = Client::new(format!("http://{}", server.local_addr()), Some(key)).unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server.run_until(async move {
-            let _ = stopped.await;
-        }));
+        let running = Running::start(Server::build(base).await.unwrap());
+        let admin = running.admin.clone();
         admin.create_agent("bench").await.unwrap();
         let agent = admin.with_key(admin.create_key("agent", "bench").await.unwrap().str("/key"));
         let held = agent
@@ -182,8 +174,7 @@ async fn restart_with_pending(full: bool) {
             .await
             .unwrap();
         assert_eq!(held.status, 202);
-        let _ = stop.send(());
-        task.await.unwrap().unwrap();
+        running.stop().await;
     }
     let store = SqliteStore::open(&dir.path().join("countersign.db")).await.unwrap();
     let mut tx = store.read().await.unwrap();

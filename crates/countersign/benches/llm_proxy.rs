@@ -9,14 +9,16 @@
 //! `.venv-litellm`), LiteLLM's proxy is started too, in front of the same fake provider (its defaults: one
 //! uvicorn worker, no database, telemetry and the remote cost map off), measured by the same loop in the
 //! same run, and each case also prints the ratio of the two added latencies (LiteLLM's over Countersign's).
-//! Without the variable LiteLLM is never touched.
+//! Without the variable LiteLLM is never touched. With `COUNTERSIGN_TEST_DATABASE_URL` (`scripts/with-postgres`;
+//! `scripts/bench-llm` sets `WITH_POSTGRES_DURABLE=1` so PostgreSQL syncs its commits as SQLite does) a second
+//! Countersign on a fresh PostgreSQL database is measured as `countersign-pg`.
 //!
 //! `cargo bench -p countersign --bench llm_proxy` prints the figures; under `cargo test` it runs a few
 //! iterations only, as a smoke test. Not a test of speed: nothing here asserts a time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
-use common::{ms, percentile};
+use common::{Running, fresh_database, ms, percentile};
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -26,7 +28,6 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use countersign::client::Client;
 use countersign::config::{Config, LlmConfig, Secret};
 use countersign::server::Server;
 use futures_util::StreamExt;
@@ -238,27 +239,15 @@ async fn main() {
 
     let provider = fake_provider().await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
-    let mut config = Config::new(dir.path().to_path_buf());
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.watch_policy = false;
-    config.policy = Some(dir.path().join("policy.yaml"));
-    config.rate_limit.per_second = 0;
-    config.network.allow_private = vec!["127.0.0.1/32".into()];
-    config.llm.insert("openai".into(), LlmConfig::new("openai", provider.clone(), Secret::new(PROVIDER_KEY.into())));
-    let server = Server::build(config).await.unwrap();
-    let url = format!("http://{}", server.local_addr());
-    let key = server.bootstrapped().unwrap().generated_key.clone().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run_until(async move {
-        let _ = stopped.await;
-    }));
-    let admin = Client::new(url.clone(), Some(key)).unwrap();
-    admin.create_agent("bench").await.unwrap();
-    let agent_key = admin.create_key("agent", "bench").await.unwrap().str("/key").to_owned();
+    let sqlite = Gateway::start(&dir.path().join("sqlite"), &provider, None).await;
+    let postgres = match std::env::var("COUNTERSIGN_TEST_DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+        Some(base) => {
+            Some(Gateway::start(&dir.path().join("postgres"), &provider, Some(fresh_database(&base).await)).await)
+        }
+        None => None,
+    };
 
     let direct = Target { url: format!("{provider}/v1/chat/completions"), key: PROVIDER_KEY.into() };
-    let proxied = Target { url: format!("{url}/llm/openai/v1/chat/completions"), key: agent_key };
     let http = reqwest::Client::builder().pool_max_idle_per_host(128).build().unwrap();
 
     let litellm = match std::env::var_os(LITELLM_ENV) {
@@ -271,7 +260,10 @@ async fn main() {
             }
         },
     };
-    let mut targets = vec![("countersign", proxied)];
+    let mut targets = vec![("countersign", sqlite.target.clone())];
+    if let Some(postgres) = &postgres {
+        targets.push(("countersign-pg", postgres.target.clone()));
+    }
     if let Some(litellm) = &litellm {
         targets.push(("litellm", litellm.target.clone()));
     }
@@ -307,7 +299,9 @@ async fn main() {
                 );
                 added.push(plus);
             }
-            if let [countersign, litellm] = added[..] {
+            if litellm.is_some()
+                && let (Some(countersign), Some(litellm)) = (added.first(), added.last())
+            {
                 println!(
                     "    ratio, LiteLLM added / Countersign added: median {}  p99 {}",
                     ratio(litellm.median, countersign.median),
@@ -321,6 +315,39 @@ async fn main() {
     } else if std::env::var_os(LITELLM_ENV).is_none() && full {
         println!("(LiteLLM not measured: set {LITELLM_ENV} to a litellm executable, or run scripts/bench-llm)");
     }
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    sqlite.stop().await;
+    if let Some(postgres) = postgres {
+        postgres.stop().await;
+    }
+}
+
+/// A Countersign server in front of the fake provider, with an agent key to call it with.
+struct Gateway {
+    target: Target,
+    server: Running,
+}
+
+impl Gateway {
+    /// On SQLite under `dir`, or on the PostgreSQL database at `database_url`.
+    async fn start(dir: &Path, provider: &str, database_url: Option<String>) -> Gateway {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("policy.yaml"), POLICY).unwrap();
+        let mut config = Config::new(dir.to_path_buf());
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.watch_policy = false;
+        config.policy = Some(dir.join("policy.yaml"));
+        config.database_url = database_url.map(Secret::new);
+        config.rate_limit.per_second = 0;
+        config.network.allow_private = vec!["127.0.0.1/32".into()];
+        config.llm.insert("openai".into(), LlmConfig::new("openai", provider.into(), Secret::new(PROVIDER_KEY.into())));
+        let server = Running::start(Server::build(config).await.unwrap());
+        server.admin.create_agent("bench").await.unwrap();
+        let agent_key = server.admin.create_key("agent", "bench").await.unwrap().str("/key").to_owned();
+        let url = format!("{}/llm/openai/v1/chat/completions", server.url);
+        Gateway { target: Target { url, key: agent_key }, server }
+    }
+
+    async fn stop(self) {
+        self.server.stop().await;
+    }
 }

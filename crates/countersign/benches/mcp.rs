@@ -10,12 +10,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
-use common::{ms, percentile};
+use common::{Running, ms, percentile};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use countersign::client::Client;
 use countersign::config::{Config, McpServerConfig};
 use countersign::server::Server;
 use rmcp::model::{
@@ -149,15 +148,10 @@ async fn main() {
     config.network.allow_private = vec!["127.0.0.1/32".into()];
     config.mcp_servers.insert("bench".into(), McpServerConfig::http(upstream_url.clone()));
     let server = Server::build(config).await.unwrap();
-    let url = format!("http://{}", server.local_addr());
-    let key = server.bootstrapped().unwrap().generated_key.clone().unwrap();
     let gateway = server.gateway().clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run_until(async move {
-        let _ = stopped.await;
-    }));
+    let running = Running::start(server);
     assert!(gateway.mcp_upstream_ready("bench", Duration::from_secs(30)).await, "the upstream did not connect");
-    let admin = Client::new(url.clone(), Some(key)).unwrap();
+    let (url, admin) = (running.url.clone(), running.admin.clone());
     admin.create_agent("bench").await.unwrap();
     let agent_key = admin.create_key("agent", "bench").await.unwrap().str("/key").to_owned();
     let gateway_url = format!("{url}/mcp");
@@ -184,6 +178,5 @@ async fn main() {
             ms(g99.saturating_sub(d99)),
         );
     }
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }

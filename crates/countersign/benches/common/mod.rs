@@ -1,4 +1,9 @@
-//! What the latency benches share: the percentile of sorted samples and milliseconds for printing.
+//! What the benches share: a built server run on a task with its bootstrapped admin client, the percentile
+//! of sorted samples, milliseconds for printing, and a fresh PostgreSQL database for a bench that measures
+//! that backend too.
+#![allow(clippy::unwrap_used)]
+// Each bench compiles this module on its own and uses only some of it.
+#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -11,4 +16,41 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// A new, empty database on the server of `base` (a PostgreSQL URL), so each measurement starts clean.
+pub async fn fresh_database(base: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("cs_bench_{}", ulid::Ulid::generate().to_string().to_lowercase());
+    let mut admin = sqlx::PgConnection::connect(base).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
+
+/// A server running on a task until [`Running::stop`], with a client holding the admin key it bootstrapped.
+pub struct Running {
+    pub url: String,
+    pub admin: countersign::client::Client,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    pub fn start(server: countersign::server::Server) -> Running {
+        let url = format!("http://{}", server.local_addr());
+        let key = server.bootstrapped().unwrap().generated_key.clone().unwrap();
+        let admin = countersign::client::Client::new(url.clone(), Some(key)).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run_until(async move {
+            let _ = stopped.await;
+        }));
+        Running { url, admin, stop, task }
+    }
+
+    /// Shuts the server down and waits for it to finish.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
 }
