@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -194,6 +195,9 @@ fn default_mcp_timeout() -> u64 {
 const MAX_CONFIGURED_SECONDS: u64 = 86_400;
 
 /// `seconds` when it lies between `min` and a day; else an error naming `key`.
+/// The longest a resolved credential may be served from memory.
+const MAX_AUTH_CACHE_SECONDS: u64 = 60;
+
 fn seconds_in_range(key: &str, seconds: u64, min: u64) -> Result<u64, ConfigError> {
     if (min..=MAX_CONFIGURED_SECONDS).contains(&seconds) {
         Ok(seconds)
@@ -314,6 +318,7 @@ pub struct FileConfig {
     pub public_url: Option<String>,
     pub log_format: Option<crate::telemetry::LogFormat>,
     pub max_body_bytes: Option<usize>,
+    pub auth_cache_seconds: Option<u64>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     #[serde(default)]
@@ -370,6 +375,10 @@ pub struct Config {
     pub jobs: crate::gateway::JobRunnerSettings,
     /// `log_format` from the file; the `--log-format` flag or `COUNTERSIGN_LOG_FORMAT` wins over it.
     pub log_format: crate::telemetry::LogFormat,
+    /// How long a resolved key or session is served from memory (`auth_cache_seconds`, 0 to 60; 0 is off).
+    /// Revocations empty the cache on every replica at once; this bounds a credential's life after a
+    /// revocation only if a replica missed the change feed and has not yet noticed.
+    pub auth_cache: Duration,
 }
 
 impl Config {
@@ -391,6 +400,7 @@ impl Config {
             rate_limit: RateLimitConfig::default(),
             jobs: crate::gateway::JobRunnerSettings::default(),
             log_format: crate::telemetry::LogFormat::default(),
+            auth_cache: Duration::from_secs(1),
         }
     }
 }
@@ -476,6 +486,14 @@ impl ServeArgs {
         config.database_url = file.database_url;
         config.public_url = file.public_url;
         config.log_format = file.log_format.unwrap_or_default();
+        if let Some(seconds) = file.auth_cache_seconds {
+            if seconds > MAX_AUTH_CACHE_SECONDS {
+                return Err(ConfigError::Invalid(format!(
+                    "auth_cache_seconds must be between 0 and {MAX_AUTH_CACHE_SECONDS} seconds"
+                )));
+            }
+            config.auth_cache = Duration::from_secs(seconds);
+        }
         if let Some(bytes) = file.max_body_bytes {
             config.max_body_bytes = bytes;
         }
@@ -580,6 +598,8 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # policy = "policy.yaml"            # file or folder; default: the shipped example policy
 # public_url = "https://countersign.example.com"
 # log_format = "json"               # text (default) or json; --log-format wins
+# auth_cache_seconds = 1            # keys and sessions served from memory this long (0-60, 0 off);
+                                    # a revocation empties the cache on every replica at once
 
 # Upstreams an action's http target may name. Credentials live here, never with the agent.
 # [upstreams.payments]
@@ -744,6 +764,10 @@ mod tests {
         };
         assert_eq!(resolve("").unwrap().log_format, crate::telemetry::LogFormat::Text);
         assert_eq!(resolve("log_format = \"json\"\n").unwrap().log_format, crate::telemetry::LogFormat::Json);
+        assert_eq!(resolve("").unwrap().auth_cache, Duration::from_secs(1));
+        assert_eq!(resolve("auth_cache_seconds = 0\n").unwrap().auth_cache, Duration::ZERO);
+        let error = resolve("auth_cache_seconds = 3600\n").unwrap_err().to_string();
+        assert!(error.contains("auth_cache_seconds"), "{error}");
         let error = resolve("log_format = \"yaml\"\n").unwrap_err().to_string();
         assert!(error.contains("log_format") && error.contains("json"), "{error}");
     }

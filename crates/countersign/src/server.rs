@@ -140,6 +140,7 @@ impl Server {
             metrics: Metrics::new(),
             public_url: public_url.trim_end_matches('/').to_owned(),
             shutdown: shutdown.clone(),
+            auth_cache: config.auth_cache,
         });
         let provided = config.bootstrap_admin_key.as_ref().map(|k| k.expose().to_owned());
         let data_dir = config.data_dir.clone();

@@ -2,9 +2,15 @@
 //!
 //! Only hashes are looked up, and the stored hash is compared in constant time. Every failure answers the
 //! same kind of 401 with a reason that helps the caller fix it without revealing whether a key exists.
+//! A caller resolved from the store is kept in [`AuthCache`] for a moment, so a busy agent's requests do not
+//! each read the store; revoking or disabling anything empties it on every replica.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use countersign_core::domain::PrincipalRef;
 use countersign_core::secrets::{self, SecretKind};
 use governor::clock::{Clock as _, DefaultClock};
@@ -22,7 +28,81 @@ pub fn rate_limiter(config: RateLimitConfig) -> Option<RateLimiter> {
     Some(governor::RateLimiter::keyed(governor::Quota::per_second(per_second).allow_burst(burst)))
 }
 
+/// Entries the cache holds at most; past that it starts over (a burst of distinct keys, or a scan).
+const MAX_CACHED: usize = 10_000;
+
+/// Callers recently resolved from the SHA-256 of their secret. An entry is served for at most the cache's
+/// time to live and never past its key's or session's own expiry. Revoking a key or session, or disabling
+/// an agent or user, empties the cache on this replica when it commits and, through the change feed, on
+/// every other replica (which also empties it after losing the feed, since it may have missed a message).
+/// A lookup that began before such a change cannot put its stale answer back: each entry carries the
+/// generation it was read in, and emptying the cache moves the generation on.
+pub struct AuthCache {
+    ttl: Duration,
+    state: Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    generation: u64,
+    entries: HashMap<String, Cached>,
+}
+
+struct Cached {
+    caller: Caller,
+    until: Instant,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+impl AuthCache {
+    /// A zero `ttl` turns the cache off.
+    pub fn new(ttl: Duration) -> Self {
+        AuthCache { ttl, state: Mutex::new(CacheState::default()) }
+    }
+
+    fn get(&self, hash: &str, now: DateTime<Utc>, at: Instant) -> Option<Caller> {
+        let state = self.state.lock().ok()?;
+        let cached = state.entries.get(hash)?;
+        (cached.until > at && cached.expires_at.is_none_or(|e| e > now)).then(|| cached.caller.clone())
+    }
+
+    fn generation(&self) -> Option<u64> {
+        self.state.lock().ok().map(|s| s.generation)
+    }
+
+    fn put(&self, hash: String, caller: &Caller, expires_at: Option<DateTime<Utc>>, read_in: u64, at: Instant) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let Ok(mut state) = self.state.lock() else { return };
+        if state.generation != read_in {
+            return;
+        }
+        if state.entries.len() >= MAX_CACHED {
+            state.entries.clear();
+        }
+        state.entries.insert(hash, Cached { caller: caller.clone(), until: at + self.ttl, expires_at });
+    }
+
+    /// Forgets every cached caller, including any a lookup now in flight would add.
+    pub fn forget_all(&self) {
+        match self.state.lock() {
+            Ok(mut state) => {
+                state.generation += 1;
+                state.entries.clear();
+            }
+            // A poisoned lock serves nothing (`get` answers None), so there is nothing left to forget.
+            Err(_) => tracing::error!("the credential cache's lock is poisoned; every request reads the store"),
+        }
+    }
+}
+
 impl Gateway {
+    /// Empties the credential cache (after the replica feed was lost and messages may have been missed).
+    pub fn forget_cached_credentials(&self) {
+        self.inner.auth_cache.forget_all();
+    }
+
     /// Refuses a principal that is over its rate with 429 and when to retry.
     pub fn check_rate(&self, caller: &Caller) -> Result<()> {
         let Some(limiter) = &self.inner.limiter else { return Ok(()) };
@@ -46,14 +126,28 @@ impl Gateway {
     pub async fn authenticate(&self, secret: &str) -> Result<Caller> {
         let now = self.now();
         let hash = secrets::hash_secret(secret);
+        let cache = &self.inner.auth_cache;
+        if let Some(caller) = cache.get(&hash, now, Instant::now()) {
+            return Ok(caller);
+        }
+        let generation = cache.generation();
+        let (caller, expires_at) = self.resolve(secret, &hash, now).await?;
+        if let Some(generation) = generation {
+            cache.put(hash, &caller, expires_at, generation, Instant::now());
+        }
+        Ok(caller)
+    }
+
+    /// The caller behind a secret, read from the store, and when its key or session expires.
+    async fn resolve(&self, secret: &str, hash: &str, now: DateTime<Utc>) -> Result<(Caller, Option<DateTime<Utc>>)> {
         let mut tx = self.read().await?;
         match SecretKind::of(secret) {
-            Some(SecretKind::ApiKey) => self.caller_for_key_hash(&mut *tx, &hash).await,
+            Some(SecretKind::ApiKey) => self.key_caller(&mut *tx, hash).await,
             Some(SecretKind::SessionToken) => {
                 let session = tx
-                    .find_session_by_hash(&hash)
+                    .find_session_by_hash(hash)
                     .await?
-                    .filter(|s| secrets::hashes_equal(&s.hash, &hash))
+                    .filter(|s| secrets::hashes_equal(&s.hash, hash))
                     .ok_or_else(|| Error::Unauthenticated("unknown session token".into()))?;
                 if session.revoked_at.is_some() {
                     return Err(Error::Unauthenticated("this session has been revoked".into()));
@@ -66,7 +160,8 @@ impl Gateway {
                     .await?
                     .filter(|a| a.disabled_at.is_none())
                     .ok_or_else(|| Error::Unauthenticated("the agent of this session is disabled".into()))?;
-                Ok(Caller::Session { session, agent })
+                let expires_at = session.expires_at;
+                Ok((Caller::Session { session, agent }, Some(expires_at)))
             }
             Some(SecretKind::ApprovalToken) => Err(Error::Unauthenticated(
                 "an approval poll token (cs_ap_) only works on /v1/approval-status/{token}".into(),
@@ -84,6 +179,15 @@ impl Gateway {
         tx: &mut dyn countersign_core::store::StoreTx,
         hash: &str,
     ) -> Result<Caller> {
+        Ok(self.key_caller(tx, hash).await?.0)
+    }
+
+    /// [`Gateway::caller_for_key_hash`], and when the key expires.
+    async fn key_caller(
+        &self,
+        tx: &mut dyn countersign_core::store::StoreTx,
+        hash: &str,
+    ) -> Result<(Caller, Option<DateTime<Utc>>)> {
         let now = self.now();
         let key = tx
             .find_key_by_hash(hash)
@@ -103,7 +207,7 @@ impl Gateway {
                     .await?
                     .filter(|u| u.disabled_at.is_none())
                     .ok_or_else(|| Error::Unauthenticated("the user of this key is disabled".into()))?;
-                Ok(Caller::User(user))
+                Ok((Caller::User(user), key.expires_at))
             }
             PrincipalRef::Agent(id) => {
                 let agent = tx
@@ -111,8 +215,83 @@ impl Gateway {
                     .await?
                     .filter(|a| a.disabled_at.is_none())
                     .ok_or_else(|| Error::Unauthenticated("the agent of this key is disabled".into()))?;
-                Ok(Caller::Agent(agent))
+                Ok((Caller::Agent(agent), key.expires_at))
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use countersign_core::domain::Agent;
+    use countersign_core::ids::{AgentId, OrgId};
+
+    use super::*;
+
+    fn agent(name: &str) -> Caller {
+        Caller::Agent(Agent {
+            id: AgentId::new(),
+            org_id: OrgId::new(),
+            name: name.into(),
+            owner: None,
+            created_at: Utc::now(),
+            disabled_at: None,
+        })
+    }
+
+    fn name(caller: Option<Caller>) -> Option<String> {
+        match caller {
+            Some(Caller::Agent(a)) => Some(a.name),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn entries_live_their_time_and_never_past_the_credentials_expiry() {
+        let cache = AuthCache::new(Duration::from_secs(1));
+        let (now, at) = (Utc::now(), Instant::now());
+        let generation = cache.generation().unwrap();
+        cache.put("h1".into(), &agent("a"), None, generation, at);
+        cache.put("h2".into(), &agent("b"), Some(now + chrono::Duration::seconds(10)), generation, at);
+        assert_eq!(name(cache.get("h1", now, at)), Some("a".into()));
+        assert_eq!(name(cache.get("h2", now, at)), Some("b".into()));
+        assert!(cache.get("h3", now, at).is_none());
+        // Past the time to live.
+        assert!(cache.get("h1", now, at + Duration::from_secs(1)).is_none());
+        // Past the key's own expiry, though within the time to live.
+        assert!(cache.get("h2", now + chrono::Duration::seconds(10), at).is_none());
+    }
+
+    #[test]
+    fn forgetting_empties_it_and_a_lookup_from_before_cannot_refill_it() {
+        let cache = AuthCache::new(Duration::from_secs(60));
+        let (now, at) = (Utc::now(), Instant::now());
+        let before = cache.generation().unwrap();
+        cache.put("h1".into(), &agent("a"), None, before, at);
+        cache.forget_all();
+        assert!(cache.get("h1", now, at).is_none());
+        // Read from the store before the revocation committed: not kept.
+        cache.put("h1".into(), &agent("a"), None, before, at);
+        assert!(cache.get("h1", now, at).is_none());
+        cache.put("h1".into(), &agent("a"), None, cache.generation().unwrap(), at);
+        assert!(cache.get("h1", now, at).is_some());
+    }
+
+    #[test]
+    fn a_zero_time_to_live_keeps_nothing_and_the_size_is_bounded() {
+        let (now, at) = (Utc::now(), Instant::now());
+        let off = AuthCache::new(Duration::ZERO);
+        off.put("h".into(), &agent("a"), None, off.generation().unwrap(), at);
+        assert!(off.get("h", now, at).is_none());
+
+        let cache = AuthCache::new(Duration::from_secs(60));
+        let generation = cache.generation().unwrap();
+        for i in 0..=MAX_CACHED {
+            cache.put(format!("h{i}"), &agent("a"), None, generation, at);
+        }
+        let held = cache.state.lock().unwrap().entries.len();
+        assert!(held <= MAX_CACHED, "{held} entries");
+        assert!(cache.get(&format!("h{MAX_CACHED}"), now, at).is_some(), "the newest entry is kept");
     }
 }

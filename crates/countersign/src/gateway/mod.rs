@@ -138,6 +138,7 @@ struct Inner {
     /// so a caller that goes away cannot cut them off halfway; the server waits for them before it stops
     /// the connectors they use.
     inline: tokio_util::task::TaskTracker,
+    auth_cache: auth::AuthCache,
 }
 
 /// Everything the gateway is built from.
@@ -157,6 +158,8 @@ pub struct GatewayParts {
     pub public_url: String,
     /// Cancelled when the server stops: long waits and streams end then.
     pub shutdown: CancellationToken,
+    /// How long a resolved credential is served from memory (zero: never).
+    pub auth_cache: std::time::Duration,
 }
 
 impl Gateway {
@@ -178,6 +181,7 @@ impl Gateway {
                 public_url: parts.public_url,
                 shutdown: parts.shutdown,
                 inline: tokio_util::task::TaskTracker::new(),
+                auth_cache: auth::AuthCache::new(parts.auth_cache),
             }),
         }
     }
@@ -204,7 +208,8 @@ impl Gateway {
 
     /// Applies what another replica committed: wakes local waiters, the job runner and expiry timers.
     pub fn apply_remote_changes(&self, message: &str) {
-        let follow_up = self.inner.notifier.apply_remote(message, &self.inner.jobs.owner);
+        let follow_up =
+            self.inner.notifier.apply_remote(message, &self.inner.jobs.owner, || self.inner.auth_cache.forget_all());
         if follow_up.jobs_added {
             self.inner.jobs_added.notify_one();
         }
@@ -250,6 +255,7 @@ impl Gateway {
             emitted: Vec::new(),
             jobs_added: false,
             expiries: Vec::new(),
+            principals: false,
         })
     }
 
@@ -268,6 +274,8 @@ struct Work {
     emitted: Vec<webhooks::Emission>,
     jobs_added: bool,
     expiries: Vec<(OrgId, countersign_core::ids::ApprovalId, DateTime<Utc>)>,
+    /// A credential was revoked or a principal disabled: cached credentials are forgotten on commit.
+    principals: bool,
 }
 
 impl Work {
@@ -291,6 +299,11 @@ impl Work {
         let sealed = self.tx.append_audit(org, event).await?;
         self.events.push(sealed);
         Ok(())
+    }
+
+    /// Marks this change as revoking a credential or disabling a principal.
+    fn principals_changed(&mut self) {
+        self.principals = true;
     }
 
     fn action_changed(&mut self, org: &OrgId, action: &ActionId) {
@@ -345,11 +358,15 @@ impl Work {
             jobs_added: self.jobs_added,
             expiries: std::mem::take(&mut self.expiries),
             everything: false,
+            principals: self.principals,
         };
         if !changes.is_empty() {
             self.tx.publish(&changes.to_wire()).await?;
         }
         self.tx.commit().await?;
+        if changes.principals {
+            gateway.inner.auth_cache.forget_all();
+        }
         gateway.inner.notifier.publish(&changes);
         if changes.jobs_added {
             gateway.inner.jobs_added.notify_one();

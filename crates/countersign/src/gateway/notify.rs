@@ -72,6 +72,9 @@ pub struct Changes {
     /// Too much to list: every waiter should re-read.
     #[serde(rename = "all", default, skip_serializing_if = "std::ops::Not::not")]
     pub everything: bool,
+    /// A key or session was revoked, or an agent or user disabled: forget every cached credential.
+    #[serde(rename = "p", default, skip_serializing_if = "std::ops::Not::not")]
+    pub principals: bool,
 }
 
 /// PostgreSQL refuses `NOTIFY` payloads of 8000 bytes or more.
@@ -85,6 +88,7 @@ impl Changes {
             && !self.jobs_added
             && self.expiries.is_empty()
             && !self.everything
+            && !self.principals
     }
 
     /// The message other replicas receive; a change too large to list becomes "re-read everything".
@@ -97,6 +101,7 @@ impl Changes {
             replica: self.replica.clone(),
             jobs_added: self.jobs_added,
             everything: true,
+            principals: self.principals,
             ..Changes::default()
         };
         serde_json::to_string(&summary).unwrap_or_default()
@@ -142,14 +147,19 @@ impl Notifier {
     }
 
     /// Feeds a message from another replica into the local channels. A message this replica sent itself,
-    /// or one it cannot read, changes nothing.
-    pub fn apply_remote(&self, message: &str, own_replica: &str) -> RemoteFollowUp {
+    /// or one it cannot read, changes nothing. `forget_credentials` runs first when the message says a
+    /// credential or principal was revoked (or cannot say what changed), so no waiter woken by that
+    /// message's audit event can still be served by a cached credential.
+    pub fn apply_remote(&self, message: &str, own_replica: &str, forget_credentials: impl FnOnce()) -> RemoteFollowUp {
         let Ok(changes) = serde_json::from_str::<Changes>(message) else {
             tracing::warn!("ignoring an unreadable replica notification");
             return RemoteFollowUp::default();
         };
         if changes.replica == own_replica {
             return RemoteFollowUp::default();
+        }
+        if changes.principals || changes.everything {
+            forget_credentials();
         }
         if changes.everything {
             self.wake_everyone();
@@ -215,11 +225,18 @@ mod tests {
         let mut actions = notifier.subscribe_actions();
         let changes =
             Changes { replica: "me".into(), actions: vec![(OrgId::new(), ActionId::new())], ..Changes::default() };
-        assert!(!notifier.apply_remote(&changes.to_wire(), "me").jobs_added);
+        let forgot = std::cell::Cell::new(0);
+        assert!(!notifier.apply_remote(&changes.to_wire(), "me", || forgot.set(forgot.get() + 1)).jobs_added);
         assert!(actions.try_recv().is_err());
-        notifier.apply_remote("not json", "me");
+        notifier.apply_remote("not json", "me", || forgot.set(forgot.get() + 1));
         assert!(actions.try_recv().is_err());
-        notifier.apply_remote(&changes.to_wire(), "other");
+        notifier.apply_remote(&changes.to_wire(), "other", || forgot.set(forgot.get() + 1));
         assert!(actions.try_recv().is_ok());
+        assert_eq!(forgot.get(), 0, "no credential changed");
+        let revoked = Changes { replica: "other".into(), principals: true, ..Changes::default() };
+        notifier.apply_remote(&revoked.to_wire(), "me", || forgot.set(forgot.get() + 1));
+        let summary = Changes { replica: "other".into(), everything: true, ..Changes::default() };
+        notifier.apply_remote(&summary.to_wire(), "me", || forgot.set(forgot.get() + 1));
+        assert_eq!(forgot.get(), 2, "a revocation, or a message too large to list, forgets cached credentials");
     }
 }

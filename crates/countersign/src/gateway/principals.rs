@@ -350,6 +350,7 @@ impl Gateway {
             return Err(Error::not_found("active key", id.as_str()));
         }
         work.audit(&org, now, &caller.actor(), "key.revoked", Some(id.as_str()), json!({})).await?;
+        work.principals_changed();
         work.commit(self).await
     }
 
@@ -363,6 +364,7 @@ impl Gateway {
             return Err(Error::not_found("active agent", id.as_str()));
         }
         work.audit(&org, now, &caller.actor(), "agent.disabled", Some(id.as_str()), json!({})).await?;
+        work.principals_changed();
         work.commit(self).await
     }
 
@@ -378,6 +380,7 @@ impl Gateway {
             return Err(Error::not_found("active user", id.as_str()));
         }
         work.audit(&org, now, &caller.actor(), "user.disabled", Some(id.as_str()), json!({})).await?;
+        work.principals_changed();
         work.commit(self).await
     }
 }

@@ -151,6 +151,7 @@ impl Gateway {
             });
         }
         work.audit(&org, now, &caller.actor(), "session.revoked", Some(id.as_str()), json!({})).await?;
+        work.principals_changed();
         work.commit(self).await
     }
 }

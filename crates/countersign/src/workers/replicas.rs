@@ -26,7 +26,10 @@ pub async fn run(gateway: Gateway, store: PostgresStore, shutdown: CancellationT
         match next {
             Some(Some(message)) => gateway.apply_remote_changes(&message),
             Some(None) => {
-                tracing::info!("replica feed reconnected; waking every waiter to re-read");
+                tracing::info!(
+                    "replica feed reconnected; forgetting cached credentials, waking every waiter to re-read"
+                );
+                gateway.forget_cached_credentials();
                 gateway.notifier().wake_everyone();
                 gateway.wake_job_runner();
                 if let Err(error) = gateway.rearm_expiry_timers().await {

@@ -1,12 +1,9 @@
 //! The audit stream resumes from `Last-Event-ID`; replay refuses a frozen request that no longer matches its
 //! approval's hash; the policy file reloads on change, and a bad edit leaves the running policy in force.
 
-use std::time::Duration;
-
-use futures_util::StreamExt;
 use serde_json::json;
 
-use crate::helpers::{TEST_POLICY, TestServer, Upstream, http_action};
+use crate::helpers::{TEST_POLICY, TestServer, Upstream, audit_stream, http_action, read_until};
 
 #[tokio::test]
 async fn a_tampered_frozen_request_is_refused_and_never_sent() {
@@ -43,29 +40,14 @@ async fn the_audit_stream_resumes_after_the_last_event_id() {
     let head = server.admin.get("/v1/audit?limit=1000").await.unwrap();
     let last_seq = head.body["events"].as_array().unwrap().last().unwrap()["seq"].as_i64().unwrap();
 
-    let http = reqwest::Client::new();
-    let response = http
-        .get(format!("{}/v1/audit/stream", server.admin.base()))
-        .bearer_auth(server.admin.key().unwrap())
-        .header("last-event-id", (last_seq - 1).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.bytes_stream();
+    let mut body = Box::pin(audit_stream(&server.admin, "", last_seq - 1).await);
     let mut text = String::new();
     // The backlog after the given id arrives first: exactly the last event.
-    while !text.contains(&format!("id: {last_seq}\n")) {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next()).await.unwrap().unwrap().unwrap();
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    read_until(&mut body, &mut text, &format!("id: {last_seq}\n")).await;
     assert!(!text.contains(&format!("id: {}\n", last_seq - 1)));
     // Then new events arrive live.
     bot.submit_action(&json!({"capability": "email.send.message", "reasoning": "hi"})).await.unwrap();
-    while !text.contains("action.submitted") {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next()).await.unwrap().unwrap().unwrap();
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    read_until(&mut body, &mut text, "action.submitted").await;
     assert!(text.contains(&format!("id: {}\n", last_seq + 1)));
     drop(body);
     server.stop().await;

@@ -113,6 +113,8 @@ pub fn config(data_dir: &std::path::Path, upstream: Option<&str>) -> Config {
     // The loopback upstream and webhook receivers are private addresses: the guard lets only this one in.
     config.network.allow_private = vec!["127.0.0.1/32".into()];
     config.jobs.webhook_retry_base = std::time::Duration::from_millis(200);
+    // Far longer than any test: a revocation that failed to empty the credential cache would show.
+    config.auth_cache = std::time::Duration::from_secs(60);
     if let Some(url) = upstream {
         config.upstreams.insert(
             "payments".into(),
@@ -306,4 +308,39 @@ pub fn http_action(capability: &str) -> Value {
         "target": {"connector": "http", "upstream": "payments", "method": "POST", "path": "/v1/charges",
                    "body": {"amount": 1200, "currency": "eur"}}
     })
+}
+
+/// Opens the audit stream (Server-Sent Events) of `admin`'s server after `after_seq`, with an optional
+/// `?filter`.
+pub async fn audit_stream(
+    admin: &Client,
+    filter: &str,
+    after_seq: i64,
+) -> impl futures_util::Stream<Item = reqwest::Result<Bytes>> + use<> {
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/audit/stream{filter}", admin.base()))
+        .bearer_auth(admin.key().unwrap())
+        .header("last-event-id", after_seq.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes_stream()
+}
+
+/// Reads a stream into `text` until it contains `needle` (failing after 10 s without a chunk).
+pub async fn read_until(
+    body: &mut (impl futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin),
+    text: &mut String,
+    needle: &str,
+) {
+    use futures_util::StreamExt;
+    while !text.contains(needle) {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), body.next())
+            .await
+            .unwrap_or_else(|_| panic!("no `{needle}` within 10 s; read so far: {text}"))
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
 }

@@ -4,10 +4,9 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use serde_json::json;
 
-use crate::helpers::{ShiftedClock, TEST_POLICY, TestServer, action, config};
+use crate::helpers::{ShiftedClock, TEST_POLICY, TestServer, action, audit_stream, config, read_until};
 
 #[tokio::test]
 async fn keys_and_sessions_stop_working_when_they_expire() {
@@ -88,30 +87,10 @@ async fn an_edit_of_the_watched_policy_file_takes_effect_without_a_signal() {
     let after_seq = head.body["events"].as_array().unwrap().last().unwrap()["seq"].as_i64().unwrap();
 
     // Follow the audit stream from here; the reload writes `policy.updated` when it lands.
-    let stream = reqwest::Client::new()
-        .get(format!("{}/v1/audit/stream?action=policy.updated", admin.base()))
-        .bearer_auth(admin.key().unwrap())
-        .header("last-event-id", after_seq.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), 200);
+    let mut body = Box::pin(audit_stream(admin, "?action=policy.updated", after_seq).await);
     std::fs::write(dir.path().join("policy.yaml"), TEST_POLICY.replace("Deletes are never allowed", "Never delete"))
         .unwrap();
-    let mut body = stream.bytes_stream();
-    let mut seen = String::new();
-    let found = tokio::time::timeout(std::time::Duration::from_secs(15), async {
-        while let Some(chunk) = body.next().await {
-            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-            if seen.contains("policy.updated") {
-                return true;
-            }
-        }
-        false
-    })
-    .await
-    .unwrap_or(false);
-    assert!(found, "no policy.updated event after the edit: {seen}");
+    read_until(&mut body, &mut String::new(), "policy.updated").await;
     let after = admin.get("/v1/policy").await.unwrap();
     assert_ne!(after.body["version"], before.body["version"]);
     assert!(after.str("/source").contains("Never delete"));

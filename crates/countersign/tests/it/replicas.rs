@@ -11,7 +11,9 @@ use countersign::client::Client;
 use countersign_core::secrets::{SecretKind, generate};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestServer, Upstream, action, config, database_for, http_action, postgres_url};
+use crate::helpers::{
+    TestServer, Upstream, action, audit_stream, config, database_for, http_action, postgres_url, read_until,
+};
 
 /// Three servers on one database, each with its own data dir, sharing the bootstrap admin key.
 async fn replicas(upstream: Option<&str>) -> Option<(Vec<tempfile::TempDir>, Vec<TestServer>)> {
@@ -31,6 +33,41 @@ async fn replicas(upstream: Option<&str>) -> Option<(Vec<tempfile::TempDir>, Vec
         servers.push(TestServer::start_with(config, None).await);
     }
     Some((dirs, servers))
+}
+
+/// A key revoked on one replica is refused at once by the others, though each had it cached (for 60 s in
+/// these tests): the revocation's change message empties a replica's credential cache before it wakes
+/// anything, so once a replica's audit stream shows `key.revoked`, that replica refuses the key.
+#[tokio::test]
+async fn a_key_revoked_on_one_replica_is_refused_by_every_replica() {
+    let Some((_dirs, servers)) = replicas(None).await else { return };
+    let admin = &servers[0].admin;
+    assert_eq!(admin.create_agent("bot").await.unwrap().status, 201);
+    let created = admin.create_key("agent", "bot").await.unwrap();
+    let (key_id, key) = (created.str("/id").to_owned(), created.str("/key").to_owned());
+    const UNKNOWN: &str = "act_01ARZ3NDEKTSV4RRFFQ69G5FAV";
+    for server in &servers {
+        // Served, and now cached, on every replica.
+        assert_eq!(server.admin.with_key(key.clone()).get_action(UNKNOWN).await.unwrap().status, 404);
+    }
+    let events = admin.get("/v1/audit?limit=1000").await.unwrap();
+    let head = events.body["events"].as_array().unwrap().last().unwrap()["seq"].as_i64().unwrap();
+    let mut streams = Vec::new();
+    for server in &servers[1..] {
+        streams.push(Box::pin(audit_stream(&server.admin, "", head).await));
+    }
+
+    let revoked = admin.revoke_key(&key_id).await.unwrap();
+    assert!(revoked.status < 300, "{:?}", revoked.body);
+    assert_eq!(admin.with_key(key.clone()).get_action(UNKNOWN).await.unwrap().status, 401, "the revoking replica");
+    for (stream, server) in streams.iter_mut().zip(&servers[1..]) {
+        read_until(stream, &mut String::new(), "key.revoked").await;
+        let refused = server.admin.with_key(key.clone()).get_action(UNKNOWN).await.unwrap();
+        assert_eq!(refused.status, 401, "{}: {:?}", server.admin.base(), refused.body);
+    }
+    for server in servers {
+        server.stop().await;
+    }
 }
 
 #[tokio::test]
