@@ -51,9 +51,10 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions, P
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, SqlSafeStr, Transaction};
 
 use crate::rows::{
-    Cols, action_row, agent_row, approval_row, audit_row, checkpoint_row, corrupt, dashboard_session_row, decision_row,
-    delivery_row, from_us, get, insert_audit_rows, job_row, key_row, limit, map_sqlx, opt_from_us, opt_us, org_row,
-    policy_row, retention_row, session_row, to_json, to_us, user_row, webhook_row,
+    Cols, action_row, agent_row, approval_row, audit_row, audit_write_failed, checkpoint_row, corrupt,
+    dashboard_session_row, decision_row, delivery_row, from_us, get, insert_audit_rows, job_row, key_row, limit,
+    map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, session_row, to_json, to_us, user_row,
+    webhook_row,
 };
 
 const MIGRATIONS: [(i64, &str, &str); 3] = [
@@ -279,7 +280,12 @@ impl PgTx {
                      UPDATE audit_heads h SET seq = last.seq, hash = last.hash
                      FROM last WHERE h.org_id = last.org_id",
                 );
-                let moved = query.build().execute(&mut *self.tx).await.map_err(map_sqlx)?.rows_affected();
+                let moved = query
+                    .build()
+                    .execute(&mut *self.tx)
+                    .await
+                    .map_err(|e| audit_write_failed(map_sqlx(e)))?
+                    .rows_affected();
                 if moved != 1 {
                     let org = rows.first().map(|e| e.org_id.to_string()).unwrap_or_default();
                     return Err(StoreError::Internal(format!("audit head of org {org} did not move")));

@@ -40,6 +40,17 @@ pub fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Internal(format!("cannot encode JSON column: {e}")))
 }
 
+/// A failure to write a transaction's sealed audit events, named as such whichever statement met it (so a
+/// caller's mapping of, say, a uniqueness conflict on its own row never misreads it).
+pub fn audit_write_failed(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Conflict(m) | StoreError::Internal(m) => {
+            StoreError::Internal(format!("writing the audit events failed: {m}"))
+        }
+        unavailable @ StoreError::Unavailable(_) => unavailable,
+    }
+}
+
 /// `{prefix}INSERT INTO audit_events (…) VALUES (…), (…)` with every row's values bound: how both backends
 /// write the audit events a transaction sealed, in one statement (the caller keeps `rows` under the
 /// backend's limit on bound values and may append to the statement).

@@ -39,9 +39,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, Sqlite, SqlitePool, Transaction};
 
 use crate::rows::{
-    Cols, action_row, agent_row, approval_row, audit_row, checkpoint_row, corrupt, dashboard_session_row, decision_row,
-    delivery_row, from_us, get, insert_audit_rows, job_row, key_row, limit, map_sqlx, opt_from_us, opt_us, org_row,
-    policy_row, retention_row, session_row, to_json, to_us, user_row, webhook_row,
+    Cols, action_row, agent_row, approval_row, audit_row, audit_write_failed, checkpoint_row, corrupt,
+    dashboard_session_row, decision_row, delivery_row, from_us, get, insert_audit_rows, job_row, key_row, limit,
+    map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, session_row, to_json, to_us, user_row,
+    webhook_row,
 };
 
 const MIGRATIONS: [(i64, &str, &str); 3] = [
@@ -70,23 +71,82 @@ pub struct SqliteStore {
 /// guarantee of `synchronous = FULL` (the WAL is on disk before the commit is acknowledged), with the sync
 /// taken out of the single writer's turn and shared. Whoever finds no sync running starts one covering every
 /// commit so far; commits that land meanwhile wait for the next, so one sync serves a whole queue of writers.
+/// A read transaction first waits for the syncs of every commit made before it begins, so what a reader sees
+/// (and may act on) is on disk too; only a commit racing the reader's start by microseconds can escape that.
+///
 /// A failed sync poisons the store: the kernel may have dropped the dirty pages and cleared the error, so no
-/// later sync could prove anything, and every write and readiness check fails until a restart.
+/// later sync could prove anything, and every write, read and readiness check fails until a restart. The sync
+/// runs detached, so a caller that goes away meanwhile cannot lose its outcome, and a checkpoint that fails
+/// with an I/O error poisons the store too (SQLite's own sync may have been the one to see the error).
 #[derive(Debug, Default)]
 struct Durability {
-    /// The WAL file; `None` for an in-memory database.
-    wal: Option<PathBuf>,
+    /// The files to sync; `None` for an in-memory database.
+    files: Option<LogFiles>,
     /// Commits made, and the number known to be on disk.
     committed: AtomicU64,
     synced: AtomicU64,
     /// Held while a sync runs.
     syncing: tokio::sync::Mutex<()>,
     poisoned: AtomicBool,
-    checkpoint_running: Arc<AtomicBool>,
+    checkpoint_running: AtomicBool,
 }
 
-const POISONED: &str = "the database's write-ahead log could not be synced to disk; \
-    writes are refused until the gateway restarts";
+/// The WAL, held open for the store's life (Linux reports a write-back error to the descriptors open when it
+/// happened, so a file opened afresh for each sync could miss one), and the database file beside it.
+#[derive(Debug)]
+struct LogFiles {
+    wal_path: PathBuf,
+    /// Opened at the first sync if SQLite had not created the file yet.
+    wal: std::sync::Mutex<Option<Arc<std::fs::File>>>,
+    db: std::fs::File,
+}
+
+impl LogFiles {
+    /// Opens the files of the database at `db_path` as SQLite resolved it (so a symlinked database file is
+    /// followed to where its WAL really is), and syncs their directory once.
+    fn open(db_path: &Path) -> std::io::Result<LogFiles> {
+        let writable = |path: &Path| std::fs::OpenOptions::new().write(true).open(path);
+        let mut wal_path = db_path.as_os_str().to_owned();
+        wal_path.push("-wal");
+        let wal_path = PathBuf::from(wal_path);
+        let wal = match writable(&wal_path) {
+            Ok(file) => Some(Arc::new(file)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let files = LogFiles { wal: std::sync::Mutex::new(wal), db: writable(db_path)?, wal_path };
+        if let Some(dir) = db_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(files)
+    }
+
+    /// `fdatasync` of the WAL, reopened only if SQLite replaced the file. A missing WAL was checkpointed into
+    /// the database file and removed, so that file is synced instead.
+    fn sync(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let wal = {
+            let mut held = self.wal.lock().map_err(|_| std::io::Error::other("the WAL file's lock is poisoned"))?;
+            match (std::fs::metadata(&self.wal_path), held.as_ref()) {
+                (Ok(now), Some(file)) if now.ino() == file.metadata()?.ino() => Some(Arc::clone(file)),
+                (Ok(_), _) => {
+                    let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&self.wal_path)?);
+                    *held = Some(Arc::clone(&file));
+                    Some(file)
+                }
+                (Err(e), _) if e.kind() == std::io::ErrorKind::NotFound => None,
+                (Err(e), _) => return Err(e),
+            }
+        };
+        match wal {
+            Some(wal) => wal.sync_data(),
+            None => self.db.sync_data(),
+        }
+    }
+}
+
+const POISONED: &str = "the database could not be synced to disk; \
+    the store refuses work until the gateway restarts";
 
 impl Durability {
     fn check(&self) -> Result<(), StoreError> {
@@ -96,13 +156,30 @@ impl Durability {
         Ok(())
     }
 
+    fn poison(&self, why: &str) {
+        self.poisoned.store(true, Ordering::Release);
+        tracing::error!(error = why, "the SQLite database could not be synced; refusing work until restart");
+    }
+
     /// Called after each commit: returns once that commit is on disk.
-    async fn committed(&self, writer: &SqlitePool, reader: &SqlitePool) -> Result<(), StoreError> {
-        let Some(wal) = &self.wal else { return Ok(()) };
+    async fn committed(self: &Arc<Self>, writer: &SqlitePool, reader: &SqlitePool) -> Result<(), StoreError> {
+        if self.files.is_none() {
+            return Ok(());
+        }
         let ticket = self.committed.fetch_add(1, Ordering::AcqRel) + 1;
         if ticket.is_multiple_of(CHECKPOINT_EVERY) {
             self.checkpoint(writer, reader);
         }
+        self.synced_to(ticket).await
+    }
+
+    /// Before a read: returns once every commit made so far is on disk.
+    async fn settled(self: &Arc<Self>) -> Result<(), StoreError> {
+        self.check()?;
+        self.synced_to(self.committed.load(Ordering::Acquire)).await
+    }
+
+    async fn synced_to(self: &Arc<Self>, ticket: u64) -> Result<(), StoreError> {
         if self.synced.load(Ordering::Acquire) >= ticket {
             return Ok(());
         }
@@ -113,18 +190,29 @@ impl Durability {
         self.check()?;
         // Every commit counted by now has written its frames: one sync covers them all.
         let upto = self.committed.load(Ordering::Acquire);
-        let path = wal.clone();
-        let synced = tokio::task::spawn_blocking(move || sync_data(&path))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        if let Err(e) = synced {
-            self.poisoned.store(true, Ordering::Release);
-            tracing::error!(error = %e, "syncing the SQLite write-ahead log failed; refusing writes until restart");
-            return Err(StoreError::Unavailable(POISONED.into()));
+        let this = Arc::clone(self);
+        let done = tokio::task::spawn_blocking(move || {
+            let Some(files) = &this.files else { return true };
+            match files.sync() {
+                Ok(()) => {
+                    this.synced.fetch_max(upto, Ordering::AcqRel);
+                    true
+                }
+                Err(e) => {
+                    this.poison(&e.to_string());
+                    false
+                }
+            }
+        })
+        .await;
+        match done {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(StoreError::Unavailable(POISONED.into())),
+            Err(e) => {
+                self.poison(&e.to_string());
+                Err(StoreError::Unavailable(POISONED.into()))
+            }
         }
-        self.synced.fetch_max(upto, Ordering::AcqRel);
-        Ok(())
     }
 
     /// Checkpoints the WAL in the background unless a checkpoint is running, in two passes. The first, on a
@@ -134,31 +222,37 @@ impl Durability {
     /// and copies the few frames appended meanwhile. The next write then restarts the log, which keeps the
     /// file bounded (instead of growing by every commit) and keeps its syncs overwriting blocks already
     /// allocated.
-    fn checkpoint(&self, writer: &SqlitePool, reader: &SqlitePool) {
+    fn checkpoint(self: &Arc<Self>, writer: &SqlitePool, reader: &SqlitePool) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         if self.checkpoint_running.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (writer, reader, running) = (writer.clone(), reader.clone(), Arc::clone(&self.checkpoint_running));
+        let (writer, reader, this) = (writer.clone(), reader.clone(), Arc::clone(self));
         runtime.spawn(async move {
             for (pass, pool) in [("bulk", &reader), ("tail", &writer)] {
                 if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(pool).await {
-                    tracing::warn!(error = %e, pass, "background WAL checkpoint failed; the next one tries again");
+                    if is_io_failure(&e) {
+                        this.poison(&format!("checkpoint: {e}"));
+                    } else {
+                        tracing::warn!(error = %e, pass, "background WAL checkpoint failed; the next one tries again");
+                    }
                     break;
                 }
             }
-            running.store(false, Ordering::Release);
+            this.checkpoint_running.store(false, Ordering::Release);
         });
     }
 }
 
-/// `fdatasync` of one file, opened afresh so a file SQLite replaced is never missed. A missing WAL has been
-/// checkpointed into the database file, which SQLite synced before removing it.
-fn sync_data(path: &Path) -> std::io::Result<()> {
-    match std::fs::OpenOptions::new().write(true).open(path) {
-        Ok(file) => file.sync_data(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+/// An error that means the disk failed the database: I/O (`SQLITE_IOERR`), corruption or a full disk, or
+/// the driver's own I/O error. Not a busy database or a pool timeout.
+fn is_io_failure(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => {
+            db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|code| matches!(code & 0xff, 10 | 11 | 13))
+        }
+        _ => false,
     }
 }
 
@@ -184,11 +278,6 @@ impl SqliteStore {
     async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
         let in_memory = options.get_filename().as_os_str().is_empty()
             || options.get_filename().to_string_lossy().contains(":memory:");
-        let wal = (!in_memory).then(|| {
-            let mut wal = options.get_filename().as_os_str().to_owned();
-            wal.push("-wal");
-            PathBuf::from(wal)
-        });
         let pool = |connections: u32, options: SqliteConnectOptions| {
             // Connections live as long as the store: the last one closing would checkpoint and delete the WAL
             // (and an in-memory database with it).
@@ -223,15 +312,23 @@ impl SqliteStore {
             .run(&writer)
             .await
             .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
-        if let Some(dir) = wal.as_deref().and_then(Path::parent) {
-            // The migrations created the database and WAL files: make their directory entries durable too.
-            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir }.to_owned();
-            tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
-                .await
-                .map_err(|e| StoreError::Internal(e.to_string()))?
-                .map_err(|e| StoreError::Internal(format!("cannot sync the data directory: {e}")))?;
-        }
-        let durability = Arc::new(Durability { wal, ..Durability::default() });
+        let files = match in_memory {
+            true => None,
+            false => {
+                // Where SQLite itself put the database (a symlink followed), so its WAL is found beside it.
+                let row = sqlx::query("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                    .fetch_one(&writer)
+                    .await
+                    .map_err(map_sqlx)?;
+                let db_path = PathBuf::from(get::<String>(&row, "file")?);
+                let files = tokio::task::spawn_blocking(move || LogFiles::open(&db_path))
+                    .await
+                    .map_err(|e| StoreError::Internal(e.to_string()))?
+                    .map_err(|e| StoreError::Internal(format!("cannot open the database's files to sync them: {e}")))?;
+                Some(files)
+            }
+        };
+        let durability = Arc::new(Durability { files, ..Durability::default() });
         Ok(SqliteStore { writer, reader, durability })
     }
 }
@@ -245,6 +342,7 @@ impl Store for SqliteStore {
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        self.durability.settled().await?;
         let tx = self.reader.begin().await.map_err(map_sqlx)?;
         Ok(Box::new(SqliteTx { tx, head: None, committed: None, pending_audit: Vec::new() }))
     }
@@ -330,7 +428,8 @@ impl SqliteTx {
         }
         let pending = std::mem::take(&mut self.pending_audit);
         for rows in pending.chunks(AUDIT_ROWS_PER_INSERT) {
-            insert_audit_rows::<Sqlite>("", rows)?.build().execute(&mut *self.tx).await.map_err(map_sqlx)?;
+            let mut query = insert_audit_rows::<Sqlite>("", rows)?;
+            query.build().execute(&mut *self.tx).await.map_err(|e| audit_write_failed(map_sqlx(e)))?;
         }
         Ok(())
     }
@@ -1534,7 +1633,7 @@ mod tests {
     async fn the_wal_starts_over_instead_of_growing_under_steady_writes() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-        let wal = store.durability.wal.clone().unwrap();
+        let wal = store.durability.files.as_ref().unwrap().wal_path.clone();
         let padding = "x".repeat(2000);
         let mut sizes = Vec::new();
         for i in 0..1500 {
@@ -1551,17 +1650,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_symlinked_database_file_syncs_the_wal_beside_the_real_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (real, link) = (dir.path().join("real"), dir.path().join("link"));
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::create_dir_all(&link).unwrap();
+        drop(SqliteStore::open(&real.join("db.sqlite")).await.unwrap());
+        std::os::unix::fs::symlink(real.join("db.sqlite"), link.join("db.sqlite")).unwrap();
+        let store = SqliteStore::open(&link.join("db.sqlite")).await.unwrap();
+        let mut tx = store.write().await.unwrap();
+        tx.insert_org(&Org { id: OrgId::new(), name: "linked".into(), created_at: Utc::now() }).await.unwrap();
+        tx.commit().await.unwrap();
+        let wal = store.durability.files.as_ref().unwrap().wal_path.clone();
+        assert!(wal.exists(), "{} is not where SQLite keeps the log", wal.display());
+        assert_eq!(wal.parent().map(std::fs::canonicalize).transpose().unwrap(), Some(real.canonicalize().unwrap()));
+        assert!(!link.join("db.sqlite-wal").exists());
+    }
+
+    #[tokio::test]
     async fn a_failed_sync_refuses_every_later_write_and_readiness() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
         // A directory where the WAL should be: opening it for writing fails as a failed sync would.
-        let broken = Durability { wal: Some(dir.path().to_owned()), ..Durability::default() };
+        let db = std::fs::OpenOptions::new().write(true).open(dir.path().join("db.sqlite")).unwrap();
+        let files = LogFiles { wal_path: dir.path().to_owned(), wal: std::sync::Mutex::new(None), db };
+        let broken = Durability { files: Some(files), ..Durability::default() };
         let poisoned = SqliteStore { durability: Arc::new(broken), ..store.clone() };
         let mut tx = poisoned.write().await.unwrap();
         tx.insert_org(&Org { id: OrgId::new(), name: "lost".into(), created_at: Utc::now() }).await.unwrap();
         let err = tx.commit().await.unwrap_err();
         assert!(matches!(&err, StoreError::Unavailable(m) if m.contains("restarts")), "{err:?}");
         assert!(poisoned.write().await.is_err(), "a write began after a failed sync");
+        assert!(poisoned.read().await.is_err(), "a read began after a failed sync");
         assert!(poisoned.ping().await.is_err(), "a store that cannot sync reported ready");
         assert!(store.ping().await.is_ok());
     }

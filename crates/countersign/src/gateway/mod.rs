@@ -360,20 +360,29 @@ impl Work {
             everything: false,
             principals: self.principals,
         };
-        if !changes.is_empty() {
-            self.tx.publish(&changes.to_wire()).await?;
-        }
-        self.tx.commit().await?;
-        if changes.principals {
-            gateway.inner.auth_cache.forget_all();
-        }
-        gateway.inner.notifier.publish(&changes);
-        if changes.jobs_added {
-            gateway.inner.jobs_added.notify_one();
-        }
-        for (org_id, approval_id, expires_at) in changes.expiries {
-            let _ = gateway.inner.expiry.send(ExpiryRequest { org_id, approval_id, expires_at });
-        }
-        Ok(())
+        // The commit and what follows it run on a task of their own: a caller that goes away while the commit
+        // waits for its sync cannot skip the wake-ups, the expiry timers or forgetting revoked credentials.
+        let (gateway, mut tx) = (gateway.clone(), self.tx);
+        tokio::spawn(async move {
+            if !changes.is_empty() {
+                tx.publish(&changes.to_wire()).await?;
+            }
+            let committed = tx.commit().await;
+            if changes.principals {
+                // Even when the commit reported an error: it may have landed all the same.
+                gateway.inner.auth_cache.forget_all();
+            }
+            committed?;
+            gateway.inner.notifier.publish(&changes);
+            if changes.jobs_added {
+                gateway.inner.jobs_added.notify_one();
+            }
+            for (org_id, approval_id, expires_at) in changes.expiries {
+                let _ = gateway.inner.expiry.send(ExpiryRequest { org_id, approval_id, expires_at });
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("a commit stopped: {e}")))?
     }
 }
