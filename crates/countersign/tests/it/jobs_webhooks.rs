@@ -202,7 +202,10 @@ async fn every_event_kind_is_delivered_and_slack_gets_its_own_shape() {
 #[tokio::test]
 async fn bad_webhook_targets_fail_clearly_and_never_stick() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path(), None).await;
+    // Reading the deliveries until the first attempt shows is many requests from one admin: no rate limit.
+    let mut settings = config(dir.path(), None);
+    settings.rate_limit.per_second = 0;
+    let server = TestServer::start_with(settings, None).await;
     let admin = &server.admin;
 
     let ftp = admin.post("/v1/webhooks", &json!({"url": "ftp://example.com/x", "events": ["*"]})).await.unwrap();
@@ -217,10 +220,14 @@ async fn bad_webhook_targets_fail_clearly_and_never_stick() {
     // A redirecting receiver: the redirect is recorded as a failed attempt and not followed.
     let redirected = Arc::new(Mutex::new(0usize));
     let hits = redirected.clone();
+    let (attempted, mut attempts) = mpsc::unbounded_channel::<()>();
     let app = axum::Router::new()
         .route(
             "/hook",
-            axum::routing::post(|| async { (StatusCode::FOUND, [("location", "http://127.0.0.1:9/elsewhere")]) }),
+            axum::routing::post(move || {
+                let _ = attempted.send(());
+                async { (StatusCode::FOUND, [("location", "http://127.0.0.1:9/elsewhere")]) }
+            }),
         )
         .fallback(move || {
             *hits.lock().unwrap() += 1;
@@ -254,6 +261,8 @@ async fn bad_webhook_targets_fail_clearly_and_never_stick() {
     // The redirect is retried (the receiver may fix itself) but never followed; an admin can cancel it.
     let redirect_hook = &hooks[3];
     let job = job_of(admin, redirect_hook).await;
+    tokio::time::timeout(Duration::from_secs(10), attempts.recv()).await.unwrap().unwrap();
+    // The attempt reached the receiver; its record follows within moments.
     let first = loop {
         let deliveries = admin.get(&format!("/v1/webhooks/{redirect_hook}/deliveries")).await.unwrap();
         if let Some(d) = deliveries.body["items"].as_array().and_then(|items| items.last()).cloned() {
