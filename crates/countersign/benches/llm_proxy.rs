@@ -18,7 +18,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
-use common::{Running, fresh_database, ms, percentile};
+use common::{Running, fresh_database, ms, percentile, serve_loopback};
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -94,10 +94,7 @@ async fn fake_provider() -> String {
         .into_response()
     }
     let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(chat));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
+    format!("http://{}", serve_loopback(app).await)
 }
 
 #[derive(Clone)]

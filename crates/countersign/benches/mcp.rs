@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
-use common::{Running, ms, percentile};
+use common::{Running, ms, percentile, serve_loopback};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,14 +67,7 @@ async fn upstream() -> String {
         StreamableHttpServerConfig::default(),
     );
     let app = axum::Router::new().nest_service("/mcp", service);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
-    // Small request/response exchanges: no Nagle delay (the gateway's listener does the same).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
+    format!("http://{}/mcp", serve_loopback(app).await)
 }
 
 #[derive(Clone)]

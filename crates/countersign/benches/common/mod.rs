@@ -54,3 +54,15 @@ impl Running {
         self.task.await.unwrap().unwrap();
     }
 }
+
+/// Serves `app` on a free loopback port with Nagle off, as the gateway's own listener is (small
+/// request/response exchanges and server-sent chunks must not wait for a delayed ACK); answers the address.
+pub async fn serve_loopback(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
