@@ -270,8 +270,10 @@ impl PgTx {
         if self.pending_audit.is_empty() {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.pending_audit);
-        for run in pending.chunk_by(|a, b| a.org_id == b.org_id) {
+        // Kept until every row is written: after a failure the next statement, and the commit, try again and
+        // fail again (a failed statement aborts the transaction, and `COMMIT` of an aborted one would roll back
+        // without an error), so a caller that carried on past the error still cannot commit as if it had not.
+        for run in self.pending_audit.chunk_by(|a, b| a.org_id == b.org_id) {
             for rows in run.chunks(AUDIT_ROWS_PER_INSERT) {
                 let mut query = insert_audit_rows::<Postgres>("WITH appended AS (", rows)?;
                 query.push(
@@ -292,6 +294,7 @@ impl PgTx {
                 }
             }
         }
+        self.pending_audit.clear();
         Ok(())
     }
 

@@ -406,18 +406,13 @@ enum AuditOrder {
 }
 
 impl SqliteTx {
-    /// Seals an event after the head (seq, hash), inserts it, and remembers it as the new head.
-    async fn insert_audit(
-        &mut self,
-        org: &OrgId,
-        seq: i64,
-        hash: &str,
-        event: NewAuditEvent,
-    ) -> Result<AuditEvent, StoreError> {
+    /// Seals an event after the head (seq, hash), queues it for [`SqliteTx::write_pending_audit`], and
+    /// remembers it as the new head.
+    fn seal_audit(&mut self, org: &OrgId, seq: i64, hash: &str, event: NewAuditEvent) -> AuditEvent {
         let sealed = AuditEvent::seal(org.clone(), seq, hash, event);
         self.head = Some((org.clone(), sealed.seq, sealed.hash.clone()));
         self.pending_audit.push(sealed.clone());
-        Ok(sealed)
+        sealed
     }
 
     /// Writes the audit events sealed since the last statement, in as few statements as the bound-value
@@ -426,11 +421,13 @@ impl SqliteTx {
         if self.pending_audit.is_empty() {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.pending_audit);
-        for rows in pending.chunks(AUDIT_ROWS_PER_INSERT) {
+        // Kept until every row is written: after a failure the next statement, and the commit, try again and
+        // fail again, so a caller that carried on past the error still cannot commit without its events.
+        for rows in self.pending_audit.chunks(AUDIT_ROWS_PER_INSERT) {
             let mut query = insert_audit_rows::<Sqlite>("", rows)?;
             query.build().execute(&mut *self.tx).await.map_err(|e| audit_write_failed(map_sqlx(e)))?;
         }
+        self.pending_audit.clear();
         Ok(())
     }
 
@@ -1153,7 +1150,7 @@ impl StoreTx for SqliteTx {
         if let Some((head_org, seq, hash)) = self.head.take()
             && head_org == *org
         {
-            return self.insert_audit(org, seq, &hash, event).await;
+            return Ok(self.seal_audit(org, seq, &hash, event));
         }
         let head = self
             .fetch_optional(
@@ -1182,7 +1179,7 @@ impl StoreTx for SqliteTx {
                 }
             }
         };
-        self.insert_audit(org, seq, &hash, event).await
+        Ok(self.seal_audit(org, seq, &hash, event))
     }
 
     async fn list_audit(

@@ -18,7 +18,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
-use common::{Running, fresh_database, ms, percentile, serve_loopback};
+use common::{Running, fresh_database, gather, ms, percentile, serve_loopback};
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -221,12 +221,7 @@ async fn run(
             out
         }));
     }
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.unwrap());
-    }
-    all.sort();
-    all
+    gather(tasks).await
 }
 
 #[tokio::main]

@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
-use common::{Running, ms, percentile, serve_loopback};
+use common::{Running, gather, ms, percentile, serve_loopback};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,12 +117,7 @@ async fn run(url: &str, key: Option<&str>, tool: &str, clients: usize, per_clien
             out
         }));
     }
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.unwrap());
-    }
-    all.sort();
-    all
+    gather(tasks).await
 }
 
 #[tokio::main]

@@ -344,3 +344,43 @@ pub async fn read_until(
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
 }
+
+pub fn repository_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The `.venv` Python, or a failure that says how to make it (the tests never skip silently without it).
+pub fn venv_python() -> std::path::PathBuf {
+    let python = repository_root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `scripts/python-env` first (it creates .venv with the openai, anthropic and mcp packages)",
+        python.display()
+    );
+    python
+}
+
+/// Runs `tests/python/{script}` with the `.venv` Python against `agent`'s server (the agent's and the admin's
+/// keys in `COUNTERSIGN_AGENT_KEY`/`COUNTERSIGN_ADMIN_KEY`, no provider keys or base URLs of the environment),
+/// and asserts it succeeded and printed `ok CASE` for every case.
+pub async fn run_python_client(script: &str, agent: &Client, admin: &Client, env: &[(&str, &str)], cases: &[&str]) {
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
+    let mut command = tokio::process::Command::new(venv_python());
+    command
+        .arg(&script)
+        .env("COUNTERSIGN_URL", agent.base())
+        .env("COUNTERSIGN_AGENT_KEY", agent.key().unwrap())
+        .env("COUNTERSIGN_ADMIN_KEY", admin.key().unwrap())
+        .envs(env.iter().copied())
+        .kill_on_drop(true);
+    for name in ["OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"] {
+        command.env_remove(name);
+    }
+    let output = command.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{} failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}", script.display());
+    for case in cases {
+        assert!(stdout.contains(&format!("ok {case}")), "case {case} did not run:\n{stdout}\n{stderr}");
+    }
+}

@@ -24,7 +24,7 @@ use rmcp::{ClientHandler, RoleClient, ServiceError, ServiceExt};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use crate::helpers::{TestServer, config};
+use crate::helpers::{TestServer, config, run_python_client, venv_python};
 
 const POLICY: &str = r#"
 version: 1
@@ -46,21 +46,6 @@ rules:
 "#;
 
 const READY: Duration = Duration::from_secs(60);
-
-pub fn repository_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The `.venv` Python, or a failure that says how to make it.
-pub fn venv_python() -> PathBuf {
-    let python = repository_root().join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `scripts/python-env` first (it creates .venv with the openai, anthropic and mcp packages)",
-        python.display()
-    );
-    python
-}
 
 pub fn upstream_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/mcp_upstream.py")
@@ -532,19 +517,7 @@ async fn tool_list_changes_reach_the_client_and_the_child_is_restarted_and_kille
 async fn the_official_python_mcp_client_works_with_a_minted_session() {
     let g = start().await;
     let agent = g.server.agent("python-mcp-agent").await;
-    let output = tokio::process::Command::new(venv_python())
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/mcp_client.py"))
-        .env("COUNTERSIGN_URL", agent.base())
-        .env("COUNTERSIGN_AGENT_KEY", agent.key().unwrap())
-        .env("COUNTERSIGN_ADMIN_KEY", g.server.admin.key().unwrap())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the Python MCP client failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
-    for case in [
+    let cases = [
         "list_tools",
         "upstream_allowed",
         "allowed",
@@ -554,9 +527,8 @@ async fn the_official_python_mcp_client_works_with_a_minted_session() {
         "upstream_scope_refused",
         "revoked_401",
         "expired_401",
-    ] {
-        assert!(stdout.contains(&format!("ok {case}")), "case {case} did not run:\n{stdout}\n{stderr}");
-    }
+    ];
+    run_python_client("mcp_client.py", &agent, &g.server.admin, &[], &cases).await;
     // The upstream call came from the session: its action names the session as the actor.
     let page = g.server.admin.get("/v1/actions?capability=mcp.web.echo").await.unwrap();
     let echo = page.body["items"].as_array().unwrap().iter().find(|a| a["capability"] == "mcp.web.echo").cloned();
