@@ -24,6 +24,10 @@
 //! Between replicas, [`StoreTx::publish`] is `NOTIFY` on [`CHANGES_CHANNEL`] inside the transaction (delivered
 //! only if it commits), and [`PostgresStore::subscribe`] is the `LISTEN` side, on a connection of its own.
 //!
+//! Connections speak TLS when the server offers it (sqlx's default `sslmode=prefer`, rustls with the system's
+//! roots). Only `sslmode=verify-full` (or `verify-ca`) checks the server's certificate; connecting to a host
+//! off this machine without it logs a warning at start.
+//!
 //! The schema (`migrations/postgres/`) refuses to change or remove audit events and checkpoints with trigger
 //! functions, exactly as the SQLite triggers do. Rows become domain records through the shared mappers in
 //! `rows`; this module holds no business rules.
@@ -87,6 +91,22 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
+/// Whether a connection made with `options` checks the server's certificate, or needs no TLS (a Unix socket,
+/// or the loopback interface, which never leaves the machine).
+fn certificate_verified(options: &PgConnectOptions) -> bool {
+    use sqlx::postgres::PgSslMode;
+    let host = options.get_host();
+    let local = options.get_socket().is_some()
+        || host.starts_with('/')
+        || host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    local || matches!(options.get_ssl_mode(), PgSslMode::VerifyFull | PgSslMode::VerifyCa)
+}
+
 impl PostgresStore {
     /// Connects to `url` (`postgres://user:password@host:port/database`) and brings the schema up to date.
     /// Several replicas may start at once: sqlx holds an advisory lock while it migrates.
@@ -94,6 +114,14 @@ impl PostgresStore {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Internal(format!("invalid database URL: {e}")))?
             .application_name("countersign");
+        if !certificate_verified(&options) {
+            tracing::warn!(
+                host = options.get_host(),
+                "the PostgreSQL server's certificate is not verified, so the connection could be read or altered \
+                 on the way; add `sslmode=verify-full` (and `sslrootcert=/path/to/ca.pem` unless the system's roots \
+                 sign it) to the database URL"
+            );
+        }
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -1452,5 +1480,29 @@ impl StoreTx for PgTx {
             )
             .await?;
         row.as_ref().map(policy_row).transpose()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn verified(url: &str) -> bool {
+        certificate_verified(&PgConnectOptions::from_str(url).unwrap())
+    }
+
+    #[test]
+    fn only_a_checked_certificate_or_a_local_server_goes_without_a_warning() {
+        assert!(!verified("postgres://cs@db.example.com/countersign"));
+        assert!(!verified("postgres://cs@db.example.com/countersign?sslmode=require"));
+        assert!(!verified("postgres://cs@10.0.0.5:5432/countersign?sslmode=prefer"));
+        assert!(verified("postgres://cs@db.example.com/countersign?sslmode=verify-full"));
+        assert!(verified("postgres://cs@db.example.com/countersign?sslmode=verify-ca&sslrootcert=/etc/ca.pem"));
+        assert!(verified("postgres://cs@127.0.0.1:5432/countersign"));
+        assert!(verified("postgres://cs@localhost/countersign"));
+        assert!(verified("postgres://cs@[::1]:5432/countersign"));
+        assert!(verified("postgres://cs@%2Fvar%2Frun%2Fpostgresql/countersign"));
+        assert!(verified("postgres://cs@db.example.com/countersign?host=/var/run/postgresql"));
     }
 }

@@ -1272,3 +1272,47 @@ mod checks {
         assert!(tx.insert_policy(&bad).await.is_err(), "{n}: origin is checked");
     }
 }
+
+/// PostgreSQL over TLS with the server's certificate checked: with `sslmode=verify-full` and the CA that
+/// `scripts/with-postgres` made, the store connects, migrates and works, and the server reports the
+/// connection encrypted; trusting an unrelated CA instead, the store refuses to connect, naming the
+/// certificate. Skipped without the test server's variables.
+#[tokio::test]
+async fn postgres_connects_over_tls_only_to_the_certificate_it_trusts() {
+    let (Ok(url), Ok(ca), Ok(other_ca)) = (
+        std::env::var(PG_URL_VAR),
+        std::env::var("COUNTERSIGN_TEST_PG_TLS_CA"),
+        std::env::var("COUNTERSIGN_TEST_PG_TLS_OTHER_CA"),
+    ) else {
+        eprintln!("skipped: set {PG_URL_VAR} and the TLS variables (scripts/with-postgres sets them)");
+        return;
+    };
+    let db = format!("cs_tls_{}", OrgId::new().as_str().trim_start_matches("org_").to_ascii_lowercase());
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    admin.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}"))).await.unwrap();
+    let own = with_database(&url, &db);
+    let separator = if own.contains('?') { '&' } else { '?' };
+
+    let verified = format!("{own}{separator}sslmode=verify-full&sslrootcert={ca}");
+    let store = PostgresStore::connect(&verified).await.unwrap();
+    store.ping().await.unwrap();
+    let mut tx = store.write().await.unwrap();
+    assert_eq!(tx.count_orgs().await.unwrap(), 0);
+    tx.commit().await.unwrap();
+    let encrypted: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert!(encrypted, "the server says this connection is not encrypted");
+    store.pool().close().await;
+    drop(store);
+
+    let untrusted = format!("{own}{separator}sslmode=verify-full&sslrootcert={other_ca}");
+    let Err(refused) = PostgresStore::connect(&untrusted).await else {
+        panic!("a server whose certificate another CA signed was accepted");
+    };
+    assert!(refused.to_string().to_lowercase().contains("certificate"), "unclear refusal: {refused}");
+
+    let _ = admin.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))).await;
+    let _ = admin.close().await;
+}
