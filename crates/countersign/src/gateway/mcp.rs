@@ -149,21 +149,26 @@ impl Gateway {
         match answer {
             Ok(result) => {
                 let is_error = result.is_error.unwrap_or(false);
-                let stored = serde_json::to_value(&result).unwrap_or(Value::Null);
+                let (stored, cut_from) = stored_result(&result);
+                let mut extra = json!({});
+                if let Some(bytes) = cut_from {
+                    extra = json!({"result_truncated": true, "result_bytes": bytes});
+                }
                 if is_error {
                     let error = format!("MCP server `{}` answered `{}` with a tool error", target.server, target.tool);
+                    extra["tool_error"] = json!(true);
                     McpOutcome {
                         state: ActionState::Failed,
                         result: Some(stored),
                         error: Some(error),
-                        details: details(json!({"tool_error": true})),
+                        details: details(extra),
                     }
                 } else {
                     McpOutcome {
                         state: ActionState::Succeeded,
                         result: Some(stored),
                         error: None,
-                        details: details(json!({})),
+                        details: details(extra),
                     }
                 }
             }
@@ -184,9 +189,105 @@ impl Gateway {
     }
 }
 
+/// The largest tool result, as JSON, that is stored on the action (and so answered) whole.
+pub const MAX_MCP_RESULT_BYTES: usize = 1024 * 1024;
+
+/// A tool result as stored on its action, and answered from there: whole when its JSON fits
+/// [`MAX_MCP_RESULT_BYTES`]. A bigger one keeps its text blocks, cut to fit, drops its other content blocks
+/// and its structured content, and ends with a text block saying so; the second value is then the size of
+/// the whole result.
+fn stored_result(result: &rmcp::model::CallToolResult) -> (Value, Option<usize>) {
+    use rmcp::model::{CallToolResult, ContentBlock};
+    let whole = serde_json::to_value(result).unwrap_or(Value::Null);
+    let size = serde_json::to_vec(&whole).map_or(usize::MAX, |bytes| bytes.len());
+    if size <= MAX_MCP_RESULT_BYTES {
+        return (whole, None);
+    }
+    // Room for the note; then less text until the JSON fits (escaping can make text longer than it is).
+    let mut budget = MAX_MCP_RESULT_BYTES - 1024;
+    loop {
+        let mut left = budget;
+        let mut content = Vec::new();
+        let mut dropped = 0usize;
+        for block in &result.content {
+            match block.as_text() {
+                Some(text) if left > 0 => {
+                    let kept = &text.text[..text.text.floor_char_boundary(left)];
+                    left -= kept.len();
+                    content.push(ContentBlock::text(kept.to_owned()));
+                }
+                Some(_) => {}
+                None => dropped += 1,
+            }
+        }
+        let dropped = match dropped {
+            0 => String::new(),
+            n => format!(", {n} content block(s) other than text were dropped"),
+        };
+        content.push(ContentBlock::text(format!(
+            "[Countersign: the tool's result was {size} bytes, over the gateway's limit of {MAX_MCP_RESULT_BYTES}; \
+             its text was cut to fit{dropped}, and any structured content was dropped]"
+        )));
+        let cut = if result.is_error == Some(true) {
+            CallToolResult::error(content)
+        } else {
+            CallToolResult::success(content)
+        };
+        let value = serde_json::to_value(&cut).unwrap_or(Value::Null);
+        if serde_json::to_vec(&value).is_ok_and(|bytes| bytes.len() <= MAX_MCP_RESULT_BYTES) || budget == 0 {
+            return (value, Some(size));
+        }
+        budget /= 2;
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
-    use super::mcp_capability;
+    use super::{MAX_MCP_RESULT_BYTES, mcp_capability, stored_result};
+    use rmcp::model::{CallToolResult, ContentBlock};
+    use serde_json::json;
+
+    fn json_len(value: &serde_json::Value) -> usize {
+        serde_json::to_vec(value).map(|b| b.len()).unwrap_or(usize::MAX)
+    }
+
+    #[test]
+    fn a_tool_result_within_the_limit_is_stored_whole() {
+        let mut result = CallToolResult::success(vec![ContentBlock::text("fine")]);
+        result.structured_content = Some(json!({"ok": true}));
+        let (stored, cut) = stored_result(&result);
+        assert_eq!(cut, None);
+        assert_eq!(stored, serde_json::to_value(&result).unwrap_or_default());
+    }
+
+    #[test]
+    fn a_tool_result_over_the_limit_is_cut_to_fit_and_says_so() {
+        let big = "ab".repeat(MAX_MCP_RESULT_BYTES);
+        let mut result = CallToolResult::error(vec![
+            ContentBlock::text(big.clone()),
+            ContentBlock::image("aGk=", "image/png"),
+            ContentBlock::text("tail"),
+        ]);
+        result.structured_content = Some(json!({"rows": big}));
+        let (stored, cut) = stored_result(&result);
+        assert!(cut.is_some_and(|bytes| bytes > 4 * MAX_MCP_RESULT_BYTES), "{cut:?}");
+        assert!(json_len(&stored) <= MAX_MCP_RESULT_BYTES, "stored {} bytes", json_len(&stored));
+        assert_eq!(stored["isError"], true);
+        assert!(stored.get("structuredContent").is_none(), "structured content kept");
+        let content = stored["content"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let first = content[0]["text"].as_str().unwrap_or_default();
+        assert!(first.len() > MAX_MCP_RESULT_BYTES / 2 && big.starts_with(first), "{} bytes kept", first.len());
+        let note = content.last().and_then(|c| c["text"].as_str()).unwrap_or_default();
+        assert!(note.contains("over the gateway's limit") && note.contains("1 content block(s)"), "{note}");
+
+        // Text that grows when escaped still fits, and a cut never splits a character.
+        let escaped = CallToolResult::success(vec![ContentBlock::text("\u{1}é".repeat(MAX_MCP_RESULT_BYTES))]);
+        let (stored, cut) = stored_result(&escaped);
+        assert!(cut.is_some());
+        assert!(json_len(&stored) <= MAX_MCP_RESULT_BYTES, "stored {} bytes", json_len(&stored));
+        assert_eq!(stored["isError"], false);
+    }
 
     #[test]
     fn capabilities_are_made_of_server_and_tool_names() {

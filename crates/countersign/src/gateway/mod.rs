@@ -37,7 +37,7 @@ pub use approvals::ApprovalStatusView;
 pub use dashboard_sessions::DashboardLogin;
 pub use jobs::{JobOutcome, JobRunnerSettings, job_filter};
 pub use llm::InlineOutcome;
-pub use mcp::{McpCall, McpOutcome, mcp_capability};
+pub use mcp::{MAX_MCP_RESULT_BYTES, McpCall, McpOutcome, mcp_capability};
 pub use principals::{Bootstrapped, CreatedKey, CreatedOrg, KeyOwner};
 pub use queries::{Trace, audit_filter, parse_audit_time};
 pub use sessions::{CreatedSession, SessionRequest};

@@ -261,6 +261,28 @@ async fn upstream_tools_are_listed_and_governed_over_stdio_and_http() {
         assert_eq!(action.body["target"]["connector"], "mcp");
         assert_eq!(action.body["result"]["content"][0]["text"], "transferred 500 cents to bob");
     }
+    // A result over the gateway's limit is answered and stored cut to fit, saying so, and audited as cut.
+    let size = 3 * countersign::gateway::MAX_MCP_RESULT_BYTES;
+    let flooded = call(&client, "local__flood", json!({"size": size}), None).await.unwrap();
+    assert_eq!(flooded.is_error, Some(false), "{:?}", flooded.content.last());
+    let said = text(&flooded);
+    assert!(said.starts_with("xxxx") && said.len() < countersign::gateway::MAX_MCP_RESULT_BYTES, "{}", said.len());
+    assert!(said.ends_with("and any structured content was dropped]"), "{}", &said[said.len() - 200..]);
+    let id = g.server.admin.get("/v1/audit?action=action.executed&limit=1000").await.unwrap().body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["data"]["tool"] == "flood")
+        .map(|e| {
+            assert_eq!(e["data"]["result_truncated"], true, "{e}");
+            assert!(e["data"]["result_bytes"].as_u64().unwrap() > size as u64, "{e}");
+            e["subject"].as_str().unwrap().to_owned()
+        })
+        .expect("no action.executed event for the flood call");
+    let stored = agent.get_action(&id).await.unwrap();
+    assert_eq!(stored.body["result"]["content"][0]["text"].as_str().map(str::len), Some(said.find("\n[").unwrap()));
+    assert_eq!(calls(&g.stdio_log, "flood").len(), 1);
+
     // The spawned upstream got its credential from the configuration's env.
     assert_eq!(calls(&g.stdio_log, "echo")[0]["secret"], "s3cret-from-config");
     assert_eq!(calls(&g.http_log, "echo")[0]["secret"], Value::Null);

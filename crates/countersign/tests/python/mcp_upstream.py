@@ -1,6 +1,7 @@
 """An upstream MCP server for the MCP gateway tests, written with the official `mcp` package (2.x).
 
-Tools: `echo`, `transfer` and `delete_repo` (the policy allows, holds and denies them), `grow`, which
+Tools: `echo`, `transfer` and `delete_repo` (the policy allows, holds and denies them), `flood`, which
+answers with as much text as asked for, `grow`, which
 adds the tool `extra` and tells its client that its tools changed, and `vanish`, which dies mid-call. Every call is appended as one JSON line
 to the file named by MCP_UPSTREAM_LOG, so a test can count what the upstream really saw.
 
@@ -41,6 +42,12 @@ def transfer(to: str, amount_cents: int) -> str:
 def delete_repo(name: str) -> str:
     record("delete_repo", {"name": name})
     return f"deleted {name}"
+
+
+@server.tool(description="Answers with `size` bytes of text.", structured_output=False)
+def flood(size: int) -> str:
+    record("flood", {"size": size})
+    return "x" * size
 
 
 @server.tool(description="Records the call, then the server process dies before it answers.", structured_output=False)
