@@ -13,7 +13,7 @@ use std::sync::Arc;
 use countersign_core::checkpoint::AuditSigner;
 use countersign_core::clock::{Clock, SystemClock};
 use countersign_core::store::Store;
-use countersign_store::{PostgresStore, SqliteStore};
+use countersign_store::{PostgresStore, ReplicaFeed, SqliteStore};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -48,8 +48,8 @@ pub struct Server {
     max_body_bytes: usize,
     watch_policy: bool,
     expiry_requests: mpsc::UnboundedReceiver<ExpiryRequest>,
-    /// With PostgreSQL: where other replicas' changes come from.
-    replicas: Option<PostgresStore>,
+    /// With PostgreSQL: other replicas' changes, heard since the store was opened.
+    replicas: Option<ReplicaFeed>,
     shutdown: CancellationToken,
 }
 
@@ -100,7 +100,13 @@ impl Server {
         let store: Arc<dyn Store> = match &config.database_url {
             Some(url) if url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://") => {
                 let pg = PostgresStore::connect(url.expose()).await.map_err(|e| StartError::Store(e.to_string()))?;
-                postgres = Some(pg.clone());
+                // Listening before anything is served or cached: a change another replica commits from here on
+                // (a revoked key, a decision) is heard, never missed in the gap before a worker subscribes.
+                let feed = pg
+                    .subscribe()
+                    .await
+                    .map_err(|e| StartError::Store(format!("cannot listen for the other replicas' changes: {e}")))?;
+                postgres = Some(feed);
                 Arc::new(pg)
             }
             Some(_) => {
@@ -190,8 +196,8 @@ impl Server {
             Ok(_) => {}
             Err(error) => tracing::error!(%error, "cannot release stale job leases"),
         }
-        if let Some(store) = self.replicas {
-            tracker.spawn(workers::replicas::run(gateway.clone(), store, token.clone()));
+        if let Some(feed) = self.replicas {
+            tracker.spawn(workers::replicas::run(gateway.clone(), feed, token.clone()));
         }
         tracker.spawn(workers::jobs::run(gateway.clone(), token.clone(), tracker.clone()));
         tracker.spawn(workers::jobs::sweep_retention(gateway.clone(), token.clone()));

@@ -5,19 +5,14 @@
 //! After a lost connection it may have missed messages, so it wakes every waiter to re-read and re-arms the
 //! expiry timers from the store. SQLite is one process and has no such worker.
 
-use countersign_store::PostgresStore;
+use countersign_store::ReplicaFeed;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Gateway;
 
-pub async fn run(gateway: Gateway, store: PostgresStore, shutdown: CancellationToken) {
-    let mut feed = match store.subscribe().await {
-        Ok(feed) => feed,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for other replicas; waits will only wake on this replica's changes");
-            return;
-        }
-    };
+/// Runs the feed the server opened before it started serving ([`crate::server::Server`]), so nothing
+/// another replica commits after that is missed.
+pub async fn run(gateway: Gateway, mut feed: ReplicaFeed, shutdown: CancellationToken) {
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => return,
