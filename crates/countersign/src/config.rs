@@ -194,10 +194,13 @@ fn default_mcp_timeout() -> u64 {
 /// and an unbounded value would overflow them.
 const MAX_CONFIGURED_SECONDS: u64 = 86_400;
 
-/// `seconds` when it lies between `min` and a day; else an error naming `key`.
 /// The longest a resolved credential may be served from memory.
 const MAX_AUTH_CACHE_SECONDS: u64 = 60;
 
+/// The LLM proxy's default body limit: room for a long context or a few base64 screenshots.
+pub const DEFAULT_LLM_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// `seconds` when it lies between `min` and a day; else an error naming `key`.
 fn seconds_in_range(key: &str, seconds: u64, min: u64) -> Result<u64, ConfigError> {
     if (min..=MAX_CONFIGURED_SECONDS).contains(&seconds) {
         Ok(seconds)
@@ -318,6 +321,7 @@ pub struct FileConfig {
     pub public_url: Option<String>,
     pub log_format: Option<crate::telemetry::LogFormat>,
     pub max_body_bytes: Option<usize>,
+    pub llm_max_body_bytes: Option<usize>,
     pub auth_cache_seconds: Option<u64>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
@@ -368,6 +372,9 @@ pub struct Config {
     pub network: NetworkConfig,
     pub bootstrap_admin_key: Option<Secret>,
     pub max_body_bytes: usize,
+    /// The body limit of the LLM proxy's routes (`llm_max_body_bytes`): model requests carry long contexts
+    /// and base64 images, so they get their own, larger limit.
+    pub llm_max_body_bytes: usize,
     /// Watch the policy file for changes and reload it.
     pub watch_policy: bool,
     pub rate_limit: RateLimitConfig,
@@ -396,6 +403,7 @@ impl Config {
             network: NetworkConfig::default(),
             bootstrap_admin_key: None,
             max_body_bytes: 1024 * 1024,
+            llm_max_body_bytes: DEFAULT_LLM_MAX_BODY_BYTES,
             watch_policy: true,
             rate_limit: RateLimitConfig::default(),
             jobs: crate::gateway::JobRunnerSettings::default(),
@@ -429,6 +437,9 @@ pub struct ServeArgs {
     /// Request body limit in bytes.
     #[arg(long, env = "COUNTERSIGN_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Request body limit of the LLM proxy's routes, in bytes (default 16 MiB).
+    #[arg(long, env = "COUNTERSIGN_LLM_MAX_BODY_BYTES")]
+    pub llm_max_body_bytes: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -496,6 +507,9 @@ impl ServeArgs {
         }
         if let Some(bytes) = file.max_body_bytes {
             config.max_body_bytes = bytes;
+        }
+        if let Some(bytes) = file.llm_max_body_bytes {
+            config.llm_max_body_bytes = bytes;
         }
         let mut listen = file.listen;
         for (name, mut upstream) in file.upstreams {
@@ -572,6 +586,9 @@ impl ServeArgs {
         if let Some(b) = self.max_body_bytes {
             config.max_body_bytes = b;
         }
+        if let Some(b) = self.llm_max_body_bytes {
+            config.llm_max_body_bytes = b;
+        }
         if let Some(l) = listen {
             config.listen = l
                 .parse()
@@ -600,6 +617,8 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # log_format = "json"               # text (default) or json; --log-format wins
 # auth_cache_seconds = 1            # keys and sessions served from memory this long (0-60, 0 off);
                                     # a revocation empties the cache on every replica at once
+# max_body_bytes = 1048576          # request body limit (bytes)
+# llm_max_body_bytes = 16777216     # the LLM proxy's own limit: long contexts and base64 images
 
 # Upstreams an action's http target may name. Credentials live here, never with the agent.
 # [upstreams.payments]

@@ -46,6 +46,7 @@ pub struct Server {
     local_addr: SocketAddr,
     bootstrapped: Option<Bootstrapped>,
     max_body_bytes: usize,
+    llm_max_body_bytes: usize,
     watch_policy: bool,
     expiry_requests: mpsc::UnboundedReceiver<ExpiryRequest>,
     /// With PostgreSQL: other replicas' changes, heard since the store was opened.
@@ -161,6 +162,7 @@ impl Server {
             local_addr,
             bootstrapped,
             max_body_bytes: config.max_body_bytes,
+            llm_max_body_bytes: config.llm_max_body_bytes,
             watch_policy: config.watch_policy,
             expiry_requests,
             replicas: postgres,
@@ -217,7 +219,7 @@ impl Server {
         }
 
         let inline = gateway.clone();
-        let app = crate::http::router(gateway, self.max_body_bytes);
+        let app = crate::http::router(gateway, self.max_body_bytes, self.llm_max_body_bytes);
         let serve_token = token.clone();
         // Small request/response exchanges: do not let Nagle hold back the last segment.
         let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {

@@ -30,6 +30,8 @@ use crate::gateway::Gateway;
 pub struct AppState {
     pub gateway: Gateway,
     pub max_body_bytes: usize,
+    /// The LLM proxy's own, larger body limit.
+    pub llm_max_body_bytes: usize,
 }
 
 /// Page parameters: `limit` 1..=1000 (default 100) and the opaque cursor from a previous answer.
@@ -51,8 +53,8 @@ pub fn next_cursor(page: &Page, last: Option<String>, count: usize) -> Option<St
     if count == page.limit as usize { last } else { None }
 }
 
-pub fn router(gateway: Gateway, max_body_bytes: usize) -> Router {
-    let state = AppState { gateway, max_body_bytes };
+pub fn router(gateway: Gateway, max_body_bytes: usize, llm_max_body_bytes: usize) -> Router {
+    let state = AppState { gateway, max_body_bytes, llm_max_body_bytes };
     Router::new()
         .route("/v1/actions", post(actions::submit).get(actions::list))
         .route("/v1/actions/{id}", get(actions::get))
@@ -98,7 +100,7 @@ pub fn router(gateway: Gateway, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .nest_service("/mcp", crate::mcp::router(state.gateway.clone(), max_body_bytes))
-        .merge(crate::proxy::router())
+        .merge(crate::proxy::router(llm_max_body_bytes))
         .merge(crate::dashboard::router(state.gateway.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -116,8 +118,9 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let span = tracing::info_span!("request", %method, %route);
     let mut response = next.run(request).instrument(span.clone()).await;
-    // Handlers that read the raw body get axum's plain-text 413; every error is problem+json.
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem(&response) {
+    // Handlers that read the raw body get axum's plain-text 413; every error is problem+json. The LLM proxy
+    // shapes its own errors as the provider does, and relays a provider's 413 as it came.
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem(&response) && !route.starts_with("/llm/") {
         response =
             Error::PayloadTooLarge(format!("the body is over the {} byte limit", state.max_body_bytes)).into_response();
     }

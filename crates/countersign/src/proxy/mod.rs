@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -36,30 +37,45 @@ pub use wire::Endpoint;
 /// How long a client may hold its connection at most, whatever it asks for.
 const MAX_HOLD: Duration = crate::gateway::MAX_WAIT;
 
-/// The proxy's routes, merged into the v1 router (they share its middleware and state).
-pub fn router() -> Router<AppState> {
+/// The proxy's routes, merged into the v1 router (they share its middleware and state), with their own body
+/// limit (`llm_max_body_bytes`): model requests carry long contexts and base64 images.
+pub fn router(max_body_bytes: usize) -> Router<AppState> {
     Router::new()
         .route("/llm/{provider}/v1/chat/completions", post(chat_completions))
         .route("/llm/{provider}/v1/completions", post(completions))
         .route("/llm/{provider}/v1/embeddings", post(embeddings))
         .route("/llm/{provider}/v1/messages", post(messages))
         .route("/llm/{provider}/v1/models", get(models))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
 }
 
-async fn chat_completions(state: State<AppState>, provider: Path<String>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(&state, &provider, Endpoint::ChatCompletions, &headers, &body).await
+/// A request body as read within the proxy's limit.
+type RequestBody = Result<Bytes, BytesRejection>;
+
+async fn chat_completions(
+    state: State<AppState>,
+    provider: Path<String>,
+    headers: HeaderMap,
+    body: RequestBody,
+) -> Response {
+    handle(&state, &provider, Endpoint::ChatCompletions, &headers, body).await
 }
 
-async fn completions(state: State<AppState>, provider: Path<String>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(&state, &provider, Endpoint::Completions, &headers, &body).await
+async fn completions(
+    state: State<AppState>,
+    provider: Path<String>,
+    headers: HeaderMap,
+    body: RequestBody,
+) -> Response {
+    handle(&state, &provider, Endpoint::Completions, &headers, body).await
 }
 
-async fn embeddings(state: State<AppState>, provider: Path<String>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(&state, &provider, Endpoint::Embeddings, &headers, &body).await
+async fn embeddings(state: State<AppState>, provider: Path<String>, headers: HeaderMap, body: RequestBody) -> Response {
+    handle(&state, &provider, Endpoint::Embeddings, &headers, body).await
 }
 
-async fn messages(state: State<AppState>, provider: Path<String>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(&state, &provider, Endpoint::Messages, &headers, &body).await
+async fn messages(state: State<AppState>, provider: Path<String>, headers: HeaderMap, body: RequestBody) -> Response {
+    handle(&state, &provider, Endpoint::Messages, &headers, body).await
 }
 
 /// The model list: forwarded for an authenticated caller; no action.
@@ -139,12 +155,34 @@ fn reasoning(headers: &HeaderMap) -> String {
     }
 }
 
-async fn handle(state: &AppState, provider: &str, endpoint: Endpoint, headers: &HeaderMap, body: &Bytes) -> Response {
+async fn handle(
+    state: &AppState,
+    provider: &str,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: RequestBody,
+) -> Response {
     let dialect = match provider_dialect(&state.gateway, provider, Some(endpoint)) {
         Ok(dialect) => dialect,
         Err(response) => return *response,
     };
-    match governed(&state.gateway, provider, endpoint, dialect, headers, body).await {
+    let body = match body {
+        Ok(body) => body,
+        // In the provider's shape, so the SDK raises its usual error; nothing is recorded.
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let limit = state.llm_max_body_bytes;
+            let message = format!(
+                "the request body is over the LLM proxy's limit of {limit} bytes (llm_max_body_bytes in the \
+                 Countersign configuration)"
+            );
+            return wire::from_error(dialect, &Error::PayloadTooLarge(message));
+        }
+        Err(rejection) => {
+            let message = format!("the request body could not be read: {}", rejection.body_text());
+            return wire::from_error(dialect, &Error::bad_request("body", message));
+        }
+    };
+    match governed(&state.gateway, provider, endpoint, dialect, headers, &body).await {
         Ok(response) => response,
         Err(e) => wire::from_error(dialect, &e),
     }

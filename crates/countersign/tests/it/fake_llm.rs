@@ -51,6 +51,8 @@ impl FakeProvider {
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
             .route("/v1/messages", post(messages))
+            // A provider takes long contexts and images, as the proxy's own limit lets through.
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(shared);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

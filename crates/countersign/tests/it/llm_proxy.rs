@@ -685,3 +685,69 @@ async fn an_inline_call_cut_off_by_a_crash_ends_failed_outcome_unknown_after_res
     assert_eq!(provider.count(), 1, "a model call is never sent twice");
     server.stop().await;
 }
+
+/// Model requests have their own body limit (`llm_max_body_bytes`, 16 MiB by default): a request over the
+/// general 1 MiB limit (here a 2 MiB base64 image) is governed and forwarded; one over the proxy's limit gets
+/// 413 in each provider's error shape, naming the setting, and is neither recorded nor sent. The rest of the
+/// API keeps the general limit.
+#[tokio::test]
+async fn model_requests_have_their_own_body_limit_answered_in_the_providers_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start().await;
+    let mut config = llm_config(dir.path(), &provider.url);
+    assert_eq!(config.llm_max_body_bytes, countersign::config::DEFAULT_LLM_MAX_BODY_BYTES);
+    config.llm_max_body_bytes = 3 * 1024 * 1024;
+    let general = config.max_body_bytes;
+    let server = TestServer::start_with(config, None).await;
+    let agent = server.agent("model-user").await;
+    let s = Setup { server, agent, provider, http: reqwest::Client::new(), _dir: dir };
+
+    let image = format!("data:image/png;base64,{}", "iVBORw0K".repeat(2 * 1024 * 1024 / 8));
+    let with_image = json!({"model": "gpt-fake", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is on this screen?"},
+        {"type": "image_url", "image_url": {"url": image}},
+    ]}]});
+    assert!(with_image.to_string().len() > general);
+    let answered = s.post("/llm/openai/v1/chat/completions", &with_image).send().await.unwrap();
+    assert_eq!(answered.status(), 200);
+    assert_eq!(s.action(&answered).await["state"], "succeeded");
+    assert_eq!(s.provider.count(), 1);
+
+    let long = "many words ".repeat(4 * 1024 * 1024 / 11);
+    let openai = s
+        .post(
+            "/llm/openai/v1/chat/completions",
+            &json!({"model": "gpt-fake", "messages": [{"role": "user", "content": long}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(openai.status(), 413);
+    assert!(openai.headers().get("countersign-action-id").is_none(), "a refused body is no action");
+    let body: Value = openai.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("3145728 bytes") && message.contains("llm_max_body_bytes"), "{message}");
+
+    let anthropic = s
+        .post(
+            "/llm/anthropic/v1/messages",
+            &json!({"model": "claude-fake", "max_tokens": 10, "messages": [{"role": "user", "content": long}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anthropic.status(), 413);
+    let body: Value = anthropic.json().await.unwrap();
+    assert_eq!(body["type"], "error", "{body}");
+    assert_eq!(body["error"]["type"], "request_too_large", "{body}");
+    assert_eq!(s.provider.count(), 1, "nothing over the limit reaches the provider");
+    let actions = s.server.admin.get("/v1/actions?limit=10").await.unwrap();
+    assert_eq!(actions.body["items"].as_array().map(Vec::len), Some(1), "{:?}", actions.body);
+
+    // The rest of the API keeps the general limit.
+    let over_general = vec![b' '; general + 1];
+    let refused = s.server.admin.send_raw(reqwest::Method::POST, "/v1/actions", "application/json", over_general).await;
+    assert_eq!(refused.unwrap().status, 413);
+    s.server.stop().await;
+}
