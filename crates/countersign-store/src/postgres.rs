@@ -25,8 +25,9 @@
 //! only if it commits), and [`PostgresStore::subscribe`] is the `LISTEN` side, on a connection of its own.
 //!
 //! Connections speak TLS when the server offers it (sqlx's default `sslmode=prefer`, rustls with the system's
-//! roots). Only `sslmode=verify-full` (or `verify-ca`) checks the server's certificate; connecting to a host
-//! off this machine without it logs a warning at start.
+//! roots). Only `sslmode=verify-full` checks the server's certificate and name; connecting to a host off this
+//! machine without it logs a warning at start. (`verify-ca` skips the name, and sqlx trusts the system's
+//! roots beside `sslrootcert`, so any publicly trusted certificate would pass: it gets the warning too.)
 //!
 //! The schema (`migrations/postgres/`) refuses to change or remove audit events and checkpoints with trigger
 //! functions, exactly as the SQLite triggers do. Rows become domain records through the shared mappers in
@@ -91,8 +92,8 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// Whether a connection made with `options` checks the server's certificate, or needs no TLS (a Unix socket,
-/// or the loopback interface, which never leaves the machine).
+/// Whether a connection made with `options` checks the server's certificate and name (`verify-full`), or
+/// needs no TLS (a Unix socket, or the loopback interface, which never leaves the machine).
 fn certificate_verified(options: &PgConnectOptions) -> bool {
     use sqlx::postgres::PgSslMode;
     let host = options.get_host();
@@ -104,7 +105,7 @@ fn certificate_verified(options: &PgConnectOptions) -> bool {
             .trim_end_matches(']')
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
-    local || matches!(options.get_ssl_mode(), PgSslMode::VerifyFull | PgSslMode::VerifyCa)
+    local || matches!(options.get_ssl_mode(), PgSslMode::VerifyFull)
 }
 
 impl PostgresStore {
@@ -1498,7 +1499,7 @@ mod tests {
         assert!(!verified("postgres://cs@db.example.com/countersign?sslmode=require"));
         assert!(!verified("postgres://cs@10.0.0.5:5432/countersign?sslmode=prefer"));
         assert!(verified("postgres://cs@db.example.com/countersign?sslmode=verify-full"));
-        assert!(verified("postgres://cs@db.example.com/countersign?sslmode=verify-ca&sslrootcert=/etc/ca.pem"));
+        assert!(!verified("postgres://cs@db.example.com/countersign?sslmode=verify-ca&sslrootcert=/etc/ca.pem"));
         assert!(verified("postgres://cs@127.0.0.1:5432/countersign"));
         assert!(verified("postgres://cs@localhost/countersign"));
         assert!(verified("postgres://cs@[::1]:5432/countersign"));

@@ -200,6 +200,18 @@ const MAX_AUTH_CACHE_SECONDS: u64 = 60;
 /// The LLM proxy's default body limit: room for a long context or a few base64 screenshots.
 pub const DEFAULT_LLM_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
+/// The smallest body limit taken: below it every request would be refused.
+const MIN_BODY_BYTES: usize = 1024;
+
+/// `bytes` when it is a workable body limit; else an error naming `key`.
+fn body_limit(key: &str, bytes: usize) -> Result<usize, ConfigError> {
+    if bytes >= MIN_BODY_BYTES {
+        Ok(bytes)
+    } else {
+        Err(ConfigError::Invalid(format!("{key} must be at least {MIN_BODY_BYTES} bytes, or every request is refused")))
+    }
+}
+
 /// `seconds` when it lies between `min` and a day; else an error naming `key`.
 fn seconds_in_range(key: &str, seconds: u64, min: u64) -> Result<u64, ConfigError> {
     if (min..=MAX_CONFIGURED_SECONDS).contains(&seconds) {
@@ -506,10 +518,10 @@ impl ServeArgs {
             config.auth_cache = Duration::from_secs(seconds);
         }
         if let Some(bytes) = file.max_body_bytes {
-            config.max_body_bytes = bytes;
+            config.max_body_bytes = body_limit("max_body_bytes", bytes)?;
         }
         if let Some(bytes) = file.llm_max_body_bytes {
-            config.llm_max_body_bytes = bytes;
+            config.llm_max_body_bytes = body_limit("llm_max_body_bytes", bytes)?;
         }
         let mut listen = file.listen;
         for (name, mut upstream) in file.upstreams {
@@ -584,10 +596,10 @@ impl ServeArgs {
             config.public_url = Some(u.clone());
         }
         if let Some(b) = self.max_body_bytes {
-            config.max_body_bytes = b;
+            config.max_body_bytes = body_limit("max_body_bytes", b)?;
         }
         if let Some(b) = self.llm_max_body_bytes {
-            config.llm_max_body_bytes = b;
+            config.llm_max_body_bytes = body_limit("llm_max_body_bytes", b)?;
         }
         if let Some(l) = listen {
             config.listen = l
@@ -785,6 +797,12 @@ mod tests {
         assert_eq!(resolve("log_format = \"json\"\n").unwrap().log_format, crate::telemetry::LogFormat::Json);
         assert_eq!(resolve("").unwrap().auth_cache, Duration::from_secs(1));
         assert_eq!(resolve("auth_cache_seconds = 0\n").unwrap().auth_cache, Duration::ZERO);
+        assert_eq!(resolve("llm_max_body_bytes = 33554432\n").unwrap().llm_max_body_bytes, 32 * 1024 * 1024);
+        assert_eq!(resolve("").unwrap().llm_max_body_bytes, DEFAULT_LLM_MAX_BODY_BYTES);
+        for key in ["max_body_bytes", "llm_max_body_bytes"] {
+            let error = resolve(&format!("{key} = 0\n")).unwrap_err().to_string();
+            assert!(error.contains(key) && error.contains("at least"), "{error}");
+        }
         let error = resolve("auth_cache_seconds = 3600\n").unwrap_err().to_string();
         assert!(error.contains("auth_cache_seconds"), "{error}");
         let error = resolve("log_format = \"yaml\"\n").unwrap_err().to_string();
@@ -794,5 +812,26 @@ mod tests {
     #[test]
     fn example_parses() {
         assert!(toml::from_str::<FileConfig>(EXAMPLE).is_ok());
+        // Its commented top-level keys, uncommented, are real keys with values of the right type.
+        let top = EXAMPLE.split("\n# [").next().unwrap_or_default();
+        let uncommented: String = top
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(key)
+                    if key
+                        .split(" = ")
+                        .next()
+                        .is_some_and(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_')) =>
+                {
+                    key
+                }
+                _ => line,
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        assert!(uncommented.contains("\nllm_max_body_bytes = "), "{uncommented}");
+        let file = toml::from_str::<FileConfig>(&uncommented).unwrap();
+        assert_eq!(file.llm_max_body_bytes, Some(DEFAULT_LLM_MAX_BODY_BYTES));
+        assert_eq!(file.max_body_bytes, Some(1024 * 1024));
     }
 }

@@ -79,8 +79,8 @@ pub async fn gather(tasks: Vec<tokio::task::JoinHandle<Vec<Duration>>>) -> Vec<D
 
 /// What the disk under `dir` charges for one durable commit, with no database in the way: `rounds` times,
 /// `pages` WAL-sized frames (a 4 KiB page and its 24-byte header, as SQLite writes them) are written after the
-/// last and the file is `fdatasync`ed; the sync times, sorted. The file is preallocated and synced first, as
-/// a WAL that has started over is, so a sync writes data only. A proxied call makes two such syncs one after
+/// last and the file is `fdatasync`ed; the sync times, sorted. The file is written whole and synced first, as
+/// a WAL that has started over is, so a timed sync writes data only and allocates no blocks. A proxied call makes two such syncs one after
 /// the other (the record before the send, the outcome before the answer), so twice this is the floor of its
 /// added latency on this machine, whatever the gateway does.
 pub async fn disk_sync_floor(dir: &std::path::Path, pages: usize, rounds: usize) -> Vec<Duration> {
@@ -90,7 +90,7 @@ pub async fn disk_sync_floor(dir: &std::path::Path, pages: usize, rounds: usize)
     tokio::task::spawn_blocking(move || {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         let span = (FRAME * pages * 64) as u64;
-        file.set_len(span).unwrap();
+        file.write_all_at(&vec![0u8; FRAME * pages * 64], 0).unwrap();
         file.sync_all().unwrap();
         let frame: Vec<u8> = (0..FRAME).map(|i| (i % 251) as u8).collect();
         let mut offset = 0u64;

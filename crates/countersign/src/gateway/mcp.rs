@@ -208,25 +208,33 @@ fn stored_result(result: &rmcp::model::CallToolResult) -> (Value, Option<usize>)
     loop {
         let mut left = budget;
         let mut content = Vec::new();
-        let mut dropped = 0usize;
+        let (mut dropped, mut cut) = (0usize, false);
         for block in &result.content {
             match block.as_text() {
-                Some(text) if left > 0 => {
+                Some(text) => {
                     let kept = &text.text[..text.text.floor_char_boundary(left)];
                     left -= kept.len();
-                    content.push(ContentBlock::text(kept.to_owned()));
+                    cut |= kept.len() < text.text.len();
+                    if !kept.is_empty() {
+                        content.push(ContentBlock::text(kept.to_owned()));
+                    }
                 }
-                Some(_) => {}
                 None => dropped += 1,
             }
         }
-        let dropped = match dropped {
-            0 => String::new(),
-            n => format!(", {n} content block(s) other than text were dropped"),
-        };
+        let mut what = Vec::new();
+        if cut {
+            what.push("its text was cut to fit".to_owned());
+        }
+        if dropped > 0 {
+            what.push(format!("{dropped} content block(s) other than text were dropped"));
+        }
+        if result.structured_content.is_some() {
+            what.push("its structured content was dropped".to_owned());
+        }
         content.push(ContentBlock::text(format!(
-            "[Countersign: the tool's result was {size} bytes, over the gateway's limit of {MAX_MCP_RESULT_BYTES}; \
-             its text was cut to fit{dropped}, and any structured content was dropped]"
+            "[Countersign: the tool's result was {size} bytes, over the gateway's limit of {MAX_MCP_RESULT_BYTES}: {}]",
+            what.join("; ")
         )));
         let cut = if result.is_error == Some(true) {
             CallToolResult::error(content)
@@ -280,6 +288,7 @@ mod tests {
         assert!(first.len() > MAX_MCP_RESULT_BYTES / 2 && big.starts_with(first), "{} bytes kept", first.len());
         let note = content.last().and_then(|c| c["text"].as_str()).unwrap_or_default();
         assert!(note.contains("over the gateway's limit") && note.contains("1 content block(s)"), "{note}");
+        assert!(note.contains("text was cut") && note.contains("structured content was dropped"), "{note}");
 
         // Text that grows when escaped still fits, and a cut never splits a character.
         let escaped = CallToolResult::success(vec![ContentBlock::text("\u{1}é".repeat(MAX_MCP_RESULT_BYTES))]);

@@ -100,7 +100,7 @@ pub fn router(gateway: Gateway, max_body_bytes: usize, llm_max_body_bytes: usize
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .nest_service("/mcp", crate::mcp::router(state.gateway.clone(), max_body_bytes))
-        .merge(crate::proxy::router(llm_max_body_bytes))
+        .merge(crate::proxy::router())
         .merge(crate::dashboard::router(state.gateway.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

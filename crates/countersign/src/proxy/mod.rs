@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -36,46 +35,32 @@ pub use wire::Endpoint;
 
 /// How long a client may hold its connection at most, whatever it asks for.
 const MAX_HOLD: Duration = crate::gateway::MAX_WAIT;
-
-/// The proxy's routes, merged into the v1 router (they share its middleware and state), with their own body
-/// limit (`llm_max_body_bytes`): model requests carry long contexts and base64 images.
-pub fn router(max_body_bytes: usize) -> Router<AppState> {
+/// The proxy's routes, merged into the v1 router (they share its middleware and state). Their bodies are read
+/// only once the caller is authenticated, within the proxy's own limit (`llm_max_body_bytes`): model requests
+/// carry long contexts and base64 images.
+pub fn router() -> Router<AppState> {
     Router::new()
         .route("/llm/{provider}/v1/chat/completions", post(chat_completions))
         .route("/llm/{provider}/v1/completions", post(completions))
         .route("/llm/{provider}/v1/embeddings", post(embeddings))
         .route("/llm/{provider}/v1/messages", post(messages))
         .route("/llm/{provider}/v1/models", get(models))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
 }
 
-/// A request body as read within the proxy's limit.
-type RequestBody = Result<Bytes, BytesRejection>;
-
-async fn chat_completions(
-    state: State<AppState>,
-    provider: Path<String>,
-    headers: HeaderMap,
-    body: RequestBody,
-) -> Response {
-    handle(&state, &provider, Endpoint::ChatCompletions, &headers, body).await
+async fn chat_completions(state: State<AppState>, provider: Path<String>, request: Request) -> Response {
+    handle(&state, &provider, Endpoint::ChatCompletions, request).await
 }
 
-async fn completions(
-    state: State<AppState>,
-    provider: Path<String>,
-    headers: HeaderMap,
-    body: RequestBody,
-) -> Response {
-    handle(&state, &provider, Endpoint::Completions, &headers, body).await
+async fn completions(state: State<AppState>, provider: Path<String>, request: Request) -> Response {
+    handle(&state, &provider, Endpoint::Completions, request).await
 }
 
-async fn embeddings(state: State<AppState>, provider: Path<String>, headers: HeaderMap, body: RequestBody) -> Response {
-    handle(&state, &provider, Endpoint::Embeddings, &headers, body).await
+async fn embeddings(state: State<AppState>, provider: Path<String>, request: Request) -> Response {
+    handle(&state, &provider, Endpoint::Embeddings, request).await
 }
 
-async fn messages(state: State<AppState>, provider: Path<String>, headers: HeaderMap, body: RequestBody) -> Response {
-    handle(&state, &provider, Endpoint::Messages, &headers, body).await
+async fn messages(state: State<AppState>, provider: Path<String>, request: Request) -> Response {
+    handle(&state, &provider, Endpoint::Messages, request).await
 }
 
 /// The model list: forwarded for an authenticated caller; no action.
@@ -155,48 +140,49 @@ fn reasoning(headers: &HeaderMap) -> String {
     }
 }
 
-async fn handle(
-    state: &AppState,
-    provider: &str,
-    endpoint: Endpoint,
-    headers: &HeaderMap,
-    body: RequestBody,
-) -> Response {
+async fn handle(state: &AppState, provider: &str, endpoint: Endpoint, request: Request) -> Response {
     let dialect = match provider_dialect(&state.gateway, provider, Some(endpoint)) {
         Ok(dialect) => dialect,
         Err(response) => return *response,
     };
-    let body = match body {
-        Ok(body) => body,
-        // In the provider's shape, so the SDK raises its usual error; nothing is recorded.
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            let limit = state.llm_max_body_bytes;
-            let message = format!(
-                "the request body is over the LLM proxy's limit of {limit} bytes (llm_max_body_bytes in the \
-                 Countersign configuration)"
-            );
-            return wire::from_error(dialect, &Error::PayloadTooLarge(message));
-        }
-        Err(rejection) => {
-            let message = format!("the request body could not be read: {}", rejection.body_text());
-            return wire::from_error(dialect, &Error::bad_request("body", message));
-        }
+    let headers = request.headers().clone();
+    // Every error in the provider's shape, so the SDK raises its usual error.
+    let answer = async {
+        // Who is asking first: an unauthenticated or rate-limited caller never gets a body read.
+        let caller = authenticate(&state.gateway, &headers).await?;
+        let body = read_body(request, state.llm_max_body_bytes).await?;
+        governed(&state.gateway, &caller, provider, endpoint, dialect, &headers, &body).await
     };
-    match governed(&state.gateway, provider, endpoint, dialect, headers, &body).await {
+    match answer.await {
         Ok(response) => response,
         Err(e) => wire::from_error(dialect, &e),
     }
 }
 
+/// The request body, read up to `limit` bytes (more is a 413 naming the setting; nothing is recorded).
+async fn read_body(mut request: Request, limit: usize) -> Result<Bytes, Error> {
+    DefaultBodyLimit::max(limit).apply(&mut request);
+    match Bytes::from_request(request, &()).await {
+        Ok(body) => Ok(body),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(Error::PayloadTooLarge(format!(
+            "the request body is over the LLM proxy's limit of {limit} bytes (llm_max_body_bytes in the Countersign \
+             configuration)"
+        ))),
+        Err(rejection) => {
+            Err(Error::bad_request("body", format!("the request body could not be read: {}", rejection.body_text())))
+        }
+    }
+}
+
 async fn governed(
     gateway: &Gateway,
+    caller: &Caller,
     provider: &str,
     endpoint: Endpoint,
     dialect: Dialect,
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<Response, Error> {
-    let caller = authenticate(gateway, headers).await?;
     let request: Value = serde_json::from_slice(body)
         .map_err(|e| Error::bad_request("body", format!("request body is not valid JSON: {e}")))?;
     if !request.is_object() {
@@ -221,7 +207,7 @@ async fn governed(
     };
     let outcome = gateway
         .submit_inline(
-            &caller,
+            caller,
             SubmitRequest {
                 capability,
                 params,
@@ -245,13 +231,13 @@ async fn governed(
                 // A little past the deadline, so the expiry lands while this connection still waits.
                 let limit = wait.unwrap_or(until_expiry + Duration::from_secs(1)).min(MAX_HOLD);
                 let decided = gateway
-                    .wait_action_until(&caller, &action.id, limit, |a| a.state != ActionState::PendingApproval)
+                    .wait_action_until(caller, &action.id, limit, |a| a.state != ActionState::PendingApproval)
                     .await?;
                 match decided.state {
                     ActionState::PendingApproval => pending(gateway, &decided, &approval, &token),
-                    ActionState::Approved => execute(gateway, &caller, dialect, &decided, stream).await?,
+                    ActionState::Approved => execute(gateway, caller, dialect, &decided, stream).await?,
                     ActionState::Executing | ActionState::Succeeded | ActionState::Failed => {
-                        stored_answer(gateway, &caller, dialect, &decided).await?
+                        stored_answer(gateway, caller, dialect, &decided).await?
                     }
                     _ => denied(dialect, &decided),
                 }

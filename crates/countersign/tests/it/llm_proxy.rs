@@ -742,6 +742,18 @@ async fn model_requests_have_their_own_body_limit_answered_in_the_providers_shap
     assert_eq!(body["type"], "error", "{body}");
     assert_eq!(body["error"]["type"], "request_too_large", "{body}");
     assert_eq!(s.provider.count(), 1, "nothing over the limit reaches the provider");
+
+    // The caller is checked before the body is read: without a key, a body over the limit gets a 401.
+    let anonymous = s
+        .http
+        .post(s.url("/llm/openai/v1/chat/completions"))
+        .json(&json!({"model": "gpt-fake", "messages": [{"role": "user", "content": long}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let body: Value = anonymous.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
     let actions = s.server.admin.get("/v1/actions?limit=10").await.unwrap();
     assert_eq!(actions.body["items"].as_array().map(Vec::len), Some(1), "{:?}", actions.body);
 

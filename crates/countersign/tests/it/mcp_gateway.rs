@@ -267,7 +267,7 @@ async fn upstream_tools_are_listed_and_governed_over_stdio_and_http() {
     assert_eq!(flooded.is_error, Some(false), "{:?}", flooded.content.last());
     let said = text(&flooded);
     assert!(said.starts_with("xxxx") && said.len() < countersign::gateway::MAX_MCP_RESULT_BYTES, "{}", said.len());
-    assert!(said.ends_with("and any structured content was dropped]"), "{}", &said[said.len() - 200..]);
+    assert!(said.ends_with("its text was cut to fit]"), "{}", &said[said.len() - 200..]);
     let id = g.server.admin.get("/v1/audit?action=action.executed&limit=1000").await.unwrap().body["events"]
         .as_array()
         .unwrap()
