@@ -2,7 +2,7 @@
 //!
 //! A login stores the SHA-256 of a random cookie token (never the token), the user, and the SHA-256 of the
 //! user key that logged in. Every request finds the row by the token's hash, compares in constant time,
-//! checks expiry and logout, and resolves the key hash again, so revoking the key or disabling the user ends
+//! checks expiry, idleness and logout, and resolves the key hash again, so revoking the key or disabling the user ends
 //! the session at its next request. Expired rows are swept at each login. This module knows nothing of
 //! cookies or CSRF; the dashboard adapter owns those.
 
@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 
 /// A session ends this long after login, whatever happens.
 pub const DASHBOARD_SESSION_LIFETIME: TimeDelta = TimeDelta::hours(12);
+/// A session also ends after this long without a request, so a browser left open cannot be used to approve
+/// for the rest of the day. Activity is recorded to the minute (below), so the limit holds to within one.
+pub const DASHBOARD_SESSION_IDLE: TimeDelta = TimeDelta::minutes(30);
 /// Last-seen is written at most this often per session, so reading pages costs no write each time.
 const LAST_SEEN_GRANULARITY: TimeDelta = TimeDelta::minutes(1);
 
@@ -87,6 +90,12 @@ impl Gateway {
         }
         if session.expires_at <= now {
             return Err(Error::Unauthenticated("the dashboard session has expired; log in again".into()));
+        }
+        if now - session.last_seen_at >= DASHBOARD_SESSION_IDLE {
+            return Err(Error::Unauthenticated(format!(
+                "the dashboard session ended after {} minutes without a request; log in again",
+                DASHBOARD_SESSION_IDLE.num_minutes()
+            )));
         }
         let caller = self.caller_for_key_hash(&mut *tx, &session.key_hash).await?;
         drop(tx);

@@ -216,6 +216,30 @@ async fn login_cookie_flags_csrf_and_logout() {
     server.stop().await;
 }
 
+/// A session ends after 30 minutes without a request, well inside its 12 hours; requests less than that apart
+/// keep it going.
+#[tokio::test]
+async fn an_idle_dashboard_session_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = std::sync::Arc::new(crate::helpers::ShiftedClock::default());
+    let server = TestServer::start_with(crate::helpers::config(dir.path(), None), Some(clock.clone())).await;
+    let base = server.admin.base().to_owned();
+    let (session, _) = login(&base, server.admin.key().unwrap()).await;
+    for _ in 0..3 {
+        clock.advance(chrono::Duration::minutes(25));
+        let (status, _) = page(&base, &session, "/ui/pending").await;
+        assert_eq!(status, StatusCode::OK, "a session in use ended");
+    }
+    clock.advance(chrono::Duration::minutes(31));
+    let ended = http().get(format!("{base}/ui/pending")).header(COOKIE, &session).send().await.unwrap();
+    assert_eq!(ended.status(), StatusCode::SEE_OTHER);
+    assert_eq!(ended.headers()[LOCATION], "/ui/login");
+    // Its activity is what counted: a new login works at once.
+    let (fresh, _) = login(&base, server.admin.key().unwrap()).await;
+    assert_eq!(page(&base, &fresh, "/ui/pending").await.0, StatusCode::OK);
+    server.stop().await;
+}
+
 /// GET a dashboard page with a session; answers (status, body).
 async fn page(base: &str, session: &str, path: &str) -> (StatusCode, String) {
     let response = http().get(format!("{base}{path}")).header(COOKIE, session).send().await.unwrap();
