@@ -551,7 +551,8 @@ async fn a_held_call_whose_client_left_is_carried_out_by_the_job_after_the_grace
         .post(format!("{}/llm/openai/v1/chat/completions", agent.base()))
         .bearer_auth(agent.key().unwrap())
         .json(&json!({"model": "gpt-premium", "messages": [{"role": "user", "content": "later is fine"}]}))
-        .timeout(Duration::from_millis(300))
+        // Long enough to be submitted and held on a slow machine; nobody decides before it gives up.
+        .timeout(Duration::from_secs(1))
         .send()
         .await;
     assert!(gave_up.is_err(), "the client gave up while the call was held");
@@ -573,7 +574,8 @@ async fn a_client_that_hangs_up_on_a_non_streamed_call_leaves_it_finished() {
             "/llm/openai/v1/chat/completions",
             &json!({"model": "slow", "messages": [{"role": "user", "content": "x"}]}),
         )
-        .timeout(Duration::from_millis(300))
+        // Long enough to reach the provider on a slow machine, short of its 2 s timeout (it answers after 5 s).
+        .timeout(Duration::from_secs(1))
         .send()
         .await;
     assert!(gave_up.is_err(), "the client hung up before the provider answered");
