@@ -382,8 +382,8 @@ async fn follow(
     uri: String,
     secret: Option<Secret>,
     stop: CancellationToken,
+    mut changes: tokio::sync::broadcast::Receiver<crate::gateway::notify::ActionChanged>,
 ) {
-    let mut changes = gateway.notifier().subscribe_actions();
     loop {
         let change = tokio::select! {
             () = stop.cancelled() => return,
@@ -520,13 +520,16 @@ impl ServerHandler for McpServer {
         context: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
         let (caller, secret) = caller_of(&context)?;
+        // Listening before the action is read: a change committed from here on is announced, never lost in
+        // the gap before the follower task first runs.
+        let changes = self.gateway.notifier().subscribe_actions();
         let action = self.resource_action(&caller, &request.uri).await?;
         self.unsubscribe_uri(&request.uri);
         let stop = CancellationToken::new();
         if let Ok(mut subs) = self.subscriptions.lock() {
             subs.insert(request.uri.clone(), stop.clone());
         }
-        tokio::spawn(follow(self.gateway.clone(), context.peer.clone(), action.id, request.uri, secret, stop));
+        tokio::spawn(follow(self.gateway.clone(), context.peer.clone(), action.id, request.uri, secret, stop, changes));
         Ok(())
     }
 
