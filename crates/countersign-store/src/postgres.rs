@@ -58,8 +58,8 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, SqlSafeStr, Transaction};
 use crate::rows::{
     Cols, action_row, agent_row, approval_row, audit_row, audit_write_failed, checkpoint_row, corrupt,
     dashboard_session_row, decision_row, delivery_row, from_us, get, insert_audit_rows, job_row, key_row, limit,
-    map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, session_row, to_json, to_us, user_row,
-    webhook_row,
+    map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, seal_pending, session_row, to_json, to_us,
+    user_row, webhook_row,
 };
 
 const MIGRATIONS: [(i64, &str, &str); 3] = [
@@ -285,14 +285,6 @@ impl Cols for PgRow {
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
 impl PgTx {
-    /// Seals the event after the head (seq, hash) and queues it for [`PgTx::write_pending_audit`].
-    fn seal_audit(&mut self, org: &OrgId, seq: i64, hash: &str, event: NewAuditEvent) -> AuditEvent {
-        let sealed = AuditEvent::seal(org.clone(), seq, hash, event);
-        self.head = Some((org.clone(), sealed.seq, sealed.hash.clone()));
-        self.pending_audit.push(sealed.clone());
-        sealed
-    }
-
     /// Writes the audit events sealed since the last statement: per run of one org, one multi-row insert
     /// that also moves the org's head row to the last of them. Called before every statement and the commit.
     async fn write_pending_audit(&mut self) -> Result<(), StoreError> {
@@ -1050,7 +1042,7 @@ impl StoreTx for PgTx {
         if let Some((head_org, seq, hash)) = self.head.take()
             && head_org == *org
         {
-            return Ok(self.seal_audit(org, seq, &hash, event));
+            return Ok(seal_pending(&mut self.head, &mut self.pending_audit, org, seq, &hash, event));
         }
         const LOCK_HEAD: &str = "SELECT seq, hash FROM audit_heads WHERE org_id = $1 FOR UPDATE";
         let mut head = self.fetch_optional(sqlx::query(LOCK_HEAD).bind(org.as_str().to_owned())).await?;
@@ -1069,7 +1061,7 @@ impl StoreTx for PgTx {
         }
         let head = head.ok_or_else(|| StoreError::Internal(format!("audit head of org {org} is missing")))?;
         let (seq, hash): (i64, String) = (get(&head, "seq")?, get(&head, "hash")?);
-        Ok(self.seal_audit(org, seq, &hash, event))
+        Ok(seal_pending(&mut self.head, &mut self.pending_audit, org, seq, &hash, event))
     }
 
     async fn list_audit(

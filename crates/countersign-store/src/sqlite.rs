@@ -41,8 +41,8 @@ use sqlx::{AssertSqlSafe, Row, SqlSafeStr, Sqlite, SqlitePool, Transaction};
 use crate::rows::{
     Cols, action_row, agent_row, approval_row, audit_row, audit_write_failed, checkpoint_row, corrupt,
     dashboard_session_row, decision_row, delivery_row, from_us, get, insert_audit_rows, job_row, key_row, limit,
-    map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, session_row, to_json, to_us, user_row,
-    webhook_row,
+    map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, seal_pending, session_row, to_json, to_us,
+    user_row, webhook_row,
 };
 
 const MIGRATIONS: [(i64, &str, &str); 3] = [
@@ -406,15 +406,6 @@ enum AuditOrder {
 }
 
 impl SqliteTx {
-    /// Seals an event after the head (seq, hash), queues it for [`SqliteTx::write_pending_audit`], and
-    /// remembers it as the new head.
-    fn seal_audit(&mut self, org: &OrgId, seq: i64, hash: &str, event: NewAuditEvent) -> AuditEvent {
-        let sealed = AuditEvent::seal(org.clone(), seq, hash, event);
-        self.head = Some((org.clone(), sealed.seq, sealed.hash.clone()));
-        self.pending_audit.push(sealed.clone());
-        sealed
-    }
-
     /// Writes the audit events sealed since the last statement, in as few statements as the bound-value
     /// limit allows. Called before every statement and before the commit.
     async fn write_pending_audit(&mut self) -> Result<(), StoreError> {
@@ -1150,7 +1141,7 @@ impl StoreTx for SqliteTx {
         if let Some((head_org, seq, hash)) = self.head.take()
             && head_org == *org
         {
-            return Ok(self.seal_audit(org, seq, &hash, event));
+            return Ok(seal_pending(&mut self.head, &mut self.pending_audit, org, seq, &hash, event));
         }
         let head = self
             .fetch_optional(
@@ -1179,7 +1170,7 @@ impl StoreTx for SqliteTx {
                 }
             }
         };
-        Ok(self.seal_audit(org, seq, &hash, event))
+        Ok(seal_pending(&mut self.head, &mut self.pending_audit, org, seq, &hash, event))
     }
 
     async fn list_audit(
