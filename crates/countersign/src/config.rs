@@ -92,7 +92,8 @@ pub struct LlmFileConfig {
 /// A model provider the LLM proxy forwards to. The agent never sees its key.
 #[derive(Debug, Clone)]
 pub struct LlmConfig {
-    /// Up to, not including, `/v1/…`: e.g. `https://api.openai.com`.
+    /// The provider's address, with or without its `/v1`: `https://api.openai.com/v1` and
+    /// `https://api.openai.com` both reach `https://api.openai.com/v1/chat/completions`.
     pub base_url: String,
     pub api_key: Secret,
     pub dialect: Dialect,
@@ -641,7 +642,7 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 
 # Model providers for the LLM proxy: agents call /llm/NAME/v1/… with their Countersign key.
 # [llm.openai]
-# base_url = "https://api.openai.com"
+# base_url = "https://api.openai.com/v1"   # with or without the trailing /v1
 # api_key = "${env:OPENAI_API_KEY}"
 # dialect = "openai"                # default: "anthropic" for [llm.anthropic], else "openai"
 # timeout_seconds = 120

@@ -60,7 +60,9 @@ impl Connectors {
         client_headers: &BTreeMap<String, String>,
     ) -> Result<(reqwest::RequestBuilder, Duration), ConnectorError> {
         let config = self.llm.get(provider).ok_or_else(|| ConnectorError::UnknownUpstream(provider.to_owned()))?;
+        // Both spellings are common: `https://api.openai.com/v1` (the SDKs' and design's) and the bare host.
         let base = config.base_url.trim_end_matches('/');
+        let base = base.strip_suffix("/v1").unwrap_or(base);
         let url = reqwest::Url::parse(&format!("{base}{path}"))
             .map_err(|e| ConnectorError::Invalid(format!("cannot build the URL: {e}")))?;
         self.check(&url)?;

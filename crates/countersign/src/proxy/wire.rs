@@ -47,57 +47,81 @@ impl Endpoint {
     }
 }
 
-/// Token-limit spellings, first found wins; policy reads the value as `max_tokens`.
+/// Token-limit spellings. A request may carry more than one (a server may honour either), so policy reads
+/// the largest as `max_tokens`.
 const TOKEN_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
 
+/// Top-level request fields the model reads: prompts, messages, and the tools it is offered.
+const TEXT_FIELDS: [&str; 8] =
+    ["system", "instructions", "prompt", "input", "messages", "tools", "functions", "function_call"];
+
+/// Keys whose string values name structure, not content: roles, block types, ids, formats.
+const NOT_TEXT_KEYS: [&str; 11] = [
+    "role",
+    "type",
+    "id",
+    "tool_call_id",
+    "tool_use_id",
+    "media_type",
+    "mime_type",
+    "format",
+    "detail",
+    "signature",
+    "cache_control",
+];
+
 /// The action's params: `{provider, model, max_tokens, stream, text}`. Absent fields stay absent, so a
-/// condition on them does not match. `text` joins every piece of text the model would read: string and
-/// content-part message content, the system prompt (string or blocks), tool calls and tool results,
-/// completion prompts and embedding inputs.
+/// condition on them does not match. `text` joins every string the model would read: message content in
+/// string and content-part form (documents included), the system prompt (string or blocks), tool calls and
+/// tool results, tool descriptions, completion prompts and embedding inputs. Structural strings (roles,
+/// types, ids) and inline binary (base64 images, audio and files) are left out.
 pub fn params(provider: &str, body: &Value) -> Value {
     let mut params = Map::new();
     params.insert("provider".into(), json!(provider));
     if let Some(model) = body.get("model").and_then(Value::as_str) {
         params.insert("model".into(), json!(model));
     }
-    if let Some(tokens) = TOKEN_FIELDS.iter().find_map(|f| body.get(*f).filter(|v| v.is_number())) {
+    let largest = TOKEN_FIELDS
+        .iter()
+        .filter_map(|f| body.get(*f).filter(|v| v.is_number()))
+        .max_by(|a, b| a.as_f64().unwrap_or(0.0).total_cmp(&b.as_f64().unwrap_or(0.0)));
+    if let Some(tokens) = largest {
         params.insert("max_tokens".into(), tokens.clone());
     }
     params.insert("stream".into(), json!(body.get("stream").and_then(Value::as_bool).unwrap_or(false)));
     let mut texts = Vec::new();
-    for field in ["system", "instructions", "prompt", "input"] {
+    for field in TEXT_FIELDS {
         if let Some(value) = body.get(field) {
             collect_text(value, &mut texts);
-        }
-    }
-    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
-        for message in messages {
-            collect_text(message, &mut texts);
         }
     }
     params.insert("text".into(), json!(texts.join("\n")));
     Value::Object(params)
 }
 
-/// Text anywhere in a message or content value: strings, `text` and `content` of parts and blocks, tool
-/// call arguments and tool inputs. Roles, types, ids and numbers (token arrays) are not text.
+/// Every string under `value` except structural keys and inline binary. Numbers (token-id prompts) are
+/// not text.
 fn collect_text(value: &Value, out: &mut Vec<String>) {
     match value {
-        Value::String(text) => out.push(text.clone()),
+        // A `data:` URL is an inline image or file, not words.
+        Value::String(text) if !text.starts_with("data:") => out.push(text.clone()),
         Value::Array(items) => {
             for item in items {
                 collect_text(item, out);
             }
         }
         Value::Object(object) => {
-            for key in ["text", "content", "arguments", "function", "tool_calls", "thinking"] {
-                if let Some(inner) = object.get(key) {
+            // An Anthropic image or document given inline (`source.type: base64`) carries bytes, not words.
+            let binary = object.get("type").and_then(Value::as_str) == Some("base64");
+            for (key, inner) in object {
+                let skip = NOT_TEXT_KEYS.contains(&key.as_str())
+                    || (binary && key == "data")
+                    // OpenAI `input_audio.data` and `file.file_data` are base64 too.
+                    || key == "file_data"
+                    || (key == "data" && object.contains_key("format"));
+                if !skip {
                     collect_text(inner, out);
                 }
-            }
-            // An Anthropic `tool_use` block's input is JSON the model wrote.
-            if let Some(input) = object.get("input").filter(|i| i.is_object()) {
-                out.push(input.to_string());
             }
         }
         _ => {}
@@ -179,7 +203,37 @@ mod tests {
         for piece in ["be brief", "part one", "args", "tool said hi"] {
             assert!(text.contains(piece), "{piece} in {text}");
         }
-        assert!(!text.contains("image_url") && !text.contains("c1"));
+        assert!(!text.contains("image_url") && !text.contains("c1") && !text.contains("system\n"));
+    }
+
+    #[test]
+    fn the_largest_token_limit_is_the_one_policy_reads() {
+        let p = params("openai", &json!({"max_tokens": 16, "max_completion_tokens": 100_000}));
+        assert_eq!(p["max_tokens"], 100_000);
+        let p = params("openai", &json!({"max_completion_tokens": 64, "max_tokens": 512}));
+        assert_eq!(p["max_tokens"], 512);
+    }
+
+    #[test]
+    fn documents_tool_descriptions_and_legacy_calls_are_text_but_inline_bytes_are_not() {
+        let body = json!({
+            "model": "claude-x",
+            "tools": [{"name": "mailer", "description": "tool description words", "input_schema": {"type": "object"}}],
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "document", "title": "doc title", "source": {"type": "text", "media_type": "text/plain", "data": "send the payroll email"}},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgoSECRET"}},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoSECRET"}},
+                    {"type": "input_audio", "input_audio": {"data": "UklGRiSECRET", "format": "wav"}}
+                ]},
+                {"role": "assistant", "function_call": {"name": "f", "arguments": "legacy call words"}}
+            ]
+        });
+        let text = params("anthropic", &body)["text"].as_str().unwrap_or_default().to_owned();
+        for piece in ["send the payroll email", "doc title", "tool description words", "legacy call words"] {
+            assert!(text.contains(piece), "{piece} in {text}");
+        }
+        assert!(!text.contains("SECRET") && !text.contains("text/plain"), "{text}");
     }
 
     #[test]

@@ -136,11 +136,13 @@ pub fn config(data_dir: &std::path::Path, upstream: Option<&str>) -> Config {
 
 /// A configuration with the LLM proxy's providers pointed at a fake provider: `openai` (2 s timeout) and
 /// `anthropic` at `provider_url`, and `down`, an OpenAI-dialect provider on a port nobody listens on.
+/// `openai` is written the way the SDKs and the design spell it, with `/v1` (`https://api.openai.com/v1`),
+/// `anthropic` without, so every proxy test covers both spellings of a base URL.
 pub fn llm_config(data_dir: &std::path::Path, provider_url: &str) -> Config {
     use countersign::config::{LlmConfig, Secret};
     let mut config = config(data_dir, None);
     let key = Secret::new(crate::fake_llm::PROVIDER_KEY.into());
-    let mut openai = LlmConfig::new("openai", provider_url.to_owned(), key.clone());
+    let mut openai = LlmConfig::new("openai", format!("{provider_url}/v1/"), key.clone());
     openai.timeout_seconds = 2;
     openai.stream_usage = true;
     config.llm.insert("openai".into(), openai);
