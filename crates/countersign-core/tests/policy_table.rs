@@ -788,6 +788,8 @@ const ERROR_CASES: &[ErrorCase] = &[
     error("quorum negative", "version: 1\ndefaults:\n  approval: { quorum: -2 }\n", 3, 23, "quorum must be at least 1"),
     error("bad timeout unit", "version: 1\ndefaults:\n  approval:\n    timeout: 10w\n", 4, 14, "unknown unit `w`"),
     error("zero timeout", "version: 1\ndefaults:\n  approval:\n    timeout: 0s\n", 4, 14, "longer than zero"),
+    error("timeout over a year", "version: 1\ndefaults:\n  approval:\n    timeout: 1000d\n", 4, 14, "at most 365 days"),
+    error("timeout seconds over a year", "version: 1\ndefaults:\n  approval:\n    timeout: 86400000\n", 4, 14, "at most 365 days"),
     error("unknown approval key", "version: 1\ndefaults:\n  approval:\n    groups: x\n", 4, 5, "unknown field `groups`"),
     error("bad domain name", "version: 1\ndomains:\n  Finance: {}\n", 3, 3, "domain `Finance` is not a capability domain"),
     error("unknown domain key", "version: 1\ndomains:\n  finance: { routing: {} }\n", 3, 14, "unknown field `routing`"),

@@ -214,6 +214,9 @@ fn body_limit(key: &str, bytes: usize) -> Result<usize, ConfigError> {
 }
 
 /// `seconds` when it lies between `min` and a day; else an error naming `key`.
+/// More jobs at once than this would only queue on the database's connections.
+const MAX_JOB_CONCURRENCY: usize = 1024;
+
 fn seconds_in_range(key: &str, seconds: u64, min: u64) -> Result<u64, ConfigError> {
     if (min..=MAX_CONFIGURED_SECONDS).contains(&seconds) {
         Ok(seconds)
@@ -557,13 +560,15 @@ impl ServeArgs {
         }
         if let Some(jobs) = file.jobs {
             if let Some(seconds) = jobs.lease_seconds {
-                if seconds == 0 {
-                    return Err(ConfigError::Invalid("jobs.lease_seconds must be at least 1".into()));
-                }
-                config.jobs.lease = std::time::Duration::from_secs(seconds);
+                config.jobs.lease = std::time::Duration::from_secs(seconds_in_range("jobs.lease_seconds", seconds, 1)?);
             }
             if let Some(concurrency) = jobs.concurrency {
-                config.jobs.concurrency = concurrency.max(1);
+                if !(1..=MAX_JOB_CONCURRENCY).contains(&concurrency) {
+                    return Err(ConfigError::Invalid(format!(
+                        "jobs.concurrency must be between 1 and {MAX_JOB_CONCURRENCY}"
+                    )));
+                }
+                config.jobs.concurrency = concurrency;
             }
             if let Some(ms) = jobs.webhook_retry_base_ms {
                 config.jobs.webhook_retry_base = std::time::Duration::from_millis(ms.max(1));
@@ -779,7 +784,14 @@ mod tests {
         assert_eq!(config.jobs.llm_hold_grace, std::time::Duration::from_secs(5));
         assert_eq!(config.jobs.llm_recovery_margin, std::time::Duration::from_secs(7));
         assert_eq!(config.jobs.lease, std::time::Duration::from_secs(9));
-        for text in ["[jobs]\nllm_recovery_margin_seconds = 0\n", "[jobs]\nllm_hold_grace_seconds = 99999999999\n"] {
+        for text in [
+            "[jobs]\nllm_recovery_margin_seconds = 0\n",
+            "[jobs]\nllm_hold_grace_seconds = 99999999999\n",
+            "[jobs]\nlease_seconds = 0\n",
+            "[jobs]\nlease_seconds = 9000000000000\n",
+            "[jobs]\nconcurrency = 0\n",
+            "[jobs]\nconcurrency = 4611686018427387904\n",
+        ] {
             std::fs::write(&path, text).unwrap();
             let error = ServeArgs { config: Some(path.clone()), ..ServeArgs::default() }.resolve().unwrap_err();
             assert!(error.to_string().contains("must be between"), "{text}: {error}");

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub use compile::{DEFAULT_APPROVAL_GROUP, DEFAULT_APPROVAL_TIMEOUT_SECONDS, DEFAULT_PRIORITY, DEFAULT_QUORUM};
 pub use duration::parse_duration;
+pub use spec::MAX_APPROVAL_TIMEOUT_SECONDS;
 
 use crate::capability::Capability;
 use crate::risk::{RiskAssessment, assess};

@@ -313,6 +313,22 @@ pub(crate) struct TimeoutSpec {
     pub seconds: u64,
 }
 
+/// The longest approval timeout a policy may set: a year. Longer is almost always a unit slip (`86400000`
+/// meant as milliseconds), and a pending approval is meant to end.
+pub const MAX_APPROVAL_TIMEOUT_SECONDS: u64 = 365 * 24 * 3600;
+
+fn check_timeout(seconds: u64) -> Result<(), String> {
+    if seconds == 0 {
+        return Err("an approval timeout must be longer than zero".into());
+    }
+    if seconds > MAX_APPROVAL_TIMEOUT_SECONDS {
+        return Err(format!(
+            "an approval timeout may be at most 365 days (`365d`, {MAX_APPROVAL_TIMEOUT_SECONDS} seconds); this one is {seconds} seconds"
+        ));
+    }
+    Ok(())
+}
+
 impl<'de> Deserialize<'de> for TimeoutSpec {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct TimeoutVisitor;
@@ -322,9 +338,7 @@ impl<'de> Deserialize<'de> for TimeoutSpec {
                 formatter.write_str("a duration such as `30s`, `15m`, `1h`, `2d`, or whole seconds")
             }
             fn visit_u64<E: de::Error>(self, seconds: u64) -> Result<TimeoutSpec, E> {
-                if seconds == 0 {
-                    return Err(E::custom("an approval timeout must be longer than zero"));
-                }
+                check_timeout(seconds).map_err(E::custom)?;
                 Ok(TimeoutSpec { written: Json::from(seconds), seconds })
             }
             fn visit_i64<E: de::Error>(self, seconds: i64) -> Result<TimeoutSpec, E> {
@@ -335,9 +349,7 @@ impl<'de> Deserialize<'de> for TimeoutSpec {
             }
             fn visit_str<E: de::Error>(self, text: &str) -> Result<TimeoutSpec, E> {
                 let seconds = parse_duration(text).map_err(E::custom)?.as_secs();
-                if seconds == 0 {
-                    return Err(E::custom("an approval timeout must be longer than zero"));
-                }
+                check_timeout(seconds).map_err(E::custom)?;
                 Ok(TimeoutSpec { written: Json::from(text), seconds })
             }
         }

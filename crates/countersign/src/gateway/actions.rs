@@ -243,8 +243,14 @@ impl Gateway {
         }
         if let (ActionState::PendingApproval, Some(route)) = (next_state, approval_route) {
             let secret = secrets::generate(SecretKind::ApprovalToken);
-            let timeout =
-                chrono::Duration::seconds(i64::try_from(route.timeout_seconds).unwrap_or(i64::MAX / 1_000_000));
+            // The policy caps timeouts at a year; the checks keep a bad route a clear error, never a panic.
+            let expires_at = i64::try_from(route.timeout_seconds)
+                .ok()
+                .and_then(chrono::Duration::try_seconds)
+                .and_then(|timeout| now.checked_add_signed(timeout))
+                .ok_or_else(|| {
+                    Error::Internal(format!("approval timeout of {} s is out of range", route.timeout_seconds))
+                })?;
             let new_approval = Approval {
                 id: ApprovalId::new(),
                 org_id: org.clone(),
@@ -252,7 +258,7 @@ impl Gateway {
                 group: route.group.clone(),
                 quorum: route.quorum.max(1),
                 status: ApprovalStatus::Pending,
-                expires_at: now + timeout,
+                expires_at,
                 token_hash: secret.hash,
                 policy_version: verdict.policy_version.clone(),
                 request_hash: request_hash.clone(),

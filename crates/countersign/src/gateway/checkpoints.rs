@@ -19,6 +19,9 @@ use tokio::io::AsyncWriteExt;
 
 use super::jobs::JobOutcome;
 use super::{Caller, Gateway};
+
+/// The longest audit retention window: a century. Longer is a slip, and the date arithmetic has limits.
+pub const MAX_RETENTION_DAYS: u32 = 36_500;
 use crate::error::{Error, Result};
 
 const EXPORT_PAGE: u32 = 2000;
@@ -152,8 +155,11 @@ impl Gateway {
     /// Sets the org's retention window in days (admin); none keeps everything. Queues a run at once.
     pub async fn set_audit_retention(&self, caller: &Caller, days: Option<u32>) -> Result<Option<Job>> {
         caller.require_admin()?;
-        if days == Some(0) {
-            return Err(Error::invalid("days", "`days` must be at least 1, or null to keep everything"));
+        if days.is_some_and(|d| !(1..=MAX_RETENTION_DAYS).contains(&d)) {
+            return Err(Error::invalid(
+                "days",
+                format!("`days` must be between 1 and {MAX_RETENTION_DAYS} (100 years), or null to keep everything"),
+            ));
         }
         let org = caller.org_id().clone();
         let now = self.now();
@@ -211,7 +217,9 @@ impl Gateway {
         let mut work = self.write().await?;
         let retention = work.tx.retention(org).await?;
         let Some(days) = retention.days else { return Ok(json!({"deleted": 0, "reason": "no retention window"})) };
-        let cutoff = now - chrono::Duration::days(i64::from(days));
+        let cutoff = now
+            .checked_sub_signed(chrono::Duration::days(i64::from(days.min(MAX_RETENTION_DAYS))))
+            .ok_or_else(|| Error::Internal(format!("a retention window of {days} days is out of range")))?;
         let upto = work.tx.last_audit_seq_before(org, cutoff).await?.unwrap_or(0);
         if upto <= retention.deleted_upto {
             return Ok(json!({"deleted": 0, "upto_seq": retention.deleted_upto}));

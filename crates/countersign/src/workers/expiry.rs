@@ -15,8 +15,12 @@ use tokio_util::time::DelayQueue;
 
 use crate::gateway::{ExpiryRequest, Gateway};
 
+/// The longest a timer is set for. A later deadline fires early, finds the approval not yet due and is set
+/// again; this keeps every delay inside what the timer wheel accepts (about two years).
+const LONGEST_TIMER: Duration = Duration::from_secs(24 * 3600);
+
 fn delay_until(gateway: &Gateway, request: &ExpiryRequest) -> Duration {
-    (request.expires_at - gateway.now()).to_std().unwrap_or(Duration::ZERO)
+    (request.expires_at - gateway.now()).to_std().unwrap_or(Duration::ZERO).min(LONGEST_TIMER)
 }
 
 pub async fn run(gateway: Gateway, mut requests: mpsc::UnboundedReceiver<ExpiryRequest>, shutdown: CancellationToken) {

@@ -110,5 +110,12 @@ async fn exports_verify_offline_and_retention_keeps_the_chain_verifiable() {
 
     let bad = admin.send(reqwest::Method::PUT, "/v1/audit/retention", Some(&json!({"days": 0}))).await.unwrap();
     assert_eq!(bad.status, 422);
+    // A window whose cutoff would fall before the calendar's start is refused, naming the range.
+    let huge = admin.send(reqwest::Method::PUT, "/v1/audit/retention", Some(&json!({"days": 4_000_000_000u32}))).await;
+    let huge = huge.unwrap();
+    assert_eq!(huge.status, 422, "{}", huge.body);
+    assert!(huge.body.to_string().contains("between 1 and 36500"), "{}", huge.body);
+    let kept = admin.send(reqwest::Method::GET, "/v1/audit/retention", None).await.unwrap();
+    assert_eq!(kept.body["days"], 1);
     server.stop().await;
 }
