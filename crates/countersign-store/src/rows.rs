@@ -97,8 +97,51 @@ where
     Ok(query)
 }
 
+/// The deepest stored JSON read back past serde_json's nesting limit (128). A request body the gateway
+/// accepted at that limit is stored inside a wrapper or two (`{"connector": "llm", …, "body": …}`), so it
+/// must read back a few levels deeper; nothing the gateway writes comes near this bound, which keeps the
+/// unlimited parse's recursion small.
+const MAX_STORED_DEPTH: usize = 192;
+
 pub fn from_json<T: DeserializeOwned>(column: &str, text: &str) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Internal(format!("stored {column} is not valid: {e}")))
+    let invalid = |e: serde_json::Error| StoreError::Internal(format!("stored {column} is not valid: {e}"));
+    match serde_json::from_str(text) {
+        Ok(value) => Ok(value),
+        Err(e) if nesting_depth(text) <= MAX_STORED_DEPTH => {
+            let mut deserializer = serde_json::Deserializer::from_str(text);
+            deserializer.disable_recursion_limit();
+            let value = T::deserialize(&mut deserializer).map_err(|_| invalid(e))?;
+            deserializer.end().map_err(invalid)?;
+            Ok(value)
+        }
+        Err(e) => Err(invalid(e)),
+    }
+}
+
+/// How deeply arrays and objects nest in a JSON text, counted without recursion.
+fn nesting_depth(text: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for byte in text.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match byte {
+                b'"' => in_string = true,
+                b'{' | b'[' => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    deepest
 }
 
 pub fn corrupt(column: &str, value: &str) -> StoreError {
@@ -428,4 +471,31 @@ pub fn policy_row(row: &impl Cols) -> Result<StoredPolicy, StoreError> {
 
 pub fn limit(page: &Page) -> i64 {
     i64::from(page.limit.clamp(1, 1000))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn a_body_at_serde_jsons_limit_reads_back_inside_its_wrapper() {
+        let body: serde_json::Value = serde_json::from_str(&nested(127)).unwrap();
+        let stored = serde_json::json!({"connector": "llm", "body": body}).to_string();
+        assert!(serde_json::from_str::<serde_json::Value>(&stored).is_err(), "one level past the default limit");
+        let read: serde_json::Value = from_json("target", &stored).unwrap();
+        assert_eq!(read["body"], body);
+        assert_eq!(nesting_depth(r#"{"a": "[[[{{", "b": ["\"]"]}"#), 2);
+    }
+
+    #[test]
+    fn json_deeper_than_anything_written_is_refused_without_recursing() {
+        let error = from_json::<serde_json::Value>("target", &nested(100_000)).unwrap_err();
+        assert!(error.to_string().contains("stored target is not valid"), "{error}");
+        assert!(from_json::<serde_json::Value>("target", "[1").is_err());
+    }
 }

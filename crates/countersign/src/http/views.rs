@@ -22,7 +22,8 @@ pub fn opt_time(t: Option<DateTime<Utc>>) -> Value {
 fn raw(reasoning: &str) -> Value {
     // The stored text is the JSON the agent sent; embedding it through RawValue keeps it verbatim.
     match RawValue::from_string(reasoning.to_owned()) {
-        Ok(raw) => serde_json::to_value(raw).unwrap_or(Value::Null),
+        // Deeper than serde_json rebuilds (the raw text was checked without a depth limit): shown as text.
+        Ok(raw) => serde_json::to_value(raw).unwrap_or_else(|_| Value::String(reasoning.to_owned())),
         Err(_) => Value::String(reasoning.to_owned()),
     }
 }

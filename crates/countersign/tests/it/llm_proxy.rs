@@ -73,6 +73,38 @@ fn approve_when_pending(admin: Client) -> tokio::task::JoinHandle<String> {
 }
 
 #[tokio::test]
+async fn a_body_nested_to_the_parsers_limit_is_recorded_and_reads_back() {
+    let s = setup().await;
+    // 127 levels in all: as deep as serde_json accepts, one level more once stored inside the target.
+    let deep = format!(
+        r#"{{"model": "gpt-fake", "messages": [{{"role": "user", "content": "deep"}}], "x": {}1{}}}"#,
+        "[".repeat(126),
+        "]".repeat(126)
+    );
+    let key = s.agent.key().unwrap().to_owned();
+    let response = s
+        .http
+        .post(s.url("/llm/openai/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(deep)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The answers nest one level past the test client's own parser, which then keeps them as text.
+    let text = |body: &Value| body.as_str().map_or_else(|| body.to_string(), str::to_owned);
+    let id = response.headers()["countersign-action-id"].to_str().unwrap().to_owned();
+    let action = s.agent.get_action(&id).await.unwrap();
+    assert_eq!(action.status, 200);
+    let action = text(&action.body);
+    assert!(action.contains(r#""state":"succeeded""#) && action.contains(r#""content":"deep""#), "{action}");
+    let listed = s.server.admin.get("/v1/actions").await.unwrap();
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+    assert!(text(&listed.body).contains(&id));
+}
+
+#[tokio::test]
 async fn allowed_calls_are_forwarded_with_the_provider_key_and_audited() {
     let s = setup().await;
     let response = s
