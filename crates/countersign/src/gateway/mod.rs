@@ -206,10 +206,17 @@ impl Gateway {
         &self.inner.public_url
     }
 
-    /// Applies what another replica committed: wakes local waiters, the job runner and expiry timers.
-    pub fn apply_remote_changes(&self, message: &str) {
-        let follow_up =
-            self.inner.notifier.apply_remote(message, &self.inner.jobs.owner, || self.inner.auth_cache.forget_all());
+    /// Applies what another replica committed: reloads the policies it set, then wakes local waiters, the
+    /// job runner and expiry timers — so whoever sees the change announced here already meets its policy.
+    pub async fn apply_remote_changes(&self, message: &str) {
+        let Some(changes) = notify::Changes::from_remote(message, &self.inner.jobs.owner) else { return };
+        if changes.everything {
+            self.reload_policies().await;
+        }
+        for org in &changes.policies {
+            self.reload_org_policy(org).await;
+        }
+        let follow_up = self.inner.notifier.apply_remote(changes, || self.inner.auth_cache.forget_all());
         if follow_up.jobs_added {
             self.inner.jobs_added.notify_one();
         }
@@ -256,6 +263,7 @@ impl Gateway {
             jobs_added: false,
             expiries: Vec::new(),
             principals: false,
+            policies: Vec::new(),
         })
     }
 
@@ -276,6 +284,8 @@ struct Work {
     expiries: Vec<(OrgId, countersign_core::ids::ApprovalId, DateTime<Utc>)>,
     /// A credential was revoked or a principal disabled: cached credentials are forgotten on commit.
     principals: bool,
+    /// Orgs whose policy this transaction set: the other replicas reload theirs.
+    policies: Vec<OrgId>,
 }
 
 impl Work {
@@ -299,6 +309,11 @@ impl Work {
         let sealed = self.tx.append_audit(org, event).await?;
         self.events.push(sealed);
         Ok(())
+    }
+
+    /// Marks this change as setting the org's policy, for the other replicas to reload.
+    fn policy_changed(&mut self, org: &OrgId) {
+        self.policies.push(org.clone());
     }
 
     /// Marks this change as revoking a credential or disabling a principal.
@@ -359,6 +374,7 @@ impl Work {
             expiries: std::mem::take(&mut self.expiries),
             everything: false,
             principals: self.principals,
+            policies: std::mem::take(&mut self.policies),
         };
         // The commit and what follows it run on a task of their own: a caller that goes away while the commit
         // waits for its sync cannot skip the wake-ups, the expiry timers or forgetting revoked credentials.

@@ -75,6 +75,9 @@ pub struct Changes {
     /// A key or session was revoked, or an agent or user disabled: forget every cached credential.
     #[serde(rename = "p", default, skip_serializing_if = "std::ops::Not::not")]
     pub principals: bool,
+    /// Orgs whose policy was set (`PUT /v1/policy`) or that were created: every replica reloads theirs.
+    #[serde(rename = "pol", default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<OrgId>,
 }
 
 /// PostgreSQL refuses `NOTIFY` payloads of 8000 bytes or more.
@@ -89,6 +92,16 @@ impl Changes {
             && self.expiries.is_empty()
             && !self.everything
             && !self.principals
+            && self.policies.is_empty()
+    }
+
+    /// A message from another replica, or `None` for one this replica sent itself or cannot read.
+    pub fn from_remote(message: &str, own_replica: &str) -> Option<Changes> {
+        let Ok(changes) = serde_json::from_str::<Changes>(message) else {
+            tracing::warn!("ignoring an unreadable replica notification");
+            return None;
+        };
+        (changes.replica != own_replica).then_some(changes)
     }
 
     /// The message other replicas receive; a change too large to list becomes "re-read everything".
@@ -146,18 +159,11 @@ impl Notifier {
         }
     }
 
-    /// Feeds a message from another replica into the local channels. A message this replica sent itself,
-    /// or one it cannot read, changes nothing. `forget_credentials` runs first when the message says a
-    /// credential or principal was revoked (or cannot say what changed), so no waiter woken by that
-    /// message's audit event can still be served by a cached credential.
-    pub fn apply_remote(&self, message: &str, own_replica: &str, forget_credentials: impl FnOnce()) -> RemoteFollowUp {
-        let Ok(changes) = serde_json::from_str::<Changes>(message) else {
-            tracing::warn!("ignoring an unreadable replica notification");
-            return RemoteFollowUp::default();
-        };
-        if changes.replica == own_replica {
-            return RemoteFollowUp::default();
-        }
+    /// Feeds another replica's change ([`Changes::from_remote`]) into the local channels.
+    /// `forget_credentials` runs first when the message says a credential or principal was revoked (or
+    /// cannot say what changed), so no waiter woken by that message's audit event can still be served by a
+    /// cached credential.
+    pub fn apply_remote(&self, changes: Changes, forget_credentials: impl FnOnce()) -> RemoteFollowUp {
         if changes.principals || changes.everything {
             forget_credentials();
         }
@@ -226,17 +232,16 @@ mod tests {
         let changes =
             Changes { replica: "me".into(), actions: vec![(OrgId::new(), ActionId::new())], ..Changes::default() };
         let forgot = std::cell::Cell::new(0);
-        assert!(!notifier.apply_remote(&changes.to_wire(), "me", || forgot.set(forgot.get() + 1)).jobs_added);
-        assert!(actions.try_recv().is_err());
-        notifier.apply_remote("not json", "me", || forgot.set(forgot.get() + 1));
-        assert!(actions.try_recv().is_err());
-        notifier.apply_remote(&changes.to_wire(), "other", || forgot.set(forgot.get() + 1));
+        assert_eq!(Changes::from_remote(&changes.to_wire(), "me"), None);
+        assert_eq!(Changes::from_remote("not json", "me"), None);
+        let theirs = Changes::from_remote(&changes.to_wire(), "other").unwrap_or_default();
+        assert!(!notifier.apply_remote(theirs, || forgot.set(forgot.get() + 1)).jobs_added);
         assert!(actions.try_recv().is_ok());
         assert_eq!(forgot.get(), 0, "no credential changed");
         let revoked = Changes { replica: "other".into(), principals: true, ..Changes::default() };
-        notifier.apply_remote(&revoked.to_wire(), "me", || forgot.set(forgot.get() + 1));
+        notifier.apply_remote(revoked, || forgot.set(forgot.get() + 1));
         let summary = Changes { replica: "other".into(), everything: true, ..Changes::default() };
-        notifier.apply_remote(&summary.to_wire(), "me", || forgot.set(forgot.get() + 1));
+        notifier.apply_remote(summary, || forgot.set(forgot.get() + 1));
         assert_eq!(forgot.get(), 2, "a revocation, or a message too large to list, forgets cached credentials");
     }
 }

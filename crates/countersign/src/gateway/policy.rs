@@ -91,6 +91,16 @@ impl PolicyRegistry {
         map.get(org).cloned()
     }
 
+    /// Drops the org's policy, so its submissions are denied until it is loaded again (fail closed).
+    /// Answers whether it had one.
+    fn forget(&self, org: &OrgId) -> bool {
+        let mut map = match self.by_org.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.remove(org).is_some()
+    }
+
     fn set(&self, org: &OrgId, active: ActivePolicy) {
         let mut map = match self.by_org.write() {
             Ok(guard) => guard,
@@ -157,6 +167,56 @@ impl Gateway {
         work.commit(self).await
     }
 
+    /// Reloads an org's policy from the store after another replica set it (or created the org). If the
+    /// store cannot be read, the org is left without a policy, so its submissions are denied, and the load
+    /// is tried again every second until it succeeds or the server stops: a replica never keeps ruling by
+    /// a policy it knows was replaced.
+    pub(crate) async fn reload_org_policy(&self, org: &OrgId) {
+        if let Err(error) = self.try_reload_org_policy(org).await {
+            tracing::error!(org = %org, %error, "cannot reload the org's policy set on another replica; denying its actions until it loads");
+            if !self.policies().forget(org) {
+                // Already forgotten: the retry below is running for it.
+                return;
+            }
+            let (gateway, org) = (self.clone(), org.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = gateway.shutdown().cancelled() => return,
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                    match gateway.try_reload_org_policy(&org).await {
+                        Ok(()) => return,
+                        Err(error) => tracing::warn!(org = %org, %error, "still cannot reload the org's policy"),
+                    }
+                }
+            });
+        }
+    }
+
+    async fn try_reload_org_policy(&self, org: &OrgId) -> Result<()> {
+        let mut work = self.write().await?;
+        self.activate_org_policy(&mut work, org).await?;
+        work.commit(self).await
+    }
+
+    /// Reloads every org's policy after this replica may have missed what others set (a lost connection,
+    /// or a message too large to list). An org that cannot be reloaded is denied until it is.
+    pub(crate) async fn reload_policies(&self) {
+        let orgs = match self.read().await {
+            Ok(mut tx) => tx.list_orgs().await.map_err(Error::from),
+            Err(error) => Err(error),
+        };
+        match orgs {
+            Ok(orgs) => {
+                for org in orgs {
+                    self.reload_org_policy(&org.id).await;
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot list the orgs to reload their policies"),
+        }
+    }
+
     /// Re-reads the configured file (SIGHUP, file change). On a validation error the running policy stays
     /// and the error is returned for the log.
     pub async fn reload_policy_file(&self) -> std::result::Result<Option<String>, String> {
@@ -197,6 +257,7 @@ impl Gateway {
         )
         .await?;
         let active = ActivePolicy { policy: Arc::new(policy), origin: "api".into() };
+        work.policy_changed(&org);
         work.commit(self).await?;
         self.policies().set(&org, active.clone());
         Ok(active)

@@ -143,6 +143,7 @@ impl Gateway {
         .await?;
         let created = self.insert_key(work, &org.id, PrincipalRef::User(admin.id.clone()), None, key, &system).await?;
         self.activate_org_policy(work, &org.id).await?;
+        work.policy_changed(&org.id);
         Ok(CreatedOrg { org, admin, admin_key: created.plaintext })
     }
 

@@ -19,12 +19,13 @@ pub async fn run(gateway: Gateway, mut feed: ReplicaFeed, shutdown: Cancellation
             next = feed.recv() => next,
         };
         match next {
-            Some(Some(message)) => gateway.apply_remote_changes(&message),
+            Some(Some(message)) => gateway.apply_remote_changes(&message).await,
             Some(None) => {
                 tracing::info!(
                     "replica feed reconnected; forgetting cached credentials, waking every waiter to re-read"
                 );
                 gateway.forget_cached_credentials();
+                gateway.reload_policies().await;
                 gateway.notifier().wake_everyone();
                 gateway.wake_job_runner();
                 if let Err(error) = gateway.rearm_expiry_timers().await {

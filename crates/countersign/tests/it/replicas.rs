@@ -70,6 +70,54 @@ async fn a_key_revoked_on_one_replica_is_refused_by_every_replica() {
     }
 }
 
+/// A policy set through the API on one replica rules on every replica from the moment that replica
+/// announces it, and an org created on one replica has its policy on the others: the change message makes
+/// each replica reload the org's policy before it wakes anything, so once a replica's audit stream shows
+/// `policy.updated`, that replica decides by the new policy.
+#[tokio::test]
+async fn a_policy_set_on_one_replica_rules_on_every_replica() {
+    let Some((_dirs, servers)) = replicas(None).await else { return };
+    let admin = &servers[0].admin;
+    let agent_key = servers[0].agent("fleet").await.key().unwrap().to_owned();
+    for server in &servers {
+        let allowed = server.admin.with_key(agent_key.clone()).submit_action(&action("email.send.message")).await;
+        assert_eq!(allowed.unwrap().str("/state"), "approved", "the example policy allows it everywhere");
+    }
+    let events = admin.get("/v1/audit?limit=1000").await.unwrap();
+    let head = events.body["events"].as_array().unwrap().last().unwrap()["seq"].as_i64().unwrap();
+    let mut streams = Vec::new();
+    for server in &servers[1..] {
+        streams.push(Box::pin(audit_stream(&server.admin, "", head).await));
+    }
+
+    let policy =
+        b"version: 1\nrules:\n  - name: no-mail\n    effect: deny\n    conditions: { capability: 'email.*' }\n";
+    let set = admin.send_raw(reqwest::Method::PUT, "/v1/policy", "application/yaml", policy.to_vec()).await.unwrap();
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    let version = set.str("/version").to_owned();
+    for (stream, server) in streams.iter_mut().zip(&servers[1..]) {
+        read_until(stream, &mut String::new(), "policy.updated").await;
+        assert_eq!(server.admin.get("/v1/policy").await.unwrap().str("/version"), version, "{}", server.admin.base());
+        let denied = server.admin.with_key(agent_key.clone()).submit_action(&action("email.send.message")).await;
+        let denied = denied.unwrap();
+        assert_eq!(denied.status, 403, "{}: {:?}", server.admin.base(), denied.body);
+        assert!(denied.body.to_string().contains("no-mail"), "{:?}", denied.body);
+    }
+
+    // An org created on one replica is ruled by a policy on the others, not refused as having none.
+    let mut stream = Box::pin(audit_stream(&servers[2].admin, "", head).await);
+    let created = admin.post("/v1/orgs", &json!({"name": "tenant-b"})).await.unwrap();
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let tenant = servers[2].admin.with_key(created.str("/admin_key").to_owned());
+    let mut seen = String::new();
+    read_until(&mut stream, &mut seen, "org.created").await;
+    let policy = tenant.get("/v1/policy").await.unwrap();
+    assert_eq!(policy.status, 200, "{:?}", policy.body);
+    for server in servers {
+        server.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn three_replicas_wake_expire_execute_and_audit_exactly_once() {
     let upstream = Upstream::start().await;
