@@ -260,9 +260,16 @@ impl HttpTarget {
         if !METHODS.contains(&self.method.as_str()) {
             return Err(format!("target.method `{}` must be one of {}", self.method, METHODS.join(", ")));
         }
-        if !self.path.starts_with('/') || self.path.starts_with("//") || self.path.contains("..") {
+        // URL parsing reads `%2e` as `.` and `\` as `/`, so those spellings of `..` are refused too.
+        let lowered = self.path.to_ascii_lowercase();
+        if !self.path.starts_with('/')
+            || self.path.starts_with("//")
+            || self.path.contains("..")
+            || self.path.contains('\\')
+            || lowered.contains("%2e")
+        {
             return Err(format!(
-                "target.path `{}` must be an absolute path on the upstream (start with `/`, no `..`)",
+                "target.path `{}` must be an absolute path on the upstream (start with `/`; no `..`, `%2e` or `\\`)",
                 self.path
             ));
         }

@@ -134,6 +134,17 @@ impl Connectors {
         self.upstreams.contains_key(name)
     }
 
+    /// A header the agent's target sets that the upstream's configuration sets too (a credential or a
+    /// tenant): refused, so the configured value is the only one sent.
+    pub fn configured_header_in<'t>(&self, target: &'t HttpTarget) -> Option<&'t str> {
+        let upstream = self.upstreams.get(&target.upstream)?;
+        target
+            .headers
+            .keys()
+            .find(|name| upstream.headers.keys().any(|configured| configured.eq_ignore_ascii_case(name)))
+            .map(String::as_str)
+    }
+
     pub fn is_retry_safe(&self, name: &str) -> bool {
         self.upstreams.get(name).is_some_and(|u| u.retry_safe)
     }
@@ -147,6 +158,18 @@ impl Connectors {
         let base = upstream.base_url.trim_end_matches('/');
         let mut url = reqwest::Url::parse(&format!("{base}{}", target.path))
             .map_err(|e| ConnectorError::Invalid(format!("cannot build the URL: {e}")))?;
+        // The path stays under the upstream's base path, whatever spelling the parser normalised.
+        let base_path = reqwest::Url::parse(base)
+            .map(|b| b.path().trim_end_matches('/').to_owned())
+            .map_err(|e| ConnectorError::Invalid(format!("cannot read the upstream's base URL: {e}")))?;
+        let under_base =
+            url.path().strip_prefix(base_path.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+        if !under_base {
+            return Err(ConnectorError::Invalid(format!(
+                "target.path `{}` leaves the upstream's base path",
+                target.path
+            )));
+        }
         self.check(&url)?;
         if !target.query.is_empty() {
             url.query_pairs_mut().extend_pairs(target.query.iter());
@@ -161,9 +184,16 @@ impl Connectors {
         for (name, value) in &target.headers {
             request = request.header(name.as_str(), value.as_str());
         }
+        // Replacing, not adding: a configured header is sent once, with the configured value only.
+        let mut configured = reqwest::header::HeaderMap::new();
         for (name, value) in &upstream.headers {
-            request = request.header(name.as_str(), value.expose());
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| ConnectorError::Invalid(format!("configured header name `{name}`")))?;
+            let value = reqwest::header::HeaderValue::from_str(value.expose())
+                .map_err(|_| ConnectorError::Invalid(format!("configured header `{name}` has an invalid value")))?;
+            configured.insert(name, value);
         }
+        request = request.headers(configured);
         if let Some(body) = &target.body {
             let bytes = serde_json::to_vec(body).map_err(|e| ConnectorError::Invalid(e.to_string()))?;
             request = request.header("content-type", "application/json").body(bytes);

@@ -148,6 +148,15 @@ impl Gateway {
                     ),
                 ));
             }
+            if let Some(name) = self.inner.connectors.configured_header_in(http) {
+                return Err(Error::invalid(
+                    "target.headers",
+                    format!(
+                        "target.headers may not set `{name}`: the upstream `{}` sets it in the server configuration",
+                        http.upstream
+                    ),
+                ));
+            }
         }
         if let Some(Target::Llm(llm)) = &request.target {
             llm.validate().map_err(|m| Error::invalid("target", m))?;

@@ -111,10 +111,12 @@ impl Recorder {
     }
 
     /// Records the outcome and waits until it is durable. An error when it could not be: the stream must
-    /// then not end as if complete (the recovery job later ends the action "outcome unknown").
+    /// then not end as if complete (the recovery job later ends the action "outcome unknown"). The record
+    /// runs on a task of its own ([`super::finish`]): a client that hangs up while it waits makes hyper drop
+    /// this body, and the record must not be cut off with it.
     async fn record(mut self, error: Option<String>) -> Result<(), std::io::Error> {
         let outcome = self.outcome(error);
-        self.gateway.finish_inline(&self.action, outcome).await.map_err(|e| {
+        super::finish(&self.gateway, &self.action, outcome).await.map_err(|e| {
             tracing::error!(action = %self.action.id, error = %e, "cannot record a streamed model call");
             std::io::Error::other(format!("Countersign could not record this call's outcome: {e}"))
         })

@@ -95,6 +95,7 @@ async fn approval_replays_the_frozen_request_exactly_once_and_wakes_the_waiter()
     assert_eq!(requests[0].path, "/v1/charges");
     assert_eq!(requests[0].headers["idempotency-key"], action_id.as_str());
     assert_eq!(requests[0].headers["authorization"], "Bearer upstream-secret");
+    assert_eq!(requests[0].headers.get_all("x-tenant").iter().collect::<Vec<_>>(), ["acme"]);
     assert_eq!(&requests[0].body[..], br#"{"amount":1200,"currency":"eur"}"#);
 
     let again = server.admin.approve(&approval_id, None).await.unwrap();
@@ -377,6 +378,32 @@ async fn bad_input_gets_precise_problems() {
     // Nothing half-written: the audit chain still verifies and holds no action for those requests.
     let verify = server.admin.get("/v1/audit/verify").await.unwrap();
     assert_eq!(verify.body["ok"], json!(true));
+    assert_eq!(server.admin.get("/v1/actions").await.unwrap().body["items"], json!([]));
+    server.stop().await;
+}
+
+/// A frozen request stays on its upstream's base path and carries the configured credentials only: spellings
+/// of `..` that URL parsing would resolve are refused, and so is a header the upstream's configuration sets.
+#[tokio::test]
+async fn targets_stay_under_the_upstream_and_cannot_set_its_configured_headers() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Some(&upstream.url)).await;
+    let bot = server.agent("bot").await;
+    for path in ["/%2e%2e/admin", "/v1/.%2E/admin", "/v1\\..\\admin", "/../admin"] {
+        let mut body = http_action("payments.charge.card");
+        body["target"]["path"] = json!(path);
+        let refused = bot.submit_action(&body).await.unwrap();
+        assert_eq!(refused.status, 422, "{path}: {:?}", refused.body);
+        assert_eq!(refused.str("/field"), "target", "{path}");
+    }
+    let mut body = http_action("payments.charge.card");
+    body["target"]["headers"] = json!({"x-TENANT": "someone-else"});
+    let refused = bot.submit_action(&body).await.unwrap();
+    assert_eq!(refused.status, 422, "{:?}", refused.body);
+    assert_eq!(refused.str("/field"), "target.headers");
+    assert!(refused.str("/detail").contains("x-TENANT"), "{:?}", refused.body);
+    assert_eq!(upstream.count(), 0);
     assert_eq!(server.admin.get("/v1/actions").await.unwrap().body["items"], json!([]));
     server.stop().await;
 }

@@ -120,10 +120,10 @@ pub fn config(data_dir: &std::path::Path, upstream: Option<&str>) -> Config {
             "payments".into(),
             UpstreamConfig {
                 base_url: url.to_owned(),
-                headers: [(
-                    "Authorization".to_owned(),
-                    countersign::config::Secret::new("Bearer upstream-secret".into()),
-                )]
+                headers: [
+                    ("Authorization".to_owned(), countersign::config::Secret::new("Bearer upstream-secret".into())),
+                    ("X-Tenant".to_owned(), countersign::config::Secret::new("acme".into())),
+                ]
                 .into_iter()
                 .collect(),
                 retry_safe: false,
