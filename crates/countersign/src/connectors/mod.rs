@@ -231,9 +231,14 @@ impl Connectors {
     }
 }
 
-/// A failed send: the guard's refusal when the resolver refused the name, else what went wrong.
+/// A failed send: the guard's refusal when the resolver refused the name (permanent), else what went wrong.
+/// A name that did not resolve is a transport failure like any other, worth another try: resolvers fail
+/// for a moment.
 fn transport(error: &reqwest::Error) -> ConnectorError {
     match guard::GuardError::find_in(error) {
+        Some(failed @ (guard::GuardError::Lookup { .. } | guard::GuardError::NoAddresses { .. })) => {
+            ConnectorError::Transport(failed.to_string())
+        }
         Some(refusal) => ConnectorError::Refused(refusal.to_string()),
         None => ConnectorError::Transport(describe(error)),
     }

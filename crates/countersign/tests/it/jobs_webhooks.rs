@@ -245,9 +245,13 @@ async fn bad_webhook_targets_fail_clearly_and_never_stick() {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     let mut hooks = Vec::new();
-    for url in
-        ["http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data", "http://[::ffff:127.0.0.2]/", &redirect_url]
-    {
+    for url in [
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::ffff:127.0.0.2]/",
+        &redirect_url,
+        "http://no-such-host.invalid/hook",
+    ] {
         let created = admin.post("/v1/webhooks", &json!({"url": url, "events": ["approval.requested"]})).await.unwrap();
         assert_eq!(created.status, 201, "{:?}", created.body);
         hooks.push(created.str("/id").to_owned());
@@ -265,6 +269,22 @@ async fn bad_webhook_targets_fail_clearly_and_never_stick() {
         let deliveries = admin.get(&format!("/v1/webhooks/{hook}/deliveries")).await.unwrap();
         assert!(deliveries.body["items"][0]["error"].as_str().unwrap().contains("outbound guard"));
     }
+    // A name that does not resolve is not a refusal: resolvers fail for a moment, so it is tried again.
+    let unresolved = &hooks[4];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let tried = loop {
+        let deliveries = admin.get(&format!("/v1/webhooks/{unresolved}/deliveries")).await.unwrap();
+        let items = deliveries.body["items"].as_array().cloned().unwrap_or_default();
+        if items.len() >= 2 || std::time::Instant::now() > deadline {
+            break items;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(tried.len() >= 2, "an unresolved name is retried: {tried:?}");
+    assert!(tried[0]["error"].as_str().unwrap().contains("cannot resolve no-such-host.invalid"), "{tried:?}");
+    let job = job_of(admin, unresolved).await;
+    admin.post(&format!("/v1/jobs/{job}/cancel"), &json!({})).await.unwrap();
+
     // The redirect is retried (the receiver may fix itself) but never followed; an admin can cancel it.
     let redirect_hook = &hooks[3];
     let job = job_of(admin, redirect_hook).await;
