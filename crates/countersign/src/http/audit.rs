@@ -76,7 +76,11 @@ pub async fn verify(State(state): State<AppState>, Auth(caller): Auth) -> Result
     Ok(Json(json!(report)))
 }
 
-/// Server-Sent Events: first the events after `Last-Event-ID` (or `?cursor=`), then new ones live.
+/// How often an idle audit stream checks that its credential still holds.
+const CREDENTIAL_RECHECK: Duration = Duration::from_secs(5);
+
+/// Server-Sent Events: first the events after `Last-Event-ID` (or `?cursor=`), then new ones live. The
+/// credential is checked again before every read and every few seconds; the stream ends once it fails.
 pub async fn stream(
     State(state): State<AppState>,
     Auth(caller): Auth,
@@ -84,6 +88,9 @@ pub async fn stream(
     ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> Result<Response> {
     caller.require_user()?;
+    // Kept to ask again before every read and every so often: a stream must end once its key is revoked or
+    // its user disabled, not serve the org's events for as long as the client stays connected.
+    let secret = super::auth::presented_secret_in(&headers)?.to_owned();
     let filter = filter_from(&query)?;
     let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned).or(query.cursor.clone());
     let mut last_seq = parse_cursor(resume.as_deref())?;
@@ -96,7 +103,11 @@ pub async fn stream(
         let to_event = |e: &countersign_core::audit::AuditEvent| {
             Event::default().id(e.seq.to_string()).event("audit").json_data(views::audit_event(e)).ok()
         };
+        let still_allowed = |gateway: crate::gateway::Gateway, secret: String| async move {
+            gateway.authenticate(&secret).await.ok().filter(|caller| caller.require_user().is_ok())
+        };
         loop {
+            let Some(caller) = still_allowed(gateway.clone(), secret.clone()).await else { return };
             let page = match gateway.query_audit(&caller, &filter, last_seq, 500).await {
                 Ok(page) => page,
                 Err(_) => return,
@@ -112,13 +123,22 @@ pub async fn stream(
             }
         }
         let shutdown = gateway.shutdown().clone();
+        let mut recheck = tokio::time::interval(CREDENTIAL_RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return,
+                _ = recheck.tick() => {
+                    if still_allowed(gateway.clone(), secret.clone()).await.is_none() {
+                        return;
+                    }
+                    continue;
+                }
                 next = live.recv() => next,
             };
             match next {
                 Ok(e) if e.concerns(&org, last_seq) => {
+                    let Some(caller) = still_allowed(gateway.clone(), secret.clone()).await else { return };
                     // Live events are filtered the same way as the backlog by re-reading through the query.
                     match gateway.query_audit(&caller, &filter, last_seq, 500).await {
                         Ok(page) => {

@@ -1,6 +1,7 @@
 //! The audit stream resumes from `Last-Event-ID`; replay refuses a frozen request that no longer matches its
 //! approval's hash; the policy file reloads on change, and a bad edit leaves the running policy in force.
 
+use futures_util::StreamExt;
 use serde_json::json;
 
 use crate::helpers::{TEST_POLICY, TestServer, Upstream, audit_stream, http_action, read_until};
@@ -50,6 +51,25 @@ async fn the_audit_stream_resumes_after_the_last_event_id() {
     read_until(&mut body, &mut text, "action.submitted").await;
     assert!(text.contains(&format!("id: {}\n", last_seq + 1)));
     drop(body);
+
+    // A viewer's stream ends once its key is revoked, without serving the events after that.
+    assert_eq!(server.admin.create_user("auditor", "viewer").await.unwrap().status, 201);
+    let created = server.admin.create_key("user", "auditor").await.unwrap();
+    let viewer = server.admin.with_key(created.str("/key").to_owned());
+    let mut watched = Box::pin(audit_stream(&viewer, "", last_seq + 1).await);
+    let mut seen = String::new();
+    bot.submit_action(&json!({"capability": "email.send.message", "reasoning": "seen"})).await.unwrap();
+    read_until(&mut watched, &mut seen, "action.submitted").await;
+    assert!(server.admin.revoke_key(created.str("/id")).await.unwrap().status < 300);
+    bot.submit_action(&json!({"capability": "email.send.message", "reasoning": "unseen"})).await.unwrap();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(chunk) = watched.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream of a revoked key ends; it read: {seen}");
+    assert!(!seen.contains("key.revoked") && !seen.contains("unseen"), "{seen}");
     server.stop().await;
 }
 
