@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use countersign_core::audit::Actor;
 use countersign_core::domain::{Job, JobKind};
-use countersign_core::ids::JobId;
+use countersign_core::ids::{ActionId, JobId};
 use countersign_core::state::{ActionState, JobState};
 use countersign_core::store::{JobFilter, Page};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{Caller, Gateway};
+use super::{Caller, Gateway, Work};
 use crate::error::{Error, Result};
 
 /// The longest a `…/wait` holds a request.
@@ -97,6 +97,41 @@ pub fn backoff(base: Duration, attempt: u32) -> Duration {
     let half = full / 2;
     let jitter = rand::random_range(0.0..=1.0);
     half + half.mul_f64(jitter)
+}
+
+/// An execution job that ended without its action ending (it gave up after its attempts, or failed on an
+/// error of its own) takes the action with it, in the same transaction: nothing else would ever finish it.
+/// Still `approved`, nothing was sent; `executing`, the request may have gone out, so the outcome is unknown.
+async fn fail_unfinished_action(work: &mut Work, job: &Job, now: chrono::DateTime<chrono::Utc>) -> Result<()> {
+    let Some(id) = job.subject.as_deref().and_then(ActionId::parse) else { return Ok(()) };
+    let Some(mut action) = work.tx.get_action(&job.org_id, &id).await? else { return Ok(()) };
+    let why = job.error.as_deref().unwrap_or("no reason recorded");
+    let (error, reason) = match action.state {
+        ActionState::Approved => {
+            (format!("not carried out: its execution job gave up before sending ({why})"), "not_sent")
+        }
+        ActionState::Executing => (
+            format!("outcome unknown: its execution job gave up after the request may have gone out ({why})"),
+            "outcome_unknown",
+        ),
+        _ => return Ok(()),
+    };
+    action.state = action.state.transition(ActionState::Failed)?;
+    action.error = Some(error.clone());
+    action.finished_at = Some(now);
+    work.tx.update_action(&action).await?;
+    work.audit(
+        &job.org_id,
+        now,
+        &Actor::system(),
+        "action.failed",
+        Some(action.id.as_str()),
+        json!({"status": null, "error": error, "reason": reason, "job_id": job.id}),
+    )
+    .await?;
+    work.emit("action.finished", super::webhooks::action_data(&action));
+    work.action_changed(&job.org_id, &action.id);
+    Ok(())
 }
 
 impl Gateway {
@@ -222,6 +257,13 @@ impl Gateway {
             current.finished_at = Some(now);
         }
         work.tx.update_job(&current).await?;
+        if state == JobState::Failed
+            && current.kind == JobKind::ActionExecute
+            && let Err(error) = fail_unfinished_action(&mut work, &current, now).await
+        {
+            // The job still ends. A write that failed fails the commit too, so nothing is half-written.
+            tracing::error!(job = %current.id, %error, "cannot end the action of a failed execution job");
+        }
         // Retries are visible on the job and in webhook deliveries; the audit log records how jobs end.
         if state.is_terminal() && current.kind != JobKind::ActionExecute {
             work.audit(
