@@ -169,10 +169,10 @@ impl Connectors {
         let (response, timeout) = self.send_llm(target, idempotency_key, stream, false).await?;
         let status = response.status().as_u16();
         let content_type = content_type(&response);
-        let body =
-            tokio::time::timeout(timeout, read_all(response, MAX_LLM_RESPONSE_BYTES)).await.map_err(|_| {
-                ConnectorError::Timeout(format!("the provider's answer took over {}s", timeout.as_secs()))
-            })??;
+        // A whole answer is bounded by the request's timeout (set in `send_llm`); a stream, like a relayed
+        // one, only by the silence between chunks: a long generation is not cut off halfway.
+        let idle = stream.then_some(timeout);
+        let body = read_within(response, MAX_LLM_RESPONSE_BYTES, idle).await?;
         Ok(classify(dialect, status, &content_type, &body))
     }
 }
@@ -207,9 +207,25 @@ pub fn content_type(response: &reqwest::Response) -> String {
 
 /// Reads a whole body, refusing one over `limit` bytes.
 pub async fn read_all(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, ConnectorError> {
+    read_within(response, limit, None).await
+}
+
+/// [`read_all`], failing when `idle` passes without a chunk.
+async fn read_within(
+    response: reqwest::Response,
+    limit: usize,
+    idle: Option<Duration>,
+) -> Result<Vec<u8>, ConnectorError> {
     let mut stream = response.bytes_stream();
     let mut body = Vec::new();
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let next = match idle {
+            Some(idle) => tokio::time::timeout(idle, stream.next())
+                .await
+                .map_err(|_| ConnectorError::Timeout(format!("the provider sent nothing for {}s", idle.as_secs())))?,
+            None => stream.next().await,
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| llm_transport(&e))?;
         if body.len() + chunk.len() > limit {
             return Err(ConnectorError::Transport(format!("the provider's answer is over {limit} bytes")));

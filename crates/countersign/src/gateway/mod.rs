@@ -110,6 +110,24 @@ impl Caller {
     pub fn require_user(&self) -> Result<&User> {
         self.user().ok_or_else(|| Error::Forbidden("this needs a user key; agents and sessions cannot".into()))
     }
+
+    /// May call a model provider with the server's key for one of `capabilities`: an agent, or a session
+    /// scoped to at least one of them. Users decide and read; they do not call models.
+    pub fn require_model_access<'c>(&self, mut capabilities: impl Iterator<Item = &'c str>) -> Result<()> {
+        match self {
+            Caller::Agent(_) => Ok(()),
+            Caller::Session { session, .. } => {
+                if capabilities.any(|c| session.scopes.iter().any(|scope| scope.matches(c))) {
+                    Ok(())
+                } else {
+                    Err(Error::Forbidden("this session's scopes include no model capability (llm.*)".into()))
+                }
+            }
+            Caller::User(_) => {
+                Err(Error::Forbidden("the LLM proxy is for agents and their sessions; use an agent key".into()))
+            }
+        }
+    }
 }
 
 /// The gateway: cheap to clone, shared by every front end and worker.

@@ -47,24 +47,48 @@ pub fn router() -> Router<AppState> {
         .route("/llm/{provider}/v1/models", get(models))
 }
 
-async fn chat_completions(state: State<AppState>, provider: Path<String>, request: Request) -> Response {
-    handle(&state, &provider, Endpoint::ChatCompletions, request).await
+async fn chat_completions(state: State<AppState>, provider: Provider, request: Request) -> Response {
+    match provider {
+        Ok(Path(provider)) => handle(&state, &provider, Endpoint::ChatCompletions, request).await,
+        Err(rejection) => bad_provider(Endpoint::ChatCompletions.dialect(), &rejection),
+    }
 }
 
-async fn completions(state: State<AppState>, provider: Path<String>, request: Request) -> Response {
-    handle(&state, &provider, Endpoint::Completions, request).await
+async fn completions(state: State<AppState>, provider: Provider, request: Request) -> Response {
+    match provider {
+        Ok(Path(provider)) => handle(&state, &provider, Endpoint::Completions, request).await,
+        Err(rejection) => bad_provider(Endpoint::Completions.dialect(), &rejection),
+    }
 }
 
-async fn embeddings(state: State<AppState>, provider: Path<String>, request: Request) -> Response {
-    handle(&state, &provider, Endpoint::Embeddings, request).await
+async fn embeddings(state: State<AppState>, provider: Provider, request: Request) -> Response {
+    match provider {
+        Ok(Path(provider)) => handle(&state, &provider, Endpoint::Embeddings, request).await,
+        Err(rejection) => bad_provider(Endpoint::Embeddings.dialect(), &rejection),
+    }
 }
 
-async fn messages(state: State<AppState>, provider: Path<String>, request: Request) -> Response {
-    handle(&state, &provider, Endpoint::Messages, request).await
+async fn messages(state: State<AppState>, provider: Provider, request: Request) -> Response {
+    match provider {
+        Ok(Path(provider)) => handle(&state, &provider, Endpoint::Messages, request).await,
+        Err(rejection) => bad_provider(Endpoint::Messages.dialect(), &rejection),
+    }
+}
+
+/// The provider's name from the path, or why it cannot be read (answered in the provider's shape, not as
+/// axum's plain text, so an SDK can show it).
+type Provider = std::result::Result<Path<String>, axum::extract::rejection::PathRejection>;
+
+fn bad_provider(dialect: Dialect, rejection: &axum::extract::rejection::PathRejection) -> Response {
+    wire::error(dialect, StatusCode::BAD_REQUEST, &format!("the provider name in the path cannot be read: {rejection}"))
 }
 
 /// The model list: forwarded for an authenticated caller; no action.
-async fn models(State(state): State<AppState>, Path(provider): Path<String>, headers: HeaderMap) -> Response {
+async fn models(State(state): State<AppState>, provider: Provider, headers: HeaderMap) -> Response {
+    let provider = match provider {
+        Ok(Path(provider)) => provider,
+        Err(rejection) => return bad_provider(Dialect::Openai, &rejection),
+    };
     let dialect = match provider_dialect(&state.gateway, &provider, None) {
         Ok(dialect) => dialect,
         Err(response) => return *response,
@@ -73,6 +97,11 @@ async fn models(State(state): State<AppState>, Path(provider): Path<String>, hea
         Ok(caller) => caller,
         Err(e) => return wire::from_error(dialect, &e),
     };
+    // The list goes out with the provider's key: only for those who may call the provider.
+    let endpoints = [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings, Endpoint::Messages];
+    if let Err(e) = caller.require_model_access(endpoints.iter().map(|e| e.capability())) {
+        return wire::from_error(dialect, &e);
+    }
     match state.gateway.llm_models(&caller, &provider).await {
         Ok((status, content_type, body)) => raw(status, &content_type, body),
         Err(e) => upstream_failure(dialect, &e),

@@ -195,6 +195,17 @@ async fn allowed_calls_are_forwarded_with_the_provider_key_and_audited() {
     let models = s.http.get(s.url("/llm/openai/v1/models")).bearer_auth(s.agent.key().unwrap()).send().await.unwrap();
     assert_eq!(models.status(), 200);
     assert_eq!(models.json::<Value>().await.unwrap()["data"][0]["id"], "gpt-fake");
+    // The list goes out with the provider's key: not for user keys, nor for a session without llm.* scope.
+    let listed = s.provider.count();
+    let as_user = s.http.get(s.url("/llm/openai/v1/models")).bearer_auth(s.server.admin.key().unwrap()).send().await;
+    assert_eq!(as_user.unwrap().status(), 403);
+    let session = s.agent.create_session(None, None, Some(&["email.*".to_owned()])).await.unwrap();
+    assert_eq!(session.status, 201, "{:?}", session.body);
+    let token = session.str("/token").to_owned();
+    let scoped = s.http.get(s.url("/llm/openai/v1/models")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(scoped.status(), 403);
+    assert!(scoped.json::<Value>().await.unwrap()["error"]["message"].as_str().unwrap().contains("llm.*"));
+    assert_eq!(s.provider.count(), listed, "nothing reached the provider");
 
     // No key, a wrong key, an unknown provider, a dialect mismatch: provider-shaped errors, nothing sent.
     let before = s.provider.count();
@@ -203,6 +214,10 @@ async fn allowed_calls_are_forwarded_with_the_provider_key_and_audited() {
     assert!(anonymous.json::<Value>().await.unwrap()["error"]["message"].is_string());
     let unknown = s.post("/llm/nobody/v1/chat/completions", &json!({"model": "x"})).send().await.unwrap();
     assert_eq!(unknown.status(), 404);
+    let unreadable = s.post("/llm/%FF/v1/chat/completions", &json!({"model": "x"})).send().await.unwrap();
+    assert_eq!(unreadable.status(), 400);
+    let unreadable: Value = unreadable.json().await.unwrap();
+    assert!(unreadable["error"]["message"].as_str().unwrap().contains("provider name"), "{unreadable}");
     let mismatch = s.post("/llm/openai/v1/messages", &json!({"model": "x"})).send().await.unwrap();
     assert_eq!(mismatch.status(), 404);
     assert_eq!(mismatch.json::<Value>().await.unwrap()["type"], "error");
@@ -344,6 +359,33 @@ async fn a_held_call_nobody_decides_expires_with_a_403() {
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("expired") && message.contains("llm-quick-review"), "{message}");
     assert_eq!(s.provider.count(), 0);
+    s.server.stop().await;
+}
+
+/// The job carries out an approved stream to its end: like a relayed stream, only the silence between
+/// chunks is bounded, not the whole answer (the fake's stream runs longer than the provider's 2 s timeout).
+#[tokio::test]
+async fn an_approved_stream_run_by_the_job_is_not_cut_off_at_the_timeout() {
+    let s = setup().await;
+    let body = json!({"model": "gpt-premium", "stream": true, "messages": [{"role": "user", "content": "stream it"}]});
+    let response = s.post("/llm/openai/v1/chat/completions", &body).header("Countersign-Wait", "0").send().await;
+    let response = response.unwrap();
+    assert_eq!(response.status(), 202);
+    let token = response.json::<Value>().await.unwrap()["approval_token"].as_str().unwrap().to_owned();
+    approve_when_pending(s.server.admin.clone()).await.unwrap();
+    let result_url = s.url(&format!("/v1/approval-status/{token}/result"));
+    let mut stored = Value::Null;
+    for _ in 0..200 {
+        let answer = s.http.get(&result_url).send().await.unwrap();
+        if answer.status() == 200 {
+            stored = answer.json().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored["state"], "succeeded", "{stored}");
+    let streamed = stored["result"]["body"].as_str().unwrap_or_default();
+    assert!(streamed.contains(&format!("part{}", STREAM_CHUNKS - 1)) && streamed.contains("[DONE]"), "{streamed}");
     s.server.stop().await;
 }
 
