@@ -62,18 +62,35 @@ pub async fn run(gateway: Gateway, shutdown: CancellationToken, tracker: TaskTra
     }
 }
 
+/// Runs a claimed job while its lease holds. Once the lease is lost (taken over, or not renewed in time
+/// because the store stalled), the job may already be another runner's: the handler is stopped where it
+/// is, as if this process had died, and the job is left to whoever holds it now. That runner meets the
+/// crash case the handlers are built for (an execution found `executing` is resent only to a `retry_safe`
+/// upstream, else ends "outcome unknown"), instead of two handlers racing on one job.
 async fn run_one(gateway: &Gateway, job: Job) {
-    let renew_every = gateway.job_settings().lease / 3;
+    let lease = gateway.job_settings().lease;
+    let renew_every = lease / 3;
+    // The lease began at the claim, a moment before this; count it a little short.
+    let mut held_until = tokio::time::Instant::now() + lease - lease / 10;
     let work = gateway.run_job(&job);
     tokio::pin!(work);
     let outcome = loop {
+        let renew_at = (tokio::time::Instant::now() + renew_every).min(held_until);
         tokio::select! {
             outcome = &mut work => break outcome,
-            () = tokio::time::sleep(renew_every) => {
+            () = tokio::time::sleep_until(renew_at) => {
+                let asked = tokio::time::Instant::now();
                 match gateway.renew_job_lease(&job.id).await {
-                    Ok(true) => {}
-                    Ok(false) => tracing::warn!(job = %job.id, "lease lost while running; another runner may retry"),
-                    Err(error) => tracing::error!(job = %job.id, %error, "cannot renew a job lease"),
+                    Ok(true) => held_until = asked + lease - lease / 10,
+                    Ok(false) => {
+                        tracing::warn!(job = %job.id, "lease lost while running; stopped, the job is another runner's now");
+                        return;
+                    }
+                    Err(error) if tokio::time::Instant::now() >= held_until => {
+                        tracing::error!(job = %job.id, %error, "cannot renew a job lease before it ran out; stopped, the job runs again");
+                        return;
+                    }
+                    Err(error) => tracing::error!(job = %job.id, %error, "cannot renew a job lease; trying again"),
                 }
             }
         }

@@ -314,6 +314,74 @@ async fn job_of(admin: &countersign::client::Client, subject: &str) -> String {
     jobs.body["items"][0]["id"].as_str().expect("a job for the subject").to_owned()
 }
 
+/// Drops a message when the request it guards is cut off.
+struct OnDrop(Option<mpsc::UnboundedSender<&'static str>>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send("dropped");
+        }
+    }
+}
+
+async fn next_event(events: &mut mpsc::UnboundedReceiver<&'static str>) -> Option<&'static str> {
+    tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("the upstream heard nothing within 10 s")
+}
+
+/// A runner that loses a job's lease stops the job where it is, as if its process had died, instead of
+/// carrying on beside whoever holds the job now; that holder then meets the crash case (outcome unknown for
+/// an upstream that is not retry_safe), and the request is never sent twice.
+#[tokio::test]
+async fn a_job_whose_lease_is_lost_stops_and_is_never_sent_twice() {
+    let (seen, mut events) = mpsc::unbounded_channel::<&'static str>();
+    let app = axum::Router::new().route(
+        "/hang",
+        axum::routing::post(move || {
+            let seen = seen.clone();
+            async move {
+                let _ = seen.send("arrived");
+                let _guard = OnDrop(Some(seen));
+                std::future::pending::<StatusCode>().await
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Some(&url));
+    config.jobs.lease = Duration::from_secs(2);
+    if let Some(upstream) = config.upstreams.get_mut("payments") {
+        upstream.timeout_seconds = 120;
+    }
+    let server = TestServer::start_with(config, None).await;
+    let agent = server.agent("payer").await;
+    let mut body = http_action("email.send.receipt");
+    body["target"]["path"] = json!("/hang");
+    let submitted = agent.submit_action(&body).await.unwrap();
+    assert_eq!(submitted.status, 202, "{:?}", submitted.body);
+    let job_id = submitted.str("/job_id").to_owned();
+    assert_eq!(next_event(&mut events).await, Some("arrived"));
+
+    // Another runner takes the job over (as after a stall longer than the lease).
+    let taken = "UPDATE jobs SET lease_owner = 'another-runner' WHERE id = ?";
+    assert_eq!(crate::helpers::raw_sql(dir.path(), taken, Some(&job_id)).await, Ok(1));
+    assert_eq!(next_event(&mut events).await, Some("dropped"), "the runner that lost the lease stopped its request");
+
+    // That runner dies too: its lease runs out and the job is taken up again, as after a crash.
+    let expired = "UPDATE jobs SET lease_until = 0 WHERE id = ?";
+    assert_eq!(crate::helpers::raw_sql(dir.path(), expired, Some(&job_id)).await, Ok(1));
+    let job = agent.get(&format!("/v1/jobs/{job_id}/wait?timeout=20")).await.unwrap();
+    assert_eq!(job.body["state"], "failed", "{:?}", job.body);
+    let action = agent.get_action(submitted.str("/id")).await.unwrap();
+    assert_eq!(action.body["state"], "failed");
+    assert!(action.str("/error").contains("outcome unknown"), "{:?}", action.body);
+    assert!(events.try_recv().is_err(), "the request was sent once");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn upstream_failures_end_on_the_job_and_never_stick_a_worker() {
     // An upstream that hangs, fails, or sends far more than the cap.
