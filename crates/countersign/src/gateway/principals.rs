@@ -290,7 +290,7 @@ impl Gateway {
         owner: KeyOwner,
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<CreatedKey> {
-        caller.require_admin()?;
+        let me = caller.require_admin()?;
         let org = caller.org_id().clone();
         if expires_at.is_some_and(|at| at <= self.now()) {
             return Err(Error::invalid("expires_at", "must be in the future"));
@@ -304,13 +304,18 @@ impl Gateway {
                     .ok_or_else(|| Error::invalid("agent", format!("no agent `{a}`")))?
                     .id,
             ),
-            KeyOwner::User(u) => PrincipalRef::User(
-                self.resolve_user(&mut work, &org, u)
+            KeyOwner::User(u) => {
+                let user = self
+                    .resolve_user(&mut work, &org, u)
                     .await?
                     .filter(|u| u.disabled_at.is_none())
-                    .ok_or_else(|| Error::invalid("user", format!("no user `{u}`")))?
-                    .id,
-            ),
+                    .ok_or_else(|| Error::invalid("user", format!("no user `{u}`")))?;
+                // A key of the instance admin creates orgs: an org admin minting one would become that.
+                if user.instance_admin && !me.instance_admin {
+                    return Err(Error::Forbidden("only the instance admin creates keys for the instance admin".into()));
+                }
+                PrincipalRef::User(user.id)
+            }
         };
         let created = self.insert_key(&mut work, &org, principal, expires_at, None, &caller.actor()).await?;
         work.commit(self).await?;
@@ -377,6 +382,9 @@ impl Gateway {
         let org = caller.org_id().clone();
         let now = self.now();
         let mut work = self.write().await?;
+        if !me.instance_admin && work.tx.get_user(&org, id).await?.is_some_and(|u| u.instance_admin) {
+            return Err(Error::Forbidden("only the instance admin may disable the instance admin".into()));
+        }
         if !work.tx.disable_user(&org, id, now).await? {
             return Err(Error::not_found("active user", id.as_str()));
         }

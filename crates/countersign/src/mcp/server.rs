@@ -348,6 +348,14 @@ impl McpServer {
     }
 }
 
+/// An error as the client may see it: the problem's `detail`, which for an internal or store failure says
+/// only that one happened (its text is in the log), never the driver's message.
+fn internal(error: &Error) -> ErrorData {
+    let (_, problem) = error.problem();
+    let detail = problem.get("detail").and_then(serde_json::Value::as_str).unwrap_or("internal error").to_owned();
+    ErrorData::internal_error(detail, Some(problem))
+}
+
 impl McpServer {
     /// The action behind a `countersign://actions/{id}` URI, if the caller may see it.
     async fn resource_action(&self, caller: &Caller, uri: &str) -> Result<Action, ErrorData> {
@@ -357,10 +365,7 @@ impl McpServer {
             .ok_or_else(|| ErrorData::resource_not_found(format!("no resource `{uri}`"), None))?;
         self.gateway.get_action(caller, &id).await.map_err(|e| match e {
             Error::NotFound(message) => ErrorData::resource_not_found(message, None),
-            other => {
-                let (_, problem) = other.problem();
-                ErrorData::internal_error(other.to_string(), Some(problem))
-            }
+            other => internal(&other),
         })
     }
 
@@ -505,8 +510,7 @@ impl ServerHandler for McpServer {
     ) -> Result<ReadResourceResponse, ErrorData> {
         let (caller, _) = caller_of(&context)?;
         let action = self.resource_action(&caller, &request.uri).await?;
-        let approval =
-            self.gateway.approval_of(&action).await.map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+        let approval = self.gateway.approval_of(&action).await.map_err(|e| internal(&e))?;
         let body = views::action(&self.gateway, &action, approval.as_ref(), None);
         Ok(ReadResourceResult::new(vec![
             ResourceContents::text(body.to_string(), request.uri).with_mime_type("application/json"),

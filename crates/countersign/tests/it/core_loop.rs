@@ -408,6 +408,33 @@ async fn targets_stay_under_the_upstream_and_cannot_set_its_configured_headers()
     server.stop().await;
 }
 
+/// Another admin of the first org cannot become the instance admin (who creates orgs) by minting a key for
+/// that user, nor disable them.
+#[tokio::test]
+async fn an_org_admin_cannot_take_over_the_instance_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    assert_eq!(server.admin.create_user("ops", "admin").await.unwrap().status, 201);
+    let ops = server.admin.with_key(server.admin.create_key("user", "ops").await.unwrap().str("/key").to_owned());
+    assert_eq!(ops.post("/v1/orgs", &json!({"name": "mine"})).await.unwrap().status, 403);
+    let minted = ops.create_key("user", "admin").await.unwrap();
+    assert_eq!(minted.status, 403, "{:?}", minted.body);
+    assert!(minted.str("/detail").contains("instance admin"), "{:?}", minted.body);
+    let users = server.admin.list_users().await.unwrap();
+    let admin_id = users.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "admin")
+        .and_then(|u| u["id"].as_str())
+        .unwrap()
+        .to_owned();
+    assert_eq!(ops.delete_user(&admin_id).await.unwrap().status, 403);
+    // The instance admin itself still can.
+    assert_eq!(server.admin.create_key("user", "admin").await.unwrap().status, 201);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn the_schema_refuses_to_rewrite_audit_events() {
     let dir = tempfile::tempdir().unwrap();
