@@ -89,6 +89,8 @@ struct Durability {
     syncing: tokio::sync::Mutex<()>,
     poisoned: AtomicBool,
     checkpoint_running: AtomicBool,
+    /// `<database>.lock`, locked for the store's life: one process per database file.
+    _lock: Option<std::fs::File>,
 }
 
 /// The WAL, held open for the store's life (Linux reports a write-back error to the descriptors open when it
@@ -246,6 +248,27 @@ impl Durability {
 
 /// An error that means the disk failed the database: I/O (`SQLITE_IOERR`), corruption or a full disk, or
 /// the driver's own I/O error. Not a busy database or a pool timeout.
+/// Creates and locks `path` exclusively, or says which process-wide conflict stops it.
+fn exclusive_lock(path: &Path) -> Result<std::fs::File, StoreError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| StoreError::Internal(format!("cannot open the lock file {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Internal(format!(
+            "another Countersign process is using this database ({} is locked); stop it first, or give this one \
+             its own data_dir",
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StoreError::Internal(format!("cannot lock {}: {e}", path.display())))
+        }
+    }
+}
+
 fn is_io_failure(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) => true,
@@ -257,8 +280,14 @@ fn is_io_failure(e: &sqlx::Error) -> bool {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file and brings its schema up to date.
+    /// Opens (creating if needed) the database file and brings its schema up to date. A second process on
+    /// the same file is refused: two would both run its jobs and each believe it is the only writer whose
+    /// commits its syncs cover.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let lock = tokio::task::spawn_blocking(move || exclusive_lock(&lock_path))
+            .await
+            .map_err(|e| StoreError::Internal(e.to_string()))??;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -266,16 +295,16 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        Self::connect(options).await
+        Self::connect(options, Some(lock)).await
     }
 
     /// A private in-memory database, for tests of the store itself.
     pub async fn in_memory() -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(map_sqlx)?.foreign_keys(true);
-        Self::connect(options).await
+        Self::connect(options, None).await
     }
 
-    async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+    async fn connect(options: SqliteConnectOptions, lock: Option<std::fs::File>) -> Result<Self, StoreError> {
         let in_memory = options.get_filename().as_os_str().is_empty()
             || options.get_filename().to_string_lossy().contains(":memory:");
         let pool = |connections: u32, options: SqliteConnectOptions| {
@@ -328,7 +357,7 @@ impl SqliteStore {
                 Some(files)
             }
         };
-        let durability = Arc::new(Durability { files, ..Durability::default() });
+        let durability = Arc::new(Durability { files, _lock: lock, ..Durability::default() });
         Ok(SqliteStore { writer, reader, durability })
     }
 }
@@ -1615,6 +1644,19 @@ mod tests {
         assert_eq!(durability.synced.load(Ordering::Acquire), 32, "a commit returned before its sync");
         let mut tx = store.read().await.unwrap();
         assert_eq!(tx.count_orgs().await.unwrap(), 32);
+    }
+
+    #[tokio::test]
+    async fn a_second_store_on_the_same_file_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let first = SqliteStore::open(&path).await.unwrap();
+        let second = SqliteStore::open(&path).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(second.contains("another Countersign process is using this database"), "{second}");
+        drop(first);
+        let again = SqliteStore::open(&path).await.unwrap();
+        let mut tx = again.read().await.unwrap();
+        assert_eq!(tx.count_orgs().await.unwrap(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
