@@ -116,7 +116,7 @@ impl Connectors {
             request = request.header(*name, value.as_str());
         }
         request = request.header("user-agent", concat!("Countersign-Webhooks/", env!("CARGO_PKG_VERSION")));
-        let response = request.send().await.map_err(|e| transport(&e))?;
+        let response = request.send().await.map_err(|e| sent_and_lost(&e))?;
         let status = response.status().as_u16();
         // Read a little of the answer so the connection can be reused, never more.
         let mut stream = response.bytes_stream();
@@ -198,7 +198,7 @@ impl Connectors {
             let bytes = serde_json::to_vec(body).map_err(|e| ConnectorError::Invalid(e.to_string()))?;
             request = request.header("content-type", "application/json").body(bytes);
         }
-        let response = request.send().await.map_err(|e| transport(&e))?;
+        let response = request.send().await.map_err(|e| sent_and_lost(&e))?;
         let status = response.status().as_u16();
         let headers: BTreeMap<String, String> = KEPT_HEADERS
             .iter()
@@ -209,8 +209,17 @@ impl Connectors {
         let mut stream = response.bytes_stream();
         let mut body = Vec::new();
         let mut truncated = false;
+        // The status is the upstream's answer: a body that breaks off after it is kept as far as it came.
+        let mut body_error = None;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ConnectorError::Transport(describe(&e)))?;
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    body_error = Some(format!("the body broke off: {}", describe(&e)));
+                    truncated = true;
+                    break;
+                }
+            };
             let room = MAX_RESULT_BODY_BYTES - body.len();
             if chunk.len() > room {
                 body.extend_from_slice(&chunk[..room]);
@@ -224,10 +233,11 @@ impl Connectors {
         } else {
             serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
         };
-        Ok(HttpOutcome {
-            status,
-            result: json!({"status": status, "headers": headers, "body": body_value, "truncated": truncated}),
-        })
+        let mut result = json!({"status": status, "headers": headers, "body": body_value, "truncated": truncated});
+        if let Some(error) = body_error {
+            result["body_error"] = json!(error);
+        }
+        Ok(HttpOutcome { status, result })
     }
 }
 
@@ -241,6 +251,19 @@ fn transport(error: &reqwest::Error) -> ConnectorError {
         }
         Some(refusal) => ConnectorError::Refused(refusal.to_string()),
         None => ConnectorError::Transport(describe(error)),
+    }
+}
+
+/// A failed send of a request that may have reached the upstream: only a connection that never opened (or
+/// a refusal before it) is certain to have sent nothing. A timeout or a connection lost after that leaves
+/// the outcome unknown, and the action says so, so nobody resubmits what may have taken effect.
+fn sent_and_lost(error: &reqwest::Error) -> ConnectorError {
+    if error.is_connect() || error.is_builder() || guard::GuardError::find_in(error).is_some() {
+        return transport(error);
+    }
+    match transport(error) {
+        ConnectorError::Transport(message) => ConnectorError::OutcomeUnknown(message),
+        other => other,
     }
 }
 

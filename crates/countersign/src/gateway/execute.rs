@@ -15,6 +15,7 @@ use serde_json::json;
 
 use super::jobs::JobOutcome;
 use super::{Gateway, Work};
+use crate::connectors::ConnectorError;
 use crate::error::{Error, Result};
 
 /// How long recording an execution's outcome keeps retrying a busy store (100 ms doubling, about 25 s).
@@ -244,6 +245,9 @@ impl Gateway {
                 Ok(answer) => {
                     let error = format!("upstream answered {}", answer.status);
                     (ActionState::Failed, Some(answer.result), Some(error), json!({}))
+                }
+                Err(e @ ConnectorError::OutcomeUnknown(_)) => {
+                    (ActionState::Failed, None, Some(e.to_string()), json!({"reason": "outcome_unknown"}))
                 }
                 Err(e) => (ActionState::Failed, None, Some(e.to_string()), json!({})),
             },

@@ -384,9 +384,26 @@ async fn a_job_whose_lease_is_lost_stops_and_is_never_sent_twice() {
 
 #[tokio::test]
 async fn upstream_failures_end_on_the_job_and_never_stick_a_worker() {
-    // An upstream that hangs, fails, or sends far more than the cap.
+    // An upstream that hangs, fails, sends far more than the cap, or answers 201 and breaks off its body.
     let app = axum::Router::new()
         .route("/hang", axum::routing::post(std::future::pending::<StatusCode>))
+        .route(
+            "/broken",
+            axum::routing::post(|| async {
+                // The head and first part go out; a moment later the body breaks off.
+                let parts = futures_util::stream::unfold(0, |sent| async move {
+                    match sent {
+                        0 => Some((Ok(Bytes::from_static(b"{\"card_id\": \"card_")), 1)),
+                        1 => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            Some((Err(std::io::Error::other("cut")), 2))
+                        }
+                        _ => None,
+                    }
+                });
+                (StatusCode::CREATED, axum::body::Body::from_stream(parts))
+            }),
+        )
         .route("/fail", axum::routing::post(|| async { (StatusCode::BAD_GATEWAY, "upstream broke") }))
         .route(
             "/huge",
@@ -421,10 +438,18 @@ async fn upstream_failures_end_on_the_job_and_never_stick_a_worker() {
             (job.body, action.body)
         }
     };
-    let ((hang_job, hang), (fail_job, fail), (huge_job, huge)) = tokio::join!(run("/hang"), run("/fail"), run("/huge"));
+    let ((hang_job, hang), (fail_job, fail), (huge_job, huge), (_, broken)) =
+        tokio::join!(run("/hang"), run("/fail"), run("/huge"), run("/broken"));
     assert_eq!(hang_job["state"], "failed");
     assert!(hang_job["error"].as_str().unwrap().contains("timed out"), "{hang_job:?}");
     assert_eq!(hang["state"], "failed");
+    // The request went out and no answer came: it may have taken effect, and the action says so.
+    assert!(hang["error"].as_str().unwrap().starts_with("outcome unknown"), "{hang:?}");
+    // The upstream answered 201: that is kept, with what came of the body, not turned into "no answer".
+    assert_eq!(broken["state"], "succeeded", "{broken:?}");
+    assert_eq!(broken["result"]["status"], 201);
+    assert_eq!(broken["result"]["truncated"], true);
+    assert!(broken["result"]["body_error"].as_str().unwrap().contains("broke off"), "{broken:?}");
     assert_eq!(fail_job["state"], "failed");
     assert!(fail_job["error"].as_str().unwrap().contains("502"), "{fail_job:?}");
     assert_eq!(fail["result"]["status"], 502);
