@@ -246,29 +246,41 @@ impl Durability {
     }
 }
 
-/// An error that means the disk failed the database: I/O (`SQLITE_IOERR`), corruption or a full disk, or
-/// the driver's own I/O error. Not a busy database or a pool timeout.
-/// Creates and locks `path` exclusively, or says which process-wide conflict stops it.
-fn exclusive_lock(path: &Path) -> Result<std::fs::File, StoreError> {
+/// How long `open` waits for a process that is stopping to let go of the database.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Creates and locks `path` exclusively, waiting up to `wait` for another holder to let go (a process still
+/// draining, or a store of this process still being dropped), then says which conflict stops it.
+fn exclusive_lock(path: &Path, wait: Duration) -> Result<std::fs::File, StoreError> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
         .map_err(|e| StoreError::Internal(format!("cannot open the lock file {}: {e}", path.display())))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Internal(format!(
-            "another Countersign process is using this database ({} is locked); stop it first, or give this one \
-             its own data_dir",
-            path.display()
-        ))),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(StoreError::Internal(format!("cannot lock {}: {e}", path.display())))
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Internal(format!(
+                    "another Countersign process is using this database ({} is locked); stop it first, or give \
+                     this one its own data_dir",
+                    path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Internal(format!("cannot lock {}: {e}", path.display())));
+            }
         }
     }
 }
 
+/// An error that means the disk failed the database: I/O (`SQLITE_IOERR`), corruption or a full disk, or
+/// the driver's own I/O error. Not a busy database or a pool timeout.
 fn is_io_failure(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) => true,
@@ -285,7 +297,7 @@ impl SqliteStore {
     /// commits its syncs cover.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let lock_path = PathBuf::from(format!("{}.lock", path.display()));
-        let lock = tokio::task::spawn_blocking(move || exclusive_lock(&lock_path))
+        let lock = tokio::task::spawn_blocking(move || exclusive_lock(&lock_path, LOCK_WAIT))
             .await
             .map_err(|e| StoreError::Internal(e.to_string()))??;
         let options = SqliteConnectOptions::new()
@@ -1651,7 +1663,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
         let first = SqliteStore::open(&path).await.unwrap();
-        let second = SqliteStore::open(&path).await.err().map(|e| e.to_string()).unwrap_or_default();
+        let lock = PathBuf::from(format!("{}.lock", path.display()));
+        let second = exclusive_lock(&lock, Duration::from_millis(100)).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(second.contains("another Countersign process is using this database"), "{second}");
         drop(first);
         let again = SqliteStore::open(&path).await.unwrap();

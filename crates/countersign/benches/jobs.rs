@@ -58,6 +58,8 @@ async fn webhook_deliveries(full: bool) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::build(config(dir.path())).await.unwrap();
     let org = server.bootstrapped().unwrap().org.id.clone();
+    // The server's own store: a second one on the same file is refused (one process per database).
+    let store = server.gateway().store().clone();
     let running = Running::start(server);
     let admin = running.admin.clone();
     let hook = admin.post("/v1/webhooks", &json!({"url": receiver, "events": ["approval.requested"]})).await.unwrap();
@@ -65,7 +67,6 @@ async fn webhook_deliveries(full: bool) {
 
     // The jobs go in behind the server's back; the runner finds them at its next look (within 5 s), so the
     // clock starts at the first delivery.
-    let store = SqliteStore::open(&dir.path().join("countersign.db")).await.unwrap();
     let mut tx = store.write().await.unwrap();
     let now = chrono::Utc::now();
     for i in 0..deliveries {

@@ -213,10 +213,10 @@ fn body_limit(key: &str, bytes: usize) -> Result<usize, ConfigError> {
     }
 }
 
-/// `seconds` when it lies between `min` and a day; else an error naming `key`.
 /// More jobs at once than this would only queue on the database's connections.
 const MAX_JOB_CONCURRENCY: usize = 1024;
 
+/// `seconds` when it lies between `min` and a day; else an error naming `key`.
 fn seconds_in_range(key: &str, seconds: u64, min: u64) -> Result<u64, ConfigError> {
     if (min..=MAX_CONFIGURED_SECONDS).contains(&seconds) {
         Ok(seconds)
