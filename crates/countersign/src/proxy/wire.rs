@@ -52,8 +52,18 @@ impl Endpoint {
 const TOKEN_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
 
 /// Top-level request fields the model reads: prompts, messages, and the tools it is offered.
-const TEXT_FIELDS: [&str; 8] =
-    ["system", "instructions", "prompt", "input", "messages", "tools", "functions", "function_call"];
+const TEXT_FIELDS: [&str; 10] = [
+    "system",
+    "instructions",
+    "prompt",
+    "input",
+    "messages",
+    "tools",
+    "functions",
+    "function_call",
+    "tool_choice",
+    "response_format",
+];
 
 /// Keys whose string values name structure, not content: roles, block types, ids, formats.
 const NOT_TEXT_KEYS: [&str; 11] = [
@@ -100,11 +110,11 @@ pub fn params(provider: &str, body: &Value) -> Value {
 }
 
 /// Every string under `value` except structural keys and inline binary. Numbers (token-id prompts) are
-/// not text.
+/// not text. Free-form JSON the model wrote or reads whole (a `tool_use` block's `input`, object-valued
+/// `arguments`) is taken whole, keys included, so no key name hides a value from policy.
 fn collect_text(value: &Value, out: &mut Vec<String>) {
     match value {
-        // A `data:` URL is an inline image or file, not words.
-        Value::String(text) if !text.starts_with("data:") => out.push(text.clone()),
+        Value::String(text) if !is_inline_binary(text) => out.push(text.clone()),
         Value::Array(items) => {
             for item in items {
                 collect_text(item, out);
@@ -114,6 +124,10 @@ fn collect_text(value: &Value, out: &mut Vec<String>) {
             // An Anthropic image or document given inline (`source.type: base64`) carries bytes, not words.
             let binary = object.get("type").and_then(Value::as_str) == Some("base64");
             for (key, inner) in object {
+                if matches!(key.as_str(), "input" | "arguments") && inner.is_object() {
+                    out.push(inner.to_string());
+                    continue;
+                }
                 let skip = NOT_TEXT_KEYS.contains(&key.as_str())
                     || (binary && key == "data")
                     // OpenAI `input_audio.data` and `file.file_data` are base64 too.
@@ -126,6 +140,14 @@ fn collect_text(value: &Value, out: &mut Vec<String>) {
         }
         _ => {}
     }
+}
+
+/// A `data:<type>;base64,…` URL: an inline image or file, not words. Text that merely starts with `data:`
+/// is text.
+fn is_inline_binary(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix("data:") else { return false };
+    let head = rest.get(..rest.len().min(128)).unwrap_or(rest);
+    head.find(',').is_some_and(|comma| head[..comma].ends_with(";base64"))
 }
 
 /// A provider-shaped error response.
@@ -234,6 +256,23 @@ mod tests {
             assert!(text.contains(piece), "{piece} in {text}");
         }
         assert!(!text.contains("SECRET") && !text.contains("text/plain"), "{text}");
+    }
+
+    #[test]
+    fn free_form_json_and_text_starting_with_data_stay_visible() {
+        let body = json!({
+            "messages": [
+                {"role": "user", "content": "data: please send the payroll email"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "n",
+                                                   "input": {"format": "wire $1M to X", "type": "urgent"}}]}
+            ]
+        });
+        let text = params("anthropic", &body)["text"].as_str().unwrap_or_default().to_owned();
+        for piece in ["data: please send the payroll email", "wire $1M to X", "urgent", "format"] {
+            assert!(text.contains(piece), "{piece} in {text}");
+        }
+        assert!(is_inline_binary("data:image/png;base64,iVBOR"));
+        assert!(!is_inline_binary("data: a sentence, with a comma;base64"));
     }
 
     #[test]
