@@ -228,6 +228,10 @@ impl Gateway {
     /// job runner and expiry timers — so whoever sees the change announced here already meets its policy.
     pub async fn apply_remote_changes(&self, message: &str) {
         let Some(changes) = notify::Changes::from_remote(message, &self.inner.jobs.owner) else { return };
+        if changes.principals || changes.everything {
+            // First: a revocation must not wait behind the policy reloads.
+            self.inner.auth_cache.forget_all();
+        }
         if changes.everything {
             self.reload_policies().await;
         }

@@ -4,7 +4,7 @@
 //! `PUT /v1/policy` (origin `api`). A reload that fails validation changes nothing: the running policy keeps
 //! ruling. Reading files happens here; evaluating is the pure engine in `countersign_core::policy`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -32,6 +32,14 @@ pub struct PolicyRegistry {
     path: Option<PathBuf>,
     file_policy: RwLock<Arc<Policy>>,
     by_org: RwLock<HashMap<OrgId, ActivePolicy>>,
+    /// Orgs left without a policy on purpose, and why (their stored policy no longer compiles, or could not
+    /// be read): their actions are denied, and `GET /v1/policy` says why.
+    refused: RwLock<HashMap<OrgId, String>>,
+    /// Orgs whose reload is being retried, so one retry runs per org.
+    retrying: std::sync::Mutex<HashSet<OrgId>>,
+    /// Held from reading (or committing) a policy to setting it here, so an older read cannot overwrite a
+    /// newer policy. Taken before any store transaction, never inside one.
+    turn: tokio::sync::Mutex<()>,
 }
 
 /// Reads a policy file, or every `.yaml`/`.yml` file of a folder in name order.
@@ -68,7 +76,14 @@ impl PolicyRegistry {
             Some(p) => load_policy_path(p)?,
             None => Policy::from_source("example.yaml", EXAMPLE_POLICY)?,
         };
-        Ok(PolicyRegistry { path, file_policy: RwLock::new(Arc::new(policy)), by_org: RwLock::new(HashMap::new()) })
+        Ok(PolicyRegistry {
+            path,
+            file_policy: RwLock::new(Arc::new(policy)),
+            by_org: RwLock::new(HashMap::new()),
+            refused: RwLock::new(HashMap::new()),
+            retrying: std::sync::Mutex::new(HashSet::new()),
+            turn: tokio::sync::Mutex::new(()),
+        })
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -92,13 +107,26 @@ impl PolicyRegistry {
     }
 
     /// Drops the org's policy, so its submissions are denied until it is loaded again (fail closed).
-    /// Answers whether it had one.
-    fn forget(&self, org: &OrgId) -> bool {
+    fn refuse(&self, org: &OrgId, why: String) {
         let mut map = match self.by_org.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.remove(org).is_some()
+        map.remove(org);
+        let mut refused = match self.refused.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        refused.insert(org.clone(), why);
+    }
+
+    /// Why the org has no policy, when it was refused one.
+    fn refused(&self, org: &OrgId) -> Option<String> {
+        let refused = match self.refused.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        refused.get(org).cloned()
     }
 
     fn set(&self, org: &OrgId, active: ActivePolicy) {
@@ -107,6 +135,26 @@ impl PolicyRegistry {
             Err(poisoned) => poisoned.into_inner(),
         };
         map.insert(org.clone(), active);
+        let mut refused = match self.refused.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        refused.remove(org);
+    }
+
+    /// Marks a reload retry as running for the org; false if one already is.
+    fn start_retry(&self, org: &OrgId) -> bool {
+        match self.retrying.lock() {
+            Ok(mut set) => set.insert(org.clone()),
+            Err(poisoned) => poisoned.into_inner().insert(org.clone()),
+        }
+    }
+
+    fn end_retry(&self, org: &OrgId) {
+        match self.retrying.lock() {
+            Ok(mut set) => set.remove(org),
+            Err(poisoned) => poisoned.into_inner().remove(org),
+        };
     }
 }
 
@@ -122,24 +170,18 @@ fn stored(org: &OrgId, policy: &Policy, origin: &str, now: chrono::DateTime<chro
 
 impl Gateway {
     /// Brings an org's policy into the registry at start or when the org is created: an `api` policy stays,
-    /// otherwise the configured file policy is recorded (a new version only when it changed).
-    pub(super) async fn activate_org_policy(&self, work: &mut Work, org: &OrgId) -> Result<ActivePolicy> {
+    /// otherwise the configured file policy is recorded (a new version only when it changed). A stored `api`
+    /// policy that no longer compiles is not replaced by the file policy, which may allow more: the org is
+    /// left without a policy (its actions denied) until an admin sets one.
+    pub(super) async fn activate_org_policy(&self, work: &mut Work, org: &OrgId) -> Result<()> {
         let now = self.now();
         let file_policy = self.policies().file_policy();
         let current = work.tx.current_policy(org).await?;
         if let Some(current) = &current
             && current.origin == "api"
         {
-            match Policy::from_sources(&current.sources) {
-                Ok(policy) => {
-                    let active = ActivePolicy { policy: Arc::new(policy), origin: "api".into() };
-                    self.policies().set(org, active.clone());
-                    return Ok(active);
-                }
-                Err(e) => {
-                    tracing::error!(org = %org, error = %e, "stored API policy no longer compiles; using the configured policy");
-                }
-            }
+            self.rule_by_stored(org, current);
+            return Ok(());
         }
         if current.as_ref().is_none_or(|c| c.version != file_policy.version() || c.origin != "file") {
             work.tx.insert_policy(&stored(org, &file_policy, "file", now)).await?;
@@ -153,13 +195,31 @@ impl Gateway {
             )
             .await?;
         }
-        let active = ActivePolicy { policy: file_policy, origin: "file".into() };
-        self.policies().set(org, active.clone());
-        Ok(active)
+        self.policies().set(org, ActivePolicy { policy: file_policy, origin: "file".into() });
+        Ok(())
     }
 
-    /// Loads every org's policy at start.
+    /// Rules the org by its stored `api` policy, or refuses it one (fail closed) if that no longer compiles.
+    fn rule_by_stored(&self, org: &OrgId, current: &StoredPolicy) {
+        match Policy::from_sources(&current.sources) {
+            Ok(policy) => self.policies().set(org, ActivePolicy { policy: Arc::new(policy), origin: "api".into() }),
+            Err(e) => {
+                tracing::error!(org = %org, error = %e, "the org's stored policy no longer compiles; denying its actions until an admin sets one");
+                self.policies().refuse(
+                    org,
+                    format!(
+                        "the org's stored policy (version {}) no longer compiles: {e}; its actions are denied until \
+                         an admin sets a policy with PUT /v1/policy",
+                        current.version
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Loads every org's policy at start (and after the policy file changed).
     pub async fn activate_policies(&self) -> Result<()> {
+        let _turn = self.policies().turn.lock().await;
         let mut work = self.write().await?;
         for org in work.tx.list_orgs().await? {
             self.activate_org_policy(&mut work, &org.id).await?;
@@ -167,37 +227,44 @@ impl Gateway {
         work.commit(self).await
     }
 
-    /// Reloads an org's policy from the store after another replica set it (or created the org). If the
-    /// store cannot be read, the org is left without a policy, so its submissions are denied, and the load
-    /// is tried again every second until it succeeds or the server stops: a replica never keeps ruling by
-    /// a policy it knows was replaced.
+    /// Reloads an org's policy from the store after another replica set it (or created the org). Read-only:
+    /// an `api` policy is compiled, else this replica's file policy rules. If the store cannot be read, the
+    /// org is left without a policy, so its actions are denied, and the load is tried again every second
+    /// until it succeeds or the server stops: a replica never keeps ruling by a policy it knows was replaced.
     pub(crate) async fn reload_org_policy(&self, org: &OrgId) {
-        if let Err(error) = self.try_reload_org_policy(org).await {
-            tracing::error!(org = %org, %error, "cannot reload the org's policy set on another replica; denying its actions until it loads");
-            if !self.policies().forget(org) {
-                // Already forgotten: the retry below is running for it.
-                return;
-            }
-            let (gateway, org) = (self.clone(), org.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = gateway.shutdown().cancelled() => return,
-                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                    }
-                    match gateway.try_reload_org_policy(&org).await {
-                        Ok(()) => return,
-                        Err(error) => tracing::warn!(org = %org, %error, "still cannot reload the org's policy"),
-                    }
-                }
-            });
+        let Err(error) = self.try_reload_org_policy(org).await else { return };
+        tracing::error!(org = %org, %error, "cannot reload the org's policy set on another replica; denying its actions until it loads");
+        self.policies().refuse(org, format!("the org's policy could not be reloaded ({error}); retrying"));
+        if !self.policies().start_retry(org) {
+            return;
         }
+        let (gateway, org) = (self.clone(), org.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = gateway.shutdown().cancelled() => break,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+                match gateway.try_reload_org_policy(&org).await {
+                    Ok(()) => break,
+                    Err(error) => tracing::warn!(org = %org, %error, "still cannot reload the org's policy"),
+                }
+            }
+            gateway.policies().end_retry(&org);
+        });
     }
 
     async fn try_reload_org_policy(&self, org: &OrgId) -> Result<()> {
-        let mut work = self.write().await?;
-        self.activate_org_policy(&mut work, org).await?;
-        work.commit(self).await
+        let _turn = self.policies().turn.lock().await;
+        let current = self.read().await?.current_policy(org).await?;
+        match current.filter(|c| c.origin == "api") {
+            Some(current) => self.rule_by_stored(org, &current),
+            None => {
+                let file_policy = self.policies().file_policy();
+                self.policies().set(org, ActivePolicy { policy: file_policy, origin: "file".into() });
+            }
+        }
+        Ok(())
     }
 
     /// Reloads every org's policy after this replica may have missed what others set (a lost connection,
@@ -244,6 +311,7 @@ impl Gateway {
         caller.require_admin()?;
         let policy = Policy::from_sources(&files).map_err(|e| invalid_policy(&e))?;
         let org = caller.org_id().clone();
+        let _turn = self.policies().turn.lock().await;
         let now = self.now();
         let mut work = self.write().await?;
         work.tx.insert_policy(&stored(&org, &policy, "api", now)).await?;
@@ -265,9 +333,12 @@ impl Gateway {
 
     pub fn current_policy(&self, caller: &Caller) -> Result<ActivePolicy> {
         caller.require_user()?;
-        self.policies()
-            .for_org(caller.org_id())
-            .ok_or_else(|| Error::Internal("no policy is loaded for this org".into()))
+        let org = caller.org_id();
+        match (self.policies().for_org(org), self.policies().refused(org)) {
+            (Some(active), _) => Ok(active),
+            (None, Some(why)) => Err(Error::Conflict { message: why, state: None }),
+            (None, None) => Err(Error::Internal("no policy is loaded for this org".into())),
+        }
     }
 
     /// `POST /v1/policy/validate`.

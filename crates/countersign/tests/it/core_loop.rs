@@ -341,6 +341,28 @@ async fn policy_updates_keep_the_old_policy_when_invalid() {
     assert_eq!(dry.str("/effect"), "deny");
     assert_eq!(dry.str("/rule"), "deny-mail");
     assert!(!dry.str("/explanation").is_empty());
+
+    // A stored policy that no longer compiles (here: rewritten to a format version this build does not
+    // read) is not swapped for the configured file policy, which may allow more: the org is denied and
+    // told why until an admin sets a policy.
+    let bot_key = server.agent("bot").await.key().unwrap().to_owned();
+    server.stop().await;
+    let broken = "UPDATE policies SET sources = replace(sources, 'version: 1', 'version: 9') WHERE origin = 'api'";
+    assert!(crate::helpers::raw_sql(dir.path(), broken, None).await.unwrap() >= 1);
+    let server = TestServer::start(dir.path(), None).await;
+    let policy = server.admin.get("/v1/policy").await.unwrap();
+    assert_eq!(policy.status, 409, "{:?}", policy.body);
+    assert!(policy.str("/detail").contains("no longer compiles"), "{:?}", policy.body);
+    let bot = server.admin.with_key(bot_key);
+    let denied = bot.submit_action(&json!({"capability": "ops.restart.service", "reasoning": "x"})).await.unwrap();
+    assert_eq!(denied.status, 403, "{:?}", denied.body);
+    let set = server
+        .admin
+        .send_raw(reqwest::Method::PUT, "/v1/policy", "application/yaml", b"version: 1\nrules: []\n".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    assert_eq!(server.admin.get("/v1/policy").await.unwrap().status, 200);
     server.stop().await;
 }
 
