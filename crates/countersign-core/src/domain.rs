@@ -266,10 +266,11 @@ impl HttpTarget {
             || self.path.starts_with("//")
             || self.path.contains("..")
             || self.path.contains('\\')
+            || self.path.chars().any(char::is_control)
             || lowered.contains("%2e")
         {
             return Err(format!(
-                "target.path `{}` must be an absolute path on the upstream (start with `/`; no `..`, `%2e` or `\\`)",
+                "target.path `{}` must be an absolute path on the upstream (start with `/`; no `..`, `%2e`, `\\` or control characters)",
                 self.path
             ));
         }

@@ -530,7 +530,7 @@ impl ServeArgs {
         let mut listen = file.listen;
         for (name, mut upstream) in file.upstreams {
             upstream.base_url = expand_env(&upstream.base_url)?;
-            url_is_http(&upstream.base_url)
+            base_url_is_http(&upstream.base_url)
                 .map_err(|m| ConfigError::Invalid(format!("upstreams.{name}.base_url: {m}")))?;
             for value in upstream.headers.values_mut() {
                 *value = Secret::new(expand_env(value.expose())?);
@@ -542,7 +542,7 @@ impl ServeArgs {
                 return Err(ConfigError::Invalid(format!("llm.{name}: a provider name is [A-Za-z0-9_-]")));
             }
             let base_url = expand_env(&provider.base_url)?;
-            url_is_http(&base_url).map_err(|m| ConfigError::Invalid(format!("llm.{name}.base_url: {m}")))?;
+            base_url_is_http(&base_url).map_err(|m| ConfigError::Invalid(format!("llm.{name}.base_url: {m}")))?;
             let api_key = match provider.api_key {
                 Some(key) => Secret::new(expand_env(key.expose())?),
                 None => Secret::default(),
@@ -623,6 +623,16 @@ fn url_is_http(text: &str) -> Result<(), String> {
         "http" | "https" => Ok(()),
         other => Err(format!("scheme `{other}` is not http or https")),
     }
+}
+
+/// A base URL that paths are appended to: http(s), and no query or fragment, which would swallow them.
+fn base_url_is_http(text: &str) -> Result<(), String> {
+    url_is_http(text)?;
+    let parsed = reqwest::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!("`{text}` must not have a query or fragment (`?…`, `#…`); paths are appended to it"));
+    }
+    Ok(())
 }
 
 /// A commented example configuration, printed by `countersign config example`.
@@ -796,6 +806,15 @@ mod tests {
             let error = ServeArgs { config: Some(path.clone()), ..ServeArgs::default() }.resolve().unwrap_err();
             assert!(error.to_string().contains("must be between"), "{text}: {error}");
         }
+    }
+
+    #[test]
+    fn base_urls_take_no_query_but_mcp_urls_may() {
+        assert!(base_url_is_http("https://api.example/v1").is_ok());
+        let error = base_url_is_http("https://api.example/v1?tenant=x").unwrap_err();
+        assert!(error.contains("query or fragment"), "{error}");
+        assert!(base_url_is_http("https://api.example/#x").is_err());
+        assert!(url_is_http("https://mcp.example/mcp?token=x").is_ok());
     }
 
     #[test]

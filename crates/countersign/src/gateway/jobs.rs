@@ -149,12 +149,15 @@ impl Gateway {
         self.inner.jobs_added.notify_one();
     }
 
-    /// Takes the next due job under this runner's lease, if there is one.
+    /// Takes the next due job under a lease of its own, if there is one. The lease's owner names this
+    /// runner and this one claim (`<runner>/<claim>`), so a job this runner lost and then took again is a
+    /// different claim: the earlier handler's renewals and settling no longer match it.
     pub async fn claim_job(&self) -> Result<Option<Job>> {
         let now = self.now();
         let lease_until = now + chrono::Duration::from_std(self.inner.jobs.lease).unwrap_or_default();
+        let owner = format!("{}/{}", self.inner.jobs.owner, ulid::Ulid::generate());
         let mut work = self.write().await?;
-        let job = work.tx.claim_job(now, &self.inner.jobs.owner, lease_until).await?;
+        let job = work.tx.claim_job(now, &owner, lease_until).await?;
         if let Some(job) = &job {
             work.job_changed(job);
         }
@@ -167,11 +170,12 @@ impl Gateway {
         Ok(self.read().await?.next_job_due().await?)
     }
 
-    /// Keeps this runner's lease on a running job; false once it was lost.
-    pub async fn renew_job_lease(&self, id: &JobId) -> Result<bool> {
+    /// Keeps the lease of this claim of a running job; false once it was lost.
+    pub async fn renew_job_lease(&self, job: &Job) -> Result<bool> {
+        let Some(owner) = job.lease_owner.as_deref() else { return Ok(false) };
         let until = self.now() + chrono::Duration::from_std(self.inner.jobs.lease).unwrap_or_default();
         let mut work = self.write().await?;
-        let held = work.tx.renew_job_lease(id, &self.inner.jobs.owner, until).await?;
+        let held = work.tx.renew_job_lease(&job.id, owner, until).await?;
         work.commit(self).await?;
         Ok(held)
     }
@@ -180,7 +184,7 @@ impl Gateway {
     pub async fn report_progress(&self, job: &Job, progress: Value) -> Result<()> {
         let mut work = self.write().await?;
         let Some(mut current) = work.tx.get_job(&job.org_id, &job.id).await? else { return Ok(()) };
-        if current.state != JobState::Running || current.lease_owner.as_deref() != Some(&self.inner.jobs.owner) {
+        if current.state != JobState::Running || job.lease_owner.is_none() || current.lease_owner != job.lease_owner {
             return Ok(());
         }
         current.progress = Some(progress);
@@ -217,8 +221,8 @@ impl Gateway {
         let Some(mut current) = work.tx.get_job(&job.org_id, &job.id).await? else {
             return Err(Error::not_found("job", job.id.as_str()));
         };
-        if current.state != JobState::Running || current.lease_owner.as_deref() != Some(&self.inner.jobs.owner) {
-            // Cancelled meanwhile, or the lease ran out and another runner took it: theirs to settle.
+        if current.state != JobState::Running || job.lease_owner.is_none() || current.lease_owner != job.lease_owner {
+            // Cancelled meanwhile, or the lease ran out and another claim took it: theirs to settle.
             tracing::warn!(job = %job.id, state = current.state.as_str(), "job no longer held; outcome dropped");
             return Ok(());
         }
@@ -261,7 +265,9 @@ impl Gateway {
             && current.kind == JobKind::ActionExecute
             && let Err(error) = fail_unfinished_action(&mut work, &current, now).await
         {
-            // The job still ends. A write that failed fails the commit too, so nothing is half-written.
+            // The job still ends: run again, the same error would fail it forever. A failed write fails the
+            // commit too, so nothing is half-written; a failed read (a row that cannot be decoded) leaves the
+            // action as it was, and this log line is what says so.
             tracing::error!(job = %current.id, %error, "cannot end the action of a failed execution job");
         }
         // Retries are visible on the job and in webhook deliveries; the audit log records how jobs end.

@@ -80,7 +80,7 @@ async fn run_one(gateway: &Gateway, job: Job) {
             outcome = &mut work => break outcome,
             () = tokio::time::sleep_until(renew_at) => {
                 let asked = tokio::time::Instant::now();
-                match gateway.renew_job_lease(&job.id).await {
+                match gateway.renew_job_lease(&job).await {
                     Ok(true) => held_until = asked + lease - lease / 10,
                     Ok(false) => {
                         tracing::warn!(job = %job.id, "lease lost while running; stopped, the job is another runner's now");

@@ -412,7 +412,7 @@ async fn targets_stay_under_the_upstream_and_cannot_set_its_configured_headers()
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), Some(&upstream.url)).await;
     let bot = server.agent("bot").await;
-    for path in ["/%2e%2e/admin", "/v1/.%2E/admin", "/v1\\..\\admin", "/../admin"] {
+    for path in ["/%2e%2e/admin", "/v1/.%2E/admin", "/v1\\..\\admin", "/../admin", "/.\t./admin"] {
         let mut body = http_action("payments.charge.card");
         body["target"]["path"] = json!(path);
         let refused = bot.submit_action(&body).await.unwrap();
