@@ -114,13 +114,22 @@ fn page(
     dry: DryRunForm,
     outcome: Option<Result<DryRun, String>>,
 ) -> Result<PolicyPage, Error> {
-    let active = state.gateway.current_policy(&ui.caller)?;
-    let files = active
-        .policy
-        .sources()
-        .iter()
-        .map(|(name, source)| PolicyFile { name: name.clone(), source: source.clone() })
-        .collect();
+    // An org refused its stored policy still gets the page: it says why, and validate prepares the fix.
+    let (version, origin, rules, files) = match state.gateway.current_policy(&ui.caller) {
+        Ok(active) => (
+            active.policy.version().to_owned(),
+            active.origin.clone(),
+            active.policy.rule_count(),
+            active
+                .policy
+                .sources()
+                .iter()
+                .map(|(name, source)| PolicyFile { name: name.clone(), source: source.clone() })
+                .collect(),
+        ),
+        Err(Error::Conflict { message, .. }) => ("none".to_owned(), format!("none: {message}"), 0, Vec::new()),
+        Err(other) => return Err(other),
+    };
     let (dry_run, dry_error) = match outcome {
         Some(Ok(run)) => (Some(run), None),
         Some(Err(message)) => (None, Some(message)),
@@ -128,9 +137,9 @@ fn page(
     };
     Ok(PolicyPage {
         chrome: Chrome::new(ui, "policy"),
-        version: active.policy.version().to_owned(),
-        origin: active.origin.clone(),
-        rules: active.policy.rule_count(),
+        version,
+        origin,
+        rules,
         files,
         blocked: view::admin_block(ui),
         validate,

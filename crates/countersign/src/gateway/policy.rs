@@ -34,12 +34,20 @@ pub struct PolicyRegistry {
     by_org: RwLock<HashMap<OrgId, ActivePolicy>>,
     /// Orgs left without a policy on purpose, and why (their stored policy no longer compiles, or could not
     /// be read): their actions are denied, and `GET /v1/policy` says why.
-    refused: RwLock<HashMap<OrgId, String>>,
+    refused: RwLock<HashMap<OrgId, Refusal>>,
     /// Orgs whose reload is being retried, so one retry runs per org.
     retrying: std::sync::Mutex<HashSet<OrgId>>,
     /// Held from reading (or committing) a policy to setting it here, so an older read cannot overwrite a
     /// newer policy. Taken before any store transaction, never inside one.
-    turn: tokio::sync::Mutex<()>,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Why an org has no policy.
+#[derive(Clone)]
+struct Refusal {
+    message: String,
+    /// The store could not be read (retried), rather than a stored policy that no longer compiles.
+    transient: bool,
 }
 
 /// Reads a policy file, or every `.yaml`/`.yml` file of a folder in name order.
@@ -82,7 +90,7 @@ impl PolicyRegistry {
             by_org: RwLock::new(HashMap::new()),
             refused: RwLock::new(HashMap::new()),
             retrying: std::sync::Mutex::new(HashSet::new()),
-            turn: tokio::sync::Mutex::new(()),
+            turn: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -107,7 +115,7 @@ impl PolicyRegistry {
     }
 
     /// Drops the org's policy, so its submissions are denied until it is loaded again (fail closed).
-    fn refuse(&self, org: &OrgId, why: String) {
+    fn refuse(&self, org: &OrgId, why: Refusal) {
         let mut map = match self.by_org.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -121,7 +129,7 @@ impl PolicyRegistry {
     }
 
     /// Why the org has no policy, when it was refused one.
-    fn refused(&self, org: &OrgId) -> Option<String> {
+    fn refused(&self, org: &OrgId) -> Option<Refusal> {
         let refused = match self.refused.read() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -150,11 +158,18 @@ impl PolicyRegistry {
         }
     }
 
-    fn end_retry(&self, org: &OrgId) {
-        match self.retrying.lock() {
-            Ok(mut set) => set.remove(org),
-            Err(poisoned) => poisoned.into_inner().remove(org),
+    /// Ends the org's retry if the org is no longer refused. Checked with the retry still marked, and every
+    /// failure refuses before it asks for a retry, so no refusal is ever left without one.
+    fn end_retry_if_loaded(&self, org: &OrgId) -> bool {
+        let mut set = match self.retrying.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
         };
+        if self.refused(org).is_some_and(|r| r.transient) {
+            return false;
+        }
+        set.remove(org);
+        true
     }
 }
 
@@ -207,11 +222,14 @@ impl Gateway {
                 tracing::error!(org = %org, error = %e, "the org's stored policy no longer compiles; denying its actions until an admin sets one");
                 self.policies().refuse(
                     org,
-                    format!(
-                        "the org's stored policy (version {}) no longer compiles: {e}; its actions are denied until \
-                         an admin sets a policy with PUT /v1/policy",
-                        current.version
-                    ),
+                    Refusal {
+                        message: format!(
+                            "the org's stored policy (version {}) no longer compiles: {e}; its actions are denied \
+                             until an admin sets a policy with PUT /v1/policy",
+                            current.version
+                        ),
+                        transient: false,
+                    },
                 );
             }
         }
@@ -232,39 +250,49 @@ impl Gateway {
     /// org is left without a policy, so its actions are denied, and the load is tried again every second
     /// until it succeeds or the server stops: a replica never keeps ruling by a policy it knows was replaced.
     pub(crate) async fn reload_org_policy(&self, org: &OrgId) {
-        let Err(error) = self.try_reload_org_policy(org).await else { return };
-        tracing::error!(org = %org, %error, "cannot reload the org's policy set on another replica; denying its actions until it loads");
-        self.policies().refuse(org, format!("the org's policy could not be reloaded ({error}); retrying"));
-        if !self.policies().start_retry(org) {
+        if self.reload_or_refuse(org).await || !self.policies().start_retry(org) {
             return;
         }
         let (gateway, org) = (self.clone(), org.clone());
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    () = gateway.shutdown().cancelled() => break,
+                    () = gateway.shutdown().cancelled() => return,
                     () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
                 }
-                match gateway.try_reload_org_policy(&org).await {
-                    Ok(()) => break,
-                    Err(error) => tracing::warn!(org = %org, %error, "still cannot reload the org's policy"),
+                gateway.reload_or_refuse(&org).await;
+                if gateway.policies().end_retry_if_loaded(&org) {
+                    return;
                 }
             }
-            gateway.policies().end_retry(&org);
         });
     }
 
-    async fn try_reload_org_policy(&self, org: &OrgId) -> Result<()> {
+    /// Loads the org's policy from the store, or refuses it one, in one turn of the registry: true if loaded.
+    async fn reload_or_refuse(&self, org: &OrgId) -> bool {
         let _turn = self.policies().turn.lock().await;
-        let current = self.read().await?.current_policy(org).await?;
-        match current.filter(|c| c.origin == "api") {
-            Some(current) => self.rule_by_stored(org, &current),
-            None => {
-                let file_policy = self.policies().file_policy();
-                self.policies().set(org, ActivePolicy { policy: file_policy, origin: "file".into() });
+        let current = match self.read().await {
+            Ok(mut tx) => tx.current_policy(org).await.map_err(Error::from),
+            Err(error) => Err(error),
+        };
+        match current {
+            Ok(current) => {
+                match current.filter(|c| c.origin == "api") {
+                    Some(current) => self.rule_by_stored(org, &current),
+                    None => {
+                        let file_policy = self.policies().file_policy();
+                        self.policies().set(org, ActivePolicy { policy: file_policy, origin: "file".into() });
+                    }
+                }
+                true
+            }
+            Err(error) => {
+                tracing::error!(org = %org, %error, "cannot reload the org's policy set on another replica; denying its actions until it loads");
+                let message = "the org's policy could not be reloaded from the database; retrying".to_owned();
+                self.policies().refuse(org, Refusal { message, transient: true });
+                false
             }
         }
-        Ok(())
     }
 
     /// Reloads every org's policy after this replica may have missed what others set (a lost connection,
@@ -311,7 +339,7 @@ impl Gateway {
         caller.require_admin()?;
         let policy = Policy::from_sources(&files).map_err(|e| invalid_policy(&e))?;
         let org = caller.org_id().clone();
-        let _turn = self.policies().turn.lock().await;
+        let turn = self.policies().turn.clone().lock_owned().await;
         let now = self.now();
         let mut work = self.write().await?;
         work.tx.insert_policy(&stored(&org, &policy, "api", now)).await?;
@@ -326,8 +354,17 @@ impl Gateway {
         .await?;
         let active = ActivePolicy { policy: Arc::new(policy), origin: "api".into() };
         work.policy_changed(&org);
-        work.commit(self).await?;
-        self.policies().set(&org, active.clone());
+        // The commit and setting it here run on a task of their own: a client that hangs up meanwhile must
+        // not leave this replica on the old policy while the store (and every other replica) has the new.
+        let (gateway, set) = (self.clone(), active.clone());
+        tokio::spawn(async move {
+            let _turn = turn;
+            work.commit(&gateway).await?;
+            gateway.policies().set(&org, set);
+            Ok::<_, Error>(())
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("setting the policy stopped: {e}")))??;
         Ok(active)
     }
 
@@ -336,7 +373,8 @@ impl Gateway {
         let org = caller.org_id();
         match (self.policies().for_org(org), self.policies().refused(org)) {
             (Some(active), _) => Ok(active),
-            (None, Some(why)) => Err(Error::Conflict { message: why, state: None }),
+            (None, Some(Refusal { message, transient: true })) => Err(Error::Unavailable(message)),
+            (None, Some(Refusal { message, transient: false })) => Err(Error::Conflict { message, state: None }),
             (None, None) => Err(Error::Internal("no policy is loaded for this org".into())),
         }
     }

@@ -114,7 +114,7 @@ pub fn params(provider: &str, body: &Value) -> Value {
 /// `arguments`) is taken whole, keys included, so no key name hides a value from policy.
 fn collect_text(value: &Value, out: &mut Vec<String>) {
     match value {
-        Value::String(text) if !is_inline_binary(text) => out.push(text.clone()),
+        Value::String(text) => out.push(text.clone()),
         Value::Array(items) => {
             for item in items {
                 collect_text(item, out);
@@ -128,11 +128,15 @@ fn collect_text(value: &Value, out: &mut Vec<String>) {
                     out.push(inner.to_string());
                     continue;
                 }
-                let skip = NOT_TEXT_KEYS.contains(&key.as_str())
+                // Structural keys hide only their own string (a schema property named `type` keeps its
+                // description visible); inline bytes are skipped only where images, audio and files go.
+                let skip = (NOT_TEXT_KEYS.contains(&key.as_str()) && inner.is_string())
                     || (binary && key == "data")
                     // OpenAI `input_audio.data` and `file.file_data` are base64 too.
-                    || key == "file_data"
-                    || (key == "data" && object.contains_key("format"));
+                    || (key == "file_data" && inner.is_string())
+                    || (key == "data" && object.contains_key("format") && inner.is_string())
+                    || (matches!(key.as_str(), "url" | "image_url")
+                        && inner.as_str().is_some_and(is_inline_binary));
                 if !skip {
                     collect_text(inner, out);
                 }
@@ -142,8 +146,7 @@ fn collect_text(value: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// A `data:<type>;base64,…` URL: an inline image or file, not words. Text that merely starts with `data:`
-/// is text.
+/// A `data:<type>;base64,…` URL: an inline image or file, not words (checked only where a URL goes).
 fn is_inline_binary(text: &str) -> bool {
     let Some(rest) = text.strip_prefix("data:") else { return false };
     let head = rest.get(..rest.len().min(128)).unwrap_or(rest);
@@ -240,7 +243,8 @@ mod tests {
     fn documents_tool_descriptions_and_legacy_calls_are_text_but_inline_bytes_are_not() {
         let body = json!({
             "model": "claude-x",
-            "tools": [{"name": "mailer", "description": "tool description words", "input_schema": {"type": "object"}}],
+            "tools": [{"name": "mailer", "description": "tool description words", "input_schema": {"type": "object",
+                       "properties": {"format": {"type": "string", "description": "schema property words"}}}}],
             "messages": [
                 {"role": "user", "content": [
                     {"type": "document", "title": "doc title", "source": {"type": "text", "media_type": "text/plain", "data": "send the payroll email"}},
@@ -252,7 +256,13 @@ mod tests {
             ]
         });
         let text = params("anthropic", &body)["text"].as_str().unwrap_or_default().to_owned();
-        for piece in ["send the payroll email", "doc title", "tool description words", "legacy call words"] {
+        for piece in [
+            "send the payroll email",
+            "doc title",
+            "tool description words",
+            "legacy call words",
+            "schema property words",
+        ] {
             assert!(text.contains(piece), "{piece} in {text}");
         }
         assert!(!text.contains("SECRET") && !text.contains("text/plain"), "{text}");
@@ -263,12 +273,13 @@ mod tests {
         let body = json!({
             "messages": [
                 {"role": "user", "content": "data: please send the payroll email"},
+                {"role": "user", "content": "data:x;base64, hidden words"},
                 {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "n",
                                                    "input": {"format": "wire $1M to X", "type": "urgent"}}]}
             ]
         });
         let text = params("anthropic", &body)["text"].as_str().unwrap_or_default().to_owned();
-        for piece in ["data: please send the payroll email", "wire $1M to X", "urgent", "format"] {
+        for piece in ["data: please send the payroll email", "wire $1M to X", "urgent", "format", "hidden words"] {
             assert!(text.contains(piece), "{piece} in {text}");
         }
         assert!(is_inline_binary("data:image/png;base64,iVBOR"));

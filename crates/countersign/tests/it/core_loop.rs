@@ -353,6 +353,16 @@ async fn policy_updates_keep_the_old_policy_when_invalid() {
     let policy = server.admin.get("/v1/policy").await.unwrap();
     assert_eq!(policy.status, 409, "{:?}", policy.body);
     assert!(policy.str("/detail").contains("no longer compiles"), "{:?}", policy.body);
+    // The dashboard's policy page still opens, saying why, so an admin can validate a fix there.
+    let (cookie, _) = crate::dashboard::login(server.admin.base(), server.admin.key().unwrap()).await;
+    let page = crate::dashboard::http()
+        .get(format!("{}/ui/policy", server.admin.base()))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("no longer compiles"));
     let bot = server.admin.with_key(bot_key);
     let denied = bot.submit_action(&json!({"capability": "ops.restart.service", "reasoning": "x"})).await.unwrap();
     assert_eq!(denied.status, 403, "{:?}", denied.body);
