@@ -104,6 +104,9 @@ pub struct Session {
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The API key it was minted with, if any: revoking that key revokes this session, and the session
+    /// never outlives the key's expiry.
+    pub minted_with: Option<KeyId>,
 }
 
 impl Session {

@@ -62,10 +62,11 @@ use crate::rows::{
     user_row, webhook_row,
 };
 
-const MIGRATIONS: [(i64, &str, &str); 3] = [
+const MIGRATIONS: [(i64, &str, &str); 4] = [
     (1, "init", include_str!("../migrations/postgres/0001_init.sql")),
     (2, "instance_secrets", include_str!("../migrations/postgres/0002_instance_secrets.sql")),
     (3, "dashboard_sessions", include_str!("../migrations/postgres/0003_dashboard_sessions.sql")),
+    (4, "session_minting_key", include_str!("../migrations/postgres/0004_session_minting_key.sql")),
 ];
 
 /// Connections per replica. Each open transaction holds one.
@@ -650,6 +651,17 @@ impl StoreTx for PgTx {
                     .bind(id.as_str().to_owned()),
             )
             .await?;
+        if n > 0 {
+            self.execute(
+                sqlx::query(
+                    "UPDATE sessions SET revoked_at = $1 WHERE org_id = $2 AND minted_with = $3 AND revoked_at IS NULL",
+                )
+                .bind(to_us(at))
+                .bind(org.as_str().to_owned())
+                .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        }
         Ok(n > 0)
     }
 
@@ -658,8 +670,8 @@ impl StoreTx for PgTx {
         self.execute(
             sqlx::query(
                 "INSERT INTO sessions (id, org_id, agent_id, hash, scopes, created_by, created_at, expires_at,
-                    revoked_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    revoked_at, minted_with)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             )
             .bind(session.id.as_str().to_owned())
             .bind(session.org_id.as_str().to_owned())
@@ -669,7 +681,8 @@ impl StoreTx for PgTx {
             .bind(session.created_by.clone())
             .bind(to_us(session.created_at))
             .bind(to_us(session.expires_at))
-            .bind(opt_us(session.revoked_at)),
+            .bind(opt_us(session.revoked_at))
+            .bind(session.minted_with.as_ref().map(|k| k.as_str().to_owned())),
         )
         .await
         .map(drop)

@@ -286,6 +286,7 @@ pub fn session_row(row: &impl Cols) -> Result<Session, StoreError> {
         created_at: from_us(get(row, "created_at")?)?,
         expires_at: from_us(get(row, "expires_at")?)?,
         revoked_at: opt_from_us(get(row, "revoked_at")?)?,
+        minted_with: get::<Option<String>>(row, "minted_with")?.map(KeyId::from_stored),
     })
 }
 

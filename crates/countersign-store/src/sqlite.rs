@@ -45,10 +45,11 @@ use crate::rows::{
     user_row, webhook_row,
 };
 
-const MIGRATIONS: [(i64, &str, &str); 3] = [
+const MIGRATIONS: [(i64, &str, &str); 4] = [
     (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
     (2, "jobs_webhooks_checkpoints", include_str!("../migrations/sqlite/0002_jobs_webhooks_checkpoints.sql")),
     (3, "dashboard_sessions", include_str!("../migrations/sqlite/0003_dashboard_sessions.sql")),
+    (4, "session_minting_key", include_str!("../migrations/sqlite/0004_session_minting_key.sql")),
 ];
 
 /// Commits between two background WAL checkpoints (about 1,000 pages of WAL at the usual write sizes).
@@ -786,6 +787,17 @@ impl StoreTx for SqliteTx {
                     .bind(id.as_str().to_owned()),
             )
             .await?;
+        if n > 0 {
+            self.execute(
+                sqlx::query(
+                    "UPDATE sessions SET revoked_at = ? WHERE org_id = ? AND minted_with = ? AND revoked_at IS NULL",
+                )
+                .bind(to_us(at))
+                .bind(org.as_str().to_owned())
+                .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        }
         Ok(n > 0)
     }
 
@@ -793,8 +805,9 @@ impl StoreTx for SqliteTx {
         let scopes: Vec<&str> = session.scopes.iter().map(NameGlob::as_str).collect();
         self.execute(
             sqlx::query(
-                "INSERT INTO sessions (id, org_id, agent_id, hash, scopes, created_by, created_at, expires_at, revoked_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO sessions (id, org_id, agent_id, hash, scopes, created_by, created_at, expires_at, revoked_at,
+                    minted_with)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(session.id.as_str().to_owned())
             .bind(session.org_id.as_str().to_owned())
@@ -804,7 +817,8 @@ impl StoreTx for SqliteTx {
             .bind(session.created_by.clone())
             .bind(to_us(session.created_at))
             .bind(to_us(session.expires_at))
-            .bind(opt_us(session.revoked_at)),
+            .bind(opt_us(session.revoked_at))
+            .bind(session.minted_with.as_ref().map(|k| k.as_str().to_owned())),
         )
         .await
         .map(drop)

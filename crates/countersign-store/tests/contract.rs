@@ -412,6 +412,7 @@ mod checks {
             created_at: now(),
             expires_at: now() + TimeDelta::hours(1),
             revoked_at: None,
+            minted_with: None,
         };
         tx.insert_session(&session).await.unwrap();
         assert_eq!(tx.find_session_by_hash(&session.hash).await.unwrap(), Some(session.clone()), "{n}");

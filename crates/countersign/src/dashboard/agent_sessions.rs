@@ -124,7 +124,7 @@ fn request(form: &MintForm) -> Result<SessionRequest, Error> {
         t => Some(t.parse::<u64>().map_err(|_| Error::invalid("ttl_seconds", "the TTL is a number of seconds"))?),
     };
     let agent = Some(form.agent.trim().to_owned()).filter(|a| !a.is_empty());
-    Ok(SessionRequest { agent, ttl_seconds, scopes: (!scopes.is_empty()).then_some(scopes) })
+    Ok(SessionRequest { agent, ttl_seconds, scopes: (!scopes.is_empty()).then_some(scopes), presented: None })
 }
 
 pub async fn mint(State(state): State<DashboardState>, posted: Posted<MintForm>) -> Result<Response, Error> {

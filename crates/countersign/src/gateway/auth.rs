@@ -161,7 +161,7 @@ impl Gateway {
                     .filter(|a| a.disabled_at.is_none())
                     .ok_or_else(|| Error::Unauthenticated("the agent of this session is disabled".into()))?;
                 let expires_at = session.expires_at;
-                Ok((Caller::Session { session, agent }, Some(expires_at)))
+                Ok((Caller::Session { session: Box::new(session), agent }, Some(expires_at)))
             }
             Some(SecretKind::ApprovalToken) => Err(Error::Unauthenticated(
                 "an approval poll token (cs_ap_) only works on /v1/approval-status/{token}".into(),

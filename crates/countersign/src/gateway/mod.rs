@@ -62,7 +62,7 @@ pub struct ExpiryRequest {
 pub enum Caller {
     User(User),
     Agent(Agent),
-    Session { session: Session, agent: Agent },
+    Session { session: Box<Session>, agent: Agent },
 }
 
 impl Caller {

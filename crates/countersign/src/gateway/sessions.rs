@@ -24,6 +24,9 @@ pub struct SessionRequest {
     pub ttl_seconds: Option<u64>,
     /// Capability globs; default everything the caller may do.
     pub scopes: Option<Vec<NameGlob>>,
+    /// The credential the caller presented (REST); when it is an API key, the session is tied to it:
+    /// revoked with it, and never valid past its expiry. `None` for a dashboard login.
+    pub presented: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -83,12 +86,24 @@ impl Gateway {
         if let Some(wide) = scopes.iter().find(|s| !caller_scopes.iter().any(|c| s.is_within(c))) {
             return Err(Error::Forbidden(format!("scope `{wide}` is wider than the caller's own scopes")));
         }
+        // The key it is minted with: the session ends when the key is revoked, and never outlives it.
+        let minting_key = match request.presented.as_deref().filter(|s| SecretKind::of(s) == Some(SecretKind::ApiKey)) {
+            Some(presented) => {
+                let hash = secrets::hash_secret(presented);
+                self.read().await?.find_key_by_hash(&hash).await?.filter(|k| secrets::hashes_equal(&k.hash, &hash))
+            }
+            None => None,
+        };
         let secret = secrets::generate(SecretKind::SessionToken);
         let created_by = match caller {
             Caller::User(u) => format!("user:{}", u.id),
             _ => format!("agent:{}", agent.id),
         };
         let ttl_i64 = i64::try_from(ttl).unwrap_or(i64::MAX);
+        let mut expires_at = now + Duration::seconds(ttl_i64);
+        if let Some(key_expiry) = minting_key.as_ref().and_then(|k| k.expires_at) {
+            expires_at = expires_at.min(key_expiry);
+        }
         let session = Session {
             id: SessionId::new(),
             org_id: org.clone(),
@@ -97,8 +112,9 @@ impl Gateway {
             scopes,
             created_by,
             created_at: now,
-            expires_at: now + Duration::seconds(ttl_i64),
+            expires_at,
             revoked_at: None,
+            minted_with: minting_key.map(|k| k.id),
         };
         let mut work = self.write().await?;
         work.tx.insert_session(&session).await?;

@@ -177,6 +177,7 @@ pub struct SessionBody {
 pub async fn create_session(
     State(state): State<AppState>,
     Auth(caller): Auth,
+    headers: axum::http::HeaderMap,
     ApiJson(body): ApiJson<SessionBody>,
 ) -> Result<(StatusCode, Json<Value>)> {
     let scopes = match body.scopes {
@@ -189,7 +190,15 @@ pub async fn create_session(
     };
     let created = state
         .gateway
-        .create_session(&caller, SessionRequest { agent: body.agent, ttl_seconds: body.ttl_seconds, scopes })
+        .create_session(
+            &caller,
+            SessionRequest {
+                agent: body.agent,
+                ttl_seconds: body.ttl_seconds,
+                scopes,
+                presented: super::auth::presented_secret_in(&headers).ok().map(str::to_owned),
+            },
+        )
         .await?;
     let mut v = views::session(&created.session, Some(&created.agent.name));
     v["token"] = json!(created.token);

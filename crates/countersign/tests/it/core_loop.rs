@@ -297,6 +297,23 @@ async fn sessions_are_scoped_and_revocable() {
     let revoked = server.admin.delete(&format!("/v1/sessions/{}", minted.str("/id"))).await.unwrap();
     assert_eq!(revoked.status, 204);
     assert_eq!(session.submit_action(&action("email.send.message")).await.unwrap().status, 401);
+
+    // A session minted with a key ends when that key is revoked, and never outlives the key's expiry.
+    let expires = (chrono::Utc::now() + chrono::Duration::minutes(10)).to_rfc3339();
+    let key = server.admin.create_key_expiring("agent", "bot", Some(&expires)).await.unwrap();
+    assert_eq!(key.status, 201, "{:?}", key.body);
+    let agent = server.admin.with_key(key.str("/key").to_owned());
+    let minted = agent.post("/v1/sessions", &json!({"ttl_seconds": 3600})).await.unwrap();
+    assert_eq!(minted.status, 201, "{:?}", minted.body);
+    let session_expiry = chrono::DateTime::parse_from_rfc3339(minted.str("/expires_at")).unwrap();
+    assert!(session_expiry <= chrono::DateTime::parse_from_rfc3339(&expires).unwrap(), "{:?}", minted.body);
+    let session = server.admin.with_key(minted.str("/token").to_owned());
+    assert_eq!(session.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+    let other = server.admin.post("/v1/sessions", &json!({"agent": "bot", "ttl_seconds": 600})).await.unwrap();
+    let other = server.admin.with_key(other.str("/token").to_owned());
+    assert_eq!(server.admin.revoke_key(key.str("/id")).await.unwrap().status, 204);
+    assert_eq!(session.submit_action(&action("email.send.message")).await.unwrap().status, 401);
+    assert_eq!(other.submit_action(&action("email.send.message")).await.unwrap().status, 200, "minted by another key");
     server.stop().await;
 }
 
