@@ -15,8 +15,8 @@ mod upstream_tools;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -94,11 +94,21 @@ async fn authenticate(State(front): State<Front>, request: Request, next: Next) 
         return next.run(Request::from_parts(parts, body)).await;
     }
     // Buffer the message so a refusal by rmcp (which answers plain text) can become a JSON-RPC error.
-    let bytes = match axum::body::to_bytes(body, front.max_body_bytes).await {
+    // Read under the byte limit; only the limit is answered 413, a body that broke off is a 400.
+    let mut limited = Request::from_parts(parts.clone(), body);
+    DefaultBodyLimit::max(front.max_body_bytes).apply(&mut limited);
+    let bytes = match Bytes::from_request(limited, &()).await {
         Ok(bytes) => bytes,
-        Err(_) => {
+        Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
             return Error::PayloadTooLarge(format!("the body is over the {} byte limit", front.max_body_bytes))
                 .into_response();
+        }
+        Err(rejection) => {
+            return Error::bad_request(
+                "body",
+                format!("the request body could not be read: {}", rejection.body_text()),
+            )
+            .into_response();
         }
     };
     let is_json = serde_json::from_slice::<serde_json::Value>(&bytes).is_ok();

@@ -310,3 +310,25 @@ async fn agent_keys_work_and_expired_sessions_are_cut_off() {
     assert!(expired.text.contains("expired"));
     server.stop().await;
 }
+
+/// A message over the byte limit is a 413 problem; the limit, not a body that could not be read, says so.
+#[tokio::test]
+async fn a_message_over_the_limit_is_refused_with_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let agent = server.agent("mcp-bot").await;
+    let huge =
+        format!(r#"{{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {{"pad": "{}"}}}}"#, "x".repeat(2 << 20));
+    let response = reqwest::Client::new()
+        .post(format!("{}/mcp", agent.base()))
+        .bearer_auth(agent.key().unwrap())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert!(response.text().await.unwrap().contains("byte limit"));
+    server.stop().await;
+}
