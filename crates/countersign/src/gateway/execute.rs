@@ -123,8 +123,10 @@ impl Gateway {
             }
             _ => Claim::Done,
         };
-        if let Claim::Send(action) = claim {
-            self.send_and_record(*action).await?;
+        if let Claim::Send(action) = claim
+            && let Some(again) = self.send_and_record(*action).await?
+        {
+            return Ok(JobOutcome::Retry(again));
         }
         let after =
             self.read().await?.get_action(org, &id).await?.ok_or_else(|| Error::not_found("action", id.as_str()))?;
@@ -235,7 +237,10 @@ impl Gateway {
         Ok(Claim::Send(Box::new(action)))
     }
 
-    async fn send_and_record(&self, action: Action) -> Result<()> {
+    /// Sends and records the outcome. `Some(why)`: nothing was recorded and the job should run again — an
+    /// `http` send whose outcome is unknown, to an upstream marked `retry_safe` (the action stays
+    /// `executing`, and the next attempt resends it, as after a crash).
+    async fn send_and_record(&self, action: Action) -> Result<Option<String>> {
         let started = std::time::Instant::now();
         let (state, result, error, details) = match &action.target {
             Some(Target::Http(http)) => match self.inner.connectors.send_http(http, action.id.as_str()).await {
@@ -245,6 +250,10 @@ impl Gateway {
                 Ok(answer) => {
                     let error = format!("upstream answered {}", answer.status);
                     (ActionState::Failed, Some(answer.result), Some(error), json!({}))
+                }
+                Err(e @ ConnectorError::OutcomeUnknown(_)) if self.inner.connectors.is_retry_safe(&http.upstream) => {
+                    tracing::warn!(action = %action.id, error = %e, "outcome unknown; resending to a retry_safe upstream");
+                    return Ok(Some(format!("{e}; the upstream is retry_safe, so it is sent again")));
                 }
                 Err(e @ ConnectorError::OutcomeUnknown(_)) => {
                     (ActionState::Failed, None, Some(e.to_string()), json!({"reason": "outcome_unknown"}))
@@ -270,9 +279,9 @@ impl Gateway {
                 let outcome = self.send_mcp(&action).await;
                 (outcome.state, outcome.result, outcome.error, outcome.details)
             }
-            None => return Ok(()),
+            None => return Ok(None),
         };
-        self.record(&action, state, result, error, details).await
+        self.record(&action, state, result, error, details).await.map(|()| None)
     }
 
     /// Records an execution's outcome. The request went out: its outcome is known only here, so a busy store

@@ -382,6 +382,57 @@ async fn a_job_whose_lease_is_lost_stops_and_is_never_sent_twice() {
     server.stop().await;
 }
 
+/// A send whose outcome is unknown (the upstream took the request and never answered) is sent again to a
+/// `retry_safe` upstream, with the same `Idempotency-Key`, as after a crash.
+#[tokio::test]
+async fn an_unknown_outcome_is_resent_to_a_retry_safe_upstream() {
+    let keys = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = keys.clone();
+    let app = axum::Router::new().route(
+        "/charge",
+        axum::routing::post(move |headers: HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                let key = headers["idempotency-key"].to_str().unwrap().to_owned();
+                let first = {
+                    let mut keys = seen.lock().unwrap();
+                    keys.push(key);
+                    keys.len() == 1
+                };
+                if first {
+                    std::future::pending::<()>().await;
+                }
+                (StatusCode::CREATED, "{\"card_id\": \"card_9\"}")
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Some(&url));
+    if let Some(upstream) = config.upstreams.get_mut("payments") {
+        upstream.timeout_seconds = 1;
+        upstream.retry_safe = true;
+    }
+    let server = TestServer::start_with(config, None).await;
+    let agent = server.agent("payer").await;
+    let mut body = http_action("email.send.receipt");
+    body["target"]["path"] = json!("/charge");
+    let submitted = agent.submit_action(&body).await.unwrap();
+    assert_eq!(submitted.status, 202, "{:?}", submitted.body);
+    let job = agent.get(&format!("/v1/jobs/{}/wait?timeout=20", submitted.str("/job_id"))).await.unwrap();
+    assert_eq!(job.body["state"], "succeeded", "{:?}", job.body);
+    assert_eq!(job.body["attempts"], 2);
+    let action = agent.get_action(submitted.str("/id")).await.unwrap();
+    assert_eq!(action.body["state"], "succeeded", "{:?}", action.body);
+    assert_eq!(action.body["result"]["status"], 201);
+    let keys = keys.lock().unwrap().clone();
+    assert_eq!(keys, [submitted.str("/id"), submitted.str("/id")], "sent twice, under one idempotency key");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn upstream_failures_end_on_the_job_and_never_stick_a_worker() {
     // An upstream that hangs, fails, sends far more than the cap, or answers 201 and breaks off its body.
