@@ -652,7 +652,7 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # [upstreams.payments]
 # base_url = "https://api.payments.example"
 # headers = { Authorization = "Bearer ${env:PAYMENTS_KEY}" }
-# retry_safe = false                # resend after a crash when the outcome is unknown?
+# retry_safe = false                # resend when the outcome is unknown (a crash, no answer)?
 # timeout_seconds = 30
 
 # Model providers for the LLM proxy: agents call /llm/NAME/v1/… with their Countersign key.
