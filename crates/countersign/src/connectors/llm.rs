@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use countersign_core::domain::LlmTarget;
 use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
@@ -166,15 +167,96 @@ impl Connectors {
     pub async fn execute_llm(&self, target: &LlmTarget, idempotency_key: &str) -> Result<LlmAnswer, ConnectorError> {
         let dialect = self.llm_dialect(&target.provider).unwrap_or(Dialect::Openai);
         let stream = target.body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        let (response, timeout) = self.send_llm(target, idempotency_key, stream, false).await?;
+        // As on the live relay, an OpenAI stream is asked for its usage; the added chunk is read for the
+        // audit and then taken out of the stored answer, so the client gets the stream it asked for.
+        let added_usage = stream && self.adds_stream_usage(target);
+        let (response, timeout) = self.send_llm(target, idempotency_key, stream, added_usage).await?;
         let status = response.status().as_u16();
         let content_type = content_type(&response);
         // A whole answer is bounded by the request's timeout (set in `send_llm`); a stream, like a relayed
         // one, only by the silence between chunks: a long generation is not cut off halfway.
         let idle = stream.then_some(timeout);
         let body = read_within(response, MAX_LLM_RESPONSE_BYTES, idle).await?;
-        Ok(classify(dialect, status, &content_type, &body))
+        let mut answer = classify(dialect, status, &content_type, &body);
+        if added_usage {
+            let mut filter = UsageChunkFilter::default();
+            let mut asked = filter.pass(&body).to_vec();
+            asked.extend_from_slice(&filter.rest());
+            answer.result = stored_result(status, &content_type, &asked, None);
+        }
+        Ok(answer)
     }
+}
+
+/// Holds back the bytes of an unfinished server-sent event and drops the usage-only chunk the gateway
+/// asked for, so the client gets the stream it asked for. Complete events pass at once. An event that grows
+/// past [`MAX_PENDING_EVENT`] without ending turns the filter off: from then on bytes pass as they come.
+#[derive(Default)]
+pub struct UsageChunkFilter {
+    pending: Vec<u8>,
+    off: bool,
+}
+
+/// The most an unfinished event is held back.
+const MAX_PENDING_EVENT: usize = 64 * 1024;
+
+impl UsageChunkFilter {
+    pub fn pass(&mut self, chunk: &[u8]) -> Bytes {
+        if self.off {
+            return Bytes::copy_from_slice(chunk);
+        }
+        self.pending.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(self.pending.len());
+        let mut start = 0;
+        while let Some(end) = event_end(&self.pending[start..]) {
+            let event = &self.pending[start..start + end];
+            if !is_added_usage_event(event) {
+                out.extend_from_slice(event);
+            }
+            start += end;
+        }
+        self.pending.drain(..start);
+        if self.pending.len() > MAX_PENDING_EVENT {
+            self.off = true;
+            out.append(&mut self.pending);
+        }
+        Bytes::from(out)
+    }
+
+    /// What is left when the stream ends: an event without its blank line, passed on unless it is the
+    /// usage chunk.
+    pub fn rest(&mut self) -> Bytes {
+        let rest = std::mem::take(&mut self.pending);
+        if is_added_usage_event(&rest) { Bytes::new() } else { Bytes::from(rest) }
+    }
+}
+
+/// The length of the first complete event in `bytes`, up to and including the blank line that ends it.
+/// Lines end with CRLF, LF or CR, as server-sent events allow.
+fn event_end(bytes: &[u8]) -> Option<usize> {
+    let mut line_start = true;
+    let mut i = 0;
+    while let Some(&byte) = bytes.get(i) {
+        let eol = match byte {
+            b'\n' => 1,
+            // A CR last in the buffer may be half of a CRLF: wait for the next byte.
+            b'\r' if i + 1 == bytes.len() => return None,
+            b'\r' if bytes.get(i + 1) == Some(&b'\n') => 2,
+            b'\r' => 1,
+            _ => 0,
+        };
+        if eol == 0 {
+            line_start = false;
+            i += 1;
+            continue;
+        }
+        i += eol;
+        if line_start {
+            return Some(i);
+        }
+        line_start = true;
+    }
+    None
 }
 
 /// The usage-only chunk OpenAI sends last when `include_usage` is on: no choices, a `usage` object.
@@ -399,8 +481,48 @@ impl SseUsage {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    const USAGE: &str = r#"data: {"choices":[],"usage":{"prompt_tokens":1}}"#;
+
+    #[test]
+    fn events_end_at_a_blank_line_of_any_line_ending() {
+        assert_eq!(event_end(b"data: a\n\ndata: b"), Some(9));
+        assert_eq!(event_end(b"data: a\r\n\r\n"), Some(11));
+        assert_eq!(event_end(b"data: a\r\rx"), Some(9));
+        assert_eq!(event_end(b"data: a\n\r\n"), Some(10));
+        assert_eq!(event_end(b"data: a\r"), None, "a CR last may be half of a CRLF");
+        assert_eq!(event_end(b"data: a\n"), None);
+    }
+
+    #[test]
+    fn the_added_usage_chunk_is_dropped_wherever_the_chunks_split() {
+        let stream = format!("data: {{\"choices\":[{{}}]}}\r\n\r\n{USAGE}\r\n\r\ndata: [DONE]\r\n\r\n");
+        for split in 0..stream.len() {
+            let mut filter = UsageChunkFilter::default();
+            let (a, b) = stream.as_bytes().split_at(split);
+            let mut out = filter.pass(a).to_vec();
+            out.extend_from_slice(&filter.pass(b));
+            out.extend_from_slice(&filter.rest());
+            let out = String::from_utf8(out).unwrap();
+            assert!(!out.contains("usage") && out.contains("choices") && out.ends_with("[DONE]\r\n\r\n"), "{out}");
+        }
+        // A usage chunk left without its blank line at the end is dropped too.
+        let mut filter = UsageChunkFilter::default();
+        assert!(filter.pass(USAGE.as_bytes()).is_empty());
+        assert!(filter.rest().is_empty());
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_passed_on_past_the_cap() {
+        let mut filter = UsageChunkFilter::default();
+        assert!(filter.pass(b"data: ").is_empty());
+        let big = vec![b'x'; MAX_PENDING_EVENT + 1];
+        assert_eq!(filter.pass(&big).len(), MAX_PENDING_EVENT + 7);
+        assert_eq!(filter.pass(b"more").as_ref(), b"more");
+    }
 
     #[test]
     fn openai_stream_usage_comes_from_the_last_chunk_across_chunk_boundaries() {

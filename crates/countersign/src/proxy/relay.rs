@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::config::Dialect;
 use crate::connectors::MAX_RESULT_BODY_BYTES;
-use crate::connectors::llm::{SseUsage, is_added_usage_event, stored_result};
+use crate::connectors::llm::{SseUsage, UsageChunkFilter, stored_result};
 use crate::gateway::{Gateway, InlineOutcome};
 
 /// Watches one streamed execution and records its outcome exactly once.
@@ -151,77 +151,6 @@ struct Relay {
     drop_usage: Option<UsageChunkFilter>,
 }
 
-/// Holds back the bytes of an unfinished server-sent event and drops the usage-only chunk the gateway
-/// asked for, so the client gets the stream it asked for. Complete events pass at once. An event that grows
-/// past [`MAX_PENDING_EVENT`] without ending turns the filter off: from then on bytes pass as they come.
-#[derive(Default)]
-struct UsageChunkFilter {
-    pending: Vec<u8>,
-    off: bool,
-}
-
-/// The most an unfinished event is held back.
-const MAX_PENDING_EVENT: usize = 64 * 1024;
-
-impl UsageChunkFilter {
-    fn pass(&mut self, chunk: &[u8]) -> Bytes {
-        if self.off {
-            return Bytes::copy_from_slice(chunk);
-        }
-        self.pending.extend_from_slice(chunk);
-        let mut out = Vec::with_capacity(self.pending.len());
-        let mut start = 0;
-        while let Some(end) = event_end(&self.pending[start..]) {
-            let event = &self.pending[start..start + end];
-            if !is_added_usage_event(event) {
-                out.extend_from_slice(event);
-            }
-            start += end;
-        }
-        self.pending.drain(..start);
-        if self.pending.len() > MAX_PENDING_EVENT {
-            self.off = true;
-            out.append(&mut self.pending);
-        }
-        Bytes::from(out)
-    }
-
-    /// What is left when the stream ends: an event without its blank line, passed on unless it is the
-    /// usage chunk.
-    fn rest(&mut self) -> Bytes {
-        let rest = std::mem::take(&mut self.pending);
-        if is_added_usage_event(&rest) { Bytes::new() } else { Bytes::from(rest) }
-    }
-}
-
-/// The length of the first complete event in `bytes`, up to and including the blank line that ends it.
-/// Lines end with CRLF, LF or CR, as server-sent events allow.
-fn event_end(bytes: &[u8]) -> Option<usize> {
-    let mut line_start = true;
-    let mut i = 0;
-    while let Some(&byte) = bytes.get(i) {
-        let eol = match byte {
-            b'\n' => 1,
-            // A CR last in the buffer may be half of a CRLF: wait for the next byte.
-            b'\r' if i + 1 == bytes.len() => return None,
-            b'\r' if bytes.get(i + 1) == Some(&b'\n') => 2,
-            b'\r' => 1,
-            _ => 0,
-        };
-        if eol == 0 {
-            line_start = false;
-            i += 1;
-            continue;
-        }
-        i += eol;
-        if line_start {
-            return Some(i);
-        }
-        line_start = true;
-    }
-    None
-}
-
 /// The response body: the provider's bytes as they come; at the end the outcome is recorded (the agent
 /// sees the end of the stream only after that). A provider that breaks off, or stays silent longer than
 /// `idle`, ends the body with an error and the action failed.
@@ -271,49 +200,4 @@ pub fn relay(upstream: reqwest::Response, recorder: Recorder, idle: Duration, dr
         }
     });
     Body::from_stream(stream)
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::{MAX_PENDING_EVENT, UsageChunkFilter, event_end};
-
-    const USAGE: &str = r#"data: {"choices":[],"usage":{"prompt_tokens":1}}"#;
-
-    #[test]
-    fn events_end_at_a_blank_line_of_any_line_ending() {
-        assert_eq!(event_end(b"data: a\n\ndata: b"), Some(9));
-        assert_eq!(event_end(b"data: a\r\n\r\n"), Some(11));
-        assert_eq!(event_end(b"data: a\r\rx"), Some(9));
-        assert_eq!(event_end(b"data: a\n\r\n"), Some(10));
-        assert_eq!(event_end(b"data: a\r"), None, "a CR last may be half of a CRLF");
-        assert_eq!(event_end(b"data: a\n"), None);
-    }
-
-    #[test]
-    fn the_added_usage_chunk_is_dropped_wherever_the_chunks_split() {
-        let stream = format!("data: {{\"choices\":[{{}}]}}\r\n\r\n{USAGE}\r\n\r\ndata: [DONE]\r\n\r\n");
-        for split in 0..stream.len() {
-            let mut filter = UsageChunkFilter::default();
-            let (a, b) = stream.as_bytes().split_at(split);
-            let mut out = filter.pass(a).to_vec();
-            out.extend_from_slice(&filter.pass(b));
-            out.extend_from_slice(&filter.rest());
-            let out = String::from_utf8(out).unwrap();
-            assert!(!out.contains("usage") && out.contains("choices") && out.ends_with("[DONE]\r\n\r\n"), "{out}");
-        }
-        // A usage chunk left without its blank line at the end is dropped too.
-        let mut filter = UsageChunkFilter::default();
-        assert!(filter.pass(USAGE.as_bytes()).is_empty());
-        assert!(filter.rest().is_empty());
-    }
-
-    #[test]
-    fn an_event_that_never_ends_is_passed_on_past_the_cap() {
-        let mut filter = UsageChunkFilter::default();
-        assert!(filter.pass(b"data: ").is_empty());
-        let big = vec![b'x'; MAX_PENDING_EVENT + 1];
-        assert_eq!(filter.pass(&big).len(), MAX_PENDING_EVENT + 7);
-        assert_eq!(filter.pass(b"more").as_ref(), b"more");
-    }
 }

@@ -386,6 +386,10 @@ async fn an_approved_stream_run_by_the_job_is_not_cut_off_at_the_timeout() {
     assert_eq!(stored["state"], "succeeded", "{stored}");
     let streamed = stored["result"]["body"].as_str().unwrap_or_default();
     assert!(streamed.contains(&format!("part{}", STREAM_CHUNKS - 1)) && streamed.contains("[DONE]"), "{streamed}");
+    // Usage was asked for and recorded, and the chunk that carried it is not in the answer the client gets.
+    assert!(!streamed.contains("\"usage\""), "{streamed}");
+    let events = s.events(stored["action_id"].as_str().unwrap()).await;
+    assert_eq!(event(&events, "action.executed")["data"]["usage"]["input_tokens"], 7, "{events:?}");
     s.server.stop().await;
 }
 
