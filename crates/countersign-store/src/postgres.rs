@@ -536,6 +536,19 @@ impl StoreTx for PgTx {
                     .bind(id.as_str().to_owned()),
             )
             .await?;
+        if n > 0 {
+            // The sessions minted with the user's keys end with the user.
+            self.execute(
+                sqlx::query(
+                    "UPDATE sessions SET revoked_at = $1 WHERE org_id = $2 AND revoked_at IS NULL AND minted_with IN
+                        (SELECT id FROM api_keys WHERE org_id = $2 AND principal_kind = 'user' AND principal_id = $3)",
+                )
+                .bind(to_us(at))
+                .bind(org.as_str().to_owned())
+                .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        }
         Ok(n > 0)
     }
 

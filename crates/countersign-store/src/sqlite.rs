@@ -676,6 +676,20 @@ impl StoreTx for SqliteTx {
                     .bind(id.as_str().to_owned()),
             )
             .await?;
+        if n > 0 {
+            // The sessions minted with the user's keys end with the user.
+            self.execute(
+                sqlx::query(
+                    "UPDATE sessions SET revoked_at = ? WHERE org_id = ? AND revoked_at IS NULL AND minted_with IN
+                        (SELECT id FROM api_keys WHERE org_id = ? AND principal_kind = 'user' AND principal_id = ?)",
+                )
+                .bind(to_us(at))
+                .bind(org.as_str().to_owned())
+                .bind(org.as_str().to_owned())
+                .bind(id.as_str().to_owned()),
+            )
+            .await?;
+        }
         Ok(n > 0)
     }
 

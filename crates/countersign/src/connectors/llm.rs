@@ -178,7 +178,7 @@ impl Connectors {
         let idle = stream.then_some(timeout);
         let body = read_within(response, MAX_LLM_RESPONSE_BYTES, idle).await?;
         let mut answer = classify(dialect, status, &content_type, &body);
-        if added_usage {
+        if added_usage && (200..300).contains(&status) && content_type.starts_with("text/event-stream") {
             let mut filter = UsageChunkFilter::default();
             let mut asked = filter.pass(&body).to_vec();
             asked.extend_from_slice(&filter.rest());

@@ -124,13 +124,16 @@ fn request(form: &MintForm) -> Result<SessionRequest, Error> {
         t => Some(t.parse::<u64>().map_err(|_| Error::invalid("ttl_seconds", "the TTL is a number of seconds"))?),
     };
     let agent = Some(form.agent.trim().to_owned()).filter(|a| !a.is_empty());
-    Ok(SessionRequest { agent, ttl_seconds, scopes: (!scopes.is_empty()).then_some(scopes), presented: None })
+    Ok(SessionRequest { agent, ttl_seconds, scopes: (!scopes.is_empty()).then_some(scopes), minting_key_hash: None })
 }
 
 pub async fn mint(State(state): State<DashboardState>, posted: Posted<MintForm>) -> Result<Response, Error> {
     let Posted { ui, form } = posted;
     let created = match request(&form) {
-        Ok(request) => state.gateway.create_session(&ui.caller, request).await,
+        Ok(request) => {
+            let request = SessionRequest { minting_key_hash: Some(ui.key_hash.clone()), ..request };
+            state.gateway.create_session(&ui.caller, request).await
+        }
         Err(e) => Err(e),
     };
     match created {

@@ -76,6 +76,8 @@ pub struct UiUser {
     pub caller: Caller,
     pub user: User,
     pub csrf: String,
+    /// The SHA-256 of the key this login was made with (sessions minted here are tied to it).
+    pub key_hash: String,
 }
 
 impl UiUser {
@@ -114,8 +116,8 @@ impl FromRequestParts<DashboardState> for UiUser {
         let Some(token) = cookie(&parts.headers, SESSION_COOKIE) else {
             return Err(reject(Error::Unauthenticated("not logged in to the dashboard".into())));
         };
-        let caller = match state.gateway.resume_dashboard_session(token).await {
-            Ok(caller) => caller,
+        let (caller, key_hash) = match state.gateway.resume_dashboard_session(token).await {
+            Ok(resumed) => resumed,
             Err(Error::Unauthenticated(reason)) => return Err(reject(Error::Unauthenticated(reason))),
             Err(other) => return Err(NoSession::Problem(other)),
         };
@@ -123,7 +125,7 @@ impl FromRequestParts<DashboardState> for UiUser {
         let Some(user) = caller.user().cloned() else {
             return Err(reject(Error::Unauthenticated("the dashboard is for users, not agents".into())));
         };
-        Ok(UiUser { caller, user, csrf: csrf_for(token) })
+        Ok(UiUser { caller, user, csrf: csrf_for(token), key_hash })
     }
 }
 

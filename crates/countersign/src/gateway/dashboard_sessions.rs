@@ -76,7 +76,8 @@ impl Gateway {
 
     /// The user behind a dashboard cookie token, checked afresh: the session is live and not logged out, and
     /// the key that started it still authenticates that user.
-    pub async fn resume_dashboard_session(&self, token: &str) -> Result<Caller> {
+    /// The caller behind a dashboard login, and the SHA-256 of the key it logged in with.
+    pub async fn resume_dashboard_session(&self, token: &str) -> Result<(Caller, String)> {
         let now = self.now();
         let hash = secrets::hash_secret(token);
         let mut tx = self.read().await?;
@@ -109,7 +110,7 @@ impl Gateway {
                 tracing::warn!(%error, "could not record dashboard session activity");
             }
         }
-        Ok(caller)
+        Ok((caller, session.key_hash))
     }
 
     async fn touch_dashboard_session(&self, session: &DashboardSession, now: DateTime<Utc>) -> Result<()> {

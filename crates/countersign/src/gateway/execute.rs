@@ -253,6 +253,19 @@ impl Gateway {
                 }
                 Err(e @ ConnectorError::OutcomeUnknown(_)) if self.inner.connectors.is_retry_safe(&http.upstream) => {
                     tracing::warn!(action = %action.id, error = %e, "outcome unknown; resending to a retry_safe upstream");
+                    // The trail says that a request which may have taken effect went out before the resend.
+                    let mut work = self.write().await?;
+                    work.audit(
+                        &action.org_id,
+                        self.now(),
+                        &Actor::system(),
+                        "action.outcome_unknown",
+                        Some(action.id.as_str()),
+                        json!({"error": e.to_string(), "reason": "outcome_unknown", "resend": true,
+                               "upstream": http.upstream}),
+                    )
+                    .await?;
+                    work.commit(self).await?;
                     return Ok(Some(format!("{e}; the upstream is retry_safe, so it is sent again")));
                 }
                 Err(e @ ConnectorError::OutcomeUnknown(_)) => {

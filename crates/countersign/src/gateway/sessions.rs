@@ -24,9 +24,9 @@ pub struct SessionRequest {
     pub ttl_seconds: Option<u64>,
     /// Capability globs; default everything the caller may do.
     pub scopes: Option<Vec<NameGlob>>,
-    /// The credential the caller presented (REST); when it is an API key, the session is tied to it:
-    /// revoked with it, and never valid past its expiry. `None` for a dashboard login.
-    pub presented: Option<String>,
+    /// The SHA-256 of the API key the caller presented (REST) or logged in to the dashboard with: the
+    /// session is tied to that key, revoked with it, and never valid past its expiry.
+    pub minting_key_hash: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -86,14 +86,18 @@ impl Gateway {
         if let Some(wide) = scopes.iter().find(|s| !caller_scopes.iter().any(|c| s.is_within(c))) {
             return Err(Error::Forbidden(format!("scope `{wide}` is wider than the caller's own scopes")));
         }
-        // The key it is minted with: the session ends when the key is revoked, and never outlives it.
-        let minting_key = match request.presented.as_deref().filter(|s| SecretKind::of(s) == Some(SecretKind::ApiKey)) {
-            Some(presented) => {
-                let hash = secrets::hash_secret(presented);
-                self.read().await?.find_key_by_hash(&hash).await?.filter(|k| secrets::hashes_equal(&k.hash, &hash))
-            }
+        let mut work = self.write().await?;
+        // The key it is minted with, read in the transaction that inserts it (a revocation commits before
+        // or after, never between): the session ends when the key is revoked, and never outlives it.
+        let minting_key = match request.minting_key_hash.as_deref() {
+            Some(hash) => work.tx.find_key_by_hash(hash).await?.filter(|k| secrets::hashes_equal(&k.hash, hash)),
             None => None,
         };
+        if minting_key.as_ref().is_some_and(|k| k.revoked_at.is_some() || k.expires_at.is_some_and(|at| at <= now)) {
+            return Err(Error::Unauthenticated(
+                "the key this session would be minted with is revoked or expired".into(),
+            ));
+        }
         let secret = secrets::generate(SecretKind::SessionToken);
         let created_by = match caller {
             Caller::User(u) => format!("user:{}", u.id),
@@ -116,7 +120,6 @@ impl Gateway {
             revoked_at: None,
             minted_with: minting_key.map(|k| k.id),
         };
-        let mut work = self.write().await?;
         work.tx.insert_session(&session).await?;
         let scope_names: Vec<&str> = session.scopes.iter().map(|s| s.as_str()).collect();
         work.audit(

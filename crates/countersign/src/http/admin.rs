@@ -9,6 +9,7 @@ use countersign_core::capability::{Capability, NameGlob};
 use countersign_core::domain::Role;
 use countersign_core::ids::{AgentId, KeyId, SessionId, UserId};
 use countersign_core::policy::Policy;
+use countersign_core::secrets::{self, SecretKind};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -196,7 +197,10 @@ pub async fn create_session(
                 agent: body.agent,
                 ttl_seconds: body.ttl_seconds,
                 scopes,
-                presented: super::auth::presented_secret_in(&headers).ok().map(str::to_owned),
+                minting_key_hash: super::auth::presented_secret_in(&headers)
+                    .ok()
+                    .filter(|s| SecretKind::of(s) == Some(SecretKind::ApiKey))
+                    .map(secrets::hash_secret),
             },
         )
         .await?;

@@ -314,6 +314,17 @@ async fn sessions_are_scoped_and_revocable() {
     assert_eq!(server.admin.revoke_key(key.str("/id")).await.unwrap().status, 204);
     assert_eq!(session.submit_action(&action("email.send.message")).await.unwrap().status, 401);
     assert_eq!(other.submit_action(&action("email.send.message")).await.unwrap().status, 200, "minted by another key");
+
+    // Disabling a user ends the sessions minted with that user's keys.
+    let ops_id = server.admin.create_user("ops", "admin").await.unwrap().str("/id").to_owned();
+    let ops = server.admin.with_key(server.admin.create_key("user", "ops").await.unwrap().str("/key").to_owned());
+    let minted = ops.post("/v1/sessions", &json!({"agent": "bot", "ttl_seconds": 600})).await.unwrap();
+    assert_eq!(minted.status, 201, "{:?}", minted.body);
+    let by_ops = server.admin.with_key(minted.str("/token").to_owned());
+    assert_eq!(by_ops.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+    assert_eq!(server.admin.delete_user(&ops_id).await.unwrap().status, 204);
+    assert_eq!(by_ops.submit_action(&action("email.send.message")).await.unwrap().status, 401);
+    assert_eq!(other.submit_action(&action("email.send.message")).await.unwrap().status, 200);
     server.stop().await;
 }
 

@@ -430,6 +430,11 @@ async fn an_unknown_outcome_is_resent_to_a_retry_safe_upstream() {
     assert_eq!(action.body["result"]["status"], 201);
     let keys = keys.lock().unwrap().clone();
     assert_eq!(keys, [submitted.str("/id"), submitted.str("/id")], "sent twice, under one idempotency key");
+    let trail = server.admin.get(&format!("/v1/audit?subject={}", submitted.str("/id"))).await.unwrap();
+    let names: Vec<&str> =
+        trail.body["events"].as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    let unknown = names.iter().position(|n| *n == "action.outcome_unknown").expect("the unknown outcome is audited");
+    assert!(names[unknown..].contains(&"action.executed"), "{names:?}");
     server.stop().await;
 }
 
