@@ -375,13 +375,16 @@ impl Gateway {
                 state: Some(job.state.as_str().to_owned()),
             });
         }
-        // A queued execution whose action is already `executing` is the recovery job of a model call in
-        // flight on the LLM proxy: the only thing that settles that call if the process dies.
+        // A queued execution whose action is already `executing` is the recovery job of a model or tool call
+        // in flight on a live connection (the only thing that settles that call if the process dies), or,
+        // for an `http` target, a resend to a `retry_safe` upstream after an unknown outcome, which may be
+        // cancelled (below).
         if job.kind == JobKind::ActionExecute
             && job.state == JobState::Queued
             && let Some(action_id) = job.subject.as_deref().and_then(countersign_core::ids::ActionId::parse)
             && let Some(action) = work.tx.get_action(&org, &action_id).await?
             && action.state == ActionState::Executing
+            && !matches!(action.target, Some(countersign_core::domain::Target::Http(_)))
         {
             return Err(Error::Conflict {
                 message: format!(
@@ -401,10 +404,16 @@ impl Gateway {
         if job.kind == JobKind::ActionExecute
             && let Some(action_id) = job.subject.as_deref().and_then(countersign_core::ids::ActionId::parse)
             && let Some(mut action) = work.tx.get_action(&org, &action_id).await?
-            && action.state == ActionState::Approved
+            && matches!(action.state, ActionState::Approved | ActionState::Executing)
         {
+            action.error = Some(match action.state {
+                ActionState::Approved => format!("execution cancelled by {} before it was sent", user.name),
+                _ => format!(
+                    "outcome unknown: the request went out with no answer, and {} cancelled its resend",
+                    user.name
+                ),
+            });
             action.state = action.state.transition(ActionState::Failed)?;
-            action.error = Some(format!("execution cancelled by {} before it was sent", user.name));
             action.finished_at = Some(now);
             work.tx.update_action(&action).await?;
             work.audit(
