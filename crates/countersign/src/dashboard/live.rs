@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use countersign_core::store::AuditFilter;
@@ -17,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::DashboardState;
-use super::session::UiUser;
+use super::session::{SESSION_COOKIE, UiUser, cookie};
 
 /// How far back from a notified seq to look for the events of that commit (one commit appends a handful).
 const LOOK_BACK: i64 = 64;
@@ -26,7 +27,12 @@ fn concerns_approvals(action: &str) -> bool {
     action.starts_with("approval.") || action == "action.cancelled"
 }
 
-pub async fn events(State(state): State<DashboardState>, ui: UiUser) -> Response {
+/// How often an open stream checks that its login still holds (logged out, key revoked, user disabled,
+/// expired or idle all end it).
+const LOGIN_RECHECK: Duration = Duration::from_secs(5);
+
+pub async fn events(State(state): State<DashboardState>, ui: UiUser, headers: HeaderMap) -> Response {
+    let token = cookie(&headers, SESSION_COOKIE).unwrap_or_default().to_owned();
     let org = ui.caller.org_id().clone();
     let mut live = state.gateway.notifier().subscribe_audit();
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
@@ -39,10 +45,18 @@ pub async fn events(State(state): State<DashboardState>, ui: UiUser) -> Response
         }
         let shutdown = gateway.shutdown().clone();
         let mut seen: i64 = 0;
+        let mut recheck = tokio::time::interval(LOGIN_RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tx.closed() => return,
+                _ = recheck.tick() => {
+                    if !gateway.dashboard_session_holds(&token).await {
+                        return;
+                    }
+                    continue;
+                }
                 next = live.recv() => next,
             };
             let (approvals, head) = match next {

@@ -49,7 +49,7 @@ fn csrf_for(session_token: &str) -> String {
 }
 
 /// The value of one cookie from the request.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()

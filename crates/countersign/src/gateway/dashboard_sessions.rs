@@ -75,9 +75,19 @@ impl Gateway {
     }
 
     /// The user behind a dashboard cookie token, checked afresh: the session is live and not logged out, and
-    /// the key that started it still authenticates that user.
-    /// The caller behind a dashboard login, and the SHA-256 of the key it logged in with.
+    /// the key that started it still authenticates that user. Answers the caller and the SHA-256 of the key
+    /// it logged in with; the request counts as activity.
     pub async fn resume_dashboard_session(&self, token: &str) -> Result<(Caller, String)> {
+        self.dashboard_session(token, true).await
+    }
+
+    /// Whether a login still holds, checked the same way without counting as activity: a page's live
+    /// stream asks this every few seconds, which must not keep an idle session alive.
+    pub async fn dashboard_session_holds(&self, token: &str) -> bool {
+        self.dashboard_session(token, false).await.is_ok()
+    }
+
+    async fn dashboard_session(&self, token: &str, activity: bool) -> Result<(Caller, String)> {
         let now = self.now();
         let hash = secrets::hash_secret(token);
         let mut tx = self.read().await?;
@@ -104,7 +114,7 @@ impl Gateway {
             Some(user) if user.id == session.user_id && user.org_id == session.org_id => {}
             _ => return Err(Error::Unauthenticated("the dashboard is for users, not agents".into())),
         }
-        if now - session.last_seen_at >= LAST_SEEN_GRANULARITY {
+        if activity && now - session.last_seen_at >= LAST_SEEN_GRANULARITY {
             // Bookkeeping only: a failure here must not turn a good session away.
             if let Err(error) = self.touch_dashboard_session(&session, now).await {
                 tracing::warn!(%error, "could not record dashboard session activity");

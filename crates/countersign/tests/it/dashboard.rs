@@ -629,3 +629,38 @@ async fn approver_path_in_a_real_browser() {
     }
     server.stop().await;
 }
+
+/// A page's live stream ends soon after its login does (here: logged out on another tab).
+#[tokio::test]
+async fn the_live_stream_ends_with_its_login() {
+    use futures_util::StreamExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let base = server.admin.base().to_owned();
+    let (session, csrf) = login(&base, server.admin.key().unwrap()).await;
+    let client = http();
+    let stream = client.get(format!("{base}/ui/events")).header(COOKIE, &session).send().await.unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut body = stream.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.next()).await.unwrap().unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("ready"));
+    let out = client
+        .post(format!("{base}/ui/logout"))
+        .header(COOKIE, &session)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(chunk) = body.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream of a logged-out page ends");
+    server.stop().await;
+}
