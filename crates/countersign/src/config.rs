@@ -617,18 +617,17 @@ impl ServeArgs {
     }
 }
 
-fn url_is_http(text: &str) -> Result<(), String> {
+fn url_is_http(text: &str) -> Result<reqwest::Url, String> {
     let parsed = reqwest::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
     match parsed.scheme() {
-        "http" | "https" => Ok(()),
+        "http" | "https" => Ok(parsed),
         other => Err(format!("scheme `{other}` is not http or https")),
     }
 }
 
 /// A base URL that paths are appended to: http(s), and no query or fragment, which would swallow them.
 fn base_url_is_http(text: &str) -> Result<(), String> {
-    url_is_http(text)?;
-    let parsed = reqwest::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    let parsed = url_is_http(text)?;
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err(format!("`{text}` must not have a query or fragment (`?…`, `#…`); paths are appended to it"));
     }

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use countersign_core::audit::Actor;
-use countersign_core::domain::{Job, JobKind};
+use countersign_core::domain::{Action, Job, JobKind};
 use countersign_core::ids::{ActionId, JobId};
 use countersign_core::state::{ActionState, JobState};
 use countersign_core::store::{JobFilter, Page};
@@ -116,21 +116,26 @@ async fn fail_unfinished_action(work: &mut Work, job: &Job, now: chrono::DateTim
         ),
         _ => return Ok(()),
     };
+    let data = json!({"status": null, "error": error, "reason": reason, "job_id": job.id});
+    fail_action(work, &mut action, now, &Actor::system(), error, data).await
+}
+
+/// Ends an action of an execution job that is no longer coming `failed`, audited and announced, in `work`.
+async fn fail_action(
+    work: &mut Work,
+    action: &mut Action,
+    now: chrono::DateTime<chrono::Utc>,
+    actor: &Actor,
+    error: String,
+    data: Value,
+) -> Result<()> {
     action.state = action.state.transition(ActionState::Failed)?;
-    action.error = Some(error.clone());
+    action.error = Some(error);
     action.finished_at = Some(now);
-    work.tx.update_action(&action).await?;
-    work.audit(
-        &job.org_id,
-        now,
-        &Actor::system(),
-        "action.failed",
-        Some(action.id.as_str()),
-        json!({"status": null, "error": error, "reason": reason, "job_id": job.id}),
-    )
-    .await?;
-    work.emit("action.finished", super::webhooks::action_data(&action));
-    work.action_changed(&job.org_id, &action.id);
+    work.tx.update_action(action).await?;
+    work.audit(&action.org_id, now, actor, "action.failed", Some(action.id.as_str()), data).await?;
+    work.emit("action.finished", super::webhooks::action_data(action));
+    work.action_changed(&action.org_id, &action.id);
     Ok(())
 }
 
@@ -406,27 +411,15 @@ impl Gateway {
             && let Some(mut action) = work.tx.get_action(&org, &action_id).await?
             && matches!(action.state, ActionState::Approved | ActionState::Executing)
         {
-            action.error = Some(match action.state {
+            let error = match action.state {
                 ActionState::Approved => format!("execution cancelled by {} before it was sent", user.name),
                 _ => format!(
                     "outcome unknown: the request went out with no answer, and {} cancelled its resend",
                     user.name
                 ),
-            });
-            action.state = action.state.transition(ActionState::Failed)?;
-            action.finished_at = Some(now);
-            work.tx.update_action(&action).await?;
-            work.audit(
-                &org,
-                now,
-                &caller.actor(),
-                "action.failed",
-                Some(action.id.as_str()),
-                json!({"reason": "execution_cancelled", "job_id": job.id}),
-            )
-            .await?;
-            work.emit("action.finished", super::webhooks::action_data(&action));
-            work.action_changed(&org, &action.id);
+            };
+            let data = json!({"reason": "execution_cancelled", "job_id": job.id});
+            fail_action(&mut work, &mut action, now, &caller.actor(), error, data).await?;
         }
         work.audit(
             &org,

@@ -39,40 +39,21 @@ const MAX_HOLD: Duration = crate::gateway::MAX_WAIT;
 /// only once the caller is authenticated, within the proxy's own limit (`llm_max_body_bytes`): model requests
 /// carry long contexts and base64 images.
 pub fn router() -> Router<AppState> {
+    // One handler for every endpoint that becomes an action; only the endpoint differs.
+    let action = |endpoint: Endpoint| {
+        move |state: State<AppState>, provider: Provider, request: Request| async move {
+            match provider {
+                Ok(Path(provider)) => handle(&state, &provider, endpoint, request).await,
+                Err(rejection) => bad_provider(endpoint.dialect(), &rejection),
+            }
+        }
+    };
     Router::new()
-        .route("/llm/{provider}/v1/chat/completions", post(chat_completions))
-        .route("/llm/{provider}/v1/completions", post(completions))
-        .route("/llm/{provider}/v1/embeddings", post(embeddings))
-        .route("/llm/{provider}/v1/messages", post(messages))
+        .route("/llm/{provider}/v1/chat/completions", post(action(Endpoint::ChatCompletions)))
+        .route("/llm/{provider}/v1/completions", post(action(Endpoint::Completions)))
+        .route("/llm/{provider}/v1/embeddings", post(action(Endpoint::Embeddings)))
+        .route("/llm/{provider}/v1/messages", post(action(Endpoint::Messages)))
         .route("/llm/{provider}/v1/models", get(models))
-}
-
-async fn chat_completions(state: State<AppState>, provider: Provider, request: Request) -> Response {
-    match provider {
-        Ok(Path(provider)) => handle(&state, &provider, Endpoint::ChatCompletions, request).await,
-        Err(rejection) => bad_provider(Endpoint::ChatCompletions.dialect(), &rejection),
-    }
-}
-
-async fn completions(state: State<AppState>, provider: Provider, request: Request) -> Response {
-    match provider {
-        Ok(Path(provider)) => handle(&state, &provider, Endpoint::Completions, request).await,
-        Err(rejection) => bad_provider(Endpoint::Completions.dialect(), &rejection),
-    }
-}
-
-async fn embeddings(state: State<AppState>, provider: Provider, request: Request) -> Response {
-    match provider {
-        Ok(Path(provider)) => handle(&state, &provider, Endpoint::Embeddings, request).await,
-        Err(rejection) => bad_provider(Endpoint::Embeddings.dialect(), &rejection),
-    }
-}
-
-async fn messages(state: State<AppState>, provider: Provider, request: Request) -> Response {
-    match provider {
-        Ok(Path(provider)) => handle(&state, &provider, Endpoint::Messages, request).await,
-        Err(rejection) => bad_provider(Endpoint::Messages.dialect(), &rejection),
-    }
 }
 
 /// The provider's name from the path, or why it cannot be read (answered in the provider's shape, not as

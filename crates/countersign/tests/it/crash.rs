@@ -236,9 +236,7 @@ impl FakeUpstream {
                 }
             })
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let url = crate::helpers::serve(app).await;
         FakeUpstream { url, hold, seen, received }
     }
 

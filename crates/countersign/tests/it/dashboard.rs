@@ -47,6 +47,11 @@ fn cookie_pair(set_cookie: &str) -> String {
 }
 
 /// Logs in with a key; answers the session cookie (`cs_ui=…`) and the CSRF token of the session.
+/// Posts the logout form of `base` with the session cookie and its CSRF token.
+pub(crate) async fn logout(client: &reqwest::Client, base: &str, session: &str, csrf: &str) -> reqwest::Response {
+    client.post(format!("{base}/ui/logout")).header(COOKIE, session).form(&[("csrf", csrf)]).send().await.unwrap()
+}
+
 pub(crate) async fn login(base: &str, key: &str) -> (String, String) {
     let client = http();
     let page = client.get(format!("{base}/ui/login")).send().await.unwrap();
@@ -181,13 +186,7 @@ async fn login_cookie_flags_csrf_and_logout() {
     // Logout needs the token too; afterwards the cookie is cleared and worthless.
     let refused = client.post(format!("{base}/ui/logout")).header(COOKIE, &session).send().await.unwrap();
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
-    let out = client
-        .post(format!("{base}/ui/logout"))
-        .header(COOKIE, &session)
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let out = logout(&client, &base, &session, &csrf).await;
     assert_eq!(out.status(), StatusCode::SEE_OTHER);
     let cleared = set_cookies(&out).into_iter().find(|c| c.starts_with("cs_ui=")).unwrap();
     assert!(cleared.contains("Max-Age=0"), "{cleared}");
@@ -645,13 +644,7 @@ async fn the_live_stream_ends_with_its_login() {
     let mut body = stream.bytes_stream();
     let first = tokio::time::timeout(Duration::from_secs(10), body.next()).await.unwrap().unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("ready"));
-    let out = client
-        .post(format!("{base}/ui/logout"))
-        .header(COOKIE, &session)
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let out = logout(&client, &base, &session, &csrf).await;
     assert_eq!(out.status(), StatusCode::SEE_OTHER);
     let ended = tokio::time::timeout(Duration::from_secs(15), async {
         while let Some(chunk) = body.next().await {

@@ -54,9 +54,7 @@ impl FakeProvider {
             // A provider takes long contexts and images, as the proxy's own limit lets through.
             .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(shared);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let url = crate::helpers::serve(app).await;
         FakeProvider { url, seen }
     }
 

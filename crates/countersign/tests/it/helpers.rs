@@ -82,9 +82,7 @@ impl Upstream {
                 (axum::http::StatusCode::CREATED, axum::Json(json!({"card_id": "card_123"})))
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let url = serve(app).await;
         Upstream { url, requests }
     }
 
@@ -385,4 +383,12 @@ pub async fn run_python_client(script: &str, agent: &Client, admin: &Client, env
     for case in cases {
         assert!(stdout.contains(&format!("ok {case}")), "case {case} did not run:\n{stdout}\n{stderr}");
     }
+}
+
+/// Serves `app` on a free loopback port for the rest of the test; answers its base URL (`http://127.0.0.1:PORT`).
+pub async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
 }

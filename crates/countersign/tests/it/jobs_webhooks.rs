@@ -11,7 +11,7 @@ use hmac::{KeyInit, Mac};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::helpers::{TestServer, Upstream, action, config, http_action};
+use crate::helpers::{TestServer, Upstream, action, config, http_action, serve};
 
 /// One delivery the receiver saw.
 #[derive(Debug, Clone)]
@@ -52,9 +52,7 @@ impl Receiver {
                 if n <= fail_first { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK }
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let url = format!("{}/hook", serve(app).await);
         Receiver { url, secret, seen }
     }
 
@@ -240,9 +238,7 @@ async fn bad_webhook_targets_fail_clearly_and_never_stick() {
             *hits.lock().unwrap() += 1;
             async { StatusCode::OK }
         });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let redirect_url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let redirect_url = format!("{}/hook", serve(app).await);
 
     let mut hooks = Vec::new();
     for url in [
@@ -346,9 +342,7 @@ async fn a_job_whose_lease_is_lost_stops_and_is_never_sent_twice() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = serve(app).await;
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), Some(&url));
@@ -406,9 +400,7 @@ async fn an_unknown_outcome_is_resent_to_a_retry_safe_upstream() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = serve(app).await;
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), Some(&url));
@@ -469,9 +461,7 @@ async fn upstream_failures_end_on_the_job_and_never_stick_a_worker() {
                 axum::body::Body::from_stream(stream)
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = serve(app).await;
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), Some(&url));

@@ -45,6 +45,20 @@ impl Setup {
         self.agent.get_action(&id).await.unwrap().body
     }
 
+    /// `GET /v1/approval-status/{token}/result` once it answers 200 (the job has run), asked again for up to
+    /// 10 s: there is no event to await from outside. `Null` if it never did.
+    async fn stored_result(&self, token: &str) -> Value {
+        let url = self.url(&format!("/v1/approval-status/{token}/result"));
+        for _ in 0..200 {
+            let answer = self.http.get(&url).send().await.unwrap();
+            if answer.status() == 200 {
+                return answer.json().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Value::Null
+    }
+
     async fn events(&self, action_id: &str) -> Vec<Value> {
         let query = AuditQuery { subject: Some(action_id.to_owned()), ..AuditQuery::default() };
         let page = self.server.admin.query_audit(&query).await.unwrap();
@@ -373,16 +387,7 @@ async fn an_approved_stream_run_by_the_job_is_not_cut_off_at_the_timeout() {
     assert_eq!(response.status(), 202);
     let token = response.json::<Value>().await.unwrap()["approval_token"].as_str().unwrap().to_owned();
     approve_when_pending(s.server.admin.clone()).await.unwrap();
-    let result_url = s.url(&format!("/v1/approval-status/{token}/result"));
-    let mut stored = Value::Null;
-    for _ in 0..200 {
-        let answer = s.http.get(&result_url).send().await.unwrap();
-        if answer.status() == 200 {
-            stored = answer.json().await.unwrap();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stored = s.stored_result(&token).await;
     assert_eq!(stored["state"], "succeeded", "{stored}");
     let streamed = stored["result"]["body"].as_str().unwrap_or_default();
     assert!(streamed.contains(&format!("part{}", STREAM_CHUNKS - 1)) && streamed.contains("[DONE]"), "{streamed}");
@@ -420,15 +425,7 @@ async fn immediate_mode_answers_202_and_the_job_executes_after_approval() {
     let result_url = s.url(&format!("/v1/approval-status/{token}/result"));
     assert_eq!(s.http.get(&result_url).send().await.unwrap().status(), 409, "no result before approval");
     approve_when_pending(s.server.admin.clone()).await.unwrap();
-    let mut stored = Value::Null;
-    for _ in 0..100 {
-        let answer = s.http.get(&result_url).send().await.unwrap();
-        if answer.status() == 200 {
-            stored = answer.json().await.unwrap();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stored = s.stored_result(&token).await;
     assert_eq!(stored["state"], "succeeded", "{stored}");
     assert_eq!(stored["result"]["status"], 200);
     assert_eq!(stored["result"]["body"]["choices"][0]["message"]["content"], "echo: long answer");

@@ -329,7 +329,7 @@ async fn a_dashboard_cookie_works_on_every_replica() {
     use reqwest::StatusCode;
     use reqwest::header::{COOKIE, LOCATION};
 
-    use crate::dashboard::{FormBody, csrf_in, http, login};
+    use crate::dashboard::{FormBody, csrf_in, http, login, logout};
 
     let Some((_dirs, servers)) = replicas(None).await else { return };
     let bases: Vec<String> = servers.iter().map(|s| s.admin.base().to_owned()).collect();
@@ -361,13 +361,7 @@ async fn a_dashboard_cookie_works_on_every_replica() {
     assert_eq!(servers[2].admin.get_approval(&approval).await.unwrap().str("/status"), "approved");
 
     // Logout on the third replica ends the session on the first.
-    let out = client
-        .post(format!("{}/ui/logout", bases[2]))
-        .header(COOKIE, &session)
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let out = logout(&client, &bases[2], &session, &csrf).await;
     assert_eq!(out.status(), StatusCode::SEE_OTHER);
     let after = client.get(format!("{}/ui/pending", bases[0])).header(COOKIE, &session).send().await.unwrap();
     assert_eq!(after.status(), StatusCode::SEE_OTHER);
