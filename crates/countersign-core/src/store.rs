@@ -125,7 +125,14 @@ pub trait StoreTx: Send {
     async fn get_user(&mut self, org: &OrgId, id: &UserId) -> Result<Option<User>, StoreError>;
     async fn find_user_by_name(&mut self, org: &OrgId, name: &str) -> Result<Option<User>, StoreError>;
     async fn list_users(&mut self, org: &OrgId) -> Result<Vec<User>, StoreError>;
-    async fn disable_user(&mut self, org: &OrgId, id: &UserId, at: DateTime<Utc>) -> Result<bool, StoreError>;
+    /// Disables an active user and revokes the sessions minted with its keys: `None` when no active user has
+    /// this id in the org, else the ids of the sessions it ended.
+    async fn disable_user(
+        &mut self,
+        org: &OrgId,
+        id: &UserId,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Vec<SessionId>>, StoreError>;
     async fn insert_agent(&mut self, agent: &Agent) -> Result<(), StoreError>;
     async fn get_agent(&mut self, org: &OrgId, id: &AgentId) -> Result<Option<Agent>, StoreError>;
     async fn find_agent_by_name(&mut self, org: &OrgId, name: &str) -> Result<Option<Agent>, StoreError>;
@@ -136,7 +143,14 @@ pub trait StoreTx: Send {
     async fn insert_key(&mut self, key: &ApiKey) -> Result<(), StoreError>;
     async fn find_key_by_hash(&mut self, hash: &str) -> Result<Option<ApiKey>, StoreError>;
     async fn list_keys(&mut self, org: &OrgId) -> Result<Vec<ApiKey>, StoreError>;
-    async fn revoke_key(&mut self, org: &OrgId, id: &KeyId, at: DateTime<Utc>) -> Result<bool, StoreError>;
+    /// Revokes an active key and the sessions minted with it: `None` when no active key has this id in the
+    /// org, else the ids of the sessions it ended.
+    async fn revoke_key(
+        &mut self,
+        org: &OrgId,
+        id: &KeyId,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Vec<SessionId>>, StoreError>;
     async fn insert_session(&mut self, session: &Session) -> Result<(), StoreError>;
     async fn find_session_by_hash(&mut self, hash: &str) -> Result<Option<Session>, StoreError>;
     async fn list_sessions(&mut self, org: &OrgId, agent: Option<&AgentId>) -> Result<Vec<Session>, StoreError>;

@@ -58,8 +58,8 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, SqlSafeStr, Transaction};
 use crate::rows::{
     Cols, action_row, agent_row, approval_row, audit_row, audit_write_failed, checkpoint_row, corrupt,
     dashboard_session_row, decision_row, delivery_row, from_us, get, insert_audit_rows, job_row, key_row, limit,
-    map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, seal_pending, session_row, to_json, to_us,
-    user_row, webhook_row,
+    map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, revoked_sessions, seal_pending, session_row,
+    to_json, to_us, user_row, webhook_row,
 };
 
 const MIGRATIONS: [(i64, &str, &str); 4] = [
@@ -527,7 +527,12 @@ impl StoreTx for PgTx {
         rows.iter().map(user_row).collect()
     }
 
-    async fn disable_user(&mut self, org: &OrgId, id: &UserId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+    async fn disable_user(
+        &mut self,
+        org: &OrgId,
+        id: &UserId,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Vec<SessionId>>, StoreError> {
         let n = self
             .execute(
                 sqlx::query("UPDATE users SET disabled_at = $1 WHERE org_id = $2 AND id = $3 AND disabled_at IS NULL")
@@ -536,20 +541,23 @@ impl StoreTx for PgTx {
                     .bind(id.as_str().to_owned()),
             )
             .await?;
-        if n > 0 {
-            // The sessions minted with the user's keys end with the user.
-            self.execute(
+        if n == 0 {
+            return Ok(None);
+        }
+        // The sessions minted with the user's keys end with the user.
+        let rows = self
+            .fetch_all(
                 sqlx::query(
                     "UPDATE sessions SET revoked_at = $1 WHERE org_id = $2 AND revoked_at IS NULL AND minted_with IN
-                        (SELECT id FROM api_keys WHERE org_id = $2 AND principal_kind = 'user' AND principal_id = $3)",
+                        (SELECT id FROM api_keys WHERE org_id = $2 AND principal_kind = 'user' AND principal_id = $3)
+                     RETURNING id",
                 )
                 .bind(to_us(at))
                 .bind(org.as_str().to_owned())
                 .bind(id.as_str().to_owned()),
             )
             .await?;
-        }
-        Ok(n > 0)
+        revoked_sessions(&rows).map(Some)
     }
 
     async fn insert_agent(&mut self, agent: &Agent) -> Result<(), StoreError> {
@@ -655,7 +663,12 @@ impl StoreTx for PgTx {
         rows.iter().map(key_row).collect()
     }
 
-    async fn revoke_key(&mut self, org: &OrgId, id: &KeyId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+    async fn revoke_key(
+        &mut self,
+        org: &OrgId,
+        id: &KeyId,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Vec<SessionId>>, StoreError> {
         let n = self
             .execute(
                 sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE org_id = $2 AND id = $3 AND revoked_at IS NULL")
@@ -664,18 +677,21 @@ impl StoreTx for PgTx {
                     .bind(id.as_str().to_owned()),
             )
             .await?;
-        if n > 0 {
-            self.execute(
+        if n == 0 {
+            return Ok(None);
+        }
+        let rows = self
+            .fetch_all(
                 sqlx::query(
-                    "UPDATE sessions SET revoked_at = $1 WHERE org_id = $2 AND minted_with = $3 AND revoked_at IS NULL",
+                    "UPDATE sessions SET revoked_at = $1 WHERE org_id = $2 AND minted_with = $3 AND revoked_at IS NULL
+                     RETURNING id",
                 )
                 .bind(to_us(at))
                 .bind(org.as_str().to_owned())
                 .bind(id.as_str().to_owned()),
             )
             .await?;
-        }
-        Ok(n > 0)
+        revoked_sessions(&rows).map(Some)
     }
 
     async fn insert_session(&mut self, session: &Session) -> Result<(), StoreError> {

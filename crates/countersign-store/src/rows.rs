@@ -272,6 +272,13 @@ pub fn key_row(row: &impl Cols) -> Result<ApiKey, StoreError> {
     })
 }
 
+/// The ids in the rows a cascading session revocation returned, sorted (for a stable audit event).
+pub fn revoked_sessions(rows: &[impl Cols]) -> Result<Vec<SessionId>, StoreError> {
+    let mut ids = rows.iter().map(|row| get(row, "id").map(SessionId::from_stored)).collect::<Result<Vec<_>, _>>()?;
+    ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    Ok(ids)
+}
+
 pub fn session_row(row: &impl Cols) -> Result<Session, StoreError> {
     let scopes: Vec<String> = from_json("scopes", &get::<String>(row, "scopes")?)?;
     let scopes =

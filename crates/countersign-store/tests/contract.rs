@@ -365,9 +365,9 @@ mod checks {
         tx.insert_user(&bob).await.unwrap();
         assert_eq!(tx.list_users(&o1.id).await.unwrap().len(), 2, "{n}");
         assert_eq!(tx.list_agents(&o1.id).await.unwrap(), vec![bot.clone()], "{n}");
-        assert!(!tx.disable_user(&o2.id, &bob.id, now()).await.unwrap(), "{n}: wrong org");
-        assert!(tx.disable_user(&o1.id, &bob.id, now()).await.unwrap(), "{n}");
-        assert!(!tx.disable_user(&o1.id, &bob.id, now()).await.unwrap(), "{n}: already disabled");
+        assert_eq!(tx.disable_user(&o2.id, &bob.id, now()).await.unwrap(), None, "{n}: wrong org");
+        assert_eq!(tx.disable_user(&o1.id, &bob.id, now()).await.unwrap(), Some(vec![]), "{n}");
+        assert_eq!(tx.disable_user(&o1.id, &bob.id, now()).await.unwrap(), None, "{n}: already disabled");
         assert!(tx.get_user(&o1.id, &bob.id).await.unwrap().unwrap().disabled_at.is_some(), "{n}");
         assert!(!tx.disable_agent(&o2.id, &bot.id, now()).await.unwrap(), "{n}: wrong org");
 
@@ -397,8 +397,8 @@ mod checks {
         assert_eq!(tx.find_key_by_hash("nope").await.unwrap(), None, "{n}");
         assert_eq!(tx.list_keys(&o1.id).await.unwrap().len(), 2, "{n}");
         assert!(tx.list_keys(&o2.id).await.unwrap().is_empty(), "{n}");
-        assert!(!tx.revoke_key(&o2.id, &key.id, now()).await.unwrap(), "{n}: wrong org");
-        assert!(tx.revoke_key(&o1.id, &key.id, now()).await.unwrap(), "{n}");
+        assert_eq!(tx.revoke_key(&o2.id, &key.id, now()).await.unwrap(), None, "{n}: wrong org");
+        assert_eq!(tx.revoke_key(&o1.id, &key.id, now()).await.unwrap(), Some(vec![]), "{n}");
         assert!(tx.find_key_by_hash(&key.hash).await.unwrap().unwrap().revoked_at.is_some(), "{n}");
 
         // Sessions.

@@ -12,7 +12,8 @@
 //!
 //! Refused: loopback, private (RFC 1918, fc00::/7), link-local and cloud metadata (169.254.0.0/16,
 //! fe80::/10), CGNAT, unspecified, multicast, broadcast and reserved ranges, and the IPv6 forms that embed a
-//! refused IPv4 address (IPv4-mapped, IPv4-compatible, IPv4-translated, NAT64 64:ff9b::/96, 6to4). The
+//! refused IPv4 address (IPv4-mapped, IPv4-compatible, IPv4-translated, NAT64 64:ff9b::/96, 6to4), and the
+//! local-use NAT64 prefix 64:ff9b:1::/48 whole (it reaches whatever the operator's translator serves). The
 //! server configuration (`network.allow_private`) may list networks that are allowed anyway.
 //!
 //! The client from [`client_builder`] follows no redirects and ignores proxy settings from the environment.
@@ -92,6 +93,9 @@ pub enum RefusedRange {
     LinkLocalV6,
     /// fec0::/10 (deprecated, but still a private range).
     SiteLocalV6,
+    /// 64:ff9b:1::/48, the NAT64 prefix for local use (RFC 8215): it translates to whatever IPv4 network the
+    /// operator's own translator serves, private ones included, at a position that depends on the prefix.
+    LocalNat64,
     /// 192.0.0.0/24.
     IetfProtocolAssignments,
     /// 198.18.0.0/15.
@@ -115,6 +119,7 @@ impl fmt::Display for RefusedRange {
             RefusedRange::LinkLocalMetadata => "link-local/metadata",
             RefusedRange::LinkLocalV6 => "link-local (fe80::/10)",
             RefusedRange::SiteLocalV6 => "site-local (fec0::/10)",
+            RefusedRange::LocalNat64 => "local-use NAT64 (64:ff9b:1::/48)",
             RefusedRange::IetfProtocolAssignments => "reserved for IETF protocol assignments (192.0.0.0/24)",
             RefusedRange::Benchmarking => "reserved for benchmarking (198.18.0.0/15)",
             RefusedRange::Multicast => "multicast",
@@ -323,6 +328,9 @@ fn refused_v6(address: Ipv6Addr) -> Option<Refusal> {
     if first & 0xff00 == 0xff00 {
         return direct(RefusedRange::Multicast);
     }
+    if address.segments()[..3] == [0x64, 0xff9b, 1] {
+        return direct(RefusedRange::LocalNat64);
+    }
     None
 }
 
@@ -443,6 +451,8 @@ mod tests {
         ("ff00::", RefusedRange::Multicast),
         ("ff02::1", RefusedRange::Multicast),
         ("ff0e::101", RefusedRange::Multicast),
+        ("64:ff9b:1::a00:1", RefusedRange::LocalNat64),
+        ("64:ff9b:1:ffff:ffff:ffff:ffff:ffff", RefusedRange::LocalNat64),
     ];
 
     /// Allowed: public addresses, the edges just outside refused ranges, and IPv6 forms of public IPv4.
@@ -473,6 +483,8 @@ mod tests {
         "64:ff9b::1.1.1.1",
         "2002:0808:0808::1",
         "fbff:ffff::1",
+        "64:ff9b:0:1::808:808",
+        "64:ff9b:2::1",
         "fe7f::1",
     ];
 

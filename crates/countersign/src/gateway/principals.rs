@@ -352,10 +352,12 @@ impl Gateway {
         let org = caller.org_id().clone();
         let now = self.now();
         let mut work = self.write().await?;
-        if !work.tx.revoke_key(&org, id, now).await? {
+        let Some(sessions) = work.tx.revoke_key(&org, id, now).await? else {
             return Err(Error::not_found("active key", id.as_str()));
-        }
-        work.audit(&org, now, &caller.actor(), "key.revoked", Some(id.as_str()), json!({})).await?;
+        };
+        // The sessions minted with the key end with it: named, so the trail says which credentials stopped.
+        let data = json!({"sessions_revoked": sessions});
+        work.audit(&org, now, &caller.actor(), "key.revoked", Some(id.as_str()), data).await?;
         work.principals_changed();
         work.commit(self).await
     }
@@ -385,10 +387,11 @@ impl Gateway {
         if !me.instance_admin && work.tx.get_user(&org, id).await?.is_some_and(|u| u.instance_admin) {
             return Err(Error::Forbidden("only the instance admin may disable the instance admin".into()));
         }
-        if !work.tx.disable_user(&org, id, now).await? {
+        let Some(sessions) = work.tx.disable_user(&org, id, now).await? else {
             return Err(Error::not_found("active user", id.as_str()));
-        }
-        work.audit(&org, now, &caller.actor(), "user.disabled", Some(id.as_str()), json!({})).await?;
+        };
+        let data = json!({"sessions_revoked": sessions});
+        work.audit(&org, now, &caller.actor(), "user.disabled", Some(id.as_str()), data).await?;
         work.principals_changed();
         work.commit(self).await
     }

@@ -314,6 +314,9 @@ async fn sessions_are_scoped_and_revocable() {
     assert_eq!(server.admin.revoke_key(key.str("/id")).await.unwrap().status, 204);
     assert_eq!(session.submit_action(&action("email.send.message")).await.unwrap().status, 401);
     assert_eq!(other.submit_action(&action("email.send.message")).await.unwrap().status, 200, "minted by another key");
+    let revocations = server.admin.get("/v1/audit?action=key.revoked").await.unwrap();
+    let event = &revocations.body["events"].as_array().unwrap().last().unwrap()["data"];
+    assert_eq!(event["sessions_revoked"], json!([minted.str("/id")]), "the trail names the sessions that ended");
 
     // Disabling a user ends the sessions minted with that user's keys.
     let ops_id = server.admin.create_user("ops", "admin").await.unwrap().str("/id").to_owned();
@@ -325,6 +328,9 @@ async fn sessions_are_scoped_and_revocable() {
     assert_eq!(server.admin.delete_user(&ops_id).await.unwrap().status, 204);
     assert_eq!(by_ops.submit_action(&action("email.send.message")).await.unwrap().status, 401);
     assert_eq!(other.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+    let disabled = server.admin.get("/v1/audit?action=user.disabled").await.unwrap();
+    let event = &disabled.body["events"].as_array().unwrap().last().unwrap()["data"];
+    assert_eq!(event["sessions_revoked"], json!([minted.str("/id")]));
     server.stop().await;
 }
 
