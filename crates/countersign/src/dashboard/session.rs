@@ -71,6 +71,9 @@ fn set_cookie(state: &DashboardState, name: &str, value: &str, path: &str, max_a
     HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("cs_ui=; Path=/ui; Max-Age=0"))
 }
 
+/// Sent by the dashboard's script on the requests it makes by itself; they do not count as activity.
+const BACKGROUND_HEADER: &str = "x-countersign-background";
+
 /// A logged-in user of the dashboard, resolved afresh on every request.
 pub struct UiUser {
     pub caller: Caller,
@@ -116,7 +119,9 @@ impl FromRequestParts<DashboardState> for UiUser {
         let Some(token) = cookie(&parts.headers, SESSION_COOKIE) else {
             return Err(reject(Error::Unauthenticated("not logged in to the dashboard".into())));
         };
-        let (caller, key_hash) = match state.gateway.resume_dashboard_session(token).await {
+        // The page's script marks the fetches no one clicked for (the queue's timer, live updates).
+        let activity = !parts.headers.contains_key(BACKGROUND_HEADER);
+        let (caller, key_hash) = match state.gateway.resume_dashboard_session(token, activity).await {
             Ok(resumed) => resumed,
             Err(Error::Unauthenticated(reason)) => return Err(reject(Error::Unauthenticated(reason))),
             Err(other) => return Err(NoSession::Problem(other)),

@@ -77,8 +77,10 @@ impl Gateway {
     /// The user behind a dashboard cookie token, checked afresh: the session is live and not logged out, and
     /// the key that started it still authenticates that user. Answers the caller and the SHA-256 of the key
     /// it logged in with; the request counts as activity.
-    pub async fn resume_dashboard_session(&self, token: &str) -> Result<(Caller, String)> {
-        self.dashboard_session(token, true).await
+    /// `activity` is false for what a page fetches on its own (a timer, the live stream's nudge): those
+    /// must not keep an idle session alive, or a page left open could be used to approve all day.
+    pub async fn resume_dashboard_session(&self, token: &str, activity: bool) -> Result<(Caller, String)> {
+        self.dashboard_session(token, activity).await
     }
 
     /// Whether a login still holds, checked the same way without counting as activity: a page's live

@@ -236,6 +236,18 @@ async fn an_idle_dashboard_session_ends() {
     // Its activity is what counted: a new login works at once.
     let (fresh, _) = login(&base, server.admin.key().unwrap()).await;
     assert_eq!(page(&base, &fresh, "/ui/pending").await.0, StatusCode::OK);
+
+    // What an open page fetches by itself (the queue's timer, live updates) is not activity.
+    let background = |path: &str| {
+        http().get(format!("{base}{path}")).header(COOKIE, &fresh).header("x-countersign-background", "1").send()
+    };
+    for _ in 0..2 {
+        clock.advance(chrono::Duration::minutes(14));
+        assert_eq!(background("/ui/pending/list").await.unwrap().status(), StatusCode::OK);
+    }
+    clock.advance(chrono::Duration::minutes(3));
+    let ended = background("/ui/pending/list").await.unwrap();
+    assert_eq!(ended.status(), StatusCode::SEE_OTHER, "a page left open kept its session alive");
     server.stop().await;
 }
 

@@ -9,8 +9,12 @@
   const audit = document.getElementById("audit");
   let openId = null;
 
-  async function fetchHtml(url) {
-    const response = await fetch(url, { credentials: "same-origin", headers: { "accept": "text/html" } });
+  // `background`: a fetch no one clicked for (the queue's timer, live updates); the server does not count it
+  // as activity, so a page left open still logs out when idle.
+  async function fetchHtml(url, background) {
+    const headers = { "accept": "text/html" };
+    if (background) headers["x-countersign-background"] = "1";
+    const response = await fetch(url, { credentials: "same-origin", headers });
     if (response.redirected && response.url.includes("/ui/login")) { location.href = "/ui/login"; return null; }
     if (!response.ok) { return null; }
     return response.text();
@@ -18,7 +22,7 @@
 
   async function refreshQueue() {
     if (!list) return;
-    const html = await fetchHtml("/ui/pending/list");
+    const html = await fetchHtml("/ui/pending/list", true);
     if (html === null) return;
     list.innerHTML = html;
     markSelected();
@@ -30,8 +34,8 @@
     list.querySelectorAll("tr[data-approval]").forEach((tr) => tr.classList.toggle("selected", tr.dataset.approval === openId));
   }
 
-  async function openDrawer(id, focus) {
-    const html = await fetchHtml(`/ui/approvals/${encodeURIComponent(id)}?partial=1`);
+  async function openDrawer(id, focus, background) {
+    const html = await fetchHtml(`/ui/approvals/${encodeURIComponent(id)}?partial=1`, background);
     if (html === null) return;
     openId = id;
     drawer.innerHTML = html;
@@ -41,7 +45,7 @@
     if (focus) drawer.focus();
   }
 
-  function refreshDrawer() { if (openId) openDrawer(openId, false); }
+  function refreshDrawer() { if (openId) openDrawer(openId, false, true); }
 
   function closeDrawer() {
     if (!drawer || drawer.hidden) return;
@@ -74,7 +78,7 @@
     const mode = audit.dataset.live;
     if (mode !== "prepend" && mode !== "append") return;
     const last = audit.dataset.last || "0";
-    const html = await fetchHtml(`/ui/audit/rows?after=${encodeURIComponent(last)}&${audit.dataset.query}`);
+    const html = await fetchHtml(`/ui/audit/rows?after=${encodeURIComponent(last)}&${audit.dataset.query}`, true);
     if (!html || !html.trim()) return;
     const body = document.getElementById("audit-rows");
     body.insertAdjacentHTML(mode === "prepend" ? "afterbegin" : "beforeend", html);
