@@ -80,17 +80,23 @@ const NOT_TEXT_KEYS: [&str; 11] = [
     "cache_control",
 ];
 
-/// The action's params: `{provider, model, max_tokens, stream, text}`. Absent fields stay absent, so a
-/// condition on them does not match. `text` joins every string the model would read: message content in
-/// string and content-part form (documents included), the system prompt (string or blocks), tool calls and
-/// tool results, tool descriptions, completion prompts and embedding inputs. Structural strings (roles,
-/// types, ids) and inline binary (base64 images, audio and files) are left out.
+/// The action's params: the provider request body itself (design §3), so a rule can read any field of it,
+/// with three additions and one elision:
+/// - `provider`: the configured provider's name (from the path, not the client);
+/// - `max_tokens`: the largest of every spelling the body uses (`max_tokens`, `max_completion_tokens`,
+///   `max_output_tokens`), so a threshold cannot be slipped by spelling a larger limit another way;
+/// - `text`: every string the model would read, joined: message content in string and content-part form
+///   (documents included), the system prompt (string or blocks), tool calls and tool results, tool
+///   descriptions, completion prompts and embedding inputs; structural strings (roles, types, ids) left out;
+/// - inline binary (base64 images, audio and files) is replaced by a short placeholder naming its size, so
+///   patterns do not match by chance inside encoded bytes and the stored action does not hold them twice
+///   (the target keeps the body exactly as sent).
 pub fn params(provider: &str, body: &Value) -> Value {
-    let mut params = Map::new();
+    let mut params = match without_binary(body) {
+        Value::Object(object) => object,
+        _ => Map::new(),
+    };
     params.insert("provider".into(), json!(provider));
-    if let Some(model) = body.get("model").and_then(Value::as_str) {
-        params.insert("model".into(), json!(model));
-    }
     let largest = TOKEN_FIELDS
         .iter()
         .filter_map(|f| body.get(*f).filter(|v| v.is_number()))
@@ -98,7 +104,6 @@ pub fn params(provider: &str, body: &Value) -> Value {
     if let Some(tokens) = largest {
         params.insert("max_tokens".into(), tokens.clone());
     }
-    params.insert("stream".into(), json!(body.get("stream").and_then(Value::as_bool).unwrap_or(false)));
     let mut texts = Vec::new();
     for field in TEXT_FIELDS {
         if let Some(value) = body.get(field) {
@@ -121,29 +126,54 @@ fn collect_text(value: &Value, out: &mut Vec<String>) {
             }
         }
         Value::Object(object) => {
-            // An Anthropic image or document given inline (`source.type: base64`) carries bytes, not words.
-            let binary = object.get("type").and_then(Value::as_str) == Some("base64");
             for (key, inner) in object {
                 if matches!(key.as_str(), "input" | "arguments") && inner.is_object() {
                     out.push(inner.to_string());
                     continue;
                 }
                 // Structural keys hide only their own string (a schema property named `type` keeps its
-                // description visible); inline bytes are skipped only where images, audio and files go.
-                let skip = (NOT_TEXT_KEYS.contains(&key.as_str()) && inner.is_string())
-                    || (binary && key == "data")
-                    // OpenAI `input_audio.data` and `file.file_data` are base64 too.
-                    || (key == "file_data" && inner.is_string())
-                    || (key == "data" && object.contains_key("format") && inner.is_string())
-                    || (matches!(key.as_str(), "url" | "image_url")
-                        && inner.as_str().is_some_and(is_inline_binary));
-                if !skip {
+                // description visible).
+                let structural = NOT_TEXT_KEYS.contains(&key.as_str()) && inner.is_string();
+                if !structural && !is_binary(object, key, inner) {
                     collect_text(inner, out);
                 }
             }
         }
         _ => {}
     }
+}
+
+/// A copy of `value` with each inline binary string replaced by `[inline data: N bytes]`.
+fn without_binary(value: &Value) -> Value {
+    match value {
+        Value::Array(items) => Value::Array(items.iter().map(without_binary).collect()),
+        Value::Object(object) => Value::Object(
+            object
+                .iter()
+                .map(|(key, inner)| {
+                    let kept = match inner {
+                        Value::String(data) if is_binary(object, key, inner) => {
+                            json!(format!("[inline data: {} bytes]", data.len()))
+                        }
+                        _ => without_binary(inner),
+                    };
+                    (key.clone(), kept)
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Whether `object[key]` holds inline bytes, not words; only where images, audio and files go.
+fn is_binary(object: &Map<String, Value>, key: &str, inner: &Value) -> bool {
+    let Some(text) = inner.as_str() else { return false };
+    // An Anthropic image or document given inline (`source.type: base64`).
+    (key == "data" && object.get("type").and_then(Value::as_str) == Some("base64"))
+        // OpenAI `input_audio.data` and `file.file_data` are base64 too.
+        || key == "file_data"
+        || (key == "data" && object.contains_key("format"))
+        || (matches!(key, "url" | "image_url") && is_inline_binary(text))
 }
 
 /// A `data:<type>;base64,…` URL: an inline image or file, not words (checked only where a URL goes).
@@ -229,6 +259,30 @@ mod tests {
             assert!(text.contains(piece), "{piece} in {text}");
         }
         assert!(!text.contains("image_url") && !text.contains("c1") && !text.contains("system\n"));
+    }
+
+    #[test]
+    fn params_are_the_body_itself_with_inline_bytes_elided() {
+        let image = format!("data:image/png;base64,{}", "QUJD".repeat(1000));
+        let body = json!({
+            "model": "gpt-x",
+            "temperature": 2,
+            "user": "end-user-7",
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "look"},
+                {"type": "image_url", "image_url": {"url": image}},
+                {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+            ]}]
+        });
+        let p = params("openai", &body);
+        assert_eq!(p["temperature"], 2, "any body field is there for a rule to read");
+        assert_eq!(p["user"], "end-user-7");
+        assert_eq!(p["provider"], "openai");
+        assert_eq!(p["messages"][0]["content"][0]["text"], "look");
+        assert_eq!(p["messages"][0]["content"][1]["image_url"]["url"], "[inline data: 4022 bytes]");
+        assert_eq!(p["messages"][0]["content"][2]["input_audio"]["data"], "[inline data: 4 bytes]");
+        assert_eq!(p["messages"][0]["content"][2]["input_audio"]["format"], "wav");
+        assert!(!p.to_string().contains("QUJD"), "no encoded bytes in params");
     }
 
     #[test]

@@ -39,6 +39,10 @@ rules:
     effect: deny
     conditions: { capability: "llm.*", content_patterns: ["launch codes?"] }
     message: "Never ask a model for launch codes"
+  - name: llm-no-hot-sampling
+    effect: deny
+    conditions: { capability: "llm.*", params: { temperature: { gt: 1.5 } } }
+    message: "Sampling that hot is not allowed"
   - name: llm-quick-review
     effect: require_approval
     conditions: { capability: "llm.*", models: ["review-fast-*"] }

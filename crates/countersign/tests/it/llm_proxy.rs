@@ -260,6 +260,19 @@ async fn denied_calls_answer_403_in_the_providers_shape_naming_the_rule() {
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("rule `llm-no-launch-codes`") && message.contains("Never ask a model"), "{message}");
 
+    // A rule may read any field of the request body: the params are the body itself.
+    let hot = s
+        .post(
+            "/llm/openai/v1/chat/completions",
+            &json!({"model": "gpt-fake", "temperature": 2, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hot.status(), 403);
+    let body: Value = hot.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("llm-no-hot-sampling"), "{body}");
+
     // Anthropic: the text may hide in the system prompt's blocks.
     let anthropic = s
         .post(
