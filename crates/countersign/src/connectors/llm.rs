@@ -118,7 +118,7 @@ impl Connectors {
         let response = tokio::time::timeout(timeout, request.send())
             .await
             .map_err(|_| ConnectorError::Timeout(format!("the provider did not answer within {}s", timeout.as_secs())))?
-            .map_err(|e| llm_transport(&e))?;
+            .map_err(|e| llm_transport(&e.without_url()))?;
         Ok((response, timeout))
     }
 
@@ -156,7 +156,7 @@ impl Connectors {
     /// `GET` on a provider path (the model list): no action, just the provider's answer.
     pub async fn get_llm(&self, provider: &str, path: &str) -> Result<(u16, String, Vec<u8>), ConnectorError> {
         let (request, timeout) = self.llm_request(provider, reqwest::Method::GET, path, &BTreeMap::new())?;
-        let response = request.timeout(timeout).send().await.map_err(|e| llm_transport(&e))?;
+        let response = request.timeout(timeout).send().await.map_err(|e| llm_transport(&e.without_url()))?;
         let status = response.status().as_u16();
         let content_type = content_type(&response);
         let body = read_all(response, MAX_LLM_RESPONSE_BYTES).await?;
@@ -308,7 +308,7 @@ async fn read_within(
             None => stream.next().await,
         };
         let Some(chunk) = next else { break };
-        let chunk = chunk.map_err(|e| llm_transport(&e))?;
+        let chunk = chunk.map_err(|e| llm_transport(&e.without_url()))?;
         if body.len() + chunk.len() > limit {
             return Err(ConnectorError::Transport(format!("the provider's answer is over {limit} bytes")));
         }

@@ -116,7 +116,7 @@ impl Connectors {
             request = request.header(*name, value.as_str());
         }
         request = request.header("user-agent", concat!("Countersign-Webhooks/", env!("CARGO_PKG_VERSION")));
-        let response = request.send().await.map_err(|e| sent_and_lost(&e))?;
+        let response = request.send().await.map_err(|e| sent_and_lost(&e.without_url()))?;
         let status = response.status().as_u16();
         // Read a little of the answer so the connection can be reused, never more.
         let mut stream = response.bytes_stream();
@@ -198,7 +198,7 @@ impl Connectors {
             let bytes = serde_json::to_vec(body).map_err(|e| ConnectorError::Invalid(e.to_string()))?;
             request = request.header("content-type", "application/json").body(bytes);
         }
-        let response = request.send().await.map_err(|e| sent_and_lost(&e))?;
+        let response = request.send().await.map_err(|e| sent_and_lost(&e.without_url()))?;
         let status = response.status().as_u16();
         let headers: BTreeMap<String, String> = KEPT_HEADERS
             .iter()
@@ -215,7 +215,7 @@ impl Connectors {
             let chunk = match chunk {
                 Ok(chunk) => chunk,
                 Err(e) => {
-                    body_error = Some(format!("the body broke off: {}", describe(&e)));
+                    body_error = Some(format!("the body broke off: {}", describe(&e.without_url())));
                     truncated = true;
                     break;
                 }

@@ -186,7 +186,7 @@ pub fn relay(upstream: reqwest::Response, recorder: Recorder, idle: Duration, dr
                 Some((Ok(rest), state))
             }
             Ok(Some(Err(e))) => {
-                let message = format!("the provider's stream broke off: {e}");
+                let message = format!("the provider's stream broke off: {}", e.without_url());
                 // Ends with an error either way; a failed record is logged by `record`.
                 recorder.record(Some(message.clone())).await.ok();
                 Some((Err(std::io::Error::other(message)), state))

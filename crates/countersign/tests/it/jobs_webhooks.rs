@@ -304,6 +304,44 @@ async fn bad_webhook_targets_fail_clearly_and_never_stick() {
     server.stop().await;
 }
 
+/// A webhook URL often is the credential (a Slack hook's path): the audit log, which every user reads, and
+/// the errors of failed attempts (on jobs every user lists) show only its origin.
+#[tokio::test]
+async fn a_webhook_url_is_kept_out_of_the_audit_log_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let admin = &server.admin;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let url = format!("http://127.0.0.1:{port}/services/T0/B0/hook-secret?token=query-secret");
+    let created = admin.post("/v1/webhooks", &json!({"url": url, "events": ["approval.requested"]})).await.unwrap();
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    assert_eq!(created.str("/url"), url, "the admin sees the whole URL on the webhook");
+    let hook = created.str("/id").to_owned();
+
+    let audit = admin.get("/v1/audit?action=webhook.created").await.unwrap();
+    assert_eq!(audit.body["events"][0]["data"]["url"], json!(format!("http://127.0.0.1:{port}/…")));
+
+    let agent = server.agent("a").await;
+    assert_eq!(agent.submit_action(&action("payments.charge.card")).await.unwrap().status, 202);
+    let job = job_of(admin, &hook).await;
+    let deliveries = loop {
+        let deliveries = admin.get(&format!("/v1/webhooks/{hook}/deliveries")).await.unwrap();
+        if deliveries.body["items"].as_array().is_some_and(|items| !items.is_empty()) {
+            break deliveries;
+        }
+        tokio::task::yield_now().await;
+    };
+    let error = deliveries.body["items"][0]["error"].as_str().unwrap().to_owned();
+    assert!(error.contains("connection failed"), "{error}");
+    let job = admin.get(&format!("/v1/jobs/{job}")).await.unwrap();
+    for shown in [error, job.body.to_string(), admin.get("/v1/audit?limit=1000").await.unwrap().body.to_string()] {
+        assert!(!shown.contains("hook-secret") && !shown.contains("query-secret"), "{shown}");
+    }
+    server.stop().await;
+}
+
 async fn job_of(admin: &countersign::client::Client, subject: &str) -> String {
     let jobs = admin.get(&format!("/v1/jobs?subject={subject}")).await.unwrap();
     assert_eq!(jobs.status, 200, "{:?}", jobs.body);
