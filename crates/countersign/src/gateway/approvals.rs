@@ -111,6 +111,9 @@ impl Gateway {
         };
         work.tx.insert_decision(&org, &approval.id, &record).await?;
         approval.decisions.push(record);
+        // Earlier approvals count only while their authors still may decide: a user since disabled, demoted,
+        // or removed from the group by a policy change no longer makes up the quorum.
+        let approvals = self.standing_approvals(&mut work, &approval).await?;
         let actor = caller.actor();
         work.audit(
             &org,
@@ -119,13 +122,13 @@ impl Gateway {
             "approval.decision",
             Some(approval.id.as_str()),
             json!({"decision": decision, "note": note, "counted": counted, "action_id": action.id,
-                   "approvals": approval.counted_approvals(), "quorum": approval.quorum}),
+                   "approvals": approvals, "quorum": approval.quorum}),
         )
         .await?;
 
         let outcome = match decision {
             Decision::Deny => Some(ApprovalStatus::Denied),
-            Decision::Approve if approval.counted_approvals() >= approval.quorum => Some(ApprovalStatus::Approved),
+            Decision::Approve if approvals >= approval.quorum => Some(ApprovalStatus::Approved),
             Decision::Approve => None,
         };
         if let Some(status) = outcome {
@@ -180,6 +183,19 @@ impl Gateway {
     }
 
     /// Only members of the approval's group, or admins, may decide it.
+    /// The counted approvals whose authors, read again in this transaction, are still enabled users who may
+    /// decide this approval (an admin, or a member of its group under the policy in force now).
+    async fn standing_approvals(&self, work: &mut Work, approval: &Approval) -> Result<u32> {
+        let mut standing = 0u32;
+        for decision in approval.decisions.iter().filter(|d| d.decision == Decision::Approve && d.counted) {
+            let user = work.tx.get_user(&approval.org_id, &decision.user_id).await?;
+            if user.is_some_and(|u| u.disabled_at.is_none() && self.check_group(&u, approval).is_ok()) {
+                standing = standing.saturating_add(1);
+            }
+        }
+        Ok(standing)
+    }
+
     fn check_group(&self, user: &User, approval: &Approval) -> Result<()> {
         let members = self
             .policies()

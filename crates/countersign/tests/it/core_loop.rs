@@ -172,6 +172,18 @@ async fn routing_quorum_owner_and_who_may_decide() {
     let status = server.admin.get(&format!("/v1/approval-status/{}", held.str("/approval/token"))).await.unwrap();
     assert_eq!(status.str("/status"), "denied");
     assert_eq!(status.str("/note"), "no");
+
+    // An approval counts only while its author still may decide: bob, disabled, no longer makes up the quorum.
+    let held = bot.submit_action(&action("finance.issue.card")).await.unwrap();
+    let id = held.str("/approval/id").to_owned();
+    assert_eq!(bob.approve(&id, None).await.unwrap().str("/status"), "pending");
+    let users = server.admin.list_users().await.unwrap();
+    let bob_id = users.body["items"].as_array().unwrap().iter().find(|u| u["name"] == "bob").unwrap()["id"].clone();
+    assert_eq!(server.admin.delete_user(bob_id.as_str().unwrap()).await.unwrap().status, 204);
+    let after = carol.approve(&id, None).await.unwrap();
+    assert_eq!(after.str("/status"), "pending", "a disabled approver's decision no longer counts: {:?}", after.body);
+    let admin = server.admin.approve(&id, None).await.unwrap();
+    assert_eq!(admin.str("/status"), "approved", "{:?}", admin.body);
     server.stop().await;
 }
 
