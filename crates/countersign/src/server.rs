@@ -212,11 +212,7 @@ impl Server {
             tracker.spawn(workers::policy_watch::run(gateway.clone(), token.clone()));
         }
         // Re-arm timers and finish what an earlier process left behind.
-        match gateway.rearm_expiry_timers().await {
-            Ok(n) if n > 0 => tracing::info!(pending = n, "expiry timers re-armed"),
-            Ok(_) => {}
-            Err(error) => tracing::error!(%error, "cannot re-arm expiry timers"),
-        }
+        gateway.rearm_expiry_timers_until_done("start");
 
         let inline = gateway.clone();
         let app = crate::http::router(gateway, self.max_body_bytes, self.llm_max_body_bytes);

@@ -333,4 +333,28 @@ impl Gateway {
         }
         Ok(deadlines.len())
     }
+
+    /// [`Gateway::rearm_expiry_timers`] on a task of its own, tried again every second until the store
+    /// answers or the server stops: a pending approval whose timer was never armed would otherwise wait
+    /// past its deadline until someone tried to decide it.
+    pub fn rearm_expiry_timers_until_done(&self, why: &'static str) {
+        let gateway = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match gateway.rearm_expiry_timers().await {
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::info!(pending = n, why, "expiry timers re-armed");
+                        }
+                        return;
+                    }
+                    Err(error) => tracing::error!(%error, why, "cannot re-arm expiry timers; trying again in 1 s"),
+                }
+                tokio::select! {
+                    () = gateway.shutdown().cancelled() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
 }

@@ -234,6 +234,8 @@ impl Gateway {
         }
         if changes.everything {
             self.reload_policies().await;
+            // The message was too large to list its deadlines: read them all again.
+            self.rearm_expiry_timers_until_done("a replica's change too large to list");
         }
         for org in &changes.policies {
             self.reload_org_policy(org).await;

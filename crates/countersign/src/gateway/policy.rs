@@ -105,6 +105,15 @@ impl PolicyRegistry {
         }
     }
 
+    /// Puts `policy` in force as the file policy; answers the one it replaced.
+    fn replace_file_policy(&self, policy: Arc<Policy>) -> Arc<Policy> {
+        let mut guard = match self.file_policy.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        std::mem::replace(&mut *guard, policy)
+    }
+
     /// The org's policy. `None` only for an org the registry has not seen, which callers treat as deny.
     pub fn for_org(&self, org: &OrgId) -> Option<ActivePolicy> {
         let map = match self.by_org.read() {
@@ -323,14 +332,15 @@ impl Gateway {
             return Ok(None);
         }
         let version = policy.version().to_owned();
-        {
-            let mut guard = match self.policies().file_policy.write() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            *guard = Arc::new(policy);
+        let previous = self.policies().replace_file_policy(Arc::new(policy));
+        if let Err(error) = self.activate_policies().await {
+            // Nothing was stored: the previous file stays the one in force, so the next reload (SIGHUP, a file
+            // change) tries this one again instead of finding it "unchanged". Orgs the failed pass already set
+            // in memory are read back from the store (or denied until they can be).
+            self.policies().replace_file_policy(previous);
+            self.reload_policies().await;
+            return Err(format!("the new policy file could not be activated, the previous one stays: {error}"));
         }
-        self.activate_policies().await.map_err(|e| e.to_string())?;
         Ok(Some(version))
     }
 

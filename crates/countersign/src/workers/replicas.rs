@@ -28,9 +28,7 @@ pub async fn run(gateway: Gateway, mut feed: ReplicaFeed, shutdown: Cancellation
                 gateway.reload_policies().await;
                 gateway.notifier().wake_everyone();
                 gateway.wake_job_runner();
-                if let Err(error) = gateway.rearm_expiry_timers().await {
-                    tracing::warn!(%error, "cannot re-arm expiry timers after reconnecting");
-                }
+                gateway.rearm_expiry_timers_until_done("replica feed reconnected");
             }
             None => return,
         }
