@@ -364,9 +364,16 @@ impl Work {
     /// Raises a webhook event, tied to the audit event appended just before it.
     fn emit(&mut self, event_type: &'static str, data: serde_json::Value) {
         if let Some(cause) = self.events.last() {
+            // The id of the audit event that caused it; a second event raised by the same audit event (a deny
+            // or an expiry also finishes the action) gets `<id>.<type>`, so receivers deduplicating by id
+            // never drop one for the other.
+            let mut id = cause.id.to_string();
+            if self.emitted.iter().any(|e| e.id == id) {
+                id = format!("{id}.{event_type}");
+            }
             self.emitted.push(webhooks::Emission {
                 org_id: cause.org_id.clone(),
-                id: cause.id.to_string(),
+                id,
                 event_type,
                 time_us: cause.time_us,
                 data,

@@ -159,9 +159,11 @@ async fn every_event_kind_is_delivered_and_slack_gets_its_own_shape() {
     assert_eq!(expiring.status, 202);
 
     let mut kinds = Vec::new();
+    let mut ids = std::collections::BTreeSet::new();
     while kinds.len() < 6 {
         let seen = all.next().await;
         assert!(seen.signature_ok);
+        assert!(ids.insert(seen.body["id"].as_str().unwrap().to_owned()), "event ids are unique: {:?}", seen.body);
         let subject = seen.body["data"]["action"]["id"].as_str().unwrap().to_owned();
         kinds.push((subject, seen.event_type.clone(), seen.body["data"]["action"]["state"].clone()));
     }
