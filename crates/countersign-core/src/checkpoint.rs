@@ -36,8 +36,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use rand::Rng;
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Number, Value};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{AuditEvent, GENESIS_HASH, canonical_json};
@@ -270,7 +271,7 @@ pub struct ExportReport {
     /// Hash of the last event in the file (trustworthy only when `ok`).
     pub head_hash: Option<String>,
     /// Where the first failure is: the seq of the first broken event, or of a bad checkpoint; `None` for a
-    /// malformed line (its line number is in `reason`).
+    /// malformed line (its line number is in `reason`) and for an export without events.
     pub first_broken_seq: Option<i64>,
     /// What the first failure is, for a person.
     pub reason: Option<String>,
@@ -281,6 +282,9 @@ pub struct ExportReport {
 ///
 /// The rules, checked in file order; the first failure is reported and later lines are only counted:
 /// - every non-blank line is an audit event or a checkpoint line, else the failure names the line number;
+///   a line holds exactly the fields the exporter writes (none unknown, none missing, each read back as it
+///   is written) and no object in it repeats a key, since the hash and signatures cover only what is parsed;
+/// - the file holds at least one event;
 /// - all events and checkpoints belong to one org;
 /// - events come in seq order without gaps or repeats, each `prev_hash` is the previous event's `hash`, and
 ///   each `hash` recomputes ([`AuditEvent::compute_hash`]), as in [`crate::audit::ChainVerifier`];
@@ -322,15 +326,154 @@ enum ExportLine {
     Checkpoint(Checkpoint),
 }
 
+/// Parses one line, refusing any the exporter could not have written: a key repeated in an object, or a
+/// field the event or checkpoint does not have (or lacks). The hash and signature cover the parsed values,
+/// so a line must hold those and nothing else, or a reader could see what they do not cover.
 fn parse_line(bytes: &[u8]) -> Result<ExportLine, String> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    let value = parse_with_unique_keys(bytes)?;
     let is_checkpoint = value.as_object().is_some_and(|map| map.contains_key("checkpoint"));
     if is_checkpoint {
-        let line: CheckpointLine = serde_json::from_value(value).map_err(|e| format!("not a checkpoint line: {e}"))?;
+        let line = CheckpointLine::deserialize(&value).map_err(|e| format!("not a checkpoint line: {e}"))?;
+        same_fields(&value, &line, "a checkpoint line")?;
         Ok(ExportLine::Checkpoint(line.checkpoint))
     } else {
-        let event: AuditEvent = serde_json::from_value(value).map_err(|e| format!("not an audit event: {e}"))?;
+        let event = AuditEvent::deserialize(&value).map_err(|e| format!("not an audit event: {e}"))?;
+        same_fields(&value, &event, "an audit event")?;
         Ok(ExportLine::Event(Box::new(event)))
+    }
+}
+
+/// Parses JSON as [`Value`] does, but refuses an object that repeats a key (after unescaping), at any depth:
+/// serde_json silently keeps the last of the repeated values, while another reader may show the first.
+fn parse_with_unique_keys(bytes: &[u8]) -> Result<Value, String> {
+    serde_json::from_slice::<UniqueKeysValue>(bytes).map(|parsed| parsed.0).map_err(|e| {
+        if e.is_data() {
+            // Our own refusal: its position is within the line, so say the column only.
+            let message = e.to_string();
+            let message =
+                message.strip_suffix(&format!(" at line {} column {}", e.line(), e.column())).unwrap_or(&message);
+            format!("{message} (column {})", e.column())
+        } else {
+            format!("not valid JSON: {e}")
+        }
+    })
+}
+
+struct UniqueKeysValue(Value);
+
+impl<'de> Deserialize<'de> for UniqueKeysValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueKeysVisitor).map(UniqueKeysValue)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> Visitor<'de> for UniqueKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<Value, E> {
+        Ok(Value::Bool(value))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<Value, E> {
+        Number::from_f64(value).map(Value::Number).ok_or_else(|| E::custom("a number that is not finite"))
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Value, E> {
+        Ok(Value::String(value.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, value: String) -> Result<Value, E> {
+        Ok(Value::String(value))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        UniqueKeysValue::deserialize(deserializer).map(|parsed| parsed.0)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueKeysValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(de::Error::custom(format!("the key {key:?} appears twice in one object")));
+            }
+            let UniqueKeysValue(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+/// Checks that `line` (the parsed JSON) holds exactly the fields of `parsed` (what was read from it), as the
+/// exporter writes them: none more, none fewer, each reading back to what it says. Key order and spacing are
+/// free.
+fn same_fields<T: Serialize>(line: &Value, parsed: &T, what: &str) -> Result<(), String> {
+    let written = serde_json::to_value(parsed).map_err(|e| format!("cannot encode {what} again: {e}"))?;
+    match first_difference(line, &written, "") {
+        None => Ok(()),
+        Some(Difference::Unknown(field)) => Err(format!("{what} has no field {field:?}")),
+        Some(Difference::Missing(field)) => Err(format!("the field {field:?} of {what} is missing")),
+        Some(Difference::Changed(field)) => Err(format!("the field {field:?} of {what} does not read back as written")),
+    }
+}
+
+enum Difference {
+    Unknown(String),
+    Missing(String),
+    Changed(String),
+}
+
+/// The first place where `line` and `written` differ, as a dotted path (array items by index).
+fn first_difference(line: &Value, written: &Value, path: &str) -> Option<Difference> {
+    if line == written {
+        return None;
+    }
+    let at = |key: &str| if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
+    match (line, written) {
+        (Value::Object(line), Value::Object(written)) => {
+            if let Some(key) = line.keys().find(|key| !written.contains_key(*key)) {
+                return Some(Difference::Unknown(at(key)));
+            }
+            if let Some(key) = written.keys().find(|key| !line.contains_key(*key)) {
+                return Some(Difference::Missing(at(key)));
+            }
+            line.iter().find_map(|(key, value)| first_difference(value, written.get(key)?, &at(key)))
+        }
+        (Value::Array(line), Value::Array(written)) if line.len() == written.len() => line
+            .iter()
+            .zip(written)
+            .enumerate()
+            .find_map(|(index, (line, written))| first_difference(line, written, &at(&index.to_string()))),
+        _ => Some(Difference::Changed(path.to_owned())),
     }
 }
 
@@ -551,6 +694,10 @@ impl ExportVerifier {
     }
 
     fn finish(mut self) -> ExportReport {
+        // No events, no chain: an empty file (or checkpoints alone) must not pass for a verified log.
+        if self.events == 0 {
+            self.fail(None, "the export holds no events".to_owned());
+        }
         // A chain anyone could have recomputed proves nothing: the last event must be vouched for by a
         // checkpoint signed with the key (an export from the server always ends with one).
         if let Some(last) = self.last_verified_seq().filter(|_| self.failure.is_none())
@@ -932,6 +1079,87 @@ mod tests {
         bytes.extend_from_slice(b"\n\"\xff\xfe\"\n"); // a JSON string that is not UTF-8
         let report = verify_export(bytes.as_slice(), &signer.public_key_base64()).unwrap();
         assert!(report.reason.as_deref().unwrap().starts_with("line 2: "), "{report:?}");
+    }
+
+    #[test]
+    fn export_without_events_fails() {
+        let signer = AuditSigner::generate();
+        let events = chain(&OrgId::new(), 2);
+        let cp2 = checkpoint_of(&signer, &events[1]);
+        for text in [String::new(), "\n \n".to_owned(), export(&[Line::C(&cp2)])] {
+            let report = verify(&text, &signer);
+            assert!(!report.ok, "{text:?}: {report:?}");
+            assert_eq!(report.events, 0);
+            assert_eq!(report.first_broken_seq, None);
+            assert_eq!(report.reason.as_deref(), Some("the export holds no events"), "{text:?}");
+        }
+    }
+
+    /// A verified export of `events` closed by a checkpoint, with the event at `index` written as `line`.
+    fn export_with_line(signer: &AuditSigner, events: &[AuditEvent], index: usize, line: &str) -> ExportReport {
+        let closing = checkpoint_of(signer, events.last().unwrap());
+        let mut lines: Vec<Line<'_>> = events.iter().map(Line::E).collect();
+        lines[index] = Line::Raw(line);
+        lines.push(Line::C(&closing));
+        verify(&export(&lines), signer)
+    }
+
+    #[test]
+    fn event_lines_with_repeated_keys_are_refused() {
+        let signer = AuditSigner::generate();
+        let events = chain(&OrgId::new(), 3);
+        assert!(export_with_line(&signer, &events, 1, &serde_json::to_string(&events[1]).unwrap()).ok);
+        let written = serde_json::to_string(&events[1]).unwrap();
+        // serde_json keeps the last of repeated keys, which the hash covers; another reader may take the first.
+        let cases = [
+            written.replacen("{", r#"{"action":"approval.denied","#, 1),
+            written.replacen("{", r#"{"\u0061ction":"approval.denied","#, 1),
+            written.replacen(r#""data":{"#, r#""data":{"i":5,"#, 1),
+            written.replacen(r#""actor":{"#, r#""actor":{"name":"mallory","#, 1),
+        ];
+        for line in cases {
+            assert_ne!(line, written);
+            let report = export_with_line(&signer, &events, 1, &line);
+            assert!(!report.ok, "{line}: {report:?}");
+            assert_eq!(report.first_broken_seq, None, "{report:?}");
+            let reason = report.reason.unwrap();
+            assert!(reason.starts_with("line 2: ") && reason.contains("appears twice"), "{reason}");
+        }
+
+        let closing = checkpoint_of(&signer, &events[2]);
+        let cp_line = serde_json::to_string(&CheckpointLine { checkpoint: closing }).unwrap();
+        let repeated = cp_line.replacen(r#"{"org_id""#, r#"{"seq":1,"org_id""#, 1);
+        let mut text = events_only(&events);
+        text.push_str(&repeated);
+        let report = verify(&text, &signer);
+        assert!(report.reason.as_deref().unwrap().starts_with("line 4: "), "{report:?}");
+    }
+
+    #[test]
+    fn event_lines_with_fields_an_event_lacks_are_refused() {
+        let signer = AuditSigner::generate();
+        let events = chain(&OrgId::new(), 3);
+        let written = serde_json::to_string(&events[1]).unwrap();
+        let cases = [
+            (written.replacen("{", r#"{"note":"approved by the CFO","#, 1), r#""note""#),
+            (written.replacen(r#""actor":{"#, r#""actor":{"on_behalf_of":"cfo","#, 1), r#""actor.on_behalf_of""#),
+            (written.replacen(r#""subject":"act_1","#, "", 1), r#""subject""#),
+        ];
+        for (line, field) in cases {
+            assert_ne!(line, written);
+            let report = export_with_line(&signer, &events, 1, &line);
+            assert!(!report.ok, "{line}: {report:?}");
+            let reason = report.reason.unwrap();
+            assert!(reason.starts_with("line 2: ") && reason.contains(field), "{reason}");
+        }
+
+        let closing = checkpoint_of(&signer, &events[2]);
+        let cp_line = serde_json::to_string(&CheckpointLine { checkpoint: closing }).unwrap();
+        let mut text = events_only(&events);
+        text.push_str(&cp_line.replacen("{", r#"{"comment":"all good","#, 1));
+        let report = verify(&text, &signer);
+        let reason = report.reason.unwrap();
+        assert!(reason.starts_with("line 4: ") && reason.contains(r#""comment""#), "{reason}");
     }
 
     #[test]

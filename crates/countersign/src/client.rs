@@ -422,7 +422,13 @@ impl Client {
         self.delete(&format!("/v1/webhooks/{}", segment(id))).await
     }
 
-    pub async fn webhook_deliveries(&self, id: &str) -> Result<ApiResponse, ClientError> {
-        self.get(&format!("/v1/webhooks/{}/deliveries", segment(id))).await
+    pub async fn webhook_deliveries(
+        &self,
+        id: &str,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<ApiResponse, ClientError> {
+        let pairs = [("limit", limit.map(|l| l.to_string())), ("cursor", cursor.map(str::to_owned))];
+        self.get(&with_query(&format!("/v1/webhooks/{}/deliveries", segment(id)), &pairs)).await
     }
 }

@@ -11,7 +11,7 @@ use clap::{ArgGroup, Subcommand};
 use serde_json::Value;
 
 use super::output::{self, Spinner, Table, details, field, time};
-use super::{Ctx, Failure, Outcome, more, parse_seconds};
+use super::{Ctx, Failure, Outcome, deadline_after, more, parse_seconds};
 
 #[derive(Debug, Subcommand)]
 pub enum SessionsCommand {
@@ -132,8 +132,16 @@ pub enum WebhooksCommand {
     List,
     /// Delete a subscription.
     Delete { id: String },
-    /// A subscription's delivery attempts.
-    Deliveries { id: String },
+    /// A subscription's delivery attempts, newest first.
+    Deliveries {
+        id: String,
+        /// At most this many (1 to 1000; default 100).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// The `next_cursor` of a previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
 }
 
 fn items(page: &Value) -> Vec<Value> {
@@ -393,7 +401,7 @@ pub async fn run_jobs(ctx: &Ctx, command: JobsCommand) -> Outcome {
             Ok(0)
         }
         JobsCommand::Wait { id, timeout } => {
-            let deadline = Instant::now() + timeout;
+            let deadline = deadline_after(timeout)?;
             let spinner = Spinner::start(format!("waiting for job {}", output::clean(&id)));
             let waited = async {
                 loop {
@@ -465,8 +473,8 @@ pub async fn run_webhooks(ctx: &Ctx, command: WebhooksCommand) -> Outcome {
             ctx.call(client.delete_webhook(&id)).await?;
             ctx.done(&id, &format!("deleted webhook {}", output::clean(&id)))
         }
-        WebhooksCommand::Deliveries { id } => {
-            let page = ctx.call(client.webhook_deliveries(&id)).await?.body;
+        WebhooksCommand::Deliveries { id, limit, cursor } => {
+            let page = ctx.call(client.webhook_deliveries(&id, limit, cursor.as_deref())).await?.body;
             ctx.show(&page, |p| {
                 let mut table = Table::new(&["AT", "EVENT", "ATTEMPT", "STATUS", "LATENCY", "JOB", "ERROR"]);
                 list_of(p, "no deliveries yet", &mut table, |d| {

@@ -11,7 +11,7 @@ use clap::Subcommand;
 use serde_json::{Value, json};
 
 use super::output::{self, Spinner, Table, details, field, time, time_and_relative};
-use super::{Ctx, Failure, Outcome, more, parse_json, parse_seconds};
+use super::{Ctx, Failure, Outcome, deadline_after, more, parse_json, parse_seconds};
 use crate::client::Client;
 
 /// The longest single long-poll; the client gives up on a request after 120 s.
@@ -208,7 +208,7 @@ fn wait_code(action: &Value) -> u8 {
 
 /// Long-polls until the action is settled or `timeout` passes; answers the last action seen.
 async fn wait_for_action(ctx: &Ctx, client: &Client, id: &str, timeout: Duration) -> Result<Value, Failure> {
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_after(timeout)?;
     let spinner = Spinner::start(format!("waiting for {}", output::clean(id)));
     let result = async {
         loop {

@@ -18,7 +18,7 @@ mod output;
 mod policy;
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use serde_json::Value;
@@ -237,16 +237,34 @@ pub fn problem_line(response: &ApiResponse) -> String {
     line
 }
 
-/// A duration given as seconds (`30`, `0.5`) or with a unit (`90s`, `15m`, `1h`, `2d`).
+/// Durations on the command line stay below this many seconds (about 31 years): far beyond any real wait,
+/// and small enough that a deadline `now + duration` cannot overflow.
+const MAX_SECONDS: u64 = 1_000_000_000;
+
+/// A duration given as seconds (`30`, `0.5`) or with a unit (`90s`, `15m`, `1h`, `2d`), below
+/// [`MAX_SECONDS`] either way.
 pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let max = Duration::from_secs(MAX_SECONDS);
     if let Ok(seconds) = text.trim().parse::<f64>() {
-        return if seconds.is_finite() && (0.0..1e9).contains(&seconds) {
+        return if seconds.is_finite() && (0.0..max.as_secs_f64()).contains(&seconds) {
             Ok(Duration::from_secs_f64(seconds))
         } else {
-            Err(format!("`{text}` is not a number of seconds, 0 or more"))
+            Err(format!("`{text}` is not a number of seconds from 0 to under {MAX_SECONDS}"))
         };
     }
-    countersign_core::policy::parse_duration(text)
+    let duration = countersign_core::policy::parse_duration(text)?;
+    if duration < max {
+        Ok(duration)
+    } else {
+        Err(format!("`{text}` is too long: a duration must be under {MAX_SECONDS} seconds (about 31 years)"))
+    }
+}
+
+/// The instant `timeout` from now; a timeout too long to add is refused rather than overflowing.
+pub fn deadline_after(timeout: Duration) -> Result<Instant, Failure> {
+    Instant::now()
+        .checked_add(timeout)
+        .ok_or_else(|| Failure::Message(format!("a timeout of {} seconds is too long", timeout.as_secs())))
 }
 
 /// A JSON value given on the command line; `what` names it in the message.
@@ -262,6 +280,7 @@ pub fn more(document: &Value) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -271,6 +290,16 @@ mod tests {
         assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_seconds("-1").is_err());
         assert!(parse_seconds("soon").is_err());
+    }
+
+    #[test]
+    fn seconds_with_a_unit_are_bounded_like_plain_numbers() {
+        assert_eq!(parse_seconds("999999999s"), Ok(Duration::from_secs(999_999_999)));
+        assert_eq!(parse_seconds("11574d"), Ok(Duration::from_secs(11574 * 86_400)));
+        for huge in ["9300000000000000000s", "9300000000000000000", "1000000000s", "1000000000", "11575d", "1e9"] {
+            let refused = parse_seconds(huge).expect_err(huge);
+            assert!(refused.contains(huge), "{refused}");
+        }
     }
 
     #[test]

@@ -600,6 +600,76 @@ async fn errors_are_clear_and_exit_codes_usable() {
     server.stop().await;
 }
 
+/// A duration too long for a deadline is a usage error (exit 2) from the parser, never a panic on
+/// `Instant + timeout`; no server is needed, since parsing comes first.
+#[tokio::test]
+async fn huge_timeouts_are_usage_errors() {
+    let url = "http://127.0.0.1:1";
+    for args in [
+        ["actions", "wait", "act_01ARZ3NDEKTSV4RRFFQ69G5FAV", "--timeout", "9300000000000000000s"],
+        ["approvals", "wait", "apr_01ARZ3NDEKTSV4RRFFQ69G5FAV", "--timeout", "9300000000000000000"],
+        ["jobs", "wait", "job_01ARZ3NDEKTSV4RRFFQ69G5FAV", "--timeout", "213503982334601d"],
+        ["jobs", "wait", "job_01ARZ3NDEKTSV4RRFFQ69G5FAV", "--timeout", "1000000000s"],
+    ] {
+        let run = cs(url, Some("cs_sk_x"), &args).await;
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert!(run.stderr.contains("--timeout") && !run.stderr.contains("panicked"), "{run:?}");
+    }
+}
+
+/// `webhooks deliveries` pages with `--limit` and `--cursor`, as the "(more: …)" note tells.
+#[tokio::test]
+async fn webhook_deliveries_page_with_cursor_and_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let cli = Cli::of(&server);
+    let receiver = Upstream::start().await;
+    let webhook = cli
+        .admin(&[
+            "webhooks",
+            "create",
+            "--url",
+            &format!("{}/hook", receiver.url),
+            "--event",
+            "approval.requested",
+            "--json",
+        ])
+        .await
+        .ok()
+        .json();
+    let webhook = webhook["id"].as_str().unwrap().to_owned();
+    let agent = server.agent("ops").await;
+    for _ in 0..2 {
+        assert_eq!(agent.submit_action(&action("payments.charge.card")).await.unwrap().status, 202);
+    }
+    let jobs = cli.admin(&["jobs", "list", "--subject", &webhook, "--json"]).await.ok().json();
+    let jobs = jobs["items"].as_array().unwrap().clone();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    for job in &jobs {
+        let waited = cli.admin(&["jobs", "wait", job["id"].as_str().unwrap(), "--timeout", "30"]).await;
+        assert_eq!(waited.code, 0, "{waited:?}");
+    }
+
+    let first = cli.admin(&["webhooks", "deliveries", &webhook, "--limit", "1", "--json"]).await.ok().json();
+    assert_eq!(first["items"].as_array().unwrap().len(), 1, "{first}");
+    let cursor = first["next_cursor"].as_str().unwrap_or_else(|| panic!("{first}")).to_owned();
+    let table = cli.admin(&["webhooks", "deliveries", &webhook, "--limit", "1"]).await.ok();
+    assert!(table.stderr.contains(&format!("(more: pass --cursor {cursor})")), "{table:?}");
+    let second = cli
+        .admin(&["webhooks", "deliveries", &webhook, "--limit", "1", "--cursor", &cursor, "--json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(second["items"].as_array().unwrap().len(), 1, "{second}");
+    assert_ne!(second["items"][0]["id"], first["items"][0]["id"]);
+    let mut delivered: Vec<&Value> = [&first, &second].iter().map(|page| &page["items"][0]["job_id"]).collect();
+    delivered.sort_by_key(|id| id.as_str());
+    let mut expected: Vec<&Value> = jobs.iter().map(|job| &job["id"]).collect();
+    expected.sort_by_key(|id| id.as_str());
+    assert_eq!(delivered, expected);
+    server.stop().await;
+}
+
 /// `log_format` in the configuration file chooses JSON log lines for `serve`; a value that is not a format
 /// stops the start with a message naming the key.
 #[tokio::test]
