@@ -334,9 +334,10 @@ fn requested_tokens_above(params: &Json, threshold: u64) -> Option<(&'static str
         let value = params.get(*field)?;
         let above = match value.as_u64() {
             Some(requested) => requested > threshold,
-            // Floats (and negative numbers) compare as f64; precision loss near 2^53 is irrelevant here.
+            // Floats, negative numbers and numeric strings compare as f64; precision loss near 2^53 is
+            // irrelevant here.
             #[allow(clippy::cast_precision_loss)]
-            None => value.as_f64().is_some_and(|requested| requested > threshold as f64),
+            None => number_in(value).is_some_and(|requested| requested > threshold as f64),
         };
         above.then(|| (*field, value.to_string()))
     })
@@ -355,14 +356,25 @@ pub(crate) fn lookup<'v>(params: &'v Json, segments: &[String]) -> Option<&'v Js
     Some(current)
 }
 
+/// The number a comparison reads: a JSON number, or a string that is one (`"999999"`, `" 12.5 "`), since
+/// many upstreams (form-encoded ones, say) take amounts as strings, and a `deny` on `amount > 5000` must not
+/// be slipped by quoting the amount. Anything else (`"12 apples"`, `"NaN"`) is not a number.
+fn number_in(value: &Json) -> Option<f64> {
+    match value {
+        Json::Number(number) => number.as_f64(),
+        Json::String(text) => text.trim().parse::<f64>().ok().filter(|n| n.is_finite()),
+        _ => None,
+    }
+}
+
 fn test_holds(test: &ParamTest, value: &Json) -> bool {
     match test {
         ParamTest::Eq(expected) => json_eq(value, expected),
         ParamTest::Ne(expected) => same_kind(value, expected) && !json_eq(value, expected),
-        ParamTest::Gt(limit) => value.as_f64().is_some_and(|v| v > *limit),
-        ParamTest::Gte(limit) => value.as_f64().is_some_and(|v| v >= *limit),
-        ParamTest::Lt(limit) => value.as_f64().is_some_and(|v| v < *limit),
-        ParamTest::Lte(limit) => value.as_f64().is_some_and(|v| v <= *limit),
+        ParamTest::Gt(limit) => number_in(value).is_some_and(|v| v > *limit),
+        ParamTest::Gte(limit) => number_in(value).is_some_and(|v| v >= *limit),
+        ParamTest::Lt(limit) => number_in(value).is_some_and(|v| v < *limit),
+        ParamTest::Lte(limit) => number_in(value).is_some_and(|v| v <= *limit),
         ParamTest::In(options) => options.iter().any(|option| json_eq(value, option)),
         ParamTest::Matches(pattern) => value.as_str().is_some_and(|text| pattern.regex.is_match(text)),
     }
@@ -440,6 +452,17 @@ mod tests {
         assert!(!json_eq(&json!("5000"), &json!(5000)));
         assert!(test_holds(&ParamTest::Ne(json!("usd")), &json!("eur")));
         assert!(!test_holds(&ParamTest::Ne(json!("usd")), &json!(5)));
-        assert!(!test_holds(&ParamTest::Gt(1.0), &json!("2")));
+    }
+
+    #[test]
+    fn comparisons_read_numeric_strings_so_quoting_an_amount_slips_nothing() {
+        assert!(test_holds(&ParamTest::Gt(5000.0), &json!("999999")));
+        assert!(test_holds(&ParamTest::Gt(5000.0), &json!(" 5000.5 ")));
+        assert!(test_holds(&ParamTest::Lte(5000.0), &json!("100")));
+        for not_a_number in [json!("12 apples"), json!("NaN"), json!("inf"), json!(""), json!(true), json!(null)] {
+            assert!(!test_holds(&ParamTest::Gt(1.0), &not_a_number), "{not_a_number}");
+            assert!(!test_holds(&ParamTest::Lt(1.0e300), &not_a_number), "{not_a_number}");
+        }
+        assert_eq!(requested_tokens_above(&json!({"max_tokens": "100000"}), 4000).map(|(f, _)| f), Some("max_tokens"));
     }
 }

@@ -324,7 +324,9 @@ impl Gateway {
             created_at: self.now(),
         };
         if let Err(e) = self.record_delivery(&delivery, &webhook).await {
-            tracing::error!(error = %e, job = %job.id, "cannot record a webhook delivery");
+            // Every attempt is recorded: one that cannot be is tried again (receivers dedupe by event id).
+            tracing::error!(error = %e, job = %job.id, "cannot record a webhook delivery; trying it again");
+            return JobOutcome::Retry(format!("the delivery attempt could not be recorded: {e}"));
         }
         let outcome_label = match (&error, &sent) {
             (None, _) => "delivered",
