@@ -291,7 +291,11 @@ impl Gateway {
     /// `GET /v1/approval-status/{token}`: the token is the credential and reveals only the status.
     pub async fn approval_status(&self, token: &str) -> Result<ApprovalStatusView> {
         let approval = self.approval_by_token(token).await?;
-        let note = approval.decisions.iter().rev().find_map(|d| d.note.clone());
+        // Only the note of the decision that decided it: the remarks of partial approvals stay with approvers.
+        let note = match approval.status {
+            ApprovalStatus::Approved | ApprovalStatus::Denied => approval.decisions.last().and_then(|d| d.note.clone()),
+            _ => None,
+        };
         Ok(ApprovalStatusView {
             status: approval.status,
             decided_at: approval.decided_at,

@@ -176,7 +176,10 @@ async fn routing_quorum_owner_and_who_may_decide() {
     // An approval counts only while its author still may decide: bob, disabled, no longer makes up the quorum.
     let held = bot.submit_action(&action("finance.issue.card")).await.unwrap();
     let id = held.str("/approval/id").to_owned();
-    assert_eq!(bob.approve(&id, None).await.unwrap().str("/status"), "pending");
+    assert_eq!(bob.approve(&id, Some("looks fine to me")).await.unwrap().str("/status"), "pending");
+    let token = held.str("/approval/token");
+    let status = server.admin.get(&format!("/v1/approval-status/{token}")).await.unwrap();
+    assert_eq!(status.body["note"], json!(null), "a partial approval's note stays with approvers");
     let users = server.admin.list_users().await.unwrap();
     let bob_id = users.body["items"].as_array().unwrap().iter().find(|u| u["name"] == "bob").unwrap()["id"].clone();
     assert_eq!(server.admin.delete_user(bob_id.as_str().unwrap()).await.unwrap().status, 204);
