@@ -132,6 +132,14 @@ impl Server {
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{local_addr}"));
+        if !local_addr.ip().is_loopback() && !public_url.starts_with("https://") {
+            // Behind a TLS proxy the dashboard's cookie would still go out without `Secure`.
+            tracing::warn!(
+                %public_url,
+                "listening beyond loopback without an https public_url: dashboard cookies are not marked Secure; \
+                 set public_url to the https address clients use"
+            );
+        }
         let shutdown = CancellationToken::new();
         let (expiry_tx, expiry_requests) = mpsc::unbounded_channel();
         let gateway = Gateway::new(GatewayParts {

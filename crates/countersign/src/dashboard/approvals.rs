@@ -37,11 +37,16 @@ impl Chrome {
 const QUEUE_LIMIT: u32 = 200;
 const HISTORY_LIMIT: u32 = 25;
 
-async fn queue(state: &DashboardState, ui: &UiUser) -> Result<Vec<ApprovalRow>, Error> {
-    let page = Page { limit: QUEUE_LIMIT, after: None };
+/// The oldest pending approvals, and whether there are more than the page shows.
+async fn queue(state: &DashboardState, ui: &UiUser) -> Result<(Vec<ApprovalRow>, bool), Error> {
+    // One more than the page, to know whether there are more.
+    let page = Page { limit: QUEUE_LIMIT + 1, after: None };
     let items = state.gateway.list_approvals(&ui.caller, Some(ApprovalStatus::Pending), &page).await?;
     let now = state.gateway.now();
-    Ok(items.iter().map(|(approval, action)| ApprovalRow::new(approval, action, now)).collect())
+    let more = items.len() > QUEUE_LIMIT as usize;
+    let rows =
+        items.iter().take(QUEUE_LIMIT as usize).map(|(approval, action)| ApprovalRow::new(approval, action, now));
+    Ok((rows.collect(), more))
 }
 
 #[derive(Template)]
@@ -49,23 +54,26 @@ async fn queue(state: &DashboardState, ui: &UiUser) -> Result<Vec<ApprovalRow>, 
 struct PendingPage {
     chrome: Chrome,
     rows: Vec<ApprovalRow>,
+    /// More are pending than the queue shows (History lists them all).
+    more: bool,
 }
 
 #[derive(Template)]
 #[template(path = "pending_list.html")]
 struct PendingList {
     rows: Vec<ApprovalRow>,
+    more: bool,
 }
 
 pub async fn pending(State(state): State<DashboardState>, ui: UiUser) -> Result<Response, Error> {
-    let rows = queue(&state, &ui).await?;
-    Ok(render(StatusCode::OK, &PendingPage { chrome: Chrome::new(&ui, "pending"), rows }))
+    let (rows, more) = queue(&state, &ui).await?;
+    Ok(render(StatusCode::OK, &PendingPage { chrome: Chrome::new(&ui, "pending"), rows, more }))
 }
 
 /// The queue's rows alone, which the page's script fetches whenever the SSE stream says approvals changed.
 pub async fn pending_list(State(state): State<DashboardState>, ui: UiUser) -> Result<Response, Error> {
-    let rows = queue(&state, &ui).await?;
-    Ok(render(StatusCode::OK, &PendingList { rows }))
+    let (rows, more) = queue(&state, &ui).await?;
+    Ok(render(StatusCode::OK, &PendingList { rows, more }))
 }
 
 /// Everything the detail view shows about one approval.

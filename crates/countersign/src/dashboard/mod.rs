@@ -35,12 +35,15 @@ pub struct DashboardState {
     gateway: Gateway,
     /// Cookies get `Secure` when the public URL is https.
     secure_cookies: bool,
+    /// The audit page's last chain verification per org, reused for a while: verifying reads every event
+    /// since the last checkpoint, which no page view should cost each time.
+    chain_checks: pages::ChainChecks,
 }
 
 /// The dashboard's routes, all under `/ui/`, with their own state; merged into the API router.
 pub fn router<S: Clone + Send + Sync + 'static>(gateway: Gateway) -> Router<S> {
     let secure_cookies = gateway.public_url().starts_with("https://");
-    let state = DashboardState { gateway, secure_cookies };
+    let state = DashboardState { gateway, secure_cookies, chain_checks: pages::ChainChecks::default() };
     Router::new()
         .route("/ui", get(|| async { Redirect::to("/ui/") }))
         .route("/ui/", get(|| async { Redirect::to("/ui/pending") }))

@@ -9,8 +9,10 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::DateTime;
 use countersign_core::audit::AuditEvent;
+use countersign_core::ids::OrgId;
 use countersign_core::store::AuditFilter;
 use serde::Deserialize;
+use std::time::Instant;
 
 use super::DashboardState;
 use super::approvals::Chrome;
@@ -241,16 +243,42 @@ async fn window(
     Ok(Window { events, newer: newer.then_some(high), older: older.then_some(low), last: high })
 }
 
+/// How long the audit page shows a chain verification before running another.
+const CHAIN_CHECK_REUSE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The last chain verification shown per org: (when, text, intact).
+pub type ChainChecks = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<OrgId, (Instant, String, bool)>>>;
+
+/// The chain's state for the audit page: verified afresh at most every 30 s per org (paging and filtering
+/// reuse the last result, which says when it was taken), since a verification reads the whole log since its
+/// last checkpoint.
 async fn chain_status(state: &DashboardState, ui: &UiUser) -> Result<(String, bool), Error> {
-    match state.gateway.verify_audit(&ui.caller).await {
-        Ok(report) if report.ok => Ok((format!("intact: {} events, head {}", report.events, report.head_hash), true)),
-        Ok(report) => Ok((
-            format!("BROKEN at seq {}", report.first_broken_seq.map(|s| s.to_string()).unwrap_or_else(|| "?".into())),
-            false,
-        )),
-        Err(Error::Forbidden(_)) => Ok(("verification needs the admin role".into(), true)),
-        Err(other) => Err(other),
+    let org = ui.caller.org_id().clone();
+    let recent = |checks: &ChainChecks| {
+        let checks = checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        checks.get(&org).filter(|(at, _, _)| at.elapsed() < CHAIN_CHECK_REUSE).map(|(_, text, ok)| (text.clone(), *ok))
+    };
+    if let Some(shown) = recent(&state.chain_checks) {
+        return Ok(shown);
     }
+    let checked_at = state.gateway.now().format("%H:%M:%S UTC");
+    let (text, ok) = match state.gateway.verify_audit(&ui.caller).await {
+        Ok(report) if report.ok => {
+            (format!("intact: {} events, head {} (checked {checked_at})", report.events, report.head_hash), true)
+        }
+        Ok(report) => (
+            format!(
+                "BROKEN at seq {} (checked {checked_at})",
+                report.first_broken_seq.map(|s| s.to_string()).unwrap_or_else(|| "?".into())
+            ),
+            false,
+        ),
+        Err(Error::Forbidden(_)) => return Ok(("verification needs the admin role".into(), true)),
+        Err(other) => return Err(other),
+    };
+    let mut checks = state.chain_checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    checks.insert(org, (Instant::now(), text.clone(), ok));
+    Ok((text, ok))
 }
 
 pub async fn audit(

@@ -669,3 +669,27 @@ async fn the_live_stream_ends_with_its_login() {
     assert!(ended.is_ok(), "the stream of a logged-out page ends");
     server.stop().await;
 }
+
+/// The queue shows the oldest 200 pending approvals and says when more are waiting, pointing to History.
+#[tokio::test]
+async fn a_queue_longer_than_a_page_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = crate::helpers::config(dir.path(), None);
+    settings.rate_limit.per_second = 0;
+    let server = TestServer::start_with(settings, None).await;
+    let base = server.admin.base().to_owned();
+    let bot = server.agent("bot").await;
+    let (session, _) = login(&base, server.admin.key().unwrap()).await;
+    for n in 0..201 {
+        if n == 200 {
+            let (_, html) = page(&base, &session, "/ui/pending/list").await;
+            assert!(!html.contains("queue-more"), "exactly a page: nothing more to say");
+        }
+        assert_eq!(bot.submit_action(&action("payments.charge.card")).await.unwrap().status, 202);
+    }
+    let (status, html) = page(&base, &session, "/ui/pending").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(html.matches("<tr data-approval=").count(), 200);
+    assert!(html.contains("id=\"queue-more\"") && html.contains("/ui/history?status=pending"), "{html}");
+    server.stop().await;
+}
