@@ -4,7 +4,7 @@
 //!
 //! Secrets are redacted in `Debug`. This module does not open sockets or files other than the config file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,30 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Which orgs may use an upstream, a model provider or an MCP server: `orgs = ["default", "acme"]`, by org
+/// name or id. Absent: every org. The entry's credentials act for whoever may use it, so on an instance
+/// with several orgs each credential should name the orgs it is for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct OrgScope(Option<BTreeSet<String>>);
+
+impl OrgScope {
+    /// Only these orgs (names or ids).
+    pub fn only<S: Into<String>>(orgs: impl IntoIterator<Item = S>) -> Self {
+        OrgScope(Some(orgs.into_iter().map(Into::into).collect()))
+    }
+
+    /// No `orgs`: every org may use the entry.
+    pub fn is_every_org(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Whether the org with this id and name may use the entry.
+    pub fn admits(&self, id: &str, name: &str) -> bool {
+        self.0.as_ref().is_none_or(|orgs| orgs.contains(id) || orgs.contains(name))
+    }
+}
+
 /// An upstream an `http` target may name. The agent never sees its base URL's credentials or headers.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +69,8 @@ pub struct UpstreamConfig {
     pub retry_safe: bool,
     #[serde(default = "default_upstream_timeout")]
     pub timeout_seconds: u64,
+    #[serde(default)]
+    pub orgs: OrgScope,
 }
 
 fn default_upstream_timeout() -> u64 {
@@ -87,6 +113,8 @@ pub struct LlmFileConfig {
     /// off elsewhere (some OpenAI-compatible servers refuse the field).
     #[serde(default)]
     pub stream_usage: Option<bool>,
+    #[serde(default)]
+    pub orgs: OrgScope,
 }
 
 /// A model provider the LLM proxy forwards to. The agent never sees its key.
@@ -100,6 +128,7 @@ pub struct LlmConfig {
     pub timeout_seconds: u64,
     /// See [`LlmFileConfig::stream_usage`].
     pub stream_usage: bool,
+    pub orgs: OrgScope,
 }
 
 impl LlmConfig {
@@ -112,6 +141,7 @@ impl LlmConfig {
             dialect: default_dialect(name),
             timeout_seconds: default_llm_timeout(),
             stream_usage,
+            orgs: OrgScope::default(),
         }
     }
 }
@@ -151,6 +181,8 @@ pub struct McpServerFileConfig {
     /// How long one tool call may take.
     #[serde(default = "default_mcp_timeout")]
     pub timeout_seconds: u64,
+    #[serde(default)]
+    pub orgs: OrgScope,
 }
 
 /// How the gateway reaches an upstream MCP server.
@@ -169,6 +201,7 @@ pub enum McpTransportConfig {
 pub struct McpServerConfig {
     pub transport: McpTransportConfig,
     pub timeout_seconds: u64,
+    pub orgs: OrgScope,
 }
 
 impl McpServerConfig {
@@ -176,6 +209,7 @@ impl McpServerConfig {
         McpServerConfig {
             transport: McpTransportConfig::Http { url: url.into(), headers: BTreeMap::new() },
             timeout_seconds: default_mcp_timeout(),
+            orgs: OrgScope::default(),
         }
     }
 
@@ -183,6 +217,7 @@ impl McpServerConfig {
         McpServerConfig {
             transport: McpTransportConfig::Stdio { command, env: BTreeMap::new(), cwd: None },
             timeout_seconds: default_mcp_timeout(),
+            orgs: OrgScope::default(),
         }
     }
 }
@@ -298,7 +333,7 @@ impl McpServerFileConfig {
                 return Err(invalid("give `url` (Streamable HTTP) or `command` (spawned over stdio)".into()));
             }
         };
-        Ok(McpServerConfig { transport, timeout_seconds: self.timeout_seconds })
+        Ok(McpServerConfig { transport, timeout_seconds: self.timeout_seconds, orgs: self.orgs })
     }
 }
 
@@ -551,7 +586,8 @@ impl ServeArgs {
             let stream_usage = provider.stream_usage.unwrap_or_else(|| default_stream_usage(&base_url));
             let timeout_seconds =
                 seconds_in_range(&format!("llm.{name}.timeout_seconds"), provider.timeout_seconds, 1)?;
-            config.llm.insert(name, LlmConfig { base_url, api_key, dialect, timeout_seconds, stream_usage });
+            let orgs = provider.orgs;
+            config.llm.insert(name, LlmConfig { base_url, api_key, dialect, timeout_seconds, stream_usage, orgs });
         }
         config.mcp_servers = resolve_mcp_servers(file.mcp_servers, &base)?;
         config.network = file.network;
@@ -653,6 +689,7 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # headers = { Authorization = "Bearer ${env:PAYMENTS_KEY}" }
 # retry_safe = false                # resend when the outcome is unknown (a crash, no answer)?
 # timeout_seconds = 30
+# orgs = ["default"]                # the orgs that may use it (names or ids); default: every org
 
 # Model providers for the LLM proxy: agents call /llm/NAME/v1/… with their Countersign key.
 # [llm.openai]
@@ -661,6 +698,7 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # dialect = "openai"                # default: "anthropic" for [llm.anthropic], else "openai"
 # timeout_seconds = 120
 # stream_usage = true               # ask streams for token usage (default: on for api.openai.com only)
+# orgs = ["default"]                # the orgs that may use it; default: every org
 # [llm.anthropic]
 # base_url = "https://api.anthropic.com"
 # api_key = "${env:ANTHROPIC_API_KEY}"
@@ -671,6 +709,7 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # url = "https://mcp.github.example/mcp"  # Streamable HTTP, through the outbound guard
 # headers = { Authorization = "Bearer ${env:GITHUB_TOKEN}" }
 # timeout_seconds = 60              # one tool call
+# orgs = ["default"]                # the orgs that may use it; default: every org
 # [mcp_servers.files]
 # command = ["python3", "files_server.py", "--root", "/srv/files"]   # spawned, spoken to over stdio
 # env = { FILES_TOKEN = "${env:FILES_TOKEN}" }   # the child gets PATH, HOME, LANG, … plus these

@@ -138,6 +138,11 @@ impl McpUpstreams {
         self.servers.contains_key(name)
     }
 
+    /// Which orgs may use the server; `None` for an unknown name.
+    pub fn scope(&self, name: &str) -> Option<&crate::config::OrgScope> {
+        self.servers.get(name).map(|u| &u.config.orgs)
+    }
+
     /// Every cached tool, by upstream name, in name order.
     pub fn tools(&self) -> Vec<(String, Arc<Vec<Tool>>)> {
         self.servers.values().map(|u| (u.name.clone(), u.read().tools.clone())).collect()

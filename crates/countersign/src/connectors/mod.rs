@@ -19,7 +19,7 @@ use countersign_core::domain::HttpTarget;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::config::{LlmConfig, McpServerConfig, UpstreamConfig};
+use crate::config::{LlmConfig, McpServerConfig, OrgScope, UpstreamConfig};
 
 /// Response bodies larger than this are truncated in the stored result.
 pub const MAX_RESULT_BODY_BYTES: usize = 64 * 1024;
@@ -39,6 +39,25 @@ pub struct Connectors {
     llm: BTreeMap<String, LlmConfig>,
     /// Upstream MCP servers of the MCP gateway (`[mcp_servers.NAME]`).
     mcp: mcp::McpUpstreams,
+}
+
+/// A configured service a target names, whose credentials act for the orgs its `orgs` admits.
+#[derive(Debug, Clone, Copy)]
+pub enum Service<'a> {
+    Upstream(&'a str),
+    Llm(&'a str),
+    Mcp(&'a str),
+}
+
+impl Service<'_> {
+    /// Where it is configured, for messages: `[upstreams.payments]`.
+    pub fn section(&self) -> String {
+        match self {
+            Service::Upstream(name) => format!("[upstreams.{name}]"),
+            Service::Llm(name) => format!("[llm.{name}]"),
+            Service::Mcp(name) => format!("[mcp_servers.{name}]"),
+        }
+    }
 }
 
 /// What an upstream answered, as stored on the action.
@@ -132,6 +151,15 @@ impl Connectors {
 
     pub fn has_upstream(&self, name: &str) -> bool {
         self.upstreams.contains_key(name)
+    }
+
+    /// Which orgs may use a configured upstream, model provider or MCP server; `None` for an unknown name.
+    pub fn scope(&self, service: Service<'_>) -> Option<&OrgScope> {
+        match service {
+            Service::Upstream(name) => self.upstreams.get(name).map(|u| &u.orgs),
+            Service::Llm(name) => self.llm.get(name).map(|p| &p.orgs),
+            Service::Mcp(name) => self.mcp.scope(name),
+        }
     }
 
     /// A header the agent's target sets that the upstream's configuration sets too (a credential or a

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{Caller, Gateway};
+use crate::connectors::Service;
 use crate::error::{Error, Result};
 
 /// A validated submission.
@@ -139,11 +140,14 @@ impl Gateway {
         }
         if let Some(Target::Http(http)) = &request.target {
             http.validate().map_err(|m| Error::invalid("target", m))?;
-            if !self.inner.connectors.has_upstream(&http.upstream) {
+            // One answer for an upstream that does not exist and one this org may not use: neither is there
+            // for it (an org learns nothing of what others are configured with).
+            if !self.serves(&org, Service::Upstream(&http.upstream)).await? {
                 return Err(Error::invalid(
                     "target.upstream",
                     format!(
-                        "unknown upstream `{}`: it must be named under [upstreams] in the server configuration",
+                        "unknown upstream `{}`: it must be named under [upstreams] in the server configuration, \
+                         with this org among its `orgs` if it lists any",
                         http.upstream
                     ),
                 ));
@@ -160,11 +164,12 @@ impl Gateway {
         }
         if let Some(Target::Llm(llm)) = &request.target {
             llm.validate().map_err(|m| Error::invalid("target", m))?;
-            if self.inner.connectors.llm_dialect(&llm.provider).is_none() {
+            if !self.serves(&org, Service::Llm(&llm.provider)).await? {
                 return Err(Error::invalid(
                     "target.provider",
                     format!(
-                        "unknown model provider `{}`: it must be named under [llm] in the configuration",
+                        "unknown model provider `{}`: it must be named under [llm] in the configuration, with \
+                         this org among its `orgs` if it lists any",
                         llm.provider
                     ),
                 ));
@@ -173,11 +178,12 @@ impl Gateway {
 
         if let Some(Target::Mcp(mcp)) = &request.target {
             mcp.validate().map_err(|m| Error::invalid("target", m))?;
-            if !self.inner.connectors.mcp().has_server(&mcp.server) {
+            if !self.serves(&org, Service::Mcp(&mcp.server)).await? {
                 return Err(Error::invalid(
                     "target.server",
                     format!(
-                        "unknown MCP server `{}`: it must be named under [mcp_servers] in the configuration",
+                        "unknown MCP server `{}`: it must be named under [mcp_servers] in the configuration, with \
+                         this org among its `orgs` if it lists any",
                         mcp.server
                     ),
                 ));

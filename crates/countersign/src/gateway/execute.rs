@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::jobs::JobOutcome;
 use super::{Gateway, Work};
-use crate::connectors::ConnectorError;
+use crate::connectors::{ConnectorError, Service};
 use crate::error::{Error, Result};
 
 /// How long recording an execution's outcome keeps retrying a busy store (100 ms doubling, about 25 s).
@@ -187,20 +187,31 @@ impl Gateway {
             (Some(_), None) => None,
             (None, _) => Some(action.request_hash.clone()),
         };
-        if approved_hash.as_deref() != Some(current_hash.as_str()) || action.request_hash != current_hash {
+        let refusal = if approved_hash.as_deref() != Some(current_hash.as_str()) || action.request_hash != current_hash
+        {
+            Some((
+                "the stored request no longer matches the hash its approval bound; not sent".to_owned(),
+                json!({"reason": "request_hash_mismatch", "expected": approved_hash, "found": current_hash}),
+            ))
+        } else {
+            // The configuration may have changed since the submission: the service must still be this org's.
+            match action.target.as_ref().and_then(service_of) {
+                Some(service) if !self.serves(org, service).await? => Some((
+                    format!(
+                        "{} is not open to this org (its `orgs` in the server configuration); not sent",
+                        service.section()
+                    ),
+                    json!({"reason": "service_not_open_to_org", "service": service.section()}),
+                )),
+                _ => None,
+            }
+        };
+        if let Some((error, data)) = refusal {
             action.state = action.state.transition(ActionState::Failed)?;
-            action.error = Some("the stored request no longer matches the hash its approval bound; not sent".into());
+            action.error = Some(error);
             action.finished_at = Some(now);
             work.tx.update_action(&action).await?;
-            work.audit(
-                org,
-                now,
-                &Actor::system(),
-                "action.failed",
-                Some(id.as_str()),
-                json!({"reason": "request_hash_mismatch", "expected": approved_hash, "found": current_hash}),
-            )
-            .await?;
+            work.audit(org, now, &Actor::system(), "action.failed", Some(id.as_str()), data).await?;
             work.emit("action.finished", super::webhooks::action_data(&action));
             work.action_changed(org, id);
             work.commit(self).await?;
@@ -380,5 +391,14 @@ impl Gateway {
             self.metrics().job_finished(JobKind::ActionExecute.as_str(), end.as_str());
         }
         Ok(())
+    }
+}
+
+/// The configured service a target goes through.
+fn service_of(target: &Target) -> Option<Service<'_>> {
+    match target {
+        Target::Http(http) => Some(Service::Upstream(&http.upstream)),
+        Target::Llm(llm) => Some(Service::Llm(&llm.provider)),
+        Target::Mcp(mcp) => Some(Service::Mcp(&mcp.server)),
     }
 }

@@ -43,7 +43,7 @@ pub use queries::{Trace, audit_filter, parse_audit_time};
 pub use sessions::{CreatedSession, SessionRequest};
 pub use webhooks::{CreatedWebhook, EVENT_TYPES as WEBHOOK_EVENTS, WebhookRequest};
 
-use crate::connectors::Connectors;
+use crate::connectors::{Connectors, Service};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use notify::Notifier;
@@ -157,6 +157,9 @@ struct Inner {
     /// the connectors they use.
     inline: tokio_util::task::TaskTracker,
     auth_cache: auth::AuthCache,
+    /// Org names by id, for the `orgs` of configured services. An org's name never changes, and orgs are
+    /// never deleted, so an entry never goes stale.
+    org_names: std::sync::Mutex<std::collections::HashMap<OrgId, String>>,
 }
 
 /// Everything the gateway is built from.
@@ -200,6 +203,7 @@ impl Gateway {
                 shutdown: parts.shutdown,
                 inline: tokio_util::task::TaskTracker::new(),
                 auth_cache: auth::AuthCache::new(parts.auth_cache),
+                org_names: std::sync::Mutex::default(),
             }),
         }
     }
@@ -222,6 +226,30 @@ impl Gateway {
 
     pub fn public_url(&self) -> &str {
         &self.inner.public_url
+    }
+
+    /// Whether an org may use a configured upstream, model provider or MCP server (its `orgs`; every org
+    /// when it names none). An unknown service serves no one.
+    pub async fn serves(&self, org: &OrgId, service: Service<'_>) -> Result<bool> {
+        let Some(scope) = self.inner.connectors.scope(service) else { return Ok(false) };
+        if scope.is_every_org() {
+            return Ok(true);
+        }
+        let name = self.org_name(org).await?;
+        Ok(scope.admits(org.as_str(), &name))
+    }
+
+    async fn org_name(&self, org: &OrgId) -> Result<String> {
+        let cached = |names: &std::sync::Mutex<std::collections::HashMap<OrgId, String>>| {
+            names.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(org).cloned()
+        };
+        if let Some(name) = cached(&self.inner.org_names) {
+            return Ok(name);
+        }
+        let found = self.read().await?.get_org(org).await?.ok_or_else(|| Error::not_found("org", org.as_str()))?;
+        let mut names = self.inner.org_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        names.insert(org.clone(), found.name.clone());
+        Ok(found.name)
     }
 
     /// Applies what another replica committed: reloads the policies it set, then wakes local waiters, the

@@ -350,7 +350,7 @@ impl McpServer {
 
 /// An error as the client may see it: the problem's `detail`, which for an internal or store failure says
 /// only that one happened (its text is in the log), never the driver's message.
-fn internal(error: &Error) -> ErrorData {
+pub(super) fn internal(error: &Error) -> ErrorData {
     let (_, problem) = error.problem();
     let detail = problem.get("detail").and_then(serde_json::Value::as_str).unwrap_or("internal error").to_owned();
     ErrorData::internal_error(detail, Some(problem))
@@ -439,10 +439,11 @@ impl ServerHandler for McpServer {
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
+        let (caller, _) = caller_of(&context)?;
         let mut tools = self.tool_router.list_all();
-        tools.extend(upstream_tools::listed(&self.gateway));
+        tools.extend(upstream_tools::listed(&self.gateway, &caller).await.map_err(|e| internal(&e))?);
         Ok(ListToolsResult::with_all_items(tools))
     }
 

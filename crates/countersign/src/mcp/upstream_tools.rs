@@ -17,7 +17,8 @@ use rmcp::ErrorData;
 use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, JsonObject, RequestMetaObject, Tool};
 use serde_json::{Value, json};
 
-use super::server::next_steps;
+use super::server::{internal, next_steps};
+use crate::connectors::Service;
 use crate::error::Error;
 use crate::gateway::{Caller, Gateway, McpCall};
 use crate::http::views;
@@ -29,15 +30,18 @@ pub const DEFAULT_HOLD: Duration = Duration::from_secs(50);
 /// The longest hold `_meta.countersign_wait` may ask for.
 const MAX_HOLD: Duration = crate::gateway::MAX_WAIT;
 
-/// Every upstream tool, renamed `NAME__tool`.
-pub fn listed(gateway: &Gateway) -> Vec<Tool> {
+/// Every upstream tool the caller's org may use (its server's `orgs`), renamed `NAME__tool`.
+pub async fn listed(gateway: &Gateway, caller: &Caller) -> Result<Vec<Tool>, Error> {
     let mut listed = Vec::new();
     for (server, tools) in gateway.mcp_upstreams().tools() {
+        if !gateway.serves(caller.org_id(), Service::Mcp(&server)).await? {
+            continue;
+        }
         for tool in tools.iter() {
             listed.push(shown(tool.clone(), format!("{server}{SEPARATOR}{}", tool.name)));
         }
     }
-    listed
+    Ok(listed)
 }
 
 /// The upstream tool behind a `NAME__tool` name, renamed as `/mcp` shows it.
@@ -72,7 +76,9 @@ pub async fn call(
     let name = request.name.to_string();
     let Some((server, tool)) = name.split_once(SEPARATOR) else { return Err(unknown_tool(&name)) };
     let upstreams = gateway.mcp_upstreams();
-    if !upstreams.has_server(server) {
+    // A server this org may not use is as unknown as one that is not configured.
+    let serves = gateway.serves(caller.org_id(), Service::Mcp(server)).await.map_err(|e| internal(&e))?;
+    if !upstreams.has_server(server) || !serves {
         return Err(unknown_tool(&name));
     }
     let arguments = request.arguments.clone().unwrap_or_default();

@@ -74,8 +74,9 @@ async fn models(State(state): State<AppState>, provider: Provider, headers: Head
         Ok(dialect) => dialect,
         Err(response) => return *response,
     };
-    let caller = match authenticate(&state.gateway, &headers).await {
-        Ok(caller) => caller,
+    let caller = match caller_for(&state, &headers, &provider).await {
+        Ok(Some(caller)) => caller,
+        Ok(None) => return no_provider(dialect, &provider),
         Err(e) => return wire::from_error(dialect, &e),
     };
     // The list goes out with the provider's key: only for those who may call the provider.
@@ -100,12 +101,24 @@ fn provider_dialect(gateway: &Gateway, provider: &str, endpoint: Option<Endpoint
             StatusCode::NOT_FOUND,
             &format!("provider `{provider}` speaks the {} API, which has no such endpoint", dialect.as_str()),
         ))),
-        (None, wanted) => Err(Box::new(wire::error(
-            wanted.unwrap_or(Dialect::Openai),
-            StatusCode::NOT_FOUND,
-            &format!("no model provider `{provider}` is configured under [llm] on this server"),
-        ))),
+        (None, wanted) => Err(Box::new(no_provider(wanted.unwrap_or(Dialect::Openai), provider))),
     }
+}
+
+/// 404 for a provider that is not configured, or not for the caller's org (the same answer for both).
+fn no_provider(dialect: Dialect, provider: &str) -> Response {
+    wire::error(
+        dialect,
+        StatusCode::NOT_FOUND,
+        &format!("no model provider `{provider}` is configured under [llm] on this server"),
+    )
+}
+
+/// The caller, when its org may use the provider (its `orgs` in the configuration).
+async fn caller_for(state: &AppState, headers: &HeaderMap, provider: &str) -> Result<Option<Caller>, Error> {
+    let caller = authenticate(&state.gateway, headers).await?;
+    let serves = state.gateway.serves(caller.org_id(), crate::connectors::Service::Llm(provider)).await?;
+    Ok(serves.then_some(caller))
 }
 
 async fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, Error> {
@@ -159,7 +172,9 @@ async fn handle(state: &AppState, provider: &str, endpoint: Endpoint, request: R
     // Every error in the provider's shape, so the SDK raises its usual error.
     let answer = async {
         // Who is asking first: an unauthenticated or rate-limited caller never gets a body read.
-        let caller = authenticate(&state.gateway, &headers).await?;
+        let Some(caller) = caller_for(state, &headers, provider).await? else {
+            return Ok(no_provider(dialect, provider));
+        };
         let body = read_body(request, state.llm_max_body_bytes).await?;
         governed(&state.gateway, &caller, provider, endpoint, dialect, &headers, &body).await
     };

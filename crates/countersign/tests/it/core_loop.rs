@@ -527,3 +527,41 @@ async fn the_schema_refuses_to_rewrite_audit_events() {
     assert!(update.contains("append-only"), "{update}");
     assert!(delete.unwrap_err().contains("append-only"));
 }
+
+/// An upstream whose `orgs` names some orgs is unknown to the others: their targets are refused as for an
+/// upstream that is not configured, and an approved action of an org the configuration no longer names is
+/// not sent.
+#[tokio::test]
+async fn an_upstream_open_to_some_orgs_is_unknown_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let scoped = |orgs: &[&str]| {
+        let mut settings = crate::helpers::config(dir.path(), Some(&upstream.url));
+        settings.upstreams.get_mut("payments").unwrap().orgs = countersign::config::OrgScope::only(orgs.to_vec());
+        settings
+    };
+    let server = TestServer::start_with(scoped(&["default"]), None).await;
+    let bot = server.agent("bot").await;
+    let held = bot.submit_action(&http_action("payments.charge.card")).await.unwrap();
+    assert_eq!(held.status, 202, "the default org may use it: {:?}", held.body);
+
+    let created = server.admin.post("/v1/orgs", &json!({"name": "other"})).await.unwrap();
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let other_admin = server.admin.with_key(created.str("/admin_key"));
+    assert_eq!(other_admin.create_agent("obot").await.unwrap().status, 201);
+    let other_bot = other_admin.with_key(other_admin.create_key("agent", "obot").await.unwrap().str("/key"));
+    let refused = other_bot.submit_action(&http_action("payments.charge.card")).await.unwrap();
+    assert_eq!(refused.status, 422, "{:?}", refused.body);
+    assert!(refused.str("/detail").contains("unknown upstream `payments`"), "{:?}", refused.body);
+    server.stop().await;
+
+    // The configuration changes while the first org's action waits: approved, it is not sent.
+    let server = TestServer::start_with(scoped(&["other"]), None).await;
+    let approved = server.admin.approve(held.str("/approval/id"), None).await.unwrap();
+    assert_eq!(approved.str("/status"), "approved", "{:?}", approved.body);
+    let done = server.admin.get(&format!("/v1/actions/{}/wait?timeout=10", held.str("/id"))).await.unwrap();
+    assert_eq!(done.str("/state"), "failed", "{:?}", done.body);
+    assert!(done.str("/error").contains("not open to this org"), "{:?}", done.body);
+    assert_eq!(upstream.count(), 0, "nothing was sent");
+    server.stop().await;
+}

@@ -130,6 +130,7 @@ pub fn config(data_dir: &std::path::Path, upstream: Option<&str>) -> Config {
                 .collect(),
                 retry_safe: false,
                 timeout_seconds: 10,
+                orgs: Default::default(),
             },
         );
     }

@@ -853,3 +853,33 @@ async fn model_requests_have_their_own_body_limit_answered_in_the_providers_shap
     assert_eq!(refused.unwrap().status, 413);
     s.server.stop().await;
 }
+
+/// A provider whose `orgs` leaves an org out is, for that org, a provider that is not configured.
+#[tokio::test]
+async fn a_provider_open_to_some_orgs_is_unknown_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start().await;
+    let mut settings = llm_config(dir.path(), &provider.url);
+    settings.llm.get_mut("openai").unwrap().orgs = countersign::config::OrgScope::only(["default"]);
+    let server = TestServer::start_with(settings, None).await;
+    let created = server.admin.post("/v1/orgs", &json!({"name": "other"})).await.unwrap();
+    let other_admin = server.admin.with_key(created.str("/admin_key"));
+    assert_eq!(other_admin.create_agent("obot").await.unwrap().status, 201);
+    let key = other_admin.create_key("agent", "obot").await.unwrap().str("/key").to_owned();
+    let http = reqwest::Client::new();
+    let base = server.admin.base().to_owned();
+    let chat = json!({"model": "gpt-fake", "messages": [{"role": "user", "content": "hi"}]});
+    let refused = http.post(format!("{base}/llm/openai/v1/chat/completions")).bearer_auth(&key).json(&chat).send();
+    let refused = refused.await.unwrap();
+    assert_eq!(refused.status(), 404);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("no model provider `openai`"), "{body}");
+    let models = http.get(format!("{base}/llm/openai/v1/models")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(models.status(), 404);
+    // Open to every org, the other provider serves it.
+    let message = json!({"model": "claude-fake", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+    let allowed = http.post(format!("{base}/llm/anthropic/v1/messages")).header("x-api-key", &key).json(&message);
+    assert_eq!(allowed.send().await.unwrap().status(), 200);
+    assert_eq!(provider.count(), 1, "only the open provider was called");
+    server.stop().await;
+}

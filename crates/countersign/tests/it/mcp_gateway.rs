@@ -116,6 +116,8 @@ async fn start() -> Gateway {
                 cwd: None,
             },
             timeout_seconds: 30,
+            // Its credential is the default org's: other orgs do not see it.
+            orgs: countersign::config::OrgScope::only(["default"]),
         },
     );
     config.mcp_servers.insert("web".into(), McpServerConfig::http(format!("http://127.0.0.1:{port}/mcp")));
@@ -286,8 +288,21 @@ async fn upstream_tools_are_listed_and_governed_over_stdio_and_http() {
     // The spawned upstream got its credential from the configuration's env.
     assert_eq!(calls(&g.stdio_log, "echo")[0]["secret"], "s3cret-from-config");
     assert_eq!(calls(&g.http_log, "echo")[0]["secret"], Value::Null);
-
     client.cancel().await.unwrap();
+
+    // Another org sees only the servers open to it (`local` names the default org alone).
+    let created = g.server.admin.post("/v1/orgs", &json!({"name": "other"})).await.unwrap();
+    let other_admin = g.server.admin.with_key(created.str("/admin_key"));
+    assert_eq!(other_admin.create_agent("obot").await.unwrap().status, 201);
+    let key = other_admin.create_key("agent", "obot").await.unwrap().str("/key").to_owned();
+    let (other, _) = connect(agent.base(), &key).await;
+    let names: Vec<String> = other.peer().list_all_tools().await.unwrap().iter().map(|t| t.name.to_string()).collect();
+    assert!(names.iter().any(|n| n == "web__echo"), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("local__")), "{names:?}");
+    let refused = call(&other, "local__echo", json!({"text": "hi"}), None).await.unwrap_err();
+    assert!(refused.to_string().contains("unknown tool"), "{refused}");
+    assert_eq!(calls(&g.stdio_log, "echo").len(), 1, "nothing more reached the default org's server");
+    other.cancel().await.unwrap();
     g.server.stop().await;
 }
 
