@@ -196,8 +196,10 @@ pub trait StoreTx: Send {
         filter: &ActionFilter,
         page: &Page,
     ) -> Result<Vec<Action>, StoreError>;
-    /// The agent's earlier successes on the capability (succeeded, or approved record-only), counted up to
-    /// [`crate::risk::PRECEDENT_CAP`]: never more than that, so a submission costs the same at any history.
+    /// The agent's earlier successes on the capability, counted up to [`crate::risk::PRECEDENT_CAP`]: never
+    /// more than that, so a submission costs the same at any history. A success is an action that
+    /// succeeded, or a record-only one (no target) that people approved (it has an approval). A record-only
+    /// action the policy allowed by itself does not count: an agent could farm precedent with no-ops.
     async fn count_successes(&mut self, org: &OrgId, agent: &AgentId, capability: &str) -> Result<u64, StoreError>;
 
     // Approvals.
@@ -245,12 +247,25 @@ pub trait StoreTx: Send {
 
     /// The newest event of the org's chain, if it has any.
     async fn audit_head(&mut self, org: &OrgId) -> Result<Option<AuditHead>, StoreError>;
-    /// The newest seq whose event is older than `before`.
+    /// The largest seq such that every event of the org up to it is older than `before`: the seq before the
+    /// first event at or after `before`, or the head when there is none; `None` when there is no such seq (no
+    /// events, or seq 1 is that new). Event times do not strictly grow with seq (a writer reads the clock
+    /// before it waits for its turn; replicas' clocks drift), so the newest old event is not the answer.
     async fn last_audit_seq_before(&mut self, org: &OrgId, before: DateTime<Utc>) -> Result<Option<i64>, StoreError>;
 
     // Signed checkpoints and retention.
+    /// Stores the checkpoint unless one is already stored at its (org, seq): then the stored one is kept and
+    /// this is not an error (two replicas may sign the same head). Read it back with `checkpoint_at`.
     async fn insert_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), StoreError>;
     async fn checkpoint_at(&mut self, org: &OrgId, seq: i64) -> Result<Option<Checkpoint>, StoreError>;
+    /// The org's checkpoints with `after_seq < seq <= upto_seq`, in seq order, at most `limit`.
+    async fn list_checkpoints(
+        &mut self,
+        org: &OrgId,
+        after_seq: i64,
+        upto_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<Checkpoint>, StoreError>;
     async fn retention(&mut self, org: &OrgId) -> Result<Retention, StoreError>;
     /// Across all orgs that have a window.
     async fn list_retention_windows(&mut self) -> Result<Vec<Retention>, StoreError>;

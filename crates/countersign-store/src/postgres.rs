@@ -424,6 +424,14 @@ impl PgTx {
     }
 }
 
+/// Retention's end: the seq before the first event at or after the cutoff, else the head. Event times do
+/// not strictly grow with seq (replicas' clocks drift; a writer reads the clock before it waits for the
+/// chain's lock), so "the newest event older than the cutoff" could pass a newer one. Both lookups walk the
+/// (org, seq) key: the first only over the old prefix, the second to one row.
+const LAST_AUDIT_SEQ_BEFORE: &str = "SELECT COALESCE(
+        (SELECT seq FROM audit_events WHERE org_id = $1 AND time_us >= $2 ORDER BY seq LIMIT 1) - 1,
+        (SELECT seq FROM audit_events WHERE org_id = $1 ORDER BY seq DESC LIMIT 1)) AS seq";
+
 #[async_trait::async_trait]
 impl StoreTx for PgTx {
     async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
@@ -941,7 +949,8 @@ impl StoreTx for PgTx {
             .fetch_count(
                 sqlx::query(
                     "SELECT COUNT(*) AS n FROM (SELECT 1 FROM actions WHERE org_id = $1 AND agent_id = $2
-                       AND capability = $3 AND (state = 'succeeded' OR (state = 'approved' AND target IS NULL))
+                       AND capability = $3 AND state IN ('succeeded', 'approved')
+                       AND (state = 'succeeded' OR (target IS NULL AND approval_id IS NOT NULL))
                        LIMIT $4) AS earlier",
                 )
                 .bind(org.as_str().to_owned())
@@ -1141,23 +1150,21 @@ impl StoreTx for PgTx {
 
     async fn last_audit_seq_before(&mut self, org: &OrgId, before: DateTime<Utc>) -> Result<Option<i64>, StoreError> {
         let row = self
-            .fetch_optional(
-                sqlx::query("SELECT MAX(seq) AS seq FROM audit_events WHERE org_id = $1 AND time_us < $2")
-                    .bind(org.as_str().to_owned())
-                    .bind(to_us(before)),
-            )
+            .fetch_optional(sqlx::query(LAST_AUDIT_SEQ_BEFORE).bind(org.as_str().to_owned()).bind(to_us(before)))
             .await?;
-        match row {
-            Some(row) => get::<Option<i64>>(&row, "seq"),
-            None => Ok(None),
-        }
+        let seq = match row {
+            Some(row) => get::<Option<i64>>(&row, "seq")?,
+            None => None,
+        };
+        Ok(seq.filter(|seq| *seq > 0))
     }
 
     async fn insert_checkpoint(&mut self, c: &Checkpoint) -> Result<(), StoreError> {
         self.execute(
             sqlx::query(
                 "INSERT INTO audit_checkpoints (org_id, seq, head_hash, time_us, key_id, signature)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (org_id, seq) DO NOTHING",
             )
             .bind(c.org_id.clone())
             .bind(c.seq)
@@ -1179,6 +1186,27 @@ impl StoreTx for PgTx {
             )
             .await?;
         row.as_ref().map(checkpoint_row).transpose()
+    }
+
+    async fn list_checkpoints(
+        &mut self,
+        org: &OrgId,
+        after_seq: i64,
+        upto_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM audit_checkpoints WHERE org_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(after_seq)
+                .bind(upto_seq)
+                .bind(i64::from(limit)),
+            )
+            .await?;
+        rows.iter().map(checkpoint_row).collect()
     }
 
     async fn retention(&mut self, org: &OrgId) -> Result<Retention, StoreError> {

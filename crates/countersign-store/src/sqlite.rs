@@ -578,6 +578,14 @@ impl SqliteTx {
     }
 }
 
+/// Retention's end: the seq before the first event at or after the cutoff, else the head. Event times do
+/// not strictly grow with seq (a writer reads the clock before it waits for its turn), so "the newest event
+/// older than the cutoff" could pass a newer one. Both lookups walk the (org, seq) key: the first only over
+/// the old prefix, the second to one row.
+const LAST_AUDIT_SEQ_BEFORE: &str = "SELECT COALESCE(
+        (SELECT seq FROM audit_events WHERE org_id = ? AND time_us >= ? ORDER BY seq LIMIT 1) - 1,
+        (SELECT seq FROM audit_events WHERE org_id = ? ORDER BY seq DESC LIMIT 1)) AS seq";
+
 #[async_trait::async_trait]
 impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
@@ -1083,7 +1091,8 @@ impl StoreTx for SqliteTx {
             .fetch_optional(
                 sqlx::query(
                     "SELECT COUNT(*) AS n FROM (SELECT 1 FROM actions WHERE org_id = ? AND agent_id = ? AND capability = ?
-                       AND (state = 'succeeded' OR (state = 'approved' AND target IS NULL)) LIMIT ?)",
+                       AND state IN ('succeeded', 'approved')
+                       AND (state = 'succeeded' OR (target IS NULL AND approval_id IS NOT NULL)) LIMIT ?)",
                 )
                 .bind(org.as_str().to_owned())
                 .bind(agent.as_str().to_owned())
@@ -1294,22 +1303,25 @@ impl StoreTx for SqliteTx {
     async fn last_audit_seq_before(&mut self, org: &OrgId, before: DateTime<Utc>) -> Result<Option<i64>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT MAX(seq) AS seq FROM audit_events WHERE org_id = ? AND time_us < ?")
+                sqlx::query(LAST_AUDIT_SEQ_BEFORE)
                     .bind(org.as_str().to_owned())
-                    .bind(to_us(before)),
+                    .bind(to_us(before))
+                    .bind(org.as_str().to_owned()),
             )
             .await?;
-        match row {
-            Some(row) => get::<Option<i64>>(&row, "seq"),
-            None => Ok(None),
-        }
+        let seq = match row {
+            Some(row) => get::<Option<i64>>(&row, "seq")?,
+            None => None,
+        };
+        Ok(seq.filter(|seq| *seq > 0))
     }
 
     async fn insert_checkpoint(&mut self, c: &Checkpoint) -> Result<(), StoreError> {
         self.execute(
             sqlx::query(
                 "INSERT INTO audit_checkpoints (org_id, seq, head_hash, time_us, key_id, signature)
-                 VALUES (?, ?, ?, ?, ?, ?)",
+                 VALUES (?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (org_id, seq) DO NOTHING",
             )
             .bind(c.org_id.clone())
             .bind(c.seq)
@@ -1331,6 +1343,27 @@ impl StoreTx for SqliteTx {
             )
             .await?;
         row.as_ref().map(checkpoint_row).transpose()
+    }
+
+    async fn list_checkpoints(
+        &mut self,
+        org: &OrgId,
+        after_seq: i64,
+        upto_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM audit_checkpoints WHERE org_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(after_seq)
+                .bind(upto_seq)
+                .bind(i64::from(limit)),
+            )
+            .await?;
+        rows.iter().map(checkpoint_row).collect()
     }
 
     async fn retention(&mut self, org: &OrgId) -> Result<Retention, StoreError> {

@@ -177,6 +177,9 @@ contract!(
     lock_waits_that_time_out_are_unavailable,
     published_changes_reach_subscribers_only_when_committed,
     policies_keep_every_version,
+    precedent_counts_successes_and_human_approved_records_only,
+    retention_ends_before_the_first_event_inside_the_window,
+    a_checkpoint_is_stored_once_per_seq_and_listed_in_seq_order,
 );
 
 // ---------------------------------------------------------------------------------------------------------
@@ -583,7 +586,7 @@ mod checks {
         assert_eq!(tx.list_actions(&o.id, &both, &page(100, None)).await.unwrap(), vec![actions[4].clone()], "{n}");
         assert_eq!(tx.list_actions(&other.id, &by_agent, &page(100, None)).await.unwrap(), vec![], "{n}");
 
-        // Successes: succeeded, or approved without a target.
+        // Successes: succeeded, or record-only (no target) and approved by people.
         assert_eq!(tx.count_successes(&o.id, &bot.id, "finance.issue.card").await.unwrap(), 1, "{n}");
         assert_eq!(tx.count_successes(&other.id, &bot.id, "finance.issue.card").await.unwrap(), 0, "{n}");
         drop(tx);
@@ -756,6 +759,112 @@ mod checks {
         assert_eq!(tx.audit_head(&o.id).await.unwrap().map(|h| h.hash), Some(report.head_hash), "{n}");
     }
 
+    pub async fn precedent_counts_successes_and_human_approved_records_only(b: &Backend) {
+        let (o, _, bot) = seed(b, "precedent").await;
+        let n = b.name;
+        let cap = "files.write.note";
+        let approved_by_people = |mut a: Action| {
+            a.approval_id = Some(ApprovalId::new());
+            a
+        };
+        let mut with_target = approved_by_people(action(&o, &bot, cap, ActionState::Approved));
+        with_target.target = Some(http_target());
+        let counted = [
+            action(&o, &bot, cap, ActionState::Succeeded),
+            approved_by_people(action(&o, &bot, cap, ActionState::Succeeded)),
+            // Record-only, approved by people.
+            approved_by_people(action(&o, &bot, cap, ActionState::Approved)),
+        ];
+        let not_counted = [
+            // Record-only, allowed by the policy alone: a no-op an agent could repeat to farm precedent.
+            action(&o, &bot, cap, ActionState::Approved),
+            action(&o, &bot, cap, ActionState::Approved),
+            // Approved but not yet carried out.
+            with_target,
+            approved_by_people(action(&o, &bot, cap, ActionState::Failed)),
+            approved_by_people(action(&o, &bot, cap, ActionState::Denied)),
+            action(&o, &bot, cap, ActionState::PendingApproval),
+        ];
+        let mut tx = b.store.write().await.unwrap();
+        for a in counted.iter().chain(&not_counted) {
+            tx.insert_action(a).await.unwrap();
+        }
+        assert_eq!(tx.count_successes(&o.id, &bot.id, cap).await.unwrap(), 3, "{n}");
+        tx.commit().await.unwrap();
+
+        // Allowed record-only no-ops never add up, however many there are.
+        let mut tx = b.store.write().await.unwrap();
+        for _ in 0..countersign_core::risk::PRECEDENT_CAP + 5 {
+            tx.insert_action(&action(&o, &bot, cap, ActionState::Approved)).await.unwrap();
+        }
+        assert_eq!(tx.count_successes(&o.id, &bot.id, cap).await.unwrap(), 3, "{n}: farmed");
+        tx.commit().await.unwrap();
+    }
+
+    pub async fn retention_ends_before_the_first_event_inside_the_window(b: &Backend) {
+        let (o, _, _) = seed(b, "retention-end").await;
+        let (empty, _, _) = seed(b, "retention-empty").await;
+        let n = b.name;
+        let cutoff = now();
+        let old = (cutoff - TimeDelta::days(2)).timestamp_micros();
+        let new = (cutoff + TimeDelta::seconds(1)).timestamp_micros();
+        let mut tx = b.store.write().await.unwrap();
+        assert_eq!(tx.last_audit_seq_before(&empty.id, cutoff).await.unwrap(), None, "{n}: no events");
+        // Times do not strictly grow with seq: an old time can follow a new one.
+        for time_us in [old, old, new, old] {
+            tx.append_audit(&o.id, event("test.event", "alice", None, time_us)).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let mut tx = b.store.read().await.unwrap();
+        assert_eq!(tx.last_audit_seq_before(&o.id, cutoff).await.unwrap(), Some(2), "{n}: stops before seq 3");
+        // Exactly at the cutoff is not older than it.
+        let at_new = DateTime::from_timestamp_micros(new).unwrap();
+        assert_eq!(tx.last_audit_seq_before(&o.id, at_new).await.unwrap(), Some(2), "{n}");
+        // Everything older: the head.
+        let later = cutoff + TimeDelta::days(1);
+        assert_eq!(tx.last_audit_seq_before(&o.id, later).await.unwrap(), Some(4), "{n}: all old");
+        // The first event already inside the window: nothing.
+        let earlier = cutoff - TimeDelta::days(3);
+        assert_eq!(tx.last_audit_seq_before(&o.id, earlier).await.unwrap(), None, "{n}: none old");
+        assert_eq!(tx.last_audit_seq_before(&empty.id, later).await.unwrap(), None, "{n}: other org");
+    }
+
+    pub async fn a_checkpoint_is_stored_once_per_seq_and_listed_in_seq_order(b: &Backend) {
+        let (o, _, _) = seed(b, "checkpoints").await;
+        let (other, _, _) = seed(b, "checkpoints-other").await;
+        let n = b.name;
+        let first = checkpoint(&o, 3, "aaaa");
+        let mut tx = b.store.write().await.unwrap();
+        tx.insert_checkpoint(&first).await.unwrap();
+        // A second replica signing the same seq: no conflict, and the first stays.
+        let second =
+            Checkpoint { time_us: first.time_us + 1, signature: "b3RoZXI=".into(), ..checkpoint(&o, 3, "bbbb") };
+        tx.insert_checkpoint(&second).await.unwrap();
+        assert_eq!(tx.checkpoint_at(&o.id, 3).await.unwrap(), Some(first.clone()), "{n}: the first is kept");
+        tx.commit().await.unwrap();
+
+        // The same from two transactions, as two replicas would.
+        let mut tx = b.store.write().await.unwrap();
+        tx.insert_checkpoint(&second).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = b.store.write().await.unwrap();
+        let later: Vec<Checkpoint> = [7, 5, 9].into_iter().map(|seq| checkpoint(&o, seq, &format!("h{seq}"))).collect();
+        for c in &later {
+            tx.insert_checkpoint(c).await.unwrap();
+        }
+        tx.insert_checkpoint(&checkpoint(&other, 4, "elsewhere")).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let mut tx = b.store.read().await.unwrap();
+        let seqs = |list: Vec<Checkpoint>| list.into_iter().map(|c| c.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(tx.list_checkpoints(&o.id, 0, i64::MAX, 100).await.unwrap()), vec![3, 5, 7, 9], "{n}");
+        assert_eq!(tx.list_checkpoints(&o.id, 0, 3, 100).await.unwrap(), vec![first], "{n}: the first kept");
+        assert_eq!(seqs(tx.list_checkpoints(&o.id, 3, 7, 100).await.unwrap()), vec![5, 7], "{n}: (after, upto]");
+        assert_eq!(seqs(tx.list_checkpoints(&o.id, 0, i64::MAX, 2).await.unwrap()), vec![3, 5], "{n}: limit");
+        assert_eq!(tx.list_checkpoints(&o.id, 9, i64::MAX, 100).await.unwrap(), vec![], "{n}");
+        assert_eq!(seqs(tx.list_checkpoints(&other.id, 0, i64::MAX, 100).await.unwrap()), vec![4], "{n}: per org");
+    }
+
     pub async fn audit_filters_select_events(b: &Backend) {
         let (o, _, _) = seed(b, "filters").await;
         let n = b.name;
@@ -888,8 +997,10 @@ mod checks {
         assert!(err.contains("append-only"), "{n}: {err}");
         let err = b.raw("DELETE FROM audit_checkpoints").await.unwrap_err();
         assert!(err.contains("append-only"), "{n}: {err}");
+        // One checkpoint per seq: signing it again keeps the first.
         let mut tx = b.store.write().await.unwrap();
-        assert!(is_conflict(tx.insert_checkpoint(&checkpoint(&o, 5, "x")).await), "{n}: one checkpoint per seq");
+        tx.insert_checkpoint(&checkpoint(&o, 5, "x")).await.unwrap();
+        assert_eq!(tx.checkpoint_at(&o.id, 5).await.unwrap(), Some(stored.clone()), "{n}: one checkpoint per seq");
         drop(tx);
 
         // Retention that takes every event: the chain goes on from the checkpoint, never from genesis.

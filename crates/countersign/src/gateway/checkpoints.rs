@@ -25,6 +25,8 @@ pub const MAX_RETENTION_DAYS: u32 = 36_500;
 use crate::error::{Error, Result};
 
 const EXPORT_PAGE: u32 = 2000;
+/// Events (and so at most as many checkpoints) read at a time by `verify_audit`.
+const VERIFY_PAGE: u32 = 5000;
 
 impl Gateway {
     pub fn audit_public_key(&self) -> (String, String) {
@@ -48,12 +50,31 @@ impl Gateway {
     /// The stored checkpoint at the org's head, signing one if there is none yet.
     async fn checkpoint_head(&self, tx: &mut dyn StoreTx, org: &OrgId) -> Result<Option<Checkpoint>> {
         let Some(head) = tx.audit_head(org).await? else { return Ok(None) };
-        if let Some(existing) = tx.checkpoint_at(org, head.seq).await? {
-            return Ok(Some(existing));
+        let stored = match tx.checkpoint_at(org, head.seq).await? {
+            Some(existing) => existing,
+            None => {
+                let signed = self.inner.signer.sign(org.as_str(), head.seq, &head.hash, head.time.timestamp_micros());
+                self.store_checkpoint(tx, org, &signed).await?
+            }
+        };
+        // A checkpoint is never signed over a hash the chain no longer has: say so instead of handing out
+        // a pair that cannot verify.
+        if stored.head_hash != head.hash {
+            return Err(Error::Internal(format!(
+                "the checkpoint stored at seq {} does not match the audit chain there; run audit verify",
+                head.seq
+            )));
         }
-        let checkpoint = self.inner.signer.sign(org.as_str(), head.seq, &head.hash, head.time.timestamp_micros());
-        tx.insert_checkpoint(&checkpoint).await?;
-        Ok(Some(checkpoint))
+        Ok(Some(stored))
+    }
+
+    /// Stores a checkpoint and answers the one stored at its seq. Another replica may have signed the same
+    /// seq meanwhile: the insert then keeps that one, and it is the one to use.
+    async fn store_checkpoint(&self, tx: &mut dyn StoreTx, org: &OrgId, checkpoint: &Checkpoint) -> Result<Checkpoint> {
+        tx.insert_checkpoint(checkpoint).await?;
+        tx.checkpoint_at(org, checkpoint.seq)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("the checkpoint at seq {} vanished", checkpoint.seq)))
     }
 
     /// Queues a JSON Lines export of the caller's org (admin); the job's result names the file.
@@ -234,7 +255,7 @@ impl Gateway {
             .ok_or_else(|| Error::Internal(format!("audit event {upto} vanished")))?;
         if work.tx.checkpoint_at(org, upto).await?.is_none() {
             let checkpoint = self.inner.signer.sign(org.as_str(), upto, &event.hash, event.time_us);
-            work.tx.insert_checkpoint(&checkpoint).await?;
+            self.store_checkpoint(&mut *work.tx, org, &checkpoint).await?;
         }
         let deleted = work.tx.delete_audit_prefix(org, upto).await?;
         work.audit(
@@ -251,16 +272,20 @@ impl Gateway {
     }
 
     /// Recomputes the org's chain, in pages, from the start or from the checkpoint retention left, and names
-    /// the first broken seq.
+    /// the first broken seq. Every later stored checkpoint must verify with the signing key and match the
+    /// recomputed hash at its seq: someone who edits an event and recomputes the (unkeyed) hashes after it
+    /// keeps the chain whole, but cannot sign, so the first checkpoint past the edit names the break. A
+    /// checkpoint past the last event is a break too: the events it vouched for are gone.
     pub async fn verify_audit(&self, caller: &Caller) -> Result<ChainReport> {
         caller.require_admin()?;
         let org = caller.org_id();
+        let public_key = self.inner.signer.public_key_base64();
         let mut tx = self.read().await?;
         let retention = tx.retention(org).await?;
         let mut verifier = if retention.deleted_upto > 0 {
             let checkpoint = tx.checkpoint_at(org, retention.deleted_upto).await?;
             match checkpoint {
-                Some(c) if verify_checkpoint(&c, &self.inner.signer.public_key_base64()).is_ok() => {
+                Some(c) if verify_checkpoint(&c, &public_key).is_ok() => {
                     ChainVerifier::starting_after(c.seq, &c.head_hash)
                 }
                 // Without a valid checkpoint the first remaining event cannot be vouched for.
@@ -269,14 +294,42 @@ impl Gateway {
         } else {
             ChainVerifier::default()
         };
+        // The first stored checkpoint that fails; events are walked in seq order, so the first found is it.
+        let mut bad_checkpoint: Option<i64> = None;
         let mut after = retention.deleted_upto;
         loop {
-            let page = tx.list_audit(org, &AuditFilter::default(), after, 5000).await?;
+            let page = tx.list_audit(org, &AuditFilter::default(), after, VERIFY_PAGE).await?;
             let Some(last) = page.last() else { break };
-            after = last.seq;
-            page.iter().for_each(|e| verifier.push(e));
+            let upto = last.seq;
+            let checkpoints = if bad_checkpoint.is_none() {
+                tx.list_checkpoints(org, after, upto, VERIFY_PAGE).await?
+            } else {
+                vec![]
+            };
+            let mut checkpoints = checkpoints.into_iter().peekable();
+            for event in &page {
+                verifier.push(event);
+                while let Some(c) = checkpoints.next_if(|c| c.seq <= event.seq) {
+                    let vouches =
+                        c.seq == event.seq && c.head_hash == event.hash && verify_checkpoint(&c, &public_key).is_ok();
+                    if !vouches {
+                        bad_checkpoint.get_or_insert(c.seq);
+                    }
+                }
+            }
+            after = upto;
         }
-        Ok(verifier.finish())
+        if bad_checkpoint.is_none()
+            && let Some(c) = tx.list_checkpoints(org, after, i64::MAX, 1).await?.into_iter().next()
+        {
+            bad_checkpoint = Some(c.seq);
+        }
+        let mut report = verifier.finish();
+        if let Some(seq) = bad_checkpoint {
+            report.ok = false;
+            report.first_broken_seq = Some(report.first_broken_seq.map_or(seq, |broken| broken.min(seq)));
+        }
+        Ok(report)
     }
 }
 

@@ -1,12 +1,15 @@
 //! The audit log for auditors: an export verified offline by the real binary's `audit verify` with the public
-//! key, a tampered export named at its first broken seq, and retention that deletes a prefix while a signed
-//! checkpoint keeps both the live chain and later exports verifiable.
+//! key, a tampered export named at its first broken seq, retention that deletes a prefix while a signed
+//! checkpoint keeps both the live chain and later exports verifiable, and online verification that holds a
+//! rewritten chain against the checkpoints signed before the rewrite.
 
 use std::sync::Arc;
 
+use countersign_core::ids::OrgId;
+use countersign_core::store::{AuditFilter, Store};
 use serde_json::json;
 
-use crate::helpers::{ShiftedClock, TestServer, action, config};
+use crate::helpers::{ShiftedClock, TestServer, Upstream, action, config, database_for, http_action};
 
 /// Runs `countersign audit verify` on an export; answers the exit code and what it printed.
 fn verify_offline(dir: &std::path::Path, name: &str, export: &str, public_key: &str) -> (i32, String) {
@@ -24,14 +27,18 @@ fn verify_offline(dir: &std::path::Path, name: &str, export: &str, public_key: &
 #[tokio::test]
 async fn exports_verify_offline_and_retention_keeps_the_chain_verifiable() {
     let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
     let clock = Arc::new(ShiftedClock::default());
-    let server = TestServer::start_with(config(dir.path(), None), Some(clock.clone())).await;
+    let server = TestServer::start_with(config(dir.path(), Some(&upstream.url)), Some(clock.clone())).await;
     let admin = &server.admin;
     let agent = server.agent("writer").await;
-    // Enough successes that the risk score becomes a float like 0.030000000000000006, which must survive
-    // the store's JSON round trip without changing the chain hash.
-    for _ in 0..25 {
-        assert_eq!(agent.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+    // Enough successes (carried out, so they count as precedent) that the risk score becomes a float like
+    // 0.030000000000000006, which must survive the store's JSON round trip without changing the chain hash.
+    for n in 0..25 {
+        let submitted = agent.submit_action(&http_action("email.send.message")).await.unwrap();
+        assert_eq!(submitted.body["verdict"]["risk"]["prior_successes"], n, "{:?}", submitted.body);
+        let done = agent.wait_action(submitted.str("/id"), 10.0).await.unwrap();
+        assert_eq!(done.str("/state"), "succeeded", "{:?}", done.body);
     }
     let verified = admin.get("/v1/audit/verify").await.unwrap();
     assert_eq!(verified.body["ok"], true, "{:?}", verified.body);
@@ -117,5 +124,113 @@ async fn exports_verify_offline_and_retention_keeps_the_chain_verifiable() {
     assert!(huge.body.to_string().contains("between 1 and 36500"), "{}", huge.body);
     let kept = admin.send(reqwest::Method::GET, "/v1/audit/retention", None).await.unwrap();
     assert_eq!(kept.body["days"], 1);
+    server.stop().await;
+}
+
+/// Rewrites one event as someone with write access to the database could: drops the trigger that refuses
+/// updates, changes the event's data, and recomputes every hash from it to the head (and, on PostgreSQL, the
+/// head the appends chain after), so the chain is whole again. Only a signature can tell. The server must be
+/// stopped.
+async fn rewrite_event(data_dir: &std::path::Path, org: &OrgId, seq: i64) {
+    let store: Box<dyn Store> = match database_for(data_dir).await {
+        Some(ref url) => Box::new(countersign_store::PostgresStore::connect(url).await.unwrap()),
+        None => Box::new(countersign_store::SqliteStore::open(&data_dir.join("countersign.db")).await.unwrap()),
+    };
+    let events = store.read().await.unwrap().list_audit(org, &AuditFilter::default(), seq - 1, 100_000).await.unwrap();
+    drop(store);
+    assert_eq!(events.first().map(|e| e.seq), Some(seq));
+    let mut prev_hash: Option<String> = None;
+    let mut rewritten = Vec::new();
+    for mut event in events {
+        if event.seq == seq {
+            event.data["to"] = json!("attacker@example.com");
+        }
+        if let Some(prev) = prev_hash {
+            event.prev_hash = prev;
+        }
+        event.hash = event.compute_hash();
+        prev_hash = Some(event.hash.clone());
+        rewritten.push(event);
+    }
+    let head = rewritten.last().unwrap();
+    let update = "UPDATE audit_events SET data = ?, prev_hash = ?, hash = ? WHERE org_id = ? AND seq = ?";
+    match database_for(data_dir).await {
+        Some(url) => {
+            let pool = sqlx::PgPool::connect(&url).await.unwrap();
+            sqlx::query("DROP TRIGGER audit_events_no_update ON audit_events").execute(&pool).await.unwrap();
+            let update = update.replacen('?', "$1", 1).replacen('?', "$2", 1).replacen('?', "$3", 1);
+            let update = update.replacen('?', "$4", 1).replacen('?', "$5", 1);
+            for event in &rewritten {
+                sqlx::query(sqlx::AssertSqlSafe(update.clone()))
+                    .bind(event.data.to_string())
+                    .bind(event.prev_hash.clone())
+                    .bind(event.hash.clone())
+                    .bind(org.as_str().to_owned())
+                    .bind(event.seq)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            sqlx::query("UPDATE audit_heads SET hash = $1 WHERE org_id = $2 AND seq = $3")
+                .bind(head.hash.clone())
+                .bind(org.as_str().to_owned())
+                .bind(head.seq)
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        None => {
+            let url = format!("sqlite://{}", data_dir.join("countersign.db").display());
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            sqlx::query("DROP TRIGGER audit_events_no_update").execute(&pool).await.unwrap();
+            for event in &rewritten {
+                sqlx::query(update)
+                    .bind(event.data.to_string())
+                    .bind(event.prev_hash.clone())
+                    .bind(event.hash.clone())
+                    .bind(org.as_str().to_owned())
+                    .bind(event.seq)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            pool.close().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn online_verify_holds_a_rewritten_chain_against_its_signed_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let agent = server.agent("writer").await;
+    for _ in 0..3 {
+        assert_eq!(agent.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+    }
+    let signed = server.admin.post("/v1/audit/checkpoints", &json!({})).await.unwrap();
+    assert_eq!(signed.status, 201, "{:?}", signed.body);
+    let checkpoint_seq = signed.body["checkpoint"]["seq"].as_i64().unwrap();
+    let org = OrgId::parse(signed.str("/checkpoint/org_id")).unwrap();
+    // Signing the same head again answers the stored checkpoint.
+    let again = server.admin.post("/v1/audit/checkpoints", &json!({})).await.unwrap();
+    assert_eq!((again.status, &again.body), (201, &signed.body));
+    // Events after the checkpoint, so the rewrite runs on past it.
+    assert_eq!(agent.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+    let submitted = server.admin.get("/v1/audit?action=action.submitted&limit=100").await.unwrap();
+    let forged_seq = submitted.body["events"].as_array().unwrap().iter().filter_map(|e| e["seq"].as_i64()).min();
+    let forged_seq = forged_seq.unwrap();
+    assert!(forged_seq < checkpoint_seq, "{forged_seq} {checkpoint_seq}");
+    let verified = server.admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(verified.body["ok"], true, "{:?}", verified.body);
+    server.stop().await;
+
+    rewrite_event(dir.path(), &org, forged_seq).await;
+
+    let server = TestServer::start(dir.path(), None).await;
+    let verified = server.admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(verified.status, 200);
+    assert_eq!(verified.body["ok"], false, "the rewritten chain is whole but the checkpoint says otherwise");
+    assert_eq!(verified.body["first_broken_seq"], checkpoint_seq, "{:?}", verified.body);
     server.stop().await;
 }
