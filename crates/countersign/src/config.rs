@@ -57,6 +57,38 @@ impl OrgScope {
     }
 }
 
+/// Which capabilities may send through an upstream: `capabilities = ["finance.*"]` (globs as in policy).
+/// Absent: any. The agent names both the capability (what policy rules on) and the upstream (whose
+/// credential acts), so without this an action allowed as `email.send` could be aimed at the payments API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct CapabilityScope(Option<Vec<String>>);
+
+impl CapabilityScope {
+    pub fn only<S: Into<String>>(globs: impl IntoIterator<Item = S>) -> Self {
+        CapabilityScope(Some(globs.into_iter().map(Into::into).collect()))
+    }
+
+    /// Whether an action of this capability may send through the upstream.
+    pub fn admits(&self, capability: &str) -> bool {
+        self.0.as_ref().is_none_or(|globs| {
+            globs.iter().any(|g| countersign_core::capability::NameGlob::parse(g).is_ok_and(|g| g.matches(capability)))
+        })
+    }
+
+    /// The globs, for messages.
+    pub fn describe(&self) -> String {
+        self.0.as_ref().map(|globs| globs.join(", ")).unwrap_or_else(|| "*".into())
+    }
+
+    fn check(&self) -> Result<(), String> {
+        for glob in self.0.iter().flatten() {
+            countersign_core::capability::NameGlob::parse(glob).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
 /// An upstream an `http` target may name. The agent never sees its base URL's credentials or headers.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +103,8 @@ pub struct UpstreamConfig {
     pub timeout_seconds: u64,
     #[serde(default)]
     pub orgs: OrgScope,
+    #[serde(default)]
+    pub capabilities: CapabilityScope,
 }
 
 fn default_upstream_timeout() -> u64 {
@@ -567,6 +601,10 @@ impl ServeArgs {
             upstream.base_url = expand_env(&upstream.base_url)?;
             base_url_is_http(&upstream.base_url)
                 .map_err(|m| ConfigError::Invalid(format!("upstreams.{name}.base_url: {m}")))?;
+            upstream
+                .capabilities
+                .check()
+                .map_err(|m| ConfigError::Invalid(format!("upstreams.{name}.capabilities: {m}")))?;
             for value in upstream.headers.values_mut() {
                 *value = Secret::new(expand_env(value.expose())?);
             }
@@ -690,6 +728,7 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # retry_safe = false                # resend when the outcome is unknown (a crash, no answer)?
 # timeout_seconds = 30
 # orgs = ["default"]                # the orgs that may use it (names or ids); default: every org
+# capabilities = ["finance.*"]      # the capabilities that may send through it; default: any
 
 # Model providers for the LLM proxy: agents call /llm/NAME/v1/… with their Countersign key.
 # [llm.openai]

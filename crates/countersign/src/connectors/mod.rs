@@ -153,6 +153,11 @@ impl Connectors {
         self.upstreams.contains_key(name)
     }
 
+    /// Which capabilities may send through an upstream; `None` for an unknown name.
+    pub fn upstream_capabilities(&self, name: &str) -> Option<&crate::config::CapabilityScope> {
+        self.upstreams.get(name).map(|u| &u.capabilities)
+    }
+
     /// Which orgs may use a configured upstream, model provider or MCP server; `None` for an unknown name.
     pub fn scope(&self, service: Service<'_>) -> Option<&OrgScope> {
         match service {

@@ -152,6 +152,20 @@ impl Gateway {
                     ),
                 ));
             }
+            if let Some(scope) = self.inner.connectors.upstream_capabilities(&http.upstream)
+                && !scope.admits(request.capability.as_str())
+            {
+                return Err(Error::invalid(
+                    "target.upstream",
+                    format!(
+                        "upstream `{}` takes only actions of capability {} (its `capabilities` in the server \
+                         configuration), not `{}`",
+                        http.upstream,
+                        scope.describe(),
+                        request.capability
+                    ),
+                ));
+            }
             if let Some(name) = self.inner.connectors.configured_header_in(http) {
                 return Err(Error::invalid(
                     "target.headers",

@@ -203,6 +203,21 @@ impl Gateway {
                     ),
                     json!({"reason": "service_not_open_to_org", "service": service.section()}),
                 )),
+                Some(Service::Upstream(upstream))
+                    if !self
+                        .inner
+                        .connectors
+                        .upstream_capabilities(upstream)
+                        .is_some_and(|scope| scope.admits(action.capability.as_str())) =>
+                {
+                    Some((
+                        format!(
+                            "[upstreams.{upstream}] no longer takes capability `{}` (its `capabilities`); not sent",
+                            action.capability
+                        ),
+                        json!({"reason": "capability_not_taken_by_upstream", "upstream": upstream}),
+                    ))
+                }
                 _ => None,
             }
         };

@@ -530,20 +530,30 @@ async fn the_schema_refuses_to_rewrite_audit_events() {
 
 /// An upstream whose `orgs` names some orgs is unknown to the others: their targets are refused as for an
 /// upstream that is not configured, and an approved action of an org the configuration no longer names is
-/// not sent.
+/// not sent. An upstream whose `capabilities` names some refuses actions of any other capability.
 #[tokio::test]
 async fn an_upstream_open_to_some_orgs_is_unknown_to_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let scoped = |orgs: &[&str]| {
         let mut settings = crate::helpers::config(dir.path(), Some(&upstream.url));
-        settings.upstreams.get_mut("payments").unwrap().orgs = countersign::config::OrgScope::only(orgs.to_vec());
+        let payments = settings.upstreams.get_mut("payments").unwrap();
+        payments.orgs = countersign::config::OrgScope::only(orgs.to_vec());
+        payments.capabilities = countersign::config::CapabilityScope::only(["payments.*"]);
         settings
     };
     let server = TestServer::start_with(scoped(&["default"]), None).await;
     let bot = server.agent("bot").await;
     let held = bot.submit_action(&http_action("payments.charge.card")).await.unwrap();
     assert_eq!(held.status, 202, "the default org may use it: {:?}", held.body);
+    // The upstream takes only the capabilities it names: an action allowed as an email cannot be aimed at it.
+    let mislabelled = bot.submit_action(&http_action("email.send.message")).await.unwrap();
+    assert_eq!(mislabelled.status, 422, "{:?}", mislabelled.body);
+    assert!(
+        mislabelled.str("/detail").contains("takes only actions of capability payments.*"),
+        "{:?}",
+        mislabelled.body
+    );
 
     let created = server.admin.post("/v1/orgs", &json!({"name": "other"})).await.unwrap();
     assert_eq!(created.status, 201, "{:?}", created.body);

@@ -131,6 +131,7 @@ pub fn config(data_dir: &std::path::Path, upstream: Option<&str>) -> Config {
                 retry_safe: false,
                 timeout_seconds: 10,
                 orgs: Default::default(),
+                capabilities: Default::default(),
             },
         );
     }
