@@ -90,7 +90,9 @@ impl Gateway {
         Ok(job)
     }
 
-    /// The finished export of a job of the caller's org (admin).
+    /// The finished export of a job of the caller's org (admin). The file is on the replica whose runner made
+    /// it; any other replica writes the same file again from the store (the job's result names its range,
+    /// and its checkpoints are stored), unless retention has since deleted events of it.
     pub async fn export_file(&self, caller: &Caller, id: &JobId) -> Result<PathBuf> {
         caller.require_admin()?;
         let job = self.get_job(caller, id).await?;
@@ -103,7 +105,38 @@ impl Gateway {
                 state: Some(job.state.as_str().to_owned()),
             });
         }
-        Ok(self.export_path(id))
+        let path = self.export_path(id);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let result = job.result.clone().unwrap_or_default();
+        let Some(upto) = result.get("last_seq").and_then(serde_json::Value::as_i64) else {
+            return Err(Error::Internal(format!("export {id} has no range in its result")));
+        };
+        // The opening checkpoint (where retention had cut the log) is just before the first event.
+        let start = result.get("first_seq").and_then(serde_json::Value::as_i64).map_or(upto, |first| first - 1);
+        let mut tx = self.read().await?;
+        if tx.retention(&job.org_id).await?.deleted_upto > start {
+            return Err(Error::Conflict {
+                message: format!(
+                    "export {id} was made on another replica and retention has since deleted events it held; \
+                     start a new export"
+                ),
+                state: Some("deleted".into()),
+            });
+        }
+        let opening =
+            if start > 0 {
+                Some(tx.checkpoint_at(&job.org_id, start).await?.ok_or_else(|| {
+                    Error::Internal(format!("no checkpoint at seq {start}, where export {id} opened"))
+                })?)
+            } else {
+                None
+            };
+        let closing = tx.checkpoint_at(&job.org_id, upto).await?;
+        drop(tx);
+        self.write_export(&job.org_id, opening, start, closing, &path, None).await?;
+        Ok(path)
     }
 
     pub(super) async fn export_audit_job(&self, job: &Job) -> JobOutcome {
@@ -117,12 +150,6 @@ impl Gateway {
     async fn export_audit(&self, job: &Job) -> Result<serde_json::Value> {
         let org = &job.org_id;
         let path = self.export_path(&job.id);
-        let partial = path.with_extension("jsonl.partial");
-        if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await.map_err(|e| Error::Internal(format!("cannot create {dir:?}: {e}")))?;
-        }
-        let io = |e: std::io::Error| Error::Internal(format!("cannot write the export: {e}"));
-        let mut file = tokio::io::BufWriter::new(tokio::fs::File::create(&partial).await.map_err(io)?);
         // Sign the head first: the export covers up to it, and its checkpoint closes the file.
         let closing = {
             let mut work = self.write().await?;
@@ -130,38 +157,23 @@ impl Gateway {
             work.commit(self).await?;
             checkpoint
         };
-        let upto = closing.as_ref().map_or(0, |c| c.seq);
-        let mut tx = self.read().await?;
-        let retention = tx.retention(org).await?;
-        if retention.deleted_upto > 0 {
-            let opening = tx.checkpoint_at(org, retention.deleted_upto).await?.ok_or_else(|| {
-                Error::Internal(format!("no checkpoint at seq {} where retention cut the log", retention.deleted_upto))
-            })?;
-            write_line(&mut file, &CheckpointLine { checkpoint: opening }).await?;
-        }
-        let (mut after, mut events, mut first_seq) = (retention.deleted_upto, 0u64, None);
-        while after < upto {
-            let page = tx.list_audit(org, &AuditFilter::default(), after, EXPORT_PAGE).await?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            for event in page.iter().filter(|e| e.seq <= upto) {
-                first_seq.get_or_insert(event.seq);
-                write_line(&mut file, event).await?;
-                events += 1;
-            }
-            if after < upto {
-                self.report_progress(job, json!({"events_written": events, "upto_seq": upto})).await?;
-            }
-        }
-        drop(tx);
-        if let Some(checkpoint) = &closing {
-            write_line(&mut file, &CheckpointLine { checkpoint: checkpoint.clone() }).await?;
-        }
-        file.flush().await.map_err(io)?;
-        file.into_inner().sync_all().await.map_err(io)?;
-        tokio::fs::rename(&partial, &path).await.map_err(io)?;
+        let (opening, after) = {
+            let mut tx = self.read().await?;
+            let retention = tx.retention(org).await?;
+            let opening = if retention.deleted_upto > 0 {
+                Some(tx.checkpoint_at(org, retention.deleted_upto).await?.ok_or_else(|| {
+                    Error::Internal(format!(
+                        "no checkpoint at seq {} where retention cut the log",
+                        retention.deleted_upto
+                    ))
+                })?)
+            } else {
+                None
+            };
+            (opening, retention.deleted_upto)
+        };
+        let (events, first_seq) = self.write_export(org, opening, after, closing.clone(), &path, Some(job)).await?;
         let bytes = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
-        self.report_progress(job, json!({"events_written": events, "upto_seq": upto})).await?;
         Ok(json!({
             "events": events,
             "first_seq": first_seq,
@@ -171,6 +183,57 @@ impl Gateway {
             "download_url": format!("{}/v1/audit/exports/{}", self.public_url(), job.id),
             "public_key": self.inner.signer.public_key_base64(),
         }))
+    }
+
+    /// Writes an export to `path` (through a `.partial` file, synced, then renamed): the opening checkpoint,
+    /// the events after `after` up to the closing checkpoint's seq, and the closing checkpoint. Reports
+    /// progress on `job` when given. Answers how many events it wrote and the first one's seq.
+    async fn write_export(
+        &self,
+        org: &OrgId,
+        opening: Option<Checkpoint>,
+        after: i64,
+        closing: Option<Checkpoint>,
+        path: &std::path::Path,
+        job: Option<&Job>,
+    ) -> Result<(u64, Option<i64>)> {
+        // A name of its own: two downloads rebuilding the same export at once each write their own file.
+        let partial = path.with_extension(format!("jsonl.{}.partial", ulid::Ulid::generate()));
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(|e| Error::Internal(format!("cannot create {dir:?}: {e}")))?;
+        }
+        let io = |e: std::io::Error| Error::Internal(format!("cannot write the export: {e}"));
+        let mut file = tokio::io::BufWriter::new(tokio::fs::File::create(&partial).await.map_err(io)?);
+        if let Some(opening) = opening {
+            write_line(&mut file, &CheckpointLine { checkpoint: opening }).await?;
+        }
+        let upto = closing.as_ref().map_or(0, |c| c.seq);
+        let mut tx = self.read().await?;
+        let (mut after, mut events, mut first_seq) = (after, 0u64, None);
+        while after < upto {
+            let page = tx.list_audit(org, &AuditFilter::default(), after, EXPORT_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for event in page.iter().filter(|e| e.seq <= upto) {
+                first_seq.get_or_insert(event.seq);
+                write_line(&mut file, event).await?;
+                events += 1;
+            }
+            if let Some(job) = job.filter(|_| after < upto) {
+                self.report_progress(job, json!({"events_written": events, "upto_seq": upto})).await?;
+            }
+        }
+        drop(tx);
+        if let Some(checkpoint) = &closing {
+            write_line(&mut file, &CheckpointLine { checkpoint: checkpoint.clone() }).await?;
+        }
+        file.flush().await.map_err(io)?;
+        file.into_inner().sync_all().await.map_err(io)?;
+        tokio::fs::rename(&partial, path).await.map_err(io)?;
+        if let Some(job) = job {
+            self.report_progress(job, json!({"events_written": events, "upto_seq": upto})).await?;
+        }
+        Ok((events, first_seq))
     }
 
     /// Sets the org's retention window in days (admin); none keeps everything. Queues a run at once.

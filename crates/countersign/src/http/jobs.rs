@@ -168,7 +168,7 @@ pub async fn export_now(State(state): State<AppState>, Auth(caller): Auth) -> Re
     let job = state.gateway.start_audit_export(&caller).await?;
     let job = state.gateway.wait_job(&caller, &job.id, Duration::from_secs(300)).await?;
     match job.state {
-        JobState::Succeeded => file_response(&state.gateway.export_path(&job.id)).await,
+        JobState::Succeeded => file_response(&state.gateway.export_file(&caller, &job.id).await?).await,
         JobState::Failed | JobState::Cancelled => Err(Error::Internal(format!(
             "export job {} {}: {}",
             job.id,

@@ -370,3 +370,38 @@ async fn a_dashboard_cookie_works_on_every_replica() {
         server.stop().await;
     }
 }
+
+/// An export is written by whichever replica's runner took its job, on that replica's disk; every replica
+/// serves it, the others by writing the same file again from the store.
+#[tokio::test]
+async fn every_replica_serves_an_export_made_on_another() {
+    let Some((_dirs, servers)) = replicas(None).await else { return };
+    let agent = servers[0].agent("exporter").await;
+    for _ in 0..3 {
+        assert_eq!(agent.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+    }
+    let started = servers[0].admin.post("/v1/audit/exports", &json!({})).await.unwrap();
+    assert_eq!(started.status, 202, "{:?}", started.body);
+    let job = started.str("/id").to_owned();
+    let done = servers[0].admin.get(&format!("/v1/jobs/{job}/wait?timeout=30")).await.unwrap();
+    assert_eq!(done.str("/state"), "succeeded", "{:?}", done.body);
+    let http = reqwest::Client::new();
+    let mut files = Vec::new();
+    for server in &servers {
+        let response = http
+            .get(format!("{}/v1/audit/exports/{job}", server.admin.base()))
+            .bearer_auth(server.admin.key().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", server.admin.base());
+        files.push(response.bytes().await.unwrap());
+    }
+    assert!(files.iter().all(|f| f == &files[0]), "every replica serves the same file");
+    let key = servers[0].admin.get("/v1/audit/public-key").await.unwrap().str("/public_key").to_owned();
+    let report = countersign_core::checkpoint::verify_export(&files[0][..], &key).unwrap();
+    assert!(report.ok, "{report:?}");
+    for server in servers {
+        server.stop().await;
+    }
+}
