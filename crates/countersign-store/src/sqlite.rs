@@ -14,6 +14,7 @@
 //! business rules.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -63,6 +64,10 @@ pub struct SqliteStore {
     /// which a second connection could not see).
     reader: SqlitePool,
     durability: Arc<Durability>,
+    /// Each org's audit head as of the last commit, so a write transaction's first append need not read it:
+    /// the single writer (and one process per file) means only this store's commits move it. Updated only
+    /// after a commit succeeds; emptied if a commit fails, when what is on disk is not known.
+    heads: Arc<std::sync::Mutex<HashMap<OrgId, (i64, String)>>>,
 }
 
 /// Group commit and checkpoints for the file database; inert for an in-memory one.
@@ -371,7 +376,7 @@ impl SqliteStore {
             }
         };
         let durability = Arc::new(Durability { files, _lock: lock, ..Durability::default() });
-        Ok(SqliteStore { writer, reader, durability })
+        Ok(SqliteStore { writer, reader, durability, heads: Arc::default() })
     }
 }
 
@@ -380,13 +385,18 @@ impl Store for SqliteStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.check()?;
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx { tx, head: None, committed: Some(self.clone()), pending_audit: Vec::new() }))
+        Ok(Box::new(SqliteTx {
+            tx,
+            committed: Some(self.clone()),
+            pending_audit: Vec::new(),
+            appended: HashMap::new(),
+        }))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.settled().await?;
         let tx = self.reader.begin().await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx { tx, head: None, committed: None, pending_audit: Vec::new() }))
+        Ok(Box::new(SqliteTx { tx, committed: None, pending_audit: Vec::new(), appended: HashMap::new() }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -402,15 +412,16 @@ impl Store for SqliteStore {
 
 struct SqliteTx {
     tx: Transaction<'static, Sqlite>,
-    /// The org and (seq, hash) of the last audit event this transaction appended: the next append in the
-    /// same transaction follows it without reading the head again (the write lock keeps it the head).
-    head: Option<(OrgId, i64, String)>,
     /// A write transaction's store, whose group commit and checkpoints are told of the commit.
     committed: Option<SqliteStore>,
     /// Audit events sealed in this transaction but not yet written. They are written together, in one
     /// statement, before the transaction's next statement or its commit, so every statement sees them and a
     /// commit never lacks them; a rollback drops them with everything else.
     pending_audit: Vec<AuditEvent>,
+    /// The head this transaction left for each org it appended to: the next append follows it without
+    /// reading the head again (the write lock keeps it the head), and it is the store's `heads` after the
+    /// commit.
+    appended: HashMap<OrgId, (i64, String)>,
 }
 
 /// Audit rows per multi-row `INSERT` (ten values each, far below SQLite's limit on bound values).
@@ -447,7 +458,20 @@ enum AuditOrder {
     Before(i64),
 }
 
+impl SqliteStore {
+    fn heads_guard(&self) -> std::sync::MutexGuard<'_, HashMap<OrgId, (i64, String)>> {
+        self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl SqliteTx {
+    /// Seals an event after (seq, hash) and remembers it as the org's head in this transaction.
+    fn seal(&mut self, org: &OrgId, seq: i64, hash: &str, event: NewAuditEvent) -> AuditEvent {
+        let sealed = seal_pending(&mut None, &mut self.pending_audit, org, seq, hash, event);
+        self.appended.insert(org.clone(), (sealed.seq, sealed.hash.clone()));
+        sealed
+    }
+
     /// Writes the audit events sealed since the last statement, in as few statements as the bound-value
     /// limit allows. Called before every statement and before the commit.
     async fn write_pending_audit(&mut self) -> Result<(), StoreError> {
@@ -591,8 +615,16 @@ impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let mut this = *self;
         this.write_pending_audit().await?;
-        let SqliteTx { tx, committed, .. } = this;
-        tx.commit().await.map_err(map_sqlx)?;
+        let SqliteTx { tx, committed, appended, .. } = this;
+        if let Err(e) = tx.commit().await {
+            if let Some(store) = &committed {
+                store.heads_guard().clear();
+            }
+            return Err(map_sqlx(e));
+        }
+        if let Some(store) = &committed {
+            store.heads_guard().extend(appended);
+        }
         match committed {
             Some(store) => store.durability.committed(&store.writer, &store.reader).await,
             None => Ok(()),
@@ -1232,10 +1264,14 @@ impl StoreTx for SqliteTx {
     }
 
     async fn append_audit(&mut self, org: &OrgId, event: NewAuditEvent) -> Result<AuditEvent, StoreError> {
-        if let Some((head_org, seq, hash)) = self.head.take()
-            && head_org == *org
-        {
-            return Ok(seal_pending(&mut self.head, &mut self.pending_audit, org, seq, &hash, event));
+        // The head this transaction left, else the one the last commit left (a write transaction holds the
+        // write lock, so no one else moved it since), else the one on disk.
+        let known = match self.appended.get(org) {
+            Some(head) => Some(head.clone()),
+            None => self.committed.as_ref().and_then(|store| store.heads_guard().get(org).cloned()),
+        };
+        if let Some((seq, hash)) = known {
+            return Ok(self.seal(org, seq, &hash, event));
         }
         let head = self
             .fetch_optional(
@@ -1264,7 +1300,7 @@ impl StoreTx for SqliteTx {
                 }
             }
         };
-        Ok(seal_pending(&mut self.head, &mut self.pending_audit, org, seq, &hash, event))
+        Ok(self.seal(org, seq, &hash, event))
     }
 
     async fn list_audit(
@@ -1733,6 +1769,42 @@ mod tests {
         assert_eq!(durability.synced.load(Ordering::Acquire), 32, "a commit returned before its sync");
         let mut tx = store.read().await.unwrap();
         assert_eq!(tx.count_orgs().await.unwrap(), 32);
+    }
+
+    /// The remembered audit head follows commits only: a transaction dropped after appending leaves the next
+    /// one following the last committed event, and the chain stays gapless and valid.
+    #[tokio::test]
+    async fn the_remembered_audit_head_follows_commits_only() {
+        use countersign_core::audit::{Actor, ActorKind, ChainVerifier};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let org = Org { id: OrgId::new(), name: "o".into(), created_at: Utc::now() };
+        let event = |action: &str| NewAuditEvent {
+            time_us: 1,
+            actor: Actor { kind: ActorKind::System, id: "system".into(), name: "system".into() },
+            action: action.into(),
+            subject: None,
+            data: serde_json::json!({}),
+        };
+        let mut tx = store.write().await.unwrap();
+        tx.insert_org(&org).await.unwrap();
+        assert_eq!(tx.append_audit(&org.id, event("a")).await.unwrap().seq, 1);
+        tx.commit().await.unwrap();
+        let mut dropped = store.write().await.unwrap();
+        assert_eq!(dropped.append_audit(&org.id, event("rolled.back")).await.unwrap().seq, 2);
+        assert_eq!(dropped.append_audit(&org.id, event("rolled.back")).await.unwrap().seq, 3);
+        drop(dropped);
+        for expected in [2, 3] {
+            let mut tx = store.write().await.unwrap();
+            assert_eq!(tx.append_audit(&org.id, event("b")).await.unwrap().seq, expected);
+            tx.commit().await.unwrap();
+        }
+        let mut tx = store.read().await.unwrap();
+        let events = tx.list_audit(&org.id, &AuditFilter::default(), 0, 100).await.unwrap();
+        assert_eq!(events.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["a", "b", "b"]);
+        let mut verifier = ChainVerifier::default();
+        events.iter().for_each(|e| verifier.push(e));
+        assert!(verifier.finish().ok);
     }
 
     #[tokio::test]
