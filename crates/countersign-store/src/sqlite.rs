@@ -65,9 +65,11 @@ pub struct SqliteStore {
     reader: SqlitePool,
     durability: Arc<Durability>,
     /// Each org's audit head as of the last commit, so a write transaction's first append need not read it:
-    /// the single writer (and one process per file) means only this store's commits move it. Updated only
-    /// after a commit succeeds; emptied if a commit fails, when what is on disk is not known.
-    heads: Arc<std::sync::Mutex<HashMap<OrgId, (i64, String)>>>,
+    /// the single writer (and one process per file) means only this store's commits move it. A write
+    /// transaction holds this lock from before its `BEGIN` until its commit has updated it (or, failing,
+    /// emptied it, since what is on disk is then not known), so no writer ever reads a head another has not
+    /// finished committing; a rolled-back transaction leaves it as it was.
+    heads: Arc<tokio::sync::Mutex<HashMap<OrgId, (i64, String)>>>,
 }
 
 /// Group commit and checkpoints for the file database; inert for an in-memory one.
@@ -384,19 +386,22 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.check()?;
+        // The heads first, then the connection: every writer takes them in this order.
+        let heads = self.heads.clone().lock_owned().await;
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)?;
         Ok(Box::new(SqliteTx {
             tx,
             committed: Some(self.clone()),
             pending_audit: Vec::new(),
             appended: HashMap::new(),
+            heads: Some(heads),
         }))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.settled().await?;
         let tx = self.reader.begin().await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx { tx, committed: None, pending_audit: Vec::new(), appended: HashMap::new() }))
+        Ok(Box::new(SqliteTx { tx, committed: None, pending_audit: Vec::new(), appended: HashMap::new(), heads: None }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -422,6 +427,8 @@ struct SqliteTx {
     /// reading the head again (the write lock keeps it the head), and it is the store's `heads` after the
     /// commit.
     appended: HashMap<OrgId, (i64, String)>,
+    /// A write transaction's hold on the store's `heads` (see [`SqliteStore`]); `None` for a reader.
+    heads: Option<tokio::sync::OwnedMutexGuard<HashMap<OrgId, (i64, String)>>>,
 }
 
 /// Audit rows per multi-row `INSERT` (ten values each, far below SQLite's limit on bound values).
@@ -456,12 +463,6 @@ enum AuditOrder {
     After(i64),
     /// Newest first, before this seq.
     Before(i64),
-}
-
-impl SqliteStore {
-    fn heads_guard(&self) -> std::sync::MutexGuard<'_, HashMap<OrgId, (i64, String)>> {
-        self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
 }
 
 impl SqliteTx {
@@ -615,16 +616,16 @@ impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let mut this = *self;
         this.write_pending_audit().await?;
-        let SqliteTx { tx, committed, appended, .. } = this;
-        if let Err(e) = tx.commit().await {
-            if let Some(store) = &committed {
-                store.heads_guard().clear();
+        let SqliteTx { tx, committed, appended, heads, .. } = this;
+        let committing = tx.commit().await;
+        // Still holding the heads: the next writer reads them only once they say what is on disk.
+        if let Some(mut heads) = heads {
+            match &committing {
+                Ok(()) => heads.extend(appended),
+                Err(_) => heads.clear(),
             }
-            return Err(map_sqlx(e));
         }
-        if let Some(store) = &committed {
-            store.heads_guard().extend(appended);
-        }
+        committing.map_err(map_sqlx)?;
         match committed {
             Some(store) => store.durability.committed(&store.writer, &store.reader).await,
             None => Ok(()),
@@ -1268,7 +1269,7 @@ impl StoreTx for SqliteTx {
         // write lock, so no one else moved it since), else the one on disk.
         let known = match self.appended.get(org) {
             Some(head) => Some(head.clone()),
-            None => self.committed.as_ref().and_then(|store| store.heads_guard().get(org).cloned()),
+            None => self.heads.as_ref().and_then(|heads| heads.get(org).cloned()),
         };
         if let Some((seq, hash)) = known {
             return Ok(self.seal(org, seq, &hash, event));
@@ -1773,7 +1774,7 @@ mod tests {
 
     /// The remembered audit head follows commits only: a transaction dropped after appending leaves the next
     /// one following the last committed event, and the chain stays gapless and valid.
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_remembered_audit_head_follows_commits_only() {
         use countersign_core::audit::{Actor, ActorKind, ChainVerifier};
         let dir = tempfile::tempdir().unwrap();
@@ -1802,6 +1803,25 @@ mod tests {
         let mut tx = store.read().await.unwrap();
         let events = tx.list_audit(&org.id, &AuditFilter::default(), 0, 100).await.unwrap();
         assert_eq!(events.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["a", "b", "b"]);
+        let mut verifier = ChainVerifier::default();
+        events.iter().for_each(|e| verifier.push(e));
+        assert!(verifier.finish().ok);
+
+        // Many writers at once: each finds the head the one before it committed, never an older one.
+        let writers = (0..64).map(|_| {
+            let (store, org) = (store.clone(), org.id.clone());
+            tokio::spawn(async move {
+                let mut tx = store.write().await.unwrap();
+                tx.append_audit(&org, event("c")).await.unwrap();
+                tx.commit().await.unwrap();
+            })
+        });
+        for writer in writers.collect::<Vec<_>>() {
+            writer.await.unwrap();
+        }
+        let mut tx = store.read().await.unwrap();
+        let events = tx.list_audit(&org.id, &AuditFilter::default(), 0, 1000).await.unwrap();
+        assert_eq!(events.len(), 67);
         let mut verifier = ChainVerifier::default();
         events.iter().for_each(|e| verifier.push(e));
         assert!(verifier.finish().ok);

@@ -222,7 +222,7 @@ impl McpUpstreams {
             }
             Ok(Err(error)) => {
                 upstream.refresh.notify_one();
-                Err(ConnectorError::OutcomeUnknown(format!("MCP server `{server}`: {error}")))
+                Err(ConnectorError::OutcomeUnknown(upstream.scrubbed(&format!("MCP server `{server}`: {error}"))))
             }
             Err(_) => Err(ConnectorError::Timeout(format!(
                 "MCP server `{server}` did not answer `{tool}` within {}s",
@@ -233,6 +233,14 @@ impl McpUpstreams {
 }
 
 impl Upstream {
+    /// `text` without this upstream's URL (an HTTP one's path and query may hold its credential).
+    fn scrubbed(&self, text: &str) -> String {
+        match &self.config.transport {
+            McpTransportConfig::Http { url, .. } => super::without_url_in(text, url),
+            McpTransportConfig::Stdio { .. } => text.to_owned(),
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Link> {
         self.link.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -293,7 +301,7 @@ impl Supervisor {
         let handler = UpstreamClient { refresh: self.upstream.refresh.clone() };
         match &self.upstream.config.transport {
             McpTransportConfig::Http { url, headers } => {
-                let parsed = reqwest::Url::parse(url).map_err(|e| format!("url `{url}`: {e}"))?;
+                let parsed = reqwest::Url::parse(url).map_err(|e| format!("url `{}`: {e}", super::shown_url(url)))?;
                 self.guard.check_url(&parsed).map_err(|e| e.to_string())?;
                 let mut custom = HashMap::new();
                 for (name, value) in headers {
@@ -305,7 +313,7 @@ impl Supervisor {
                 }
                 let config = StreamableHttpClientTransportConfig::with_uri(url.as_str()).custom_headers(custom);
                 let transport = StreamableHttpClientTransport::with_client(self.client.clone(), config);
-                handler.serve(transport).await.map_err(|e| describe_init_error(&e))
+                handler.serve(transport).await.map_err(|e| super::without_url_in(&describe_init_error(&e), url))
             }
             McpTransportConfig::Stdio { command, env, cwd } => {
                 let (program, args) = command.split_first().ok_or("the command is empty")?;
@@ -383,6 +391,8 @@ impl Supervisor {
     }
 
     fn down(&self, error: String, log: bool) {
+        // Every reason reaches agents (a call to a server that is down fails saying why): never its URL.
+        let error = self.upstream.scrubbed(&error);
         if log {
             tracing::warn!(server = %self.upstream.name, %error, "MCP upstream unavailable; retrying with backoff");
         }

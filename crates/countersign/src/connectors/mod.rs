@@ -300,6 +300,28 @@ fn sent_and_lost(error: &reqwest::Error) -> ConnectorError {
     }
 }
 
+/// A configured URL as those who may not hold its credential see it: scheme, host and port only. Its
+/// userinfo, path and query often are the credential (a Slack hook URL, an MCP server's `?token=`), and the
+/// audit log, jobs and actions are read by every user (and actions by agents).
+pub fn shown_url(url: &str) -> String {
+    let Ok(parsed) = reqwest::Url::parse(url) else { return "[unreadable URL]".into() };
+    let host = parsed.host_str().unwrap_or_default();
+    let port = parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let rest =
+        if parsed.path() != "/" || parsed.query().is_some() || !parsed.username().is_empty() { "/…" } else { "" };
+    format!("{}://{host}{port}{rest}", parsed.scheme())
+}
+
+/// `text` with every spelling of `url` (as configured, and as parsed) shown by [`shown_url`] instead.
+pub fn without_url_in(text: &str, url: &str) -> String {
+    let shown = shown_url(url);
+    let mut text = text.replace(url, &shown);
+    if let Ok(parsed) = reqwest::Url::parse(url) {
+        text = text.replace(parsed.as_str(), &shown);
+    }
+    text
+}
+
 fn describe(error: &reqwest::Error) -> String {
     if error.is_timeout() {
         "timed out".into()
@@ -307,5 +329,26 @@ fn describe(error: &reqwest::Error) -> String {
         format!("connection failed: {error}")
     } else {
         error.to_string()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_their_credentials() {
+        let hook = "https://hooks.slack.com/services/T0/B0/secret?x=1";
+        assert_eq!(shown_url(hook), "https://hooks.slack.com/…");
+        assert_eq!(shown_url("https://user:pw@example.com/"), "https://example.com/…");
+        assert_eq!(shown_url("http://10.0.0.1:8080/"), "http://10.0.0.1:8080");
+        assert_eq!(shown_url("not a url"), "[unreadable URL]");
+        let mcp = "http://127.0.0.1:9/mcp?token=abc";
+        // reqwest spells a URL as parsed: both spellings go.
+        let error = format!("error sending request for url ({mcp}) and ({})", reqwest::Url::parse(mcp).unwrap());
+        let shown = without_url_in(&error, mcp);
+        assert!(!shown.contains("token=abc"), "{shown}");
+        assert!(shown.contains("http://127.0.0.1:9/…"), "{shown}");
     }
 }

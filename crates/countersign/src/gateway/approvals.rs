@@ -292,8 +292,19 @@ impl Gateway {
     pub async fn approval_status(&self, token: &str) -> Result<ApprovalStatusView> {
         let approval = self.approval_by_token(token).await?;
         // Only the note of the decision that decided it: the remarks of partial approvals stay with approvers.
+        // The deciding decision is the one made at `decided_at` (the same instant `decide` stamps on both);
+        // the list's order is not proof, since two approvers' clocks and commits need not agree.
+        let deciding = |wanted: Option<Decision>| {
+            approval
+                .decisions
+                .iter()
+                .filter(|d| Some(d.created_at) == approval.decided_at)
+                .find(|d| wanted.is_none_or(|w| d.decision == w))
+                .and_then(|d| d.note.clone())
+        };
         let note = match approval.status {
-            ApprovalStatus::Approved | ApprovalStatus::Denied => approval.decisions.last().and_then(|d| d.note.clone()),
+            ApprovalStatus::Approved => deciding(Some(Decision::Approve)),
+            ApprovalStatus::Denied => deciding(Some(Decision::Deny)),
             _ => None,
         };
         Ok(ApprovalStatusView {

@@ -150,15 +150,22 @@ impl Gateway {
         // The hash the approval bound never changes: read it before locking the action, so this
         // transaction never holds the action's row while waiting for the approval's (decide locks the
         // approval first, then the action).
-        let (bound, job_id) = {
+        let (bound, job_id, read) = {
             let mut tx = self.read().await?;
             let action = tx.get_action(org, id).await?;
             let job_id = action.as_ref().and_then(|a| a.job_id.clone());
-            let bound = match action.and_then(|a| a.approval_id) {
+            let bound = match action.as_ref().and_then(|a| a.approval_id.clone()) {
                 Some(approval_id) => Some(tx.get_approval(org, &approval_id).await?.map(|a| a.request_hash)),
                 None => None,
             };
-            (bound, job_id)
+            (bound, job_id, action)
+        };
+        // The configuration may have changed since the submission: the service must still take this org's
+        // action. Checked before the write transaction (it may read the org's name); the target it reads
+        // is frozen, so the answer holds for the action the transaction finds.
+        let out_of_scope = match &read {
+            Some(action) => self.out_of_scope(org, action).await?,
+            None => None,
         };
         let now = self.now();
         let mut work = self.write().await?;
@@ -194,32 +201,7 @@ impl Gateway {
                 json!({"reason": "request_hash_mismatch", "expected": approved_hash, "found": current_hash}),
             ))
         } else {
-            // The configuration may have changed since the submission: the service must still be this org's.
-            match action.target.as_ref().and_then(service_of) {
-                Some(service) if !self.serves(org, service).await? => Some((
-                    format!(
-                        "{} is not open to this org (its `orgs` in the server configuration); not sent",
-                        service.section()
-                    ),
-                    json!({"reason": "service_not_open_to_org", "service": service.section()}),
-                )),
-                Some(Service::Upstream(upstream))
-                    if !self
-                        .inner
-                        .connectors
-                        .upstream_capabilities(upstream)
-                        .is_some_and(|scope| scope.admits(action.capability.as_str())) =>
-                {
-                    Some((
-                        format!(
-                            "[upstreams.{upstream}] no longer takes capability `{}` (its `capabilities`); not sent",
-                            action.capability
-                        ),
-                        json!({"reason": "capability_not_taken_by_upstream", "upstream": upstream}),
-                    ))
-                }
-                _ => None,
-            }
+            out_of_scope
         };
         if let Some((error, data)) = refusal {
             action.state = action.state.transition(ActionState::Failed)?;
@@ -406,6 +388,39 @@ impl Gateway {
             self.metrics().job_finished(JobKind::ActionExecute.as_str(), end.as_str());
         }
         Ok(())
+    }
+}
+
+impl Gateway {
+    /// Why the configuration no longer lets this action go out (its service not open to the org, or its
+    /// upstream not taking its capability): the error and the audit data; `None` when it may.
+    async fn out_of_scope(&self, org: &OrgId, action: &Action) -> Result<Option<(String, serde_json::Value)>> {
+        let Some(service) = action.target.as_ref().and_then(service_of) else { return Ok(None) };
+        if !self.serves(org, service).await? {
+            return Ok(Some((
+                format!(
+                    "{} is not open to this org (its `orgs` in the server configuration); not sent",
+                    service.section()
+                ),
+                json!({"reason": "service_not_open_to_org", "service": service.section()}),
+            )));
+        }
+        if let Service::Upstream(upstream) = service
+            && !self
+                .inner
+                .connectors
+                .upstream_capabilities(upstream)
+                .is_some_and(|s| s.admits(action.capability.as_str()))
+        {
+            return Ok(Some((
+                format!(
+                    "[upstreams.{upstream}] no longer takes capability `{}` (its `capabilities`); not sent",
+                    action.capability
+                ),
+                json!({"reason": "capability_not_taken_by_upstream", "upstream": upstream}),
+            )));
+        }
+        Ok(None)
     }
 }
 

@@ -105,6 +105,18 @@ impl PolicyRegistry {
         }
     }
 
+    /// Every org's policy and refusal as they are now, for [`PolicyRegistry::restore`].
+    fn snapshot(&self) -> (HashMap<OrgId, ActivePolicy>, HashMap<OrgId, Refusal>) {
+        let by_org = self.by_org.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let refused = self.refused.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        (by_org, refused)
+    }
+
+    fn restore(&self, (by_org, refused): (HashMap<OrgId, ActivePolicy>, HashMap<OrgId, Refusal>)) {
+        *self.by_org.write().unwrap_or_else(std::sync::PoisonError::into_inner) = by_org;
+        *self.refused.write().unwrap_or_else(std::sync::PoisonError::into_inner) = refused;
+    }
+
     /// Puts `policy` in force as the file policy; answers the one it replaced.
     fn replace_file_policy(&self, policy: Arc<Policy>) -> Arc<Policy> {
         let mut guard = match self.file_policy.write() {
@@ -247,6 +259,11 @@ impl Gateway {
     /// Loads every org's policy at start (and after the policy file changed).
     pub async fn activate_policies(&self) -> Result<()> {
         let _turn = self.policies().turn.lock().await;
+        self.activate_policies_in_turn().await
+    }
+
+    /// [`Gateway::activate_policies`] for a caller that holds the registry's turn.
+    async fn activate_policies_in_turn(&self) -> Result<()> {
         let mut work = self.write().await?;
         for org in work.tx.list_orgs().await? {
             self.activate_org_policy(&mut work, &org.id).await?;
@@ -332,13 +349,16 @@ impl Gateway {
             return Ok(None);
         }
         let version = policy.version().to_owned();
+        // In one turn of the registry, so no other reload interleaves with the swap or its undoing.
+        let _turn = self.policies().turn.lock().await;
+        let before = self.policies().snapshot();
         let previous = self.policies().replace_file_policy(Arc::new(policy));
-        if let Err(error) = self.activate_policies().await {
-            // Nothing was stored: the previous file stays the one in force, so the next reload (SIGHUP, a file
-            // change) tries this one again instead of finding it "unchanged". Orgs the failed pass already set
-            // in memory are read back from the store (or denied until they can be).
+        if let Err(error) = self.activate_policies_in_turn().await {
+            // Nothing was stored: the previous file, and every org's policy, stay as they were (the failed pass
+            // may have set some in memory), so the next reload (SIGHUP, a file change) tries this one again
+            // instead of finding it "unchanged".
             self.policies().replace_file_policy(previous);
-            self.reload_policies().await;
+            self.policies().restore(before);
             return Err(format!("the new policy file could not be activated, the previous one stays: {error}"));
         }
         Ok(Some(version))

@@ -237,7 +237,7 @@ impl Gateway {
             &caller.actor(),
             "webhook.created",
             Some(webhook.id.as_str()),
-            json!({"url": shown_url(&webhook.url), "events": webhook.events, "format": webhook.format}),
+            json!({"url": crate::connectors::shown_url(&webhook.url), "events": webhook.events, "format": webhook.format}),
         )
         .await?;
         work.commit(self).await?;
@@ -390,16 +390,4 @@ enum SendError {
     Refused(String),
     #[error("{0}")]
     Other(String),
-}
-
-/// A webhook URL as the audit log shows it: scheme, host and port only. Its userinfo, path and query often
-/// are the credential (a Slack or Teams hook URL), and every user may read the audit log; admins see the
-/// whole URL on the webhook itself.
-fn shown_url(url: &str) -> String {
-    let Ok(parsed) = reqwest::Url::parse(url) else { return "[unreadable URL]".into() };
-    let host = parsed.host_str().unwrap_or_default();
-    let port = parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
-    let rest =
-        if parsed.path() != "/" || parsed.query().is_some() || !parsed.username().is_empty() { "/…" } else { "" };
-    format!("{}://{host}{port}{rest}", parsed.scheme())
 }

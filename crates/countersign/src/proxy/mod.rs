@@ -70,14 +70,15 @@ async fn models(State(state): State<AppState>, provider: Provider, headers: Head
         Ok(Path(provider)) => provider,
         Err(rejection) => return bad_provider(Dialect::Openai, &rejection),
     };
+    // Who asks first: whether a provider exists is for the orgs it serves to learn, no one else.
+    let caller = match caller_for(&state, &headers, &provider).await {
+        Ok(Some(caller)) => caller,
+        Ok(None) => return no_provider(Dialect::Openai, &provider),
+        Err(e) => return wire::from_error(Dialect::Openai, &e),
+    };
     let dialect = match provider_dialect(&state.gateway, &provider, None) {
         Ok(dialect) => dialect,
         Err(response) => return *response,
-    };
-    let caller = match caller_for(&state, &headers, &provider).await {
-        Ok(Some(caller)) => caller,
-        Ok(None) => return no_provider(dialect, &provider),
-        Err(e) => return wire::from_error(dialect, &e),
     };
     // The list goes out with the provider's key: only for those who may call the provider.
     let endpoints = [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings, Endpoint::Messages];
@@ -164,17 +165,19 @@ fn reasoning(headers: &HeaderMap) -> String {
 }
 
 async fn handle(state: &AppState, provider: &str, endpoint: Endpoint, request: Request) -> Response {
-    let dialect = match provider_dialect(&state.gateway, provider, Some(endpoint)) {
-        Ok(dialect) => dialect,
-        Err(response) => return *response,
-    };
+    // Every answer in the endpoint's shape (the provider's, once it is known to speak it), so the SDK raises
+    // its usual error.
+    let dialect = endpoint.dialect();
     let headers = request.headers().clone();
-    // Every error in the provider's shape, so the SDK raises its usual error.
     let answer = async {
-        // Who is asking first: an unauthenticated or rate-limited caller never gets a body read.
+        // Who is asking first: an unauthenticated or rate-limited caller never gets a body read, and whether
+        // a provider exists is for the orgs it serves to learn, no one else.
         let Some(caller) = caller_for(state, &headers, provider).await? else {
             return Ok(no_provider(dialect, provider));
         };
+        if let Err(response) = provider_dialect(&state.gateway, provider, Some(endpoint)) {
+            return Ok(*response);
+        }
         let body = read_body(request, state.llm_max_body_bytes).await?;
         governed(&state.gateway, &caller, provider, endpoint, dialect, &headers, &body).await
     };
@@ -219,10 +222,9 @@ async fn governed(
     let capability = Capability::parse(endpoint.capability()).map_err(|e| Error::Internal(e.to_string()))?;
     let forwarded = forwarded_headers(headers)?;
     let mut params = wire::params(provider, &request);
-    if !forwarded.is_empty() {
-        // So a rule can match a beta feature or API version, too.
-        params["headers"] = json!(forwarded);
-    }
+    // So a rule can match a beta feature or API version, too; always set, so a body field of that name
+    // cannot pose as headers the client sent.
+    params["headers"] = json!(forwarded);
     let target = LlmTarget {
         provider: provider.to_owned(),
         path: endpoint.path().to_owned(),
