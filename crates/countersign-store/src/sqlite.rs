@@ -53,6 +53,9 @@ const MIGRATIONS: [(i64, &str, &str); 4] = [
     (4, "session_minting_key", include_str!("../migrations/sqlite/0004_session_minting_key.sql")),
 ];
 
+/// How long a transaction waits for its connection (a writer, for the one writer) before it gives up.
+const WRITER_WAIT: Duration = Duration::from_secs(15);
+
 /// Commits between two background WAL checkpoints (about 1,000 pages of WAL at the usual write sizes).
 const CHECKPOINT_EVERY: u64 = 256;
 
@@ -335,7 +338,7 @@ impl SqliteStore {
                 .min_connections(1)
                 .idle_timeout(None)
                 .max_lifetime(None)
-                .acquire_timeout(Duration::from_secs(15))
+                .acquire_timeout(WRITER_WAIT)
                 .connect_with(options)
         };
         let (writer, reader) = if in_memory {
@@ -387,7 +390,9 @@ impl Store for SqliteStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.check()?;
         // The heads first, then the connection: every writer takes them in this order.
-        let heads = self.heads.clone().lock_owned().await;
+        let heads = tokio::time::timeout(WRITER_WAIT, self.heads.clone().lock_owned()).await.map_err(|_| {
+            StoreError::Unavailable(format!("the database's writer stayed busy for {}s", WRITER_WAIT.as_secs()))
+        })?;
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)?;
         Ok(Box::new(SqliteTx {
             tx,
