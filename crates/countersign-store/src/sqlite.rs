@@ -488,7 +488,13 @@ impl SqliteTx {
         // fail again, so a caller that carried on past the error still cannot commit without its events.
         for rows in self.pending_audit.chunks(AUDIT_ROWS_PER_INSERT) {
             let mut query = insert_audit_rows::<Sqlite>("", rows)?;
-            query.build().execute(&mut *self.tx).await.map_err(|e| audit_write_failed(map_sqlx(e)))?;
+            if let Err(e) = query.build().execute(&mut *self.tx).await {
+                // A conflict here may mean a remembered head was wrong: read them from disk from now on.
+                if let Some(heads) = self.heads.as_deref_mut() {
+                    heads.clear();
+                }
+                return Err(audit_write_failed(map_sqlx(e)));
+            }
         }
         self.pending_audit.clear();
         Ok(())
@@ -621,16 +627,16 @@ impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let mut this = *self;
         this.write_pending_audit().await?;
-        let SqliteTx { tx, committed, appended, heads, .. } = this;
-        let committing = tx.commit().await;
-        // Still holding the heads: the next writer reads them only once they say what is on disk.
-        if let Some(mut heads) = heads {
-            match &committing {
-                Ok(()) => heads.extend(appended),
-                Err(_) => heads.clear(),
-            }
+        let SqliteTx { tx, committed, appended, mut heads, .. } = this;
+        // Emptied while the commit runs and refilled only once it succeeded, all under the lock: a commit
+        // that fails, or whose caller stops waiting (sqlx still runs it), leaves the next writer to read the
+        // heads from disk, never to trust ones that may not be there.
+        let known = heads.as_deref_mut().map(std::mem::take);
+        tx.commit().await.map_err(map_sqlx)?;
+        if let (Some(heads), Some(mut known)) = (heads.as_deref_mut(), known) {
+            known.extend(appended);
+            *heads = known;
         }
-        committing.map_err(map_sqlx)?;
         match committed {
             Some(store) => store.durability.committed(&store.writer, &store.reader).await,
             None => Ok(()),

@@ -133,9 +133,12 @@ impl Gateway {
             } else {
                 None
             };
-        let closing = tx.checkpoint_at(&job.org_id, upto).await?;
-        drop(tx);
-        self.write_export(&job.org_id, opening, start, closing, &path, None).await?;
+        let closing = tx
+            .checkpoint_at(&job.org_id, upto)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("no checkpoint at seq {upto}, where export {id} closed")))?;
+        // In the same read transaction as the retention check: a retention run meanwhile cannot cut events out.
+        self.write_export(&mut *tx, &job.org_id, opening, start, Some(closing), &path, None).await?;
         Ok(path)
     }
 
@@ -157,22 +160,20 @@ impl Gateway {
             work.commit(self).await?;
             checkpoint
         };
-        let (opening, after) = {
-            let mut tx = self.read().await?;
-            let retention = tx.retention(org).await?;
-            let opening = if retention.deleted_upto > 0 {
-                Some(tx.checkpoint_at(org, retention.deleted_upto).await?.ok_or_else(|| {
-                    Error::Internal(format!(
-                        "no checkpoint at seq {} where retention cut the log",
-                        retention.deleted_upto
-                    ))
-                })?)
-            } else {
-                None
-            };
-            (opening, retention.deleted_upto)
+        // One read transaction for where retention cut the log and the events after it.
+        let mut tx = self.read().await?;
+        let retention = tx.retention(org).await?;
+        let opening = if retention.deleted_upto > 0 {
+            Some(tx.checkpoint_at(org, retention.deleted_upto).await?.ok_or_else(|| {
+                Error::Internal(format!("no checkpoint at seq {} where retention cut the log", retention.deleted_upto))
+            })?)
+        } else {
+            None
         };
-        let (events, first_seq) = self.write_export(org, opening, after, closing.clone(), &path, Some(job)).await?;
+        let (events, first_seq) = self
+            .write_export(&mut *tx, org, opening, retention.deleted_upto, closing.clone(), &path, Some(job))
+            .await?;
+        drop(tx);
         let bytes = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
         Ok(json!({
             "events": events,
@@ -188,8 +189,10 @@ impl Gateway {
     /// Writes an export to `path` (through a `.partial` file, synced, then renamed): the opening checkpoint,
     /// the events after `after` up to the closing checkpoint's seq, and the closing checkpoint. Reports
     /// progress on `job` when given. Answers how many events it wrote and the first one's seq.
+    #[allow(clippy::too_many_arguments)]
     async fn write_export(
         &self,
+        tx: &mut dyn StoreTx,
         org: &OrgId,
         opening: Option<Checkpoint>,
         after: i64,
@@ -198,17 +201,16 @@ impl Gateway {
         job: Option<&Job>,
     ) -> Result<(u64, Option<i64>)> {
         // A name of its own: two downloads rebuilding the same export at once each write their own file.
-        let partial = path.with_extension(format!("jsonl.{}.partial", ulid::Ulid::generate()));
+        let partial = PartialFile(path.with_extension(format!("jsonl.{}.partial", ulid::Ulid::generate())));
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await.map_err(|e| Error::Internal(format!("cannot create {dir:?}: {e}")))?;
         }
         let io = |e: std::io::Error| Error::Internal(format!("cannot write the export: {e}"));
-        let mut file = tokio::io::BufWriter::new(tokio::fs::File::create(&partial).await.map_err(io)?);
+        let mut file = tokio::io::BufWriter::new(tokio::fs::File::create(&partial.0).await.map_err(io)?);
         if let Some(opening) = opening {
             write_line(&mut file, &CheckpointLine { checkpoint: opening }).await?;
         }
         let upto = closing.as_ref().map_or(0, |c| c.seq);
-        let mut tx = self.read().await?;
         let (mut after, mut events, mut first_seq) = (after, 0u64, None);
         while after < upto {
             let page = tx.list_audit(org, &AuditFilter::default(), after, EXPORT_PAGE).await?;
@@ -223,13 +225,12 @@ impl Gateway {
                 self.report_progress(job, json!({"events_written": events, "upto_seq": upto})).await?;
             }
         }
-        drop(tx);
         if let Some(checkpoint) = &closing {
             write_line(&mut file, &CheckpointLine { checkpoint: checkpoint.clone() }).await?;
         }
         file.flush().await.map_err(io)?;
         file.into_inner().sync_all().await.map_err(io)?;
-        tokio::fs::rename(&partial, path).await.map_err(io)?;
+        tokio::fs::rename(&partial.0, path).await.map_err(io)?;
         if let Some(job) = job {
             self.report_progress(job, json!({"events_written": events, "upto_seq": upto})).await?;
         }
@@ -393,6 +394,17 @@ impl Gateway {
             report.first_broken_seq = Some(report.first_broken_seq.map_or(seq, |broken| broken.min(seq)));
         }
         Ok(report)
+    }
+}
+
+/// An export being written: removed unless it was renamed into place (a failed or abandoned write leaves
+/// nothing behind on disk).
+struct PartialFile(PathBuf);
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        // After the rename there is nothing here to remove.
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -112,9 +112,16 @@ impl PolicyRegistry {
         (by_org, refused)
     }
 
+    /// Puts back what [`PolicyRegistry::snapshot`] saw. An org the snapshot did not know (created meanwhile,
+    /// which sets its policy without taking the turn) keeps what it has.
     fn restore(&self, (by_org, refused): (HashMap<OrgId, ActivePolicy>, HashMap<OrgId, Refusal>)) {
-        *self.by_org.write().unwrap_or_else(std::sync::PoisonError::into_inner) = by_org;
-        *self.refused.write().unwrap_or_else(std::sync::PoisonError::into_inner) = refused;
+        let mut current_orgs = self.by_org.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut current_refused = self.refused.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let known = |org: &OrgId| by_org.contains_key(org) || refused.contains_key(org);
+        current_orgs.retain(|org, _| !known(org));
+        current_refused.retain(|org, _| !known(org));
+        current_orgs.extend(by_org.clone());
+        current_refused.extend(refused.clone());
     }
 
     /// Puts `policy` in force as the file policy; answers the one it replaced.

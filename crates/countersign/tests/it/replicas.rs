@@ -375,7 +375,7 @@ async fn a_dashboard_cookie_works_on_every_replica() {
 /// serves it, the others by writing the same file again from the store.
 #[tokio::test]
 async fn every_replica_serves_an_export_made_on_another() {
-    let Some((_dirs, servers)) = replicas(None).await else { return };
+    let Some((dirs, servers)) = replicas(None).await else { return };
     let agent = servers[0].agent("exporter").await;
     for _ in 0..3 {
         assert_eq!(agent.submit_action(&action("email.send.message")).await.unwrap().status, 200);
@@ -401,6 +401,11 @@ async fn every_replica_serves_an_export_made_on_another() {
     let key = servers[0].admin.get("/v1/audit/public-key").await.unwrap().str("/public_key").to_owned();
     let report = countersign_core::checkpoint::verify_export(&files[0][..], &key).unwrap();
     assert!(report.ok, "{report:?}");
+    for dir in &dirs {
+        let exports = std::fs::read_dir(dir.path().join("exports")).unwrap();
+        let names: Vec<String> = exports.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, [format!("{job}.jsonl")], "one file per replica, no partial ones left");
+    }
     for server in servers {
         server.stop().await;
     }
