@@ -165,8 +165,10 @@ impl Conditions {
             && self.content.is_none()
     }
 
-    /// Checks the conditions cheapest first; answers the first that fails.
-    pub fn check(&self, subject: &Subject<'_>) -> Result<(), Miss> {
+    /// Checks the conditions cheapest first; answers the first that fails. `restrictive`: the rule denies or
+    /// holds for approval, so a value whose number parsers disagree on meets its comparisons (see
+    /// [`Reading`]); for a rule that allows, it meets none.
+    pub fn check(&self, subject: &Subject<'_>, restrictive: bool) -> Result<(), Miss> {
         if let Some(globs) = &self.capability
             && !globs.iter().any(|g| g.matches(subject.capability))
         {
@@ -188,7 +190,7 @@ impl Conditions {
             return Err(Miss::Risk);
         }
         if let Some(threshold) = self.max_tokens_threshold
-            && requested_tokens_above(subject.params, threshold).is_none()
+            && requested_tokens_above(subject.params, threshold, restrictive).is_none()
         {
             return Err(Miss::MaxTokens);
         }
@@ -200,7 +202,7 @@ impl Conditions {
         }
         for (index, condition) in self.params.iter().enumerate() {
             let holds = lookup(subject.params, &condition.path.segments)
-                .is_some_and(|value| condition.tests.iter().all(|t| test_holds(t, value)));
+                .is_some_and(|value| condition.tests.iter().all(|t| test_holds(t, value, restrictive)));
             if !holds {
                 return Err(Miss::Param(index));
             }
@@ -239,7 +241,7 @@ impl Conditions {
             reasons.push(format!("risk score {:.2} is at least {threshold}", subject.risk_score));
         }
         if let Some(threshold) = self.max_tokens_threshold
-            && let Some((field, requested)) = requested_tokens_above(subject.params, threshold)
+            && let Some((field, requested)) = requested_tokens_above(subject.params, threshold, true)
         {
             reasons.push(format!("requested {field} {requested} is above {threshold}"));
         }
@@ -328,16 +330,17 @@ impl Conditions {
     }
 }
 
-/// The first token-limit field above the threshold, with its value.
-fn requested_tokens_above(params: &Json, threshold: u64) -> Option<(&'static str, String)> {
+/// The first token-limit field above the threshold, with its value (`restrictive` as for [`Conditions::check`]).
+fn requested_tokens_above(params: &Json, threshold: u64, restrictive: bool) -> Option<(&'static str, String)> {
     TOKEN_FIELDS.iter().find_map(|field| {
         let value = params.get(*field)?;
-        let above = match value.as_u64() {
-            Some(requested) => requested > threshold,
-            // Floats, negative numbers and numeric strings compare as f64; precision loss near 2^53 is
-            // irrelevant here.
+        let above = match (value.as_u64(), reading(value)) {
+            (Some(requested), _) => requested > threshold,
+            // Floats (and negative numbers) compare as f64; precision loss near 2^53 is irrelevant here.
             #[allow(clippy::cast_precision_loss)]
-            None => number_in(value).is_some_and(|requested| requested > threshold as f64),
+            (None, Reading::Number(requested)) => requested > threshold as f64,
+            (None, Reading::Ambiguous) => restrictive,
+            (None, Reading::NotANumber) => false,
         };
         above.then(|| (*field, value.to_string()))
     })
@@ -356,27 +359,56 @@ pub(crate) fn lookup<'v>(params: &'v Json, segments: &[String]) -> Option<&'v Js
     Some(current)
 }
 
-/// The number a comparison reads: a JSON number, or a string that parses as one (`"999999"`, `" +12.5 "`,
-/// `"6e3"`, `"6000."`), since many upstreams (form-encoded ones, say) take amounts as strings, and a `deny`
-/// on `amount > 5000` must not be slipped by quoting the amount. A string too large for an f64 (`"1e309"`,
-/// four hundred digits, `"Infinity"`) compares as ±infinity; `"NaN"` and anything that is not a number
-/// (`"12 apples"`) match no comparison.
-fn number_in(value: &Json) -> Option<f64> {
-    match value {
-        Json::Number(number) => number.as_f64(),
-        Json::String(text) => text.trim().parse::<f64>().ok().filter(|n| !n.is_nan()),
-        _ => None,
+/// How a comparison reads a value.
+enum Reading {
+    /// A JSON number, or a string every number parser reads the same way: an optional sign, digits, and
+    /// at most one `.` (`"999999"`, `" +12.5 "`, `"6000."`, `".5"`). Many upstreams (form-encoded ones,
+    /// say) take amounts as strings, and a `deny` on `amount > 5000` must not be slipped by quoting it.
+    Number(f64),
+    /// A string that some parsers read as a number and others do not, or read differently: an exponent
+    /// (`"6e3"`: 6000 or 6), `"Infinity"`, `"1_000"`, `"0x10"`, other scripts' digits. Which number the
+    /// upstream will see is unknown, so it meets the comparisons of a rule that denies or holds, and none
+    /// of a rule that allows: it can never win an allow, nor slip a restriction.
+    Ambiguous,
+    /// No number at all: `"apples"`, `true`, `null`, objects.
+    NotANumber,
+}
+
+fn reading(value: &Json) -> Reading {
+    let text = match value {
+        Json::Number(number) => return number.as_f64().map_or(Reading::NotANumber, Reading::Number),
+        Json::String(text) => text.trim(),
+        _ => return Reading::NotANumber,
+    };
+    let unsigned = text.strip_prefix(['-', '+']).unwrap_or(text);
+    let digits_and_one_dot = unsigned.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && unsigned.bytes().filter(|b| *b == b'.').count() <= 1
+        && unsigned.bytes().any(|b| b.is_ascii_digit());
+    if digits_and_one_dot {
+        // Too long for an f64: infinity, which every comparison reads the right way round.
+        return text.parse::<f64>().map_or(Reading::Ambiguous, Reading::Number);
+    }
+    let lower = unsigned.to_ascii_lowercase();
+    if text.chars().any(char::is_numeric) || matches!(lower.as_str(), "inf" | "infinity" | "nan") {
+        Reading::Ambiguous
+    } else {
+        Reading::NotANumber
     }
 }
 
-fn test_holds(test: &ParamTest, value: &Json) -> bool {
+fn test_holds(test: &ParamTest, value: &Json, restrictive: bool) -> bool {
+    let compare = |holds: &dyn Fn(f64) -> bool| match reading(value) {
+        Reading::Number(number) => holds(number),
+        Reading::Ambiguous => restrictive,
+        Reading::NotANumber => false,
+    };
     match test {
         ParamTest::Eq(expected) => json_eq(value, expected),
         ParamTest::Ne(expected) => same_kind(value, expected) && !json_eq(value, expected),
-        ParamTest::Gt(limit) => number_in(value).is_some_and(|v| v > *limit),
-        ParamTest::Gte(limit) => number_in(value).is_some_and(|v| v >= *limit),
-        ParamTest::Lt(limit) => number_in(value).is_some_and(|v| v < *limit),
-        ParamTest::Lte(limit) => number_in(value).is_some_and(|v| v <= *limit),
+        ParamTest::Gt(limit) => compare(&|v| v > *limit),
+        ParamTest::Gte(limit) => compare(&|v| v >= *limit),
+        ParamTest::Lt(limit) => compare(&|v| v < *limit),
+        ParamTest::Lte(limit) => compare(&|v| v <= *limit),
         ParamTest::In(options) => options.iter().any(|option| json_eq(value, option)),
         ParamTest::Matches(pattern) => value.as_str().is_some_and(|text| pattern.regex.is_match(text)),
     }
@@ -452,25 +484,37 @@ mod tests {
         assert!(json_eq(&json!(5000), &json!(5000.0)));
         assert!(json_eq(&json!(u64::MAX), &json!(u64::MAX)));
         assert!(!json_eq(&json!("5000"), &json!(5000)));
-        assert!(test_holds(&ParamTest::Ne(json!("usd")), &json!("eur")));
-        assert!(!test_holds(&ParamTest::Ne(json!("usd")), &json!(5)));
+        assert!(test_holds(&ParamTest::Ne(json!("usd")), &json!("eur"), false));
+        assert!(!test_holds(&ParamTest::Ne(json!("usd")), &json!(5), false));
     }
 
     #[test]
     fn comparisons_read_numeric_strings_so_quoting_an_amount_slips_nothing() {
-        assert!(test_holds(&ParamTest::Gt(5000.0), &json!("999999")));
-        assert!(test_holds(&ParamTest::Gt(5000.0), &json!(" 5000.5 ")));
-        assert!(test_holds(&ParamTest::Lte(5000.0), &json!("100")));
-        assert!(test_holds(&ParamTest::Gt(5000.0), &json!("9".repeat(400))), "too long for an f64: infinity");
-        assert!(test_holds(&ParamTest::Lt(0.0), &json!(format!("-{}", "9".repeat(400)))));
-        for spelled in ["+6000", "6000.", "6e3", "6000.0", " 6000 ", "1e309", "Infinity"] {
-            assert!(test_holds(&ParamTest::Gt(5000.0), &json!(spelled)), "{spelled} is above 5000");
+        let holds = |test: ParamTest, value: Json, restrictive: bool| test_holds(&test, &value, restrictive);
+        for restrictive in [true, false] {
+            assert!(holds(ParamTest::Gt(5000.0), json!("999999"), restrictive));
+            assert!(holds(ParamTest::Gt(5000.0), json!(" +5000.5 "), restrictive));
+            assert!(holds(ParamTest::Gt(5000.0), json!("6000."), restrictive));
+            assert!(holds(ParamTest::Lt(1.0), json!(".5"), restrictive));
+            assert!(holds(ParamTest::Lte(5000.0), json!("100"), restrictive));
+            assert!(holds(ParamTest::Gt(5000.0), json!("9".repeat(400)), restrictive), "overlong: infinity");
+            assert!(holds(ParamTest::Lt(0.0), json!(format!("-{}", "9".repeat(400))), restrictive));
+            for no_number in [json!("apples"), json!(""), json!(true), json!(null), json!({"a": 1})] {
+                assert!(!holds(ParamTest::Gt(1.0), no_number.clone(), restrictive), "{no_number}");
+                assert!(!holds(ParamTest::Lt(1.0e300), no_number.clone(), restrictive), "{no_number}");
+            }
         }
-        assert!(test_holds(&ParamTest::Lt(1.0), &json!(".5")));
-        for not_a_number in [json!("12 apples"), json!("NaN"), json!("0x10"), json!(""), json!(true), json!(null)] {
-            assert!(!test_holds(&ParamTest::Gt(1.0), &not_a_number), "{not_a_number}");
-            assert!(!test_holds(&ParamTest::Lt(1.0e300), &not_a_number), "{not_a_number}");
+        // Parsers disagree on these (6e3 is 6000 or 6): they meet a restriction, never an allowance.
+        for ambiguous in ["500000e-2", "6e3", "Infinity", "-inf", "NaN", "1_000", "1,000", "0x10", "١٢٣", "12 apples"]
+        {
+            for test in [ParamTest::Gt(5000.0), ParamTest::Lte(5000.0)] {
+                assert!(holds(test.clone(), json!(ambiguous), true), "{ambiguous}: a deny or hold applies");
+                assert!(!holds(test, json!(ambiguous), false), "{ambiguous}: an allow does not");
+            }
         }
-        assert_eq!(requested_tokens_above(&json!({"max_tokens": "100000"}), 4000).map(|(f, _)| f), Some("max_tokens"));
+        let tokens = json!({"max_tokens": "100000"});
+        assert_eq!(requested_tokens_above(&tokens, 4000, false).map(|(f, _)| f), Some("max_tokens"));
+        assert!(requested_tokens_above(&json!({"max_tokens": "1e2"}), 4000, true).is_some());
+        assert!(requested_tokens_above(&json!({"max_tokens": "1e2"}), 4000, false).is_none());
     }
 }

@@ -259,7 +259,7 @@ impl Policy {
                 return self.fail_closed(input, risk, "the rule index points past the rules");
             };
             checked += 1;
-            match rule.conditions.check(&subject) {
+            match rule.conditions.check(&subject, rule.effect != Effect::Allow) {
                 Ok(()) => return self.rule_verdict(rule, input, &subject, risk),
                 Err(Miss::Broken) => {
                     return self.fail_closed(input, risk, &format!("rule `{}` could not be checked", rule.name));

@@ -112,14 +112,26 @@ impl PolicyRegistry {
         (by_org, refused)
     }
 
-    /// Puts back what [`PolicyRegistry::snapshot`] saw. An org the snapshot did not know (created meanwhile,
-    /// which sets its policy without taking the turn) keeps what it has.
-    fn restore(&self, (by_org, refused): (HashMap<OrgId, ActivePolicy>, HashMap<OrgId, Refusal>)) {
+    /// Puts back what [`PolicyRegistry::snapshot`] saw, after a file policy (`rejected`) failed to activate
+    /// and `previous` is the file policy again. An org the snapshot did not know (created meanwhile, which
+    /// sets its policy without taking the turn) keeps what it has, except the rejected file policy: it gets
+    /// `previous`, like every other org that follows the file.
+    fn restore(
+        &self,
+        (by_org, refused): (HashMap<OrgId, ActivePolicy>, HashMap<OrgId, Refusal>),
+        rejected: &Arc<Policy>,
+        previous: &Arc<Policy>,
+    ) {
         let mut current_orgs = self.by_org.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut current_refused = self.refused.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let known = |org: &OrgId| by_org.contains_key(org) || refused.contains_key(org);
         current_orgs.retain(|org, _| !known(org));
         current_refused.retain(|org, _| !known(org));
+        for active in current_orgs.values_mut() {
+            if Arc::ptr_eq(&active.policy, rejected) {
+                active.policy = previous.clone();
+            }
+        }
         current_orgs.extend(by_org.clone());
         current_refused.extend(refused.clone());
     }
@@ -359,13 +371,14 @@ impl Gateway {
         // In one turn of the registry, so no other reload interleaves with the swap or its undoing.
         let _turn = self.policies().turn.lock().await;
         let before = self.policies().snapshot();
-        let previous = self.policies().replace_file_policy(Arc::new(policy));
+        let rejected = Arc::new(policy);
+        let previous = self.policies().replace_file_policy(rejected.clone());
         if let Err(error) = self.activate_policies_in_turn().await {
             // Nothing was stored: the previous file, and every org's policy, stay as they were (the failed pass
             // may have set some in memory), so the next reload (SIGHUP, a file change) tries this one again
             // instead of finding it "unchanged".
+            self.policies().restore(before, &rejected, &previous);
             self.policies().replace_file_policy(previous);
-            self.policies().restore(before);
             return Err(format!("the new policy file could not be activated, the previous one stays: {error}"));
         }
         Ok(Some(version))
