@@ -637,6 +637,8 @@ impl StoreTx for SqliteTx {
             known.extend(appended);
             *heads = known;
         }
+        // Let the next writer in before waiting for the sync, so one sync serves a queue of commits.
+        drop(heads);
         match committed {
             Some(store) => store.durability.committed(&store.writer, &store.reader).await,
             None => Ok(()),
