@@ -480,19 +480,7 @@ async fn principals_sessions_jobs_and_webhooks() {
 
     // Webhooks: one receiver that answers, one that never does (its delivery job stays open to cancel).
     let receiver = Upstream::start().await;
-    let answering = cli
-        .admin(&[
-            "webhooks",
-            "create",
-            "--url",
-            &format!("{}/hook", receiver.url),
-            "--event",
-            "approval.requested",
-            "--json",
-        ])
-        .await
-        .ok()
-        .json();
+    let answering = subscribe(&cli, &format!("{}/hook", receiver.url)).await;
     assert!(answering["secret"].as_str().unwrap_or_else(|| panic!("{answering}")).starts_with("whsec_"));
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_url = format!("http://{}/hook", silent.local_addr().unwrap());
@@ -617,6 +605,11 @@ async fn huge_timeouts_are_usage_errors() {
     }
 }
 
+/// `webhooks create` for `approval.requested` to `url`, through the CLI; its JSON answer.
+async fn subscribe(cli: &Cli, url: &str) -> Value {
+    cli.admin(&["webhooks", "create", "--url", url, "--event", "approval.requested", "--json"]).await.ok().json()
+}
+
 /// `webhooks deliveries` pages with `--limit` and `--cursor`, as the "(more: …)" note tells.
 #[tokio::test]
 async fn webhook_deliveries_page_with_cursor_and_limit() {
@@ -624,19 +617,7 @@ async fn webhook_deliveries_page_with_cursor_and_limit() {
     let server = TestServer::start(dir.path(), None).await;
     let cli = Cli::of(&server);
     let receiver = Upstream::start().await;
-    let webhook = cli
-        .admin(&[
-            "webhooks",
-            "create",
-            "--url",
-            &format!("{}/hook", receiver.url),
-            "--event",
-            "approval.requested",
-            "--json",
-        ])
-        .await
-        .ok()
-        .json();
+    let webhook = subscribe(&cli, &format!("{}/hook", receiver.url)).await;
     let webhook = webhook["id"].as_str().unwrap().to_owned();
     let agent = server.agent("ops").await;
     for _ in 0..2 {
