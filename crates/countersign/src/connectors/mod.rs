@@ -149,10 +149,6 @@ impl Connectors {
         Ok(status)
     }
 
-    pub fn has_upstream(&self, name: &str) -> bool {
-        self.upstreams.contains_key(name)
-    }
-
     /// Which capabilities may send through an upstream; `None` for an unknown name.
     pub fn upstream_capabilities(&self, name: &str) -> Option<&crate::config::CapabilityScope> {
         self.upstreams.get(name).map(|u| &u.capabilities)

@@ -34,7 +34,7 @@ impl Gateway {
     }
 
     /// Where an export job writes its file.
-    pub fn export_path(&self, job: &JobId) -> PathBuf {
+    fn export_path(&self, job: &JobId) -> PathBuf {
         self.inner.data_dir.join("exports").join(format!("{job}.jsonl"))
     }
 
