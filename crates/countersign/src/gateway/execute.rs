@@ -204,13 +204,7 @@ impl Gateway {
             out_of_scope
         };
         if let Some((error, data)) = refusal {
-            action.state = action.state.transition(ActionState::Failed)?;
-            action.error = Some(error);
-            action.finished_at = Some(now);
-            work.tx.update_action(&action).await?;
-            work.audit(org, now, &Actor::system(), "action.failed", Some(id.as_str()), data).await?;
-            work.emit("action.finished", super::webhooks::action_data(&action));
-            work.action_changed(org, id);
+            super::jobs::fail_action(&mut work, &mut action, now, &Actor::system(), error, data).await?;
             work.commit(self).await?;
             return Ok(Claim::Done);
         }

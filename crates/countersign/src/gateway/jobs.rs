@@ -121,7 +121,7 @@ async fn fail_unfinished_action(work: &mut Work, job: &Job, now: chrono::DateTim
 }
 
 /// Ends an action of an execution job that is no longer coming `failed`, audited and announced, in `work`.
-async fn fail_action(
+pub(super) async fn fail_action(
     work: &mut Work,
     action: &mut Action,
     now: chrono::DateTime<chrono::Utc>,

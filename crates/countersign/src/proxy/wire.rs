@@ -97,10 +97,17 @@ pub fn params(provider: &str, body: &Value) -> Value {
         _ => Map::new(),
     };
     params.insert("provider".into(), json!(provider));
+    // A quoted limit counts too (lenient servers honour it); one that is not a plain number ranks highest,
+    // so the policy, which reads it as ambiguous, sees it rather than a smaller one.
+    let size = |v: &Value| match v {
+        Value::Number(n) => n.as_f64().unwrap_or(f64::INFINITY),
+        Value::String(text) => text.trim().parse::<f64>().ok().filter(|n| !n.is_nan()).unwrap_or(f64::INFINITY),
+        _ => f64::NEG_INFINITY,
+    };
     let largest = TOKEN_FIELDS
         .iter()
-        .filter_map(|f| body.get(*f).filter(|v| v.is_number()))
-        .max_by(|a, b| a.as_f64().unwrap_or(0.0).total_cmp(&b.as_f64().unwrap_or(0.0)));
+        .filter_map(|f| body.get(*f).filter(|v| v.is_number() || v.is_string()))
+        .max_by(|a, b| size(a).total_cmp(&size(b)));
     if let Some(tokens) = largest {
         params.insert("max_tokens".into(), tokens.clone());
     }
@@ -291,6 +298,11 @@ mod tests {
         assert_eq!(p["max_tokens"], 100_000);
         let p = params("openai", &json!({"max_completion_tokens": 64, "max_tokens": 512}));
         assert_eq!(p["max_tokens"], 512);
+        // A quoted limit is not swapped for a smaller unquoted one.
+        let p = params("openai", &json!({"max_tokens": "100000", "max_completion_tokens": 16}));
+        assert_eq!(p["max_tokens"], "100000");
+        let p = params("anthropic", &json!({"max_output_tokens": "lots", "max_tokens": 16}));
+        assert_eq!(p["max_tokens"], "lots");
     }
 
     #[test]
