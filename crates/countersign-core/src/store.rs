@@ -96,6 +96,11 @@ pub trait Store: Send + Sync + 'static {
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Returns once every commit made so far is on disk, those whose sync was deferred
+    /// ([`StoreTx::defer_sync`]) included. A store whose every commit syncs answers at once.
+    async fn durable(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Which backend this is, for logs and metrics.
     fn backend(&self) -> &'static str;
 }
@@ -103,6 +108,12 @@ pub trait Store: Send + Sync + 'static {
 #[async_trait::async_trait]
 pub trait StoreTx: Send {
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+
+    /// Lets this write transaction's commit return before it is on disk: it is still ordered before every
+    /// later commit and on disk before any later durable commit or any read returns, and a crash of the
+    /// process alone does not lose it. For a change whose caller goes on to a second write that waits (the
+    /// inline execution's finish): one sync then makes both durable. A store that always syncs ignores it.
+    fn defer_sync(&mut self) {}
 
     /// Tells the other replicas on this database about the transaction's changes, delivered only if it
     /// commits (PostgreSQL `NOTIFY`). A single-process store has no one to tell.

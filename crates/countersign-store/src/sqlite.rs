@@ -174,8 +174,14 @@ impl Durability {
         tracing::error!(error = why, "the SQLite database could not be synced; refusing work until restart");
     }
 
-    /// Called after each commit: returns once that commit is on disk.
-    async fn committed(self: &Arc<Self>, writer: &SqlitePool, reader: &SqlitePool) -> Result<(), StoreError> {
+    /// Called after each commit: counts it, so every later sync covers it and every later read waits for
+    /// it; with `wait`, returns once it is on disk.
+    async fn committed(
+        self: &Arc<Self>,
+        writer: &SqlitePool,
+        reader: &SqlitePool,
+        wait: bool,
+    ) -> Result<(), StoreError> {
         if self.files.is_none() {
             return Ok(());
         }
@@ -183,7 +189,7 @@ impl Durability {
         if ticket.is_multiple_of(CHECKPOINT_EVERY) {
             self.checkpoint(writer, reader);
         }
-        self.synced_to(ticket).await
+        if wait { self.synced_to(ticket).await } else { Ok(()) }
     }
 
     /// Before a read: returns once every commit made so far is on disk.
@@ -400,13 +406,21 @@ impl Store for SqliteStore {
             pending_audit: Vec::new(),
             appended: HashMap::new(),
             heads: Some(heads),
+            defer_sync: false,
         }))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.settled().await?;
         let tx = self.reader.begin().await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx { tx, committed: None, pending_audit: Vec::new(), appended: HashMap::new(), heads: None }))
+        Ok(Box::new(SqliteTx {
+            tx,
+            committed: None,
+            pending_audit: Vec::new(),
+            appended: HashMap::new(),
+            heads: None,
+            defer_sync: false,
+        }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -417,6 +431,10 @@ impl Store for SqliteStore {
 
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    async fn durable(&self) -> Result<(), StoreError> {
+        self.durability.settled().await
     }
 }
 
@@ -434,6 +452,8 @@ struct SqliteTx {
     appended: HashMap<OrgId, (i64, String)>,
     /// A write transaction's hold on the store's `heads` (see [`SqliteStore`]); `None` for a reader.
     heads: Option<tokio::sync::OwnedMutexGuard<HashMap<OrgId, (i64, String)>>>,
+    /// The commit returns once written, not synced ([`StoreTx::defer_sync`]).
+    defer_sync: bool,
 }
 
 /// Audit rows per multi-row `INSERT` (ten values each, far below SQLite's limit on bound values).
@@ -627,7 +647,7 @@ impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let mut this = *self;
         this.write_pending_audit().await?;
-        let SqliteTx { tx, committed, appended, mut heads, .. } = this;
+        let SqliteTx { tx, committed, appended, mut heads, defer_sync, .. } = this;
         // Emptied while the commit runs and refilled only once it succeeded, all under the lock: a commit
         // that fails, or whose caller stops waiting (sqlx still runs it), leaves the next writer to read the
         // heads from disk, never to trust ones that may not be there.
@@ -640,9 +660,13 @@ impl StoreTx for SqliteTx {
         // Let the next writer in before waiting for the sync, so one sync serves a queue of commits.
         drop(heads);
         match committed {
-            Some(store) => store.durability.committed(&store.writer, &store.reader).await,
+            Some(store) => store.durability.committed(&store.writer, &store.reader, !defer_sync).await,
             None => Ok(()),
         }
+    }
+
+    fn defer_sync(&mut self) {
+        self.defer_sync = true;
     }
 
     async fn count_orgs(&mut self) -> Result<i64, StoreError> {
@@ -1783,6 +1807,43 @@ mod tests {
         assert_eq!(durability.synced.load(Ordering::Acquire), 32, "a commit returned before its sync");
         let mut tx = store.read().await.unwrap();
         assert_eq!(tx.count_orgs().await.unwrap(), 32);
+    }
+
+    /// A deferred commit returns unsynced but counted: the next durable commit's sync, or `durable`, covers
+    /// it, and a read waits for it.
+    #[tokio::test]
+    async fn a_deferred_commit_is_synced_by_the_next_durable_one_or_a_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let durability = &store.durability;
+        let org = |name: &str| Org { id: OrgId::new(), name: name.into(), created_at: Utc::now() };
+        let deferred = |name: &'static str| {
+            let store = store.clone();
+            async move {
+                let mut tx = store.write().await.unwrap();
+                tx.insert_org(&org(name)).await.unwrap();
+                tx.defer_sync();
+                tx.commit().await.unwrap();
+            }
+        };
+        deferred("first").await;
+        assert_eq!(durability.committed.load(Ordering::Acquire), 1);
+        assert_eq!(durability.synced.load(Ordering::Acquire), 0, "a deferred commit waited for its sync");
+
+        let mut tx = store.write().await.unwrap();
+        tx.insert_org(&org("second")).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(durability.synced.load(Ordering::Acquire), 2, "the durable commit's sync covers the deferred one");
+
+        deferred("third").await;
+        assert_eq!(durability.synced.load(Ordering::Acquire), 2);
+        store.durable().await.unwrap();
+        assert_eq!(durability.synced.load(Ordering::Acquire), 3);
+
+        deferred("fourth").await;
+        let mut tx = store.read().await.unwrap();
+        assert_eq!(tx.count_orgs().await.unwrap(), 4);
+        assert_eq!(durability.synced.load(Ordering::Acquire), 4, "a read began before the deferred commit's sync");
     }
 
     /// The remembered audit head follows commits only: a transaction dropped after appending leaves the next

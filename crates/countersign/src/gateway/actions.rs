@@ -413,6 +413,11 @@ impl Gateway {
             .await?;
         }
         work.action_changed(&org, &action.id);
+        if claim.is_some() {
+            // Carried out on the caller's connection, which answers only after the finish's durable commit (a
+            // stream: after waiting for this one): that one sync covers both.
+            work.tx.defer_sync();
+        }
         work.commit(self).await?;
         // Counted by the verdict: an allowed inline call claimed at once still counts as approved.
         self.metrics().action_submitted(next_state.as_str());

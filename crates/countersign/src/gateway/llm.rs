@@ -10,6 +10,13 @@
 //! audited, without a second send. A stream that outlives the first deadline pushes it on
 //! ([`Gateway::keep_inline`]).
 //!
+//! **One sync per call.** The claim's commit does not wait for its sync (`StoreTx::defer_sync`): it is
+//! written, ordered before every later commit and safe from a crash of the process, and the finish's durable
+//! commit syncs both. Nothing reaches the client before the claim is on disk: an answer waits for the
+//! finish, a stream for [`Gateway::inline_durable`] before its first chunk. Only the request may leave
+//! before that sync; a power loss in that window (about a millisecond here) loses the record of a call whose
+//! answer no one received.
+//!
 //! Nothing here shapes HTTP responses; the proxy does. The provider key stays inside the connectors.
 
 use std::time::Duration;
@@ -77,6 +84,13 @@ impl Gateway {
             Some(Target::Llm(llm)) => self.inner.connectors.send_llm(llm, action.id.as_str(), stream, stream).await,
             _ => Err(ConnectorError::Invalid("not a model request".into())),
         }
+    }
+
+    /// Returns once the claim of an inline execution (and every other commit so far) is on disk: its commit
+    /// did not wait ([`countersign_core::store::StoreTx::defer_sync`]), so a stream waits here before the
+    /// client gets its first chunk, as an answer waits for the finish's commit.
+    pub async fn inline_durable(&self) -> Result<()> {
+        Ok(self.inner.store.durable().await?)
     }
 
     /// Whether a relayed stream of this request has `include_usage` added, whose usage chunk the relay
