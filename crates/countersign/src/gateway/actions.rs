@@ -4,14 +4,15 @@
 //! needed) and their audit events in one transaction. An evaluation that cannot be made denies; nothing
 //! here turns "could not decide" into "allow".
 
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use countersign_core::audit::canonical_hash;
 use countersign_core::capability::Capability;
 use countersign_core::domain::{Action, Approval, Target};
-use countersign_core::ids::{ActionId, ApprovalId};
+use countersign_core::ids::{ActionId, AgentId, ApprovalId, OrgId};
 use countersign_core::policy::{Effect, EvalInput, Facts, Verdict};
-use countersign_core::risk::RiskAssessment;
+use countersign_core::risk::{PRECEDENT_CAP, RiskAssessment};
 use countersign_core::secrets::{self, SecretKind};
 use countersign_core::state::{ActionState, ApprovalStatus};
 use countersign_core::store::StoreError;
@@ -76,7 +77,36 @@ fn no_policy_verdict() -> Verdict {
     }
 }
 
+/// How many capped pairs are remembered at most; past it, submissions count again.
+const PRECEDENT_CAPPED_MAX: usize = 100_000;
+
 impl Gateway {
+    /// The agent's earlier successes on the capability, up to [`PRECEDENT_CAP`]. A count at the cap stays
+    /// there: it counts `succeeded` actions, which are terminal, and approved record-only ones, which no move
+    /// leaves (only an action with a target is claimed or failed), and actions are never deleted. So a pair at
+    /// the cap is remembered and not counted again, on every replica alike.
+    pub(super) async fn prior_successes(
+        &self,
+        tx: &mut dyn countersign_core::store::StoreTx,
+        org: &OrgId,
+        agent: &AgentId,
+        capability: &Capability,
+    ) -> Result<u64> {
+        let capped = &self.inner.precedent_capped;
+        let key = (org.clone(), agent.clone(), capability.clone());
+        if capped.lock().unwrap_or_else(PoisonError::into_inner).contains(&key) {
+            return Ok(PRECEDENT_CAP);
+        }
+        let count = tx.count_successes(org, agent, capability.as_str()).await?;
+        if count >= PRECEDENT_CAP {
+            let mut capped = capped.lock().unwrap_or_else(PoisonError::into_inner);
+            if capped.len() < PRECEDENT_CAPPED_MAX {
+                capped.insert(key);
+            }
+        }
+        Ok(count)
+    }
+
     /// Submits an action; an approved one with a target gets its execution job in the same transaction.
     pub async fn submit(&self, caller: &Caller, request: SubmitRequest) -> Result<SubmitOutcome> {
         if let Some(Target::Llm(_)) = &request.target {
@@ -217,7 +247,7 @@ impl Gateway {
             return self.idempotent_replay(existing, &request, &request_hash).await;
         }
 
-        let prior_successes = work.tx.count_successes(&org, &agent.id, request.capability.as_str()).await?;
+        let prior_successes = self.prior_successes(&mut *work.tx, &org, &agent.id, &request.capability).await?;
         let started = std::time::Instant::now();
         let verdict = match self.policies().for_org(&org) {
             Some(active) => active.policy.evaluate(&EvalInput {

@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use countersign_core::audit::{Actor, ActorKind, AuditEvent, NewAuditEvent};
 use countersign_core::clock::Clock;
 use countersign_core::domain::{Agent, Job, Role, Session, User};
-use countersign_core::ids::{ActionId, JobId, OrgId};
+use countersign_core::ids::{ActionId, AgentId, JobId, OrgId};
 use countersign_core::store::{Store, StoreTx};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -160,6 +160,10 @@ struct Inner {
     /// Org names by id, for the `orgs` of configured services. An org's name never changes, and orgs are
     /// never deleted, so an entry never goes stale.
     org_names: std::sync::Mutex<std::collections::HashMap<OrgId, String>>,
+    /// Agent and capability pairs whose precedent count reached its cap, so a submission need not count again
+    /// (see [`Gateway::prior_successes`]).
+    precedent_capped:
+        std::sync::Mutex<std::collections::HashSet<(OrgId, AgentId, countersign_core::capability::Capability)>>,
 }
 
 /// Everything the gateway is built from.
@@ -204,6 +208,7 @@ impl Gateway {
                 inline: tokio_util::task::TaskTracker::new(),
                 auth_cache: auth::AuthCache::new(parts.auth_cache),
                 org_names: std::sync::Mutex::default(),
+                precedent_capped: std::sync::Mutex::default(),
             }),
         }
     }

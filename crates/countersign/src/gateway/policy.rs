@@ -457,7 +457,7 @@ impl Gateway {
         let active = self.current_policy(caller)?;
         let mut tx = self.read().await?;
         let prior_successes = match tx.find_agent_by_name(caller.org_id(), agent_name).await? {
-            Some(agent) => tx.count_successes(caller.org_id(), &agent.id, capability.as_str()).await?,
+            Some(agent) => self.prior_successes(&mut *tx, caller.org_id(), &agent.id, capability).await?,
             None => 0,
         };
         let facts = Facts { prior_successes };

@@ -575,3 +575,28 @@ async fn an_upstream_open_to_some_orgs_is_unknown_to_the_others() {
     assert_eq!(upstream.count(), 0, "nothing was sent");
     server.stop().await;
 }
+
+/// Precedent is counted up to its cap, and the cap, once reached, is remembered for that agent and capability
+/// only: another agent, or another capability of the same agent, is still counted from the store.
+#[tokio::test]
+async fn precedent_stops_at_its_cap_for_that_agent_and_capability_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let server = TestServer::start(dir.path(), Some(&upstream.url)).await;
+    let (busy, fresh) = (server.agent("busy").await, server.agent("fresh").await);
+    let cap = countersign_core::risk::PRECEDENT_CAP;
+    let submit = |agent: &countersign::client::Client, capability: &str| {
+        let (agent, body) = (agent.clone(), http_action(capability));
+        async move {
+            let done = agent.post("/v1/actions?wait=10", &body).await.unwrap();
+            assert_eq!(done.str("/state"), "succeeded", "{:?}", done.body);
+            done.body["verdict"]["risk"]["prior_successes"].as_u64().unwrap()
+        }
+    };
+    for n in 0..=cap + 1 {
+        assert_eq!(submit(&busy, "email.send.message").await, n.min(cap));
+    }
+    assert_eq!(submit(&fresh, "email.send.message").await, 0, "another agent's precedent is its own");
+    assert_eq!(submit(&busy, "email.send.digest").await, 0, "another capability's precedent is its own");
+    assert_eq!(submit(&busy, "email.send.message").await, cap);
+}
