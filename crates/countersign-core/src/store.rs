@@ -109,10 +109,10 @@ pub trait Store: Send + Sync + 'static {
 pub trait StoreTx: Send {
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 
-    /// Lets this write transaction's commit return before it is on disk: it is still ordered before every
-    /// later commit and on disk before any later durable commit or any read returns, and a crash of the
-    /// process alone does not lose it. For a change whose caller goes on to a second write that waits (the
-    /// inline execution's finish): one sync then makes both durable. A store that always syncs ignores it.
+    /// Lets this write transaction's commit return before it is on disk (synced soon after, detached): it is still
+    /// ordered before every later commit and on disk before any later durable commit or any read returns, and
+    /// a crash of the process alone does not lose it. For a change whose caller answers only after a second
+    /// write that waits (a model call's claim, then its finish). A store that always syncs ignores it.
     fn defer_sync(&mut self) {}
 
     /// Tells the other replicas on this database about the transaction's changes, delivered only if it

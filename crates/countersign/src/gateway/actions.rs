@@ -443,9 +443,7 @@ impl Gateway {
             .await?;
         }
         work.action_changed(&org, &action.id);
-        if claim.is_some() {
-            // Carried out on the caller's connection, which answers only after the finish's durable commit (a
-            // stream: after waiting for this one): that one sync covers both.
+        if claim.is_some() && super::llm::defers_claim_sync(&action) {
             work.tx.defer_sync();
         }
         work.commit(self).await?;

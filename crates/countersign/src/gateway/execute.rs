@@ -235,8 +235,7 @@ impl Gateway {
         work.tx.update_action(&action).await?;
         work.audit(org, now, &Actor::system(), "action.executing", Some(id.as_str()), data).await?;
         work.action_changed(org, id);
-        if inline {
-            // As for an inline submission: the caller's durable finish (or its wait before streaming) syncs it.
+        if inline && super::llm::defers_claim_sync(&action) {
             work.tx.defer_sync();
         }
         work.commit(self).await?;

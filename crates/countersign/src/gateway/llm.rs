@@ -10,12 +10,14 @@
 //! audited, without a second send. A stream that outlives the first deadline pushes it on
 //! ([`Gateway::keep_inline`]).
 //!
-//! **One sync per call.** The claim's commit does not wait for its sync (`StoreTx::defer_sync`): it is
-//! written, ordered before every later commit and safe from a crash of the process, and the finish's durable
-//! commit syncs both. Nothing reaches the client before the claim is on disk: an answer waits for the
-//! finish, a stream for [`Gateway::inline_durable`] before its first chunk. Only the request may leave
-//! before that sync; a power loss in that window (about a millisecond here) loses the record of a call whose
-//! answer no one received.
+//! **The claim's sync overlaps the call.** A model call's claim commit does not wait for its sync
+//! ([`defers_claim_sync`]): it is written, ordered before every later commit and safe from a crash of the
+//! process, and on disk within about 2 ms (the next durable commit's sync covers it, or one of its own runs
+//! then) while the request goes out. Nothing reaches the client before the claim is on disk: an answer waits
+//! for the finish's durable commit (whose sync covers the claim too), a stream for
+//! [`Gateway::inline_durable`] before its first chunk. Only the request may leave before that sync; a power
+//! loss in that window loses the record of a call whose answer no one received. A tool call of the MCP gateway, whose side effects
+//! are the point, keeps a claim that is on disk before it is sent.
 //!
 //! Nothing here shapes HTTP responses; the proxy does. The provider key stays inside the connectors.
 
@@ -41,6 +43,11 @@ pub struct InlineOutcome {
     pub error: Option<String>,
     /// Added to the finish audit event: model, usage, latency, streamed.
     pub details: Value,
+}
+
+/// Whether an inline claim's commit may return before its sync: a model call's only (see the module docs).
+pub(super) fn defers_claim_sync(action: &Action) -> bool {
+    matches!(action.target, Some(Target::Llm(_)))
 }
 
 impl Gateway {
@@ -86,9 +93,9 @@ impl Gateway {
         }
     }
 
-    /// Returns once the claim of an inline execution (and every other commit so far) is on disk: its commit
-    /// did not wait ([`countersign_core::store::StoreTx::defer_sync`]), so a stream waits here before the
-    /// client gets its first chunk, as an answer waits for the finish's commit.
+    /// Returns once the claim of a model call (and every other commit so far) is on disk: its commit did not
+    /// wait ([`defers_claim_sync`]), so a stream waits here before the client gets its first chunk, as an
+    /// answer waits for the finish's commit.
     pub async fn inline_durable(&self) -> Result<()> {
         Ok(self.inner.store.durable().await?)
     }

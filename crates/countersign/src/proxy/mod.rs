@@ -364,7 +364,7 @@ async fn carry_out(gateway: &Gateway, dialect: Dialect, action: Action, stream: 
     let status = response.status().as_u16();
     let content_type = content_type(&response);
     if stream && (200..300).contains(&status) && content_type.starts_with("text/event-stream") {
-        // Nothing reaches the client before the claim is on disk (its sync ran while the provider answered).
+        // Nothing reaches the client before the claim is on disk.
         gateway.inline_durable().await?;
         let recorder = relay::Recorder::new(
             gateway.clone(),
