@@ -355,8 +355,10 @@ impl SqliteStore {
             || options.get_filename().to_string_lossy().contains(":memory:");
         let pool = |connections: u32, options: SqliteConnectOptions| {
             // Connections live as long as the store: the last one closing would checkpoint and delete the WAL
-            // (and an in-memory database with it).
+            // (and an in-memory database with it). A file connection cannot go stale, so it is not pinged
+            // before each transaction (a round trip to its thread, twice per proxied model call).
             SqlitePoolOptions::new()
+                .test_before_acquire(false)
                 .max_connections(connections)
                 .min_connections(1)
                 .idle_timeout(None)
