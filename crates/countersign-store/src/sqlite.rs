@@ -83,7 +83,8 @@ pub struct SqliteStore {
 /// Group commit and checkpoints for the file database; inert for an in-memory one.
 ///
 /// Commits run with `synchronous = NORMAL`, so SQLite writes the WAL frames under the write lock but does not
-/// sync them. A commit is reported only after an `fdatasync` of the WAL file that began after it: the
+/// sync them. A commit is reported (unless it [`StoreTx::defer_sync`]s) only after an `fdatasync` of the WAL
+/// file that began after it: the
 /// guarantee of `synchronous = FULL` (the WAL is on disk before the commit is acknowledged), with the sync
 /// taken out of the single writer's turn and shared. Whoever finds no sync running starts one covering every
 /// commit so far; commits that land meanwhile wait for the next, so one sync serves a whole queue of writers.
@@ -181,8 +182,8 @@ impl Durability {
 
     /// Called after each commit: counts it, so every later sync covers it and every later read waits for
     /// it. With `wait`, returns once it is on disk. Without, returns at once (failing only if the store is
-    /// already poisoned) and makes sure of a sync within [`DEFERRED_SYNC_WITHIN`]: usually the next durable
-    /// commit's or read's covers it first, else a detached one runs then.
+    /// already poisoned) and makes sure of a sync: usually the next durable commit's or read's covers it,
+    /// else a detached one starts [`DEFERRED_SYNC_WITHIN`] later.
     async fn committed(
         self: &Arc<Self>,
         writer: &SqlitePool,
@@ -200,9 +201,10 @@ impl Durability {
             return self.synced_to(ticket).await;
         }
         self.check()?;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return self.synced_to(ticket).await };
         let this = Arc::clone(self);
         // A failure poisons the store, which the caller's next durable step reports.
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             tokio::time::sleep(DEFERRED_SYNC_WITHIN).await;
             this.synced_to(ticket).await
         });
@@ -1845,7 +1847,7 @@ mod tests {
                 tx.commit().await.unwrap();
             }
         };
-        // The syncs a deferred commit starts run on the runtime's other thread.
+        // The syncs a deferred commit starts wait for `syncing`, held here.
         let turn = durability.syncing.lock().await;
         deferred("first").await;
         assert_eq!(durability.committed.load(Ordering::Acquire), 1);
@@ -1861,7 +1863,7 @@ mod tests {
         let durable = tokio::spawn(async move { tx.commit().await });
         drop(turn);
         durable.await.unwrap().unwrap();
-        assert_eq!(durability.synced.load(Ordering::Acquire), 3, "the durable commit's sync covers the deferred one");
+        assert_eq!(durability.synced.load(Ordering::Acquire), 3, "the durable commit returned before both were synced");
 
         let turn = durability.syncing.lock().await;
         deferred("fourth").await;

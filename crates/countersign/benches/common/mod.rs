@@ -81,7 +81,8 @@ pub async fn gather(tasks: Vec<tokio::task::JoinHandle<Vec<Duration>>>) -> Vec<D
 /// `pages` WAL-sized frames (a 4 KiB page and its 24-byte header, as SQLite writes them) are written after the
 /// last and the file is `fdatasync`ed; the sync times, sorted. The file is written whole and synced first, as
 /// a WAL that has started over is, so a timed sync writes data only and allocates no blocks. A proxied call waits for one such sync, of
-/// both its commits' frames (the record before the send, the outcome before the answer), so this is the floor
+/// both its commits' frames (the record's, written before the send, and the outcome's, before the answer), so
+/// this is the floor
 /// of its added latency on this machine, whatever the gateway does.
 pub async fn disk_sync_floor(dir: &std::path::Path, pages: usize, rounds: usize) -> Vec<Duration> {
     use std::os::unix::fs::FileExt;

@@ -182,7 +182,6 @@ impl Gateway {
         Ok(user)
     }
 
-    /// Only members of the approval's group, or admins, may decide it.
     /// The counted approvals whose authors, read again in this transaction, are still enabled users who may
     /// decide this approval (an admin, or a member of its group under the policy in force now).
     async fn standing_approvals(&self, work: &mut Work, approval: &Approval) -> Result<u32> {
@@ -196,6 +195,7 @@ impl Gateway {
         Ok(standing)
     }
 
+    /// Only members of the approval's group, or admins, may decide it.
     fn check_group(&self, user: &User, approval: &Approval) -> Result<()> {
         let members = self
             .policies()

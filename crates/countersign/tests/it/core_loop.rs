@@ -577,7 +577,8 @@ async fn an_upstream_open_to_some_orgs_is_unknown_to_the_others() {
 }
 
 /// Precedent is counted up to its cap, and the cap, once reached, is remembered for that agent and capability
-/// only: another agent, or another capability of the same agent, is still counted from the store.
+/// only (the store is not asked again, even if its rows changed underneath): another agent, or another
+/// capability of the same agent, is still counted from the store.
 #[tokio::test]
 async fn precedent_stops_at_its_cap_for_that_agent_and_capability_only() {
     let dir = tempfile::tempdir().unwrap();
@@ -598,5 +599,9 @@ async fn precedent_stops_at_its_cap_for_that_agent_and_capability_only() {
     }
     assert_eq!(submit(&fresh, "email.send.message").await, 0, "another agent's precedent is its own");
     assert_eq!(submit(&busy, "email.send.digest").await, 0, "another capability's precedent is its own");
-    assert_eq!(submit(&busy, "email.send.message").await, cap);
+    // Rows no path changes, changed behind the gateway's back: the remembered cap answers, the store does not.
+    let failed = "UPDATE actions SET state = 'failed' WHERE agent_id = (SELECT id FROM agents WHERE name = ?)";
+    assert!(crate::helpers::raw_sql(dir.path(), failed, Some("busy")).await.unwrap() > cap);
+    assert_eq!(submit(&busy, "email.send.message").await, cap, "the cap was counted again");
+    assert_eq!(submit(&busy, "email.send.digest").await, 0, "a pair below the cap is counted from the store");
 }
