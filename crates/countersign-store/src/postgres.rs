@@ -286,6 +286,13 @@ impl Cols for PgRow {
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
 impl PgTx {
+    /// Seals an event after (seq, hash) and keeps it as the head the next append in this transaction follows.
+    fn seal(&mut self, org: &OrgId, seq: i64, hash: &str, event: NewAuditEvent) -> AuditEvent {
+        let sealed = seal_pending(&mut self.pending_audit, org, seq, hash, event);
+        self.head = Some((org.clone(), sealed.seq, sealed.hash.clone()));
+        sealed
+    }
+
     /// Writes the audit events sealed since the last statement: per run of one org, one multi-row insert
     /// that also moves the org's head row to the last of them. Called before every statement and the commit.
     async fn write_pending_audit(&mut self) -> Result<(), StoreError> {
@@ -1093,7 +1100,7 @@ impl StoreTx for PgTx {
         if let Some((head_org, seq, hash)) = self.head.take()
             && head_org == *org
         {
-            return Ok(seal_pending(&mut self.head, &mut self.pending_audit, org, seq, &hash, event));
+            return Ok(self.seal(org, seq, &hash, event));
         }
         const LOCK_HEAD: &str = "SELECT seq, hash FROM audit_heads WHERE org_id = $1 FOR UPDATE";
         let mut head = self.fetch_optional(sqlx::query(LOCK_HEAD).bind(org.as_str().to_owned())).await?;
@@ -1112,7 +1119,7 @@ impl StoreTx for PgTx {
         }
         let head = head.ok_or_else(|| StoreError::Internal(format!("audit head of org {org} is missing")))?;
         let (seq, hash): (i64, String) = (get(&head, "seq")?, get(&head, "hash")?);
-        Ok(seal_pending(&mut self.head, &mut self.pending_audit, org, seq, &hash, event))
+        Ok(self.seal(org, seq, &hash, event))
     }
 
     async fn list_audit(

@@ -40,10 +40,10 @@ pub fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Internal(format!("cannot encode JSON column: {e}")))
 }
 
-/// Seals `event` after the head (seq, hash) a write transaction holds, makes it the new head and queues it
-/// for that transaction's next multi-row insert ([`insert_audit_rows`]). Both backends seal this way.
+/// Seals `event` after the head (seq, hash) a write transaction holds and queues it for that transaction's
+/// next multi-row insert ([`insert_audit_rows`]); the caller keeps the sealed event as its new head. Both
+/// backends seal this way.
 pub fn seal_pending(
-    head: &mut Option<(OrgId, i64, String)>,
     pending: &mut Vec<AuditEvent>,
     org: &OrgId,
     seq: i64,
@@ -51,7 +51,6 @@ pub fn seal_pending(
     event: countersign_core::audit::NewAuditEvent,
 ) -> AuditEvent {
     let sealed = AuditEvent::seal(org.clone(), seq, hash, event);
-    *head = Some((org.clone(), sealed.seq, sealed.hash.clone()));
     pending.push(sealed.clone());
     sealed
 }

@@ -514,7 +514,7 @@ enum AuditOrder {
 impl SqliteTx {
     /// Seals an event after (seq, hash) and remembers it as the org's head in this transaction.
     fn seal(&mut self, org: &OrgId, seq: i64, hash: &str, event: NewAuditEvent) -> AuditEvent {
-        let sealed = seal_pending(&mut None, &mut self.pending_audit, org, seq, hash, event);
+        let sealed = seal_pending(&mut self.pending_audit, org, seq, hash, event);
         self.appended.insert(org.clone(), (sealed.seq, sealed.hash.clone()));
         sealed
     }

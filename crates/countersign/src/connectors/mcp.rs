@@ -134,10 +134,6 @@ impl McpUpstreams {
         }
     }
 
-    pub fn has_server(&self, name: &str) -> bool {
-        self.servers.contains_key(name)
-    }
-
     /// Which orgs may use the server; `None` for an unknown name.
     pub fn scope(&self, name: &str) -> Option<&crate::config::OrgScope> {
         self.servers.get(name).map(|u| &u.config.orgs)

@@ -16,8 +16,8 @@
 //! own starts about 2 ms later). Nothing reaches the client before the claim is on disk: an answer waits
 //! for the finish's durable commit (whose sync covers the claim too), a stream for
 //! [`Gateway::inline_durable`] before its first chunk. Only the request may leave before that sync; a power
-//! loss in that window loses the record of a call whose answer no one received. A tool call of the MCP gateway, whose side effects
-//! are the point, keeps a claim that is on disk before it is sent.
+//! loss in that window loses the record of a call whose answer no one received. A tool call of the MCP
+//! gateway, whose side effects are the point, keeps a claim that is on disk before it is sent.
 //!
 //! Nothing here shapes HTTP responses; the proxy does. The provider key stays inside the connectors.
 

@@ -76,9 +76,8 @@ pub async fn call(
     let name = request.name.to_string();
     let Some((server, tool)) = name.split_once(SEPARATOR) else { return Err(unknown_tool(&name)) };
     let upstreams = gateway.mcp_upstreams();
-    // A server this org may not use is as unknown as one that is not configured.
-    let serves = gateway.serves(caller.org_id(), Service::Mcp(server)).await.map_err(|e| internal(&e))?;
-    if !upstreams.has_server(server) || !serves {
+    // A server this org may not use is as unknown as one that is not configured (which serves no one).
+    if !gateway.serves(caller.org_id(), Service::Mcp(server)).await.map_err(|e| internal(&e))? {
         return Err(unknown_tool(&name));
     }
     let arguments = request.arguments.clone().unwrap_or_default();

@@ -18,7 +18,7 @@ async fn a_tampered_frozen_request_is_refused_and_never_sent() {
     let changed = crate::helpers::raw_sql(
         dir.path(),
         "UPDATE actions SET target = replace(target, '1200', '999999') WHERE id = ?",
-        Some(held.str("/id")),
+        &[held.str("/id")],
     )
     .await;
     assert_eq!(changed, Ok(1));

@@ -9,7 +9,7 @@ use countersign_core::ids::OrgId;
 use countersign_core::store::{AuditFilter, Store};
 use serde_json::json;
 
-use crate::helpers::{ShiftedClock, TestServer, Upstream, action, config, database_for, http_action};
+use crate::helpers::{ShiftedClock, TestServer, Upstream, action, config, database_for, http_action, raw_sql};
 
 /// Runs `countersign audit verify` on an export; answers the exit code and what it printed.
 fn verify_offline(dir: &std::path::Path, name: &str, export: &str, public_key: &str) -> (i32, String) {
@@ -153,50 +153,20 @@ async fn rewrite_event(data_dir: &std::path::Path, org: &OrgId, seq: i64) {
         rewritten.push(event);
     }
     let head = rewritten.last().unwrap();
-    let update = "UPDATE audit_events SET data = ?, prev_hash = ?, hash = ? WHERE org_id = ? AND seq = ?";
-    match database_for(data_dir).await {
-        Some(url) => {
-            let pool = sqlx::PgPool::connect(&url).await.unwrap();
-            sqlx::query("DROP TRIGGER audit_events_no_update ON audit_events").execute(&pool).await.unwrap();
-            let update = update.replacen('?', "$1", 1).replacen('?', "$2", 1).replacen('?', "$3", 1);
-            let update = update.replacen('?', "$4", 1).replacen('?', "$5", 1);
-            for event in &rewritten {
-                sqlx::query(sqlx::AssertSqlSafe(update.clone()))
-                    .bind(event.data.to_string())
-                    .bind(event.prev_hash.clone())
-                    .bind(event.hash.clone())
-                    .bind(org.as_str().to_owned())
-                    .bind(event.seq)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-            }
-            sqlx::query("UPDATE audit_heads SET hash = $1 WHERE org_id = $2 AND seq = $3")
-                .bind(head.hash.clone())
-                .bind(org.as_str().to_owned())
-                .bind(head.seq)
-                .execute(&pool)
-                .await
-                .unwrap();
-            pool.close().await;
-        }
-        None => {
-            let url = format!("sqlite://{}", data_dir.join("countersign.db").display());
-            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-            sqlx::query("DROP TRIGGER audit_events_no_update").execute(&pool).await.unwrap();
-            for event in &rewritten {
-                sqlx::query(update)
-                    .bind(event.data.to_string())
-                    .bind(event.prev_hash.clone())
-                    .bind(event.hash.clone())
-                    .bind(org.as_str().to_owned())
-                    .bind(event.seq)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-            }
-            pool.close().await;
-        }
+    let postgres = database_for(data_dir).await.is_some();
+    let drop_trigger = if postgres { " ON audit_events" } else { "" };
+    raw_sql(data_dir, &format!("DROP TRIGGER audit_events_no_update{drop_trigger}"), &[]).await.unwrap();
+    let update =
+        "UPDATE audit_events SET data = ?, prev_hash = ?, hash = ? WHERE org_id = ? AND seq = CAST(? AS BIGINT)";
+    for event in &rewritten {
+        let (data, seq) = (event.data.to_string(), event.seq.to_string());
+        let binds = [data.as_str(), &event.prev_hash, &event.hash, org.as_str(), &seq];
+        assert_eq!(raw_sql(data_dir, update, &binds).await, Ok(1));
+    }
+    if postgres {
+        let head_update = "UPDATE audit_heads SET hash = ? WHERE org_id = ? AND seq = CAST(? AS BIGINT)";
+        let seq = head.seq.to_string();
+        assert_eq!(raw_sql(data_dir, head_update, &[&head.hash, org.as_str(), &seq]).await, Ok(1));
     }
 }
 

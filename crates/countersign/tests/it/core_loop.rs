@@ -397,7 +397,7 @@ async fn policy_updates_keep_the_old_policy_when_invalid() {
     let bot_key = server.agent("bot").await.key().unwrap().to_owned();
     server.stop().await;
     let broken = "UPDATE policies SET sources = replace(sources, 'version: 1', 'version: 9') WHERE origin = 'api'";
-    assert!(crate::helpers::raw_sql(dir.path(), broken, None).await.unwrap() >= 1);
+    assert!(crate::helpers::raw_sql(dir.path(), broken, &[]).await.unwrap() >= 1);
     let server = TestServer::start(dir.path(), None).await;
     let policy = server.admin.get("/v1/policy").await.unwrap();
     assert_eq!(policy.status, 409, "{:?}", policy.body);
@@ -521,8 +521,8 @@ async fn the_schema_refuses_to_rewrite_audit_events() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), None).await;
     server.stop().await;
-    let update = crate::helpers::raw_sql(dir.path(), "UPDATE audit_events SET data = '{}'", None).await;
-    let delete = crate::helpers::raw_sql(dir.path(), "DELETE FROM audit_events", None).await;
+    let update = crate::helpers::raw_sql(dir.path(), "UPDATE audit_events SET data = '{}'", &[]).await;
+    let delete = crate::helpers::raw_sql(dir.path(), "DELETE FROM audit_events", &[]).await;
     let update = update.unwrap_err();
     assert!(update.contains("append-only"), "{update}");
     assert!(delete.unwrap_err().contains("append-only"));
@@ -601,7 +601,7 @@ async fn precedent_stops_at_its_cap_for_that_agent_and_capability_only() {
     assert_eq!(submit(&busy, "email.send.digest").await, 0, "another capability's precedent is its own");
     // Rows no path changes, changed behind the gateway's back: the remembered cap answers, the store does not.
     let failed = "UPDATE actions SET state = 'failed' WHERE agent_id = (SELECT id FROM agents WHERE name = ?)";
-    assert!(crate::helpers::raw_sql(dir.path(), failed, Some("busy")).await.unwrap() > cap);
+    assert!(crate::helpers::raw_sql(dir.path(), failed, &["busy"]).await.unwrap() > cap);
     assert_eq!(submit(&busy, "email.send.message").await, cap, "the cap was counted again");
     assert_eq!(submit(&busy, "email.send.digest").await, 0, "a pair below the cap is counted from the store");
 }

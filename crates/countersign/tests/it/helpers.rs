@@ -185,25 +185,37 @@ pub async fn database_for(data_dir: &std::path::Path) -> Option<String> {
 }
 
 /// Runs one statement straight against a test server's database, as someone with database access would
-/// (`?` placeholders; at most one bound text value). Answers the rows affected or the database's error.
-pub async fn raw_sql(data_dir: &std::path::Path, sql: &str, bind: Option<&str>) -> Result<u64, String> {
+/// (`?` placeholders, each bound to the text in `binds` at its position; `CAST(? AS BIGINT)` for a number).
+/// Answers the rows affected or the database's error.
+pub async fn raw_sql(data_dir: &std::path::Path, sql: &str, binds: &[&str]) -> Result<u64, String> {
     match database_for(data_dir).await {
         Some(url) => {
             let pool = sqlx::PgPool::connect(&url).await.unwrap();
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.replace('?', "$1")));
-            if let Some(value) = bind {
-                query = query.bind(value.to_owned());
+            let mut numbered = String::new();
+            for (n, part) in sql.split('?').enumerate() {
+                if n > 0 {
+                    numbered.push_str(&format!("${n}"));
+                }
+                numbered.push_str(part);
             }
-            query.execute(&pool).await.map(|r| r.rows_affected()).map_err(|e| e.to_string())
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(numbered));
+            for value in binds {
+                query = query.bind(value.to_string());
+            }
+            let done = query.execute(&pool).await.map(|r| r.rows_affected()).map_err(|e| e.to_string());
+            pool.close().await;
+            done
         }
         None => {
             let url = format!("sqlite://{}", data_dir.join("countersign.db").display());
             let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()));
-            if let Some(value) = bind {
-                query = query.bind(value.to_owned());
+            for value in binds {
+                query = query.bind(value.to_string());
             }
-            query.execute(&pool).await.map(|r| r.rows_affected()).map_err(|e| e.to_string())
+            let done = query.execute(&pool).await.map(|r| r.rows_affected()).map_err(|e| e.to_string());
+            pool.close().await;
+            done
         }
     }
 }

@@ -401,12 +401,12 @@ async fn a_job_whose_lease_is_lost_stops_and_is_never_sent_twice() {
 
     // Another runner takes the job over (as after a stall longer than the lease).
     let taken = "UPDATE jobs SET lease_owner = 'another-runner' WHERE id = ?";
-    assert_eq!(crate::helpers::raw_sql(dir.path(), taken, Some(&job_id)).await, Ok(1));
+    assert_eq!(crate::helpers::raw_sql(dir.path(), taken, &[&job_id]).await, Ok(1));
     assert_eq!(next_event(&mut events).await, Some("dropped"), "the runner that lost the lease stopped its request");
 
     // That runner dies too: its lease runs out and the job is taken up again, as after a crash.
     let expired = "UPDATE jobs SET lease_until = 0 WHERE id = ?";
-    assert_eq!(crate::helpers::raw_sql(dir.path(), expired, Some(&job_id)).await, Ok(1));
+    assert_eq!(crate::helpers::raw_sql(dir.path(), expired, &[&job_id]).await, Ok(1));
     let job = agent.get(&format!("/v1/jobs/{job_id}/wait?timeout=20")).await.unwrap();
     assert_eq!(job.body["state"], "failed", "{:?}", job.body);
     let action = agent.get_action(submitted.str("/id")).await.unwrap();
