@@ -56,7 +56,17 @@ const MIGRATIONS: [(i64, &str, &str); 4] = [
 /// How long a transaction waits for its connection (a writer, for the one writer) before it gives up.
 const WRITER_WAIT: Duration = Duration::from_secs(15);
 
-/// Commits between two background WAL checkpoints (about 1,000 pages of WAL at the usual write sizes).
+/// The page size of a database file this store creates (one that exists keeps its own). Each commit appends
+/// every page it changed to the WAL, and its sync writes them all: a proxied model call changes about 28
+/// pages (index leaves, row pages, the chain head), almost all far from full, so halving SQLite's default
+/// of 4,096 bytes halves what each sync writes. Measured on the LLM proxy at 1 client, interleaved with a
+/// 4,096-byte store in one process: 0.12 to 0.19 ms less added latency at the median (of 1.5 to 2 ms),
+/// and no change at 64 clients. 1,024 bytes saved a little more with short prompts, but lost throughput
+/// at 64 clients with 6 KB prompts, whose rows then spill into chains of overflow pages.
+const PAGE_SIZE: u32 = 2048;
+
+/// Commits between two background WAL checkpoints (about 3,500 pages, 7 MB, of WAL at a model call's write
+/// sizes).
 const CHECKPOINT_EVERY: u64 = 256;
 /// How long a deferred commit ([`StoreTx::defer_sync`]) may wait for another's sync to cover it before one
 /// runs for it alone. Its caller's own durable commit usually comes first: a sync started at once instead
@@ -339,6 +349,7 @@ impl SqliteStore {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
+            .page_size(PAGE_SIZE)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
@@ -1828,6 +1839,35 @@ mod tests {
         assert_eq!(durability.synced.load(Ordering::Acquire), 32, "a commit returned before its sync");
         let mut tx = store.read().await.unwrap();
         assert_eq!(tx.count_orgs().await.unwrap(), 32);
+    }
+
+    async fn page_size(store: &SqliteStore) -> i64 {
+        sqlx::query_scalar("PRAGMA page_size").fetch_one(&store.reader).await.unwrap()
+    }
+
+    /// A new file gets the smaller page; a file made with SQLite's default keeps its pages, opens, migrates
+    /// and takes writes.
+    #[tokio::test]
+    async fn a_new_database_uses_the_small_page_and_an_old_one_keeps_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = SqliteStore::open(&dir.path().join("new.sqlite")).await.unwrap();
+        assert_eq!(page_size(&fresh).await, i64::from(PAGE_SIZE));
+
+        let old_path = dir.path().join("old.sqlite");
+        let old = SqliteConnectOptions::new()
+            .filename(&old_path)
+            .create_if_missing(true)
+            .page_size(4096)
+            .journal_mode(SqliteJournalMode::Wal);
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(old).await.unwrap();
+        sqlx::query("CREATE TABLE before_us (x INTEGER)").execute(&pool).await.unwrap();
+        pool.close().await;
+        let store = SqliteStore::open(&old_path).await.unwrap();
+        assert_eq!(page_size(&store).await, 4096);
+        let mut tx = store.write().await.unwrap();
+        tx.insert_org(&Org { id: OrgId::new(), name: "acme".into(), created_at: Utc::now() }).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(store.read().await.unwrap().count_orgs().await.unwrap(), 1);
     }
 
     /// A deferred commit returns unsynced but counted: the next durable commit's sync, or `durable`, covers
