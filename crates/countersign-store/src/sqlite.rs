@@ -17,7 +17,6 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -92,19 +91,28 @@ const DEFERRED_SYNC_WITHIN: Duration = Duration::from_millis(2);
 pub struct SqliteStore {
     /// One connection: every write transaction.
     writer: SqlitePool,
-    /// Read transactions and the background checkpoint (the same pool as `writer` for an in-memory database,
-    /// which a second connection could not see).
+    /// Read transactions and the background checkpoint.
     reader: SqlitePool,
     durability: Arc<Durability>,
-    /// Each org's audit head as of the last commit, so a write transaction's first append need not read it:
-    /// the single writer (and one process per file) means only this store's commits move it. A write
-    /// transaction holds this lock from before its `BEGIN` until its commit has updated it (or, failing,
-    /// emptied it, since what is on disk is then not known), so no writer ever reads a head another has not
-    /// finished committing; a rolled-back transaction leaves it as it was.
-    heads: Arc<tokio::sync::Mutex<HashMap<OrgId, (i64, String)>>>,
+    /// What write transactions remember of the last commit (see [`WriterMemo`]). A write transaction holds
+    /// this lock from before its `BEGIN` until its commit has updated it (or, failing, emptied it, since what
+    /// is on disk is then not known), so no writer ever reads what another has not finished committing.
+    memo: Arc<tokio::sync::Mutex<WriterMemo>>,
 }
 
-/// Group commit and checkpoints for the file database; inert for an in-memory one.
+/// What the single writer (and one process per file) knows is on disk without reading it, since only this
+/// store's commits change it.
+#[derive(Debug, Default)]
+struct WriterMemo {
+    /// Each org's audit head, so a write transaction's first append need not read it.
+    heads: HashMap<OrgId, (i64, String)>,
+    /// Each org's live webhooks as last read by a write transaction that changed none, so the delivery fan-out
+    /// in every action's commit need not read them. Forgotten by a transaction that changes them, before the
+    /// change, so a rolled-back change costs a read at most.
+    webhooks: HashMap<OrgId, Vec<Webhook>>,
+}
+
+/// Group commit and checkpoints for the database file.
 ///
 /// Commits run with `synchronous = NORMAL`, so SQLite writes the WAL frames under the write lock but does not
 /// sync them. A commit is reported (unless it [`StoreTx::defer_sync`]s) only after an `fdatasync` of the WAL
@@ -121,7 +129,7 @@ pub struct SqliteStore {
 /// with an I/O error poisons the store too (SQLite's own sync may have been the one to see the error).
 #[derive(Debug, Default)]
 struct Durability {
-    /// The files to sync; `None` for an in-memory database.
+    /// The files to sync; `None` (nothing to sync or checkpoint) only in tests of this type.
     files: Option<LogFiles>,
     /// Commits made, and the number known to be on disk.
     committed: AtomicU64,
@@ -426,21 +434,9 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        Self::connect(options, Some(lock)).await
-    }
-
-    /// A private in-memory database, for tests of the store itself.
-    pub async fn in_memory() -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(map_sqlx)?.foreign_keys(true);
-        Self::connect(options, None).await
-    }
-
-    async fn connect(options: SqliteConnectOptions, lock: Option<std::fs::File>) -> Result<Self, StoreError> {
-        let in_memory = options.get_filename().as_os_str().is_empty()
-            || options.get_filename().to_string_lossy().contains(":memory:");
         let pool = |connections: u32, options: SqliteConnectOptions| {
-            // Connections live as long as the store: the last one closing would checkpoint and delete the WAL
-            // (and an in-memory database with it). A file connection cannot go stale, so it is not pinged
+            // Connections live as long as the store: the last one closing would checkpoint and delete the WAL.
+            // A file connection cannot go stale, so it is not pinged
             // before each transaction (a round trip to its thread, twice per proxied model call).
             SqlitePoolOptions::new()
                 .test_before_acquire(false)
@@ -451,13 +447,8 @@ impl SqliteStore {
                 .acquire_timeout(WRITER_WAIT)
                 .connect_with(options)
         };
-        let (writer, reader) = if in_memory {
-            let only = pool(1, options).await.map_err(map_sqlx)?;
-            (only.clone(), only)
-        } else {
-            let writer = pool(1, options.clone().pragma("wal_autocheckpoint", "0")).await.map_err(map_sqlx)?;
-            (writer, pool(8, options).await.map_err(map_sqlx)?)
-        };
+        let writer = pool(1, options.clone().pragma("wal_autocheckpoint", "0")).await.map_err(map_sqlx)?;
+        let reader = pool(8, options).await.map_err(map_sqlx)?;
         let migrations = MIGRATIONS
             .iter()
             .map(|(version, name, sql)| {
@@ -474,24 +465,18 @@ impl SqliteStore {
             .run(&writer)
             .await
             .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
-        let files = match in_memory {
-            true => None,
-            false => {
-                // Where SQLite itself put the database (a symlink followed), so its WAL is found beside it.
-                let row = sqlx::query("SELECT file FROM pragma_database_list WHERE name = 'main'")
-                    .fetch_one(&writer)
-                    .await
-                    .map_err(map_sqlx)?;
-                let db_path = PathBuf::from(get::<String>(&row, "file")?);
-                let files = tokio::task::spawn_blocking(move || LogFiles::open(&db_path))
-                    .await
-                    .map_err(|e| StoreError::Internal(e.to_string()))?
-                    .map_err(|e| StoreError::Internal(format!("cannot open the database's files to sync them: {e}")))?;
-                Some(files)
-            }
-        };
-        let durability = Arc::new(Durability { files, _lock: lock, ..Durability::default() });
-        Ok(SqliteStore { writer, reader, durability, heads: Arc::default() })
+        // Where SQLite itself put the database (a symlink followed), so its WAL is found beside it.
+        let row = sqlx::query("SELECT file FROM pragma_database_list WHERE name = 'main'")
+            .fetch_one(&writer)
+            .await
+            .map_err(map_sqlx)?;
+        let db_path = PathBuf::from(get::<String>(&row, "file")?);
+        let files = tokio::task::spawn_blocking(move || LogFiles::open(&db_path))
+            .await
+            .map_err(|e| StoreError::Internal(e.to_string()))?
+            .map_err(|e| StoreError::Internal(format!("cannot open the database's files to sync them: {e}")))?;
+        let durability = Arc::new(Durability { files: Some(files), _lock: Some(lock), ..Durability::default() });
+        Ok(SqliteStore { writer, reader, durability, memo: Arc::default() })
     }
 }
 
@@ -499,8 +484,8 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.check()?;
-        // The heads first, then the connection: every writer takes them in this order.
-        let heads = tokio::time::timeout(WRITER_WAIT, self.heads.clone().lock_owned()).await.map_err(|_| {
+        // The memo first, then the connection: every writer takes them in this order.
+        let memo = tokio::time::timeout(WRITER_WAIT, self.memo.clone().lock_owned()).await.map_err(|_| {
             StoreError::Unavailable(format!("the database's writer stayed busy for {}s", WRITER_WAIT.as_secs()))
         })?;
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)?;
@@ -509,7 +494,8 @@ impl Store for SqliteStore {
             committed: Some(self.clone()),
             pending_audit: Vec::new(),
             appended: HashMap::new(),
-            heads: Some(heads),
+            memo: Some(memo),
+            webhooks_changed: false,
             defer_sync: false,
         }))
     }
@@ -522,7 +508,8 @@ impl Store for SqliteStore {
             committed: None,
             pending_audit: Vec::new(),
             appended: HashMap::new(),
-            heads: None,
+            memo: None,
+            webhooks_changed: false,
             defer_sync: false,
         }))
     }
@@ -551,11 +538,13 @@ struct SqliteTx {
     /// commit never lacks them; a rollback drops them with everything else.
     pending_audit: Vec<AuditEvent>,
     /// The head this transaction left for each org it appended to: the next append follows it without
-    /// reading the head again (the write lock keeps it the head), and it is the store's `heads` after the
+    /// reading the head again (the write lock keeps it the head), and it is the memo's head after the
     /// commit.
     appended: HashMap<OrgId, (i64, String)>,
-    /// A write transaction's hold on the store's `heads` (see [`SqliteStore`]); `None` for a reader.
-    heads: Option<tokio::sync::OwnedMutexGuard<HashMap<OrgId, (i64, String)>>>,
+    /// A write transaction's hold on the store's memo (see [`SqliteStore`]); `None` for a reader.
+    memo: Option<tokio::sync::OwnedMutexGuard<WriterMemo>>,
+    /// This transaction changed webhooks: what it lists of them is not yet committed, so not remembered.
+    webhooks_changed: bool,
     /// The commit returns once written, not synced ([`StoreTx::defer_sync`]).
     defer_sync: bool,
 }
@@ -595,6 +584,14 @@ enum AuditOrder {
 }
 
 impl SqliteTx {
+    /// Before a change to `org`'s webhooks: the memo forgets them, and this transaction remembers none.
+    fn forget_webhooks(&mut self, org: &OrgId) {
+        self.webhooks_changed = true;
+        if let Some(memo) = self.memo.as_deref_mut() {
+            memo.webhooks.remove(org);
+        }
+    }
+
     /// Seals an event after (seq, hash) and remembers it as the org's head in this transaction.
     fn seal(&mut self, org: &OrgId, seq: i64, hash: &str, event: NewAuditEvent) -> AuditEvent {
         let sealed = seal_pending(&mut self.pending_audit, org, seq, hash, event);
@@ -614,8 +611,8 @@ impl SqliteTx {
             let mut query = insert_audit_rows::<Sqlite>("", rows)?;
             if let Err(e) = query.build().execute(&mut *self.tx).await {
                 // A conflict here may mean a remembered head was wrong: read them from disk from now on.
-                if let Some(heads) = self.heads.as_deref_mut() {
-                    heads.clear();
+                if let Some(memo) = self.memo.as_deref_mut() {
+                    memo.heads.clear();
                 }
                 return Err(audit_write_failed(map_sqlx(e)));
             }
@@ -751,18 +748,18 @@ impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let mut this = *self;
         this.write_pending_audit().await?;
-        let SqliteTx { tx, committed, appended, mut heads, defer_sync, .. } = this;
+        let SqliteTx { tx, committed, appended, mut memo, defer_sync, .. } = this;
         // Emptied while the commit runs and refilled only once it succeeded, all under the lock: a commit
-        // that fails, or whose caller stops waiting (sqlx still runs it), leaves the next writer to read the
-        // heads from disk, never to trust ones that may not be there.
-        let known = heads.as_deref_mut().map(std::mem::take);
+        // that fails, or whose caller stops waiting (sqlx still runs it), leaves the next writer to read
+        // from disk, never to trust what may not be there.
+        let known = memo.as_deref_mut().map(std::mem::take);
         tx.commit().await.map_err(map_sqlx)?;
-        if let (Some(heads), Some(mut known)) = (heads.as_deref_mut(), known) {
-            known.extend(appended);
-            *heads = known;
+        if let (Some(memo), Some(mut known)) = (memo.as_deref_mut(), known) {
+            known.heads.extend(appended);
+            *memo = known;
         }
         // Let the next writer in before waiting for the sync, so one sync serves a queue of commits.
-        drop(heads);
+        drop(memo);
         match committed {
             Some(store) => store.durability.committed(&store.writer, &store.reader, !defer_sync).await,
             None => Ok(()),
@@ -1410,7 +1407,7 @@ impl StoreTx for SqliteTx {
         // write lock, so no one else moved it since), else the one on disk.
         let known = match self.appended.get(org) {
             Some(head) => Some(head.clone()),
-            None => self.heads.as_ref().and_then(|heads| heads.get(org).cloned()),
+            None => self.memo.as_ref().and_then(|memo| memo.heads.get(org).cloned()),
         };
         if let Some((seq, hash)) = known {
             return Ok(self.seal(org, seq, &hash, event));
@@ -1763,6 +1760,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_webhook(&mut self, w: &Webhook) -> Result<(), StoreError> {
+        self.forget_webhooks(&w.org_id);
         self.execute(
             sqlx::query(
                 "INSERT INTO webhooks (id, org_id, url, events, secret, format, description, created_at, deleted_at)
@@ -1794,16 +1792,26 @@ impl StoreTx for SqliteTx {
     }
 
     async fn list_webhooks(&mut self, org: &OrgId) -> Result<Vec<Webhook>, StoreError> {
+        if let Some(known) = self.memo.as_ref().and_then(|memo| memo.webhooks.get(org)) {
+            return Ok(known.clone());
+        }
         let rows = self
             .fetch_all(
                 sqlx::query("SELECT * FROM webhooks WHERE org_id = ? AND deleted_at IS NULL ORDER BY id")
                     .bind(org.as_str().to_owned()),
             )
             .await?;
-        rows.iter().map(webhook_row).collect()
+        let hooks = rows.iter().map(webhook_row).collect::<Result<Vec<_>, _>>()?;
+        if !self.webhooks_changed
+            && let Some(memo) = self.memo.as_deref_mut()
+        {
+            memo.webhooks.insert(org.clone(), hooks.clone());
+        }
+        Ok(hooks)
     }
 
     async fn delete_webhook(&mut self, org: &OrgId, id: &WebhookId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        self.forget_webhooks(org);
         let n = self
             .execute(
                 sqlx::query("UPDATE webhooks SET deleted_at = ? WHERE org_id = ? AND id = ? AND deleted_at IS NULL")
@@ -1994,6 +2002,54 @@ mod tests {
         assert!(*store.durability.checkpoints.borrow() >= 2);
         let len = wal_len(dir.path());
         assert!(len < 2 * CHECKPOINT_BOUND * per_commit, "the log grew to {len} bytes ({per_commit} per commit)");
+    }
+
+    /// The writer remembers an org's webhooks between transactions and forgets them at every change, so a
+    /// list after a committed or a rolled-back change is what is on disk.
+    #[tokio::test]
+    async fn remembered_webhooks_follow_every_change_and_rollback() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let org = Org { id: OrgId::new(), name: "acme".into(), created_at: Utc::now() };
+        let hook = Webhook {
+            id: WebhookId::new(),
+            org_id: org.id.clone(),
+            url: "https://hooks.example/in".into(),
+            events: vec![NameGlob::parse("action.*").unwrap()],
+            secret: "whsec_1".into(),
+            format: countersign_core::domain::WebhookFormat::Json,
+            description: None,
+            created_at: Utc::now(),
+            deleted_at: None,
+        };
+        let urls = |hooks: Vec<Webhook>| hooks.into_iter().map(|h| h.url).collect::<Vec<_>>();
+        let mut tx = store.write().await.unwrap();
+        tx.insert_org(&org).await.unwrap();
+        assert!(tx.list_webhooks(&org.id).await.unwrap().is_empty());
+        tx.commit().await.unwrap();
+
+        // Added then rolled back: seen inside, gone after.
+        let mut tx = store.write().await.unwrap();
+        tx.insert_webhook(&hook).await.unwrap();
+        assert_eq!(urls(tx.list_webhooks(&org.id).await.unwrap()), ["https://hooks.example/in"]);
+        drop(tx);
+        let mut tx = store.write().await.unwrap();
+        assert!(tx.list_webhooks(&org.id).await.unwrap().is_empty());
+        tx.insert_webhook(&hook).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = store.write().await.unwrap();
+        assert_eq!(urls(tx.list_webhooks(&org.id).await.unwrap()), ["https://hooks.example/in"]);
+        tx.commit().await.unwrap();
+
+        // Remembered: a row changed behind the store's back is not read again ...
+        sqlx::query("UPDATE webhooks SET url = 'https://changed.example'").execute(&store.writer).await.unwrap();
+        let mut tx = store.write().await.unwrap();
+        assert_eq!(urls(tx.list_webhooks(&org.id).await.unwrap()), ["https://hooks.example/in"]);
+        // ... until a change through the store forgets them.
+        assert!(tx.delete_webhook(&org.id, &hook.id, Utc::now()).await.unwrap());
+        tx.commit().await.unwrap();
+        let mut tx = store.write().await.unwrap();
+        assert!(tx.list_webhooks(&org.id).await.unwrap().is_empty());
     }
 
     /// A deferred commit returns unsynced but counted: the next durable commit's sync, or `durable`, covers
