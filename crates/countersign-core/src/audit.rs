@@ -5,7 +5,7 @@
 //! every depth. This module computes and checks hashes; it never stores, updates or deletes an event.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{Number, Value};
 use sha2::{Digest, Sha256};
 
 use crate::ids::{EventId, OrgId};
@@ -102,24 +102,42 @@ impl AuditEvent {
 
 /// Compact JSON with object keys sorted at every depth, independent of how the map was built.
 pub fn canonical_json(value: &Value) -> String {
-    fn sorted(value: &Value) -> Value {
-        match value {
-            Value::Object(map) => {
-                let mut keys: Vec<&String> = map.keys().collect();
-                keys.sort();
-                let mut out = Map::new();
-                for key in keys {
-                    if let Some(v) = map.get(key) {
-                        out.insert(key.clone(), sorted(v));
-                    }
+    let mut out = String::new();
+    write_sorted_json(value, &mut out, &|number, out| out.push_str(&number.to_string()));
+    out
+}
+
+/// Writes `value` as compact JSON with object keys sorted at every depth, each number as `number` writes it,
+/// walking the value in place (no sorted copy is built).
+pub fn write_sorted_json(value: &Value, out: &mut String, number: &dyn Fn(&Number, &mut String)) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (key, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
                 }
-                Value::Object(out)
+                out.push_str(&Value::from(key.as_str()).to_string());
+                out.push(':');
+                write_sorted_json(item, out, number);
             }
-            Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
-            other => other.clone(),
+            out.push('}');
         }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_sorted_json(item, out, number);
+            }
+            out.push(']');
+        }
+        Value::Number(n) => number(n, out),
+        scalar => out.push_str(&scalar.to_string()),
     }
-    sorted(value).to_string()
 }
 
 /// SHA-256 (hex) of a value's canonical JSON: the binding hash of a frozen request.
@@ -250,6 +268,35 @@ mod tests {
         let mut v = ChainVerifier::default();
         gap.iter().for_each(|e| v.push(e));
         assert_eq!(v.finish().first_broken_seq, Some(2));
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn canonical_json_is_the_text_existing_chains_were_sealed_with() {
+        // How events were sealed before the writer walked values in place: a sorted copy, then serde_json's
+        // compact text. Every stored hash depends on the two agreeing byte for byte.
+        fn sorted_copy(value: &Value) -> Value {
+            match value {
+                Value::Object(map) => {
+                    let mut keys: Vec<&String> = map.keys().collect();
+                    keys.sort();
+                    Value::Object(keys.into_iter().map(|k| (k.clone(), sorted_copy(&map[k]))).collect())
+                }
+                Value::Array(items) => Value::Array(items.iter().map(sorted_copy).collect()),
+                other => other.clone(),
+            }
+        }
+        let samples = [
+            r#"{"z":1,"a":[{"b":2.5,"a":-0.0,"c":1e300}],"m":{"é":"\u0000\n\"\\","E":"\ud83d\ude00","e":null}}"#,
+            r#"[18446744073709551615,-9223372036854775808,0.1,1.0,true,false,"\u2028</script>"]"#,
+            r#"{"":{"":[]},"b":{},"a":"x","A":"y","_":"z","1":"w"}"#,
+            r#""just a string""#,
+            r#"12.5e-7"#,
+        ];
+        for text in samples {
+            let value: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(canonical_json(&value), sorted_copy(&value).to_string(), "{text}");
+        }
     }
 
     #[test]

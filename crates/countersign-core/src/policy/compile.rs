@@ -20,6 +20,7 @@ use super::spec::{
     ApprovalSpec, ConditionsSpec, FileSpec, GovynType, OneOrMany, REGEX_SIZE_LIMIT, RuleSpec, number_json,
 };
 use super::{ApprovalRoute, Axis, Effect, Policy, PolicyError, yaml_message};
+use crate::audit::write_sorted_json;
 use crate::capability::NameGlob;
 use crate::risk::CapabilityProfile;
 
@@ -590,47 +591,14 @@ pub(crate) fn compile(files: &[(String, String)]) -> Result<Policy, PolicyError>
 }
 
 /// JSON with object keys sorted at every level and no whitespace: the same value always gives the same text.
+/// 1.0 and 1 are the same number to a policy, so whole floats are written as integers.
 pub(crate) fn canonical_json(value: &Json) -> String {
     let mut out = String::new();
-    write_canonical(value, &mut out);
+    write_sorted_json(value, &mut out, &|number, out| match number.as_f64() {
+        Some(f) if number.is_f64() => out.push_str(&number_json(f).to_string()),
+        _ => out.push_str(&number.to_string()),
+    });
     out
-}
-
-fn write_canonical(value: &Json, out: &mut String) {
-    match value {
-        Json::Object(object) => {
-            let mut entries: Vec<(&String, &Json)> = object.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Json::from(key.as_str()).to_string());
-                out.push(':');
-                write_canonical(item, out);
-            }
-            out.push('}');
-        }
-        Json::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(item, out);
-            }
-            out.push(']');
-        }
-        Json::Number(number) => {
-            // 1.0 and 1 are the same number to a policy; write whole floats as integers.
-            match number.as_f64() {
-                Some(f) if number.is_f64() => out.push_str(&number_json(f).to_string()),
-                _ => out.push_str(&number.to_string()),
-            }
-        }
-        scalar => out.push_str(&scalar.to_string()),
-    }
 }
 
 #[cfg(test)]
