@@ -67,7 +67,7 @@ const PAGE_SIZE: u32 = 2048;
 
 /// A checkpoint copies the WAL into the database file and syncs that file: megabytes written while commits
 /// wait for their own syncs, which then queue behind it on the disk. So it runs when writes pause for
-/// [`CHECKPOINT_IDLE`] with at least [`CHECKPOINT_SOFT`] commits in the log, and under writes that never
+/// [`CHECKPOINT_IDLE`] with at least [`CHECKPOINT_SOFT`] commits since the last one, and under writes that never
 /// pause only every [`CHECKPOINT_BOUND`] commits (about 14,000 pages, 28 MB, of WAL at a model call's write
 /// sizes), where its cost is shared by more commits: a hot page is copied once however often it changed.
 /// Measured on the LLM proxy, interleaved in one process with the former checkpoint every 256 commits, in
@@ -79,7 +79,7 @@ const CHECKPOINT_IDLE: Duration = Duration::from_millis(25);
 /// Reader passes a checkpoint may take before the writer's: each copies what writers appended during the
 /// last, so they converge on a tail short enough to copy in the writer's turn.
 const CHECKPOINT_READER_PASSES: usize = 4;
-/// Frames left to copy that the writer's pass takes on without another reader pass first.
+/// Frames appended during a reader pass after which the writer's pass follows without another reader pass.
 const CHECKPOINT_TAIL_FRAMES: i64 = 256;
 /// How long a deferred commit ([`StoreTx::defer_sync`]) may wait for another's sync to cover it before one
 /// runs for it alone. Its caller's own durable commit usually comes first: a sync started at once instead
@@ -310,11 +310,12 @@ impl Durability {
                 let seen = this.committed.load(Ordering::Acquire);
                 tokio::time::sleep(CHECKPOINT_IDLE).await;
                 let now = this.committed.load(Ordering::Acquire);
-                if now == seen {
-                    this.checkpoint(&writer, &reader);
+                // One still running (a bound one, or this store's last) is waited out: the commits since it
+                // copied the log are still to copy.
+                if now == seen && this.checkpoint(&writer, &reader) {
                     break;
                 }
-                // A bound checkpoint started meanwhile: the next commits past the soft mark watch again.
+                // A checkpoint copied the log meanwhile: the next commits past the soft mark watch again.
                 if now.saturating_sub(this.checkpointed_at.load(Ordering::Acquire)) < CHECKPOINT_SOFT {
                     break;
                 }
@@ -323,36 +324,51 @@ impl Durability {
         });
     }
 
-    /// Checkpoints the WAL in the background unless a checkpoint is running. Passive passes on a reader
-    /// connection copy the frames into the database file while writers go on, until what is left is short
-    /// (each pass copies what was appended during the last). They can never finish the log under load, since
-    /// writers keep appending, and SQLite starts the WAL over from its beginning only at a write that begins
-    /// with every frame copied: so a last pass takes a turn on the writer connection, between two write
-    /// transactions, and copies the rest. The next write then restarts the log, which keeps the file bounded
-    /// (instead of growing by every commit) and keeps its syncs overwriting blocks already allocated.
-    fn checkpoint(self: &Arc<Self>, writer: &SqlitePool, reader: &SqlitePool) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    /// Checkpoints the WAL in the background unless a checkpoint is running (then returns false). Passive
+    /// passes on a reader connection copy the frames into the database file while writers go on, until one
+    /// finds at most [`CHECKPOINT_TAIL_FRAMES`] new (each copies what was appended during the last). They can
+    /// never finish the log under load, since writers keep appending, and SQLite starts the WAL over from its
+    /// beginning only at a write that begins with every frame copied: so a last pass takes a turn on the
+    /// writer connection, between two write transactions, and copies those few. The next write then restarts
+    /// the log, which keeps the file bounded (instead of growing by every commit) and keeps its syncs
+    /// overwriting blocks already allocated. If the reader passes do not get there (a long read pins old
+    /// frames), the writer is not held up for the rest: the next checkpoint tries again.
+    fn checkpoint(self: &Arc<Self>, writer: &SqlitePool, reader: &SqlitePool) -> bool {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return false };
         if self.checkpoint_running.swap(true, Ordering::AcqRel) {
-            return;
+            return false;
         }
         self.checkpointed_at.store(self.committed.load(Ordering::Acquire), Ordering::Release);
         let (writer, reader, this) = (writer.clone(), reader.clone(), Arc::clone(self));
         runtime.spawn(async move {
-            let mut left = Ok(i64::MAX);
+            // A pass sees the log as it was when it began, so the frames appended while one ran are what the
+            // next finds beyond it: few, and what is left is short enough for the writer's turn.
+            let mut converged = Ok(false);
+            let mut seen = 0;
             for _ in 0..CHECKPOINT_READER_PASSES {
-                left = passive_checkpoint(&reader).await;
-                if left.as_ref().is_ok_and(|left| *left <= CHECKPOINT_TAIL_FRAMES) {
+                converged = passive_checkpoint(&reader).await.map(|(log, pinned)| {
+                    let appended = log - std::mem::replace(&mut seen, log);
+                    pinned == 0 && appended <= CHECKPOINT_TAIL_FRAMES
+                });
+                // An error ends the checkpoint: a pass after it could succeed and hide a failed sync.
+                if !matches!(converged, Ok(false)) {
                     break;
                 }
             }
             // Even with nothing left, the writer's turn is needed: a write transaction that began before the
             // log was complete appends to it, and SQLite starts the log over only at the first write that
             // begins with every frame copied, which under steady writes is the one right after this pass.
-            let left = match left {
-                Ok(_) => passive_checkpoint(&writer).await,
+            let done = match converged {
+                Ok(true) => {
+                    let done = passive_checkpoint(&writer).await.map(drop);
+                    // The log restarts at the next write: commits from here on fill the new one.
+                    this.checkpointed_at.store(this.committed.load(Ordering::Acquire), Ordering::Release);
+                    done
+                }
+                Ok(false) => Ok(()),
                 Err(e) => Err(e),
             };
-            if let Err(e) = left {
+            if let Err(e) = done {
                 if is_io_failure(&e) {
                     this.poison(&format!("checkpoint: {e}"));
                 } else {
@@ -362,14 +378,15 @@ impl Durability {
             this.checkpoint_running.store(false, Ordering::Release);
             this.checkpoints.send_modify(|done| *done += 1);
         });
+        true
     }
 }
 
-/// One passive checkpoint pass on a connection of `pool`: the frames it could not copy (appended during it,
-/// or still read by a reader's snapshot).
-async fn passive_checkpoint(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
+/// One passive checkpoint pass on a connection of `pool`: the frames in the log as it found it, and how many
+/// of those it could not copy (a reader's snapshot still needs them).
+async fn passive_checkpoint(pool: &SqlitePool) -> Result<(i64, i64), sqlx::Error> {
     let rows = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)").fetch_all(pool).await?;
-    Ok(rows.first().map_or(0, |(_, log, copied)| (log - copied).max(0)))
+    Ok(rows.first().map_or((0, 0), |(_, log, copied)| (*log, (log - copied).max(0))))
 }
 
 /// How long `open` waits for a process that is stopping to let go of the database.
@@ -1999,7 +2016,8 @@ mod tests {
         for writer in writers {
             writer.await.unwrap();
         }
-        assert!(*store.durability.checkpoints.borrow() >= 2);
+        let mut done = store.durability.checkpoints.subscribe();
+        tokio::time::timeout(Duration::from_secs(30), done.wait_for(|n| *n >= 2)).await.unwrap().unwrap();
         let len = wal_len(dir.path());
         assert!(len < 2 * CHECKPOINT_BOUND * per_commit, "the log grew to {len} bytes ({per_commit} per commit)");
     }
