@@ -290,6 +290,7 @@ mod tests {
             r#"{"z":1,"a":[{"b":2.5,"a":-0.0,"c":1e300}],"m":{"é":"\u0000\n\"\\","E":"\ud83d\ude00","e":null}}"#,
             r#"[18446744073709551615,-9223372036854775808,0.1,1.0,true,false,"\u2028</script>"]"#,
             r#"{"":{"":[]},"b":{},"a":"x","A":"y","_":"z","1":"w"}"#,
+            r#"{"a\"b":1,"\\":2,"\u0001":3,"\u2028":4,"é":5,"e\u0301":6,"\ud83d\ude00":7}"#,
             r#""just a string""#,
             r#"12.5e-7"#,
         ];
@@ -297,6 +298,12 @@ mod tests {
             let value: Value = serde_json::from_str(text).unwrap();
             assert_eq!(canonical_json(&value), sorted_copy(&value).to_string(), "{text}");
         }
+        // And the bytes themselves, should a serde_json upgrade ever write escapes or numbers differently.
+        let value: Value = serde_json::from_str(samples[3]).unwrap();
+        let value = serde_json::json!({"keys": value, "n": [1.5, -0.0, 1e300, 0.1, 12.5e-7, -7]});
+        let golden = "{\"keys\":{\"\\u0001\":3,\"\\\\\":2,\"a\\\"b\":1,\"e\u{301}\":6,\"\u{e9}\":5,\"\u{2028}\":4,\
+            \"\u{1f600}\":7},\"n\":[1.5,-0.0,1e+300,0.1,1.25e-6,-7]}";
+        assert_eq!(canonical_json(&value), golden);
     }
 
     #[test]

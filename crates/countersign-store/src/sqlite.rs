@@ -127,10 +127,10 @@ struct WriterMemo {
 /// later sync could prove anything, and every write, read and readiness check fails until a restart. The sync
 /// runs detached, so a caller that goes away meanwhile cannot lose its outcome, and a checkpoint that fails
 /// with an I/O error poisons the store too (SQLite's own sync may have been the one to see the error).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Durability {
-    /// The files to sync; `None` (nothing to sync or checkpoint) only in tests of this type.
-    files: Option<LogFiles>,
+    /// The files to sync.
+    files: LogFiles,
     /// Commits made, and the number known to be on disk.
     committed: AtomicU64,
     synced: AtomicU64,
@@ -206,6 +206,21 @@ const POISONED: &str = "the database could not be synced to disk; \
     the store refuses work until the gateway restarts";
 
 impl Durability {
+    fn new(files: LogFiles, lock: Option<std::fs::File>) -> Durability {
+        Durability {
+            files,
+            committed: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            syncing: tokio::sync::Mutex::new(()),
+            poisoned: AtomicBool::new(false),
+            checkpoint_running: AtomicBool::new(false),
+            checkpointed_at: AtomicU64::new(0),
+            idle_watch: AtomicBool::new(false),
+            checkpoints: tokio::sync::watch::Sender::new(0),
+            _lock: lock,
+        }
+    }
+
     fn check(&self) -> Result<(), StoreError> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(StoreError::Unavailable(POISONED.into()));
@@ -228,9 +243,6 @@ impl Durability {
         reader: &SqlitePool,
         wait: bool,
     ) -> Result<(), StoreError> {
-        if self.files.is_none() {
-            return Ok(());
-        }
         let ticket = self.committed.fetch_add(1, Ordering::AcqRel) + 1;
         self.schedule_checkpoint(ticket, writer, reader);
         if wait {
@@ -265,17 +277,14 @@ impl Durability {
         // Every commit counted by now has written its frames: one sync covers them all.
         let upto = self.committed.load(Ordering::Acquire);
         let this = Arc::clone(self);
-        let done = tokio::task::spawn_blocking(move || {
-            let Some(files) = &this.files else { return true };
-            match files.sync() {
-                Ok(()) => {
-                    this.synced.fetch_max(upto, Ordering::AcqRel);
-                    true
-                }
-                Err(e) => {
-                    this.poison(&e.to_string());
-                    false
-                }
+        let done = tokio::task::spawn_blocking(move || match this.files.sync() {
+            Ok(()) => {
+                this.synced.fetch_max(upto, Ordering::AcqRel);
+                true
+            }
+            Err(e) => {
+                this.poison(&e.to_string());
+                false
             }
         })
         .await;
@@ -492,7 +501,7 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Internal(e.to_string()))?
             .map_err(|e| StoreError::Internal(format!("cannot open the database's files to sync them: {e}")))?;
-        let durability = Arc::new(Durability { files: Some(files), _lock: Some(lock), ..Durability::default() });
+        let durability = Arc::new(Durability::new(files, Some(lock)));
         Ok(SqliteStore { writer, reader, durability, memo: Arc::default() })
     }
 }
@@ -2209,7 +2218,7 @@ mod tests {
         let mut tx = store.write().await.unwrap();
         tx.insert_org(&Org { id: OrgId::new(), name: "linked".into(), created_at: Utc::now() }).await.unwrap();
         tx.commit().await.unwrap();
-        let wal = store.durability.files.as_ref().unwrap().wal_path.clone();
+        let wal = store.durability.files.wal_path.clone();
         assert!(wal.exists(), "{} is not where SQLite keeps the log", wal.display());
         assert_eq!(wal.parent().map(std::fs::canonicalize).transpose().unwrap(), Some(real.canonicalize().unwrap()));
         assert!(!link.join("db.sqlite-wal").exists());
@@ -2231,7 +2240,7 @@ mod tests {
         let db = std::fs::OpenOptions::new().write(true).open(dir.path().join("db.sqlite")).unwrap();
         let files = LogFiles { wal_path: dir.path().to_owned(), wal: std::sync::Mutex::new(None), db };
         let broken = SqliteStore {
-            durability: Arc::new(Durability { files: Some(files), ..Durability::default() }),
+            durability: Arc::new(Durability::new(files, None)),
             ..SqliteStore::open(&dir.path().join("other.sqlite")).await.unwrap()
         };
         let mut tx = broken.write().await.unwrap();
@@ -2250,7 +2259,7 @@ mod tests {
         // A directory where the WAL should be: opening it for writing fails as a failed sync would.
         let db = std::fs::OpenOptions::new().write(true).open(dir.path().join("db.sqlite")).unwrap();
         let files = LogFiles { wal_path: dir.path().to_owned(), wal: std::sync::Mutex::new(None), db };
-        let broken = Durability { files: Some(files), ..Durability::default() };
+        let broken = Durability::new(files, None);
         let poisoned = SqliteStore { durability: Arc::new(broken), ..store.clone() };
         let mut tx = poisoned.write().await.unwrap();
         tx.insert_org(&Org { id: OrgId::new(), name: "lost".into(), created_at: Utc::now() }).await.unwrap();
