@@ -94,8 +94,8 @@ impl Gateway {
     }
 
     /// Returns once the claim of a model call (and every other commit so far) is on disk: its commit did not
-    /// wait ([`defers_claim_sync`]), so a stream waits here before the client gets its first chunk, as an
-    /// answer waits for the finish's commit.
+    /// wait ([`defers_claim_sync`]), so a stream waits here (while its request is out) before the client gets
+    /// its first chunk, as an answer waits for the finish's commit.
     pub async fn inline_durable(&self) -> Result<()> {
         Ok(self.inner.store.durable().await?)
     }

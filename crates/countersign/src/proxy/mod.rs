@@ -353,7 +353,14 @@ async fn carry_out(gateway: &Gateway, dialect: Dialect, action: Action, stream: 
         error: Some(error.to_string()),
         details: json!({"provider": provider, "latency_ms": started.elapsed().as_millis(), "streamed": stream}),
     };
-    let (response, idle) = match gateway.send_inline(&action, stream).await {
+    let sent = gateway.send_inline(&action, stream);
+    // A stream's first chunk waits for the claim to be on disk: that sync runs while the request is out, so
+    // the client waits for the longer of the two instead of both.
+    let (sent, claim_durable) = match stream {
+        true => tokio::join!(sent, gateway.inline_durable()),
+        false => (sent.await, Ok(())),
+    };
+    let (response, idle) = match sent {
         Ok(sent) => sent,
         Err(e) => {
             hung_up.disarm();
@@ -365,7 +372,7 @@ async fn carry_out(gateway: &Gateway, dialect: Dialect, action: Action, stream: 
     let content_type = content_type(&response);
     if stream && (200..300).contains(&status) && content_type.starts_with("text/event-stream") {
         // Nothing reaches the client before the claim is on disk.
-        gateway.inline_durable().await?;
+        claim_durable?;
         let recorder = relay::Recorder::new(
             gateway.clone(),
             action.clone(),
