@@ -57,18 +57,18 @@ const MIGRATIONS: [(i64, &str, &str); 4] = [
 const WRITER_WAIT: Duration = Duration::from_secs(15);
 
 /// The page size of a database file this store creates (one that exists keeps its own). Each commit appends
-/// every page it changed to the WAL, and its sync writes them all: a proxied model call changes about 28
-/// pages (index leaves, row pages, the chain head), almost all far from full, so halving SQLite's default
-/// of 4,096 bytes halves what each sync writes. Measured on the LLM proxy at 1 client, interleaved with a
+/// every page it changed to the WAL, and its sync writes them all: a proxied model call's two commits
+/// change about 28 pages of SQLite's default 4,096 bytes (index leaves, row pages, the chain head), almost
+/// all far from full, and about 34 of 2,048 bytes, so each call syncs 70 KB instead of 115 KB. Measured on the LLM proxy at 1 client, interleaved with a
 /// 4,096-byte store in one process: 0.12 to 0.19 ms less added latency at the median (of 1.5 to 2 ms),
 /// and no change at 64 clients. 1,024 bytes saved a little more with short prompts, but lost throughput
 /// at 64 clients with 6 KB prompts, whose rows then spill into chains of overflow pages.
-const PAGE_SIZE: u32 = 2048;
+pub const PAGE_SIZE: u32 = 2048;
 
 /// A checkpoint copies the WAL into the database file and syncs that file: megabytes written while commits
 /// wait for their own syncs, which then queue behind it on the disk. So it runs when writes pause for
 /// [`CHECKPOINT_IDLE`] with at least [`CHECKPOINT_SOFT`] commits since the last one, and under writes that never
-/// pause only every [`CHECKPOINT_BOUND`] commits (about 14,000 pages, 28 MB, of WAL at a model call's write
+/// pause only every [`CHECKPOINT_BOUND`] commits (about 17,000 pages, 36 MB, of WAL at a model call's write
 /// sizes), where its cost is shared by more commits: a hot page is copied once however often it changed.
 /// Measured on the LLM proxy, interleaved in one process with the former checkpoint every 256 commits, in
 /// two runs: p99 at 1 client 2.7 and 3.0 ms instead of 4.3 ms (p99.5 3.4 and 3.6 instead of 6.3 and 6.5),
