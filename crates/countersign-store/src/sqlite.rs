@@ -60,7 +60,7 @@ const WRITER_WAIT: Duration = Duration::from_secs(15);
 /// every page it changed to the WAL, and its sync writes them all: a proxied model call's two commits
 /// change about 28 pages of SQLite's default 4,096 bytes (index leaves, row pages, the chain head), almost
 /// all far from full, and about 34 of 2,048 bytes, so each call syncs 70 KB instead of 115 KB. Measured on the LLM proxy at 1 client, interleaved with a
-/// 4,096-byte store in one process: 0.12 to 0.19 ms less added latency at the median (of 1.5 to 2 ms),
+/// 4,096-byte store in one process: 0.14 to 0.19 ms less added latency at the median (of 1.5 to 2 ms),
 /// and no change at 64 clients. 1,024 bytes saved a little more with short prompts, but lost throughput
 /// at 64 clients with 6 KB prompts, whose rows then spill into chains of overflow pages.
 pub const PAGE_SIZE: u32 = 2048;
