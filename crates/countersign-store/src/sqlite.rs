@@ -7,12 +7,11 @@
 //! cannot move between reading it and appending after it. Commits are group-committed: a commit returns once
 //! an `fdatasync` of the WAL that began after it has finished, and one sync serves every writer queued behind
 //! it (see [`Durability`]). The writer does not checkpoint the WAL on commit (`wal_autocheckpoint = 0`): a
-//! background checkpoint runs once writes pause, or after [`CHECKPOINT_BOUND`] commits if they never do. Passive
-//! passes on a reader connection copy the log into the database file while writers go on, and a last one, in
-//! the writer's turn, copies the few frames appended meanwhile so the log can start over (see
-//! [`Durability::checkpoint`]). Rows become
-//! domain records through the mappers in `rows`, shared with the PostgreSQL store; this module holds no
-//! business rules.
+//! background checkpoint runs once writes pause, or after [`CHECKPOINT_BOUND`] commits if they never do.
+//! Passive passes on a reader connection copy the log into the database file while writers go on, and a last
+//! one, in the writer's turn, copies the few frames appended meanwhile so the log can start over (see
+//! [`Durability::checkpoint`]). Rows become domain records through the mappers in `rows`, shared with the
+//! PostgreSQL store; this module holds no business rules.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -57,12 +56,13 @@ const MIGRATIONS: [(i64, &str, &str); 4] = [
 const WRITER_WAIT: Duration = Duration::from_secs(15);
 
 /// The page size of a database file this store creates (one that exists keeps its own). Each commit appends
-/// every page it changed to the WAL, and its sync writes them all: a proxied model call's two commits
-/// change about 28 pages of SQLite's default 4,096 bytes (index leaves, row pages, the chain head), almost
-/// all far from full, and about 34 of 2,048 bytes, so each call syncs 70 KB instead of 115 KB. Measured on the LLM proxy at 1 client, interleaved with a
-/// 4,096-byte store in one process: 0.14 to 0.19 ms less added latency at the median (of 1.5 to 2 ms),
-/// and no change at 64 clients. 1,024 bytes saved a little more with short prompts, but lost throughput
-/// at 64 clients with 6 KB prompts, whose rows then spill into chains of overflow pages.
+/// every page it changed to the WAL, and its sync writes them all: a proxied model call's two commits change
+/// about 28 pages of SQLite's default 4,096 bytes (index leaves, row pages, the chain head), almost all far
+/// from full, and about 34 of 2,048 bytes, so each call syncs 70 KB instead of 115 KB. Measured on the LLM
+/// proxy at 1 client, interleaved with a 4,096-byte store in one process: 0.14 to 0.19 ms less added latency
+/// at the median (of 1.5 to 2 ms), and no change at 64 clients. 1,024 bytes saved a little more with short
+/// prompts, but lost throughput at 64 clients with 6 KB prompts, whose rows then spill into chains of
+/// overflow pages.
 pub const PAGE_SIZE: u32 = 2048;
 
 /// A checkpoint copies the WAL into the database file and syncs that file: megabytes written while commits
@@ -116,9 +116,8 @@ struct WriterMemo {
 ///
 /// Commits run with `synchronous = NORMAL`, so SQLite writes the WAL frames under the write lock but does not
 /// sync them. A commit is reported (unless it [`StoreTx::defer_sync`]s) only after an `fdatasync` of the WAL
-/// file that began after it: the
-/// guarantee of `synchronous = FULL` (the WAL is on disk before the commit is acknowledged), with the sync
-/// taken out of the single writer's turn and shared. Whoever finds no sync running starts one covering every
+/// file that began after it: the guarantee of `synchronous = FULL` (the WAL is on disk before the commit is
+/// acknowledged), with the sync taken out of the single writer's turn and shared. Whoever finds no sync running starts one covering every
 /// commit so far; commits that land meanwhile wait for the next, so one sync serves a whole queue of writers.
 /// A read transaction first waits for the syncs of every commit made before it begins, so what a reader sees
 /// (and may act on) is on disk too; only a commit racing the reader's start by microseconds can escape that.
@@ -462,8 +461,8 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10));
         let pool = |connections: u32, options: SqliteConnectOptions| {
             // Connections live as long as the store: the last one closing would checkpoint and delete the WAL.
-            // A file connection cannot go stale, so it is not pinged
-            // before each transaction (a round trip to its thread, twice per proxied model call).
+            // A file connection cannot go stale, so it is not pinged before each transaction (a round trip to
+            // its thread, twice per proxied model call).
             SqlitePoolOptions::new()
                 .test_before_acquire(false)
                 .max_connections(connections)

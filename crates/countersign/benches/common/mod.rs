@@ -79,11 +79,11 @@ pub async fn gather(tasks: Vec<tokio::task::JoinHandle<Vec<Duration>>>) -> Vec<D
 
 /// What the disk under `dir` charges for one durable commit, with no database in the way: `rounds` times,
 /// `pages` WAL-sized frames (a page of the size the store gives a new database and its 24-byte header, as
-/// SQLite writes them) are written after the last and the file is `fdatasync`ed; the sync times, sorted. The file is written whole and synced first, as
-/// a WAL that has started over is, so a timed sync writes data only and allocates no blocks. A proxied call waits for one such sync, of
-/// both its commits' frames (the record's, written before the send, and the outcome's, before the answer), so
-/// this is the floor
-/// of its added latency on this machine, whatever the gateway does.
+/// SQLite writes them) are written after the last and the file is `fdatasync`ed; the sync times, sorted. The
+/// file is written whole and synced first, as a WAL that has started over is, so a timed sync writes data
+/// only and allocates no blocks. A proxied call waits for one such sync, of both its commits' frames (the
+/// record's, written before the send, and the outcome's, before the answer), so this is the floor of its
+/// added latency on this machine, whatever the gateway does.
 pub async fn disk_sync_floor(dir: &std::path::Path, pages: usize, rounds: usize) -> Vec<Duration> {
     use std::os::unix::fs::FileExt;
     const FRAME: usize = countersign_store::sqlite::PAGE_SIZE as usize + 24;
