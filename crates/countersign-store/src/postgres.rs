@@ -57,9 +57,9 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, SqlSafeStr, Transaction};
 
 use crate::rows::{
     Cols, action_row, agent_row, approval_row, audit_row, audit_write_failed, checkpoint_row, corrupt,
-    dashboard_session_row, decision_row, delivery_row, from_us, get, insert_audit_rows, job_row, key_row, limit,
-    map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, revoked_sessions, seal_pending, session_row,
-    to_json, to_us, user_row, webhook_row,
+    dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, opt_from_us,
+    opt_us, org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending, session_row, to_json,
+    to_us, user_row, webhook_row,
 };
 
 const MIGRATIONS: [(i64, &str, &str); 4] = [
@@ -304,7 +304,8 @@ impl PgTx {
         // without an error), so a caller that carried on past the error still cannot commit as if it had not.
         for run in self.pending_audit.chunk_by(|a, b| a.org_id == b.org_id) {
             for rows in run.chunks(AUDIT_ROWS_PER_INSERT) {
-                let mut query = insert_audit_rows::<Postgres>("WITH appended AS (", rows)?;
+                let mut query = sqlx::QueryBuilder::<Postgres>::new("WITH appended AS (");
+                push_audit_rows(&mut query, rows)?;
                 query.push(
                     " RETURNING org_id, seq, hash),
                      last AS (SELECT org_id, seq, hash FROM appended ORDER BY seq DESC LIMIT 1)

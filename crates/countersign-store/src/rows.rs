@@ -41,7 +41,7 @@ pub fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
 }
 
 /// Seals `event` after the head (seq, hash) a write transaction holds and queues it for that transaction's
-/// next multi-row insert ([`insert_audit_rows`]); the caller keeps the sealed event as its new head. Both
+/// next multi-row insert ([`push_audit_rows`]); the caller keeps the sealed event as its new head. Both
 /// backends seal this way.
 pub fn seal_pending(
     pending: &mut Vec<AuditEvent>,
@@ -66,21 +66,18 @@ pub fn audit_write_failed(e: StoreError) -> StoreError {
     }
 }
 
-/// `{prefix}INSERT INTO audit_events (…) VALUES (…), (…)` with every row's values bound: how both backends
-/// write the audit events a transaction sealed, in one statement (the caller keeps `rows` under the
+/// Appends `INSERT INTO audit_events (…) VALUES (…), (…)` with every row's values bound to `query`: how both
+/// backends write the audit events a transaction sealed, in one statement (the caller keeps `rows` under the
 /// backend's limit on bound values and may append to the statement).
-pub fn insert_audit_rows<DB>(prefix: &str, rows: &[AuditEvent]) -> Result<sqlx::QueryBuilder<DB>, StoreError>
+pub fn push_audit_rows<DB>(query: &mut sqlx::QueryBuilder<DB>, rows: &[AuditEvent]) -> Result<(), StoreError>
 where
     DB: sqlx::Database,
-    DB::Arguments: Default,
     for<'t> String: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
     for<'t> Option<String>: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
     for<'t> i64: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
 {
     let encoded = rows.iter().map(|e| Ok((to_json(&e.actor)?, to_json(&e.data)?))).collect::<Result<Vec<_>, _>>()?;
-    let mut query = sqlx::QueryBuilder::new(format!(
-        "{prefix}INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash, hash) "
-    ));
+    query.push("INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash, hash) ");
     query.push_values(rows.iter().zip(encoded), |mut row, (event, (actor, data))| {
         row.push_bind(event.org_id.as_str().to_owned())
             .push_bind(event.seq)
@@ -93,7 +90,7 @@ where
             .push_bind(event.prev_hash.clone())
             .push_bind(event.hash.clone());
     });
-    Ok(query)
+    Ok(())
 }
 
 /// The deepest stored JSON read back past serde_json's nesting limit (128). A request body the gateway

@@ -1,10 +1,13 @@
 //! The SQLite store: one file under the data directory, WAL journal, one writer at a time.
 //!
-//! Writes go through a pool of exactly one connection, so writers queue in order (tokio's fair semaphore
-//! inside the pool) instead of meeting SQLite's busy handler, which sleeps in steps of milliseconds; reads
-//! use a pool of their own and never wait for a writer (WAL). Write transactions still start with `BEGIN
-//! IMMEDIATE`, so a second process on the same file cannot upgrade a lock under us and the audit chain's head
-//! cannot move between reading it and appending after it. Commits are group-committed: a commit returns once
+//! Writes go through exactly one connection, held behind tokio's fair mutex, so writers queue in order
+//! instead of meeting SQLite's busy handler, which sleeps in steps of milliseconds; reads use a pool of their
+//! own and never wait for a writer (WAL). Write transactions still start with `BEGIN IMMEDIATE`, so a second
+//! process on the same file cannot upgrade a lock under us and the audit chain's head cannot move between
+//! reading it and appending after it. Each statement is a round trip to the connection's thread, so a write
+//! transaction sends its `BEGIN` with its first statement, queues its inserts, updates and audit rows, and
+//! sends them with the next statement that needs them or with its `COMMIT` (see [`Batch`]): a proxied model
+//! call's two transactions take four round trips, where they took twelve. Commits are group-committed: a commit returns once
 //! an `fdatasync` of the WAL that began after it has finished, and one sync serves every writer queued behind
 //! it (see [`Durability`]). The writer does not checkpoint the WAL on commit (`wal_autocheckpoint = 0`): a
 //! background checkpoint runs once writes pause, or after [`CHECKPOINT_BOUND`] commits if they never do.
@@ -35,14 +38,17 @@ use countersign_core::store::{
     ActionFilter, AuditFilter, AuditHead, JobFilter, Page, PendingDeadline, Retention, Store, StoreError, StoreTx,
 };
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, Row, SqlSafeStr, Sqlite, SqlitePool, Transaction};
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, ConnectOptions, Execute, Row, SqlSafeStr, Sqlite, SqlitePool, Transaction};
 
 use crate::rows::{
     Cols, action_row, agent_row, approval_row, audit_row, audit_write_failed, checkpoint_row, corrupt,
-    dashboard_session_row, decision_row, delivery_row, from_us, get, insert_audit_rows, job_row, key_row, limit,
-    map_sqlx, opt_from_us, opt_us, org_row, policy_row, retention_row, revoked_sessions, seal_pending, session_row,
-    to_json, to_us, user_row, webhook_row,
+    dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, opt_from_us,
+    opt_us, org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending, session_row, to_json,
+    to_us, user_row, webhook_row,
 };
 
 const MIGRATIONS: [(i64, &str, &str); 4] = [
@@ -89,15 +95,77 @@ const DEFERRED_SYNC_WITHIN: Duration = Duration::from_millis(2);
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    /// One connection: every write transaction.
-    writer: SqlitePool,
+    /// Every write transaction's connection, with what writers remember (see [`Writer`]).
+    writer: Arc<tokio::sync::Mutex<Writer>>,
     /// Read transactions and the background checkpoint.
     reader: SqlitePool,
     durability: Arc<Durability>,
-    /// What write transactions remember of the last commit (see [`WriterMemo`]). A write transaction holds
-    /// this lock from before its `BEGIN` until its commit has updated it (or, failing, emptied it, since what
-    /// is on disk is then not known), so no writer ever reads what another has not finished committing.
-    memo: Arc<tokio::sync::Mutex<WriterMemo>>,
+}
+
+/// The single writer. A write transaction holds this lock (tokio's fair mutex, so writers queue in order)
+/// from before its `BEGIN` until its commit has updated the memo (or, failing, emptied it, since what is on
+/// disk is then not known): no writer ever reads what another has not finished committing, and the
+/// connection is never shared.
+#[derive(Debug)]
+struct Writer {
+    /// Held for the store's life, outside any pool: a pool pings a connection on its own thread each time it
+    /// comes back, a round trip per transaction.
+    conn: SqliteConnection,
+    /// A transaction was begun on `conn` and not yet committed or rolled back. A write transaction dropped
+    /// or cancelled midway leaves one; it is rolled back in the background, and whoever takes the writer next
+    /// rolls it back first if that has not happened yet.
+    open: bool,
+    memo: WriterMemo,
+}
+
+impl Writer {
+    /// Rolls back the transaction left open, if any.
+    async fn settle(&mut self) -> Result<(), StoreError> {
+        if !self.open {
+            return Ok(());
+        }
+        match sqlx::query("ROLLBACK").execute(&mut self.conn).await {
+            Ok(_) => {}
+            // SQLite ended it already (a COMMIT that failed, or a BEGIN that never ran).
+            Err(sqlx::Error::Database(e)) if e.message().contains("no transaction is active") => {}
+            Err(e) => return Err(map_sqlx(e)),
+        }
+        self.open = false;
+        Ok(())
+    }
+}
+
+/// A write transaction's hold on the [`Writer`]. Dropped with a transaction open (an error, or a caller
+/// that went away), it has the transaction rolled back in the background.
+struct WriterTurn(tokio::sync::OwnedMutexGuard<Writer>);
+
+impl Drop for WriterTurn {
+    fn drop(&mut self) {
+        if !self.0.open {
+            return;
+        }
+        let writer = Arc::clone(tokio::sync::OwnedMutexGuard::mutex(&self.0));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = writer.lock().await.settle().await {
+                    tracing::warn!(error = %e, "rolling back an abandoned write transaction failed; the next writer tries again");
+                }
+            });
+        }
+    }
+}
+
+impl std::ops::Deref for WriterTurn {
+    type Target = Writer;
+    fn deref(&self) -> &Writer {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for WriterTurn {
+    fn deref_mut(&mut self) -> &mut Writer {
+        &mut self.0
+    }
 }
 
 /// What the single writer (and one process per file) knows is on disk without reading it, since only this
@@ -238,7 +306,7 @@ impl Durability {
     /// else a detached one starts [`DEFERRED_SYNC_WITHIN`] later.
     async fn committed(
         self: &Arc<Self>,
-        writer: &SqlitePool,
+        writer: &Arc<tokio::sync::Mutex<Writer>>,
         reader: &SqlitePool,
         wait: bool,
     ) -> Result<(), StoreError> {
@@ -299,7 +367,12 @@ impl Durability {
 
     /// After commit `ticket`: checkpoints at once if [`CHECKPOINT_BOUND`] commits have gone by since the last
     /// checkpoint, else past [`CHECKPOINT_SOFT`] makes sure a task is waiting for writes to pause.
-    fn schedule_checkpoint(self: &Arc<Self>, ticket: u64, writer: &SqlitePool, reader: &SqlitePool) {
+    fn schedule_checkpoint(
+        self: &Arc<Self>,
+        ticket: u64,
+        writer: &Arc<tokio::sync::Mutex<Writer>>,
+        reader: &SqlitePool,
+    ) {
         let since = ticket.saturating_sub(self.checkpointed_at.load(Ordering::Acquire));
         if since >= CHECKPOINT_BOUND {
             self.checkpoint(writer, reader);
@@ -312,7 +385,7 @@ impl Durability {
             self.idle_watch.store(false, Ordering::Release);
             return;
         };
-        let (writer, reader, this) = (writer.clone(), reader.clone(), Arc::clone(self));
+        let (writer, reader, this) = (Arc::clone(writer), reader.clone(), Arc::clone(self));
         runtime.spawn(async move {
             loop {
                 let seen = this.committed.load(Ordering::Acquire);
@@ -341,13 +414,13 @@ impl Durability {
     /// the log, which keeps the file bounded (instead of growing by every commit) and keeps its syncs
     /// overwriting blocks already allocated. If the reader passes do not get there (a long read pins old
     /// frames), the writer is not held up for the rest: the next checkpoint tries again.
-    fn checkpoint(self: &Arc<Self>, writer: &SqlitePool, reader: &SqlitePool) -> bool {
+    fn checkpoint(self: &Arc<Self>, writer: &Arc<tokio::sync::Mutex<Writer>>, reader: &SqlitePool) -> bool {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return false };
         if self.checkpoint_running.swap(true, Ordering::AcqRel) {
             return false;
         }
         self.checkpointed_at.store(self.committed.load(Ordering::Acquire), Ordering::Release);
-        let (writer, reader, this) = (writer.clone(), reader.clone(), Arc::clone(self));
+        let (writer, reader, this) = (Arc::clone(writer), reader.clone(), Arc::clone(self));
         runtime.spawn(async move {
             // A pass sees the log as it was when it began, so the frames appended while one ran are what the
             // next finds beyond it: few, and what is left is short enough for the writer's turn.
@@ -368,7 +441,13 @@ impl Durability {
             // begins with every frame copied, which under steady writes is the one right after this pass.
             let done = match converged {
                 Ok(true) => {
-                    let done = passive_checkpoint(&writer).await.map(drop);
+                    let mut writer = writer.lock().await;
+                    let done = match writer.settle().await {
+                        Ok(()) => passive_checkpoint(&mut writer.conn).await.map(drop),
+                        // The next writer tries the rollback again, and the next checkpoint this pass.
+                        Err(_) => Ok(()),
+                    };
+                    drop(writer);
                     // The log restarts at the next write: commits from here on fill the new one.
                     this.checkpointed_at.store(this.committed.load(Ordering::Acquire), Ordering::Release);
                     done
@@ -390,12 +469,25 @@ impl Durability {
     }
 }
 
-/// One passive checkpoint pass on a connection of `pool`: the frames in the log as it found it, and how many
-/// of those it could not copy (a reader's snapshot still needs them).
-async fn passive_checkpoint(pool: &SqlitePool) -> Result<(i64, i64), sqlx::Error> {
-    let rows = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)").fetch_all(pool).await?;
+/// One passive checkpoint pass on `connection`: the frames in the log as it found it, and how many of those
+/// it could not copy (a reader's snapshot still needs them).
+async fn passive_checkpoint<'c>(
+    connection: impl sqlx::Executor<'c, Database = Sqlite>,
+) -> Result<(i64, i64), sqlx::Error> {
+    let rows =
+        sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA main.wal_checkpoint(PASSIVE)").fetch_all(connection).await?;
     Ok(rows.first().map_or((0, 0), |(_, log, copied)| (*log, (log - copied).max(0))))
 }
+
+/// Makes `INSERT INTO expect_one VALUES (changes())` fail unless the statement before it changed exactly one
+/// row. Queued after each update of one row, it fails the transaction before the `COMMIT` that may be sent
+/// in the same round trip, as a check of the count the update returned would (see [`Batch`]). Temporary
+/// objects, made on the writer's connection when the store opens (read transactions do not write). They are
+/// why checkpoints name the `main` schema: a checkpoint of every schema can fail with "database table is
+/// locked" on a connection that has temporary objects.
+const EXPECT_ONE: &str = "CREATE TEMP VIEW IF NOT EXISTS expect_one (n) AS SELECT 1;
+    CREATE TEMP TRIGGER IF NOT EXISTS expect_one_row INSTEAD OF INSERT ON expect_one WHEN NEW.n <> 1
+    BEGIN SELECT RAISE(ABORT, 'a row this transaction updates is gone'); END;";
 
 /// How long `open` waits for a process that is stopping to let go of the database.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -459,21 +551,23 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = |connections: u32, options: SqliteConnectOptions| {
-            // Connections live as long as the store: the last one closing would checkpoint and delete the WAL.
-            // A file connection cannot go stale, so it is not pinged before each transaction (a round trip to
-            // its thread, twice per proxied model call).
-            SqlitePoolOptions::new()
-                .test_before_acquire(false)
-                .max_connections(connections)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None)
-                .acquire_timeout(WRITER_WAIT)
-                .connect_with(options)
-        };
-        let writer = pool(1, options.clone().pragma("wal_autocheckpoint", "0")).await.map_err(map_sqlx)?;
-        let reader = pool(8, options).await.map_err(map_sqlx)?;
+        // Connections live as long as the store: the last one closing would checkpoint and delete the WAL.
+        // A file connection cannot go stale, so it is not pinged before each transaction (a round trip to
+        // its thread, twice per proxied model call).
+        // The writer first: it makes the file and sets its page size and WAL mode, which a second connection
+        // opening at the same moment (a pool fills itself in the background) could find locked.
+        let mut writer = options.clone().pragma("wal_autocheckpoint", "0").connect().await.map_err(map_sqlx)?;
+        sqlx::raw_sql(EXPECT_ONE).execute(&mut writer).await.map_err(map_sqlx)?;
+        let reader = SqlitePoolOptions::new()
+            .test_before_acquire(false)
+            .max_connections(8)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(WRITER_WAIT)
+            .connect_with(options)
+            .await
+            .map_err(map_sqlx)?;
         let migrations = MIGRATIONS
             .iter()
             .map(|(version, name, sql)| {
@@ -487,12 +581,12 @@ impl SqliteStore {
             })
             .collect();
         Migrator::with_migrations(migrations)
-            .run(&writer)
+            .run(&mut writer)
             .await
             .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
         // Where SQLite itself put the database (a symlink followed), so its WAL is found beside it.
         let row = sqlx::query("SELECT file FROM pragma_database_list WHERE name = 'main'")
-            .fetch_one(&writer)
+            .fetch_one(&mut writer)
             .await
             .map_err(map_sqlx)?;
         let db_path = PathBuf::from(get::<String>(&row, "file")?);
@@ -501,7 +595,8 @@ impl SqliteStore {
             .map_err(|e| StoreError::Internal(e.to_string()))?
             .map_err(|e| StoreError::Internal(format!("cannot open the database's files to sync them: {e}")))?;
         let durability = Arc::new(Durability::new(files, Some(lock)));
-        Ok(SqliteStore { writer, reader, durability, memo: Arc::default() })
+        let writer = Writer { conn: writer, open: false, memo: WriterMemo::default() };
+        Ok(SqliteStore { writer: Arc::new(tokio::sync::Mutex::new(writer)), reader, durability })
     }
 }
 
@@ -509,34 +604,18 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.check()?;
-        // The memo first, then the connection: every writer takes them in this order.
-        let memo = tokio::time::timeout(WRITER_WAIT, self.memo.clone().lock_owned()).await.map_err(|_| {
+        let writer = tokio::time::timeout(WRITER_WAIT, Arc::clone(&self.writer).lock_owned()).await.map_err(|_| {
             StoreError::Unavailable(format!("the database's writer stayed busy for {}s", WRITER_WAIT.as_secs()))
         })?;
-        let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx {
-            tx,
-            committed: Some(self.clone()),
-            pending_audit: Vec::new(),
-            appended: HashMap::new(),
-            memo: Some(memo),
-            webhooks_changed: false,
-            defer_sync: false,
-        }))
+        let mut turn = WriterTurn(writer);
+        turn.settle().await?;
+        Ok(Box::new(SqliteTx::new(TxConn::Write(turn), Some(self.clone()))))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.settled().await?;
         let tx = self.reader.begin().await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx {
-            tx,
-            committed: None,
-            pending_audit: Vec::new(),
-            appended: HashMap::new(),
-            memo: None,
-            webhooks_changed: false,
-            defer_sync: false,
-        }))
+        Ok(Box::new(SqliteTx::new(TxConn::Read(tx), None)))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -555,23 +634,100 @@ impl Store for SqliteStore {
 }
 
 struct SqliteTx {
-    tx: Transaction<'static, Sqlite>,
+    conn: TxConn,
     /// A write transaction's store, whose group commit and checkpoints are told of the commit.
     committed: Option<SqliteStore>,
-    /// Audit events sealed in this transaction but not yet written. They are written together, in one
-    /// statement, before the transaction's next statement or its commit, so every statement sees them and a
+    /// Audit events sealed in this transaction but not yet queued. They join the queued writes in one
+    /// statement before the transaction's next statement or its commit, so every statement sees them and a
     /// commit never lacks them; a rollback drops them with everything else.
     pending_audit: Vec<AuditEvent>,
+    /// Writes not yet sent (see [`Batch`]).
+    batch: Batch,
     /// The head this transaction left for each org it appended to: the next append follows it without
     /// reading the head again (the write lock keeps it the head), and it is the memo's head after the
     /// commit.
     appended: HashMap<OrgId, (i64, String)>,
-    /// A write transaction's hold on the store's memo (see [`SqliteStore`]); `None` for a reader.
-    memo: Option<tokio::sync::OwnedMutexGuard<WriterMemo>>,
     /// This transaction changed webhooks: what it lists of them is not yet committed, so not remembered.
     webhooks_changed: bool,
     /// The commit returns once written, not synced ([`StoreTx::defer_sync`]).
     defer_sync: bool,
+}
+
+enum TxConn {
+    Read(Transaction<'static, Sqlite>),
+    /// The writer, on which the transaction sends its own `BEGIN IMMEDIATE` with its first statement and
+    /// its `COMMIT` with its last writes, instead of a round trip for each.
+    Write(WriterTurn),
+}
+
+impl TxConn {
+    fn connection(&mut self) -> &mut SqliteConnection {
+        match self {
+            TxConn::Read(tx) => tx,
+            TxConn::Write(turn) => &mut turn.conn,
+        }
+    }
+}
+
+/// Writes a transaction has queued and not sent yet.
+///
+/// Every statement is a round trip to the connection's thread, which costs more here (tens of microseconds)
+/// than most statements take. So the writes whose outcome the caller need not see at once (inserts and
+/// updates of one row, and the sealed audit events) are queued and sent together, in one round trip, with
+/// the transaction's next statement that needs them: before a read or any other statement, or with the
+/// `COMMIT`. An update of one row is followed by a check ([`EXPECT_ONE`]) that fails the round trip if it
+/// found no row, before the `COMMIT` in it runs. A round trip that fails fails the transaction: nothing
+/// queued after the failed write ran, and every later statement and the commit fail, so it can only roll
+/// back. (Several statements in one prepared query are something only sqlx's SQLite driver does; its docs
+/// call that behaviour deprecated, and an upgrade that drops it fails every write transaction's test.)
+#[derive(Default)]
+struct Batch {
+    sql: sqlx::QueryBuilder<Sqlite>,
+    writes: usize,
+    failed: bool,
+}
+
+/// A queued statement, binding its values in order ([`SqliteTx::queue`]); dropped, it ends the statement.
+struct Queued<'a> {
+    sql: &'a mut sqlx::QueryBuilder<Sqlite>,
+    pieces: std::str::Split<'static, char>,
+}
+
+impl Queued<'_> {
+    fn bind<'t, T: sqlx::Encode<'t, Sqlite> + sqlx::Type<Sqlite>>(mut self, value: T) -> Self {
+        self.sql.push_bind(value);
+        if let Some(piece) = self.pieces.next() {
+            self.sql.push(piece);
+        }
+        self
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        for piece in self.pieces.by_ref() {
+            self.sql.push(piece);
+        }
+        self.sql.push(";\n");
+    }
+}
+
+/// `query` with `BEGIN IMMEDIATE` before it and `COMMIT` after it, as asked, in one query.
+fn wrapped<'q>(
+    mut query: sqlx::query::Query<'q, Sqlite, SqliteArguments>,
+    begin: bool,
+    commit: bool,
+) -> Result<sqlx::query::Query<'q, Sqlite, SqliteArguments>, StoreError> {
+    if !begin && !commit {
+        return Ok(query);
+    }
+    let arguments = query.take_arguments().map_err(|e| StoreError::Internal(e.to_string()))?.unwrap_or_default();
+    let body = query.sql();
+    let body = body.as_str().trim_end().trim_end_matches(';');
+    let parts =
+        [begin.then_some("BEGIN IMMEDIATE"), Some(body).filter(|b| !b.trim().is_empty()), commit.then_some("COMMIT")];
+    let sql = parts.into_iter().flatten().collect::<Vec<_>>().join(";\n");
+    Ok(sqlx::query_with(AssertSqlSafe(sql), arguments))
 }
 
 /// Audit rows per multi-row `INSERT` (ten values each, far below SQLite's limit on bound values).
@@ -609,12 +765,154 @@ enum AuditOrder {
 }
 
 impl SqliteTx {
+    fn new(conn: TxConn, committed: Option<SqliteStore>) -> SqliteTx {
+        SqliteTx {
+            conn,
+            committed,
+            pending_audit: Vec::new(),
+            batch: Batch::default(),
+            appended: HashMap::new(),
+            webhooks_changed: false,
+            defer_sync: false,
+        }
+    }
+
+    /// What the writer remembers; `None` for a reader.
+    fn memo(&self) -> Option<&WriterMemo> {
+        match &self.conn {
+            TxConn::Write(turn) => Some(&turn.memo),
+            TxConn::Read(_) => None,
+        }
+    }
+
+    fn memo_mut(&mut self) -> Option<&mut WriterMemo> {
+        match &mut self.conn {
+            TxConn::Write(turn) => Some(&mut turn.memo),
+            TxConn::Read(_) => None,
+        }
+    }
+
     /// Before a change to `org`'s webhooks: the memo forgets them, and this transaction remembers none.
     fn forget_webhooks(&mut self, org: &OrgId) {
         self.webhooks_changed = true;
-        if let Some(memo) = self.memo.as_deref_mut() {
+        if let Some(memo) = self.memo_mut() {
             memo.webhooks.remove(org);
         }
+    }
+
+    /// Queues one write (see [`Batch`]): `sql` with a `?` for each value, bound in order through the
+    /// returned [`Queued`].
+    fn queue(&mut self, sql: &'static str) -> Queued<'_> {
+        self.batch.writes += 1;
+        let mut pieces = sql.split('?');
+        if let Some(first) = pieces.next() {
+            self.batch.sql.push(first);
+        }
+        Queued { sql: &mut self.batch.sql, pieces }
+    }
+
+    /// Queues the check that the update queued last changed exactly one row: on the writer, whose
+    /// connection has it ([`EXPECT_ONE`]). Read transactions do not write.
+    fn expect_one(&mut self) {
+        if matches!(self.conn, TxConn::Write(_)) {
+            drop(self.queue("INSERT INTO expect_one VALUES (changes())"));
+        }
+    }
+
+    /// Moves the sealed audit events into the queued writes, in as few statements as the bound-value limit
+    /// allows.
+    fn queue_audit(&mut self) -> Result<(), StoreError> {
+        for rows in self.pending_audit.chunks(AUDIT_ROWS_PER_INSERT) {
+            if let Err(e) = push_audit_rows(&mut self.batch.sql, rows) {
+                self.batch.failed = true;
+                return Err(e);
+            }
+            self.batch.sql.push(";\n");
+            self.batch.writes += 1;
+        }
+        self.pending_audit.clear();
+        Ok(())
+    }
+
+    /// Sends the queued writes, if any, with the writer's `BEGIN IMMEDIATE` before them if it has not gone
+    /// yet, and (`commit`) its `COMMIT` after them. Returns whether a `COMMIT` went (a writer that never
+    /// began has nothing to commit; a reader's commit is its `Transaction`'s).
+    async fn send(&mut self, commit: bool) -> Result<bool, StoreError> {
+        self.queue_audit()?;
+        if self.batch.failed {
+            return Err(StoreError::Internal(
+                "an earlier write of this transaction failed, so it can only roll back".into(),
+            ));
+        }
+        let writes = std::mem::take(&mut self.batch.writes);
+        let mut batch = std::mem::take(&mut self.batch.sql);
+        let (begin, commit) = match &mut self.conn {
+            TxConn::Write(turn) => {
+                let begin = !turn.open && writes > 0;
+                if begin {
+                    turn.open = true;
+                }
+                (begin, commit && turn.open)
+            }
+            TxConn::Read(_) => (false, false),
+        };
+        if writes == 0 && !commit {
+            return Ok(false);
+        }
+        let query = wrapped(batch.build(), begin, commit)?;
+        match query.execute(self.conn.connection()).await {
+            Ok(_) => {
+                if let (true, TxConn::Write(turn)) = (commit, &mut self.conn) {
+                    turn.open = false;
+                }
+                Ok(commit)
+            }
+            Err(e) => {
+                self.batch.failed = true;
+                // A conflict in the audit rows may mean a remembered head was wrong: read them from disk.
+                if let Some(memo) = self.memo_mut() {
+                    memo.heads.clear();
+                }
+                // Named as an audit failure when the audit rows met it, so a caller's mapping of a conflict
+                // on its own row never misreads it.
+                let audit = matches!(&e, sqlx::Error::Database(db) if db.message().contains("audit_events"));
+                Err(if audit { audit_write_failed(map_sqlx(e)) } else { map_sqlx(e) })
+            }
+        }
+    }
+
+    /// Before a statement sent on its own: sends the queued writes. If only the writer's `BEGIN` is still to
+    /// go, returns the statement with the `BEGIN` in front (`join_begin`), or else sends the `BEGIN` first:
+    /// a statement whose count of changed rows is wanted cannot share a query with a `BEGIN`, which SQLite
+    /// reports as changing what the last write before it did. The flag says the `BEGIN` went with it.
+    async fn before<'q>(
+        &mut self,
+        query: sqlx::query::Query<'q, Sqlite, SqliteArguments>,
+        join_begin: bool,
+    ) -> Result<(sqlx::query::Query<'q, Sqlite, SqliteArguments>, bool), StoreError> {
+        self.send(false).await?;
+        let TxConn::Write(turn) = &mut self.conn else { return Ok((query, false)) };
+        if turn.open {
+            return Ok((query, false));
+        }
+        turn.open = true;
+        if join_begin {
+            return Ok((wrapped(query, true, false)?, true));
+        }
+        if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut turn.conn).await {
+            self.batch.failed = true;
+            return Err(map_sqlx(e));
+        }
+        Ok((query, false))
+    }
+
+    /// A statement that carried the `BEGIN` failed: the transaction may not have begun, so nothing after it
+    /// may run.
+    fn failed_with(&mut self, began: bool, e: sqlx::Error) -> StoreError {
+        if began {
+            self.batch.failed = true;
+        }
+        map_sqlx(e)
     }
 
     /// Seals an event after (seq, hash) and remembers it as the org's head in this transaction.
@@ -622,28 +920,6 @@ impl SqliteTx {
         let sealed = seal_pending(&mut self.pending_audit, org, seq, hash, event);
         self.appended.insert(org.clone(), (sealed.seq, sealed.hash.clone()));
         sealed
-    }
-
-    /// Writes the audit events sealed since the last statement, in as few statements as the bound-value
-    /// limit allows. Called before every statement and before the commit.
-    async fn write_pending_audit(&mut self) -> Result<(), StoreError> {
-        if self.pending_audit.is_empty() {
-            return Ok(());
-        }
-        // Kept until every row is written: after a failure the next statement, and the commit, try again and
-        // fail again, so a caller that carried on past the error still cannot commit without its events.
-        for rows in self.pending_audit.chunks(AUDIT_ROWS_PER_INSERT) {
-            let mut query = insert_audit_rows::<Sqlite>("", rows)?;
-            if let Err(e) = query.build().execute(&mut *self.tx).await {
-                // A conflict here may mean a remembered head was wrong: read them from disk from now on.
-                if let Some(memo) = self.memo.as_deref_mut() {
-                    memo.heads.clear();
-                }
-                return Err(audit_write_failed(map_sqlx(e)));
-            }
-        }
-        self.pending_audit.clear();
-        Ok(())
     }
 
     /// Audit events matching `filter`, oldest first after a seq or newest first before one.
@@ -713,26 +989,26 @@ impl SqliteTx {
 
     async fn fetch_all(
         &mut self,
-        query: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+        query: sqlx::query::Query<'_, Sqlite, SqliteArguments>,
     ) -> Result<Vec<SqliteRow>, StoreError> {
-        self.write_pending_audit().await?;
-        query.fetch_all(&mut *self.tx).await.map_err(map_sqlx)
+        let (query, began) = self.before(query, true).await?;
+        let rows = query.fetch_all(self.conn.connection()).await;
+        rows.map_err(|e| self.failed_with(began, e))
     }
 
     async fn fetch_optional(
         &mut self,
-        query: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+        query: sqlx::query::Query<'_, Sqlite, SqliteArguments>,
     ) -> Result<Option<SqliteRow>, StoreError> {
-        self.write_pending_audit().await?;
-        query.fetch_optional(&mut *self.tx).await.map_err(map_sqlx)
+        let (query, began) = self.before(query, true).await?;
+        let row = query.fetch_optional(self.conn.connection()).await;
+        row.map_err(|e| self.failed_with(began, e))
     }
 
-    async fn execute(
-        &mut self,
-        query: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
-    ) -> Result<u64, StoreError> {
-        self.write_pending_audit().await?;
-        query.execute(&mut *self.tx).await.map(|r| r.rows_affected()).map_err(map_sqlx)
+    /// A statement whose count of changed rows the caller wants, sent at once.
+    async fn execute(&mut self, query: sqlx::query::Query<'_, Sqlite, SqliteArguments>) -> Result<u64, StoreError> {
+        let (query, _) = self.before(query, false).await?;
+        query.execute(self.conn.connection()).await.map(|r| r.rows_affected()).map_err(map_sqlx)
     }
 
     async fn load_decisions(&mut self, approval: &mut Approval) -> Result<(), StoreError> {
@@ -772,22 +1048,26 @@ const LAST_AUDIT_SEQ_BEFORE: &str = "SELECT COALESCE(
 impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let mut this = *self;
-        this.write_pending_audit().await?;
-        let SqliteTx { tx, committed, appended, mut memo, defer_sync, .. } = this;
         // Emptied while the commit runs and refilled only once it succeeded, all under the lock: a commit
-        // that fails, or whose caller stops waiting (sqlx still runs it), leaves the next writer to read
-        // from disk, never to trust what may not be there.
-        let known = memo.as_deref_mut().map(std::mem::take);
-        tx.commit().await.map_err(map_sqlx)?;
-        if let (Some(memo), Some(mut known)) = (memo.as_deref_mut(), known) {
-            known.heads.extend(appended);
-            *memo = known;
+        // that fails, or whose caller stops waiting (the connection still runs it), leaves the next writer to
+        // read from disk, never to trust what may not be there.
+        let known = this.memo_mut().map(std::mem::take);
+        let sent = this.send(true).await?;
+        let SqliteTx { conn, committed, appended, defer_sync, .. } = this;
+        match conn {
+            TxConn::Read(tx) => tx.commit().await.map_err(map_sqlx)?,
+            TxConn::Write(mut turn) => {
+                if let Some(mut known) = known {
+                    known.heads.extend(appended);
+                    turn.memo = known;
+                }
+                // Let the next writer in before waiting for the sync, so one sync serves a queue of commits.
+                drop(turn);
+            }
         }
-        // Let the next writer in before waiting for the sync, so one sync serves a queue of commits.
-        drop(memo);
         match committed {
-            Some(store) => store.durability.committed(&store.writer, &store.reader, !defer_sync).await,
-            None => Ok(()),
+            Some(store) if sent => store.durability.committed(&store.writer, &store.reader, !defer_sync).await,
+            _ => Ok(()),
         }
     }
 
@@ -1168,61 +1448,70 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_action(&mut self, a: &Action) -> Result<(), StoreError> {
-        self.execute(
-            sqlx::query(
-                "INSERT INTO actions (id, org_id, agent_id, agent_name, session_id, capability, params, reasoning, target,
-                    idempotency_key, state, verdict, approval_id, result, error, request_hash, created_at, decided_at,
-                    started_at, finished_at, job_id)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        const INSERT: &str = "INSERT INTO actions (id, org_id, agent_id, agent_name, session_id, capability, params,
+                reasoning, target, idempotency_key, state, verdict, approval_id, result, error, request_hash,
+                created_at, decided_at, started_at, finished_at, job_id)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+        let params = to_json(&a.params)?;
+        let target = a.target.as_ref().map(to_json).transpose()?;
+        let verdict = a.verdict.as_ref().map(to_json).transpose()?;
+        let result = a.result.as_ref().map(to_json).transpose()?;
+        let values = |q: Queued<'_>| {
+            drop(
+                q.bind(a.id.as_str().to_owned())
+                    .bind(a.org_id.as_str().to_owned())
+                    .bind(a.agent_id.as_str().to_owned())
+                    .bind(a.agent_name.clone())
+                    .bind(a.session_id.as_ref().map(|s| s.as_str().to_owned()))
+                    .bind(a.capability.as_str().to_owned())
+                    .bind(params)
+                    .bind(a.reasoning.clone())
+                    .bind(target)
+                    .bind(a.idempotency_key.clone())
+                    .bind(a.state.as_str())
+                    .bind(verdict)
+                    .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
+                    .bind(result)
+                    .bind(a.error.clone())
+                    .bind(a.request_hash.clone())
+                    .bind(to_us(a.created_at))
+                    .bind(opt_us(a.decided_at))
+                    .bind(opt_us(a.started_at))
+                    .bind(opt_us(a.finished_at))
+                    .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned())),
             )
-            .bind(a.id.as_str().to_owned())
-            .bind(a.org_id.as_str().to_owned())
-            .bind(a.agent_id.as_str().to_owned())
-            .bind(a.agent_name.clone())
-            .bind(a.session_id.as_ref().map(|s| s.as_str().to_owned()))
-            .bind(a.capability.as_str().to_owned())
-            .bind(to_json(&a.params)?)
-            .bind(a.reasoning.clone())
-            .bind(a.target.as_ref().map(to_json).transpose()?)
-            .bind(a.idempotency_key.clone())
-            .bind(a.state.as_str())
-            .bind(a.verdict.as_ref().map(to_json).transpose()?)
-            .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
-            .bind(a.result.as_ref().map(to_json).transpose()?)
-            .bind(a.error.clone())
-            .bind(a.request_hash.clone())
-            .bind(to_us(a.created_at))
-            .bind(opt_us(a.decided_at))
-            .bind(opt_us(a.started_at))
-            .bind(opt_us(a.finished_at))
-            .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned())),
-        )
-        .await
-        .map(drop)
+        };
+        values(self.queue(INSERT));
+        // An idempotency key may meet its twin, a conflict the caller answers: sent now, so it is this call's.
+        if a.idempotency_key.is_some() {
+            self.send(false).await?;
+        }
+        Ok(())
     }
 
     async fn update_action(&mut self, a: &Action) -> Result<(), StoreError> {
-        let n = self
-            .execute(
-                sqlx::query(
-                    "UPDATE actions SET state = ?, verdict = ?, approval_id = ?, result = ?, error = ?, decided_at = ?,
-                        started_at = ?, finished_at = ?, job_id = ?
-                     WHERE org_id = ? AND id = ?",
-                )
-                .bind(a.state.as_str())
-                .bind(a.verdict.as_ref().map(to_json).transpose()?)
-                .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
-                .bind(a.result.as_ref().map(to_json).transpose()?)
-                .bind(a.error.clone())
-                .bind(opt_us(a.decided_at))
-                .bind(opt_us(a.started_at))
-                .bind(opt_us(a.finished_at))
-                .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned()))
-                .bind(a.org_id.as_str().to_owned())
-                .bind(a.id.as_str().to_owned()),
+        let verdict = a.verdict.as_ref().map(to_json).transpose()?;
+        let result = a.result.as_ref().map(to_json).transpose()?;
+        drop(
+            self.queue(
+                "UPDATE actions SET state = ?, verdict = ?, approval_id = ?, result = ?, error = ?, decided_at = ?,
+                    started_at = ?, finished_at = ?, job_id = ?
+                 WHERE org_id = ? AND id = ?",
             )
-            .await?;
-        if n == 1 { Ok(()) } else { Err(StoreError::Internal(format!("action {} vanished", a.id))) }
+            .bind(a.state.as_str())
+            .bind(verdict)
+            .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
+            .bind(result)
+            .bind(a.error.clone())
+            .bind(opt_us(a.decided_at))
+            .bind(opt_us(a.started_at))
+            .bind(opt_us(a.finished_at))
+            .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned()))
+            .bind(a.org_id.as_str().to_owned())
+            .bind(a.id.as_str().to_owned()),
+        );
+        self.expect_one();
+        Ok(())
     }
 
     async fn get_action(&mut self, org: &OrgId, id: &ActionId) -> Result<Option<Action>, StoreError> {
@@ -1432,7 +1721,7 @@ impl StoreTx for SqliteTx {
         // write lock, so no one else moved it since), else the one on disk.
         let known = match self.appended.get(org) {
             Some(head) => Some(head.clone()),
-            None => self.memo.as_ref().and_then(|memo| memo.heads.get(org).cloned()),
+            None => self.memo().and_then(|memo| memo.heads.get(org).cloned()),
         };
         if let Some((seq, hash)) = known {
             return Ok(self.seal(org, seq, &hash, event));
@@ -1614,8 +1903,11 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_job(&mut self, j: &Job) -> Result<(), StoreError> {
-        self.execute(
-            sqlx::query(
+        let payload = to_json(&j.payload)?;
+        let progress = j.progress.as_ref().map(to_json).transpose()?;
+        let result = j.result.as_ref().map(to_json).transpose()?;
+        drop(
+            self.queue(
                 "INSERT INTO jobs (id, org_id, kind, subject, state, attempts, max_attempts, run_at, lease_owner,
                     lease_until, payload, progress, result, error, created_at, started_at, finished_at)
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1630,41 +1922,41 @@ impl StoreTx for SqliteTx {
             .bind(to_us(j.run_at))
             .bind(j.lease_owner.clone())
             .bind(opt_us(j.lease_until))
-            .bind(to_json(&j.payload)?)
-            .bind(j.progress.as_ref().map(to_json).transpose()?)
-            .bind(j.result.as_ref().map(to_json).transpose()?)
+            .bind(payload)
+            .bind(progress)
+            .bind(result)
             .bind(j.error.clone())
             .bind(to_us(j.created_at))
             .bind(opt_us(j.started_at))
             .bind(opt_us(j.finished_at)),
-        )
-        .await
-        .map(drop)
+        );
+        Ok(())
     }
 
     async fn update_job(&mut self, j: &Job) -> Result<(), StoreError> {
-        let n = self
-            .execute(
-                sqlx::query(
-                    "UPDATE jobs SET state = ?, attempts = ?, run_at = ?, lease_owner = ?, lease_until = ?,
-                        progress = ?, result = ?, error = ?, started_at = ?, finished_at = ?
-                     WHERE org_id = ? AND id = ?",
-                )
-                .bind(j.state.as_str())
-                .bind(i64::from(j.attempts))
-                .bind(to_us(j.run_at))
-                .bind(j.lease_owner.clone())
-                .bind(opt_us(j.lease_until))
-                .bind(j.progress.as_ref().map(to_json).transpose()?)
-                .bind(j.result.as_ref().map(to_json).transpose()?)
-                .bind(j.error.clone())
-                .bind(opt_us(j.started_at))
-                .bind(opt_us(j.finished_at))
-                .bind(j.org_id.as_str().to_owned())
-                .bind(j.id.as_str().to_owned()),
+        let progress = j.progress.as_ref().map(to_json).transpose()?;
+        let result = j.result.as_ref().map(to_json).transpose()?;
+        drop(
+            self.queue(
+                "UPDATE jobs SET state = ?, attempts = ?, run_at = ?, lease_owner = ?, lease_until = ?,
+                    progress = ?, result = ?, error = ?, started_at = ?, finished_at = ?
+                 WHERE org_id = ? AND id = ?",
             )
-            .await?;
-        if n == 1 { Ok(()) } else { Err(StoreError::Internal(format!("job {} vanished", j.id))) }
+            .bind(j.state.as_str())
+            .bind(i64::from(j.attempts))
+            .bind(to_us(j.run_at))
+            .bind(j.lease_owner.clone())
+            .bind(opt_us(j.lease_until))
+            .bind(progress)
+            .bind(result)
+            .bind(j.error.clone())
+            .bind(opt_us(j.started_at))
+            .bind(opt_us(j.finished_at))
+            .bind(j.org_id.as_str().to_owned())
+            .bind(j.id.as_str().to_owned()),
+        );
+        self.expect_one();
+        Ok(())
     }
 
     async fn get_job(&mut self, org: &OrgId, id: &JobId) -> Result<Option<Job>, StoreError> {
@@ -1817,7 +2109,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn list_webhooks(&mut self, org: &OrgId) -> Result<Vec<Webhook>, StoreError> {
-        if let Some(known) = self.memo.as_ref().and_then(|memo| memo.webhooks.get(org)) {
+        if let Some(known) = self.memo().and_then(|memo| memo.webhooks.get(org)) {
             return Ok(known.clone());
         }
         let rows = self
@@ -1828,7 +2120,7 @@ impl StoreTx for SqliteTx {
             .await?;
         let hooks = rows.iter().map(webhook_row).collect::<Result<Vec<_>, _>>()?;
         if !self.webhooks_changed
-            && let Some(memo) = self.memo.as_deref_mut()
+            && let Some(memo) = self.memo_mut()
         {
             memo.webhooks.insert(org.clone(), hooks.clone());
         }
@@ -1849,8 +2141,8 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_delivery(&mut self, d: &Delivery) -> Result<(), StoreError> {
-        self.execute(
-            sqlx::query(
+        drop(
+            self.queue(
                 "INSERT INTO webhook_deliveries (id, org_id, webhook_id, job_id, event_id, event_type, attempt, status,
                     latency_ms, error, created_at)
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1866,9 +2158,8 @@ impl StoreTx for SqliteTx {
             .bind(i64::try_from(d.latency_ms).unwrap_or(i64::MAX))
             .bind(d.error.clone())
             .bind(to_us(d.created_at)),
-        )
-        .await
-        .map(drop)
+        );
+        Ok(())
     }
 
     async fn list_deliveries(
@@ -2068,7 +2359,10 @@ mod tests {
         tx.commit().await.unwrap();
 
         // Remembered: a row changed behind the store's back is not read again ...
-        sqlx::query("UPDATE webhooks SET url = 'https://changed.example'").execute(&store.writer).await.unwrap();
+        sqlx::query("UPDATE webhooks SET url = 'https://changed.example'")
+            .execute(&mut store.writer.lock().await.conn)
+            .await
+            .unwrap();
         let mut tx = store.write().await.unwrap();
         assert_eq!(urls(tx.list_webhooks(&org.id).await.unwrap()), ["https://hooks.example/in"]);
         // ... until a change through the store forgets them.
@@ -2076,6 +2370,78 @@ mod tests {
         tx.commit().await.unwrap();
         let mut tx = store.write().await.unwrap();
         assert!(tx.list_webhooks(&org.id).await.unwrap().is_empty());
+    }
+
+    fn job(org: &OrgId) -> Job {
+        // Stored to the microsecond.
+        let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+        Job::new(org.clone(), JobKind::ActionExecute, None, serde_json::json!({}), now)
+    }
+
+    /// Queued writes go out together with the next statement that needs them, or with the commit, and the
+    /// writer's own `BEGIN` with the first: what the transaction wrote is what it reads, and what commits.
+    #[tokio::test]
+    async fn queued_writes_are_read_back_and_committed_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let org = Org { id: OrgId::new(), name: "o".into(), created_at: Utc::now() };
+        let mut tx = store.write().await.unwrap();
+        tx.insert_org(&org).await.unwrap();
+        let mut first = job(&org.id);
+        tx.insert_job(&first).await.unwrap();
+        assert_eq!(tx.get_job(&org.id, &first.id).await.unwrap(), Some(first.clone()), "a queued insert went unread");
+        first.state = JobState::Cancelled;
+        tx.update_job(&first).await.unwrap();
+        let second = job(&org.id);
+        tx.insert_job(&second).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = store.read().await.unwrap();
+        assert_eq!(tx.get_job(&org.id, &first.id).await.unwrap(), Some(first));
+        assert_eq!(tx.get_job(&org.id, &second.id).await.unwrap(), Some(second));
+    }
+
+    /// An update that finds no row fails the round trip it goes in, before the `COMMIT` sent with it: the
+    /// transaction commits nothing, every later statement fails, and the next writer starts clean.
+    #[tokio::test]
+    async fn a_queued_update_of_a_missing_row_fails_its_transaction_before_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let org = Org { id: OrgId::new(), name: "o".into(), created_at: Utc::now() };
+        let mut tx = store.write().await.unwrap();
+        tx.insert_org(&org).await.unwrap();
+        tx.commit().await.unwrap();
+
+        // Sent with the commit.
+        let mut tx = store.write().await.unwrap();
+        let kept = job(&org.id);
+        tx.insert_job(&kept).await.unwrap();
+        tx.update_job(&job(&org.id)).await.unwrap();
+        let failed = tx.commit().await.unwrap_err();
+        assert!(failed.to_string().contains("a row this transaction updates is gone"), "{failed}");
+        assert_eq!(
+            store.read().await.unwrap().get_job(&org.id, &kept.id).await.unwrap(),
+            None,
+            "a failed commit wrote"
+        );
+
+        // Sent before a read: the read fails, and so does everything after it.
+        let mut tx = store.write().await.unwrap();
+        tx.insert_job(&kept).await.unwrap();
+        tx.update_job(&job(&org.id)).await.unwrap();
+        assert!(tx.count_orgs().await.is_err());
+        assert!(tx.get_job(&org.id, &kept.id).await.is_err(), "a failed transaction went on");
+        assert!(tx.commit().await.is_err(), "a failed transaction committed");
+
+        // Dropped with its transaction open: rolled back before the next one begins.
+        let mut tx = store.write().await.unwrap();
+        tx.insert_job(&kept).await.unwrap();
+        assert!(tx.get_job(&org.id, &kept.id).await.unwrap().is_some());
+        drop(tx);
+        let mut tx = store.write().await.unwrap();
+        assert_eq!(tx.get_job(&org.id, &kept.id).await.unwrap(), None, "an abandoned transaction was not rolled back");
+        tx.insert_job(&kept).await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(store.read().await.unwrap().get_job(&org.id, &kept.id).await.unwrap().is_some());
     }
 
     /// A deferred commit returns unsynced but counted: the next durable commit's sync, or `durable`, covers

@@ -540,11 +540,25 @@ mod checks {
         updated.job_id = Some(JobId::new());
         tx.update_action(&updated).await.unwrap();
         assert_eq!(tx.get_action(&o.id, &updated.id).await.unwrap(), Some(updated.clone()), "{n}");
+        tx.commit().await.unwrap();
+        actions[0] = updated.clone();
+
+        // An update of a row that is not there fails its transaction: at once, or (SQLite sends its updates
+        // with the next statement or the commit) at the commit, which then commits nothing of it.
+        let mut tx = b.store.write().await.unwrap();
+        let mut changed = updated.clone();
+        changed.error = Some("changed in a transaction that fails".into());
+        tx.update_action(&changed).await.unwrap();
         let mut missing = updated.clone();
         missing.id = ActionId::new();
-        assert!(matches!(tx.update_action(&missing).await, Err(StoreError::Internal(_))), "{n}");
-        tx.commit().await.unwrap();
-        actions[0] = updated;
+        let failed = match tx.update_action(&missing).await {
+            Err(e) => Err(e),
+            Ok(()) => tx.commit().await,
+        };
+        assert!(matches!(failed, Err(StoreError::Internal(_))), "{n}: {failed:?}");
+        let mut tx = b.store.read().await.unwrap();
+        assert_eq!(tx.get_action(&o.id, &updated.id).await.unwrap(), Some(updated), "{n}");
+        drop(tx);
 
         // Idempotency keys are unique per (org, agent).
         let mut tx = b.store.write().await.unwrap();
