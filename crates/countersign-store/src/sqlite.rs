@@ -556,7 +556,14 @@ impl SqliteStore {
         // its thread, twice per proxied model call).
         // The writer first: it makes the file and sets its page size and WAL mode, which a second connection
         // opening at the same moment (a pool fills itself in the background) could find locked.
-        let mut writer = options.clone().pragma("wal_autocheckpoint", "0").connect().await.map_err(map_sqlx)?;
+        // Batches of queued writes vary (which writes, how many audit rows): room to keep them all prepared.
+        let mut writer = options
+            .clone()
+            .pragma("wal_autocheckpoint", "0")
+            .statement_cache_capacity(512)
+            .connect()
+            .await
+            .map_err(map_sqlx)?;
         sqlx::raw_sql(EXPECT_ONE).execute(&mut writer).await.map_err(map_sqlx)?;
         let reader = SqlitePoolOptions::new()
             .test_before_acquire(false)
@@ -676,9 +683,10 @@ impl TxConn {
 /// updates of one row, and the sealed audit events) are queued and sent together, in one round trip, with
 /// the transaction's next statement that needs them: before a read or any other statement, or with the
 /// `COMMIT`. An update of one row is followed by a check ([`EXPECT_ONE`]) that fails the round trip if it
-/// found no row, before the `COMMIT` in it runs. A round trip that fails fails the transaction: nothing
-/// queued after the failed write ran, and every later statement and the commit fail, so it can only roll
-/// back. (Several statements in one prepared query are something only sqlx's SQLite driver does; its docs
+/// found no row, before the `COMMIT` in it runs. A round trip that fails (or is cancelled midway) fails the
+/// transaction: nothing queued after the failed write ran, and every later statement and the commit fail,
+/// so it can only roll back. The one exception is a constraint refusing a statement sent on its own, which
+/// SQLite undoes alone ([`SqliteTx::outcome`]). (Several statements in one prepared query are something only sqlx's SQLite driver does; its docs
 /// call that behaviour deprecated, and an upgrade that drops it fails every write transaction's test.)
 #[derive(Default)]
 struct Batch {
@@ -859,16 +867,18 @@ impl SqliteTx {
         if writes == 0 && !commit {
             return Ok(false);
         }
+        // Armed until the round trip succeeds: one that fails, or is cancelled midway, fails the transaction.
+        self.batch.failed = true;
         let query = wrapped(batch.build(), begin, commit)?;
         match query.execute(self.conn.connection()).await {
             Ok(_) => {
+                self.batch.failed = false;
                 if let (true, TxConn::Write(turn)) = (commit, &mut self.conn) {
                     turn.open = false;
                 }
                 Ok(commit)
             }
             Err(e) => {
-                self.batch.failed = true;
                 // A conflict in the audit rows may mean a remembered head was wrong: read them from disk.
                 if let Some(memo) = self.memo_mut() {
                     memo.heads.clear();
@@ -896,23 +906,41 @@ impl SqliteTx {
             return Ok((query, false));
         }
         turn.open = true;
+        self.batch.failed = true;
         if join_begin {
             return Ok((wrapped(query, true, false)?, true));
         }
-        if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut turn.conn).await {
-            self.batch.failed = true;
-            return Err(map_sqlx(e));
-        }
+        let begun = sqlx::query("BEGIN IMMEDIATE").execute(&mut turn.conn).await;
+        self.outcome(begun, true)?;
         Ok((query, false))
     }
 
-    /// A statement that carried the `BEGIN` failed: the transaction may not have begun, so nothing after it
-    /// may run.
-    fn failed_with(&mut self, began: bool, e: sqlx::Error) -> StoreError {
-        if began {
-            self.batch.failed = true;
+    /// After a statement sent on its own (armed by [`SqliteTx::arm`]): a failure fails the transaction, so
+    /// that every later statement and the commit fail, unless a constraint refused the one statement, which
+    /// SQLite undoes alone (a caller may answer a conflict and go on). Not when it carried the `BEGIN`: the
+    /// transaction may not have begun. Other errors (a full disk, an I/O error, a busy database) may have
+    /// rolled the whole transaction back, and what followed would run outside it.
+    fn outcome<T>(&mut self, done: Result<T, sqlx::Error>, began: bool) -> Result<T, StoreError> {
+        match done {
+            Ok(value) => {
+                self.batch.failed = false;
+                Ok(value)
+            }
+            Err(e) => {
+                if !began
+                    && let sqlx::Error::Database(db) = &e
+                    && !matches!(db.kind(), sqlx::error::ErrorKind::Other)
+                {
+                    self.batch.failed = false;
+                }
+                Err(map_sqlx(e))
+            }
         }
-        map_sqlx(e)
+    }
+
+    /// Before a round trip that is not [`SqliteTx::send`]'s: a cancelled one fails the transaction too.
+    fn arm(&mut self) {
+        self.batch.failed = true;
     }
 
     /// Seals an event after (seq, hash) and remembers it as the org's head in this transaction.
@@ -992,8 +1020,9 @@ impl SqliteTx {
         query: sqlx::query::Query<'_, Sqlite, SqliteArguments>,
     ) -> Result<Vec<SqliteRow>, StoreError> {
         let (query, began) = self.before(query, true).await?;
+        self.arm();
         let rows = query.fetch_all(self.conn.connection()).await;
-        rows.map_err(|e| self.failed_with(began, e))
+        self.outcome(rows, began)
     }
 
     async fn fetch_optional(
@@ -1001,14 +1030,17 @@ impl SqliteTx {
         query: sqlx::query::Query<'_, Sqlite, SqliteArguments>,
     ) -> Result<Option<SqliteRow>, StoreError> {
         let (query, began) = self.before(query, true).await?;
+        self.arm();
         let row = query.fetch_optional(self.conn.connection()).await;
-        row.map_err(|e| self.failed_with(began, e))
+        self.outcome(row, began)
     }
 
     /// A statement whose count of changed rows the caller wants, sent at once.
     async fn execute(&mut self, query: sqlx::query::Query<'_, Sqlite, SqliteArguments>) -> Result<u64, StoreError> {
         let (query, _) = self.before(query, false).await?;
-        query.execute(self.conn.connection()).await.map(|r| r.rows_affected()).map_err(map_sqlx)
+        self.arm();
+        let done = query.execute(self.conn.connection()).await;
+        self.outcome(done.map(|r| r.rows_affected()), false)
     }
 
     async fn load_decisions(&mut self, approval: &mut Approval) -> Result<(), StoreError> {
@@ -2428,15 +2460,21 @@ mod tests {
         let mut tx = store.write().await.unwrap();
         tx.insert_job(&kept).await.unwrap();
         tx.update_job(&job(&org.id)).await.unwrap();
-        assert!(tx.count_orgs().await.is_err());
-        assert!(tx.get_job(&org.id, &kept.id).await.is_err(), "a failed transaction went on");
+        let failed = tx.count_orgs().await.unwrap_err();
+        assert!(failed.to_string().contains("a row this transaction updates is gone"), "{failed}");
+        let after = tx.get_job(&org.id, &kept.id).await.unwrap_err();
+        assert!(after.to_string().contains("can only roll back"), "a failed transaction went on: {after}");
         assert!(tx.commit().await.is_err(), "a failed transaction committed");
 
-        // Dropped with its transaction open: rolled back before the next one begins.
+        // Dropped with its transaction open: rolled back at once, in the background (the task spawned by the
+        // drop runs, and takes the writer, before one spawned after it), else before the next one begins.
         let mut tx = store.write().await.unwrap();
         tx.insert_job(&kept).await.unwrap();
         assert!(tx.get_job(&org.id, &kept.id).await.unwrap().is_some());
         drop(tx);
+        let writer = Arc::clone(&store.writer);
+        let open = tokio::spawn(async move { writer.lock().await.open });
+        assert!(!open.await.unwrap(), "the dropped transaction was left open");
         let mut tx = store.write().await.unwrap();
         assert_eq!(tx.get_job(&org.id, &kept.id).await.unwrap(), None, "an abandoned transaction was not rolled back");
         tx.insert_job(&kept).await.unwrap();

@@ -552,7 +552,10 @@ mod checks {
         let mut missing = updated.clone();
         missing.id = ActionId::new();
         let failed = match tx.update_action(&missing).await {
-            Err(e) => Err(e),
+            Err(e) => {
+                drop(tx);
+                Err(e)
+            }
             Ok(()) => tx.commit().await,
         };
         assert!(matches!(failed, Err(StoreError::Internal(_))), "{n}: {failed:?}");
