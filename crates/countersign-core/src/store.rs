@@ -290,6 +290,20 @@ pub trait StoreTx: Send {
     /// Writes state, attempts, run_at, lease, progress, result, error and times.
     async fn update_job(&mut self, job: &Job) -> Result<(), StoreError>;
     async fn get_job(&mut self, org: &OrgId, id: &JobId) -> Result<Option<Job>, StoreError>;
+    /// The job `job` names (none without one), then the action: in that order, the order cancelling a job
+    /// takes, so a backend that locks what it reads locks them alike. One round trip where the backend can.
+    async fn get_job_and_action(
+        &mut self,
+        org: &OrgId,
+        job: Option<&JobId>,
+        action: &ActionId,
+    ) -> Result<(Option<Job>, Option<Action>), StoreError> {
+        let job = match job {
+            Some(id) => self.get_job(org, id).await?,
+            None => None,
+        };
+        Ok((job, self.get_action(org, action).await?))
+    }
     /// Newest first.
     async fn list_jobs(&mut self, org: &OrgId, filter: &JobFilter, page: &Page) -> Result<Vec<Job>, StoreError>;
     /// Across all orgs: takes the oldest due job — queued with `run_at` passed, or running with a lease that

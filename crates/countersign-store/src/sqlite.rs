@@ -7,9 +7,9 @@
 //! reading it and appending after it. Each statement is a round trip to the connection's thread, so a write
 //! transaction sends its `BEGIN` with its first statement, queues its inserts, updates and audit rows, and
 //! sends them with the next statement that needs them or with its `COMMIT` (see [`Batch`]): a proxied model
-//! call's two transactions take four round trips, where they took twelve. Commits are group-committed: a commit returns once
-//! an `fdatasync` of the WAL that began after it has finished, and one sync serves every writer queued behind
-//! it (see [`Durability`]). The writer does not checkpoint the WAL on commit (`wal_autocheckpoint = 0`): a
+//! call's two transactions take three round trips, where they took twelve. Commits are group-committed: a
+//! commit returns once an `fdatasync` of the WAL that began after it has finished, and one sync serves every
+//! writer queued behind it (see [`Durability`]). The writer does not checkpoint the WAL on commit (`wal_autocheckpoint = 0`): a
 //! background checkpoint runs once writes pause, or after [`CHECKPOINT_BOUND`] commits if they never do.
 //! Passive passes on a reader connection copy the log into the database file while writers go on, and a last
 //! one, in the writer's turn, copies the few frames appended meanwhile so the log can start over (see
@@ -2000,6 +2000,36 @@ impl StoreTx for SqliteTx {
             )
             .await?;
         row.as_ref().map(job_row).transpose()
+    }
+
+    async fn get_job_and_action(
+        &mut self,
+        org: &OrgId,
+        job: Option<&JobId>,
+        action: &ActionId,
+    ) -> Result<(Option<Job>, Option<Action>), StoreError> {
+        let Some(job) = job else { return Ok((None, self.get_action(org, action).await?)) };
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT * FROM jobs WHERE org_id = ? AND id = ?;
+                     SELECT * FROM actions WHERE org_id = ? AND id = ?",
+                )
+                .bind(org.as_str().to_owned())
+                .bind(job.as_str().to_owned())
+                .bind(org.as_str().to_owned())
+                .bind(action.as_str().to_owned()),
+            )
+            .await?;
+        // The rows of both statements, in order; an action's has `capability`, a job's has not.
+        let mut found = (None, None);
+        for row in &rows {
+            match row.try_column("capability") {
+                Ok(_) => found.1 = Some(action_row(row)?),
+                Err(_) => found.0 = Some(job_row(row)?),
+            }
+        }
+        Ok(found)
     }
 
     async fn list_jobs(&mut self, org: &OrgId, filter: &JobFilter, page: &Page) -> Result<Vec<Job>, StoreError> {

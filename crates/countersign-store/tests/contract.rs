@@ -543,6 +543,20 @@ mod checks {
         tx.commit().await.unwrap();
         actions[0] = updated.clone();
 
+        // A job and an action read together: each found by its own id, in its org only.
+        let mut tx = b.store.write().await.unwrap();
+        let job = Job::new(o.id.clone(), JobKind::ActionExecute, Some(updated.id.to_string()), json!({}), now());
+        tx.insert_job(&job).await.unwrap();
+        let both = tx.get_job_and_action(&o.id, Some(&job.id), &updated.id).await.unwrap();
+        assert_eq!(both, (Some(job.clone()), Some(updated.clone())), "{n}");
+        let no_job = tx.get_job_and_action(&o.id, None, &updated.id).await.unwrap();
+        assert_eq!(no_job, (None, Some(updated.clone())), "{n}");
+        let no_action = tx.get_job_and_action(&o.id, Some(&job.id), &ActionId::new()).await.unwrap();
+        assert_eq!(no_action, (Some(job.clone()), None), "{n}");
+        let elsewhere = tx.get_job_and_action(&other.id, Some(&job.id), &updated.id).await.unwrap();
+        assert_eq!(elsewhere, (None, None), "{n}: wrong org");
+        drop(tx);
+
         // An update of a row that is not there fails its transaction: at once, or (SQLite sends its updates
         // with the next statement or the commit) at the commit, which then commits nothing of it.
         let mut tx = b.store.write().await.unwrap();

@@ -338,15 +338,10 @@ impl Gateway {
         // The job before the action (the order cancelling a job takes). Still queued, it is the recovery
         // job of an inline execution, which ends here with the action's outcome; a job the runner holds is
         // the runner's to settle.
-        let recovery = match &action.job_id {
-            Some(job_id) => work.tx.get_job(&action.org_id, job_id).await?.filter(|j| j.state == JobState::Queued),
-            None => None,
-        };
-        let mut current = work
-            .tx
-            .get_action(&action.org_id, &action.id)
-            .await?
-            .ok_or_else(|| Error::not_found("action", action.id.as_str()))?;
+        let (recovery, current) =
+            work.tx.get_job_and_action(&action.org_id, action.job_id.as_ref(), &action.id).await?;
+        let recovery = recovery.filter(|j| j.state == JobState::Queued);
+        let mut current = current.ok_or_else(|| Error::not_found("action", action.id.as_str()))?;
         current.state = current.state.transition(state)?;
         current.result = result;
         current.error = error.clone();
