@@ -1,20 +1,20 @@
 //! The SQLite store: one file under the data directory, WAL journal, one writer at a time.
 //!
-//! Writes go through exactly one connection, held behind tokio's fair mutex, so writers queue in order
-//! instead of meeting SQLite's busy handler, which sleeps in steps of milliseconds; reads use a pool of their
-//! own and never wait for a writer (WAL). Write transactions still start with `BEGIN IMMEDIATE`, so a second
-//! process on the same file cannot upgrade a lock under us and the audit chain's head cannot move between
-//! reading it and appending after it. Each statement is a round trip to the connection's thread, so a write
-//! transaction sends its `BEGIN` with its first statement, queues its inserts, updates and audit rows, and
-//! sends them with the next statement that needs them or with its `COMMIT` (see [`Batch`]): a proxied model
-//! call's two transactions take three round trips, where they took twelve. Commits are group-committed: a
-//! commit returns once an `fdatasync` of the WAL that began after it has finished, and one sync serves every
-//! writer queued behind it (see [`Durability`]). The writer does not checkpoint the WAL on commit (`wal_autocheckpoint = 0`): a
-//! background checkpoint runs once writes pause, or after [`CHECKPOINT_BOUND`] commits if they never do.
-//! Passive passes on a reader connection copy the log into the database file while writers go on, and a last
-//! one, in the writer's turn, copies the few frames appended meanwhile so the log can start over (see
-//! [`Durability::checkpoint`]). Rows become domain records through the mappers in `rows`, shared with the
-//! PostgreSQL store; this module holds no business rules.
+//! Writes go through exactly one connection, held behind tokio's fair mutex, so writers queue in order instead of
+//! meeting SQLite's busy handler, which sleeps in steps of milliseconds; reads use a pool of their own and never
+//! wait for a writer (WAL). Write transactions still start with `BEGIN IMMEDIATE`, so a second process on the
+//! same file cannot upgrade a lock under us and the audit chain's head cannot move between reading it and
+//! appending after it. Each statement is a round trip to the connection's thread, so a write transaction sends
+//! its `BEGIN` with its first statement, queues its inserts, updates and audit rows, and sends them with the next
+//! statement that needs them or with its `COMMIT` (see [`Batch`]): a proxied model call's two transactions take
+//! three round trips, where they took twelve. Commits are group-committed: a commit returns once an `fdatasync`
+//! of the WAL that began after it has finished, and one sync serves every writer queued behind it (see
+//! [`Durability`]). The writer does not checkpoint the WAL on commit (`wal_autocheckpoint = 0`): a background
+//! checkpoint runs once writes pause, or after [`CHECKPOINT_BOUND`] commits if they never do. Passive passes on a
+//! reader connection copy the log into the database file while writers go on, and a last one, in the writer's
+//! turn, copies the few frames appended meanwhile so the log can start over (see [`Durability::checkpoint`]).
+//! Rows become domain records through the mappers in `rows`, shared with the PostgreSQL store; this module holds
+//! no business rules.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -148,7 +148,8 @@ impl Drop for WriterTurn {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Err(e) = writer.lock().await.settle().await {
-                    tracing::warn!(error = %e, "rolling back an abandoned write transaction failed; the next writer tries again");
+                    let why = "rolling back an abandoned write transaction failed; the next writer tries again";
+                    tracing::warn!(error = %e, "{why}");
                 }
             });
         }
@@ -183,12 +184,13 @@ struct WriterMemo {
 /// Group commit and checkpoints for the database file.
 ///
 /// Commits run with `synchronous = NORMAL`, so SQLite writes the WAL frames under the write lock but does not
-/// sync them. A commit is reported (unless it [`StoreTx::defer_sync`]s) only after an `fdatasync` of the WAL
-/// file that began after it: the guarantee of `synchronous = FULL` (the WAL is on disk before the commit is
-/// acknowledged), with the sync taken out of the single writer's turn and shared. Whoever finds no sync running starts one covering every
-/// commit so far; commits that land meanwhile wait for the next, so one sync serves a whole queue of writers.
-/// A read transaction first waits for the syncs of every commit made before it begins, so what a reader sees
-/// (and may act on) is on disk too; only a commit racing the reader's start by microseconds can escape that.
+/// sync them. A commit is reported (unless it [`StoreTx::defer_sync`]s) only after an `fdatasync` of the WAL file
+/// that began after it: the guarantee of `synchronous = FULL` (the WAL is on disk before the commit is
+/// acknowledged), with the sync taken out of the single writer's turn and shared. Whoever finds no sync running
+/// starts one covering every commit so far; commits that land meanwhile wait for the next, so one sync serves a
+/// whole queue of writers. A read transaction first waits for the syncs of every commit made before it begins, so
+/// what a reader sees (and may act on) is on disk too; only a commit racing the reader's start by microseconds
+/// can escape that.
 ///
 /// A failed sync poisons the store: the kernel may have dropped the dirty pages and cleared the error, so no
 /// later sync could prove anything, and every write, read and readiness check fails until a restart. The sync
@@ -616,13 +618,13 @@ impl Store for SqliteStore {
         })?;
         let mut turn = WriterTurn(writer);
         turn.settle().await?;
-        Ok(Box::new(SqliteTx::new(TxConn::Write(turn), Some(self.clone()))))
+        Ok(Box::new(SqliteTx::new(TxConn::Write(turn, self.clone()))))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.settled().await?;
         let tx = self.reader.begin().await.map_err(map_sqlx)?;
-        Ok(Box::new(SqliteTx::new(TxConn::Read(tx), None)))
+        Ok(Box::new(SqliteTx::new(TxConn::Read(tx))))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -642,8 +644,6 @@ impl Store for SqliteStore {
 
 struct SqliteTx {
     conn: TxConn,
-    /// A write transaction's store, whose group commit and checkpoints are told of the commit.
-    committed: Option<SqliteStore>,
     /// Audit events sealed in this transaction but not yet queued. They join the queued writes in one
     /// statement before the transaction's next statement or its commit, so every statement sees them and a
     /// commit never lacks them; a rollback drops them with everything else.
@@ -663,15 +663,16 @@ struct SqliteTx {
 enum TxConn {
     Read(Transaction<'static, Sqlite>),
     /// The writer, on which the transaction sends its own `BEGIN IMMEDIATE` with its first statement and
-    /// its `COMMIT` with its last writes, instead of a round trip for each.
-    Write(WriterTurn),
+    /// its `COMMIT` with its last writes, instead of a round trip for each; and the store, whose group commit
+    /// and checkpoints are told of the commit.
+    Write(WriterTurn, SqliteStore),
 }
 
 impl TxConn {
     fn connection(&mut self) -> &mut SqliteConnection {
         match self {
             TxConn::Read(tx) => tx,
-            TxConn::Write(turn) => &mut turn.conn,
+            TxConn::Write(turn, _) => &mut turn.conn,
         }
     }
 }
@@ -686,8 +687,9 @@ impl TxConn {
 /// found no row, before the `COMMIT` in it runs. A round trip that fails (or is cancelled midway) fails the
 /// transaction: nothing queued after the failed write ran, and every later statement and the commit fail,
 /// so it can only roll back. The one exception is a constraint refusing a statement sent on its own, which
-/// SQLite undoes alone ([`SqliteTx::outcome`]). (Several statements in one prepared query are something only sqlx's SQLite driver does; its docs
-/// call that behaviour deprecated, and an upgrade that drops it fails every write transaction's test.)
+/// SQLite undoes alone ([`SqliteTx::outcome`]). (Several statements in one prepared query are something only
+/// sqlx's SQLite driver does; its docs call that behaviour deprecated, and an upgrade that drops it fails
+/// every write transaction's test.)
 #[derive(Default)]
 struct Batch {
     sql: sqlx::QueryBuilder<Sqlite>,
@@ -695,7 +697,8 @@ struct Batch {
     failed: bool,
 }
 
-/// A queued statement, binding its values in order ([`SqliteTx::queue`]); dropped, it ends the statement.
+/// A queued statement, binding its values in order ([`SqliteTx::queue`]); dropped (at the end of the
+/// expression statement that queued it), it ends the statement.
 struct Queued<'a> {
     sql: &'a mut sqlx::QueryBuilder<Sqlite>,
     pieces: std::str::Split<'static, char>,
@@ -773,10 +776,9 @@ enum AuditOrder {
 }
 
 impl SqliteTx {
-    fn new(conn: TxConn, committed: Option<SqliteStore>) -> SqliteTx {
+    fn new(conn: TxConn) -> SqliteTx {
         SqliteTx {
             conn,
-            committed,
             pending_audit: Vec::new(),
             batch: Batch::default(),
             appended: HashMap::new(),
@@ -788,14 +790,14 @@ impl SqliteTx {
     /// What the writer remembers; `None` for a reader.
     fn memo(&self) -> Option<&WriterMemo> {
         match &self.conn {
-            TxConn::Write(turn) => Some(&turn.memo),
+            TxConn::Write(turn, _) => Some(&turn.memo),
             TxConn::Read(_) => None,
         }
     }
 
     fn memo_mut(&mut self) -> Option<&mut WriterMemo> {
         match &mut self.conn {
-            TxConn::Write(turn) => Some(&mut turn.memo),
+            TxConn::Write(turn, _) => Some(&mut turn.memo),
             TxConn::Read(_) => None,
         }
     }
@@ -822,8 +824,8 @@ impl SqliteTx {
     /// Queues the check that the update queued last changed exactly one row: on the writer, whose
     /// connection has it ([`EXPECT_ONE`]). Read transactions do not write.
     fn expect_one(&mut self) {
-        if matches!(self.conn, TxConn::Write(_)) {
-            drop(self.queue("INSERT INTO expect_one VALUES (changes())"));
+        if matches!(self.conn, TxConn::Write(..)) {
+            self.queue("INSERT INTO expect_one VALUES (changes())");
         }
     }
 
@@ -855,7 +857,7 @@ impl SqliteTx {
         let writes = std::mem::take(&mut self.batch.writes);
         let mut batch = std::mem::take(&mut self.batch.sql);
         let (begin, commit) = match &mut self.conn {
-            TxConn::Write(turn) => {
+            TxConn::Write(turn, _) => {
                 let begin = !turn.open && writes > 0;
                 if begin {
                     turn.open = true;
@@ -867,13 +869,12 @@ impl SqliteTx {
         if writes == 0 && !commit {
             return Ok(false);
         }
-        // Armed until the round trip succeeds: one that fails, or is cancelled midway, fails the transaction.
-        self.batch.failed = true;
+        self.arm();
         let query = wrapped(batch.build(), begin, commit)?;
         match query.execute(self.conn.connection()).await {
             Ok(_) => {
                 self.batch.failed = false;
-                if let (true, TxConn::Write(turn)) = (commit, &mut self.conn) {
+                if let (true, TxConn::Write(turn, _)) = (commit, &mut self.conn) {
                     turn.open = false;
                 }
                 Ok(commit)
@@ -901,12 +902,12 @@ impl SqliteTx {
         join_begin: bool,
     ) -> Result<(sqlx::query::Query<'q, Sqlite, SqliteArguments>, bool), StoreError> {
         self.send(false).await?;
-        let TxConn::Write(turn) = &mut self.conn else { return Ok((query, false)) };
+        let TxConn::Write(turn, _) = &mut self.conn else { return Ok((query, false)) };
         if turn.open {
             return Ok((query, false));
         }
         turn.open = true;
-        self.batch.failed = true;
+        self.batch.failed = true; // armed, as in `arm` (the writer is borrowed here)
         if join_begin {
             return Ok((wrapped(query, true, false)?, true));
         }
@@ -938,7 +939,8 @@ impl SqliteTx {
         }
     }
 
-    /// Before a round trip that is not [`SqliteTx::send`]'s: a cancelled one fails the transaction too.
+    /// Before every round trip: the transaction counts as failed until it succeeds, so one that fails, or
+    /// is cancelled midway, fails it.
     fn arm(&mut self) {
         self.batch.failed = true;
     }
@@ -1085,21 +1087,21 @@ impl StoreTx for SqliteTx {
         // read from disk, never to trust what may not be there.
         let known = this.memo_mut().map(std::mem::take);
         let sent = this.send(true).await?;
-        let SqliteTx { conn, committed, appended, defer_sync, .. } = this;
+        let SqliteTx { conn, appended, defer_sync, .. } = this;
         match conn {
-            TxConn::Read(tx) => tx.commit().await.map_err(map_sqlx)?,
-            TxConn::Write(mut turn) => {
+            TxConn::Read(tx) => tx.commit().await.map_err(map_sqlx),
+            TxConn::Write(mut turn, store) => {
                 if let Some(mut known) = known {
                     known.heads.extend(appended);
                     turn.memo = known;
                 }
                 // Let the next writer in before waiting for the sync, so one sync serves a queue of commits.
                 drop(turn);
+                match sent {
+                    true => store.durability.committed(&store.writer, &store.reader, !defer_sync).await,
+                    false => Ok(()),
+                }
             }
-        }
-        match committed {
-            Some(store) if sent => store.durability.committed(&store.writer, &store.reader, !defer_sync).await,
-            _ => Ok(()),
         }
     }
 
@@ -1480,40 +1482,37 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_action(&mut self, a: &Action) -> Result<(), StoreError> {
-        const INSERT: &str = "INSERT INTO actions (id, org_id, agent_id, agent_name, session_id, capability, params,
-                reasoning, target, idempotency_key, state, verdict, approval_id, result, error, request_hash,
-                created_at, decided_at, started_at, finished_at, job_id)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
         let params = to_json(&a.params)?;
         let target = a.target.as_ref().map(to_json).transpose()?;
         let verdict = a.verdict.as_ref().map(to_json).transpose()?;
         let result = a.result.as_ref().map(to_json).transpose()?;
-        let values = |q: Queued<'_>| {
-            drop(
-                q.bind(a.id.as_str().to_owned())
-                    .bind(a.org_id.as_str().to_owned())
-                    .bind(a.agent_id.as_str().to_owned())
-                    .bind(a.agent_name.clone())
-                    .bind(a.session_id.as_ref().map(|s| s.as_str().to_owned()))
-                    .bind(a.capability.as_str().to_owned())
-                    .bind(params)
-                    .bind(a.reasoning.clone())
-                    .bind(target)
-                    .bind(a.idempotency_key.clone())
-                    .bind(a.state.as_str())
-                    .bind(verdict)
-                    .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
-                    .bind(result)
-                    .bind(a.error.clone())
-                    .bind(a.request_hash.clone())
-                    .bind(to_us(a.created_at))
-                    .bind(opt_us(a.decided_at))
-                    .bind(opt_us(a.started_at))
-                    .bind(opt_us(a.finished_at))
-                    .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned())),
-            )
-        };
-        values(self.queue(INSERT));
+        self.queue(
+            "INSERT INTO actions (id, org_id, agent_id, agent_name, session_id, capability, params,
+                    reasoning, target, idempotency_key, state, verdict, approval_id, result, error, request_hash,
+                    created_at, decided_at, started_at, finished_at, job_id)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(a.id.as_str().to_owned())
+        .bind(a.org_id.as_str().to_owned())
+        .bind(a.agent_id.as_str().to_owned())
+        .bind(a.agent_name.clone())
+        .bind(a.session_id.as_ref().map(|s| s.as_str().to_owned()))
+        .bind(a.capability.as_str().to_owned())
+        .bind(params)
+        .bind(a.reasoning.clone())
+        .bind(target)
+        .bind(a.idempotency_key.clone())
+        .bind(a.state.as_str())
+        .bind(verdict)
+        .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
+        .bind(result)
+        .bind(a.error.clone())
+        .bind(a.request_hash.clone())
+        .bind(to_us(a.created_at))
+        .bind(opt_us(a.decided_at))
+        .bind(opt_us(a.started_at))
+        .bind(opt_us(a.finished_at))
+        .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned()));
         // An idempotency key may meet its twin, a conflict the caller answers: sent now, so it is this call's.
         if a.idempotency_key.is_some() {
             self.send(false).await?;
@@ -1524,24 +1523,22 @@ impl StoreTx for SqliteTx {
     async fn update_action(&mut self, a: &Action) -> Result<(), StoreError> {
         let verdict = a.verdict.as_ref().map(to_json).transpose()?;
         let result = a.result.as_ref().map(to_json).transpose()?;
-        drop(
-            self.queue(
-                "UPDATE actions SET state = ?, verdict = ?, approval_id = ?, result = ?, error = ?, decided_at = ?,
-                    started_at = ?, finished_at = ?, job_id = ?
-                 WHERE org_id = ? AND id = ?",
-            )
-            .bind(a.state.as_str())
-            .bind(verdict)
-            .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
-            .bind(result)
-            .bind(a.error.clone())
-            .bind(opt_us(a.decided_at))
-            .bind(opt_us(a.started_at))
-            .bind(opt_us(a.finished_at))
-            .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned()))
-            .bind(a.org_id.as_str().to_owned())
-            .bind(a.id.as_str().to_owned()),
-        );
+        self.queue(
+            "UPDATE actions SET state = ?, verdict = ?, approval_id = ?, result = ?, error = ?, decided_at = ?,
+                started_at = ?, finished_at = ?, job_id = ?
+             WHERE org_id = ? AND id = ?",
+        )
+        .bind(a.state.as_str())
+        .bind(verdict)
+        .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
+        .bind(result)
+        .bind(a.error.clone())
+        .bind(opt_us(a.decided_at))
+        .bind(opt_us(a.started_at))
+        .bind(opt_us(a.finished_at))
+        .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned()))
+        .bind(a.org_id.as_str().to_owned())
+        .bind(a.id.as_str().to_owned());
         self.expect_one();
         Ok(())
     }
@@ -1938,55 +1935,51 @@ impl StoreTx for SqliteTx {
         let payload = to_json(&j.payload)?;
         let progress = j.progress.as_ref().map(to_json).transpose()?;
         let result = j.result.as_ref().map(to_json).transpose()?;
-        drop(
-            self.queue(
-                "INSERT INTO jobs (id, org_id, kind, subject, state, attempts, max_attempts, run_at, lease_owner,
-                    lease_until, payload, progress, result, error, created_at, started_at, finished_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(j.id.as_str().to_owned())
-            .bind(j.org_id.as_str().to_owned())
-            .bind(j.kind.as_str())
-            .bind(j.subject.clone())
-            .bind(j.state.as_str())
-            .bind(i64::from(j.attempts))
-            .bind(i64::from(j.max_attempts))
-            .bind(to_us(j.run_at))
-            .bind(j.lease_owner.clone())
-            .bind(opt_us(j.lease_until))
-            .bind(payload)
-            .bind(progress)
-            .bind(result)
-            .bind(j.error.clone())
-            .bind(to_us(j.created_at))
-            .bind(opt_us(j.started_at))
-            .bind(opt_us(j.finished_at)),
-        );
+        self.queue(
+            "INSERT INTO jobs (id, org_id, kind, subject, state, attempts, max_attempts, run_at, lease_owner,
+                lease_until, payload, progress, result, error, created_at, started_at, finished_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(j.id.as_str().to_owned())
+        .bind(j.org_id.as_str().to_owned())
+        .bind(j.kind.as_str())
+        .bind(j.subject.clone())
+        .bind(j.state.as_str())
+        .bind(i64::from(j.attempts))
+        .bind(i64::from(j.max_attempts))
+        .bind(to_us(j.run_at))
+        .bind(j.lease_owner.clone())
+        .bind(opt_us(j.lease_until))
+        .bind(payload)
+        .bind(progress)
+        .bind(result)
+        .bind(j.error.clone())
+        .bind(to_us(j.created_at))
+        .bind(opt_us(j.started_at))
+        .bind(opt_us(j.finished_at));
         Ok(())
     }
 
     async fn update_job(&mut self, j: &Job) -> Result<(), StoreError> {
         let progress = j.progress.as_ref().map(to_json).transpose()?;
         let result = j.result.as_ref().map(to_json).transpose()?;
-        drop(
-            self.queue(
-                "UPDATE jobs SET state = ?, attempts = ?, run_at = ?, lease_owner = ?, lease_until = ?,
-                    progress = ?, result = ?, error = ?, started_at = ?, finished_at = ?
-                 WHERE org_id = ? AND id = ?",
-            )
-            .bind(j.state.as_str())
-            .bind(i64::from(j.attempts))
-            .bind(to_us(j.run_at))
-            .bind(j.lease_owner.clone())
-            .bind(opt_us(j.lease_until))
-            .bind(progress)
-            .bind(result)
-            .bind(j.error.clone())
-            .bind(opt_us(j.started_at))
-            .bind(opt_us(j.finished_at))
-            .bind(j.org_id.as_str().to_owned())
-            .bind(j.id.as_str().to_owned()),
-        );
+        self.queue(
+            "UPDATE jobs SET state = ?, attempts = ?, run_at = ?, lease_owner = ?, lease_until = ?,
+                progress = ?, result = ?, error = ?, started_at = ?, finished_at = ?
+             WHERE org_id = ? AND id = ?",
+        )
+        .bind(j.state.as_str())
+        .bind(i64::from(j.attempts))
+        .bind(to_us(j.run_at))
+        .bind(j.lease_owner.clone())
+        .bind(opt_us(j.lease_until))
+        .bind(progress)
+        .bind(result)
+        .bind(j.error.clone())
+        .bind(opt_us(j.started_at))
+        .bind(opt_us(j.finished_at))
+        .bind(j.org_id.as_str().to_owned())
+        .bind(j.id.as_str().to_owned());
         self.expect_one();
         Ok(())
     }
@@ -2203,24 +2196,22 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_delivery(&mut self, d: &Delivery) -> Result<(), StoreError> {
-        drop(
-            self.queue(
-                "INSERT INTO webhook_deliveries (id, org_id, webhook_id, job_id, event_id, event_type, attempt, status,
-                    latency_ms, error, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(d.id.as_str().to_owned())
-            .bind(d.org_id.as_str().to_owned())
-            .bind(d.webhook_id.as_str().to_owned())
-            .bind(d.job_id.as_str().to_owned())
-            .bind(d.event_id.clone())
-            .bind(d.event_type.clone())
-            .bind(i64::from(d.attempt))
-            .bind(d.status.map(i64::from))
-            .bind(i64::try_from(d.latency_ms).unwrap_or(i64::MAX))
-            .bind(d.error.clone())
-            .bind(to_us(d.created_at)),
-        );
+        self.queue(
+            "INSERT INTO webhook_deliveries (id, org_id, webhook_id, job_id, event_id, event_type, attempt, status,
+                latency_ms, error, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(d.id.as_str().to_owned())
+        .bind(d.org_id.as_str().to_owned())
+        .bind(d.webhook_id.as_str().to_owned())
+        .bind(d.job_id.as_str().to_owned())
+        .bind(d.event_id.clone())
+        .bind(d.event_type.clone())
+        .bind(i64::from(d.attempt))
+        .bind(d.status.map(i64::from))
+        .bind(i64::try_from(d.latency_ms).unwrap_or(i64::MAX))
+        .bind(d.error.clone())
+        .bind(to_us(d.created_at));
         Ok(())
     }
 

@@ -12,12 +12,13 @@
 //!
 //! **The claim's sync overlaps the call.** A model call's claim commit does not wait for its sync
 //! ([`defers_claim_sync`]): it is written, ordered before every later commit and safe from a crash of the
-//! process, and synced while the request goes out (the next durable commit's sync covers it, or one of its
-//! own starts about 2 ms later; a stream's starts at once). Nothing reaches the client before the claim is on
-//! disk: an answer waits for the finish's durable commit (whose sync covers the claim too), a stream for
-//! [`Gateway::inline_durable`], awaited together with the send, before its first chunk. Only the request may leave before that sync; a power
-//! loss in that window loses the record of a call whose answer no one received. A tool call of the MCP
-//! gateway, whose side effects are the point, keeps a claim that is on disk before it is sent.
+//! process, and synced while the request goes out (the next durable commit's sync covers it, or one of its own
+//! starts about 2 ms later; a stream's starts at once). Nothing reaches the client before the claim is on disk:
+//! an answer waits for the finish's durable commit (whose sync covers the claim too), a stream for
+//! [`Gateway::inline_durable`], awaited together with the send, before its first chunk. Only the request may
+//! leave before that sync; a power loss in that window loses the record of a call whose answer no one received. A
+//! tool call of the MCP gateway, whose side effects are the point, keeps a claim that is on disk before it is
+//! sent.
 //!
 //! Nothing here shapes HTTP responses; the proxy does. The provider key stays inside the connectors.
 
