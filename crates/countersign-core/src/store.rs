@@ -112,7 +112,8 @@ pub trait StoreTx: Send {
     /// Lets this write transaction's commit return before it is on disk (synced soon after, detached): it is still
     /// ordered before every later commit and on disk before any later durable commit or any read returns, and
     /// a crash of the process alone does not lose it. For a change whose caller answers only after a second
-    /// write that waits (a model call's claim, then its finish). A store that always syncs ignores it.
+    /// write that waits (a model call's claim, then its finish). A store that always syncs ignores it. Best
+    /// called before the transaction's first statement: SQLite may otherwise have begun it to sync its commit.
     fn defer_sync(&mut self) {}
 
     /// Tells the other replicas on this database about the transaction's changes, delivered only if it

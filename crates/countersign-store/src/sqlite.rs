@@ -20,7 +20,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -169,6 +169,23 @@ impl std::ops::DerefMut for WriterTurn {
     }
 }
 
+/// Counts a transaction among those waiting for the writer's lock ([`Durability::waiting`]) until dropped,
+/// which a caller that stops waiting does too.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn on(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// What the single writer (and one process per file) knows is on disk without reading it, since only this
 /// store's commits change it.
 #[derive(Debug, Default)]
@@ -183,19 +200,29 @@ struct WriterMemo {
 
 /// Group commit and checkpoints for the database file.
 ///
-/// Commits run with `synchronous = NORMAL`, so SQLite writes the WAL frames under the write lock but does not
-/// sync them. A commit is reported (unless it [`StoreTx::defer_sync`]s) only after an `fdatasync` of the WAL file
-/// that began after it: the guarantee of `synchronous = FULL` (the WAL is on disk before the commit is
-/// acknowledged), with the sync taken out of the single writer's turn and shared. Whoever finds no sync running
-/// starts one covering every commit so far; commits that land meanwhile wait for the next, so one sync serves a
-/// whole queue of writers. A read transaction first waits for the syncs of every commit made before it begins, so
-/// what a reader sees (and may act on) is on disk too; only a commit racing the reader's start by microseconds
-/// can escape that.
+/// A commit is reported (unless it [`StoreTx::defer_sync`]s) only once the WAL is on disk up to it, in one of two
+/// ways, chosen as its transaction begins:
+/// - **Alone** (no other writer waiting for the lock, and the commit not deferred as far as is known then): the
+///   transaction runs with `synchronous = FULL`, so SQLite syncs the WAL inside its `COMMIT`, on the
+///   connection's thread and in the round trip the commit makes anyway. That sync covers every commit before it
+///   too.
+/// - **Shared** (a writer waiting): it runs with `synchronous = NORMAL`, so SQLite writes the WAL frames under
+///   the write lock but does not sync them, and the commit returns after an `fdatasync` of the WAL file that
+///   began after it, taken out of the single writer's turn and shared. Whoever finds no sync running starts one
+///   covering every commit so far; commits that land meanwhile wait for the next, so one sync serves a whole
+///   queue of writers. Syncing inside the `COMMIT` would hold the lock through each sync and serialize them.
+///
+/// Either way the guarantee is that of `synchronous = FULL`: the WAL is on disk before the commit is
+/// acknowledged. Commits are counted in the order they happen (under the lock), so a sync inside a `COMMIT`
+/// marks every commit counted before it synced. A read transaction first waits for the syncs of every commit
+/// made before it begins, so what a reader sees (and may act on) is on disk too; only a commit racing the
+/// reader's start by microseconds can escape that.
 ///
 /// A failed sync poisons the store: the kernel may have dropped the dirty pages and cleared the error, so no
 /// later sync could prove anything, and every write, read and readiness check fails until a restart. The sync
-/// runs detached, so a caller that goes away meanwhile cannot lose its outcome, and a checkpoint that fails
-/// with an I/O error poisons the store too (SQLite's own sync may have been the one to see the error).
+/// runs detached, so a caller that goes away meanwhile cannot lose its outcome. A `COMMIT` that was to sync and
+/// a checkpoint that fail with an I/O error poison the store too (SQLite's own sync may have been the one to
+/// see the error).
 #[derive(Debug)]
 struct Durability {
     /// The files to sync.
@@ -205,6 +232,12 @@ struct Durability {
     synced: AtomicU64,
     /// Held while a sync runs.
     syncing: tokio::sync::Mutex<()>,
+    /// Transactions waiting for the writer's lock: a transaction that begins while none waits has SQLite
+    /// sync its commit.
+    waiting: AtomicUsize,
+    /// Whether a commit with no writer waiting is synced inside its `COMMIT` (tests of the shared sync turn
+    /// it off).
+    sync_in_commit: bool,
     poisoned: AtomicBool,
     checkpoint_running: AtomicBool,
     /// The commit count when the last checkpoint started.
@@ -281,6 +314,8 @@ impl Durability {
             committed: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             syncing: tokio::sync::Mutex::new(()),
+            waiting: AtomicUsize::new(0),
+            sync_in_commit: true,
             poisoned: AtomicBool::new(false),
             checkpoint_running: AtomicBool::new(false),
             checkpointed_at: AtomicU64::new(0),
@@ -302,18 +337,32 @@ impl Durability {
         tracing::error!(error = why, "the SQLite database could not be synced; refusing work until restart");
     }
 
-    /// Called after each commit: counts it, so every later sync covers it and every later read waits for
-    /// it. With `wait`, returns once it is on disk. Without, returns at once (failing only if the store is
-    /// already poisoned) and makes sure of a sync: usually the next durable commit's or read's covers it,
-    /// else a detached one starts [`DEFERRED_SYNC_WITHIN`] later.
+    /// Counts a commit just made, by its writer while it still holds the lock, so tickets follow the order of
+    /// the commits: every later sync covers it, and every later read waits for it. `synced`: SQLite synced it
+    /// inside its `COMMIT`, and so every commit counted before it.
+    fn count(&self, synced: bool) -> u64 {
+        let ticket = self.committed.fetch_add(1, Ordering::AcqRel) + 1;
+        if synced {
+            self.synced.fetch_max(ticket, Ordering::AcqRel);
+        }
+        ticket
+    }
+
+    /// After commit `ticket` ([`Durability::count`]), once the writer's lock is let go. With `wait`, returns
+    /// once it is on disk. Without, returns at once (failing only if the store is already poisoned) and makes
+    /// sure of a sync: usually the next durable commit's or read's covers it, else a detached one starts
+    /// [`DEFERRED_SYNC_WITHIN`] later.
     async fn committed(
         self: &Arc<Self>,
+        ticket: u64,
         writer: &Arc<tokio::sync::Mutex<Writer>>,
         reader: &SqlitePool,
         wait: bool,
     ) -> Result<(), StoreError> {
-        let ticket = self.committed.fetch_add(1, Ordering::AcqRel) + 1;
         self.schedule_checkpoint(ticket, writer, reader);
+        if self.synced.load(Ordering::Acquire) >= ticket {
+            return self.check();
+        }
         if wait {
             return self.synced_to(ticket).await;
         }
@@ -613,9 +662,11 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         self.durability.check()?;
+        let waiting = Waiting::on(&self.durability.waiting);
         let writer = tokio::time::timeout(WRITER_WAIT, Arc::clone(&self.writer).lock_owned()).await.map_err(|_| {
             StoreError::Unavailable(format!("the database's writer stayed busy for {}s", WRITER_WAIT.as_secs()))
         })?;
+        drop(waiting);
         let mut turn = WriterTurn(writer);
         turn.settle().await?;
         Ok(Box::new(SqliteTx::new(TxConn::Write(turn, self.clone()))))
@@ -658,6 +709,8 @@ struct SqliteTx {
     webhooks_changed: bool,
     /// The commit returns once written, not synced ([`StoreTx::defer_sync`]).
     defer_sync: bool,
+    /// Begun with `synchronous = FULL`: SQLite syncs the commit inside its `COMMIT` (see [`Durability`]).
+    synced_commit: bool,
 }
 
 enum TxConn {
@@ -723,20 +776,20 @@ impl Drop for Queued<'_> {
     }
 }
 
-/// `query` with `BEGIN IMMEDIATE` before it and `COMMIT` after it, as asked, in one query.
+/// `query` with `begin` (the writer's, [`SqliteTx::begin`]) before it and `COMMIT` after it, as asked, in one
+/// query.
 fn wrapped<'q>(
     mut query: sqlx::query::Query<'q, Sqlite, SqliteArguments>,
-    begin: bool,
+    begin: Option<&'static str>,
     commit: bool,
 ) -> Result<sqlx::query::Query<'q, Sqlite, SqliteArguments>, StoreError> {
-    if !begin && !commit {
+    if begin.is_none() && !commit {
         return Ok(query);
     }
     let arguments = query.take_arguments().map_err(|e| StoreError::Internal(e.to_string()))?.unwrap_or_default();
     let body = query.sql();
     let body = body.as_str().trim_end().trim_end_matches(';');
-    let parts =
-        [begin.then_some("BEGIN IMMEDIATE"), Some(body).filter(|b| !b.trim().is_empty()), commit.then_some("COMMIT")];
+    let parts = [begin, Some(body).filter(|b| !b.trim().is_empty()), commit.then_some("COMMIT")];
     let sql = parts.into_iter().flatten().collect::<Vec<_>>().join(";\n");
     Ok(sqlx::query_with(AssertSqlSafe(sql), arguments))
 }
@@ -784,6 +837,22 @@ impl SqliteTx {
             appended: HashMap::new(),
             webhooks_changed: false,
             defer_sync: false,
+            synced_commit: false,
+        }
+    }
+
+    /// The writer's `BEGIN`, with the sync level its commit runs at ([`Durability`]): SQLite syncs the commit
+    /// itself when no other writer waits for the lock and the commit is not known to be deferred; else the
+    /// shared sync does. The level is set before every `BEGIN` (SQLite refuses to change it inside a
+    /// transaction), so no earlier transaction's level carries over.
+    fn begin(&mut self) -> &'static str {
+        let TxConn::Write(_, store) = &self.conn else { return "BEGIN IMMEDIATE" };
+        let durability = &store.durability;
+        self.synced_commit =
+            durability.sync_in_commit && !self.defer_sync && durability.waiting.load(Ordering::Acquire) == 0;
+        match self.synced_commit {
+            true => "PRAGMA synchronous = FULL;\nBEGIN IMMEDIATE",
+            false => "PRAGMA synchronous = NORMAL;\nBEGIN IMMEDIATE",
         }
     }
 
@@ -869,6 +938,7 @@ impl SqliteTx {
         if writes == 0 && !commit {
             return Ok(false);
         }
+        let begin = begin.then(|| self.begin());
         self.arm();
         let query = wrapped(batch.build(), begin, commit)?;
         match query.execute(self.conn.connection()).await {
@@ -880,6 +950,13 @@ impl SqliteTx {
                 Ok(commit)
             }
             Err(e) => {
+                // A `COMMIT` that was to sync may have failed in SQLite's sync, which then reported the error to
+                // no one else.
+                if let (true, true, TxConn::Write(_, store)) = (commit, self.synced_commit, &self.conn)
+                    && is_io_failure(&e)
+                {
+                    store.durability.poison(&format!("commit: {e}"));
+                }
                 // A conflict in the audit rows may mean a remembered head was wrong: read them from disk.
                 if let Some(memo) = self.memo_mut() {
                     memo.heads.clear();
@@ -907,11 +984,12 @@ impl SqliteTx {
             return Ok((query, false));
         }
         turn.open = true;
-        self.batch.failed = true; // armed, as in `arm` (the writer is borrowed here)
+        let begin = self.begin();
+        self.arm();
         if join_begin {
-            return Ok((wrapped(query, true, false)?, true));
+            return Ok((wrapped(query, Some(begin), false)?, true));
         }
-        let begun = sqlx::query("BEGIN IMMEDIATE").execute(&mut turn.conn).await;
+        let begun = sqlx::query(begin).execute(self.conn.connection()).await;
         self.outcome(begun, true)?;
         Ok((query, false))
     }
@@ -1087,7 +1165,7 @@ impl StoreTx for SqliteTx {
         // read from disk, never to trust what may not be there.
         let known = this.memo_mut().map(std::mem::take);
         let sent = this.send(true).await?;
-        let SqliteTx { conn, appended, defer_sync, .. } = this;
+        let SqliteTx { conn, appended, defer_sync, synced_commit, .. } = this;
         match conn {
             TxConn::Read(tx) => tx.commit().await.map_err(map_sqlx),
             TxConn::Write(mut turn, store) => {
@@ -1095,11 +1173,12 @@ impl StoreTx for SqliteTx {
                     known.heads.extend(appended);
                     turn.memo = known;
                 }
+                let ticket = sent.then(|| store.durability.count(synced_commit));
                 // Let the next writer in before waiting for the sync, so one sync serves a queue of commits.
                 drop(turn);
-                match sent {
-                    true => store.durability.committed(&store.writer, &store.reader, !defer_sync).await,
-                    false => Ok(()),
+                match ticket {
+                    Some(ticket) => store.durability.committed(ticket, &store.writer, &store.reader, !defer_sync).await,
+                    None => Ok(()),
                 }
             }
         }
@@ -2514,9 +2593,10 @@ mod tests {
         let deferred = |name: &'static str| {
             let store = store.clone();
             async move {
+                // Deferred before it begins, as a claim is (else it would have SQLite sync it, alone).
                 let mut tx = store.write().await.unwrap();
-                tx.insert_org(&org(name)).await.unwrap();
                 tx.defer_sync();
+                tx.insert_org(&org(name)).await.unwrap();
                 tx.commit().await.unwrap();
             }
         };
@@ -2559,6 +2639,63 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(10), synced).await.is_ok(),
             "a deferred commit was never synced"
         );
+    }
+
+    /// A commit with no other writer waiting is synced by SQLite inside its `COMMIT` (`synchronous = FULL`)
+    /// and returns without the shared sync; one deferred as it begins runs at `NORMAL`; one with a writer
+    /// waiting runs at `NORMAL` too and waits for the shared sync, after letting the next writer in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_commit_is_synced_by_sqlite_and_a_queue_of_commits_shares_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let durability = Arc::clone(&store.durability);
+        let org = |name: &str| Org { id: OrgId::new(), name: name.into(), created_at: Utc::now() };
+        let level = |store: &SqliteStore| {
+            let writer = Arc::clone(&store.writer);
+            async move {
+                let mut writer = writer.lock().await;
+                let row = sqlx::query("PRAGMA synchronous").fetch_one(&mut writer.conn).await.unwrap();
+                row.get::<i64, _>(0)
+            }
+        };
+        const FULL: i64 = 2;
+        const NORMAL: i64 = 1;
+        // The shared sync waits for `syncing`, held here.
+        let shared = durability.syncing.lock().await;
+
+        let mut tx = store.write().await.unwrap();
+        tx.insert_org(&org("alone")).await.unwrap();
+        let commit = tokio::time::timeout(Duration::from_secs(10), tx.commit()).await;
+        assert!(commit.is_ok(), "a lone commit waited for the shared sync");
+        commit.unwrap().unwrap();
+        assert_eq!(level(&store).await, FULL);
+        assert_eq!(durability.synced.load(Ordering::Acquire), 1);
+
+        let mut tx = store.write().await.unwrap();
+        tx.defer_sync();
+        tx.insert_org(&org("deferred")).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(level(&store).await, NORMAL);
+        assert_eq!(durability.synced.load(Ordering::Acquire), 1, "a deferred commit was synced");
+
+        let mut tx = store.write().await.unwrap();
+        let next = tokio::spawn({
+            let store = store.clone();
+            async move { store.write().await.map(drop) }
+        });
+        while durability.waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        tx.insert_org(&org("queued")).await.unwrap();
+        let commit = tokio::spawn(tx.commit());
+        next.await.unwrap().unwrap();
+        assert_eq!(level(&store).await, NORMAL);
+        assert!(!commit.is_finished(), "a commit with a writer waiting returned before the shared sync");
+        assert_eq!(durability.synced.load(Ordering::Acquire), 1);
+        drop(shared);
+        commit.await.unwrap().unwrap();
+        assert_eq!(durability.synced.load(Ordering::Acquire), 3);
+        assert_eq!(store.read().await.unwrap().count_orgs().await.unwrap(), 3);
     }
 
     /// The remembered audit head follows commits only: a transaction dropped after appending leaves the next
@@ -2663,8 +2800,9 @@ mod tests {
 
         let db = std::fs::OpenOptions::new().write(true).open(dir.path().join("db.sqlite")).unwrap();
         let files = LogFiles { wal_path: dir.path().to_owned(), wal: std::sync::Mutex::new(None), db };
+        // The shared sync, which these files fail: a commit synced inside its `COMMIT` would not use them.
         let broken = SqliteStore {
-            durability: Arc::new(Durability::new(files, None)),
+            durability: Arc::new(Durability { sync_in_commit: false, ..Durability::new(files, None) }),
             ..SqliteStore::open(&dir.path().join("other.sqlite")).await.unwrap()
         };
         let mut tx = broken.write().await.unwrap();
@@ -2683,7 +2821,8 @@ mod tests {
         // A directory where the WAL should be: opening it for writing fails as a failed sync would.
         let db = std::fs::OpenOptions::new().write(true).open(dir.path().join("db.sqlite")).unwrap();
         let files = LogFiles { wal_path: dir.path().to_owned(), wal: std::sync::Mutex::new(None), db };
-        let broken = Durability::new(files, None);
+        // The shared sync, which these files fail: a commit synced inside its `COMMIT` would not use them.
+        let broken = Durability { sync_in_commit: false, ..Durability::new(files, None) };
         let poisoned = SqliteStore { durability: Arc::new(broken), ..store.clone() };
         let mut tx = poisoned.write().await.unwrap();
         tx.insert_org(&Org { id: OrgId::new(), name: "lost".into(), created_at: Utc::now() }).await.unwrap();
