@@ -205,7 +205,9 @@ struct WriterMemo {
 /// - **Alone** (no other writer waiting for the lock, and the commit not deferred as far as is known then): the
 ///   transaction runs with `synchronous = FULL`, so SQLite syncs the WAL inside its `COMMIT`, on the
 ///   connection's thread and in the round trip the commit makes anyway. That sync covers every commit before it
-///   too.
+///   too. SQLite syncs only a commit that wrote frames, and skips both for one that changed no page, so only a
+///   transaction that inserted a row (every one that appends audit events) counts as synced by its `COMMIT`;
+///   any other then waits for the shared sync as well.
 /// - **Shared** (a writer waiting): it runs with `synchronous = NORMAL`, so SQLite writes the WAL frames under
 ///   the write lock but does not sync them, and the commit returns after an `fdatasync` of the WAL file that
 ///   began after it, taken out of the single writer's turn and shared. Whoever finds no sync running starts one
@@ -222,7 +224,8 @@ struct WriterMemo {
 /// later sync could prove anything, and every write, read and readiness check fails until a restart. The sync
 /// runs detached, so a caller that goes away meanwhile cannot lose its outcome. A `COMMIT` that was to sync and
 /// a checkpoint that fail with an I/O error poison the store too (SQLite's own sync may have been the one to
-/// see the error).
+/// see the error). A `COMMIT` whose caller goes away while SQLite syncs it would lose that error, so the gateway
+/// runs every commit on a task of its own.
 #[derive(Debug)]
 struct Durability {
     /// The files to sync.
@@ -338,11 +341,12 @@ impl Durability {
     }
 
     /// Counts a commit just made, by its writer while it still holds the lock, so tickets follow the order of
-    /// the commits: every later sync covers it, and every later read waits for it. `synced`: SQLite synced it
-    /// inside its `COMMIT`, and so every commit counted before it.
+    /// the commits: every later sync covers it, and every later read waits for it. `synced`: SQLite synced the
+    /// WAL inside its `COMMIT` (which it does only for a commit that wrote frames), and so every commit counted
+    /// before it. Never on a poisoned store: a sync after a failed one proves nothing.
     fn count(&self, synced: bool) -> u64 {
         let ticket = self.committed.fetch_add(1, Ordering::AcqRel) + 1;
-        if synced {
+        if synced && self.check().is_ok() {
             self.synced.fetch_max(ticket, Ordering::AcqRel);
         }
         ticket
@@ -385,11 +389,11 @@ impl Durability {
 
     async fn synced_to(self: &Arc<Self>, ticket: u64) -> Result<(), StoreError> {
         if self.synced.load(Ordering::Acquire) >= ticket {
-            return Ok(());
+            return self.check();
         }
         let _turn = self.syncing.lock().await;
         if self.synced.load(Ordering::Acquire) >= ticket {
-            return Ok(());
+            return self.check();
         }
         self.check()?;
         // Every commit counted by now has written its frames: one sync covers them all.
@@ -573,6 +577,17 @@ fn exclusive_lock(path: &Path, wait: Duration) -> Result<std::fs::File, StoreErr
     }
 }
 
+/// An I/O error (`SQLITE_IOERR`, a failed sync among them) or the driver's own.
+fn is_io_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => {
+            db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|code| code & 0xff == 10)
+        }
+        _ => false,
+    }
+}
+
 /// An error that means the disk failed the database: I/O (`SQLITE_IOERR`), corruption or a full disk, or
 /// the driver's own I/O error. Not a busy database or a pool timeout.
 fn is_io_failure(e: &sqlx::Error) -> bool {
@@ -709,8 +724,13 @@ struct SqliteTx {
     webhooks_changed: bool,
     /// The commit returns once written, not synced ([`StoreTx::defer_sync`]).
     defer_sync: bool,
-    /// Begun with `synchronous = FULL`: SQLite syncs the commit inside its `COMMIT` (see [`Durability`]).
+    /// Begun with `synchronous = FULL`: SQLite syncs the commit inside its `COMMIT` (see [`Durability`]), if
+    /// it writes frames.
     synced_commit: bool,
+    /// A row was queued for insertion (audit events included): the `COMMIT` writes WAL frames for certain, so
+    /// at `FULL` it syncs. A transaction that inserted nothing may change no page (an update that matched no
+    /// row, or rewrote one as it was), and SQLite then skips the sync along with the write.
+    inserts: bool,
 }
 
 enum TxConn {
@@ -838,6 +858,7 @@ impl SqliteTx {
             webhooks_changed: false,
             defer_sync: false,
             synced_commit: false,
+            inserts: false,
         }
     }
 
@@ -890,6 +911,12 @@ impl SqliteTx {
         Queued { sql: &mut self.batch.sql, pieces }
     }
 
+    /// Queues an insert of one row ([`SqliteTx::queue`]).
+    fn queue_insert(&mut self, sql: &'static str) -> Queued<'_> {
+        self.inserts = true;
+        self.queue(sql)
+    }
+
     /// Queues the check that the update queued last changed exactly one row: on the writer, whose
     /// connection has it ([`EXPECT_ONE`]). Read transactions do not write.
     fn expect_one(&mut self) {
@@ -901,6 +928,7 @@ impl SqliteTx {
     /// Moves the sealed audit events into the queued writes, in as few statements as the bound-value limit
     /// allows.
     fn queue_audit(&mut self) -> Result<(), StoreError> {
+        self.inserts |= !self.pending_audit.is_empty();
         for rows in self.pending_audit.chunks(AUDIT_ROWS_PER_INSERT) {
             if let Err(e) = push_audit_rows(&mut self.batch.sql, rows) {
                 self.batch.failed = true;
@@ -953,7 +981,7 @@ impl SqliteTx {
                 // A `COMMIT` that was to sync may have failed in SQLite's sync, which then reported the error to
                 // no one else.
                 if let (true, true, TxConn::Write(_, store)) = (commit, self.synced_commit, &self.conn)
-                    && is_io_failure(&e)
+                    && is_io_error(&e)
                 {
                     store.durability.poison(&format!("commit: {e}"));
                 }
@@ -1165,7 +1193,7 @@ impl StoreTx for SqliteTx {
         // read from disk, never to trust what may not be there.
         let known = this.memo_mut().map(std::mem::take);
         let sent = this.send(true).await?;
-        let SqliteTx { conn, appended, defer_sync, synced_commit, .. } = this;
+        let SqliteTx { conn, appended, defer_sync, synced_commit, inserts, .. } = this;
         match conn {
             TxConn::Read(tx) => tx.commit().await.map_err(map_sqlx),
             TxConn::Write(mut turn, store) => {
@@ -1173,7 +1201,7 @@ impl StoreTx for SqliteTx {
                     known.heads.extend(appended);
                     turn.memo = known;
                 }
-                let ticket = sent.then(|| store.durability.count(synced_commit));
+                let ticket = sent.then(|| store.durability.count(synced_commit && inserts));
                 // Let the next writer in before waiting for the sync, so one sync serves a queue of commits.
                 drop(turn);
                 match ticket {
@@ -1565,7 +1593,7 @@ impl StoreTx for SqliteTx {
         let target = a.target.as_ref().map(to_json).transpose()?;
         let verdict = a.verdict.as_ref().map(to_json).transpose()?;
         let result = a.result.as_ref().map(to_json).transpose()?;
-        self.queue(
+        self.queue_insert(
             "INSERT INTO actions (id, org_id, agent_id, agent_name, session_id, capability, params,
                     reasoning, target, idempotency_key, state, verdict, approval_id, result, error, request_hash,
                     created_at, decided_at, started_at, finished_at, job_id)
@@ -2014,7 +2042,7 @@ impl StoreTx for SqliteTx {
         let payload = to_json(&j.payload)?;
         let progress = j.progress.as_ref().map(to_json).transpose()?;
         let result = j.result.as_ref().map(to_json).transpose()?;
-        self.queue(
+        self.queue_insert(
             "INSERT INTO jobs (id, org_id, kind, subject, state, attempts, max_attempts, run_at, lease_owner,
                 lease_until, payload, progress, result, error, created_at, started_at, finished_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -2275,7 +2303,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_delivery(&mut self, d: &Delivery) -> Result<(), StoreError> {
-        self.queue(
+        self.queue_insert(
             "INSERT INTO webhook_deliveries (id, org_id, webhook_id, job_id, event_id, event_type, attempt, status,
                 latency_ms, error, created_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -2593,7 +2621,8 @@ mod tests {
         let deferred = |name: &'static str| {
             let store = store.clone();
             async move {
-                // Deferred before it begins, as a claim is (else it would have SQLite sync it, alone).
+                // Deferred before it begins, as a model call's claim that queues everything is (begun alone
+                // at `FULL`, SQLite would sync it).
                 let mut tx = store.write().await.unwrap();
                 tx.defer_sync();
                 tx.insert_org(&org(name)).await.unwrap();
@@ -2642,10 +2671,13 @@ mod tests {
     }
 
     /// A commit with no other writer waiting is synced by SQLite inside its `COMMIT` (`synchronous = FULL`)
-    /// and returns without the shared sync; one deferred as it begins runs at `NORMAL`; one with a writer
-    /// waiting runs at `NORMAL` too and waits for the shared sync, after letting the next writer in.
+    /// and returns without the shared sync; one deferred as it begins runs at `NORMAL`; one alone that inserted
+    /// nothing (SQLite may then skip its sync) waits for the shared sync, so it never passes an unsynced commit
+    /// as synced; one with a writer waiting runs at `NORMAL` and waits for the shared sync, after letting the
+    /// next writer in.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lone_commit_is_synced_by_sqlite_and_a_queue_of_commits_shares_a_sync() {
+        use countersign_core::audit::{Actor, ActorKind};
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
         let durability = Arc::clone(&store.durability);
@@ -2658,25 +2690,45 @@ mod tests {
                 row.get::<i64, _>(0)
             }
         };
+        let synced = || durability.synced.load(Ordering::Acquire);
         const FULL: i64 = 2;
         const NORMAL: i64 = 1;
         // The shared sync waits for `syncing`, held here.
         let shared = durability.syncing.lock().await;
 
+        let alone = org("alone");
         let mut tx = store.write().await.unwrap();
-        tx.insert_org(&org("alone")).await.unwrap();
+        tx.insert_org(&alone).await.unwrap();
+        let event = NewAuditEvent {
+            time_us: 1,
+            actor: Actor { kind: ActorKind::System, id: "system".into(), name: "system".into() },
+            action: "org.created".into(),
+            subject: None,
+            data: serde_json::json!({}),
+        };
+        tx.append_audit(&alone.id, event).await.unwrap();
         let commit = tokio::time::timeout(Duration::from_secs(10), tx.commit()).await;
         assert!(commit.is_ok(), "a lone commit waited for the shared sync");
         commit.unwrap().unwrap();
         assert_eq!(level(&store).await, FULL);
-        assert_eq!(durability.synced.load(Ordering::Acquire), 1);
+        assert_eq!(synced(), 1);
 
         let mut tx = store.write().await.unwrap();
         tx.defer_sync();
         tx.insert_org(&org("deferred")).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(level(&store).await, NORMAL);
-        assert_eq!(durability.synced.load(Ordering::Acquire), 1, "a deferred commit was synced");
+        assert_eq!(synced(), 1, "a deferred commit was synced");
+
+        // Alone and at FULL, but it changed no page: SQLite synced nothing, so the deferred commit before it
+        // is still to sync, and this one waits for that.
+        let mut tx = store.write().await.unwrap();
+        assert_eq!(tx.count_orgs().await.unwrap(), 2);
+        let empty = tokio::spawn(tx.commit());
+        drop(store.write().await.unwrap());
+        assert_eq!(level(&store).await, FULL);
+        assert_eq!(synced(), 1, "a commit that wrote nothing passed the deferred one before it as synced");
+        assert!(!empty.is_finished(), "a commit that wrote nothing returned before the shared sync");
 
         let mut tx = store.write().await.unwrap();
         let next = tokio::spawn({
@@ -2691,10 +2743,11 @@ mod tests {
         next.await.unwrap().unwrap();
         assert_eq!(level(&store).await, NORMAL);
         assert!(!commit.is_finished(), "a commit with a writer waiting returned before the shared sync");
-        assert_eq!(durability.synced.load(Ordering::Acquire), 1);
+        assert_eq!(synced(), 1);
         drop(shared);
         commit.await.unwrap().unwrap();
-        assert_eq!(durability.synced.load(Ordering::Acquire), 3);
+        empty.await.unwrap().unwrap();
+        assert_eq!(synced(), 4);
         assert_eq!(store.read().await.unwrap().count_orgs().await.unwrap(), 3);
     }
 
