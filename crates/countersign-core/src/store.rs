@@ -109,12 +109,13 @@ pub trait Store: Send + Sync + 'static {
 pub trait StoreTx: Send {
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 
-    /// Lets this write transaction's commit return before it is on disk (synced soon after, detached): it is still
-    /// ordered before every later commit and on disk before any later durable commit or any read returns, and
-    /// a crash of the process alone does not lose it. For a change whose caller answers only after a second
-    /// write that waits (a model call's claim, then its finish). A store that always syncs ignores it. Best
-    /// called before the transaction's first statement: SQLite may otherwise have begun it to sync its commit.
-    fn defer_sync(&mut self) {}
+    /// With `true`, lets this write transaction's commit return before it is on disk (synced soon after,
+    /// detached): it is still ordered before every later commit and on disk before any later durable commit or
+    /// any read returns, and a crash of the process alone does not lose it. For a change whose caller answers
+    /// only after a second write that waits (a model call's claim, then its finish). The last word before the
+    /// commit counts (`false` takes it back), but it is best said before the transaction's first statement too:
+    /// SQLite may otherwise have begun it to sync its commit. A store that always syncs ignores it.
+    fn defer_sync(&mut self, _defer: bool) {}
 
     /// Tells the other replicas on this database about the transaction's changes, delivered only if it
     /// commits (PostgreSQL `NOTIFY`). A single-process store has no one to tell.

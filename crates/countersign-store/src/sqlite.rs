@@ -1212,8 +1212,8 @@ impl StoreTx for SqliteTx {
         }
     }
 
-    fn defer_sync(&mut self) {
-        self.defer_sync = true;
+    fn defer_sync(&mut self, defer: bool) {
+        self.defer_sync = defer;
     }
 
     async fn count_orgs(&mut self) -> Result<i64, StoreError> {
@@ -2621,10 +2621,10 @@ mod tests {
         let deferred = |name: &'static str| {
             let store = store.clone();
             async move {
-                // Deferred before it begins, as a model call's claim that queues everything is (begun alone
-                // at `FULL`, SQLite would sync it).
+                // Deferred before it begins, as a model call's claim is (begun alone at `FULL`, SQLite would
+                // sync it).
                 let mut tx = store.write().await.unwrap();
-                tx.defer_sync();
+                tx.defer_sync(true);
                 tx.insert_org(&org(name)).await.unwrap();
                 tx.commit().await.unwrap();
             }
@@ -2671,7 +2671,8 @@ mod tests {
     }
 
     /// A commit with no other writer waiting is synced by SQLite inside its `COMMIT` (`synchronous = FULL`)
-    /// and returns without the shared sync; one deferred as it begins runs at `NORMAL`; one alone that inserted
+    /// and returns without the shared sync; one deferred as it begins runs at `NORMAL`, and waits for the shared
+    /// sync if the deferral is taken back before its commit; one alone that inserted
     /// nothing (SQLite may then skip its sync) waits for the shared sync, so it never passes an unsynced commit
     /// as synced; one with a writer waiting runs at `NORMAL` and waits for the shared sync, after letting the
     /// next writer in.
@@ -2714,16 +2715,27 @@ mod tests {
         assert_eq!(synced(), 1);
 
         let mut tx = store.write().await.unwrap();
-        tx.defer_sync();
+        tx.defer_sync(true);
         tx.insert_org(&org("deferred")).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(level(&store).await, NORMAL);
         assert_eq!(synced(), 1, "a deferred commit was synced");
 
+        // Deferred as it began, then taken back (a model call not claimed after all): durable, through the
+        // shared sync.
+        let mut tx = store.write().await.unwrap();
+        tx.defer_sync(true);
+        tx.insert_org(&org("taken back")).await.unwrap();
+        tx.defer_sync(false);
+        let taken_back = tokio::spawn(tx.commit());
+        drop(store.write().await.unwrap());
+        assert_eq!(level(&store).await, NORMAL);
+        assert!(!taken_back.is_finished(), "a commit whose deferral was taken back returned before its sync");
+
         // Alone and at FULL, but it changed no page: SQLite synced nothing, so the deferred commit before it
         // is still to sync, and this one waits for that.
         let mut tx = store.write().await.unwrap();
-        assert_eq!(tx.count_orgs().await.unwrap(), 2);
+        assert_eq!(tx.count_orgs().await.unwrap(), 3);
         let empty = tokio::spawn(tx.commit());
         drop(store.write().await.unwrap());
         assert_eq!(level(&store).await, FULL);
@@ -2747,8 +2759,9 @@ mod tests {
         drop(shared);
         commit.await.unwrap().unwrap();
         empty.await.unwrap().unwrap();
-        assert_eq!(synced(), 4);
-        assert_eq!(store.read().await.unwrap().count_orgs().await.unwrap(), 3);
+        taken_back.await.unwrap().unwrap();
+        assert_eq!(synced(), 5);
+        assert_eq!(store.read().await.unwrap().count_orgs().await.unwrap(), 4);
     }
 
     /// The remembered audit head follows commits only: a transaction dropped after appending leaves the next
@@ -2847,7 +2860,7 @@ mod tests {
         let org = |name: &str| Org { id: OrgId::new(), name: name.into(), created_at: Utc::now() };
         let mut tx = store.write().await.unwrap();
         tx.insert_org(&org("claimed")).await.unwrap();
-        tx.defer_sync();
+        tx.defer_sync(true);
         store.durability.poison("a test");
         assert!(tx.commit().await.is_err(), "a deferred commit returned on a store that cannot sync");
 
@@ -2860,7 +2873,7 @@ mod tests {
         };
         let mut tx = broken.write().await.unwrap();
         tx.insert_org(&org("lost")).await.unwrap();
-        tx.defer_sync();
+        tx.defer_sync(true);
         tx.commit().await.unwrap();
         let err = broken.durable().await.unwrap_err();
         assert!(matches!(&err, StoreError::Unavailable(m) if m.contains("restarts")), "{err:?}");
