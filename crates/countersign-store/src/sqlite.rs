@@ -577,27 +577,24 @@ fn exclusive_lock(path: &Path, wait: Duration) -> Result<std::fs::File, StoreErr
     }
 }
 
-/// An I/O error (`SQLITE_IOERR`, a failed sync among them) or the driver's own.
-fn is_io_error(e: &sqlx::Error) -> bool {
+/// SQLite's primary result code of a database error (its extended code's low byte: `SQLITE_IOERR` for every
+/// `SQLITE_IOERR_*`).
+fn primary_code(e: &sqlx::Error) -> Option<i32> {
     match e {
-        sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(db) => {
-            db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|code| code & 0xff == 10)
-        }
-        _ => false,
+        sqlx::Error::Database(db) => db.code().and_then(|c| c.parse::<i32>().ok()).map(|code| code & 0xff),
+        _ => None,
     }
 }
 
-/// An error that means the disk failed the database: I/O (`SQLITE_IOERR`), corruption or a full disk, or
-/// the driver's own I/O error. Not a busy database or a pool timeout.
+/// An I/O error (`SQLITE_IOERR`, a failed sync among them) or the driver's own.
+fn is_io_error(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(_)) || primary_code(e) == Some(10)
+}
+
+/// An error that means the disk failed the database: an I/O error, corruption or a full disk. Not a busy
+/// database or a pool timeout.
 fn is_io_failure(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(db) => {
-            db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|code| matches!(code & 0xff, 10 | 11 | 13))
-        }
-        _ => false,
-    }
+    is_io_error(e) || matches!(primary_code(e), Some(11 | 13))
 }
 
 impl SqliteStore {
@@ -2372,6 +2369,21 @@ impl StoreTx for SqliteTx {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use countersign_core::audit::Actor;
+
+    fn org(name: &str) -> Org {
+        Org { id: OrgId::new(), name: name.into(), created_at: Utc::now() }
+    }
+
+    fn event(action: &str) -> NewAuditEvent {
+        NewAuditEvent {
+            time_us: 1,
+            actor: Actor::system(),
+            action: action.into(),
+            subject: None,
+            data: serde_json::json!({}),
+        }
+    }
 
     #[tokio::test]
     async fn every_commit_returns_after_a_sync_that_covers_it() {
@@ -2381,9 +2393,7 @@ mod tests {
             let store = store.clone();
             tokio::spawn(async move {
                 let mut tx = store.write().await.unwrap();
-                tx.insert_org(&Org { id: OrgId::new(), name: format!("org-{i}"), created_at: Utc::now() })
-                    .await
-                    .unwrap();
+                tx.insert_org(&org(&format!("org-{i}"))).await.unwrap();
                 tx.commit().await.unwrap();
             })
         });
@@ -2421,7 +2431,7 @@ mod tests {
         let store = SqliteStore::open(&old_path).await.unwrap();
         assert_eq!(page_size(&store).await, 4096);
         let mut tx = store.write().await.unwrap();
-        tx.insert_org(&Org { id: OrgId::new(), name: "acme".into(), created_at: Utc::now() }).await.unwrap();
+        tx.insert_org(&org("acme")).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(store.read().await.unwrap().count_orgs().await.unwrap(), 1);
     }
@@ -2487,7 +2497,7 @@ mod tests {
     async fn remembered_webhooks_follow_every_change_and_rollback() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-        let org = Org { id: OrgId::new(), name: "acme".into(), created_at: Utc::now() };
+        let org = org("acme");
         let hook = Webhook {
             id: WebhookId::new(),
             org_id: org.id.clone(),
@@ -2544,7 +2554,7 @@ mod tests {
     async fn queued_writes_are_read_back_and_committed_together() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-        let org = Org { id: OrgId::new(), name: "o".into(), created_at: Utc::now() };
+        let org = org("o");
         let mut tx = store.write().await.unwrap();
         tx.insert_org(&org).await.unwrap();
         let mut first = job(&org.id);
@@ -2566,7 +2576,7 @@ mod tests {
     async fn a_queued_update_of_a_missing_row_fails_its_transaction_before_the_commit() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-        let org = Org { id: OrgId::new(), name: "o".into(), created_at: Utc::now() };
+        let org = org("o");
         let mut tx = store.write().await.unwrap();
         tx.insert_org(&org).await.unwrap();
         tx.commit().await.unwrap();
@@ -2617,7 +2627,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
         let durability = &store.durability;
-        let org = |name: &str| Org { id: OrgId::new(), name: name.into(), created_at: Utc::now() };
         let deferred = |name: &'static str| {
             let store = store.clone();
             async move {
@@ -2678,11 +2687,9 @@ mod tests {
     /// next writer in.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lone_commit_is_synced_by_sqlite_and_a_queue_of_commits_shares_a_sync() {
-        use countersign_core::audit::{Actor, ActorKind};
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
         let durability = Arc::clone(&store.durability);
-        let org = |name: &str| Org { id: OrgId::new(), name: name.into(), created_at: Utc::now() };
         let level = |store: &SqliteStore| {
             let writer = Arc::clone(&store.writer);
             async move {
@@ -2700,14 +2707,7 @@ mod tests {
         let alone = org("alone");
         let mut tx = store.write().await.unwrap();
         tx.insert_org(&alone).await.unwrap();
-        let event = NewAuditEvent {
-            time_us: 1,
-            actor: Actor { kind: ActorKind::System, id: "system".into(), name: "system".into() },
-            action: "org.created".into(),
-            subject: None,
-            data: serde_json::json!({}),
-        };
-        tx.append_audit(&alone.id, event).await.unwrap();
+        tx.append_audit(&alone.id, event("org.created")).await.unwrap();
         let commit = tokio::time::timeout(Duration::from_secs(10), tx.commit()).await;
         assert!(commit.is_ok(), "a lone commit waited for the shared sync");
         commit.unwrap().unwrap();
@@ -2768,17 +2768,10 @@ mod tests {
     /// one following the last committed event, and the chain stays gapless and valid.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_remembered_audit_head_follows_commits_only() {
-        use countersign_core::audit::{Actor, ActorKind, ChainVerifier};
+        use countersign_core::audit::ChainVerifier;
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-        let org = Org { id: OrgId::new(), name: "o".into(), created_at: Utc::now() };
-        let event = |action: &str| NewAuditEvent {
-            time_us: 1,
-            actor: Actor { kind: ActorKind::System, id: "system".into(), name: "system".into() },
-            action: action.into(),
-            subject: None,
-            data: serde_json::json!({}),
-        };
+        let org = org("o");
         let mut tx = store.write().await.unwrap();
         tx.insert_org(&org).await.unwrap();
         assert_eq!(tx.append_audit(&org.id, event("a")).await.unwrap().seq, 1);
@@ -2843,7 +2836,7 @@ mod tests {
         std::os::unix::fs::symlink(real.join("db.sqlite"), link.join("db.sqlite")).unwrap();
         let store = SqliteStore::open(&link.join("db.sqlite")).await.unwrap();
         let mut tx = store.write().await.unwrap();
-        tx.insert_org(&Org { id: OrgId::new(), name: "linked".into(), created_at: Utc::now() }).await.unwrap();
+        tx.insert_org(&org("linked")).await.unwrap();
         tx.commit().await.unwrap();
         let wal = store.durability.files.wal_path.clone();
         assert!(wal.exists(), "{} is not where SQLite keeps the log", wal.display());
@@ -2857,7 +2850,6 @@ mod tests {
     async fn a_deferred_commit_never_hides_a_failed_sync() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-        let org = |name: &str| Org { id: OrgId::new(), name: name.into(), created_at: Utc::now() };
         let mut tx = store.write().await.unwrap();
         tx.insert_org(&org("claimed")).await.unwrap();
         tx.defer_sync(true);
@@ -2891,7 +2883,7 @@ mod tests {
         let broken = Durability { sync_in_commit: false, ..Durability::new(files, None) };
         let poisoned = SqliteStore { durability: Arc::new(broken), ..store.clone() };
         let mut tx = poisoned.write().await.unwrap();
-        tx.insert_org(&Org { id: OrgId::new(), name: "lost".into(), created_at: Utc::now() }).await.unwrap();
+        tx.insert_org(&org("lost")).await.unwrap();
         let err = tx.commit().await.unwrap_err();
         assert!(matches!(&err, StoreError::Unavailable(m) if m.contains("restarts")), "{err:?}");
         assert!(poisoned.write().await.is_err(), "a write began after a failed sync");
