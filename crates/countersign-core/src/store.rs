@@ -28,6 +28,25 @@ pub enum StoreError {
     /// Anything else: a bug, corrupt data, a failed migration.
     #[error("store error: {0}")]
     Internal(String),
+    /// A conditional write ([`StoreTx::end_action`], [`StoreTx::end_queued_job`]) found its row no longer in
+    /// the state it expected: someone changed it since its caller last saw it. The transaction can only roll
+    /// back; the caller may read the row and decide again.
+    #[error("changed meanwhile: {0}")]
+    Stale(String),
+}
+
+/// How a queued job ended without the runner ([`StoreTx::end_queued_job`]): the live connection that
+/// carried out an execution settles its recovery job with the action's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobEnd {
+    pub org_id: OrgId,
+    pub id: JobId,
+    /// `succeeded` or `failed`.
+    pub state: JobState,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: DateTime<Utc>,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
 }
 
 /// One page of a list, and where the next one starts.
@@ -195,6 +214,11 @@ pub trait StoreTx: Send {
     async fn insert_action(&mut self, action: &Action) -> Result<(), StoreError>;
     /// Writes the mutable fields: state, verdict, approval, result, error and times.
     async fn update_action(&mut self, action: &Action) -> Result<(), StoreError>;
+    /// Writes an execution's outcome (state, result, error, `finished_at`) only if the stored action is still
+    /// in state `from`, without reading it first: the caller knows the row (it claimed it, or read it in this
+    /// transaction). A row no longer in `from`, or gone, fails the transaction with [`StoreError::Stale`]
+    /// (here, or at its next statement or commit where writes are sent together), and it can only roll back.
+    async fn end_action(&mut self, action: &Action, from: ActionState) -> Result<(), StoreError>;
     async fn get_action(&mut self, org: &OrgId, id: &ActionId) -> Result<Option<Action>, StoreError>;
     async fn find_action_by_idempotency_key(
         &mut self,
@@ -291,6 +315,9 @@ pub trait StoreTx: Send {
     async fn insert_job(&mut self, job: &Job) -> Result<(), StoreError>;
     /// Writes state, attempts, run_at, lease, progress, result, error and times.
     async fn update_job(&mut self, job: &Job) -> Result<(), StoreError>;
+    /// Ends a job as `end` says, with one attempt more, only if it is still queued, without reading it first;
+    /// otherwise fails as [`StoreTx::end_action`] does.
+    async fn end_queued_job(&mut self, end: &JobEnd) -> Result<(), StoreError>;
     async fn get_job(&mut self, org: &OrgId, id: &JobId) -> Result<Option<Job>, StoreError>;
     /// The job `job` names (none without one), then the action: in that order, the order cancelling a job
     /// takes, so a backend that locks what it reads locks them alike. One round trip where the backend can.

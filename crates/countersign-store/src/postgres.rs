@@ -49,7 +49,8 @@ use countersign_core::ids::{ActionId, AgentId, ApprovalId, JobId, KeyId, OrgId, 
 use countersign_core::risk::PRECEDENT_CAP;
 use countersign_core::state::{ActionState, ApprovalStatus, JobState};
 use countersign_core::store::{
-    ActionFilter, AuditFilter, AuditHead, JobFilter, Page, PendingDeadline, Retention, Store, StoreError, StoreTx,
+    ActionFilter, AuditFilter, AuditHead, JobEnd, JobFilter, Page, PendingDeadline, Retention, Store, StoreError,
+    StoreTx,
 };
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions, PgRow};
@@ -903,6 +904,25 @@ impl StoreTx for PgTx {
         if n == 1 { Ok(()) } else { Err(StoreError::Internal(format!("action {} vanished", a.id))) }
     }
 
+    async fn end_action(&mut self, a: &Action, from: ActionState) -> Result<(), StoreError> {
+        let n = self
+            .execute(
+                sqlx::query(
+                    "UPDATE actions SET state = $1, result = $2, error = $3, finished_at = $4
+                     WHERE org_id = $5 AND id = $6 AND state = $7",
+                )
+                .bind(a.state.as_str())
+                .bind(a.result.as_ref().map(to_json).transpose()?)
+                .bind(a.error.clone())
+                .bind(opt_us(a.finished_at))
+                .bind(a.org_id.as_str().to_owned())
+                .bind(a.id.as_str().to_owned())
+                .bind(from.as_str()),
+            )
+            .await?;
+        if n == 1 { Ok(()) } else { Err(StoreError::Stale(format!("action {} is no longer {}", a.id, from.as_str()))) }
+    }
+
     async fn get_action(&mut self, org: &OrgId, id: &ActionId) -> Result<Option<Action>, StoreError> {
         let query = self
             .locking("SELECT * FROM actions WHERE org_id = $1 AND id = $2")
@@ -1315,6 +1335,26 @@ impl StoreTx for PgTx {
             )
             .await?;
         if n == 1 { Ok(()) } else { Err(StoreError::Internal(format!("job {} vanished", j.id))) }
+    }
+
+    async fn end_queued_job(&mut self, end: &JobEnd) -> Result<(), StoreError> {
+        let n = self
+            .execute(
+                sqlx::query(
+                    "UPDATE jobs SET state = $1, attempts = attempts + 1, result = $2, error = $3, started_at = $4,
+                        finished_at = $5
+                     WHERE org_id = $6 AND id = $7 AND state = 'queued'",
+                )
+                .bind(end.state.as_str())
+                .bind(end.result.as_ref().map(to_json).transpose()?)
+                .bind(end.error.clone())
+                .bind(opt_us(end.started_at))
+                .bind(to_us(end.finished_at))
+                .bind(end.org_id.as_str().to_owned())
+                .bind(end.id.as_str().to_owned()),
+            )
+            .await?;
+        if n == 1 { Ok(()) } else { Err(StoreError::Stale(format!("job {} is no longer queued", end.id))) }
     }
 
     async fn get_job(&mut self, org: &OrgId, id: &JobId) -> Result<Option<Job>, StoreError> {

@@ -62,7 +62,7 @@ pub fn audit_write_failed(e: StoreError) -> StoreError {
         StoreError::Conflict(m) | StoreError::Internal(m) => {
             StoreError::Internal(format!("writing the audit events failed: {m}"))
         }
-        unavailable @ StoreError::Unavailable(_) => unavailable,
+        other @ (StoreError::Unavailable(_) | StoreError::Stale(_)) => other,
     }
 }
 
@@ -159,6 +159,10 @@ pub fn map_sqlx(error: sqlx::Error) -> StoreError {
             } else {
                 StoreError::Internal(format!("{} ({code})", db.message()))
             }
+        }
+        // SQLite's check after a conditional update (`expect_unchanged` in sqlite.rs raises this text).
+        sqlx::Error::Database(db) if db.message().starts_with("stale row:") => {
+            StoreError::Stale(db.message().to_owned())
         }
         sqlx::Error::Database(db) if db.message().contains("locked") || db.message().contains("busy") => {
             StoreError::Unavailable(db.message().to_owned())

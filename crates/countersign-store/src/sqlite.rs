@@ -35,7 +35,8 @@ use countersign_core::ids::{ActionId, AgentId, ApprovalId, JobId, KeyId, OrgId, 
 use countersign_core::risk::PRECEDENT_CAP;
 use countersign_core::state::{ActionState, ApprovalStatus, JobState};
 use countersign_core::store::{
-    ActionFilter, AuditFilter, AuditHead, JobFilter, Page, PendingDeadline, Retention, Store, StoreError, StoreTx,
+    ActionFilter, AuditFilter, AuditHead, JobEnd, JobFilter, Page, PendingDeadline, Retention, Store, StoreError,
+    StoreTx,
 };
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
@@ -542,7 +543,10 @@ async fn passive_checkpoint<'c>(
 /// locked" on a connection that has temporary objects.
 const EXPECT_ONE: &str = "CREATE TEMP VIEW IF NOT EXISTS expect_one (n) AS SELECT 1;
     CREATE TEMP TRIGGER IF NOT EXISTS expect_one_row INSTEAD OF INSERT ON expect_one WHEN NEW.n <> 1
-    BEGIN SELECT RAISE(ABORT, 'a row this transaction updates is gone'); END;";
+    BEGIN SELECT RAISE(ABORT, 'a row this transaction updates is gone'); END;
+    CREATE TEMP VIEW IF NOT EXISTS expect_unchanged (n) AS SELECT 1;
+    CREATE TEMP TRIGGER IF NOT EXISTS expect_unchanged_row INSTEAD OF INSERT ON expect_unchanged WHEN NEW.n <> 1
+    BEGIN SELECT RAISE(ABORT, 'stale row: a row this transaction changes conditionally is no longer as expected'); END;";
 
 /// How long `open` waits for a process that is stopping to let go of the database.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -917,8 +921,17 @@ impl SqliteTx {
     /// Queues the check that the update queued last changed exactly one row: on the writer, whose
     /// connection has it ([`EXPECT_ONE`]). Read transactions do not write.
     fn expect_one(&mut self) {
+        self.check("INSERT INTO expect_one VALUES (changes())");
+    }
+
+    /// [`SqliteTx::expect_one`] for a conditional update: no row fails with [`StoreError::Stale`].
+    fn expect_unchanged(&mut self) {
+        self.check("INSERT INTO expect_unchanged VALUES (changes())");
+    }
+
+    fn check(&mut self, sql: &'static str) {
         if matches!(self.conn, TxConn::Write(..)) {
-            self.queue("INSERT INTO expect_one VALUES (changes())");
+            self.queue(sql);
         }
     }
 
@@ -1647,6 +1660,23 @@ impl StoreTx for SqliteTx {
         Ok(())
     }
 
+    async fn end_action(&mut self, a: &Action, from: ActionState) -> Result<(), StoreError> {
+        let result = a.result.as_ref().map(to_json).transpose()?;
+        self.queue(
+            "UPDATE actions SET state = ?, result = ?, error = ?, finished_at = ?
+             WHERE org_id = ? AND id = ? AND state = ?",
+        )
+        .bind(a.state.as_str())
+        .bind(result)
+        .bind(a.error.clone())
+        .bind(opt_us(a.finished_at))
+        .bind(a.org_id.as_str().to_owned())
+        .bind(a.id.as_str().to_owned())
+        .bind(from.as_str());
+        self.expect_unchanged();
+        Ok(())
+    }
+
     async fn get_action(&mut self, org: &OrgId, id: &ActionId) -> Result<Option<Action>, StoreError> {
         let row = self
             .fetch_optional(
@@ -2085,6 +2115,23 @@ impl StoreTx for SqliteTx {
         .bind(j.org_id.as_str().to_owned())
         .bind(j.id.as_str().to_owned());
         self.expect_one();
+        Ok(())
+    }
+
+    async fn end_queued_job(&mut self, end: &JobEnd) -> Result<(), StoreError> {
+        let result = end.result.as_ref().map(to_json).transpose()?;
+        self.queue(
+            "UPDATE jobs SET state = ?, attempts = attempts + 1, result = ?, error = ?, started_at = ?, finished_at = ?
+             WHERE org_id = ? AND id = ? AND state = 'queued'",
+        )
+        .bind(end.state.as_str())
+        .bind(result)
+        .bind(end.error.clone())
+        .bind(opt_us(end.started_at))
+        .bind(to_us(end.finished_at))
+        .bind(end.org_id.as_str().to_owned())
+        .bind(end.id.as_str().to_owned());
+        self.expect_unchanged();
         Ok(())
     }
 

@@ -25,7 +25,7 @@ use countersign_core::ids::{
 };
 use countersign_core::risk::RiskAssessment;
 use countersign_core::state::{ActionState, ApprovalStatus, Decision, JobState};
-use countersign_core::store::{ActionFilter, AuditFilter, JobFilter, Page, Store, StoreError};
+use countersign_core::store::{ActionFilter, AuditFilter, JobEnd, JobFilter, Page, Store, StoreError};
 use countersign_store::{PostgresStore, SqliteStore};
 use serde_json::json;
 use sqlx::{Connection, Executor};
@@ -180,6 +180,7 @@ contract!(
     precedent_counts_successes_and_human_approved_records_only,
     retention_ends_before_the_first_event_inside_the_window,
     a_checkpoint_is_stored_once_per_seq_and_listed_in_seq_order,
+    conditional_ends_write_only_rows_still_as_expected,
 );
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1413,6 +1414,102 @@ mod checks {
         assert_eq!(tx.current_policy(&other.id).await.unwrap(), None, "{n}: wrong org");
         let bad = StoredPolicy { origin: "ftp".into(), ..v("v3", "file") };
         assert!(tx.insert_policy(&bad).await.is_err(), "{n}: origin is checked");
+    }
+    /// `end_action` and `end_queued_job` write only a row still in the state they expect, in the caller's
+    /// org; otherwise the transaction fails `Stale` (at the write or at the commit) and writes nothing.
+    pub async fn conditional_ends_write_only_rows_still_as_expected(b: &Backend) {
+        let (o, _, agent) = seed(b, "ends").await;
+        let (other, _, _) = seed(b, "other").await;
+        let n = b.name;
+        let started = now() - TimeDelta::seconds(1);
+        let action = Action {
+            started_at: Some(started),
+            decided_at: Some(started),
+            ..super::action(&o, &agent, "llm.chat.completion", ActionState::Executing)
+        };
+        let job = Job::new(
+            o.id.clone(),
+            JobKind::ActionExecute,
+            Some(action.id.to_string()),
+            json!({"action_id": action.id}),
+            now() + TimeDelta::minutes(5),
+        );
+        let action = Action { job_id: Some(job.id.clone()), ..action };
+        let mut tx = b.store.write().await.unwrap();
+        tx.insert_job(&job).await.unwrap();
+        tx.insert_action(&action).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let finished = now();
+        let ended = Action {
+            state: ActionState::Succeeded,
+            result: Some(json!({"status": 200})),
+            error: Some("none".into()),
+            finished_at: Some(finished),
+            ..action.clone()
+        };
+        let end = JobEnd {
+            org_id: o.id.clone(),
+            id: job.id.clone(),
+            state: JobState::Succeeded,
+            started_at: Some(started),
+            finished_at: finished,
+            result: Some(json!({"inline": true})),
+            error: None,
+        };
+        // The writes of one finish, committed: `Stale` wherever the backend finds out.
+        let finish = |end: JobEnd, ended: Action, from: ActionState| async move {
+            let mut tx = b.store.write().await.unwrap();
+            tx.end_queued_job(&end).await?;
+            tx.end_action(&ended, from).await?;
+            tx.commit().await
+        };
+        let stored = || async {
+            let mut tx = b.store.read().await.unwrap();
+            (
+                tx.get_job(&o.id, &job.id).await.unwrap().unwrap(),
+                tx.get_action(&o.id, &action.id).await.unwrap().unwrap(),
+            )
+        };
+
+        // The runner took the job meanwhile: nothing is written, the action's end included.
+        let running = Job { state: JobState::Running, attempts: 1, lease_owner: Some("runner".into()), ..job.clone() };
+        let mut tx = b.store.write().await.unwrap();
+        tx.update_job(&running).await.unwrap();
+        tx.commit().await.unwrap();
+        let stale = finish(end.clone(), ended.clone(), ActionState::Executing).await;
+        assert!(matches!(&stale, Err(StoreError::Stale(_))), "{n}: a job no longer queued: {stale:?}");
+        assert_eq!(stored().await, (running, action.clone()), "{n}: a stale finish wrote");
+
+        // Back in the queue; another org's ids match no row.
+        let mut tx = b.store.write().await.unwrap();
+        tx.update_job(&job).await.unwrap();
+        tx.commit().await.unwrap();
+        let elsewhere = JobEnd { org_id: other.id.clone(), ..end.clone() };
+        let stale = finish(elsewhere, ended.clone(), ActionState::Executing).await;
+        assert!(matches!(&stale, Err(StoreError::Stale(_))), "{n}: another org's job: {stale:?}");
+        let elsewhere = Action { org_id: other.id.clone(), ..ended.clone() };
+        let stale = finish(end.clone(), elsewhere, ActionState::Executing).await;
+        assert!(matches!(&stale, Err(StoreError::Stale(_))), "{n}: another org's action: {stale:?}");
+        // An action not in the state expected.
+        let stale = finish(end.clone(), ended.clone(), ActionState::Approved).await;
+        assert!(matches!(&stale, Err(StoreError::Stale(_))), "{n}: an action in another state: {stale:?}");
+        assert_eq!(stored().await, (job.clone(), action.clone()), "{n}: a stale finish wrote");
+
+        // As expected: the outcome and one attempt more, nothing else.
+        finish(end.clone(), ended.clone(), ActionState::Executing).await.unwrap();
+        let settled = Job {
+            state: JobState::Succeeded,
+            attempts: job.attempts + 1,
+            started_at: Some(started),
+            finished_at: Some(finished),
+            result: Some(json!({"inline": true})),
+            ..job.clone()
+        };
+        assert_eq!(stored().await, (settled, ended.clone()), "{n}");
+        // Done once: a second finish is stale.
+        let again = finish(end, ended, ActionState::Executing).await;
+        assert!(matches!(&again, Err(StoreError::Stale(_))), "{n}: finished twice: {again:?}");
     }
 }
 

@@ -35,6 +35,10 @@ pub enum Error {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// A conditional write found its row changed meanwhile ([`StoreError::Stale`]): a conflict to clients, and
+    /// for the gateway a sign to read the row and decide again.
+    #[error("{0}")]
+    Stale(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +84,7 @@ impl Error {
             Error::Forbidden(_) => ErrorKind::Forbidden,
             Error::PolicyDenied { .. } => ErrorKind::PolicyDenied,
             Error::NotFound(_) => ErrorKind::NotFound,
-            Error::Conflict { .. } => ErrorKind::Conflict,
+            Error::Conflict { .. } | Error::Stale(_) => ErrorKind::Conflict,
             Error::PayloadTooLarge(_) => ErrorKind::PayloadTooLarge,
             Error::RateLimited { .. } => ErrorKind::RateLimited,
             Error::Unavailable(_) => ErrorKind::Unavailable,
@@ -107,6 +111,7 @@ impl From<StoreError> for Error {
             StoreError::Conflict(message) => Error::Conflict { message, state: None },
             StoreError::Unavailable(message) => Error::Unavailable(message),
             StoreError::Internal(message) => Error::Internal(message),
+            StoreError::Stale(message) => Error::Stale(message),
         }
     }
 }

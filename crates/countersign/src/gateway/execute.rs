@@ -11,6 +11,7 @@ use countersign_core::audit::{Actor, canonical_hash};
 use countersign_core::domain::{Action, Job, JobKind, Target};
 use countersign_core::ids::{ActionId, OrgId};
 use countersign_core::state::{ActionState, JobState};
+use countersign_core::store::JobEnd;
 use serde_json::json;
 
 use super::jobs::JobOutcome;
@@ -117,7 +118,9 @@ impl Gateway {
                             "outcome unknown; not retried (upstream not retry_safe)",
                         ),
                     };
-                    self.finish(&action, ActionState::Failed, None, Some(error.into()), details).await?;
+                    let failed =
+                        Outcome { state: ActionState::Failed, result: None, error: Some(error.into()), details };
+                    self.finish(&action, &failed, false).await?;
                     return Ok(JobOutcome::Failed(outcome.into()));
                 }
             }
@@ -300,11 +303,12 @@ impl Gateway {
             }
             None => return Ok(None),
         };
-        self.record(&action, state, result, error, details).await.map(|()| None)
+        self.record(&action, state, result, error, details, false).await.map(|()| None)
     }
 
     /// Records an execution's outcome. The request went out: its outcome is known only here, so a busy store
-    /// must not lose it.
+    /// must not lose it. `claimed`: this process claimed the action inline (the LLM proxy's or the MCP
+    /// gateway's live connection) and `action` is as its claim left it (see [`Gateway::finish`]).
     pub(super) async fn record(
         &self,
         action: &Action,
@@ -312,10 +316,12 @@ impl Gateway {
         result: Option<serde_json::Value>,
         error: Option<String>,
         details: serde_json::Value,
+        claimed: bool,
     ) -> Result<()> {
+        let outcome = Outcome { state, result, error, details };
         let mut delay = std::time::Duration::from_millis(100);
         loop {
-            match self.finish(action, state, result.clone(), error.clone(), details.clone()).await {
+            match self.finish(action, &outcome, claimed).await {
                 Err(Error::Unavailable(e)) if delay <= RECORD_RETRY_LIMIT => {
                     tracing::warn!(action = %action.id, error = %e, "store busy recording an outcome; retrying");
                     tokio::time::sleep(delay).await;
@@ -326,51 +332,77 @@ impl Gateway {
         }
     }
 
-    async fn finish(
-        &self,
-        action: &Action,
-        state: ActionState,
-        result: Option<serde_json::Value>,
-        error: Option<String>,
-        details: serde_json::Value,
-    ) -> Result<()> {
+    /// Ends the action with the outcome, audited, and settles its recovery job if that is still queued (an
+    /// inline execution's: carried out on the live connection, its one attempt, with the action's outcome; a
+    /// job the runner holds is the runner's to settle).
+    ///
+    /// `claimed`: the claim left the action `executing` and its recovery job queued, and nothing but this
+    /// finish changes either unless the call outlived the job's deadline (then the job ran, or is running),
+    /// so they are written as the claim left them, without reading them first: one round trip fewer on the
+    /// way to the answer. Each write checks that its row is still as the claim left it; if one is not, that
+    /// transaction rolls back and the outcome is recorded from what the store holds, as for an execution
+    /// the runner carried out.
+    async fn finish(&self, action: &Action, outcome: &Outcome, claimed: bool) -> Result<()> {
+        if claimed && action.state == ActionState::Executing {
+            match self.finish_from(action, outcome, true).await {
+                Err(Error::Stale(why)) => {
+                    tracing::info!(action = %action.id, why, "an inline execution's rows changed while it ran; \
+                                   recording its outcome from what the store holds");
+                }
+                other => return other,
+            }
+        }
+        self.finish_from(action, outcome, false).await
+    }
+
+    /// [`Gateway::finish`] with the action and its queued recovery job as the claim left them (`known`), or
+    /// as the store holds them.
+    async fn finish_from(&self, action: &Action, outcome: &Outcome, known: bool) -> Result<()> {
+        let Outcome { state, result, error, details } = outcome;
+        let state = *state;
         let now = self.now();
         let mut work = self.write().await?;
-        // The job before the action (the order cancelling a job takes). Still queued, it is the recovery
-        // job of an inline execution, which ends here with the action's outcome; a job the runner holds is
-        // the runner's to settle.
-        let (recovery, current) =
-            work.tx.get_job_and_action(&action.org_id, action.job_id.as_ref(), &action.id).await?;
-        let recovery = recovery.filter(|j| j.state == JobState::Queued);
-        let mut current = current.ok_or_else(|| Error::not_found("action", action.id.as_str()))?;
+        // The job before the action (the order cancelling a job takes), in reads and in writes.
+        let (recovery, mut current) = if known {
+            (action.job_id.clone(), action.clone())
+        } else {
+            let (job, current) = work.tx.get_job_and_action(&action.org_id, action.job_id.as_ref(), &action.id).await?;
+            let recovery = job.filter(|j| j.state == JobState::Queued).map(|j| j.id);
+            (recovery, current.ok_or_else(|| Error::not_found("action", action.id.as_str()))?)
+        };
+        let from = current.state;
         current.state = current.state.transition(state)?;
-        current.result = result;
+        current.result = result.clone();
         current.error = error.clone();
         current.finished_at = Some(now);
-        work.tx.update_action(&current).await?;
         let status = current.result.as_ref().and_then(|r| r.get("status")).cloned();
         let settled = match recovery {
-            Some(mut job) => {
-                // Carried out on the live connection: its one attempt, with the action's outcome.
+            Some(id) => {
                 let end = if state == ActionState::Succeeded { JobState::Succeeded } else { JobState::Failed };
-                job.state = job.state.transition(JobState::Running)?.transition(end)?;
-                job.attempts += 1;
-                job.started_at = current.started_at;
-                job.finished_at = Some(now);
-                job.result = Some(json!({"action_id": current.id, "state": current.state, "status": status,
-                                         "inline": true}));
-                job.error = error.clone();
-                work.tx.update_job(&job).await?;
-                work.job_changed(&job);
+                let end = JobState::Queued.transition(JobState::Running)?.transition(end)?;
+                work.tx
+                    .end_queued_job(&JobEnd {
+                        org_id: action.org_id.clone(),
+                        id: id.clone(),
+                        state: end,
+                        started_at: current.started_at,
+                        finished_at: now,
+                        result: Some(json!({"action_id": current.id, "state": current.state, "status": status,
+                                            "inline": true})),
+                        error: error.clone(),
+                    })
+                    .await?;
+                work.job_id_changed(&action.org_id, &id);
                 Some(end)
             }
             None => None,
         };
+        work.tx.end_action(&current, from).await?;
         let event = if state == ActionState::Succeeded { "action.executed" } else { "action.failed" };
         let mut data = json!({"status": status, "error": error});
         if let (Some(data), serde_json::Value::Object(details)) = (data.as_object_mut(), details) {
             for (key, value) in details {
-                data.entry(key).or_insert(value);
+                data.entry(key.clone()).or_insert_with(|| value.clone());
             }
         }
         work.audit(&action.org_id, now, &Actor::system(), event, Some(action.id.as_str()), data).await?;
@@ -382,6 +414,14 @@ impl Gateway {
         }
         Ok(())
     }
+}
+
+/// How an execution ended, as [`Gateway::record`] writes it.
+struct Outcome {
+    state: ActionState,
+    result: Option<serde_json::Value>,
+    error: Option<String>,
+    details: serde_json::Value,
 }
 
 impl Gateway {

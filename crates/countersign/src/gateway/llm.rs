@@ -146,6 +146,6 @@ impl Gateway {
     /// job in the same transaction; durable when it returns.
     pub async fn finish_inline(&self, action: &Action, outcome: InlineOutcome) -> Result<()> {
         let state = if outcome.succeeded { ActionState::Succeeded } else { ActionState::Failed };
-        self.record(action, state, outcome.result, outcome.error, outcome.details).await
+        self.record(action, state, outcome.result, outcome.error, outcome.details, true).await
     }
 }

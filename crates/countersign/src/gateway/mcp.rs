@@ -118,7 +118,14 @@ impl Gateway {
         self.spawn_inline(async move {
             let outcome = gateway.send_mcp(&action).await;
             gateway
-                .record(&action, outcome.state, outcome.result.clone(), outcome.error.clone(), outcome.details.clone())
+                .record(
+                    &action,
+                    outcome.state,
+                    outcome.result.clone(),
+                    outcome.error.clone(),
+                    outcome.details.clone(),
+                    true,
+                )
                 .await?;
             Ok(outcome)
         })

@@ -391,7 +391,11 @@ impl Work {
     }
 
     fn job_changed(&mut self, job: &Job) {
-        self.jobs_changed.push((job.org_id.clone(), job.id.clone()));
+        self.job_id_changed(&job.org_id, &job.id);
+    }
+
+    fn job_id_changed(&mut self, org: &OrgId, id: &JobId) {
+        self.jobs_changed.push((org.clone(), id.clone()));
     }
 
     /// Raises a webhook event, tied to the audit event appended just before it.

@@ -678,31 +678,20 @@ async fn a_client_that_hangs_up_on_a_non_streamed_call_leaves_it_finished() {
     s.server.stop().await;
 }
 
-/// The process carrying an allowed call inline dies after sending it: claim and send go through the gateway
-/// as the proxy does them, then nothing records the answer, and the server stops. The recovery job written
-/// with the claim, due after the provider's timeout and the margin, ends the action `failed` with
-/// `outcome unknown` after the restart, audited, and the provider saw exactly one request.
-#[tokio::test]
-async fn an_inline_call_cut_off_by_a_crash_ends_failed_outcome_unknown_after_restart() {
+/// An allowed model call submitted through the gateway as the proxy submits it: claimed for the caller in the
+/// submission's own transaction, with its recovery job.
+async fn submit_in_flight(
+    gateway: &countersign::gateway::Gateway,
+    caller: &countersign::gateway::Caller,
+) -> countersign::gateway::SubmitOutcome {
     use countersign::gateway::SubmitRequest;
     use countersign_core::capability::Capability;
     use countersign_core::domain::{LlmTarget, Target};
 
-    let dir = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start().await;
-    let config = || {
-        let mut config = llm_config(dir.path(), &provider.url);
-        config.jobs.llm_recovery_margin = Duration::from_millis(500);
-        config
-    };
-    let server = TestServer::start_with(config(), None).await;
-    let agent = server.agent("cut-off").await;
-    let gateway = server.gateway().clone();
-    let caller = gateway.authenticate(agent.key().unwrap()).await.unwrap();
     let body = json!({"model": "gpt-fake", "messages": [{"role": "user", "content": "in flight"}]});
-    let submitted = gateway
+    gateway
         .submit_inline(
-            &caller,
+            caller,
             SubmitRequest {
                 capability: Capability::parse("llm.chat.completion").unwrap(),
                 params: json!({"provider": "openai", "model": "gpt-fake", "text": "in flight"}),
@@ -718,7 +707,98 @@ async fn an_inline_call_cut_off_by_a_crash_ends_failed_outcome_unknown_after_res
             },
         )
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The finish of an inline call writes the action and its recovery job as the claim left them, each write
+/// checking that they still are. If the call outlived its deadline and the runner took the job meanwhile, the
+/// outcome is recorded from what the store holds: the action ends with the answer, once, the job stays the
+/// runner's, and the audit chain (whose head the rolled-back attempt had moved) still verifies. If the
+/// action was ended meanwhile, the finish is a conflict and writes nothing.
+#[tokio::test]
+async fn an_inline_finish_after_its_recovery_job_was_taken_records_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start().await;
+    let server = TestServer::start_with(llm_config(dir.path(), &provider.url), None).await;
+    let agent = server.agent("late").await;
+    let gateway = server.gateway().clone();
+    let caller = gateway.authenticate(agent.key().unwrap()).await.unwrap();
+    let outcome = |text: &str| countersign::gateway::InlineOutcome {
+        succeeded: true,
+        result: Some(json!({"status": 200, "body": text})),
+        error: None,
+        details: json!({"provider": "openai", "streamed": false}),
+    };
+    let audit = |id: String| {
+        let admin = &server.admin;
+        async move {
+            let query = AuditQuery { subject: Some(id), ..AuditQuery::default() };
+            let events = admin.query_audit(&query).await.unwrap().body["events"].as_array().cloned().unwrap();
+            events.iter().filter_map(|e| e["action"].as_str().map(str::to_owned)).collect::<Vec<_>>()
+        }
+    };
+
+    // The runner takes the recovery job (as once it falls due) before the call's answer is recorded.
+    let claimed = submit_in_flight(&gateway, &caller).await.action;
+    let job_id = claimed.job_id.clone().unwrap().to_string();
+    let mut tx = gateway.store().write().await.unwrap();
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let taken = tx.claim_job(later, "runner", later).await.unwrap().unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(taken.id.to_string(), job_id);
+    gateway.finish_inline(&claimed, outcome("answered late")).await.unwrap();
+    let action = server.admin.get(&format!("/v1/actions/{}", claimed.id)).await.unwrap().body;
+    assert_eq!(action["state"], "succeeded", "{action}");
+    assert_eq!(action["result"]["body"], "answered late", "{action}");
+    let job = server.admin.get(&format!("/v1/jobs/{job_id}")).await.unwrap().body;
+    assert_eq!((&job["state"], &job["attempts"]), (&json!("running"), &json!(1)), "the runner's to settle: {job}");
+    let names = audit(claimed.id.to_string()).await;
+    assert_eq!(names.iter().filter(|n| *n == "action.executed").count(), 1, "{names:?}");
+
+    // The action ended meanwhile (the recovery job failed it): a conflict, and nothing written.
+    let claimed = submit_in_flight(&gateway, &caller).await.action;
+    let mut tx = gateway.store().write().await.unwrap();
+    let failed = countersign_core::domain::Action {
+        state: countersign_core::state::ActionState::Failed,
+        error: Some("outcome unknown".into()),
+        finished_at: Some(chrono::Utc::now()),
+        ..claimed.clone()
+    };
+    tx.update_action(&failed).await.unwrap();
+    tx.commit().await.unwrap();
+    let err = gateway.finish_inline(&claimed, outcome("too late")).await.unwrap_err();
+    assert_eq!(err.kind(), countersign::error::ErrorKind::Conflict, "{err}");
+    assert!(!matches!(err, countersign::error::Error::Stale(_)), "read again before answering: {err}");
+    let action = server.admin.get(&format!("/v1/actions/{}", claimed.id)).await.unwrap().body;
+    assert_eq!((&action["state"], &action["result"]), (&json!("failed"), &Value::Null), "{action}");
+    let job = server.admin.get(&format!("/v1/jobs/{}", claimed.job_id.clone().unwrap())).await.unwrap().body;
+    assert_eq!(job["state"], "queued", "{job}");
+    assert!(!audit(claimed.id.to_string()).await.contains(&"action.executed".to_owned()));
+
+    let verify = server.admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(verify.body["ok"], true, "{:?}", verify.body);
+    assert_eq!(provider.count(), 0);
+    server.stop().await;
+}
+
+/// The process carrying an allowed call inline dies after sending it: claim and send go through the gateway
+/// as the proxy does them, then nothing records the answer, and the server stops. The recovery job written
+/// with the claim, due after the provider's timeout and the margin, ends the action `failed` with
+/// `outcome unknown` after the restart, audited, and the provider saw exactly one request.
+#[tokio::test]
+async fn an_inline_call_cut_off_by_a_crash_ends_failed_outcome_unknown_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start().await;
+    let config = || {
+        let mut config = llm_config(dir.path(), &provider.url);
+        config.jobs.llm_recovery_margin = Duration::from_millis(500);
+        config
+    };
+    let server = TestServer::start_with(config(), None).await;
+    let agent = server.agent("cut-off").await;
+    let gateway = server.gateway().clone();
+    let caller = gateway.authenticate(agent.key().unwrap()).await.unwrap();
+    let submitted = submit_in_flight(&gateway, &caller).await;
     // Allowed inline: claimed for the caller in the submission's own transaction.
     assert_eq!(submitted.action.state.as_str(), "executing");
     assert!(submitted.claimed);
