@@ -229,12 +229,12 @@ impl ReplicaFeed {
 impl Store for PostgresStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await.map_err(map_sqlx)?;
-        Ok(Box::new(PgTx { tx, writer: true, head: None, pending_audit: Vec::new() }))
+        Ok(Box::new(PgTx { tx, writer: true, head: None, pending_audit: Vec::new(), stale: None }))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(map_sqlx)?;
-        Ok(Box::new(PgTx { tx, writer: false, head: None, pending_audit: Vec::new() }))
+        Ok(Box::new(PgTx { tx, writer: false, head: None, pending_audit: Vec::new(), stale: None }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -257,6 +257,9 @@ struct PgTx {
     /// Audit events sealed but not yet written: written together, with the head row moved to the last,
     /// before the transaction's next statement or its commit. A rollback drops them with everything else.
     pending_audit: Vec<AuditEvent>,
+    /// Why a conditional write found its row changed ([`StoreError::Stale`]): then every later statement and
+    /// the commit fail, as on SQLite, so a caller that carried on cannot commit half a change.
+    stale: Option<String>,
 }
 
 /// Audit rows per multi-row `INSERT` (ten parameters each, far below PostgreSQL's limit).
@@ -296,7 +299,12 @@ impl PgTx {
 
     /// Writes the audit events sealed since the last statement: per run of one org, one multi-row insert
     /// that also moves the org's head row to the last of them. Called before every statement and the commit.
+    /// Before every statement and the commit: writes the sealed audit events, unless a conditional write
+    /// failed (then nothing more goes).
     async fn write_pending_audit(&mut self) -> Result<(), StoreError> {
+        if let Some(why) = &self.stale {
+            return Err(StoreError::Stale(format!("{why}; the transaction can only roll back")));
+        }
         if self.pending_audit.is_empty() {
             return Ok(());
         }
@@ -380,6 +388,12 @@ impl PgTx {
     /// `sql` as is in a reader; with `FOR UPDATE` appended in a writer.
     fn locking(&self, sql: &'static str) -> PgQuery<'static> {
         if self.writer { sqlx::query(AssertSqlSafe(format!("{sql} FOR UPDATE"))) } else { sqlx::query(sql) }
+    }
+
+    /// A conditional write found no row as expected: it and everything after it fail.
+    fn went_stale(&mut self, why: String) -> StoreError {
+        self.stale = Some(why.clone());
+        StoreError::Stale(why)
     }
 
     async fn fetch_all(&mut self, query: PgQuery<'_>) -> Result<Vec<PgRow>, StoreError> {
@@ -920,7 +934,10 @@ impl StoreTx for PgTx {
                 .bind(from.as_str()),
             )
             .await?;
-        if n == 1 { Ok(()) } else { Err(StoreError::Stale(format!("action {} is no longer {}", a.id, from.as_str()))) }
+        match n {
+            1 => Ok(()),
+            _ => Err(self.went_stale(format!("action {} is no longer {}", a.id, from.as_str()))),
+        }
     }
 
     async fn get_action(&mut self, org: &OrgId, id: &ActionId) -> Result<Option<Action>, StoreError> {
@@ -1354,7 +1371,10 @@ impl StoreTx for PgTx {
                 .bind(end.id.as_str().to_owned()),
             )
             .await?;
-        if n == 1 { Ok(()) } else { Err(StoreError::Stale(format!("job {} is no longer queued", end.id))) }
+        match n {
+            1 => Ok(()),
+            _ => Err(self.went_stale(format!("job {} is no longer queued", end.id))),
+        }
     }
 
     async fn get_job(&mut self, org: &OrgId, id: &JobId) -> Result<Option<Job>, StoreError> {

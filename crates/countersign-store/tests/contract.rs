@@ -1441,13 +1441,15 @@ mod checks {
         tx.commit().await.unwrap();
 
         let finished = now();
-        let ended = Action {
+        let outcome = |a: &Action| Action {
             state: ActionState::Succeeded,
             result: Some(json!({"status": 200})),
             error: Some("none".into()),
             finished_at: Some(finished),
-            ..action.clone()
+            ..a.clone()
         };
+        // Only the outcome is written: the rest of the row stays as stored.
+        let ended = Action { started_at: Some(finished), decided_at: None, ..outcome(&action) };
         let end = JobEnd {
             org_id: o.id.clone(),
             id: job.id.clone(),
@@ -1494,6 +1496,12 @@ mod checks {
         // An action not in the state expected.
         let stale = finish(end.clone(), ended.clone(), ActionState::Approved).await;
         assert!(matches!(&stale, Err(StoreError::Stale(_))), "{n}: an action in another state: {stale:?}");
+        // A transaction that went stale goes no further: its next statement and its commit fail.
+        let mut tx = b.store.write().await.unwrap();
+        let first = tx.end_action(&ended, ActionState::Approved).await;
+        let read = tx.get_job(&o.id, &job.id).await.map(drop);
+        assert!(matches!(first.and(read), Err(StoreError::Stale(_))), "{n}: went on after a stale write");
+        assert!(tx.commit().await.is_err(), "{n}: committed after a stale write");
         assert_eq!(stored().await, (job.clone(), action.clone()), "{n}: a stale finish wrote");
 
         // As expected: the outcome and one attempt more, nothing else.
@@ -1506,7 +1514,7 @@ mod checks {
             result: Some(json!({"inline": true})),
             ..job.clone()
         };
-        assert_eq!(stored().await, (settled, ended.clone()), "{n}");
+        assert_eq!(stored().await, (settled, outcome(&action)), "{n}");
         // Done once: a second finish is stale.
         let again = finish(end, ended, ActionState::Executing).await;
         assert!(matches!(&again, Err(StoreError::Stale(_))), "{n}: finished twice: {again:?}");

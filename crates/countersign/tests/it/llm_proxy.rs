@@ -713,7 +713,7 @@ async fn submit_in_flight(
 /// The finish of an inline call writes the action and its recovery job as the claim left them, each write
 /// checking that they still are. If the call outlived its deadline and the runner took the job meanwhile, the
 /// outcome is recorded from what the store holds: the action ends with the answer, once, the job stays the
-/// runner's, and the audit chain (whose head the rolled-back attempt had moved) still verifies. If the
+/// runner's, and the audit chain still verifies (the rolled-back attempt had sealed an event after the head). If the
 /// action was ended meanwhile, the finish is a conflict and writes nothing.
 #[tokio::test]
 async fn an_inline_finish_after_its_recovery_job_was_taken_records_from_the_store() {
