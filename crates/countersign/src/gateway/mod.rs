@@ -302,8 +302,10 @@ impl Gateway {
         self.inner.inline.wait().await;
     }
 
+    /// The clock's time at the store's precision (microseconds), so a record sent from memory (a webhook event
+    /// built from the action a submission or a finish holds) says what a later read says.
     pub fn now(&self) -> DateTime<Utc> {
-        self.inner.clock.now()
+        chrono::SubsecRound::trunc_subsecs(self.inner.clock.now(), 6)
     }
 
     pub fn poll_url_for(&self, token: &str) -> String {

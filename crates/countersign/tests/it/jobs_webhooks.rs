@@ -165,6 +165,14 @@ async fn every_event_kind_is_delivered_and_slack_gets_its_own_shape() {
         assert!(seen.signature_ok);
         assert!(ids.insert(seen.body["id"].as_str().unwrap().to_owned()), "event ids are unique: {:?}", seen.body);
         let subject = seen.body["data"]["action"]["id"].as_str().unwrap().to_owned();
+        // Times at the store's precision, as a later read of the record says them, though most events are
+        // built from the record in memory.
+        for time in ["created_at", "finished_at"] {
+            if let Some(at) = seen.body["data"]["action"][time].as_str() {
+                let at = chrono::DateTime::parse_from_rfc3339(at).unwrap();
+                assert_eq!(at.timestamp_subsec_nanos() % 1000, 0, "{time} finer than a microsecond: {:?}", seen.body);
+            }
+        }
         kinds.push((subject, seen.event_type.clone(), seen.body["data"]["action"]["state"].clone()));
     }
     // Deliveries run concurrently, so compare what arrived, not in which order.
