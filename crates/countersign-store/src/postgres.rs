@@ -33,7 +33,6 @@
 //! functions, exactly as the SQLite triggers do. Rows become domain records through the shared mappers in
 //! `rows`; this module holds no business rules.
 
-use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -52,15 +51,14 @@ use countersign_core::store::{
     ActionFilter, AuditFilter, AuditHead, JobEnd, JobFilter, Page, PendingDeadline, Retention, Store, StoreError,
     StoreTx,
 };
-use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, SqlSafeStr, Transaction};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
 
 use crate::rows::{
     Cols, action_row, agent_row, approval_row, audit_row, audit_write_failed, checkpoint_row, corrupt,
-    dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, opt_from_us,
-    opt_us, org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending, session_row, to_json,
-    to_us, user_row, webhook_row,
+    dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator,
+    opt_from_us, opt_us, org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending,
+    session_row, to_json, to_us, user_row, webhook_row,
 };
 
 const MIGRATIONS: [(i64, &str, &str); 4] = [
@@ -131,22 +129,7 @@ impl PostgresStore {
             .connect_with(options.clone())
             .await
             .map_err(map_sqlx)?;
-        let migrations = MIGRATIONS
-            .iter()
-            .map(|(version, name, sql)| {
-                Migration::new(
-                    *version,
-                    Cow::Borrowed(*name),
-                    MigrationType::Simple,
-                    AssertSqlSafe(*sql).into_sql_str(),
-                    false,
-                )
-            })
-            .collect();
-        Migrator::with_migrations(migrations)
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
+        migrator(&MIGRATIONS).run(&pool).await.map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
         Ok(PostgresStore { pool, options })
     }
 

@@ -148,6 +148,19 @@ pub fn corrupt(column: &str, value: &str) -> StoreError {
 /// available, admin shutdown, cannot connect now, too many connections.
 const PG_RETRYABLE: [&str; 6] = ["40001", "40P01", "55P03", "57P01", "57P03", "53300"];
 
+/// A backend's embedded migrations (version, name, SQL), each run in a transaction of its own.
+pub fn migrator(migrations: &[(i64, &'static str, &'static str)]) -> sqlx::migrate::Migrator {
+    use sqlx::migrate::{Migration, MigrationType};
+    let migrations = migrations
+        .iter()
+        .map(|(version, name, sql)| {
+            let sql = sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(*sql));
+            Migration::new(*version, std::borrow::Cow::Borrowed(*name), MigrationType::Simple, sql, false)
+        })
+        .collect();
+    sqlx::migrate::Migrator::with_migrations(migrations)
+}
+
 pub fn map_sqlx(error: sqlx::Error) -> StoreError {
     match &error {
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(db.message().to_owned()),

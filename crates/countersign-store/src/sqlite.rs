@@ -16,7 +16,6 @@
 //! Rows become domain records through the mappers in `rows`, shared with the PostgreSQL store; this module holds
 //! no business rules.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,25 +37,25 @@ use countersign_core::store::{
     ActionFilter, AuditFilter, AuditHead, JobEnd, JobFilter, Page, PendingDeadline, Retention, Store, StoreError,
     StoreTx,
 };
-use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, ConnectOptions, Execute, Row, SqlSafeStr, Sqlite, SqlitePool, Transaction};
+use sqlx::{AssertSqlSafe, ConnectOptions, Execute, Row, Sqlite, SqlitePool, Transaction};
 
 use crate::rows::{
     Cols, action_row, agent_row, approval_row, audit_row, audit_write_failed, checkpoint_row, corrupt,
-    dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, opt_from_us,
-    opt_us, org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending, session_row, to_json,
-    to_us, user_row, webhook_row,
+    dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator,
+    opt_from_us, opt_us, org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending,
+    session_row, to_json, to_us, user_row, webhook_row,
 };
 
-const MIGRATIONS: [(i64, &str, &str); 4] = [
+const MIGRATIONS: [(i64, &str, &str); 5] = [
     (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
     (2, "jobs_webhooks_checkpoints", include_str!("../migrations/sqlite/0002_jobs_webhooks_checkpoints.sql")),
     (3, "dashboard_sessions", include_str!("../migrations/sqlite/0003_dashboard_sessions.sql")),
     (4, "session_minting_key", include_str!("../migrations/sqlite/0004_session_minting_key.sql")),
+    (5, "audit_events_rowid", include_str!("../migrations/sqlite/0005_audit_events_rowid.sql")),
 ];
 
 /// How long a transaction waits for its connection (a writer, for the one writer) before it gives up.
@@ -642,19 +641,7 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(map_sqlx)?;
-        let migrations = MIGRATIONS
-            .iter()
-            .map(|(version, name, sql)| {
-                Migration::new(
-                    *version,
-                    Cow::Borrowed(*name),
-                    MigrationType::Simple,
-                    AssertSqlSafe(*sql).into_sql_str(),
-                    false,
-                )
-            })
-            .collect();
-        Migrator::with_migrations(migrations)
+        migrator(&MIGRATIONS)
             .run(&mut writer)
             .await
             .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
@@ -2417,6 +2404,7 @@ impl StoreTx for SqliteTx {
 mod tests {
     use super::*;
     use countersign_core::audit::Actor;
+    use sqlx::Connection;
 
     fn org(name: &str) -> Org {
         Org { id: OrgId::new(), name: name.into(), created_at: Utc::now() }
@@ -2456,6 +2444,93 @@ mod tests {
 
     async fn page_size(store: &SqliteStore) -> i64 {
         sqlx::query_scalar("PRAGMA page_size").fetch_one(&store.reader).await.unwrap()
+    }
+
+    /// A database made before migration 5 keeps every audit event, in order, in the rowid table that
+    /// migration makes: the same rows, the same rules (no update; no delete outside a retained prefix behind a
+    /// checkpoint), and the chain goes on after them. Events longer than an index cell no longer spill.
+    #[tokio::test]
+    async fn migration_5_keeps_every_audit_event_and_its_rules() {
+        type Row = (String, i64, String, i64, String, String, Option<String>, String, String, String);
+        const SELECT: &str = "SELECT org_id, seq, id, time_us, actor, action, subject, data, prev_hash, hash
+                              FROM audit_events ORDER BY org_id, seq";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .page_size(PAGE_SIZE)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true);
+        let mut conn = options.connect().await.unwrap();
+        migrator(&MIGRATIONS[..4]).run(&mut conn).await.unwrap();
+        let acme = org("acme");
+        sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES (?, ?, 0)")
+            .bind(acme.id.as_str())
+            .bind(&acme.name)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        for seq in 1..=40_i64 {
+            sqlx::query(
+                "INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash, hash)
+                 VALUES (?, ?, ?, ?, '{}', 'test.event', ?, ?, ?, ?)",
+            )
+            .bind(acme.id.as_str())
+            .bind(seq)
+            .bind(format!("evt_{seq:04}"))
+            .bind(seq * 1000)
+            .bind((seq % 3 != 0).then(|| format!("act_{}", seq % 5)))
+            .bind(format!(r#"{{"n": {seq}, "text": "{}"}}"#, "x".repeat(600)))
+            .bind(format!("h{}", seq - 1))
+            .bind(format!("h{seq}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        let before: Vec<Row> = sqlx::query_as(SELECT).fetch_all(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+
+        let store = SqliteStore::open(&path).await.unwrap();
+        let after: Vec<Row> = sqlx::query_as(SELECT).fetch_all(&store.reader).await.unwrap();
+        assert_eq!(after, before);
+        let schema: String = sqlx::query_scalar("SELECT sql FROM sqlite_schema WHERE name = 'audit_events'")
+            .fetch_one(&store.reader)
+            .await
+            .unwrap();
+        assert!(!schema.contains("WITHOUT ROWID"), "{schema}");
+        let spilled: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM dbstat WHERE name = 'audit_events' AND pagetype = 'overflow'")
+                .fetch_one(&store.reader)
+                .await
+                .unwrap();
+        assert_eq!(spilled, 0, "events of about 700 bytes spilled into overflow pages");
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'audit_events' ORDER BY name",
+        )
+        .fetch_all(&store.reader)
+        .await
+        .unwrap();
+        assert_eq!(indexes.len(), 3, "primary key, unique id and subject: {indexes:?}");
+
+        // The rules hold (tried on a connection of the test's own).
+        let mut side = options.connect().await.unwrap();
+        let refused = sqlx::query("UPDATE audit_events SET data = '{}' WHERE seq = 3").execute(&mut side).await;
+        assert!(refused.unwrap_err().to_string().contains("append-only"));
+        let refused = sqlx::query("DELETE FROM audit_events WHERE seq = 1").execute(&mut side).await;
+        assert!(refused.unwrap_err().to_string().contains("append-only"));
+        let twice =
+            sqlx::query("INSERT INTO audit_events SELECT * FROM audit_events WHERE seq = 2").execute(&mut side).await;
+        assert!(twice.is_err(), "a second event at the same seq");
+        side.close().await.unwrap();
+
+        // The chain goes on after the last event.
+        let mut tx = store.write().await.unwrap();
+        let next = tx.append_audit(&acme.id, event("test.after")).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!((next.seq, next.prev_hash.as_str()), (41, "h40"));
+        let all: Vec<Row> = sqlx::query_as(SELECT).fetch_all(&store.reader).await.unwrap();
+        assert_eq!(all.len(), 41);
     }
 
     /// A new file gets the smaller page; a file made with SQLite's default keeps its pages, opens, migrates
