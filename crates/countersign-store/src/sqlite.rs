@@ -2447,7 +2447,7 @@ mod tests {
     }
 
     /// A database made before migration 5 keeps every audit event, in order, in the rowid table that
-    /// migration makes: the same rows, the same rules (no update; no delete outside a retained prefix behind a
+    /// migration makes: the same rows, keys and rules (no update; no delete outside a retained prefix behind a
     /// checkpoint), and the chain goes on after them. Events longer than an index cell no longer spill.
     #[tokio::test]
     async fn migration_5_keeps_every_audit_event_and_its_rules() {
@@ -2505,13 +2505,26 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(spilled, 0, "events of about 700 bytes spilled into overflow pages");
-        let indexes: Vec<String> = sqlx::query_scalar(
-            "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'audit_events' ORDER BY name",
-        )
-        .fetch_all(&store.reader)
-        .await
-        .unwrap();
-        assert_eq!(indexes.len(), 3, "primary key, unique id and subject: {indexes:?}");
+        // Its keys, as before: the primary key, the unique id, and the subject index in seq order.
+        let mut keys: Vec<(bool, String)> = Vec::new();
+        let indexes: Vec<(String, bool)> =
+            sqlx::query_as("SELECT name, \"unique\" FROM pragma_index_list('audit_events')")
+                .fetch_all(&store.reader)
+                .await
+                .unwrap();
+        for (name, unique) in indexes {
+            let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_index_info(?) ORDER BY seqno")
+                .bind(name)
+                .fetch_all(&store.reader)
+                .await
+                .unwrap();
+            keys.push((unique, columns.join(",")));
+        }
+        keys.sort();
+        assert_eq!(
+            keys,
+            [(false, "org_id,subject,seq".to_owned()), (true, "id".to_owned()), (true, "org_id,seq".to_owned())]
+        );
 
         // The rules hold (tried on a connection of the test's own).
         let mut side = options.connect().await.unwrap();
@@ -2519,9 +2532,27 @@ mod tests {
         assert!(refused.unwrap_err().to_string().contains("append-only"));
         let refused = sqlx::query("DELETE FROM audit_events WHERE seq = 1").execute(&mut side).await;
         assert!(refused.unwrap_err().to_string().contains("append-only"));
-        let twice =
-            sqlx::query("INSERT INTO audit_events SELECT * FROM audit_events WHERE seq = 2").execute(&mut side).await;
-        assert!(twice.is_err(), "a second event at the same seq");
+        let copy = "INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash, hash)
+                    SELECT org_id, ?, ?, time_us, actor, action, subject, data, prev_hash, hash FROM audit_events WHERE seq = 2";
+        for (seq, id, what) in [
+            (Some(2), "evt_new", "a second event at a seq"),
+            (Some(99), "evt_0002", "a second event with an id"),
+            (None, "evt_new", "an event without a seq"),
+        ] {
+            let refused = sqlx::query(copy).bind(seq).bind(id).execute(&mut side).await;
+            assert!(refused.is_err(), "{what}");
+        }
+        // Retention deletes a prefix behind a checkpoint, and nothing past it.
+        for sql in [
+            "INSERT INTO audit_retention (org_id, days, deleted_upto) VALUES (?, 1, 5)",
+            "INSERT INTO audit_checkpoints (org_id, seq, head_hash, time_us, key_id, signature) VALUES (?, 5, 'h5', 0, 'k', 's')",
+        ] {
+            sqlx::query(sql).bind(acme.id.as_str()).execute(&mut side).await.unwrap();
+        }
+        let past = sqlx::query("DELETE FROM audit_events WHERE seq = 6").execute(&mut side).await;
+        assert!(past.unwrap_err().to_string().contains("append-only"));
+        let prefix = sqlx::query("DELETE FROM audit_events WHERE seq <= 5").execute(&mut side).await.unwrap();
+        assert_eq!(prefix.rows_affected(), 5);
         side.close().await.unwrap();
 
         // The chain goes on after the last event.
@@ -2530,7 +2561,7 @@ mod tests {
         tx.commit().await.unwrap();
         assert_eq!((next.seq, next.prev_hash.as_str()), (41, "h40"));
         let all: Vec<Row> = sqlx::query_as(SELECT).fetch_all(&store.reader).await.unwrap();
-        assert_eq!(all.len(), 41);
+        assert_eq!(all.len(), 36);
     }
 
     /// A new file gets the smaller page; a file made with SQLite's default keeps its pages, opens, migrates

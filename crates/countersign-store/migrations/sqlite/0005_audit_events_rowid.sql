@@ -22,7 +22,8 @@ INSERT INTO audit_events_new (org_id, seq, id, time_us, actor, action, subject, 
 -- Dropping the table drops its index and triggers with it, and fires no delete trigger.
 DROP TABLE audit_events;
 ALTER TABLE audit_events_new RENAME TO audit_events;
-CREATE INDEX audit_events_subject ON audit_events (org_id, subject);
+-- With seq, as the WITHOUT ROWID index carried it: a subject's events are found in seq order, a page at a time.
+CREATE INDEX audit_events_subject ON audit_events (org_id, subject, seq);
 
 -- The rules of 0001 and 0002, as they were: no update, and a delete only of a retained prefix behind a
 -- checkpoint.
