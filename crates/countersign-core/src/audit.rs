@@ -80,64 +80,96 @@ impl AuditEvent {
         sealed
     }
 
-    /// The hash this event should carry, from its other fields.
+    /// The hash this event should carry, from its other fields: its canonical JSON without the hash, written
+    /// field by field with the keys in sorted order (the object `{action, actor, data, id, org_id, prev_hash,
+    /// seq, subject, time_us}`), so `data` is walked in place, never copied.
     pub fn compute_hash(&self) -> String {
-        let body = serde_json::json!({
-            "org_id": self.org_id,
-            "seq": self.seq,
-            "id": self.id,
-            "time_us": self.time_us,
-            "actor": self.actor,
-            "action": self.action,
-            "subject": self.subject,
-            "data": self.data,
-            "prev_hash": self.prev_hash,
-        });
+        let mut out = Vec::with_capacity(512);
+        let number = |n: &Number, out: &mut Vec<u8>| out.extend_from_slice(n.to_string().as_bytes());
+        out.extend_from_slice(br#"{"action":"#);
+        write_json_str(&self.action, &mut out);
+        out.extend_from_slice(br#","actor":"#);
+        match serde_json::to_value(&self.actor) {
+            Ok(actor) => write_sorted_json(&actor, &mut out, &number),
+            Err(_) => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(br#","data":"#);
+        write_sorted_json(&self.data, &mut out, &number);
+        out.extend_from_slice(br#","id":"#);
+        write_json_str(self.id.as_str(), &mut out);
+        out.extend_from_slice(br#","org_id":"#);
+        write_json_str(self.org_id.as_str(), &mut out);
+        out.extend_from_slice(br#","prev_hash":"#);
+        write_json_str(&self.prev_hash, &mut out);
+        out.extend_from_slice(br#","seq":"#);
+        out.extend_from_slice(self.seq.to_string().as_bytes());
+        out.extend_from_slice(br#","subject":"#);
+        match &self.subject {
+            Some(subject) => write_json_str(subject, &mut out),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(br#","time_us":"#);
+        out.extend_from_slice(self.time_us.to_string().as_bytes());
+        out.push(b'}');
         let mut hasher = Sha256::new();
         hasher.update(self.prev_hash.as_bytes());
-        hasher.update(canonical_json(&body).as_bytes());
+        hasher.update(&out);
         hex::encode(hasher.finalize())
     }
 }
 
 /// Compact JSON with object keys sorted at every depth, independent of how the map was built.
 pub fn canonical_json(value: &Value) -> String {
-    let mut out = String::new();
-    write_sorted_json(value, &mut out, &|number, out| out.push_str(&number.to_string()));
-    out
+    sorted_json(value, &|number, out| out.extend_from_slice(number.to_string().as_bytes()))
+}
+
+/// [`write_sorted_json`] into a new string.
+pub fn sorted_json(value: &Value, number: &dyn Fn(&Number, &mut Vec<u8>)) -> String {
+    let mut out = Vec::new();
+    write_sorted_json(value, &mut out, number);
+    // serde_json writes only UTF-8, so the lossy branch never runs.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Writes `value` as compact JSON with object keys sorted at every depth, each number as `number` writes it,
-/// walking the value in place (no sorted copy is built).
-pub fn write_sorted_json(value: &Value, out: &mut String, number: &dyn Fn(&Number, &mut String)) {
+/// walking the value in place (no sorted copy is built); strings exactly as serde_json writes them.
+pub fn write_sorted_json(value: &Value, out: &mut Vec<u8>, number: &dyn Fn(&Number, &mut Vec<u8>)) {
     match value {
         Value::Object(map) => {
             let mut entries: Vec<(&String, &Value)> = map.iter().collect();
             entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
+            out.push(b'{');
             for (i, (key, item)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&Value::from(key.as_str()).to_string());
-                out.push(':');
+                write_json_str(key, out);
+                out.push(b':');
                 write_sorted_json(item, out, number);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_sorted_json(item, out, number);
             }
-            out.push(']');
+            out.push(b']');
         }
         Value::Number(n) => number(n, out),
-        scalar => out.push_str(&scalar.to_string()),
+        Value::String(s) => write_json_str(s, out),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Null => out.extend_from_slice(b"null"),
     }
+}
+
+/// A JSON string, quoted and escaped by serde_json's own serializer. Writing into a `Vec` cannot fail.
+fn write_json_str(s: &str, out: &mut Vec<u8>) {
+    serde_json::to_writer(out, s).ok();
 }
 
 /// SHA-256 (hex) of a value's canonical JSON: the binding hash of a frozen request.
@@ -202,6 +234,109 @@ impl ChainVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hash as written before events were hashed field by field: the event copied into a JSON object,
+    /// then written with sorted keys through `Value`'s own formatting.
+    fn reference_hash(e: &AuditEvent) -> String {
+        fn write(value: &Value, out: &mut String) {
+            match value {
+                Value::Object(map) => {
+                    let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                    out.push('{');
+                    for (i, (key, item)) in entries.into_iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        out.push_str(&Value::from(key.as_str()).to_string());
+                        out.push(':');
+                        write(item, out);
+                    }
+                    out.push('}');
+                }
+                Value::Array(items) => {
+                    out.push('[');
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        write(item, out);
+                    }
+                    out.push(']');
+                }
+                Value::Number(n) => out.push_str(&n.to_string()),
+                scalar => out.push_str(&scalar.to_string()),
+            }
+        }
+        let body = serde_json::json!({
+            "org_id": e.org_id, "seq": e.seq, "id": e.id, "time_us": e.time_us, "actor": e.actor,
+            "action": e.action, "subject": e.subject, "data": e.data, "prev_hash": e.prev_hash,
+        });
+        let mut text = String::new();
+        write(&body, &mut text);
+        let mut hasher = Sha256::new();
+        hasher.update(e.prev_hash.as_bytes());
+        hasher.update(text.as_bytes());
+        hex::encode(hasher.finalize())
+    }
+
+    /// Random JSON from a seed: nested objects with keys in any order, arrays, every kind of number, and
+    /// strings with quotes, backslashes, control characters and characters outside ASCII.
+    fn random_value(seed: &mut u64, depth: u32) -> Value {
+        fn next(seed: &mut u64) -> u64 {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *seed >> 33
+        }
+        fn text(seed: &mut u64) -> String {
+            const PIECES: [&str; 12] =
+                ["a", "Zed", "\"", "\\", "\n\t\r", "\u{1}\u{1f}", "\u{7f}", "é", "😀", "\u{2028}", "/", " "];
+            (0..next(seed) % 5).map(|_| PIECES[(next(seed) % PIECES.len() as u64) as usize]).collect()
+        }
+        match next(seed) % if depth > 3 { 6 } else { 8 } {
+            0 => Value::Null,
+            1 => Value::Bool(next(seed).is_multiple_of(2)),
+            2 => Value::from(next(seed) as i64 - (1 << 30)),
+            3 => Value::from(u64::MAX - next(seed)),
+            4 => {
+                let (mantissa, exponent) = (next(seed) as f64 - 1e9, (next(seed) % 40) as i32 - 20);
+                serde_json::Number::from_f64(mantissa / 7.0 * 10f64.powi(exponent)).map_or(Value::Null, Value::Number)
+            }
+            5 => Value::String(text(seed)),
+            6 => Value::Array((0..next(seed) % 4).map(|_| random_value(seed, depth + 1)).collect()),
+            _ => {
+                let mut map = serde_json::Map::new();
+                for _ in 0..next(seed) % 5 {
+                    let key = text(seed);
+                    map.insert(key, random_value(seed, depth + 1));
+                }
+                Value::Object(map)
+            }
+        }
+    }
+
+    /// Hashing field by field gives exactly the hashes of the chains already stored.
+    #[test]
+    fn the_hash_is_unchanged_from_the_json_object_form() {
+        let mut seed = 7;
+        for i in 0..2_000 {
+            let mut event = AuditEvent::seal(
+                OrgId::new(),
+                i,
+                GENESIS_HASH,
+                NewAuditEvent {
+                    time_us: i * 1_000_003 - 5,
+                    actor: Actor { kind: ActorKind::Agent, id: format!("agt_{i}"), name: "n\"a\u{1}mé".into() },
+                    action: "action.executed".into(),
+                    subject: (i % 3 != 0).then(|| format!("act_{i}\\")),
+                    data: random_value(&mut seed, 0),
+                },
+            );
+            assert_eq!(event.hash, reference_hash(&event), "{}", event.data);
+            event.data =
+                serde_json::json!({"nested": random_value(&mut seed, 1), "list": [random_value(&mut seed, 2)]});
+            assert_eq!(event.compute_hash(), reference_hash(&event), "{}", event.data);
+        }
+    }
 
     fn chain(n: usize) -> Vec<AuditEvent> {
         let org = OrgId::new();

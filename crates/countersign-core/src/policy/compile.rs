@@ -20,7 +20,7 @@ use super::spec::{
     ApprovalSpec, ConditionsSpec, FileSpec, GovynType, OneOrMany, REGEX_SIZE_LIMIT, RuleSpec, number_json,
 };
 use super::{ApprovalRoute, Axis, Effect, Policy, PolicyError, yaml_message};
-use crate::audit::write_sorted_json;
+use crate::audit::sorted_json;
 use crate::capability::NameGlob;
 use crate::risk::CapabilityProfile;
 
@@ -593,12 +593,10 @@ pub(crate) fn compile(files: &[(String, String)]) -> Result<Policy, PolicyError>
 /// JSON with object keys sorted at every level and no whitespace: the same value always gives the same text.
 /// 1.0 and 1 are the same number to a policy, so whole floats are written as integers.
 pub(crate) fn canonical_json(value: &Json) -> String {
-    let mut out = String::new();
-    write_sorted_json(value, &mut out, &|number, out| match number.as_f64() {
-        Some(f) if number.is_f64() => out.push_str(&number_json(f).to_string()),
-        _ => out.push_str(&number.to_string()),
-    });
-    out
+    sorted_json(value, &|number, out| match number.as_f64() {
+        Some(f) if number.is_f64() => out.extend_from_slice(number_json(f).to_string().as_bytes()),
+        _ => out.extend_from_slice(number.to_string().as_bytes()),
+    })
 }
 
 #[cfg(test)]
