@@ -22,6 +22,18 @@ pub enum ActorKind {
     System,
 }
 
+impl ActorKind {
+    /// The name serde gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorKind::Agent => "agent",
+            ActorKind::User => "user",
+            ActorKind::Session => "session",
+            ActorKind::System => "system",
+        }
+    }
+}
+
 /// Who caused an event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Actor {
@@ -89,10 +101,13 @@ impl AuditEvent {
         out.extend_from_slice(br#"{"action":"#);
         write_json_str(&self.action, &mut out);
         out.extend_from_slice(br#","actor":"#);
-        match serde_json::to_value(&self.actor) {
-            Ok(actor) => write_sorted_json(&actor, &mut out, &number),
-            Err(_) => out.extend_from_slice(b"null"),
-        }
+        out.extend_from_slice(br#"{"id":"#);
+        write_json_str(&self.actor.id, &mut out);
+        out.extend_from_slice(br#","kind":"#);
+        write_json_str(self.actor.kind.as_str(), &mut out);
+        out.extend_from_slice(br#","name":"#);
+        write_json_str(&self.actor.name, &mut out);
+        out.push(b'}');
         out.extend_from_slice(br#","data":"#);
         write_sorted_json(&self.data, &mut out, &number);
         out.extend_from_slice(br#","id":"#);
@@ -325,7 +340,12 @@ mod tests {
                 GENESIS_HASH,
                 NewAuditEvent {
                     time_us: i * 1_000_003 - 5,
-                    actor: Actor { kind: ActorKind::Agent, id: format!("agt_{i}"), name: "n\"a\u{1}mé".into() },
+                    actor: Actor {
+                        kind: [ActorKind::Agent, ActorKind::User, ActorKind::Session, ActorKind::System]
+                            [i as usize % 4],
+                        id: format!("agt_{i}"),
+                        name: "n\"a\u{1}mé".into(),
+                    },
                     action: "action.executed".into(),
                     subject: (i % 3 != 0).then(|| format!("act_{i}\\")),
                     data: random_value(&mut seed, 0),

@@ -908,15 +908,16 @@ impl SqliteTx {
     /// Queues the check that the update queued last changed exactly one row: on the writer, whose
     /// connection has it ([`EXPECT_ONE`]). Read transactions do not write.
     fn expect_one(&mut self) {
-        self.check("INSERT INTO expect_one VALUES (changes())");
+        self.queue_check("INSERT INTO expect_one VALUES (changes())");
     }
 
     /// [`SqliteTx::expect_one`] for a conditional update: no row fails with [`StoreError::Stale`].
     fn expect_unchanged(&mut self) {
-        self.check("INSERT INTO expect_unchanged VALUES (changes())");
+        self.queue_check("INSERT INTO expect_unchanged VALUES (changes())");
     }
 
-    fn check(&mut self, sql: &'static str) {
+    /// Queues a check statement on the writer (only its connection has the check views).
+    fn queue_check(&mut self, sql: &'static str) {
         if matches!(self.conn, TxConn::Write(..)) {
             self.queue(sql);
         }

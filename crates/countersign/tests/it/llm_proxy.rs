@@ -717,26 +717,16 @@ async fn submit_in_flight(
 /// action was ended meanwhile, the finish is a conflict and writes nothing.
 #[tokio::test]
 async fn an_inline_finish_after_its_recovery_job_was_taken_records_from_the_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let provider = FakeProvider::start().await;
-    let server = TestServer::start_with(llm_config(dir.path(), &provider.url), None).await;
-    let agent = server.agent("late").await;
-    let gateway = server.gateway().clone();
-    let caller = gateway.authenticate(agent.key().unwrap()).await.unwrap();
+    let s = setup().await;
+    let gateway = s.server.gateway().clone();
+    let caller = gateway.authenticate(s.agent.key().unwrap()).await.unwrap();
     let outcome = |text: &str| countersign::gateway::InlineOutcome {
         succeeded: true,
         result: Some(json!({"status": 200, "body": text})),
         error: None,
         details: json!({"provider": "openai", "streamed": false}),
     };
-    let audit = |id: String| {
-        let admin = &server.admin;
-        async move {
-            let query = AuditQuery { subject: Some(id), ..AuditQuery::default() };
-            let events = admin.query_audit(&query).await.unwrap().body["events"].as_array().cloned().unwrap();
-            events.iter().filter_map(|e| e["action"].as_str().map(str::to_owned)).collect::<Vec<_>>()
-        }
-    };
+    let executed = |events: Vec<Value>| events.iter().filter(|e| e["action"] == "action.executed").count();
 
     // The runner takes the recovery job (as once it falls due) before the call's answer is recorded.
     let claimed = submit_in_flight(&gateway, &caller).await.action;
@@ -747,13 +737,12 @@ async fn an_inline_finish_after_its_recovery_job_was_taken_records_from_the_stor
     tx.commit().await.unwrap();
     assert_eq!(taken.id.to_string(), job_id);
     gateway.finish_inline(&claimed, outcome("answered late")).await.unwrap();
-    let action = server.admin.get(&format!("/v1/actions/{}", claimed.id)).await.unwrap().body;
+    let action = s.server.admin.get(&format!("/v1/actions/{}", claimed.id)).await.unwrap().body;
     assert_eq!(action["state"], "succeeded", "{action}");
     assert_eq!(action["result"]["body"], "answered late", "{action}");
-    let job = server.admin.get(&format!("/v1/jobs/{job_id}")).await.unwrap().body;
+    let job = s.server.admin.get(&format!("/v1/jobs/{job_id}")).await.unwrap().body;
     assert_eq!((&job["state"], &job["attempts"]), (&json!("running"), &json!(1)), "the runner's to settle: {job}");
-    let names = audit(claimed.id.to_string()).await;
-    assert_eq!(names.iter().filter(|n| *n == "action.executed").count(), 1, "{names:?}");
+    assert_eq!(executed(s.events(claimed.id.as_str()).await), 1);
 
     // The action ended meanwhile (the recovery job failed it): a conflict, and nothing written.
     let claimed = submit_in_flight(&gateway, &caller).await.action;
@@ -769,16 +758,16 @@ async fn an_inline_finish_after_its_recovery_job_was_taken_records_from_the_stor
     let err = gateway.finish_inline(&claimed, outcome("too late")).await.unwrap_err();
     assert_eq!(err.kind(), countersign::error::ErrorKind::Conflict, "{err}");
     assert!(!matches!(err, countersign::error::Error::Stale(_)), "read again before answering: {err}");
-    let action = server.admin.get(&format!("/v1/actions/{}", claimed.id)).await.unwrap().body;
+    let action = s.server.admin.get(&format!("/v1/actions/{}", claimed.id)).await.unwrap().body;
     assert_eq!((&action["state"], &action["result"]), (&json!("failed"), &Value::Null), "{action}");
-    let job = server.admin.get(&format!("/v1/jobs/{}", claimed.job_id.clone().unwrap())).await.unwrap().body;
+    let job = s.server.admin.get(&format!("/v1/jobs/{}", claimed.job_id.clone().unwrap())).await.unwrap().body;
     assert_eq!(job["state"], "queued", "{job}");
-    assert!(!audit(claimed.id.to_string()).await.contains(&"action.executed".to_owned()));
+    assert_eq!(executed(s.events(claimed.id.as_str()).await), 0);
 
-    let verify = server.admin.get("/v1/audit/verify").await.unwrap();
+    let verify = s.server.admin.get("/v1/audit/verify").await.unwrap();
     assert_eq!(verify.body["ok"], true, "{:?}", verify.body);
-    assert_eq!(provider.count(), 0);
-    server.stop().await;
+    assert_eq!(s.provider.count(), 0);
+    s.server.stop().await;
 }
 
 /// The process carrying an allowed call inline dies after sending it: claim and send go through the gateway
