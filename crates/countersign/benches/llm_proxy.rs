@@ -16,7 +16,9 @@
 //! Before the cases it prints the disk's own price for a durable commit in the same directory
 //! ([`common::disk_sync_floor`]): a proxied call waits for one sync of both its commits' frames (the submit's
 //! commit does not wait for its own; the finish's sync covers it), so that figure is what no gateway could add
-//! less than on this machine with its audit durable.
+//! less than on this machine with its audit durable. After each non-streamed series at 1 client, a Countersign also
+//! shows where its calls spent their time, from its own `/metrics`: the claim's commit, the durable commit (the
+//! finish's, with the sync) and the wait for the provider's response headers, as means.
 //!
 //! `cargo bench -p countersign --bench llm_proxy` prints the figures; under `cargo test` it runs a few
 //! iterations only, as a smoke test. Not a test of speed: nothing here asserts a time.
@@ -111,6 +113,52 @@ async fn fake_provider() -> String {
 struct Target {
     url: String,
     key: String,
+    /// A Countersign's `/metrics`, from which the bench reads where a call's time went.
+    metrics: Option<String>,
+}
+
+/// Totals of the series a proxied call's time is broken down by, read from a Countersign's `/metrics`.
+#[derive(Clone, Copy, Default)]
+struct Spent {
+    /// Sum and count of the claim's commit (its sync deferred), the durable commits (the finish's), and the
+    /// provider's wait for response headers.
+    claim: (f64, f64),
+    durable: (f64, f64),
+    provider: (f64, f64),
+}
+
+impl Spent {
+    async fn read(http: &reqwest::Client, url: &str) -> Spent {
+        let text = http.get(url).send().await.unwrap().text().await.unwrap();
+        let series = |name: &str, labels: &str| {
+            let value = |suffix: &str| {
+                let prefix = format!("{name}_{suffix}{{{labels}}} ");
+                text.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+            };
+            (value("sum"), value("count"))
+        };
+        Spent {
+            claim: series("countersign_store_commit_seconds", r#"sync="deferred""#),
+            durable: series("countersign_store_commit_seconds", r#"sync="durable""#),
+            provider: series("countersign_llm_upstream_seconds", r#"provider="openai",outcome="answered""#),
+        }
+    }
+
+    /// What went by between `self` (earlier) and `later`, as "name mean ms (count a call)" for each series,
+    /// over `calls` calls.
+    fn since(self, later: Spent, calls: usize) -> String {
+        let part = |name: &str, (sum, count): (f64, f64), (sum2, count2): (f64, f64)| {
+            let n = count2 - count;
+            let mean = if n > 0.0 { (sum2 - sum) / n * 1e3 } else { 0.0 };
+            format!("{name} {mean:.3} ms ({:.1} a call)", n / calls as f64)
+        };
+        [
+            part("claim's commit", self.claim, later.claim),
+            part("durable commit", self.durable, later.durable),
+            part("provider's headers", self.provider, later.provider),
+        ]
+        .join(", ")
+    }
 }
 
 /// LiteLLM's proxy as a child process in front of the fake provider; killed when dropped.
@@ -152,7 +200,7 @@ impl LiteLlm {
             .spawn()?;
         let url = format!("http://127.0.0.1:{port}");
         let mut litellm = Self {
-            target: Target { url: format!("{url}/v1/chat/completions"), key: LITELLM_KEY.into() },
+            target: Target { url: format!("{url}/v1/chat/completions"), key: LITELLM_KEY.into(), metrics: None },
             child,
             _dir: dir,
         };
@@ -249,7 +297,7 @@ async fn main() {
         None => None,
     };
 
-    let direct = Target { url: format!("{provider}/v1/chat/completions"), key: PROVIDER_KEY.into() };
+    let direct = Target { url: format!("{provider}/v1/chat/completions"), key: PROVIDER_KEY.into(), metrics: None };
     let http = reqwest::Client::builder().pool_max_idle_per_host(128).build().unwrap();
 
     let litellm = match std::env::var_os(LITELLM_ENV) {
@@ -300,6 +348,10 @@ async fn main() {
             );
             let mut added = Vec::new();
             for (name, target) in &targets {
+                let before = match &target.metrics {
+                    Some(url) => Some(Spent::read(&http, url).await),
+                    None => None,
+                };
                 let stats = Stats::of(&run(&http, target, clients, per_client, stream).await);
                 let plus = stats.minus(direct_stats);
                 println!(
@@ -309,6 +361,12 @@ async fn main() {
                     ms(plus.median),
                     ms(plus.p99),
                 );
+                // Where a whole answer's time went, from the gateway's own histograms (means), for one sequential
+                // client, where nothing queues. (A stream's first chunk waits for neither commit's sync.)
+                if let (Some(before), Some(url), 1, false) = (before, &target.metrics, clients, stream) {
+                    let after = Spent::read(&http, url).await;
+                    println!("      of which, means: {}", before.since(after, per_client));
+                }
                 added.push(plus);
             }
             if litellm.is_some()
@@ -356,7 +414,8 @@ impl Gateway {
         server.admin.create_agent("bench").await.unwrap();
         let agent_key = server.admin.create_key("agent", "bench").await.unwrap().str("/key").to_owned();
         let url = format!("{}/llm/openai/v1/chat/completions", server.url);
-        Gateway { target: Target { url, key: agent_key }, server }
+        let metrics = Some(format!("{}/metrics", server.url));
+        Gateway { target: Target { url, key: agent_key, metrics }, server }
     }
 
     async fn stop(self) {

@@ -37,6 +37,17 @@ struct OutcomeLabels {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SyncLabels {
+    sync: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: String,
+    outcome: &'static str,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
@@ -52,6 +63,8 @@ struct Inner {
     jobs_open: Family<JobLabels, Gauge>,
     jobs_finished: Family<JobLabels, Counter>,
     webhook_deliveries: Family<OutcomeLabels, Counter>,
+    commits: Family<SyncLabels, Histogram>,
+    llm_upstream: Family<ProviderLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -93,6 +106,28 @@ impl Metrics {
             "Webhook delivery attempts by outcome (delivered, failed, refused)",
             webhook_deliveries.clone(),
         );
+        // From 50 µs: a commit that syncs costs at least the disk's own sync.
+        let commits = Family::<SyncLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+        });
+        registry.register(
+            "store_commit_seconds",
+            "Time a write transaction's commit takes until it is acknowledged: on disk (sync=\"durable\"), or, for \
+             a model call's claim, whose sync SQLite leaves to the call's finish, written (sync=\"deferred\"; \
+             PostgreSQL syncs those too)",
+            commits.clone(),
+        );
+        // From 100 µs to about 3.5 minutes: a model can take minutes to answer.
+        let llm_upstream = Family::<ProviderLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_1, 2.0, 22))
+        });
+        registry.register(
+            "llm_upstream_seconds",
+            "Time from sending a model request the LLM proxy carries out on the client's connection to the \
+             provider's response headers (outcome=\"answered\", whatever the status) or to the failure to get them \
+             (outcome=\"failed\"), by provider",
+            llm_upstream.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -104,6 +139,8 @@ impl Metrics {
                 jobs_open,
                 jobs_finished,
                 webhook_deliveries,
+                commits,
+                llm_upstream,
             }),
         }
     }
@@ -150,6 +187,22 @@ impl Metrics {
 
     pub fn webhook_outcome(&self, outcome: &str) {
         self.inner.webhook_deliveries.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
+    }
+
+    /// A write transaction's commit, acknowledged after `elapsed`; `deferred` when its sync was left to a
+    /// later commit.
+    pub fn observe_commit(&self, deferred: bool, elapsed: Duration) {
+        let sync = if deferred { "deferred" } else { "durable" };
+        self.inner.commits.get_or_create(&SyncLabels { sync }).observe(elapsed.as_secs_f64());
+    }
+
+    /// A model request sent inline: how long until the provider's response headers came, or it failed.
+    pub fn observe_llm_upstream(&self, provider: &str, answered: bool, elapsed: Duration) {
+        let outcome = if answered { "answered" } else { "failed" };
+        self.inner
+            .llm_upstream
+            .get_or_create(&ProviderLabels { provider: provider.to_owned(), outcome })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// The text exposition format.

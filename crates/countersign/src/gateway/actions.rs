@@ -242,7 +242,7 @@ impl Gateway {
         let mut work = self.write().await?;
         // A model call's claim defers its sync. Said before the first statement, so SQLite does not begin the
         // transaction to sync its commit; taken back below if the call is not claimed.
-        work.tx.defer_sync(inline && matches!(request.target, Some(Target::Llm(_))));
+        work.defer_sync(inline && matches!(request.target, Some(Target::Llm(_))));
         if let Some(key) = &request.idempotency_key
             && let Some(existing) = work.tx.find_action_by_idempotency_key(&org, &agent.id, key).await?
         {
@@ -446,7 +446,7 @@ impl Gateway {
             .await?;
         }
         work.action_changed(&org, &action.id);
-        work.tx.defer_sync(claim.is_some() && super::llm::defers_claim_sync(&action));
+        work.defer_sync(claim.is_some() && super::llm::defers_claim_sync(&action));
         work.commit(self).await?;
         // Counted by the verdict: an allowed inline call claimed at once still counts as approved.
         self.metrics().action_submitted(next_state.as_str());

@@ -173,7 +173,7 @@ impl Gateway {
         let now = self.now();
         let mut work = self.write().await?;
         // Said before the first statement, as the claim's commit will (see `submit_with`).
-        work.tx.defer_sync(inline && read.as_ref().is_some_and(super::llm::defers_claim_sync));
+        work.defer_sync(inline && read.as_ref().is_some_and(super::llm::defers_claim_sync));
         // The job before the action, in the same order as cancelling a job does.
         let waiting_job = match (&job_id, inline) {
             (Some(job_id), true) => match work.tx.get_job(org, job_id).await? {
@@ -210,7 +210,7 @@ impl Gateway {
         };
         if let Some((error, data)) = refusal {
             super::jobs::fail_action(&mut work, &mut action, now, &Actor::system(), error, data).await?;
-            work.tx.defer_sync(false);
+            work.defer_sync(false);
             work.commit(self).await?;
             return Ok(Claim::Done);
         }
@@ -241,7 +241,7 @@ impl Gateway {
         work.tx.update_action(&action).await?;
         work.audit(org, now, &Actor::system(), "action.executing", Some(id.as_str()), data).await?;
         work.action_changed(org, id);
-        work.tx.defer_sync(inline && super::llm::defers_claim_sync(&action));
+        work.defer_sync(inline && super::llm::defers_claim_sync(&action));
         work.commit(self).await?;
         Ok(Claim::Send(Box::new(action)))
     }

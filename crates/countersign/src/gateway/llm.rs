@@ -82,16 +82,20 @@ impl Gateway {
 
     /// Sends a claimed model request; answers once the provider's status and headers are in, with the
     /// provider's timeout (which also bounds the wait between two streamed chunks). A relayed OpenAI stream
-    /// asks for usage (see [`Gateway::llm_adds_stream_usage`]).
+    /// asks for usage (see [`Gateway::llm_adds_stream_usage`]). The wait is observed as
+    /// `countersign_llm_upstream_seconds`.
     pub async fn send_inline(
         &self,
         action: &Action,
         stream: bool,
     ) -> std::result::Result<(reqwest::Response, Duration), ConnectorError> {
-        match &action.target {
-            Some(Target::Llm(llm)) => self.inner.connectors.send_llm(llm, action.id.as_str(), stream, stream).await,
-            _ => Err(ConnectorError::Invalid("not a model request".into())),
-        }
+        let Some(Target::Llm(llm)) = &action.target else {
+            return Err(ConnectorError::Invalid("not a model request".into()));
+        };
+        let started = std::time::Instant::now();
+        let sent = self.inner.connectors.send_llm(llm, action.id.as_str(), stream, stream).await;
+        self.metrics().observe_llm_upstream(&llm.provider, sent.is_ok(), started.elapsed());
+        sent
     }
 
     /// Returns once the claim of a model call (and every other commit so far) is on disk: its commit did not

@@ -323,6 +323,7 @@ impl Gateway {
             expiries: Vec::new(),
             principals: false,
             policies: Vec::new(),
+            deferred: false,
         })
     }
 
@@ -345,9 +346,17 @@ struct Work {
     principals: bool,
     /// Orgs whose policy this transaction set: the other replicas reload theirs.
     policies: Vec<OrgId>,
+    /// The commit's sync is left to a later commit ([`StoreTx::defer_sync`]).
+    deferred: bool,
 }
 
 impl Work {
+    /// [`StoreTx::defer_sync`], remembered for the commit's metric.
+    fn defer_sync(&mut self, defer: bool) {
+        self.deferred = defer;
+        self.tx.defer_sync(defer);
+    }
+
     /// Appends an audit event inside this transaction: if it fails, the whole change fails (fail closed).
     async fn audit(
         &mut self,
@@ -448,12 +457,16 @@ impl Work {
         };
         // The commit and what follows it run on a task of their own: a caller that goes away while the commit
         // waits for its sync cannot skip the wake-ups, the expiry timers or forgetting revoked credentials.
-        let (gateway, mut tx) = (gateway.clone(), self.tx);
+        let (gateway, mut tx, deferred) = (gateway.clone(), self.tx, self.deferred);
         tokio::spawn(async move {
             if !changes.is_empty() {
                 tx.publish(&changes.to_wire()).await?;
             }
+            let started = std::time::Instant::now();
             let committed = tx.commit().await;
+            if committed.is_ok() {
+                gateway.metrics().observe_commit(deferred, started.elapsed());
+            }
             if changes.principals {
                 // Even when the commit reported an error: it may have landed all the same.
                 gateway.inner.auth_cache.forget_all();

@@ -498,7 +498,25 @@ async fn upstream_failures_answer_502_or_504_in_the_providers_shape_and_are_reco
         let events = s.events(action["id"].as_str().unwrap()).await;
         assert!(event(&events, "action.failed")["data"]["error"].as_str().unwrap().contains(error));
     }
+    // The provider's wait is measured by provider and outcome: a 500 and a page that is not JSON were
+    // answers; a timeout and a refused connection were not.
+    let metrics = s.server.admin.get("/metrics").await.unwrap();
+    let text = metrics.body.as_str().unwrap();
+    let upstream = |labels: &str| metric(text, &format!("countersign_llm_upstream_seconds_count{{{labels}}}"));
+    assert_eq!(upstream(r#"provider="openai",outcome="answered""#), Some(2.0), "{text}");
+    assert_eq!(upstream(r#"provider="openai",outcome="failed""#), Some(1.0), "{text}");
+    assert_eq!(upstream(r#"provider="down",outcome="failed""#), Some(1.0), "{text}");
+    assert_eq!(upstream(r#"provider="anthropic",outcome="answered""#), Some(1.0), "{text}");
+    // Each call's claim deferred its sync and its finish made it durable.
+    let commits = |sync: &str| metric(text, &format!("countersign_store_commit_seconds_count{{sync=\"{sync}\"}}"));
+    assert_eq!(commits("deferred"), Some(5.0), "{text}");
+    assert!(commits("durable").is_some_and(|n| n >= 5.0), "{text}");
     s.server.stop().await;
+}
+
+/// The value of one series in the Prometheus text format, if it is there.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Reads a streamed body, noting when each piece arrived.
