@@ -1,11 +1,13 @@
 //! Prometheus metrics: request latency, policy evaluation time, decision latency, submitted actions by
 //! outcome, finished jobs and webhook outcomes, and two gauges read from the store at scrape time so replicas
-//! agree: pending approvals and the job queue depth.
+//! agree: pending approvals and the job queue depth. Besides the design's series, two say where a proxied model
+//! call's time goes: write transactions' commits, and the wait for the model provider.
 //!
-//! Labels are low-cardinality (route templates and states, never ids). This module does not serve HTTP.
+//! Labels are low-cardinality (route templates, states and configured provider names, never ids). This module
+//! does not serve HTTP.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -42,6 +44,7 @@ struct SyncLabels {
     sync: &'static str,
 }
 
+/// A configured model provider, and how the wait for its answer ended: `answered`, `failed` or `abandoned`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderLabels {
     provider: String,
@@ -114,18 +117,18 @@ impl Metrics {
             "store_commit_seconds",
             "Time a write transaction's commit takes until it is acknowledged: on disk (sync=\"durable\"), or, for \
              a model call's claim, whose sync SQLite leaves to the call's finish, written (sync=\"deferred\"; \
-             PostgreSQL syncs those too)",
+             PostgreSQL syncs those too). Commits that fail are not observed",
             commits.clone(),
         );
-        // From 100 µs to about 3.5 minutes: a model can take minutes to answer.
+        // From 100 µs to about 14 minutes: a model can take minutes to answer.
         let llm_upstream = Family::<ProviderLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.000_1, 2.0, 22))
+            Histogram::new(exponential_buckets(0.000_1, 2.0, 24))
         });
         registry.register(
             "llm_upstream_seconds",
             "Time from sending a model request the LLM proxy carries out on the client's connection to the \
-             provider's response headers (outcome=\"answered\", whatever the status) or to the failure to get them \
-             (outcome=\"failed\"), by provider",
+             provider's response headers (outcome=\"answered\", whatever the status), to the failure to get them \
+             (outcome=\"failed\"), or to the client hanging up first (outcome=\"abandoned\"), by provider",
             llm_upstream.clone(),
         );
         Metrics {
@@ -196,15 +199,43 @@ impl Metrics {
         self.inner.commits.get_or_create(&SyncLabels { sync }).observe(elapsed.as_secs_f64());
     }
 
-    /// A model request sent inline: how long until the provider's response headers came, or it failed.
-    pub fn observe_llm_upstream(&self, provider: &str, answered: bool, elapsed: Duration) {
-        let outcome = if answered { "answered" } else { "failed" };
-        self.inner
-            .llm_upstream
-            .get_or_create(&ProviderLabels { provider: provider.to_owned(), outcome })
-            .observe(elapsed.as_secs_f64());
+    /// Starts timing a model request sent inline to `provider`, until [`UpstreamWait::ended`]; dropped before
+    /// that (the client hung up and the request with it), it is observed as `abandoned`.
+    pub fn llm_upstream_wait(&self, provider: &str) -> UpstreamWait {
+        UpstreamWait { metrics: self.clone(), provider: provider.to_owned(), started: Instant::now(), ended: false }
+    }
+}
+
+/// The wait for a model provider's response headers, observed once: see [`Metrics::llm_upstream_wait`].
+pub struct UpstreamWait {
+    metrics: Metrics,
+    provider: String,
+    started: Instant,
+    ended: bool,
+}
+
+impl UpstreamWait {
+    /// The headers came (`answered`, whatever the status) or the request failed.
+    pub fn ended(mut self, answered: bool) {
+        self.observe(if answered { "answered" } else { "failed" });
     }
 
+    fn observe(&mut self, outcome: &'static str) {
+        self.ended = true;
+        let labels = ProviderLabels { provider: std::mem::take(&mut self.provider), outcome };
+        self.metrics.inner.llm_upstream.get_or_create(&labels).observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for UpstreamWait {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.observe("abandoned");
+        }
+    }
+}
+
+impl Metrics {
     /// The text exposition format.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();

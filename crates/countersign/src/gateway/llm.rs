@@ -92,9 +92,10 @@ impl Gateway {
         let Some(Target::Llm(llm)) = &action.target else {
             return Err(ConnectorError::Invalid("not a model request".into()));
         };
-        let started = std::time::Instant::now();
+        // Observed as abandoned if the client hangs up first (hyper then drops this future).
+        let wait = self.metrics().llm_upstream_wait(&llm.provider);
         let sent = self.inner.connectors.send_llm(llm, action.id.as_str(), stream, stream).await;
-        self.metrics().observe_llm_upstream(&llm.provider, sent.is_ok(), started.elapsed());
+        wait.ended(sent.is_ok());
         sent
     }
 

@@ -346,7 +346,8 @@ struct Work {
     principals: bool,
     /// Orgs whose policy this transaction set: the other replicas reload theirs.
     policies: Vec<OrgId>,
-    /// The commit's sync is left to a later commit ([`StoreTx::defer_sync`]).
+    /// The commit's sync was asked to be left to a later commit ([`StoreTx::defer_sync`]), for the commit's
+    /// metric; PostgreSQL syncs such commits all the same.
     deferred: bool,
 }
 

@@ -693,6 +693,14 @@ async fn a_client_that_hangs_up_on_a_non_streamed_call_leaves_it_finished() {
     let job = s.server.admin.get(&format!("/v1/jobs/{}", action["job_id"].as_str().unwrap())).await.unwrap();
     assert_eq!(job.body["state"], "failed", "{:?}", job.body);
     assert_eq!(s.provider.count(), 1);
+    // The wait for the provider, cut off with the request, is measured as abandoned, not lost.
+    let metrics = s.server.admin.get("/metrics").await.unwrap();
+    let text = metrics.body.as_str().unwrap();
+    let upstream = |outcome: &str| {
+        metric(text, &format!(r#"countersign_llm_upstream_seconds_count{{provider="openai",outcome="{outcome}"}}"#))
+    };
+    assert_eq!(upstream("abandoned"), Some(1.0), "{text}");
+    assert_eq!((upstream("answered"), upstream("failed")), (None, None), "{text}");
     s.server.stop().await;
 }
 
