@@ -348,7 +348,10 @@ async fn main() {
             );
             let mut added = Vec::new();
             for (name, target) in &targets {
-                let before = match &target.metrics {
+                // Where a whole answer's time went, from the gateway's own histograms (means), for one sequential
+                // client, where nothing queues. (A stream's first chunk waits for neither commit's sync.)
+                let breakdown = target.metrics.as_ref().filter(|_| clients == 1 && !stream);
+                let before = match breakdown {
                     Some(url) => Some(Spent::read(&http, url).await),
                     None => None,
                 };
@@ -361,9 +364,7 @@ async fn main() {
                     ms(plus.median),
                     ms(plus.p99),
                 );
-                // Where a whole answer's time went, from the gateway's own histograms (means), for one sequential
-                // client, where nothing queues. (A stream's first chunk waits for neither commit's sync.)
-                if let (Some(before), Some(url), 1, false) = (before, &target.metrics, clients, stream) {
+                if let (Some(before), Some(url)) = (before, breakdown) {
                     let after = Spent::read(&http, url).await;
                     println!("      of which, means: {}", before.since(after, per_client));
                 }

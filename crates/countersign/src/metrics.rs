@@ -204,6 +204,13 @@ impl Metrics {
     pub fn llm_upstream_wait(&self, provider: &str) -> UpstreamWait {
         UpstreamWait { metrics: self.clone(), provider: provider.to_owned(), started: Instant::now(), ended: false }
     }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)?;
+        Ok(out)
+    }
 }
 
 /// The wait for a model provider's response headers, observed once: see [`Metrics::llm_upstream_wait`].
@@ -232,14 +239,5 @@ impl Drop for UpstreamWait {
         if !self.ended {
             self.observe("abandoned");
         }
-    }
-}
-
-impl Metrics {
-    /// The text exposition format.
-    pub fn encode(&self) -> Result<String, std::fmt::Error> {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)?;
-        Ok(out)
     }
 }
