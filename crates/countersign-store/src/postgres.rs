@@ -60,6 +60,7 @@ use crate::rows::{
     opt_from_us, opt_us, org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending,
     session_row, to_json, to_us, user_row, webhook_row,
 };
+use crate::writes::{self, Expect, Write, push_write};
 
 const MIGRATIONS: [(i64, &str, &str); 4] = [
     (1, "init", include_str!("../migrations/postgres/0001_init.sql")),
@@ -212,12 +213,12 @@ impl ReplicaFeed {
 impl Store for PostgresStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await.map_err(map_sqlx)?;
-        Ok(Box::new(PgTx { tx, writer: true, head: None, pending_audit: Vec::new(), stale: None }))
+        Ok(Box::new(PgTx::new(tx, true)))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(map_sqlx)?;
-        Ok(Box::new(PgTx { tx, writer: false, head: None, pending_audit: Vec::new(), stale: None }))
+        Ok(Box::new(PgTx::new(tx, false)))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -243,6 +244,32 @@ struct PgTx {
     /// Why a conditional write found its row changed ([`StoreError::Stale`]): then every later statement and
     /// the commit fail, as on SQLite, so a caller that carried on cannot commit half a change.
     stale: Option<String>,
+    /// Writes not sent yet (see [`Queue`]).
+    queue: Queue,
+    /// A statement sending queued writes or audit events failed: every later statement and the commit fail
+    /// too (PostgreSQL's `COMMIT` of a failed transaction rolls back without an error).
+    failed: bool,
+}
+
+/// Writes a transaction has queued and not sent yet.
+///
+/// Every statement is a round trip to the server, and a proxied model call's transactions are mostly writes
+/// whose outcome the caller need not see at once: inserts and updates of one row, and `NOTIFY`. Those are
+/// queued, each as a data-modifying `WITH` query (`w0 AS (INSERT … RETURNING 1)`), and sent in one statement
+/// with the sealed audit events and, when there is one, the transaction's next read of a table no queued
+/// write touches (the audit head a later append locks, the webhooks the delivery fan-out lists); before any
+/// other statement, and before the commit, they go alone. The statement answers how many rows each write
+/// changed, so an update that found no row fails the transaction as it would have alone, and the read runs
+/// after the writes (it is the inner side of a lateral join on their counts), so the lock order stays that
+/// of the calls. The queries of one statement see one snapshot and none sees another's changes (a foreign
+/// key is checked at the statement's end, so a row may refer to one inserted beside it): a write on a table
+/// with a queued write is sent after it, not beside it, unless both insert.
+#[derive(Default)]
+struct Queue {
+    /// `w0 AS (…), w1 AS (…), `.
+    sql: sqlx::QueryBuilder<Postgres>,
+    /// Per queued write, in order: its table (none for `NOTIFY`) and what its count of changed rows must be.
+    writes: Vec<(Option<&'static str>, Expect)>,
 }
 
 /// Audit rows per multi-row `INSERT` (ten parameters each, far below PostgreSQL's limit).
@@ -280,44 +307,141 @@ impl PgTx {
         sealed
     }
 
-    /// Writes the audit events sealed since the last statement: per run of one org, one multi-row insert
-    /// that also moves the org's head row to the last of them. Called before every statement and the commit.
-    /// Before every statement and the commit: writes the sealed audit events, unless a conditional write
-    /// failed (then nothing more goes).
-    async fn write_pending_audit(&mut self) -> Result<(), StoreError> {
+    fn new(tx: Transaction<'static, Postgres>, writer: bool) -> Self {
+        PgTx { tx, writer, head: None, pending_audit: Vec::new(), stale: None, queue: Queue::default(), failed: false }
+    }
+
+    /// Queues `write` (see [`Queue`]), first sending the queue if it holds a write on the same table that
+    /// this one must follow.
+    async fn queue(&mut self, mut write: Write) -> Result<(), StoreError> {
+        let insert = matches!(write.expect, Expect::Insert);
+        let follows = |(table, expect): &(Option<&str>, Expect)| {
+            *table == Some(write.table) && !(insert && matches!(expect, Expect::Insert))
+        };
+        if self.queue.writes.iter().any(follows) {
+            self.send().await?;
+        }
+        let expect = std::mem::replace(&mut write.expect, Expect::Insert);
+        self.start_write(Some(write.table), expect);
+        push_write(&mut self.queue.sql, write);
+        self.queue.sql.push(" RETURNING 1), ");
+        Ok(())
+    }
+
+    /// Opens the next queued write's `WITH` query (`wN AS (`), the statement's `WITH` before the first.
+    fn start_write(&mut self, table: Option<&'static str>, expect: Expect) {
+        if self.queue.writes.is_empty() {
+            self.queue.sql.push("WITH ");
+        }
+        self.queue.sql.push(format_args!("w{} AS (", self.queue.writes.len()));
+        self.queue.writes.push((table, expect));
+    }
+
+    /// Before every statement sent on its own and the commit: sends the queued writes and the sealed audit
+    /// events, if any.
+    async fn send(&mut self) -> Result<(), StoreError> {
+        self.send_with(None::<fn(&mut sqlx::QueryBuilder<Postgres>)>).await.map(drop)
+    }
+
+    /// Sends the queued writes and the sealed audit events (see [`Queue`]), with `read` after them in the same
+    /// statement: a query on a table no queued write touches, pushed onto it. Returns the read's rows, each
+    /// beside the writes' counts; when it found nothing, one row whose read columns are all null.
+    async fn send_with(
+        &mut self,
+        read: Option<impl FnOnce(&mut sqlx::QueryBuilder<Postgres>)>,
+    ) -> Result<Vec<PgRow>, StoreError> {
         if let Some(why) = &self.stale {
             return Err(StoreError::Stale(format!("{why}; the transaction can only roll back")));
         }
-        if self.pending_audit.is_empty() {
-            return Ok(());
+        if self.failed {
+            return Err(StoreError::Internal(
+                "an earlier write of this transaction failed, so it can only roll back".into(),
+            ));
         }
-        // Kept until every row is written: after a failure the next statement, and the commit, try again and
-        // fail again (a failed statement aborts the transaction, and `COMMIT` of an aborted one would roll back
-        // without an error), so a caller that carried on past the error still cannot commit as if it had not.
-        for run in self.pending_audit.chunk_by(|a, b| a.org_id == b.org_id) {
-            for rows in run.chunks(AUDIT_ROWS_PER_INSERT) {
-                let mut query = sqlx::QueryBuilder::<Postgres>::new("WITH appended AS (");
-                push_audit_rows(&mut query, rows)?;
-                query.push(
-                    " RETURNING org_id, seq, hash),
-                     last AS (SELECT org_id, seq, hash FROM appended ORDER BY seq DESC LIMIT 1)
-                     UPDATE audit_heads h SET seq = last.seq, hash = last.hash
-                     FROM last WHERE h.org_id = last.org_id",
-                );
-                let moved = query
-                    .build()
-                    .execute(&mut *self.tx)
-                    .await
-                    .map_err(|e| audit_write_failed(map_sqlx(e)))?
-                    .rows_affected();
-                if moved != 1 {
-                    let org = rows.first().map(|e| e.org_id.to_string()).unwrap_or_default();
-                    return Err(StoreError::Internal(format!("audit head of org {org} did not move")));
+        let pending = std::mem::take(&mut self.pending_audit);
+        // One statement moves an org's head once: audit events of several orgs, or more than one insert
+        // holds, go in statements of their own first, all but the last run.
+        let mut runs = pending.chunk_by(|a, b| a.org_id == b.org_id).flat_map(|run| run.chunks(AUDIT_ROWS_PER_INSERT));
+        let last = runs.next_back();
+        for rows in runs {
+            self.send_batch(sqlx::QueryBuilder::new("WITH "), Vec::new(), Some(rows), None::<fn(&mut _)>).await?;
+        }
+        let writes = std::mem::take(&mut self.queue.writes);
+        let sql = std::mem::take(&mut self.queue.sql);
+        if writes.is_empty() && last.is_none() {
+            let Some(read) = read else { return Ok(Vec::new()) };
+            let mut query = sqlx::QueryBuilder::new("");
+            read(&mut query);
+            return query.build().fetch_all(&mut *self.tx).await.map_err(map_sqlx);
+        }
+        let sql = if writes.is_empty() { sqlx::QueryBuilder::new("WITH ") } else { sql };
+        self.send_batch(sql, writes, last, read).await
+    }
+
+    /// One statement of [`PgTx::send_with`]: `sql` holds `WITH` and the queued writes, to which this adds the
+    /// audit `rows` (the org's head moved to the last), the counts and `read`. Then checks the counts.
+    async fn send_batch(
+        &mut self,
+        mut sql: sqlx::QueryBuilder<Postgres>,
+        writes: Vec<(Option<&'static str>, Expect)>,
+        rows: Option<&[AuditEvent]>,
+        read: Option<impl FnOnce(&mut sqlx::QueryBuilder<Postgres>)>,
+    ) -> Result<Vec<PgRow>, StoreError> {
+        if let Some(rows) = rows {
+            sql.push("cs_appended AS (");
+            push_audit_rows(&mut sql, rows).inspect_err(|_| self.failed = true)?;
+            sql.push(
+                " RETURNING org_id, seq, hash),
+                 cs_last AS (SELECT org_id, seq, hash FROM cs_appended ORDER BY seq DESC LIMIT 1),
+                 cs_moved AS (UPDATE audit_heads h SET seq = cs_last.seq, hash = cs_last.hash FROM cs_last
+                    WHERE h.org_id = cs_last.org_id RETURNING 1), ",
+            );
+        }
+        // Materialized and the outer side of the join: the writes run before the read.
+        sql.push("cs_counts AS MATERIALIZED (SELECT ");
+        for i in 0..writes.len() {
+            sql.push(format_args!("(SELECT count(*) FROM w{i}) AS cs_w{i}, "));
+        }
+        sql.push(if rows.is_some() { "(SELECT count(*) FROM cs_moved) AS cs_moved" } else { "0::bigint AS cs_moved" });
+        sql.push(") SELECT * FROM cs_counts");
+        if let Some(read) = read {
+            sql.push(" LEFT JOIN LATERAL (");
+            read(&mut sql);
+            sql.push(") AS cs_read ON true");
+        }
+        let answer = match sql.build().fetch_all(&mut *self.tx).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                self.failed = true;
+                // Named as an audit failure when the audit rows met it, so a caller's mapping of a conflict on
+                // its own row never misreads it.
+                let audit = matches!(&e, sqlx::Error::Database(db) if db.message().contains("audit_"));
+                return Err(if audit { audit_write_failed(map_sqlx(e)) } else { map_sqlx(e) });
+            }
+        };
+        let Some(counts) = answer.first() else {
+            self.failed = true;
+            return Err(StoreError::Internal("a batch of writes answered no row".into()));
+        };
+        for (i, (_, expect)) in writes.into_iter().enumerate() {
+            let n: i64 = get(counts, &format!("cs_w{i}"))?;
+            match expect {
+                Expect::One(what) if n != 1 => {
+                    self.failed = true;
+                    return Err(StoreError::Internal(what));
                 }
+                Expect::Unchanged(what) if n != 1 => return Err(self.went_stale(what)),
+                _ => {}
             }
         }
-        self.pending_audit.clear();
-        Ok(())
+        if let Some(rows) = rows
+            && get::<i64>(counts, "cs_moved")? != 1
+        {
+            self.failed = true;
+            let org = rows.first().map(|e| e.org_id.to_string()).unwrap_or_default();
+            return Err(StoreError::Internal(format!("audit head of org {org} did not move")));
+        }
+        Ok(answer)
     }
 
     /// Audit events matching `filter`: oldest first after `seq`, or (`newest`) newest first before it.
@@ -380,12 +504,12 @@ impl PgTx {
     }
 
     async fn fetch_all(&mut self, query: PgQuery<'_>) -> Result<Vec<PgRow>, StoreError> {
-        self.write_pending_audit().await?;
+        self.send().await?;
         query.fetch_all(&mut *self.tx).await.map_err(map_sqlx)
     }
 
     async fn fetch_optional(&mut self, query: PgQuery<'_>) -> Result<Option<PgRow>, StoreError> {
-        self.write_pending_audit().await?;
+        self.send().await?;
         query.fetch_optional(&mut *self.tx).await.map_err(map_sqlx)
     }
 
@@ -395,7 +519,7 @@ impl PgTx {
     }
 
     async fn execute(&mut self, query: PgQuery<'_>) -> Result<u64, StoreError> {
-        self.write_pending_audit().await?;
+        self.send().await?;
         query.execute(&mut *self.tx).await.map(|r| r.rows_affected()).map_err(map_sqlx)
     }
 
@@ -441,14 +565,15 @@ const LAST_AUDIT_SEQ_BEFORE: &str = "SELECT COALESCE(
 #[async_trait::async_trait]
 impl StoreTx for PgTx {
     async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
-        self.write_pending_audit().await?;
+        self.send().await?;
         self.tx.commit().await.map_err(map_sqlx)
     }
 
     async fn publish(&mut self, message: &str) -> Result<(), StoreError> {
-        self.execute(sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGES_CHANNEL).bind(message.to_owned()))
-            .await
-            .map(drop)
+        self.start_write(None, Expect::Insert);
+        self.queue.sql.push("SELECT pg_notify(").push_bind(CHANGES_CHANNEL).push(", ").push_bind(message.to_owned());
+        self.queue.sql.push(")), ");
+        Ok(())
     }
 
     async fn shared_signing_key(&mut self, candidate: &str) -> Result<Option<String>, StoreError> {
@@ -843,84 +968,20 @@ impl StoreTx for PgTx {
     }
 
     async fn insert_action(&mut self, a: &Action) -> Result<(), StoreError> {
-        self.execute(
-            sqlx::query(
-                "INSERT INTO actions (id, org_id, agent_id, agent_name, session_id, capability, params, reasoning,
-                    target, idempotency_key, state, verdict, approval_id, result, error, request_hash, created_at,
-                    decided_at, started_at, finished_at, job_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
-                    $21)",
-            )
-            .bind(a.id.as_str().to_owned())
-            .bind(a.org_id.as_str().to_owned())
-            .bind(a.agent_id.as_str().to_owned())
-            .bind(a.agent_name.clone())
-            .bind(a.session_id.as_ref().map(|s| s.as_str().to_owned()))
-            .bind(a.capability.as_str().to_owned())
-            .bind(to_json(&a.params)?)
-            .bind(a.reasoning.clone())
-            .bind(a.target.as_ref().map(to_json).transpose()?)
-            .bind(a.idempotency_key.clone())
-            .bind(a.state.as_str())
-            .bind(a.verdict.as_ref().map(to_json).transpose()?)
-            .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
-            .bind(a.result.as_ref().map(to_json).transpose()?)
-            .bind(a.error.clone())
-            .bind(a.request_hash.clone())
-            .bind(to_us(a.created_at))
-            .bind(opt_us(a.decided_at))
-            .bind(opt_us(a.started_at))
-            .bind(opt_us(a.finished_at))
-            .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned())),
-        )
-        .await
-        .map(drop)
+        self.queue(writes::insert_action(a)?).await?;
+        // An idempotency key may meet its twin, a conflict the caller answers: sent now, so it is this call's.
+        if a.idempotency_key.is_some() {
+            self.send().await?;
+        }
+        Ok(())
     }
 
     async fn update_action(&mut self, a: &Action) -> Result<(), StoreError> {
-        let n = self
-            .execute(
-                sqlx::query(
-                    "UPDATE actions SET state = $1, verdict = $2, approval_id = $3, result = $4, error = $5,
-                        decided_at = $6, started_at = $7, finished_at = $8, job_id = $9
-                     WHERE org_id = $10 AND id = $11",
-                )
-                .bind(a.state.as_str())
-                .bind(a.verdict.as_ref().map(to_json).transpose()?)
-                .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
-                .bind(a.result.as_ref().map(to_json).transpose()?)
-                .bind(a.error.clone())
-                .bind(opt_us(a.decided_at))
-                .bind(opt_us(a.started_at))
-                .bind(opt_us(a.finished_at))
-                .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned()))
-                .bind(a.org_id.as_str().to_owned())
-                .bind(a.id.as_str().to_owned()),
-            )
-            .await?;
-        if n == 1 { Ok(()) } else { Err(StoreError::Internal(format!("action {} vanished", a.id))) }
+        self.queue(writes::update_action(a)?).await
     }
 
     async fn end_action(&mut self, a: &Action, from: ActionState) -> Result<(), StoreError> {
-        let n = self
-            .execute(
-                sqlx::query(
-                    "UPDATE actions SET state = $1, result = $2, error = $3, finished_at = $4
-                     WHERE org_id = $5 AND id = $6 AND state = $7",
-                )
-                .bind(a.state.as_str())
-                .bind(a.result.as_ref().map(to_json).transpose()?)
-                .bind(a.error.clone())
-                .bind(opt_us(a.finished_at))
-                .bind(a.org_id.as_str().to_owned())
-                .bind(a.id.as_str().to_owned())
-                .bind(from.as_str()),
-            )
-            .await?;
-        match n {
-            1 => Ok(()),
-            _ => Err(self.went_stale(format!("action {} is no longer {}", a.id, from.as_str()))),
-        }
+        self.queue(writes::end_action(a, from)?).await
     }
 
     async fn get_action(&mut self, org: &OrgId, id: &ActionId) -> Result<Option<Action>, StoreError> {
@@ -1124,7 +1185,15 @@ impl StoreTx for PgTx {
             return Ok(self.seal(org, seq, &hash, event));
         }
         const LOCK_HEAD: &str = "SELECT seq, hash FROM audit_heads WHERE org_id = $1 FOR UPDATE";
-        let mut head = self.fetch_optional(sqlx::query(LOCK_HEAD).bind(org.as_str().to_owned())).await?;
+        // No write is queued on audit_heads (the audit rows move it, in the statement itself before the read):
+        // the lock goes with the queued writes, after them.
+        let owner = org.as_str().to_owned();
+        let rows = self
+            .send_with(Some(|sql: &mut sqlx::QueryBuilder<Postgres>| {
+                sql.push("SELECT seq, hash FROM audit_heads WHERE org_id = ").push_bind(owner).push(" FOR UPDATE");
+            }))
+            .await?;
+        let mut head = rows.into_iter().find(|row| matches!(get::<Option<i64>>(row, "seq"), Ok(Some(_))));
         if head.is_none() {
             // The org's first event: create its head at the genesis. A concurrent first append waits on the
             // unique index, then does nothing; both then queue on the row lock below.
@@ -1284,80 +1353,15 @@ impl StoreTx for PgTx {
     }
 
     async fn insert_job(&mut self, j: &Job) -> Result<(), StoreError> {
-        self.execute(
-            sqlx::query(
-                "INSERT INTO jobs (id, org_id, kind, subject, state, attempts, max_attempts, run_at, lease_owner,
-                    lease_until, payload, progress, result, error, created_at, started_at, finished_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-            )
-            .bind(j.id.as_str().to_owned())
-            .bind(j.org_id.as_str().to_owned())
-            .bind(j.kind.as_str())
-            .bind(j.subject.clone())
-            .bind(j.state.as_str())
-            .bind(i64::from(j.attempts))
-            .bind(i64::from(j.max_attempts))
-            .bind(to_us(j.run_at))
-            .bind(j.lease_owner.clone())
-            .bind(opt_us(j.lease_until))
-            .bind(to_json(&j.payload)?)
-            .bind(j.progress.as_ref().map(to_json).transpose()?)
-            .bind(j.result.as_ref().map(to_json).transpose()?)
-            .bind(j.error.clone())
-            .bind(to_us(j.created_at))
-            .bind(opt_us(j.started_at))
-            .bind(opt_us(j.finished_at)),
-        )
-        .await
-        .map(drop)
+        self.queue(writes::insert_job(j)?).await
     }
 
     async fn update_job(&mut self, j: &Job) -> Result<(), StoreError> {
-        let n = self
-            .execute(
-                sqlx::query(
-                    "UPDATE jobs SET state = $1, attempts = $2, run_at = $3, lease_owner = $4, lease_until = $5,
-                        progress = $6, result = $7, error = $8, started_at = $9, finished_at = $10
-                     WHERE org_id = $11 AND id = $12",
-                )
-                .bind(j.state.as_str())
-                .bind(i64::from(j.attempts))
-                .bind(to_us(j.run_at))
-                .bind(j.lease_owner.clone())
-                .bind(opt_us(j.lease_until))
-                .bind(j.progress.as_ref().map(to_json).transpose()?)
-                .bind(j.result.as_ref().map(to_json).transpose()?)
-                .bind(j.error.clone())
-                .bind(opt_us(j.started_at))
-                .bind(opt_us(j.finished_at))
-                .bind(j.org_id.as_str().to_owned())
-                .bind(j.id.as_str().to_owned()),
-            )
-            .await?;
-        if n == 1 { Ok(()) } else { Err(StoreError::Internal(format!("job {} vanished", j.id))) }
+        self.queue(writes::update_job(j)?).await
     }
 
     async fn end_queued_job(&mut self, end: &JobEnd) -> Result<(), StoreError> {
-        let n = self
-            .execute(
-                sqlx::query(
-                    "UPDATE jobs SET state = $1, attempts = attempts + 1, result = $2, error = $3, started_at = $4,
-                        finished_at = $5
-                     WHERE org_id = $6 AND id = $7 AND state = 'queued'",
-                )
-                .bind(end.state.as_str())
-                .bind(end.result.as_ref().map(to_json).transpose()?)
-                .bind(end.error.clone())
-                .bind(opt_us(end.started_at))
-                .bind(to_us(end.finished_at))
-                .bind(end.org_id.as_str().to_owned())
-                .bind(end.id.as_str().to_owned()),
-            )
-            .await?;
-        match n {
-            1 => Ok(()),
-            _ => Err(self.went_stale(format!("job {} is no longer queued", end.id))),
-        }
+        self.queue(writes::end_queued_job(end)?).await
     }
 
     async fn get_job(&mut self, org: &OrgId, id: &JobId) -> Result<Option<Job>, StoreError> {
@@ -1505,13 +1509,21 @@ impl StoreTx for PgTx {
     }
 
     async fn list_webhooks(&mut self, org: &OrgId) -> Result<Vec<Webhook>, StoreError> {
+        // No write is queued on webhooks: the list goes with the queued writes (the delivery fan-out's).
+        let org = org.as_str().to_owned();
         let rows = self
-            .fetch_all(
-                sqlx::query("SELECT * FROM webhooks WHERE org_id = $1 AND deleted_at IS NULL ORDER BY id")
-                    .bind(org.as_str().to_owned()),
-            )
+            .send_with(Some(|sql: &mut sqlx::QueryBuilder<Postgres>| {
+                sql.push("SELECT * FROM webhooks WHERE org_id = ").push_bind(org).push(" AND deleted_at IS NULL");
+            }))
             .await?;
-        rows.iter().map(webhook_row).collect()
+        let mut hooks = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if get::<Option<String>>(row, "id")?.is_some() {
+                hooks.push(webhook_row(row)?);
+            }
+        }
+        hooks.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        Ok(hooks)
     }
 
     async fn delete_webhook(&mut self, org: &OrgId, id: &WebhookId, at: DateTime<Utc>) -> Result<bool, StoreError> {
@@ -1527,26 +1539,7 @@ impl StoreTx for PgTx {
     }
 
     async fn insert_delivery(&mut self, d: &Delivery) -> Result<(), StoreError> {
-        self.execute(
-            sqlx::query(
-                "INSERT INTO webhook_deliveries (id, org_id, webhook_id, job_id, event_id, event_type, attempt,
-                    status, latency_ms, error, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
-            .bind(d.id.as_str().to_owned())
-            .bind(d.org_id.as_str().to_owned())
-            .bind(d.webhook_id.as_str().to_owned())
-            .bind(d.job_id.as_str().to_owned())
-            .bind(d.event_id.clone())
-            .bind(d.event_type.clone())
-            .bind(i64::from(d.attempt))
-            .bind(d.status.map(i64::from))
-            .bind(i64::try_from(d.latency_ms).unwrap_or(i64::MAX))
-            .bind(d.error.clone())
-            .bind(to_us(d.created_at)),
-        )
-        .await
-        .map(drop)
+        self.queue(writes::insert_delivery(d)).await
     }
 
     async fn list_deliveries(

@@ -49,6 +49,7 @@ use crate::rows::{
     opt_from_us, opt_us, org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending,
     session_row, to_json, to_us, user_row, webhook_row,
 };
+use crate::writes::{self, Expect, Write, push_write};
 
 const MIGRATIONS: [(i64, &str, &str); 5] = [
     (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
@@ -758,32 +759,6 @@ struct Batch {
     failed: bool,
 }
 
-/// A queued statement, binding its values in order ([`SqliteTx::queue`]); dropped (at the end of the
-/// expression statement that queued it), it ends the statement.
-struct Queued<'a> {
-    sql: &'a mut sqlx::QueryBuilder<Sqlite>,
-    pieces: std::str::Split<'static, char>,
-}
-
-impl Queued<'_> {
-    fn bind<'t, T: sqlx::Encode<'t, Sqlite> + sqlx::Type<Sqlite>>(mut self, value: T) -> Self {
-        self.sql.push_bind(value);
-        if let Some(piece) = self.pieces.next() {
-            self.sql.push(piece);
-        }
-        self
-    }
-}
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        for piece in self.pieces.by_ref() {
-            self.sql.push(piece);
-        }
-        self.sql.push(";\n");
-    }
-}
-
 /// `query` with `begin` (the writer's, [`SqliteTx::begin`]) before it and `COMMIT` after it, as asked, in one
 /// query.
 fn wrapped<'q>(
@@ -888,38 +863,23 @@ impl SqliteTx {
         }
     }
 
-    /// Queues one write (see [`Batch`]): `sql` with a `?` for each value, bound in order through the
-    /// returned [`Queued`].
-    fn queue(&mut self, sql: &'static str) -> Queued<'_> {
+    /// Queues one write (see [`Batch`]), and after an update the check of its count of changed rows: on the
+    /// writer, whose connection has the check views ([`EXPECT_ONE`]); read transactions do not write. A
+    /// conditional update that changed no row fails with [`StoreError::Stale`].
+    fn queue(&mut self, write: Write) {
+        let check = match write.expect {
+            Expect::Insert => {
+                self.inserts = true;
+                None
+            }
+            Expect::One(_) => Some("INSERT INTO expect_one VALUES (changes());\n"),
+            Expect::Unchanged(_) => Some("INSERT INTO expect_unchanged VALUES (changes());\n"),
+        };
         self.batch.writes += 1;
-        let mut pieces = sql.split('?');
-        if let Some(first) = pieces.next() {
-            self.batch.sql.push(first);
-        }
-        Queued { sql: &mut self.batch.sql, pieces }
-    }
-
-    /// Queues an insert of one row ([`SqliteTx::queue`]).
-    fn queue_insert(&mut self, sql: &'static str) -> Queued<'_> {
-        self.inserts = true;
-        self.queue(sql)
-    }
-
-    /// Queues the check that the update queued last changed exactly one row: on the writer, whose
-    /// connection has it ([`EXPECT_ONE`]). Read transactions do not write.
-    fn expect_one(&mut self) {
-        self.queue_check("INSERT INTO expect_one VALUES (changes())");
-    }
-
-    /// [`SqliteTx::expect_one`] for a conditional update: no row fails with [`StoreError::Stale`].
-    fn expect_unchanged(&mut self) {
-        self.queue_check("INSERT INTO expect_unchanged VALUES (changes())");
-    }
-
-    /// Queues a check statement on the writer (only its connection has the check views).
-    fn queue_check(&mut self, sql: &'static str) {
-        if matches!(self.conn, TxConn::Write(..)) {
-            self.queue(sql);
+        push_write(&mut self.batch.sql, write);
+        self.batch.sql.push(";\n");
+        if let (Some(check), TxConn::Write(..)) = (check, &self.conn) {
+            self.batch.sql.push(check);
         }
     }
 
@@ -1587,37 +1547,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_action(&mut self, a: &Action) -> Result<(), StoreError> {
-        let params = to_json(&a.params)?;
-        let target = a.target.as_ref().map(to_json).transpose()?;
-        let verdict = a.verdict.as_ref().map(to_json).transpose()?;
-        let result = a.result.as_ref().map(to_json).transpose()?;
-        self.queue_insert(
-            "INSERT INTO actions (id, org_id, agent_id, agent_name, session_id, capability, params,
-                    reasoning, target, idempotency_key, state, verdict, approval_id, result, error, request_hash,
-                    created_at, decided_at, started_at, finished_at, job_id)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(a.id.as_str().to_owned())
-        .bind(a.org_id.as_str().to_owned())
-        .bind(a.agent_id.as_str().to_owned())
-        .bind(a.agent_name.clone())
-        .bind(a.session_id.as_ref().map(|s| s.as_str().to_owned()))
-        .bind(a.capability.as_str().to_owned())
-        .bind(params)
-        .bind(a.reasoning.clone())
-        .bind(target)
-        .bind(a.idempotency_key.clone())
-        .bind(a.state.as_str())
-        .bind(verdict)
-        .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
-        .bind(result)
-        .bind(a.error.clone())
-        .bind(a.request_hash.clone())
-        .bind(to_us(a.created_at))
-        .bind(opt_us(a.decided_at))
-        .bind(opt_us(a.started_at))
-        .bind(opt_us(a.finished_at))
-        .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned()));
+        self.queue(writes::insert_action(a)?);
         // An idempotency key may meet its twin, a conflict the caller answers: sent now, so it is this call's.
         if a.idempotency_key.is_some() {
             self.send(false).await?;
@@ -1626,42 +1556,12 @@ impl StoreTx for SqliteTx {
     }
 
     async fn update_action(&mut self, a: &Action) -> Result<(), StoreError> {
-        let verdict = a.verdict.as_ref().map(to_json).transpose()?;
-        let result = a.result.as_ref().map(to_json).transpose()?;
-        self.queue(
-            "UPDATE actions SET state = ?, verdict = ?, approval_id = ?, result = ?, error = ?, decided_at = ?,
-                started_at = ?, finished_at = ?, job_id = ?
-             WHERE org_id = ? AND id = ?",
-        )
-        .bind(a.state.as_str())
-        .bind(verdict)
-        .bind(a.approval_id.as_ref().map(|s| s.as_str().to_owned()))
-        .bind(result)
-        .bind(a.error.clone())
-        .bind(opt_us(a.decided_at))
-        .bind(opt_us(a.started_at))
-        .bind(opt_us(a.finished_at))
-        .bind(a.job_id.as_ref().map(|j| j.as_str().to_owned()))
-        .bind(a.org_id.as_str().to_owned())
-        .bind(a.id.as_str().to_owned());
-        self.expect_one();
+        self.queue(writes::update_action(a)?);
         Ok(())
     }
 
     async fn end_action(&mut self, a: &Action, from: ActionState) -> Result<(), StoreError> {
-        let result = a.result.as_ref().map(to_json).transpose()?;
-        self.queue(
-            "UPDATE actions SET state = ?, result = ?, error = ?, finished_at = ?
-             WHERE org_id = ? AND id = ? AND state = ?",
-        )
-        .bind(a.state.as_str())
-        .bind(result)
-        .bind(a.error.clone())
-        .bind(opt_us(a.finished_at))
-        .bind(a.org_id.as_str().to_owned())
-        .bind(a.id.as_str().to_owned())
-        .bind(from.as_str());
-        self.expect_unchanged();
+        self.queue(writes::end_action(a, from)?);
         Ok(())
     }
 
@@ -2054,72 +1954,17 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_job(&mut self, j: &Job) -> Result<(), StoreError> {
-        let payload = to_json(&j.payload)?;
-        let progress = j.progress.as_ref().map(to_json).transpose()?;
-        let result = j.result.as_ref().map(to_json).transpose()?;
-        self.queue_insert(
-            "INSERT INTO jobs (id, org_id, kind, subject, state, attempts, max_attempts, run_at, lease_owner,
-                lease_until, payload, progress, result, error, created_at, started_at, finished_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(j.id.as_str().to_owned())
-        .bind(j.org_id.as_str().to_owned())
-        .bind(j.kind.as_str())
-        .bind(j.subject.clone())
-        .bind(j.state.as_str())
-        .bind(i64::from(j.attempts))
-        .bind(i64::from(j.max_attempts))
-        .bind(to_us(j.run_at))
-        .bind(j.lease_owner.clone())
-        .bind(opt_us(j.lease_until))
-        .bind(payload)
-        .bind(progress)
-        .bind(result)
-        .bind(j.error.clone())
-        .bind(to_us(j.created_at))
-        .bind(opt_us(j.started_at))
-        .bind(opt_us(j.finished_at));
+        self.queue(writes::insert_job(j)?);
         Ok(())
     }
 
     async fn update_job(&mut self, j: &Job) -> Result<(), StoreError> {
-        let progress = j.progress.as_ref().map(to_json).transpose()?;
-        let result = j.result.as_ref().map(to_json).transpose()?;
-        self.queue(
-            "UPDATE jobs SET state = ?, attempts = ?, run_at = ?, lease_owner = ?, lease_until = ?,
-                progress = ?, result = ?, error = ?, started_at = ?, finished_at = ?
-             WHERE org_id = ? AND id = ?",
-        )
-        .bind(j.state.as_str())
-        .bind(i64::from(j.attempts))
-        .bind(to_us(j.run_at))
-        .bind(j.lease_owner.clone())
-        .bind(opt_us(j.lease_until))
-        .bind(progress)
-        .bind(result)
-        .bind(j.error.clone())
-        .bind(opt_us(j.started_at))
-        .bind(opt_us(j.finished_at))
-        .bind(j.org_id.as_str().to_owned())
-        .bind(j.id.as_str().to_owned());
-        self.expect_one();
+        self.queue(writes::update_job(j)?);
         Ok(())
     }
 
     async fn end_queued_job(&mut self, end: &JobEnd) -> Result<(), StoreError> {
-        let result = end.result.as_ref().map(to_json).transpose()?;
-        self.queue(
-            "UPDATE jobs SET state = ?, attempts = attempts + 1, result = ?, error = ?, started_at = ?, finished_at = ?
-             WHERE org_id = ? AND id = ? AND state = 'queued'",
-        )
-        .bind(end.state.as_str())
-        .bind(result)
-        .bind(end.error.clone())
-        .bind(opt_us(end.started_at))
-        .bind(to_us(end.finished_at))
-        .bind(end.org_id.as_str().to_owned())
-        .bind(end.id.as_str().to_owned());
-        self.expect_unchanged();
+        self.queue(writes::end_queued_job(end)?);
         Ok(())
     }
 
@@ -2335,22 +2180,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_delivery(&mut self, d: &Delivery) -> Result<(), StoreError> {
-        self.queue_insert(
-            "INSERT INTO webhook_deliveries (id, org_id, webhook_id, job_id, event_id, event_type, attempt, status,
-                latency_ms, error, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(d.id.as_str().to_owned())
-        .bind(d.org_id.as_str().to_owned())
-        .bind(d.webhook_id.as_str().to_owned())
-        .bind(d.job_id.as_str().to_owned())
-        .bind(d.event_id.clone())
-        .bind(d.event_type.clone())
-        .bind(i64::from(d.attempt))
-        .bind(d.status.map(i64::from))
-        .bind(i64::try_from(d.latency_ms).unwrap_or(i64::MAX))
-        .bind(d.error.clone())
-        .bind(to_us(d.created_at));
+        self.queue(writes::insert_delivery(d));
         Ok(())
     }
 

@@ -181,6 +181,7 @@ contract!(
     retention_ends_before_the_first_event_inside_the_window,
     a_checkpoint_is_stored_once_per_seq_and_listed_in_seq_order,
     conditional_ends_write_only_rows_still_as_expected,
+    queued_writes_keep_the_order_of_the_calls,
 );
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1518,6 +1519,94 @@ mod checks {
         // Done once: a second finish is stale.
         let again = finish(end, ended, ActionState::Executing).await;
         assert!(matches!(&again, Err(StoreError::Stale(_))), "{n}: finished twice: {again:?}");
+    }
+
+    /// Both backends hold a write transaction's inserts and updates back and send them together, with the
+    /// audit rows and, on PostgreSQL, with the next read of another table. Whatever goes together, each call
+    /// sees the ones before it: a row may refer to one inserted just before it, an update finds a row
+    /// inserted earlier in the same transaction, a read sees every write before it, and an update that finds
+    /// no row fails the transaction, which then goes no further and writes nothing.
+    pub async fn queued_writes_keep_the_order_of_the_calls(b: &Backend) {
+        let (o, _, agent) = seed(b, "queued").await;
+        let n = b.name;
+        let hook = Webhook {
+            id: WebhookId::new(),
+            org_id: o.id.clone(),
+            url: "https://hooks.example/in".into(),
+            events: vec![NameGlob::parse("action.*").unwrap()],
+            secret: "whsec_123".into(),
+            format: WebhookFormat::Json,
+            description: None,
+            created_at: now(),
+            deleted_at: None,
+        };
+        let mut tx = b.store.write().await.unwrap();
+        tx.insert_webhook(&hook).await.unwrap();
+        tx.commit().await.unwrap();
+        let head = || async { b.store.read().await.unwrap().audit_head(&o.id).await.unwrap() };
+        let before = head().await;
+
+        let job = Job::new(o.id.clone(), JobKind::WebhookDeliver, Some(hook.id.to_string()), json!({}), now());
+        let delivery = Delivery {
+            id: DeliveryId::new(),
+            org_id: o.id.clone(),
+            webhook_id: hook.id.clone(),
+            job_id: job.id.clone(),
+            event_id: "evt_1".into(),
+            event_type: "action.failed".into(),
+            attempt: 1,
+            status: None,
+            latency_ms: 0,
+            error: None,
+            created_at: now(),
+        };
+        let action = super::action(&o, &agent, "email.send.message", ActionState::PendingApproval);
+        let running = Job { state: JobState::Running, attempts: 1, lease_owner: Some("me".into()), ..job.clone() };
+        let approved = Action { state: ActionState::Approved, decided_at: Some(now()), ..action.clone() };
+        let mut tx = b.store.write().await.unwrap();
+        tx.insert_job(&job).await.unwrap();
+        tx.insert_delivery(&delivery).await.unwrap();
+        tx.update_job(&running).await.unwrap();
+        tx.insert_action(&action).await.unwrap();
+        tx.update_action(&approved).await.unwrap();
+        let appended = tx.append_audit(&o.id, event("test.queued", "x", None, 1)).await.unwrap();
+        assert_eq!(tx.list_webhooks(&o.id).await.unwrap(), vec![hook.clone()], "{n}: a read beside the writes");
+        let second = tx.append_audit(&o.id, event("test.queued", "x", None, 2)).await.unwrap();
+        assert_eq!(second.seq, appended.seq + 1, "{n}");
+        assert_eq!(tx.get_job(&o.id, &job.id).await.unwrap(), Some(running.clone()), "{n}: the update went unread");
+        tx.commit().await.unwrap();
+        let mut tx = b.store.read().await.unwrap();
+        assert_eq!(tx.get_job(&o.id, &job.id).await.unwrap(), Some(running), "{n}");
+        assert_eq!(tx.get_action(&o.id, &action.id).await.unwrap(), Some(approved), "{n}");
+        let listed = tx.list_deliveries(&o.id, &hook.id, &page(10, None)).await.unwrap();
+        assert_eq!(listed, vec![delivery], "{n}");
+        assert_eq!(head().await.map(|h| h.seq), Some(second.seq), "{n}");
+        assert!(before.is_none_or(|h| h.seq < appended.seq), "{n}");
+
+        // An update of a row that is not there, found out at the next read or at the commit.
+        for at_read in [true, false] {
+            let kept = Job::new(o.id.clone(), JobKind::ActionExecute, None, json!({}), now());
+            let missing = Job::new(o.id.clone(), JobKind::ActionExecute, None, json!({}), now());
+            let mut tx = b.store.write().await.unwrap();
+            tx.insert_job(&kept).await.unwrap();
+            tx.append_audit(&o.id, event("test.lost", "x", None, 3)).await.unwrap();
+            let updated = tx.update_job(&missing).await;
+            if at_read {
+                let failed = updated.and(tx.count_orgs().await.map(drop));
+                assert!(failed.is_err(), "{n}: a read after an update of a missing row passed");
+                assert!(tx.get_job(&o.id, &kept.id).await.is_err(), "{n}: a failed transaction went on");
+                assert!(tx.commit().await.is_err(), "{n}: a failed transaction committed");
+            } else {
+                let failed = match updated {
+                    Ok(()) => tx.commit().await,
+                    failed => failed,
+                };
+                assert!(failed.is_err(), "{n}: an update of a missing row committed");
+            }
+            let mut tx = b.store.read().await.unwrap();
+            assert_eq!(tx.get_job(&o.id, &kept.id).await.unwrap(), None, "{n}: a failed transaction wrote");
+            assert_eq!(head().await.map(|h| h.seq), Some(second.seq), "{n}: a failed transaction appended");
+        }
     }
 }
 

@@ -436,8 +436,6 @@ impl Work {
     }
 
     async fn commit(mut self, gateway: &Gateway) -> Result<()> {
-        let emitted = std::mem::take(&mut self.emitted);
-        webhooks::enqueue_deliveries(&mut self, emitted, gateway).await?;
         let mut audit: Vec<(OrgId, i64)> = Vec::new();
         for event in &self.events {
             match audit.iter_mut().find(|(org, _)| *org == event.org_id) {
@@ -445,7 +443,7 @@ impl Work {
                 None => audit.push((event.org_id.clone(), event.seq)),
             }
         }
-        let changes = notify::Changes {
+        let mut changes = notify::Changes {
             replica: gateway.inner.jobs.owner.clone(),
             actions: std::mem::take(&mut self.changed),
             jobs: std::mem::take(&mut self.jobs_changed),
@@ -456,13 +454,28 @@ impl Work {
             principals: self.principals,
             policies: std::mem::take(&mut self.policies),
         };
+        // Told before the delivery fan-out reads the webhooks, so on PostgreSQL the message goes with the audit
+        // rows and that read in one statement; the delivery jobs, if any, are told in a message of their own.
+        if !changes.is_empty() {
+            self.tx.publish(&changes.to_wire()).await?;
+        }
+        let emitted = std::mem::take(&mut self.emitted);
+        webhooks::enqueue_deliveries(&mut self, emitted, gateway).await?;
+        if !self.jobs_changed.is_empty() {
+            let deliveries = notify::Changes {
+                replica: changes.replica.clone(),
+                jobs: std::mem::take(&mut self.jobs_changed),
+                jobs_added: true,
+                ..notify::Changes::default()
+            };
+            self.tx.publish(&deliveries.to_wire()).await?;
+            changes.jobs.extend(deliveries.jobs);
+            changes.jobs_added = true;
+        }
         // The commit and what follows it run on a task of their own: a caller that goes away while the commit
         // waits for its sync cannot skip the wake-ups, the expiry timers or forgetting revoked credentials.
-        let (gateway, mut tx, deferred) = (gateway.clone(), self.tx, self.deferred);
+        let (gateway, tx, deferred) = (gateway.clone(), self.tx, self.deferred);
         tokio::spawn(async move {
-            if !changes.is_empty() {
-                tx.publish(&changes.to_wire()).await?;
-            }
             let started = std::time::Instant::now();
             let committed = tx.commit().await;
             if committed.is_ok() {
