@@ -133,7 +133,8 @@ pub trait StoreTx: Send {
     /// any read returns, and a crash of the process alone does not lose it. For a change whose caller answers
     /// only after a second write that waits (a model call's claim, then its finish). The last word before the
     /// commit counts (`false` takes it back), but it is best said before the transaction's first statement too:
-    /// SQLite may otherwise have begun it to sync its commit. A store that always syncs ignores it.
+    /// SQLite may otherwise have begun it to sync its commit. PostgreSQL commits it asynchronously, and there
+    /// other transactions may read it before it is on disk. A store that always syncs ignores it.
     fn defer_sync(&mut self, _defer: bool) {}
 
     /// Tells the other replicas on this database about the transaction's changes, delivered only if it

@@ -87,11 +87,11 @@ pub struct PostgresStore {
     options: PgConnectOptions,
 }
 
-impl std::fmt::Debug for PostgresStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresStore").field("pool", &self.pool).finish_non_exhaustive()
-    }
-}
+/// A connection idle for this long or longer is pinged before the pool hands it out. sqlx pings every
+/// connection as it returns to the pool, and by default again as it leaves it: a round trip before every
+/// transaction. A connection back for less than this was alive a moment ago; one idle longer may have been
+/// dropped by the server or by something on the way (then the ping fails and the pool opens another).
+const PING_IDLE: Duration = Duration::from_secs(1);
 
 /// Whether a connection made with `options` checks the server's certificate and name (`verify-full`), or
 /// needs no TLS (a Unix socket, or the loopback interface, which never leaves the machine).
@@ -127,6 +127,16 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                let ping = meta.idle_for >= PING_IDLE;
+                Box::pin(async move {
+                    if ping {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options.clone())
             .await
             .map_err(map_sqlx)?;
@@ -226,6 +236,17 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    /// A transaction of its own (one statement) that takes a transaction id, so its commit writes a record
+    /// and, synchronous whatever the server's default, returns once the WAL is flushed up to it: every commit
+    /// before it, deferred ones included, is then on disk.
+    async fn durable(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT set_config('synchronous_commit', 'on', true), pg_current_xact_id()::text")
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
     fn backend(&self) -> &'static str {
         "postgres"
     }
@@ -249,6 +270,8 @@ struct PgTx {
     /// A statement sending queued writes or audit events failed: every later statement and the commit fail
     /// too (PostgreSQL's `COMMIT` of a failed transaction rolls back without an error).
     failed: bool,
+    /// The commit returns before its WAL is flushed ([`StoreTx::defer_sync`]).
+    defer: bool,
 }
 
 /// Writes a transaction has queued and not sent yet.
@@ -271,6 +294,10 @@ struct Queue {
     /// Per queued write, in order: its table (none for `NOTIFY`) and what its count of changed rows must be.
     writes: Vec<(Option<&'static str>, Expect)>,
 }
+
+/// Writes one statement carries at most (each binds at most 21 values; with a full audit insert the
+/// statement stays far below PostgreSQL's 65,535).
+const MAX_QUEUED_WRITES: usize = 256;
 
 /// Audit rows per multi-row `INSERT` (ten parameters each, far below PostgreSQL's limit).
 const AUDIT_ROWS_PER_INSERT: usize = 64;
@@ -308,7 +335,16 @@ impl PgTx {
     }
 
     fn new(tx: Transaction<'static, Postgres>, writer: bool) -> Self {
-        PgTx { tx, writer, head: None, pending_audit: Vec::new(), stale: None, queue: Queue::default(), failed: false }
+        PgTx {
+            tx,
+            writer,
+            head: None,
+            pending_audit: Vec::new(),
+            stale: None,
+            queue: Queue::default(),
+            failed: false,
+            defer: false,
+        }
     }
 
     /// Queues `write` (see [`Queue`]), first sending the queue if it holds a write on the same table that
@@ -318,7 +354,7 @@ impl PgTx {
         let follows = |(table, expect): &(Option<&str>, Expect)| {
             *table == Some(write.table) && !(insert && matches!(expect, Expect::Insert))
         };
-        if self.queue.writes.iter().any(follows) {
+        if self.queue.writes.len() >= MAX_QUEUED_WRITES || self.queue.writes.iter().any(follows) {
             self.send().await?;
         }
         let expect = std::mem::replace(&mut write.expect, Expect::Insert);
@@ -565,8 +601,19 @@ const LAST_AUDIT_SEQ_BEFORE: &str = "SELECT COALESCE(
 #[async_trait::async_trait]
 impl StoreTx for PgTx {
     async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        if self.defer && self.writer {
+            // Asynchronous commit, with the last statement before the `COMMIT` (a setting local to the
+            // transaction): the commit is ordered in the WAL before every later one, so the next synchronous
+            // commit (the call's finish), or `durable`, flushes it too.
+            self.start_write(None, Expect::Insert);
+            self.queue.sql.push("SELECT set_config('synchronous_commit', 'off', true)), ");
+        }
         self.send().await?;
         self.tx.commit().await.map_err(map_sqlx)
+    }
+
+    fn defer_sync(&mut self, defer: bool) {
+        self.defer = defer;
     }
 
     async fn publish(&mut self, message: &str) -> Result<(), StoreError> {

@@ -116,8 +116,8 @@ impl Metrics {
         registry.register(
             "store_commit_seconds",
             "Time a write transaction's commit takes until it is acknowledged: on disk (sync=\"durable\"), or, for \
-             a model call's claim, whose sync SQLite leaves to the call's finish, written (sync=\"deferred\"; \
-             PostgreSQL syncs those too). Commits that fail are not observed",
+             a model call's claim, whose sync is left to the call's finish, written (sync=\"deferred\"). \
+             Commits that fail are not observed",
             commits.clone(),
         );
         // From 100 µs to about 14 minutes: a model can take minutes to answer.

@@ -347,7 +347,7 @@ struct Work {
     /// Orgs whose policy this transaction set: the other replicas reload theirs.
     policies: Vec<OrgId>,
     /// The commit's sync was asked to be left to a later commit ([`StoreTx::defer_sync`]), for the commit's
-    /// metric; PostgreSQL syncs such commits all the same.
+    /// metric.
     deferred: bool,
 }
 
