@@ -128,13 +128,16 @@ pub trait Store: Send + Sync + 'static {
 pub trait StoreTx: Send {
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 
-    /// With `true`, lets this write transaction's commit return before it is on disk (synced soon after,
-    /// detached): it is still ordered before every later commit and on disk before any later durable commit or
-    /// any read returns, and a crash of the process alone does not lose it. For a change whose caller answers
-    /// only after a second write that waits (a model call's claim, then its finish). The last word before the
-    /// commit counts (`false` takes it back), but it is best said before the transaction's first statement too:
-    /// SQLite may otherwise have begun it to sync its commit. PostgreSQL commits it asynchronously, and there
-    /// other transactions may read it before it is on disk. A store that always syncs ignores it.
+    /// With `true`, lets this write transaction's commit return before it is on disk: it is still ordered
+    /// before every later commit and on disk before any later durable commit (or [`Store::durable`]) returns.
+    /// For a change whose caller answers only after a second write that waits (a model call's claim, then its
+    /// finish). The last word before the commit counts (`false` takes it back), but it is best said before the
+    /// transaction's first statement too: SQLite may otherwise have begun it to sync its commit.
+    ///
+    /// On SQLite the sync follows soon after, detached; no read returns before it, and a crash of the process
+    /// alone does not lose the commit (a power loss can). On PostgreSQL the commit is asynchronous: other
+    /// transactions may read it before it is on disk, and a crash of the server (not of this process) can lose
+    /// it until the WAL writer or a later commit flushes it. A store that always syncs ignores it.
     fn defer_sync(&mut self, _defer: bool) {}
 
     /// Tells the other replicas on this database about the transaction's changes, delivered only if it

@@ -6,7 +6,7 @@
 //! - **Writer transactions** ([`Store::write`]) run at READ COMMITTED and are marked as writers. In them, every
 //!   read of a mutable row the gateway may then change — `get_action`, `find_action_by_idempotency_key`,
 //!   `get_approval`, `find_approval_by_token_hash`, `get_job`, `get_webhook`, `find_session_by_hash` and
-//!   `retention` — is `SELECT … FOR UPDATE`. Two replicas deciding the same approval queue on its row; the
+//!   `retention` — is `SELECT … FOR NO KEY UPDATE`. Two replicas deciding the same approval queue on its row; the
 //!   second reads it only after the first commits, and so sees it decided. A lookup that finds nothing locks
 //!   nothing: two concurrent inserts of the same unique key meet at the unique index and the second gets
 //!   `StoreError::Conflict`.
@@ -16,7 +16,7 @@
 //!   chain stays gapless; different orgs never wait for each other. The lock is held until commit, so a
 //!   transaction that appends should take its other row locks first, or PostgreSQL may break a lock cycle by
 //!   failing one transaction (mapped to `StoreError::Unavailable`).
-//! - **Jobs** are claimed with `FOR UPDATE SKIP LOCKED`: a claimer skips rows another replica is claiming, so
+//! - **Jobs** are claimed with `FOR NO KEY UPDATE SKIP LOCKED`: a claimer skips rows another replica is claiming, so
 //!   each due job goes to exactly one replica and claimers never wait for each other.
 //! - **Reader transactions** ([`Store::read`]) are `REPEATABLE READ READ ONLY`: one consistent snapshot (as a
 //!   SQLite read transaction has), no locks, and no serialization failures.
@@ -69,6 +69,9 @@ const MIGRATIONS: [(i64, &str, &str); 4] = [
     (4, "session_minting_key", include_str!("../migrations/postgres/0004_session_minting_key.sql")),
 ];
 
+/// Prepared statements kept per connection (sqlx's default is 100).
+const STATEMENT_CACHE: usize = 400;
+
 /// Connections per replica. Each open transaction holds one.
 const MAX_CONNECTIONS: u32 = 16;
 /// How long a transaction waits for a free connection before the store answers `Unavailable`.
@@ -115,7 +118,9 @@ impl PostgresStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Internal(format!("invalid database URL: {e}")))?
-            .application_name("countersign");
+            .application_name("countersign")
+            // Batches of queued writes vary (which writes, how many audit rows): room to keep them prepared.
+            .statement_cache_capacity(STATEMENT_CACHE);
         if !certificate_verified(&options) {
             tracing::warn!(
                 host = options.get_host(),
@@ -237,13 +242,11 @@ impl Store for PostgresStore {
     }
 
     /// A transaction of its own (one statement) that takes a transaction id, so its commit writes a record
-    /// and, synchronous whatever the server's default, returns once the WAL is flushed up to it: every commit
-    /// before it, deferred ones included, is then on disk.
+    /// and, synchronous as every commit but a deferred one (at the server's level: `on`, `remote_apply`, …),
+    /// returns once the WAL is flushed up to it: every commit before it, deferred ones included, is then on
+    /// disk. (`pg_current_xact_id` needs PostgreSQL 13 or newer.)
     async fn durable(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT set_config('synchronous_commit', 'on', true), pg_current_xact_id()::text")
-            .execute(&self.pool)
-            .await
-            .map_err(map_sqlx)?;
+        sqlx::query("SELECT pg_current_xact_id()::text").execute(&self.pool).await.map_err(map_sqlx)?;
         Ok(())
     }
 
@@ -283,9 +286,12 @@ struct PgTx {
 /// write touches (the audit head a later append locks, the webhooks the delivery fan-out lists); before any
 /// other statement, and before the commit, they go alone. The statement answers how many rows each write
 /// changed, so an update that found no row fails the transaction as it would have alone, and the read runs
-/// after the writes (it is the inner side of a lateral join on their counts), so the lock order stays that
-/// of the calls. The queries of one statement see one snapshot and none sees another's changes (a foreign
-/// key is checked at the statement's end, so a row may refer to one inserted beside it): a write on a table
+/// after the writes (it is the inner side of a lateral join on their counts), so the rows they change are
+/// locked before the read's lock, in the order of the calls. Their foreign keys are checked at the
+/// statement's end, after the read (so a row may refer to one inserted beside it), and each check locks the
+/// row it refers to `FOR KEY SHARE`, which only `FOR UPDATE` would wait for; this store locks rows it reads to
+/// change `FOR NO KEY UPDATE` (it never deletes them or changes their keys), so those late locks wait for no
+/// one. The queries of one statement see one snapshot and none sees another's changes: a write on a table
 /// with a queued write is sent after it, not beside it, unless both insert.
 #[derive(Default)]
 struct Queue {
@@ -408,7 +414,8 @@ impl PgTx {
             let Some(read) = read else { return Ok(Vec::new()) };
             let mut query = sqlx::QueryBuilder::new("");
             read(&mut query);
-            return query.build().fetch_all(&mut *self.tx).await.map_err(map_sqlx);
+            let rows = query.build().fetch_all(&mut *self.tx).await;
+            return self.failing(rows);
         }
         let sql = if writes.is_empty() { sqlx::QueryBuilder::new("WITH ") } else { sql };
         self.send_batch(sql, writes, last, read).await
@@ -455,17 +462,15 @@ impl PgTx {
                 return Err(if audit { audit_write_failed(map_sqlx(e)) } else { map_sqlx(e) });
             }
         };
+        // From here on the writes are in: any error fails the transaction.
+        self.failed = true;
         let Some(counts) = answer.first() else {
-            self.failed = true;
             return Err(StoreError::Internal("a batch of writes answered no row".into()));
         };
         for (i, (_, expect)) in writes.into_iter().enumerate() {
             let n: i64 = get(counts, &format!("cs_w{i}"))?;
             match expect {
-                Expect::One(what) if n != 1 => {
-                    self.failed = true;
-                    return Err(StoreError::Internal(what));
-                }
+                Expect::One(what) if n != 1 => return Err(StoreError::Internal(what)),
                 Expect::Unchanged(what) if n != 1 => return Err(self.went_stale(what)),
                 _ => {}
             }
@@ -473,10 +478,10 @@ impl PgTx {
         if let Some(rows) = rows
             && get::<i64>(counts, "cs_moved")? != 1
         {
-            self.failed = true;
             let org = rows.first().map(|e| e.org_id.to_string()).unwrap_or_default();
             return Err(StoreError::Internal(format!("audit head of org {org} did not move")));
         }
+        self.failed = false;
         Ok(answer)
     }
 
@@ -528,9 +533,9 @@ impl PgTx {
         rows.iter().map(audit_row).collect()
     }
 
-    /// `sql` as is in a reader; with `FOR UPDATE` appended in a writer.
+    /// `sql` as is in a reader; with `FOR NO KEY UPDATE` appended in a writer.
     fn locking(&self, sql: &'static str) -> PgQuery<'static> {
-        if self.writer { sqlx::query(AssertSqlSafe(format!("{sql} FOR UPDATE"))) } else { sqlx::query(sql) }
+        if self.writer { sqlx::query(AssertSqlSafe(format!("{sql} FOR NO KEY UPDATE"))) } else { sqlx::query(sql) }
     }
 
     /// A conditional write found no row as expected: it and everything after it fail.
@@ -541,12 +546,23 @@ impl PgTx {
 
     async fn fetch_all(&mut self, query: PgQuery<'_>) -> Result<Vec<PgRow>, StoreError> {
         self.send().await?;
-        query.fetch_all(&mut *self.tx).await.map_err(map_sqlx)
+        let rows = query.fetch_all(&mut *self.tx).await;
+        self.failing(rows)
     }
 
     async fn fetch_optional(&mut self, query: PgQuery<'_>) -> Result<Option<PgRow>, StoreError> {
         self.send().await?;
-        query.fetch_optional(&mut *self.tx).await.map_err(map_sqlx)
+        let row = query.fetch_optional(&mut *self.tx).await;
+        self.failing(row)
+    }
+
+    /// A statement's result: an error fails the transaction for good (see `failed`), so that a caller that
+    /// carried on past it cannot commit.
+    fn failing<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, StoreError> {
+        result.map_err(|e| {
+            self.failed = true;
+            map_sqlx(e)
+        })
     }
 
     async fn fetch_count(&mut self, query: PgQuery<'_>) -> Result<i64, StoreError> {
@@ -556,7 +572,8 @@ impl PgTx {
 
     async fn execute(&mut self, query: PgQuery<'_>) -> Result<u64, StoreError> {
         self.send().await?;
-        query.execute(&mut *self.tx).await.map(|r| r.rows_affected()).map_err(map_sqlx)
+        let done = query.execute(&mut *self.tx).await;
+        self.failing(done).map(|r| r.rows_affected())
     }
 
     /// Maps approval rows and attaches their decisions, fetched in one query.
@@ -1231,13 +1248,15 @@ impl StoreTx for PgTx {
         {
             return Ok(self.seal(org, seq, &hash, event));
         }
-        const LOCK_HEAD: &str = "SELECT seq, hash FROM audit_heads WHERE org_id = $1 FOR UPDATE";
+        const LOCK_HEAD: &str = "SELECT seq, hash FROM audit_heads WHERE org_id = $1 FOR NO KEY UPDATE";
         // No write is queued on audit_heads (the audit rows move it, in the statement itself before the read):
         // the lock goes with the queued writes, after them.
         let owner = org.as_str().to_owned();
         let rows = self
             .send_with(Some(|sql: &mut sqlx::QueryBuilder<Postgres>| {
-                sql.push("SELECT seq, hash FROM audit_heads WHERE org_id = ").push_bind(owner).push(" FOR UPDATE");
+                sql.push("SELECT seq, hash FROM audit_heads WHERE org_id = ")
+                    .push_bind(owner)
+                    .push(" FOR NO KEY UPDATE");
             }))
             .await?;
         let mut head = rows.into_iter().find(|row| matches!(get::<Option<i64>>(row, "seq"), Ok(Some(_))));
@@ -1451,9 +1470,10 @@ impl StoreTx for PgTx {
         // Due queued jobs first, then jobs whose lease ran out; each probe walks its own partial index
         // (`jobs_due`, `jobs_leased`) instead of one OR that would look at every running job.
         for probe in [
-            "SELECT id FROM jobs WHERE state = 'queued' AND run_at <= $1 ORDER BY run_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+            "SELECT id FROM jobs WHERE state = 'queued' AND run_at <= $1 ORDER BY run_at LIMIT 1
+             FOR NO KEY UPDATE SKIP LOCKED",
             "SELECT id FROM jobs WHERE state = 'running' AND lease_until <= $1 ORDER BY lease_until LIMIT 1
-             FOR UPDATE SKIP LOCKED",
+             FOR NO KEY UPDATE SKIP LOCKED",
         ] {
             let row = self
                 .fetch_optional(

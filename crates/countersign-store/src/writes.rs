@@ -57,12 +57,16 @@ where
     if let Some(first) = pieces.next() {
         query.push(first);
     }
-    for (value, piece) in write.values.into_iter().zip(pieces) {
+    for (value, piece) in write.values.into_iter().zip(pieces.by_ref()) {
         match value {
             Value::Text(text) => query.push_bind(text),
             Value::Int(int) => query.push_bind(int),
         };
         query.push(piece);
+    }
+    // A statement with more `?`s than values stays whole, and then fails for the values it lacks.
+    for piece in pieces {
+        query.push("?").push(piece);
     }
 }
 
@@ -239,5 +243,82 @@ pub fn insert_delivery(d: &Delivery) -> Write {
             int(to_us(d.created_at)),
         ],
         expect: Expect::Insert,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use countersign_core::capability::Capability;
+    use countersign_core::domain::{Action, Delivery, Job, JobKind};
+    use countersign_core::ids::{ActionId, AgentId, DeliveryId, JobId, OrgId, WebhookId};
+    use countersign_core::state::{ActionState, JobState};
+    use countersign_core::store::JobEnd;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn every_write_binds_a_value_for_each_placeholder() {
+        let now = chrono::Utc::now();
+        let org = OrgId::new();
+        let job = Job::new(org.clone(), JobKind::ActionExecute, None, json!({}), now);
+        let action = Action {
+            id: ActionId::new(),
+            org_id: org.clone(),
+            agent_id: AgentId::new(),
+            agent_name: "a".into(),
+            session_id: None,
+            capability: Capability::parse("email.send.message").unwrap(),
+            params: json!({}),
+            reasoning: String::new(),
+            target: None,
+            idempotency_key: None,
+            state: ActionState::Executing,
+            verdict: None,
+            approval_id: None,
+            result: None,
+            error: None,
+            request_hash: String::new(),
+            created_at: now,
+            decided_at: None,
+            started_at: None,
+            finished_at: None,
+            job_id: None,
+        };
+        let end = JobEnd {
+            org_id: org.clone(),
+            id: JobId::new(),
+            state: JobState::Succeeded,
+            started_at: None,
+            finished_at: now,
+            result: None,
+            error: None,
+        };
+        let delivery = Delivery {
+            id: DeliveryId::new(),
+            org_id: org,
+            webhook_id: WebhookId::new(),
+            job_id: job.id.clone(),
+            event_id: "evt".into(),
+            event_type: "action.failed".into(),
+            attempt: 1,
+            status: None,
+            latency_ms: 0,
+            error: None,
+            created_at: now,
+        };
+        let writes = [
+            insert_action(&action).unwrap(),
+            update_action(&action).unwrap(),
+            end_action(&action, ActionState::Executing).unwrap(),
+            insert_job(&job).unwrap(),
+            update_job(&job).unwrap(),
+            end_queued_job(&end).unwrap(),
+            insert_delivery(&delivery),
+        ];
+        for write in writes {
+            assert_eq!(write.sql.matches('?').count(), write.values.len(), "{}", write.sql);
+        }
     }
 }
