@@ -270,8 +270,8 @@ struct PgTx {
     stale: Option<String>,
     /// Writes not sent yet (see [`Queue`]).
     queue: Queue,
-    /// A statement sending queued writes or audit events failed: every later statement and the commit fail
-    /// too (PostgreSQL's `COMMIT` of a failed transaction rolls back without an error).
+    /// A statement failed (PostgreSQL then aborts the transaction): every later statement and the commit fail
+    /// too, since PostgreSQL's `COMMIT` of an aborted transaction rolls back without an error.
     failed: bool,
     /// The commit returns before its WAL is flushed ([`StoreTx::defer_sync`]).
     defer: bool,
@@ -397,7 +397,7 @@ impl PgTx {
         }
         if self.failed {
             return Err(StoreError::Internal(
-                "an earlier write of this transaction failed, so it can only roll back".into(),
+                "an earlier statement of this transaction failed, so it can only roll back".into(),
             ));
         }
         let pending = std::mem::take(&mut self.pending_audit);
