@@ -34,7 +34,8 @@
 //! `rows`; this module holds no business rules.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use countersign_core::audit::{AuditEvent, GENESIS_HASH, NewAuditEvent};
@@ -88,13 +89,53 @@ pub struct PostgresStore {
     pool: PgPool,
     /// Kept to open the replica feed's own connection; holds the password, so it is left out of `Debug`.
     options: PgConnectOptions,
+    /// Set when a connection from the pool turned out dead (see [`PING_IDLE`]).
+    lost: ConnectionLost,
 }
 
 /// A connection idle for this long or longer is pinged before the pool hands it out. sqlx pings every
 /// connection as it returns to the pool, and by default again as it leaves it: a round trip before every
 /// transaction. A connection back for less than this was alive a moment ago; one idle longer may have been
-/// dropped by the server or by something on the way (then the ping fails and the pool opens another).
+/// dropped by the server or by something on the way (then the ping fails and the pool opens another). When a
+/// `BEGIN` nonetheless meets a dead connection (the server restarted or failed over within that second), the
+/// others may be dead too: for [`PING_ALL_AFTER_LOSS`] every connection is pinged before it is handed out,
+/// and the `BEGIN` is tried once more.
 const PING_IDLE: Duration = Duration::from_secs(1);
+
+/// See [`PING_IDLE`].
+const PING_ALL_AFTER_LOSS: Duration = Duration::from_secs(5);
+
+/// When a connection from the pool was last found dead (see [`PING_IDLE`]).
+#[derive(Clone, Default)]
+struct ConnectionLost(Arc<Mutex<Option<Instant>>>);
+
+impl ConnectionLost {
+    fn now(&self) {
+        if let Ok(mut at) = self.0.lock() {
+            *at = Some(Instant::now());
+        }
+    }
+
+    /// Whether a connection idle for `idle_for` is pinged before it is handed out.
+    fn ping(&self, idle_for: Duration) -> bool {
+        let lately = match self.0.lock() {
+            Ok(at) => at.is_some_and(|at| at.elapsed() < PING_ALL_AFTER_LOSS),
+            Err(_) => true,
+        };
+        lately || idle_for >= PING_IDLE
+    }
+}
+
+/// An error that says the connection itself is gone (closed, reset, or ended by the server), not that the
+/// statement failed.
+fn connection_gone(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        // Class 08: connection exception; 57P01/57P02: the server ended the session (shutdown, crash).
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P02"),
+        _ => false,
+    }
+}
 
 /// Whether a connection made with `options` checks the server's certificate and name (`verify-full`), or
 /// needs no TLS (a Unix socket, or the loopback interface, which never leaves the machine).
@@ -129,12 +170,14 @@ impl PostgresStore {
                  sign it) to the database URL"
             );
         }
+        let lost = ConnectionLost::default();
+        let hook = lost.clone();
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                let ping = meta.idle_for >= PING_IDLE;
+            .before_acquire(move |conn, meta| {
+                let ping = hook.ping(meta.idle_for);
                 Box::pin(async move {
                     if ping {
                         sqlx::Connection::ping(conn).await?;
@@ -146,7 +189,20 @@ impl PostgresStore {
             .await
             .map_err(map_sqlx)?;
         migrator(&MIGRATIONS).run(&pool).await.map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
-        Ok(PostgresStore { pool, options })
+        Ok(PostgresStore { pool, options, lost })
+    }
+
+    /// A transaction begun with `begin` (see [`PING_IDLE`] for the second try).
+    async fn begin(&self, begin: &'static str) -> Result<Transaction<'static, Postgres>, StoreError> {
+        match self.pool.begin_with(begin).await {
+            Ok(tx) => Ok(tx),
+            Err(e) if connection_gone(&e) => {
+                tracing::info!(error = %e, "a pooled connection was gone; pinging the others and beginning again");
+                self.lost.now();
+                self.pool.begin_with(begin).await.map_err(map_sqlx)
+            }
+            Err(e) => Err(map_sqlx(e)),
+        }
     }
 
     /// The connection pool, for what the `Store` trait does not cover.
@@ -227,12 +283,12 @@ impl ReplicaFeed {
 #[async_trait::async_trait]
 impl Store for PostgresStore {
     async fn write(&self) -> Result<Box<dyn StoreTx>, StoreError> {
-        let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await.map_err(map_sqlx)?;
+        let tx = self.begin("BEGIN ISOLATION LEVEL READ COMMITTED").await?;
         Ok(Box::new(PgTx::new(tx, true)))
     }
 
     async fn read(&self) -> Result<Box<dyn StoreTx>, StoreError> {
-        let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(map_sqlx)?;
+        let tx = self.begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
         Ok(Box::new(PgTx::new(tx, false)))
     }
 

@@ -1614,6 +1614,44 @@ mod checks {
     }
 }
 
+/// PostgreSQL ends every session of the store's pool (as a restart or a failover does) while they sit
+/// idle, a moment after their last use, so the pool's idle check would not ping them: the next transactions
+/// still begin, on new connections, instead of failing on a dead one. Skipped without a server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_transactions_begin_on_a_live_connection_after_the_server_ended_the_pooled_ones() {
+    let Ok(url) = std::env::var(PG_URL_VAR) else {
+        eprintln!("{PG_URL_VAR} is not set, so this PostgreSQL test is skipped");
+        return;
+    };
+    let b = Backend::postgres(&url).await;
+    // Several connections in the pool, all idle.
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut tx = b.store.write().await.unwrap();
+        tx.count_orgs().await.unwrap();
+        open.push(tx);
+    }
+    for tx in open {
+        tx.commit().await.unwrap();
+    }
+    let mut admin = sqlx::PgConnection::connect(b.url.as_deref().unwrap()).await.unwrap();
+    let ended: i64 = sqlx::query_scalar(
+        "WITH others AS MATERIALIZED (
+            SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid())
+         SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM others",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(ended >= 4, "ended {ended} sessions");
+    let (o, _, _) = seed(&b, "after").await;
+    let mut tx = b.store.read().await.unwrap();
+    assert_eq!(tx.get_org(&o.id).await.unwrap().map(|org| org.id), Some(o.id.clone()));
+    drop(tx);
+    admin.close().await.unwrap();
+    b.finish().await;
+}
+
 /// PostgreSQL over TLS with the server's certificate checked: with `sslmode=verify-full` and the CA that
 /// `scripts/with-postgres` made, the store connects, migrates and works, and the server reports the
 /// connection encrypted; trusting an unrelated CA instead, the store refuses to connect, naming the
