@@ -56,10 +56,10 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions, P
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
 
 use crate::rows::{
-    Cols, action_row, agent_row, approval_row, audit_row, audit_write_failed, checkpoint_row, corrupt,
-    dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator,
-    opt_from_us, opt_us, org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending,
-    session_row, to_json, to_us, user_row, webhook_row,
+    Cols, action_row, agent_row, approval_row, audit_row, batch_error, checkpoint_row, corrupt, dashboard_session_row,
+    decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator, opt_from_us, opt_us,
+    org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending, session_row, to_json, to_us,
+    user_row, webhook_row,
 };
 use crate::writes::{self, Expect, Write, push_write};
 
@@ -110,7 +110,7 @@ const PING_ALL_AFTER_LOSS: Duration = Duration::from_secs(5);
 struct ConnectionLost(Arc<Mutex<Option<Instant>>>);
 
 impl ConnectionLost {
-    fn now(&self) {
+    fn noticed(&self) {
         if let Ok(mut at) = self.0.lock() {
             *at = Some(Instant::now());
         }
@@ -198,7 +198,7 @@ impl PostgresStore {
             Ok(tx) => Ok(tx),
             Err(e) if connection_gone(&e) => {
                 tracing::info!(error = %e, "a pooled connection was gone; pinging the others and beginning again");
-                self.lost.now();
+                self.lost.noticed();
                 self.pool.begin_with(begin).await.map_err(map_sqlx)
             }
             Err(e) => Err(map_sqlx(e)),
@@ -411,17 +411,16 @@ impl PgTx {
 
     /// Queues `write` (see [`Queue`]), first sending the queue if it holds a write on the same table that
     /// this one must follow.
-    async fn queue(&mut self, mut write: Write) -> Result<(), StoreError> {
-        let insert = matches!(write.expect, Expect::Insert);
-        let follows = |(table, expect): &(Option<&str>, Expect)| {
-            *table == Some(write.table) && !(insert && matches!(expect, Expect::Insert))
+    async fn queue(&mut self, Write { table, sql, values, expect }: Write) -> Result<(), StoreError> {
+        let insert = matches!(expect, Expect::Insert);
+        let follows = |(queued, queued_expect): &(Option<&str>, Expect)| {
+            *queued == Some(table) && !(insert && matches!(queued_expect, Expect::Insert))
         };
         if self.queue.writes.len() >= MAX_QUEUED_WRITES || self.queue.writes.iter().any(follows) {
             self.send().await?;
         }
-        let expect = std::mem::replace(&mut write.expect, Expect::Insert);
-        self.start_write(Some(write.table), expect);
-        push_write(&mut self.queue.sql, write);
+        self.start_write(Some(table), expect);
+        push_write(&mut self.queue.sql, sql, values);
         self.queue.sql.push(" RETURNING 1), ");
         Ok(())
     }
@@ -508,37 +507,17 @@ impl PgTx {
             read(&mut sql);
             sql.push(") AS cs_read ON true");
         }
-        let answer = match sql.build().fetch_all(&mut *self.tx).await {
-            Ok(answer) => answer,
-            Err(e) => {
-                self.failed = true;
-                // Named as an audit failure when the audit rows met it, so a caller's mapping of a conflict on
-                // its own row never misreads it.
-                let audit = matches!(&e, sqlx::Error::Database(db) if db.message().contains("audit_"));
-                return Err(if audit { audit_write_failed(map_sqlx(e)) } else { map_sqlx(e) });
-            }
-        };
-        // From here on the writes are in: any error fails the transaction.
-        self.failed = true;
-        let Some(counts) = answer.first() else {
-            return Err(StoreError::Internal("a batch of writes answered no row".into()));
-        };
-        for (i, (_, expect)) in writes.into_iter().enumerate() {
-            let n: i64 = get(counts, &format!("cs_w{i}"))?;
-            match expect {
-                Expect::One(what) if n != 1 => return Err(StoreError::Internal(what)),
-                Expect::Unchanged(what) if n != 1 => return Err(self.went_stale(what)),
-                _ => {}
-            }
+        let answer = sql.build().fetch_all(&mut *self.tx).await.map_err(batch_error);
+        // Any error, the statement's or a count's, fails the transaction for good (a stale count: as stale).
+        let checked = answer.and_then(|answer| match counts_hold(answer.first(), writes, rows) {
+            Ok(()) => Ok(answer),
+            Err(CountFailed::Stale(what)) => Err(self.went_stale(what)),
+            Err(CountFailed::Other(e)) => Err(e),
+        });
+        if checked.is_err() && self.stale.is_none() {
+            self.failed = true;
         }
-        if let Some(rows) = rows
-            && get::<i64>(counts, "cs_moved")? != 1
-        {
-            let org = rows.first().map(|e| e.org_id.to_string()).unwrap_or_default();
-            return Err(StoreError::Internal(format!("audit head of org {org} did not move")));
-        }
-        self.failed = false;
-        Ok(answer)
+        checked
     }
 
     /// Audit events matching `filter`: oldest first after `seq`, or (`newest`) newest first before it.
@@ -661,6 +640,39 @@ impl PgTx {
     async fn one_approval(&mut self, row: Option<PgRow>) -> Result<Option<Approval>, StoreError> {
         Ok(self.approvals_with_decisions(row.into_iter().collect()).await?.pop())
     }
+}
+
+/// Why a batch's counts do not hold.
+enum CountFailed {
+    /// A conditional update found its row changed.
+    Stale(String),
+    Other(StoreError),
+}
+
+/// Checks a batch's counts (see [`PgTx::send_batch`]): each queued write's against what it expects, and
+/// that the audit `rows`, if any, moved their org's head.
+fn counts_hold(
+    counts: Option<&PgRow>,
+    writes: Vec<(Option<&'static str>, Expect)>,
+    rows: Option<&[AuditEvent]>,
+) -> Result<(), CountFailed> {
+    let other = CountFailed::Other;
+    let counts = counts.ok_or_else(|| other(StoreError::Internal("a batch of writes answered no row".into())))?;
+    for (i, (_, expect)) in writes.into_iter().enumerate() {
+        let n: i64 = get(counts, &format!("cs_w{i}")).map_err(other)?;
+        match expect {
+            Expect::One(what) if n != 1 => return Err(other(StoreError::Internal(what))),
+            Expect::Unchanged(what) if n != 1 => return Err(CountFailed::Stale(what)),
+            _ => {}
+        }
+    }
+    if let Some(rows) = rows
+        && get::<i64>(counts, "cs_moved").map_err(other)? != 1
+    {
+        let org = rows.first().map(|e| e.org_id.to_string()).unwrap_or_default();
+        return Err(other(StoreError::Internal(format!("audit head of org {org} did not move"))));
+    }
+    Ok(())
 }
 
 /// Retention's end: the seq before the first event at or after the cutoff, else the head. Event times do

@@ -57,7 +57,7 @@ pub fn seal_pending(
 
 /// A failure to write a transaction's sealed audit events, named as such whichever statement met it (so a
 /// caller's mapping of, say, a uniqueness conflict on its own row never misreads it).
-pub fn audit_write_failed(e: StoreError) -> StoreError {
+fn audit_write_failed(e: StoreError) -> StoreError {
     match e {
         StoreError::Conflict(m) | StoreError::Internal(m) => {
             StoreError::Internal(format!("writing the audit events failed: {m}"))
@@ -91,6 +91,13 @@ where
             .push_bind(event.hash.clone());
     });
     Ok(())
+}
+
+/// The error of a statement that carried a transaction's sealed audit rows: named as an audit failure when the
+/// audit rows met it, so a caller's mapping of a conflict on its own row never misreads it.
+pub fn batch_error(e: sqlx::Error) -> StoreError {
+    let audit = matches!(&e, sqlx::Error::Database(db) if db.message().contains("audit_"));
+    if audit { audit_write_failed(map_sqlx(e)) } else { map_sqlx(e) }
 }
 
 /// The deepest stored JSON read back past serde_json's nesting limit (128). A request body the gateway

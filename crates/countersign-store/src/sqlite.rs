@@ -44,10 +44,10 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, ConnectOptions, Execute, Row, Sqlite, SqlitePool, Transaction};
 
 use crate::rows::{
-    Cols, action_row, agent_row, approval_row, audit_row, audit_write_failed, checkpoint_row, corrupt,
-    dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator,
-    opt_from_us, opt_us, org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending,
-    session_row, to_json, to_us, user_row, webhook_row,
+    Cols, action_row, agent_row, approval_row, audit_row, batch_error, checkpoint_row, corrupt, dashboard_session_row,
+    decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator, opt_from_us, opt_us,
+    org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending, session_row, to_json, to_us,
+    user_row, webhook_row,
 };
 use crate::writes::{self, Expect, Write, push_write};
 
@@ -866,8 +866,8 @@ impl SqliteTx {
     /// Queues one write (see [`Batch`]), and after an update the check of its count of changed rows: on the
     /// writer, whose connection has the check views ([`EXPECT_ONE`]); read transactions do not write. A
     /// conditional update that changed no row fails with [`StoreError::Stale`].
-    fn queue(&mut self, write: Write) {
-        let check = match write.expect {
+    fn queue(&mut self, Write { sql, values, expect, .. }: Write) {
+        let check = match expect {
             Expect::Insert => {
                 self.inserts = true;
                 None
@@ -876,7 +876,7 @@ impl SqliteTx {
             Expect::Unchanged(_) => Some("INSERT INTO expect_unchanged VALUES (changes());\n"),
         };
         self.batch.writes += 1;
-        push_write(&mut self.batch.sql, write);
+        push_write(&mut self.batch.sql, sql, values);
         self.batch.sql.push(";\n");
         if let (Some(check), TxConn::Write(..)) = (check, &self.conn) {
             self.batch.sql.push(check);
@@ -947,10 +947,7 @@ impl SqliteTx {
                 if let Some(memo) = self.memo_mut() {
                     memo.heads.clear();
                 }
-                // Named as an audit failure when the audit rows met it, so a caller's mapping of a conflict
-                // on its own row never misreads it.
-                let audit = matches!(&e, sqlx::Error::Database(db) if db.message().contains("audit_events"));
-                Err(if audit { audit_write_failed(map_sqlx(e)) } else { map_sqlx(e) })
+                Err(batch_error(e))
             }
         }
     }

@@ -28,9 +28,9 @@ pub enum Expect {
     /// An insert, which fails on its own when it cannot insert.
     Insert,
     /// An update of a row the transaction knows is there: one row, or it fails with `StoreError::Internal`
-    /// saying this.
+    /// saying this (on PostgreSQL; SQLite's check raises a message of its own).
     One(String),
-    /// A conditional update: one row, or it fails with [`StoreError::Stale`] saying this.
+    /// A conditional update: one row, or it fails with [`StoreError::Stale`] saying this (on PostgreSQL).
     Unchanged(String),
 }
 
@@ -46,18 +46,18 @@ fn int(value: impl Into<i64>) -> Value {
     Value::Int(Some(value.into()))
 }
 
-/// Pushes `write` onto `query`: its statement with its values bound in place of the `?`s.
-pub fn push_write<DB>(query: &mut sqlx::QueryBuilder<DB>, write: Write)
+/// Pushes a write's statement `sql` onto `query`, with `values` bound in place of its `?`s.
+pub fn push_write<DB>(query: &mut sqlx::QueryBuilder<DB>, sql: &str, values: Vec<Value>)
 where
     DB: sqlx::Database,
     for<'t> Option<String>: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
     for<'t> Option<i64>: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
 {
-    let mut pieces = write.sql.split('?');
+    let mut pieces = sql.split('?');
     if let Some(first) = pieces.next() {
         query.push(first);
     }
-    for (value, piece) in write.values.into_iter().zip(pieces.by_ref()) {
+    for (value, piece) in values.into_iter().zip(pieces.by_ref()) {
         match value {
             Value::Text(text) => query.push_bind(text),
             Value::Int(int) => query.push_bind(int),
