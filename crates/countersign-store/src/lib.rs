@@ -8,6 +8,7 @@
 pub mod postgres;
 mod rows;
 pub mod sqlite;
+mod stmt;
 mod writes;
 
 pub use postgres::{CHANGES_CHANNEL, PostgresStore, ReplicaFeed};

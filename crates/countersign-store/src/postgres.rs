@@ -56,10 +56,10 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions, P
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
 
 use crate::rows::{
-    Cols, action_row, agent_row, approval_row, audit_row, batch_error, checkpoint_row, corrupt, dashboard_session_row,
-    decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator, opt_from_us, opt_us,
-    org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending, session_row, to_json, to_us,
-    user_row, webhook_row,
+    Cols, action_row, agent_row, approval_row, audit_row, audit_rows, batch_error, checkpoint_row, corrupt,
+    dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator,
+    opt_from_us, opt_us, org_row, policy_row, retention_row, revoked_sessions, seal_pending, session_row, to_json,
+    to_us, user_row, webhook_row,
 };
 use crate::writes::{self, Expect, Write, push_write};
 
@@ -487,7 +487,8 @@ impl PgTx {
     ) -> Result<Vec<PgRow>, StoreError> {
         if let Some(rows) = rows {
             sql.push("cs_appended AS (");
-            push_audit_rows(&mut sql, rows).inspect_err(|_| self.failed = true)?;
+            let (insert, values) = audit_rows(rows).inspect_err(|_| self.failed = true)?;
+            push_write(&mut sql, &insert, values);
             sql.push(
                 " RETURNING org_id, seq, hash),
                  cs_last AS (SELECT org_id, seq, hash FROM cs_appended ORDER BY seq DESC LIMIT 1),

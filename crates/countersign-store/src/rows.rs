@@ -20,6 +20,8 @@ use countersign_core::store::{Page, Retention, StoreError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::writes::Value;
+
 pub fn to_us(time: DateTime<Utc>) -> i64 {
     time.timestamp_micros()
 }
@@ -41,7 +43,7 @@ pub fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
 }
 
 /// Seals `event` after the head (seq, hash) a write transaction holds and queues it for that transaction's
-/// next multi-row insert ([`push_audit_rows`]); the caller keeps the sealed event as its new head. Both
+/// next multi-row insert ([`audit_rows`]); the caller keeps the sealed event as its new head. Both
 /// backends seal this way.
 pub fn seal_pending(
     pending: &mut Vec<AuditEvent>,
@@ -57,7 +59,7 @@ pub fn seal_pending(
 
 /// A failure to write a transaction's sealed audit events, named as such whichever statement met it (so a
 /// caller's mapping of, say, a uniqueness conflict on its own row never misreads it).
-fn audit_write_failed(e: StoreError) -> StoreError {
+pub fn audit_write_failed(e: StoreError) -> StoreError {
     match e {
         StoreError::Conflict(m) | StoreError::Internal(m) => {
             StoreError::Internal(format!("writing the audit events failed: {m}"))
@@ -66,31 +68,30 @@ fn audit_write_failed(e: StoreError) -> StoreError {
     }
 }
 
-/// Appends `INSERT INTO audit_events (…) VALUES (…), (…)` with every row's values bound to `query`: how both
-/// backends write the audit events a transaction sealed, in one statement (the caller keeps `rows` under the
-/// backend's limit on bound values and may append to the statement).
-pub fn push_audit_rows<DB>(query: &mut sqlx::QueryBuilder<DB>, rows: &[AuditEvent]) -> Result<(), StoreError>
-where
-    DB: sqlx::Database,
-    for<'t> String: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
-    for<'t> Option<String>: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
-    for<'t> i64: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
-{
-    let encoded = rows.iter().map(|e| Ok((to_json(&e.actor)?, to_json(&e.data)?))).collect::<Result<Vec<_>, _>>()?;
-    query.push("INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash, hash) ");
-    query.push_values(rows.iter().zip(encoded), |mut row, (event, (actor, data))| {
-        row.push_bind(event.org_id.as_str().to_owned())
-            .push_bind(event.seq)
-            .push_bind(event.id.as_str().to_owned())
-            .push_bind(event.time_us)
-            .push_bind(actor)
-            .push_bind(event.action.clone())
-            .push_bind(event.subject.clone())
-            .push_bind(data)
-            .push_bind(event.prev_hash.clone())
-            .push_bind(event.hash.clone());
-    });
-    Ok(())
+/// `INSERT INTO audit_events (…) VALUES (…), (…)` with a `?` for each of every row's values, and the values:
+/// how both backends write the audit events a transaction sealed, in one statement (the caller keeps `rows`
+/// under the backend's limit on bound values).
+pub fn audit_rows(rows: &[AuditEvent]) -> Result<(String, Vec<Value>), StoreError> {
+    let mut sql = String::from(
+        "INSERT INTO audit_events (org_id, seq, id, time_us, actor, action, subject, data, prev_hash, hash) VALUES ",
+    );
+    let mut values = Vec::with_capacity(rows.len() * 10);
+    for (i, event) in rows.iter().enumerate() {
+        sql.push_str(if i == 0 { "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" });
+        values.extend([
+            Value::Text(Some(event.org_id.as_str().to_owned())),
+            Value::Int(Some(event.seq)),
+            Value::Text(Some(event.id.as_str().to_owned())),
+            Value::Int(Some(event.time_us)),
+            Value::Text(Some(to_json(&event.actor)?)),
+            Value::Text(Some(event.action.clone())),
+            Value::Text(event.subject.clone()),
+            Value::Text(Some(to_json(&event.data)?)),
+            Value::Text(Some(event.prev_hash.clone())),
+            Value::Text(Some(event.hash.clone())),
+        ]);
+    }
+    Ok((sql, values))
 }
 
 /// The error of a statement that carried a transaction's sealed audit rows: named as an audit failure when the
@@ -179,10 +180,6 @@ pub fn map_sqlx(error: sqlx::Error) -> StoreError {
             } else {
                 StoreError::Internal(format!("{} ({code})", db.message()))
             }
-        }
-        // SQLite's check after a conditional update (`expect_unchanged` in sqlite.rs raises this text).
-        sqlx::Error::Database(db) if db.message().starts_with("stale row:") => {
-            StoreError::Stale(db.message().to_owned())
         }
         sqlx::Error::Database(db) if db.message().contains("locked") || db.message().contains("busy") => {
             StoreError::Unavailable(db.message().to_owned())

@@ -4,11 +4,12 @@
 //! meeting SQLite's busy handler, which sleeps in steps of milliseconds; reads use a pool of their own and never
 //! wait for a writer (WAL). Write transactions still start with `BEGIN IMMEDIATE`, so a second process on the
 //! same file cannot upgrade a lock under us and the audit chain's head cannot move between reading it and
-//! appending after it. Each statement is a round trip to the connection's thread, so a write transaction sends
-//! its `BEGIN` with its first statement, queues its inserts, updates and audit rows, and sends them with the next
-//! statement that needs them or with its `COMMIT` (see [`Batch`]): a proxied model call's two transactions take
-//! three round trips, where they took twelve. Commits are group-committed: a commit returns once an `fdatasync`
-//! of the WAL that began after it has finished, and one sync serves every writer queued behind it (see
+//! appending after it. The writer is driven by rusqlite on the calling thread, the readers by sqlx's pool (a
+//! thread per connection): a round trip to such a thread costs two thread wake-ups, more than most statements
+//! take, and the writer runs every statement of every write transaction. A write transaction queues its inserts,
+//! updates and audit rows and runs them with the next statement that needs them or before its `COMMIT` (see
+//! [`Batch`]). Commits are group-committed: a commit returns once an `fdatasync` of the WAL that began after it
+//! has finished, and one sync serves every writer queued behind it (see
 //! [`Durability`]). The writer does not checkpoint the WAL on commit (`wal_autocheckpoint = 0`): a background
 //! checkpoint runs once writes pause, or after [`CHECKPOINT_BOUND`] commits if they never do. Passive passes on a
 //! reader connection copy the log into the database file while writers go on, and a last one, in the writer's
@@ -37,19 +38,17 @@ use countersign_core::store::{
     ActionFilter, AuditFilter, AuditHead, JobEnd, JobFilter, Page, PendingDeadline, Retention, Store, StoreError,
     StoreTx,
 };
-use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{AssertSqlSafe, ConnectOptions, Execute, Row, Sqlite, SqlitePool, Transaction};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection as _, Sqlite, SqlitePool, Transaction};
 
 use crate::rows::{
-    Cols, action_row, agent_row, approval_row, audit_row, batch_error, checkpoint_row, corrupt, dashboard_session_row,
-    decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator, opt_from_us, opt_us,
-    org_row, policy_row, push_audit_rows, retention_row, revoked_sessions, seal_pending, session_row, to_json, to_us,
-    user_row, webhook_row,
+    action_row, agent_row, approval_row, audit_row, audit_rows, audit_write_failed, checkpoint_row, corrupt,
+    dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator,
+    opt_from_us, opt_us, org_row, policy_row, retention_row, revoked_sessions, seal_pending, session_row, to_json,
+    to_us, user_row, webhook_row,
 };
-use crate::writes::{self, Expect, Write, push_write};
+use crate::stmt::{Row, Stmt, is_constraint, is_io, map_lite, q};
+use crate::writes::{self, Expect, Write};
 
 const MIGRATIONS: [(i64, &str, &str); 5] = [
     (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
@@ -107,29 +106,33 @@ pub struct SqliteStore {
 /// from before its `BEGIN` until its commit has updated the memo (or, failing, emptied it, since what is on
 /// disk is then not known): no writer ever reads what another has not finished committing, and the
 /// connection is never shared.
-#[derive(Debug)]
 struct Writer {
-    /// Held for the store's life, outside any pool: a pool pings a connection on its own thread each time it
-    /// comes back, a round trip per transaction.
-    conn: SqliteConnection,
+    /// Held for the store's life, outside any pool, and driven by rusqlite on the calling thread: sqlx runs
+    /// each connection on a thread of its own, and a statement's round trip there (two thread wake-ups, 60 to
+    /// 120 µs on the 2-vCPU machine the benchmarks run on) cost more than the statement itself.
+    conn: rusqlite::Connection,
     /// A transaction was begun on `conn` and not yet committed or rolled back. A write transaction dropped
-    /// or cancelled midway leaves one; it is rolled back in the background, and whoever takes the writer next
-    /// rolls it back first if that has not happened yet.
+    /// or cancelled midway leaves one, which its [`WriterTurn`] rolls back as it goes (or, if that fails,
+    /// whoever takes the writer next).
     open: bool,
     memo: WriterMemo,
 }
 
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("open", &self.open).finish_non_exhaustive()
+    }
+}
+
 impl Writer {
     /// Rolls back the transaction left open, if any.
-    async fn settle(&mut self) -> Result<(), StoreError> {
+    fn settle(&mut self) -> Result<(), StoreError> {
         if !self.open {
             return Ok(());
         }
-        match sqlx::query("ROLLBACK").execute(&mut self.conn).await {
-            Ok(_) => {}
-            // SQLite ended it already (a COMMIT that failed, or a BEGIN that never ran).
-            Err(sqlx::Error::Database(e)) if e.message().contains("no transaction is active") => {}
-            Err(e) => return Err(map_sqlx(e)),
+        // Without a transaction (a COMMIT that failed, or a BEGIN that never ran) SQLite has ended it already.
+        if !self.conn.is_autocommit() {
+            self.conn.execute_batch("ROLLBACK").map_err(map_lite)?;
         }
         self.open = false;
         Ok(())
@@ -137,22 +140,14 @@ impl Writer {
 }
 
 /// A write transaction's hold on the [`Writer`]. Dropped with a transaction open (an error, or a caller
-/// that went away), it has the transaction rolled back in the background.
+/// that went away), it rolls the transaction back.
 struct WriterTurn(tokio::sync::OwnedMutexGuard<Writer>);
 
 impl Drop for WriterTurn {
     fn drop(&mut self) {
-        if !self.0.open {
-            return;
-        }
-        let writer = Arc::clone(tokio::sync::OwnedMutexGuard::mutex(&self.0));
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(e) = writer.lock().await.settle().await {
-                    let why = "rolling back an abandoned write transaction failed; the next writer tries again";
-                    tracing::warn!(error = %e, "{why}");
-                }
-            });
+        if let Err(e) = self.0.settle() {
+            let why = "rolling back an abandoned write transaction failed; the next writer tries again";
+            tracing::warn!(error = %e, "{why}");
         }
     }
 }
@@ -204,9 +199,9 @@ struct WriterMemo {
 /// A commit is reported (unless it [`StoreTx::defer_sync`]s) only once the WAL is on disk up to it, in one of two
 /// ways, chosen as its transaction begins:
 /// - **Alone** (no other writer waiting for the lock, and the commit not deferred as far as is known then): the
-///   transaction runs with `synchronous = FULL`, so SQLite syncs the WAL inside its `COMMIT`, on the
-///   connection's thread and in the round trip the commit makes anyway. That sync covers every commit before it
-///   too. SQLite syncs only a commit that wrote frames, and skips both for one that changed no page, so only a
+///   transaction runs with `synchronous = FULL`, so SQLite syncs the WAL inside its `COMMIT`, on the calling
+///   thread (a runtime worker, blocked meanwhile: cheaper here than any hand-off). That sync covers every
+///   commit before it too. SQLite syncs only a commit that wrote frames, and skips both for one that changed no page, so only a
 ///   transaction that inserted a row (every one that appends audit events) counts as synced by its `COMMIT`;
 ///   any other then waits for the shared sync as well.
 /// - **Shared** (a writer waiting): it runs with `synchronous = NORMAL`, so SQLite writes the WAL frames under
@@ -225,8 +220,8 @@ struct WriterMemo {
 /// later sync could prove anything, and every write, read and readiness check fails until a restart. The sync
 /// runs detached, so a caller that goes away meanwhile cannot lose its outcome. A `COMMIT` that was to sync and
 /// a checkpoint that fail with an I/O error poison the store too (SQLite's own sync may have been the one to
-/// see the error). A `COMMIT` whose caller goes away while SQLite syncs it would lose that error, so the gateway
-/// runs every commit on a task of its own.
+/// see the error). The writer's `COMMIT` runs to its end on the calling thread, so no caller going away
+/// midway can lose that error.
 #[derive(Debug)]
 struct Durability {
     /// The files to sync.
@@ -465,8 +460,9 @@ impl Durability {
     /// passes on a reader connection copy the frames into the database file while writers go on, until one
     /// finds at most [`CHECKPOINT_TAIL_FRAMES`] new (each copies what was appended during the last). They can
     /// never finish the log under load, since writers keep appending, and SQLite starts the WAL over from its
-    /// beginning only at a write that begins with every frame copied: so a last pass takes a turn on the
-    /// writer connection, between two write transactions, and copies those few. The next write then restarts
+    /// beginning only at a write that begins with every frame copied: so a last pass takes the writer's turn,
+    /// between two write transactions, and copies those few (on a reader connection, so the copy and its syncs
+    /// block no runtime thread). The next write then restarts
     /// the log, which keeps the file bounded (instead of growing by every commit) and keeps its syncs
     /// overwriting blocks already allocated. If the reader passes do not get there (a long read pins old
     /// frames), the writer is not held up for the rest: the next checkpoint tries again.
@@ -496,10 +492,16 @@ impl Durability {
             // log was complete appends to it, and SQLite starts the log over only at the first write that
             // begins with every frame copied, which under steady writes is the one right after this pass.
             let done = match converged {
-                Ok(true) => {
+                Ok(true) => 'last: {
+                    // On a reader's connection (off the runtime's threads), taken before the writer's turn so
+                    // that writers never wait for the pool.
+                    let mut conn = match reader.acquire().await {
+                        Ok(conn) => conn,
+                        Err(e) => break 'last Err(e),
+                    };
                     let mut writer = writer.lock().await;
-                    let done = match writer.settle().await {
-                        Ok(()) => passive_checkpoint(&mut writer.conn).await.map(drop),
+                    let done = match writer.settle() {
+                        Ok(()) => passive_checkpoint(&mut *conn).await.map(drop),
                         // The next writer tries the rollback again, and the next checkpoint this pass.
                         Err(_) => Ok(()),
                     };
@@ -534,19 +536,6 @@ async fn passive_checkpoint<'c>(
         sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA main.wal_checkpoint(PASSIVE)").fetch_all(connection).await?;
     Ok(rows.first().map_or((0, 0), |(_, log, copied)| (*log, (log - copied).max(0))))
 }
-
-/// Makes `INSERT INTO expect_one VALUES (changes())` fail unless the statement before it changed exactly one
-/// row. Queued after each update of one row, it fails the transaction before the `COMMIT` that may be sent
-/// in the same round trip, as a check of the count the update returned would (see [`Batch`]). Temporary
-/// objects, made on the writer's connection when the store opens (read transactions do not write). They are
-/// why checkpoints name the `main` schema: a checkpoint of every schema can fail with "database table is
-/// locked" on a connection that has temporary objects.
-const EXPECT_ONE: &str = "CREATE TEMP VIEW IF NOT EXISTS expect_one (n) AS SELECT 1;
-    CREATE TEMP TRIGGER IF NOT EXISTS expect_one_row INSTEAD OF INSERT ON expect_one WHEN NEW.n <> 1
-    BEGIN SELECT RAISE(ABORT, 'a row this transaction updates is gone'); END;
-    CREATE TEMP VIEW IF NOT EXISTS expect_unchanged (n) AS SELECT 1;
-    CREATE TEMP TRIGGER IF NOT EXISTS expect_unchanged_row INSTEAD OF INSERT ON expect_unchanged WHEN NEW.n <> 1
-    BEGIN SELECT RAISE(ABORT, 'stale row: a row this transaction changes conditionally is no longer as expected'); END;";
 
 /// How long `open` waits for a process that is stopping to let go of the database.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -601,6 +590,21 @@ fn is_io_failure(e: &sqlx::Error) -> bool {
     is_io_error(e) || matches!(primary_code(e), Some(11 | 13))
 }
 
+/// The writer's connection to the database at `path`, which exists with its schema: settings as the readers'
+/// (WAL, foreign keys, a 10 s busy timeout), no checkpoints on commit ([`Durability`] runs them), and room to
+/// keep every statement prepared.
+fn open_writer(path: &Path) -> Result<rusqlite::Connection, StoreError> {
+    let conn = rusqlite::Connection::open(path).map_err(map_lite)?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(map_lite)?;
+    conn.set_prepared_statement_cache_capacity(512);
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
+         PRAGMA wal_autocheckpoint = 0;",
+    )
+    .map_err(map_lite)?;
+    Ok(conn)
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database file and brings its schema up to date. A second process on
     /// the same file is refused: two would both run its jobs and each believe it is the only writer whose
@@ -621,17 +625,9 @@ impl SqliteStore {
         // Connections live as long as the store: the last one closing would checkpoint and delete the WAL.
         // A file connection cannot go stale, so it is not pinged before each transaction (a round trip to
         // its thread, twice per proxied model call).
-        // The writer first: it makes the file and sets its page size and WAL mode, which a second connection
-        // opening at the same moment (a pool fills itself in the background) could find locked.
-        // Batches of queued writes vary (which writes, how many audit rows): room to keep them all prepared.
-        let mut writer = options
-            .clone()
-            .pragma("wal_autocheckpoint", "0")
-            .statement_cache_capacity(512)
-            .connect()
-            .await
-            .map_err(map_sqlx)?;
-        sqlx::raw_sql(EXPECT_ONE).execute(&mut writer).await.map_err(map_sqlx)?;
+        // The schema's connection first: it makes the file and sets its page size and WAL mode, which a second
+        // connection opening at the same moment (a pool fills itself in the background) could find locked.
+        let mut setup = options.clone().pragma("wal_autocheckpoint", "0").connect().await.map_err(map_sqlx)?;
         let reader = SqlitePoolOptions::new()
             .test_before_acquire(false)
             .max_connections(8)
@@ -643,21 +639,24 @@ impl SqliteStore {
             .await
             .map_err(map_sqlx)?;
         migrator(&MIGRATIONS)
-            .run(&mut writer)
+            .run(&mut setup)
             .await
             .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
         // Where SQLite itself put the database (a symlink followed), so its WAL is found beside it.
         let row = sqlx::query("SELECT file FROM pragma_database_list WHERE name = 'main'")
-            .fetch_one(&mut writer)
+            .fetch_one(&mut setup)
             .await
             .map_err(map_sqlx)?;
         let db_path = PathBuf::from(get::<String>(&row, "file")?);
-        let files = tokio::task::spawn_blocking(move || LogFiles::open(&db_path))
+        let sync_path = db_path.clone();
+        let files = tokio::task::spawn_blocking(move || LogFiles::open(&sync_path))
             .await
             .map_err(|e| StoreError::Internal(e.to_string()))?
             .map_err(|e| StoreError::Internal(format!("cannot open the database's files to sync them: {e}")))?;
         let durability = Arc::new(Durability::new(files, Some(lock)));
-        let writer = Writer { conn: writer, open: false, memo: WriterMemo::default() };
+        let writer = Writer { conn: open_writer(&db_path)?, open: false, memo: WriterMemo::default() };
+        // The reader pool and the writer keep the database open, so closing this one leaves the WAL as it is.
+        setup.close().await.map_err(map_sqlx)?;
         Ok(SqliteStore { writer: Arc::new(tokio::sync::Mutex::new(writer)), reader, durability })
     }
 }
@@ -672,7 +671,7 @@ impl Store for SqliteStore {
         })?;
         drop(waiting);
         let mut turn = WriterTurn(writer);
-        turn.settle().await?;
+        turn.settle()?;
         Ok(Box::new(SqliteTx::new(TxConn::Write(turn, self.clone()))))
     }
 
@@ -724,82 +723,54 @@ struct SqliteTx {
 
 enum TxConn {
     Read(Transaction<'static, Sqlite>),
-    /// The writer, on which the transaction sends its own `BEGIN IMMEDIATE` with its first statement and
-    /// its `COMMIT` with its last writes, instead of a round trip for each; and the store, whose group commit
-    /// and checkpoints are told of the commit.
+    /// The writer, on which the transaction runs its own `BEGIN IMMEDIATE` before its first statement and its
+    /// own `COMMIT`; and the store, whose group commit and checkpoints are told of the commit.
     Write(WriterTurn, SqliteStore),
 }
 
-impl TxConn {
-    fn connection(&mut self) -> &mut SqliteConnection {
-        match self {
-            TxConn::Read(tx) => tx,
-            TxConn::Write(turn, _) => &mut turn.conn,
-        }
-    }
-}
-
-/// Writes a transaction has queued and not sent yet.
+/// Writes a transaction has queued and not run yet.
 ///
-/// Every statement is a round trip to the connection's thread, which costs more here (tens of microseconds)
-/// than most statements take. So the writes whose outcome the caller need not see at once (inserts and
-/// updates of one row, and the sealed audit events) are queued and sent together, in one round trip, with
-/// the transaction's next statement that needs them: before a read or any other statement, or with the
-/// `COMMIT`. An update of one row is followed by a check ([`EXPECT_ONE`]) that fails the round trip if it
-/// found no row, before the `COMMIT` in it runs. A round trip that fails (or is cancelled midway) fails the
-/// transaction: nothing queued after the failed write ran, and every later statement and the commit fail,
-/// so it can only roll back. The one exception is a constraint refusing a statement sent on its own, which
-/// SQLite undoes alone ([`SqliteTx::outcome`]). (Several statements in one prepared query are something only
-/// sqlx's SQLite driver does; its docs call that behaviour deprecated, and an upgrade that drops it fails
-/// every write transaction's test.)
+/// The writes whose outcome the caller need not see at once (inserts and updates of one row, and the sealed
+/// audit events) are queued and run with the transaction's next statement that needs them: before a read or
+/// any other statement, or before the `COMMIT`. (On the writer's connection that costs nothing more than
+/// running each at once; the queue is what lets the audit events a transaction sealed go in one multi-row
+/// insert, and it keeps the shape PostgreSQL's store needs, where a statement is a network round trip.) An
+/// update of one row must have changed one, or the transaction fails. A write that fails fails the
+/// transaction: nothing queued after it ran, and every later statement and the commit fail, so it can only
+/// roll back. The one exception is a constraint refusing a statement run on its own, which SQLite undoes
+/// alone ([`SqliteTx::outcome`]).
 #[derive(Default)]
 struct Batch {
-    sql: sqlx::QueryBuilder<Sqlite>,
-    writes: usize,
+    /// Each write, what its count of changed rows must be, and whether it carries audit events.
+    writes: Vec<(Stmt, Expect, bool)>,
     failed: bool,
-}
-
-/// `query` with `begin` (the writer's, [`SqliteTx::begin`]) before it and `COMMIT` after it, as asked, in one
-/// query.
-fn wrapped<'q>(
-    mut query: sqlx::query::Query<'q, Sqlite, SqliteArguments>,
-    begin: Option<&'static str>,
-    commit: bool,
-) -> Result<sqlx::query::Query<'q, Sqlite, SqliteArguments>, StoreError> {
-    if begin.is_none() && !commit {
-        return Ok(query);
-    }
-    let arguments = query.take_arguments().map_err(|e| StoreError::Internal(e.to_string()))?.unwrap_or_default();
-    let body = query.sql();
-    let body = body.as_str().trim_end().trim_end_matches(';');
-    let parts = [begin, Some(body).filter(|b| !b.trim().is_empty()), commit.then_some("COMMIT")];
-    let sql = parts.into_iter().flatten().collect::<Vec<_>>().join(";\n");
-    Ok(sqlx::query_with(AssertSqlSafe(sql), arguments))
 }
 
 /// Audit rows per multi-row `INSERT` (ten values each, far below SQLite's limit on bound values).
 const AUDIT_ROWS_PER_INSERT: usize = 64;
 
-impl Cols for SqliteRow {
-    fn text(&self, column: &str) -> Result<String, StoreError> {
-        self.try_get(column).map_err(map_sqlx)
-    }
+/// Runs a statement without values on the writer, kept prepared.
+fn run(conn: &rusqlite::Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
 
-    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
-        self.try_get(column).map_err(map_sqlx)
+/// Runs queued writes on the writer, in order, checking each update's count of changed rows; stops at the
+/// first that fails. A failure in the audit rows is named as such, so a caller's mapping of a conflict on its
+/// own row never misreads it.
+fn run_writes(conn: &rusqlite::Connection, writes: &[(Stmt, Expect, bool)]) -> Result<(), StoreError> {
+    for (stmt, expect, audit) in writes {
+        let changed = match stmt.execute(conn) {
+            Ok(n) => n,
+            Err(e) if *audit => return Err(audit_write_failed(map_lite(e))),
+            Err(e) => return Err(map_lite(e)),
+        };
+        match expect {
+            Expect::One(message) if changed != 1 => return Err(StoreError::Internal(message.clone())),
+            Expect::Unchanged(message) if changed != 1 => return Err(StoreError::Stale(message.clone())),
+            _ => {}
+        }
     }
-
-    fn int(&self, column: &str) -> Result<i64, StoreError> {
-        self.try_get(column).map_err(map_sqlx)
-    }
-
-    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
-        self.try_get(column).map_err(map_sqlx)
-    }
-
-    fn flag(&self, column: &str) -> Result<bool, StoreError> {
-        Ok(self.try_get::<i64, _>(column).map_err(map_sqlx)? != 0)
-    }
+    Ok(())
 }
 
 /// Which way an audit listing runs from its cursor.
@@ -825,19 +796,28 @@ impl SqliteTx {
         }
     }
 
-    /// The writer's `BEGIN`, with the sync level its commit runs at ([`Durability`]): SQLite syncs the commit
-    /// itself when no other writer waits for the lock and the commit is not known to be deferred; else the
-    /// shared sync does. The level is set before every `BEGIN` (SQLite refuses to change it inside a
-    /// transaction), so no earlier transaction's level carries over.
-    fn begin(&mut self) -> &'static str {
-        let TxConn::Write(_, store) = &self.conn else { return "BEGIN IMMEDIATE" };
+    /// Begins the writer's transaction, if it has not begun, at the sync level its commit runs at
+    /// ([`Durability`]): SQLite syncs the commit itself when no other writer waits for the lock and the commit
+    /// is not known to be deferred; else the shared sync does. The level is set before every `BEGIN` (SQLite
+    /// refuses to change it inside a transaction), so no earlier transaction's level carries over. A `BEGIN`
+    /// that fails fails the transaction.
+    fn begin(&mut self) -> Result<(), StoreError> {
+        let TxConn::Write(turn, store) = &mut self.conn else { return Ok(()) };
+        if turn.open {
+            return Ok(());
+        }
         let durability = &store.durability;
         self.synced_commit =
             durability.sync_in_commit && !self.defer_sync && durability.waiting.load(Ordering::Acquire) == 0;
-        match self.synced_commit {
-            true => "PRAGMA synchronous = FULL;\nBEGIN IMMEDIATE",
-            false => "PRAGMA synchronous = NORMAL;\nBEGIN IMMEDIATE",
-        }
+        let level = match self.synced_commit {
+            true => "PRAGMA synchronous = FULL",
+            false => "PRAGMA synchronous = NORMAL",
+        };
+        turn.open = true;
+        self.batch.failed = true;
+        run(&turn.conn, level).and_then(|()| run(&turn.conn, "BEGIN IMMEDIATE")).map_err(map_lite)?;
+        self.batch.failed = false;
+        Ok(())
     }
 
     /// What the writer remembers; `None` for a reader.
@@ -863,24 +843,11 @@ impl SqliteTx {
         }
     }
 
-    /// Queues one write (see [`Batch`]), and after an update the check of its count of changed rows: on the
-    /// writer, whose connection has the check views ([`EXPECT_ONE`]); read transactions do not write. A
-    /// conditional update that changed no row fails with [`StoreError::Stale`].
+    /// Queues one write (see [`Batch`]). An update that changed no row fails the transaction, with
+    /// [`StoreError::Stale`] for a conditional one.
     fn queue(&mut self, Write { sql, values, expect, .. }: Write) {
-        let check = match expect {
-            Expect::Insert => {
-                self.inserts = true;
-                None
-            }
-            Expect::One(_) => Some("INSERT INTO expect_one VALUES (changes());\n"),
-            Expect::Unchanged(_) => Some("INSERT INTO expect_unchanged VALUES (changes());\n"),
-        };
-        self.batch.writes += 1;
-        push_write(&mut self.batch.sql, sql, values);
-        self.batch.sql.push(";\n");
-        if let (Some(check), TxConn::Write(..)) = (check, &self.conn) {
-            self.batch.sql.push(check);
-        }
+        self.inserts |= matches!(expect, Expect::Insert);
+        self.batch.writes.push((Stmt { sql: sql.into(), values }, expect, false));
     }
 
     /// Moves the sealed audit events into the queued writes, in as few statements as the bound-value limit
@@ -888,20 +855,21 @@ impl SqliteTx {
     fn queue_audit(&mut self) -> Result<(), StoreError> {
         self.inserts |= !self.pending_audit.is_empty();
         for rows in self.pending_audit.chunks(AUDIT_ROWS_PER_INSERT) {
-            if let Err(e) = push_audit_rows(&mut self.batch.sql, rows) {
-                self.batch.failed = true;
-                return Err(e);
+            match audit_rows(rows) {
+                Ok((sql, values)) => self.batch.writes.push((Stmt { sql: sql.into(), values }, Expect::Insert, true)),
+                Err(e) => {
+                    self.batch.failed = true;
+                    return Err(e);
+                }
             }
-            self.batch.sql.push(";\n");
-            self.batch.writes += 1;
         }
         self.pending_audit.clear();
         Ok(())
     }
 
-    /// Sends the queued writes, if any, with the writer's `BEGIN IMMEDIATE` before them if it has not gone
-    /// yet, and (`commit`) its `COMMIT` after them. Returns whether a `COMMIT` went (a writer that never
-    /// began has nothing to commit; a reader's commit is its `Transaction`'s).
+    /// Runs the queued writes, if any, after the writer's `BEGIN IMMEDIATE` if it has not gone yet, and
+    /// (`commit`) the `COMMIT` after them. Returns whether a `COMMIT` went (a writer that never began has
+    /// nothing to commit; a reader's commit is its `Transaction`'s).
     async fn send(&mut self, commit: bool) -> Result<bool, StoreError> {
         self.queue_audit()?;
         if self.batch.failed {
@@ -910,100 +878,72 @@ impl SqliteTx {
             ));
         }
         let writes = std::mem::take(&mut self.batch.writes);
-        let mut batch = std::mem::take(&mut self.batch.sql);
-        let (begin, commit) = match &mut self.conn {
-            TxConn::Write(turn, _) => {
-                let begin = !turn.open && writes > 0;
-                if begin {
-                    turn.open = true;
+        if !writes.is_empty() {
+            self.begin()?;
+        }
+        self.batch.failed = true;
+        let ran = match &mut self.conn {
+            TxConn::Write(turn, _) => run_writes(&turn.conn, &writes),
+            TxConn::Read(tx) => {
+                let mut ran = Ok(());
+                for (stmt, ..) in &writes {
+                    if let Err(e) = stmt.for_sqlx().execute(&mut **tx).await {
+                        ran = Err(map_sqlx(e));
+                        break;
+                    }
                 }
-                (begin, commit && turn.open)
+                ran
             }
-            TxConn::Read(_) => (false, false),
         };
-        if writes == 0 && !commit {
+        if let Err(e) = ran {
+            // A conflict in the audit rows may mean a remembered head was wrong: read them from disk.
+            if let Some(memo) = self.memo_mut() {
+                memo.heads.clear();
+            }
+            return Err(e);
+        }
+        let TxConn::Write(turn, store) = &mut self.conn else {
+            self.batch.failed = false;
+            return Ok(false);
+        };
+        if !(commit && turn.open) {
+            self.batch.failed = false;
             return Ok(false);
         }
-        let begin = begin.then(|| self.begin());
-        self.arm();
-        let query = wrapped(batch.build(), begin, commit)?;
-        match query.execute(self.conn.connection()).await {
-            Ok(_) => {
-                self.batch.failed = false;
-                if let (true, TxConn::Write(turn, _)) = (commit, &mut self.conn) {
-                    turn.open = false;
-                }
-                Ok(commit)
+        if let Err(e) = run(&turn.conn, "COMMIT") {
+            // A `COMMIT` that was to sync may have failed in SQLite's sync, which then reported the error to no
+            // one else.
+            if self.synced_commit && is_io(&e) {
+                store.durability.poison(&format!("commit: {e}"));
             }
-            Err(e) => {
-                // A `COMMIT` that was to sync may have failed in SQLite's sync, which then reported the error to
-                // no one else.
-                if let (true, true, TxConn::Write(_, store)) = (commit, self.synced_commit, &self.conn)
-                    && is_io_error(&e)
-                {
-                    store.durability.poison(&format!("commit: {e}"));
-                }
-                // A conflict in the audit rows may mean a remembered head was wrong: read them from disk.
-                if let Some(memo) = self.memo_mut() {
-                    memo.heads.clear();
-                }
-                Err(batch_error(e))
+            if let Some(memo) = self.memo_mut() {
+                memo.heads.clear();
             }
+            return Err(map_lite(e));
         }
+        turn.open = false;
+        self.batch.failed = false;
+        Ok(true)
     }
 
-    /// Before a statement sent on its own: sends the queued writes. If only the writer's `BEGIN` is still to
-    /// go, returns the statement with the `BEGIN` in front (`join_begin`), or else sends the `BEGIN` first:
-    /// a statement whose count of changed rows is wanted cannot share a query with a `BEGIN`, which SQLite
-    /// reports as changing what the last write before it did. The flag says the `BEGIN` went with it.
-    async fn before<'q>(
-        &mut self,
-        query: sqlx::query::Query<'q, Sqlite, SqliteArguments>,
-        join_begin: bool,
-    ) -> Result<(sqlx::query::Query<'q, Sqlite, SqliteArguments>, bool), StoreError> {
+    /// Before a statement run on its own: runs the queued writes, and begins the writer's transaction.
+    async fn before(&mut self) -> Result<(), StoreError> {
         self.send(false).await?;
-        let TxConn::Write(turn, _) = &mut self.conn else { return Ok((query, false)) };
-        if turn.open {
-            return Ok((query, false));
-        }
-        turn.open = true;
-        let begin = self.begin();
-        self.arm();
-        if join_begin {
-            return Ok((wrapped(query, Some(begin), false)?, true));
-        }
-        let begun = sqlx::query(begin).execute(self.conn.connection()).await;
-        self.outcome(begun, true)?;
-        Ok((query, false))
+        self.begin()
     }
 
-    /// After a statement sent on its own (armed by [`SqliteTx::arm`]): a failure fails the transaction, so
-    /// that every later statement and the commit fail, unless a constraint refused the one statement, which
-    /// SQLite undoes alone (a caller may answer a conflict and go on). Not when it carried the `BEGIN`: the
-    /// transaction may not have begun. Other errors (a full disk, an I/O error, a busy database) may have
+    /// After a statement run on its own: a failure fails the transaction, so that every later statement and
+    /// the commit fail, unless a constraint refused the one statement, which SQLite undoes alone (a caller
+    /// may answer a conflict and go on). Other errors (a full disk, an I/O error, a busy database) may have
     /// rolled the whole transaction back, and what followed would run outside it.
-    fn outcome<T>(&mut self, done: Result<T, sqlx::Error>, began: bool) -> Result<T, StoreError> {
-        match done {
-            Ok(value) => {
-                self.batch.failed = false;
-                Ok(value)
-            }
-            Err(e) => {
-                if !began
-                    && let sqlx::Error::Database(db) = &e
-                    && !matches!(db.kind(), sqlx::error::ErrorKind::Other)
-                {
-                    self.batch.failed = false;
-                }
-                Err(map_sqlx(e))
-            }
-        }
-    }
-
-    /// Before every round trip: the transaction counts as failed until it succeeds, so one that fails, or
-    /// is cancelled midway, fails it.
-    fn arm(&mut self) {
-        self.batch.failed = true;
+    fn outcome<T>(&mut self, done: Result<T, StoreError>, constraint: bool) -> Result<T, StoreError> {
+        // Whatever the error, a transaction SQLite has ended cannot go on.
+        let ended = match &self.conn {
+            TxConn::Write(turn, _) => turn.conn.is_autocommit(),
+            TxConn::Read(_) => false,
+        };
+        self.batch.failed = done.is_err() && (!constraint || ended);
+        done
     }
 
     /// Seals an event after (seq, hash) and remembers it as the org's head in this transaction.
@@ -1055,7 +995,7 @@ impl SqliteTx {
             AuditOrder::After(_) => " ORDER BY seq ASC LIMIT ?",
             AuditOrder::Before(_) => " ORDER BY seq DESC LIMIT ?",
         });
-        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(org.as_str().to_owned()).bind(seq);
+        let mut query = q(sql).bind(org.as_str().to_owned()).bind(seq);
         if let Some(a) = action_exact {
             query = query.bind(a);
         }
@@ -1078,49 +1018,77 @@ impl SqliteTx {
         rows.iter().map(audit_row).collect()
     }
 
-    async fn fetch_all(
-        &mut self,
-        query: sqlx::query::Query<'_, Sqlite, SqliteArguments>,
-    ) -> Result<Vec<SqliteRow>, StoreError> {
-        let (query, began) = self.before(query, true).await?;
-        self.arm();
-        let rows = query.fetch_all(self.conn.connection()).await;
-        self.outcome(rows, began)
+    async fn fetch_all(&mut self, stmt: Stmt) -> Result<Vec<Row>, StoreError> {
+        self.before().await?;
+        self.batch.failed = true;
+        let (rows, constraint) = match &mut self.conn {
+            TxConn::Write(turn, _) => match stmt.rows(&turn.conn, false) {
+                Ok(rows) => (Ok(rows), false),
+                Err(e) => {
+                    let constraint = is_constraint(&e);
+                    (Err(map_lite(e)), constraint)
+                }
+            },
+            TxConn::Read(tx) => match stmt.for_sqlx().fetch_all(&mut **tx).await {
+                Ok(rows) => (Ok(rows.into_iter().map(Row::Reader).collect()), false),
+                Err(e) => (Err(map_sqlx(e)), false),
+            },
+        };
+        self.outcome(rows, constraint)
     }
 
-    async fn fetch_optional(
-        &mut self,
-        query: sqlx::query::Query<'_, Sqlite, SqliteArguments>,
-    ) -> Result<Option<SqliteRow>, StoreError> {
-        let (query, began) = self.before(query, true).await?;
-        self.arm();
-        let row = query.fetch_optional(self.conn.connection()).await;
-        self.outcome(row, began)
+    async fn fetch_optional(&mut self, stmt: Stmt) -> Result<Option<Row>, StoreError> {
+        self.before().await?;
+        self.batch.failed = true;
+        let (row, constraint) = match &mut self.conn {
+            TxConn::Write(turn, _) => match stmt.rows(&turn.conn, true) {
+                Ok(rows) => (Ok(rows.into_iter().next()), false),
+                Err(e) => {
+                    let constraint = is_constraint(&e);
+                    (Err(map_lite(e)), constraint)
+                }
+            },
+            TxConn::Read(tx) => match stmt.for_sqlx().fetch_optional(&mut **tx).await {
+                Ok(row) => (Ok(row.map(Row::Reader)), false),
+                Err(e) => (Err(map_sqlx(e)), false),
+            },
+        };
+        self.outcome(row, constraint)
     }
 
-    /// A statement whose count of changed rows the caller wants, sent at once.
-    async fn execute(&mut self, query: sqlx::query::Query<'_, Sqlite, SqliteArguments>) -> Result<u64, StoreError> {
-        let (query, _) = self.before(query, false).await?;
-        self.arm();
-        let done = query.execute(self.conn.connection()).await;
-        self.outcome(done.map(|r| r.rows_affected()), false)
+    /// A statement whose count of changed rows the caller wants, run at once.
+    async fn execute(&mut self, stmt: Stmt) -> Result<u64, StoreError> {
+        self.before().await?;
+        self.batch.failed = true;
+        let (done, constraint) = match &mut self.conn {
+            TxConn::Write(turn, _) => match stmt.execute(&turn.conn) {
+                Ok(n) => (Ok(n as u64), false),
+                Err(e) => {
+                    let constraint = is_constraint(&e);
+                    (Err(map_lite(e)), constraint)
+                }
+            },
+            TxConn::Read(tx) => match stmt.for_sqlx().execute(&mut **tx).await {
+                Ok(done) => (Ok(done.rows_affected()), false),
+                Err(e) => (Err(map_sqlx(e)), false),
+            },
+        };
+        self.outcome(done, constraint)
     }
 
     async fn load_decisions(&mut self, approval: &mut Approval) -> Result<(), StoreError> {
         let rows = self
             .fetch_all(
-                sqlx::query(
-                    "SELECT * FROM decisions WHERE org_id = ? AND approval_id = ? ORDER BY created_at, user_id",
-                )
-                .bind(approval.org_id.as_str().to_owned())
-                .bind(approval.id.as_str().to_owned()),
+                q("SELECT * FROM decisions WHERE org_id = ? AND approval_id = ? ORDER BY created_at, user_id")
+                    .bind(approval.org_id.as_str().to_owned())
+                    .bind(approval.id.as_str().to_owned()),
             )
             .await?;
         approval.decisions = rows.iter().map(decision_row).collect::<Result<_, _>>()?;
         Ok(())
     }
 
-    async fn approvals_with_decisions(&mut self, rows: Vec<SqliteRow>) -> Result<Vec<Approval>, StoreError> {
+    async fn approvals_with_decisions(&mut self, rows: Vec<Row>) -> Result<Vec<Approval>, StoreError> {
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut approval = approval_row(row)?;
@@ -1144,8 +1112,7 @@ impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let mut this = *self;
         // Emptied while the commit runs and refilled only once it succeeded, all under the lock: a commit
-        // that fails, or whose caller stops waiting (the connection still runs it), leaves the next writer to
-        // read from disk, never to trust what may not be there.
+        // that fails leaves the next writer to read from disk, never to trust what may not be there.
         let known = this.memo_mut().map(std::mem::take);
         let sent = this.send(true).await?;
         let SqliteTx { conn, appended, defer_sync, synced_commit, inserts, .. } = this;
@@ -1172,18 +1139,18 @@ impl StoreTx for SqliteTx {
     }
 
     async fn count_orgs(&mut self) -> Result<i64, StoreError> {
-        let row = self.fetch_optional(sqlx::query("SELECT COUNT(*) AS n FROM orgs")).await?;
+        let row = self.fetch_optional(q("SELECT COUNT(*) AS n FROM orgs")).await?;
         row.map(|r| get(&r, "n")).transpose().map(|n| n.unwrap_or(0))
     }
 
     async fn list_orgs(&mut self) -> Result<Vec<Org>, StoreError> {
-        let rows = self.fetch_all(sqlx::query("SELECT * FROM orgs ORDER BY created_at, id")).await?;
+        let rows = self.fetch_all(q("SELECT * FROM orgs ORDER BY created_at, id")).await?;
         rows.iter().map(org_row).collect()
     }
 
     async fn insert_org(&mut self, org: &Org) -> Result<(), StoreError> {
         self.execute(
-            sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES (?, ?, ?)")
+            q("INSERT INTO orgs (id, name, created_at) VALUES (?, ?, ?)")
                 .bind(org.id.as_str().to_owned())
                 .bind(org.name.clone())
                 .bind(to_us(org.created_at)),
@@ -1193,14 +1160,13 @@ impl StoreTx for SqliteTx {
     }
 
     async fn get_org(&mut self, id: &OrgId) -> Result<Option<Org>, StoreError> {
-        let row =
-            self.fetch_optional(sqlx::query("SELECT * FROM orgs WHERE id = ?").bind(id.as_str().to_owned())).await?;
+        let row = self.fetch_optional(q("SELECT * FROM orgs WHERE id = ?").bind(id.as_str().to_owned())).await?;
         row.as_ref().map(org_row).transpose()
     }
 
     async fn insert_user(&mut self, user: &User) -> Result<(), StoreError> {
         self.execute(
-            sqlx::query(
+            q(
                 "INSERT INTO users (id, org_id, name, role, instance_admin, created_at, disabled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(user.id.as_str().to_owned())
@@ -1218,7 +1184,7 @@ impl StoreTx for SqliteTx {
     async fn get_user(&mut self, org: &OrgId, id: &UserId) -> Result<Option<User>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT * FROM users WHERE org_id = ? AND id = ?")
+                q("SELECT * FROM users WHERE org_id = ? AND id = ?")
                     .bind(org.as_str().to_owned())
                     .bind(id.as_str().to_owned()),
             )
@@ -1229,7 +1195,7 @@ impl StoreTx for SqliteTx {
     async fn find_user_by_name(&mut self, org: &OrgId, name: &str) -> Result<Option<User>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT * FROM users WHERE org_id = ? AND name = ?")
+                q("SELECT * FROM users WHERE org_id = ? AND name = ?")
                     .bind(org.as_str().to_owned())
                     .bind(name.to_owned()),
             )
@@ -1239,10 +1205,7 @@ impl StoreTx for SqliteTx {
 
     async fn list_users(&mut self, org: &OrgId) -> Result<Vec<User>, StoreError> {
         let rows = self
-            .fetch_all(
-                sqlx::query("SELECT * FROM users WHERE org_id = ? ORDER BY created_at, id")
-                    .bind(org.as_str().to_owned()),
-            )
+            .fetch_all(q("SELECT * FROM users WHERE org_id = ? ORDER BY created_at, id").bind(org.as_str().to_owned()))
             .await?;
         rows.iter().map(user_row).collect()
     }
@@ -1255,7 +1218,7 @@ impl StoreTx for SqliteTx {
     ) -> Result<Option<Vec<SessionId>>, StoreError> {
         let n = self
             .execute(
-                sqlx::query("UPDATE users SET disabled_at = ? WHERE org_id = ? AND id = ? AND disabled_at IS NULL")
+                q("UPDATE users SET disabled_at = ? WHERE org_id = ? AND id = ? AND disabled_at IS NULL")
                     .bind(to_us(at))
                     .bind(org.as_str().to_owned())
                     .bind(id.as_str().to_owned()),
@@ -1267,11 +1230,9 @@ impl StoreTx for SqliteTx {
         // The sessions minted with the user's keys end with the user.
         let rows = self
             .fetch_all(
-                sqlx::query(
-                    "UPDATE sessions SET revoked_at = ? WHERE org_id = ? AND revoked_at IS NULL AND minted_with IN
+                q("UPDATE sessions SET revoked_at = ? WHERE org_id = ? AND revoked_at IS NULL AND minted_with IN
                         (SELECT id FROM api_keys WHERE org_id = ? AND principal_kind = 'user' AND principal_id = ?)
-                     RETURNING id",
-                )
+                     RETURNING id")
                 .bind(to_us(at))
                 .bind(org.as_str().to_owned())
                 .bind(org.as_str().to_owned())
@@ -1283,7 +1244,7 @@ impl StoreTx for SqliteTx {
 
     async fn insert_agent(&mut self, agent: &Agent) -> Result<(), StoreError> {
         self.execute(
-            sqlx::query("INSERT INTO agents (id, org_id, name, owner_user_id, created_at, disabled_at) VALUES (?, ?, ?, ?, ?, ?)")
+            q("INSERT INTO agents (id, org_id, name, owner_user_id, created_at, disabled_at) VALUES (?, ?, ?, ?, ?, ?)")
                 .bind(agent.id.as_str().to_owned())
                 .bind(agent.org_id.as_str().to_owned())
                 .bind(agent.name.clone())
@@ -1298,7 +1259,7 @@ impl StoreTx for SqliteTx {
     async fn get_agent(&mut self, org: &OrgId, id: &AgentId) -> Result<Option<Agent>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT * FROM agents WHERE org_id = ? AND id = ?")
+                q("SELECT * FROM agents WHERE org_id = ? AND id = ?")
                     .bind(org.as_str().to_owned())
                     .bind(id.as_str().to_owned()),
             )
@@ -1309,7 +1270,7 @@ impl StoreTx for SqliteTx {
     async fn find_agent_by_name(&mut self, org: &OrgId, name: &str) -> Result<Option<Agent>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT * FROM agents WHERE org_id = ? AND name = ?")
+                q("SELECT * FROM agents WHERE org_id = ? AND name = ?")
                     .bind(org.as_str().to_owned())
                     .bind(name.to_owned()),
             )
@@ -1319,10 +1280,7 @@ impl StoreTx for SqliteTx {
 
     async fn list_agents(&mut self, org: &OrgId) -> Result<Vec<Agent>, StoreError> {
         let rows = self
-            .fetch_all(
-                sqlx::query("SELECT * FROM agents WHERE org_id = ? ORDER BY created_at, id")
-                    .bind(org.as_str().to_owned()),
-            )
+            .fetch_all(q("SELECT * FROM agents WHERE org_id = ? ORDER BY created_at, id").bind(org.as_str().to_owned()))
             .await?;
         rows.iter().map(agent_row).collect()
     }
@@ -1330,7 +1288,7 @@ impl StoreTx for SqliteTx {
     async fn disable_agent(&mut self, org: &OrgId, id: &AgentId, at: DateTime<Utc>) -> Result<bool, StoreError> {
         let n = self
             .execute(
-                sqlx::query("UPDATE agents SET disabled_at = ? WHERE org_id = ? AND id = ? AND disabled_at IS NULL")
+                q("UPDATE agents SET disabled_at = ? WHERE org_id = ? AND id = ? AND disabled_at IS NULL")
                     .bind(to_us(at))
                     .bind(org.as_str().to_owned())
                     .bind(id.as_str().to_owned()),
@@ -1345,7 +1303,7 @@ impl StoreTx for SqliteTx {
             PrincipalRef::Agent(id) => ("agent", id.as_str().to_owned()),
         };
         self.execute(
-            sqlx::query(
+            q(
                 "INSERT INTO api_keys (id, org_id, principal_kind, principal_id, hash, prefix, last_four, created_at, expires_at, revoked_at)
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
@@ -1365,16 +1323,14 @@ impl StoreTx for SqliteTx {
     }
 
     async fn find_key_by_hash(&mut self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
-        let row =
-            self.fetch_optional(sqlx::query("SELECT * FROM api_keys WHERE hash = ?").bind(hash.to_owned())).await?;
+        let row = self.fetch_optional(q("SELECT * FROM api_keys WHERE hash = ?").bind(hash.to_owned())).await?;
         row.as_ref().map(key_row).transpose()
     }
 
     async fn list_keys(&mut self, org: &OrgId) -> Result<Vec<ApiKey>, StoreError> {
         let rows = self
             .fetch_all(
-                sqlx::query("SELECT * FROM api_keys WHERE org_id = ? ORDER BY created_at, id")
-                    .bind(org.as_str().to_owned()),
+                q("SELECT * FROM api_keys WHERE org_id = ? ORDER BY created_at, id").bind(org.as_str().to_owned()),
             )
             .await?;
         rows.iter().map(key_row).collect()
@@ -1388,7 +1344,7 @@ impl StoreTx for SqliteTx {
     ) -> Result<Option<Vec<SessionId>>, StoreError> {
         let n = self
             .execute(
-                sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE org_id = ? AND id = ? AND revoked_at IS NULL")
+                q("UPDATE api_keys SET revoked_at = ? WHERE org_id = ? AND id = ? AND revoked_at IS NULL")
                     .bind(to_us(at))
                     .bind(org.as_str().to_owned())
                     .bind(id.as_str().to_owned()),
@@ -1399,10 +1355,8 @@ impl StoreTx for SqliteTx {
         }
         let rows = self
             .fetch_all(
-                sqlx::query(
-                    "UPDATE sessions SET revoked_at = ? WHERE org_id = ? AND minted_with = ? AND revoked_at IS NULL
-                     RETURNING id",
-                )
+                q("UPDATE sessions SET revoked_at = ? WHERE org_id = ? AND minted_with = ? AND revoked_at IS NULL
+                     RETURNING id")
                 .bind(to_us(at))
                 .bind(org.as_str().to_owned())
                 .bind(id.as_str().to_owned()),
@@ -1414,7 +1368,7 @@ impl StoreTx for SqliteTx {
     async fn insert_session(&mut self, session: &Session) -> Result<(), StoreError> {
         let scopes: Vec<&str> = session.scopes.iter().map(NameGlob::as_str).collect();
         self.execute(
-            sqlx::query(
+            q(
                 "INSERT INTO sessions (id, org_id, agent_id, hash, scopes, created_by, created_at, expires_at, revoked_at,
                     minted_with)
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1435,15 +1389,14 @@ impl StoreTx for SqliteTx {
     }
 
     async fn find_session_by_hash(&mut self, hash: &str) -> Result<Option<Session>, StoreError> {
-        let row =
-            self.fetch_optional(sqlx::query("SELECT * FROM sessions WHERE hash = ?").bind(hash.to_owned())).await?;
+        let row = self.fetch_optional(q("SELECT * FROM sessions WHERE hash = ?").bind(hash.to_owned())).await?;
         row.as_ref().map(session_row).transpose()
     }
 
     async fn list_sessions(&mut self, org: &OrgId, agent: Option<&AgentId>) -> Result<Vec<Session>, StoreError> {
         let rows = self
             .fetch_all(
-                sqlx::query("SELECT * FROM sessions WHERE org_id = ? AND (? IS NULL OR agent_id = ?) ORDER BY created_at DESC, id DESC")
+                q("SELECT * FROM sessions WHERE org_id = ? AND (? IS NULL OR agent_id = ?) ORDER BY created_at DESC, id DESC")
                     .bind(org.as_str().to_owned())
                     .bind(agent.map(|a| a.as_str().to_owned()))
                     .bind(agent.map(|a| a.as_str().to_owned())),
@@ -1455,7 +1408,7 @@ impl StoreTx for SqliteTx {
     async fn revoke_session(&mut self, org: &OrgId, id: &SessionId, at: DateTime<Utc>) -> Result<bool, StoreError> {
         let n = self
             .execute(
-                sqlx::query("UPDATE sessions SET revoked_at = ? WHERE org_id = ? AND id = ? AND revoked_at IS NULL")
+                q("UPDATE sessions SET revoked_at = ? WHERE org_id = ? AND id = ? AND revoked_at IS NULL")
                     .bind(to_us(at))
                     .bind(org.as_str().to_owned())
                     .bind(id.as_str().to_owned()),
@@ -1469,11 +1422,9 @@ impl StoreTx for SqliteTx {
         session: &countersign_core::domain::DashboardSession,
     ) -> Result<(), StoreError> {
         self.execute(
-            sqlx::query(
-                "INSERT INTO dashboard_sessions
+            q("INSERT INTO dashboard_sessions
                     (token_hash, org_id, user_id, key_hash, created_at, expires_at, last_seen_at, revoked_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(session.token_hash.clone())
             .bind(session.org_id.as_str().to_owned())
             .bind(session.user_id.as_str().to_owned())
@@ -1492,9 +1443,7 @@ impl StoreTx for SqliteTx {
         token_hash: &str,
     ) -> Result<Option<countersign_core::domain::DashboardSession>, StoreError> {
         let row = self
-            .fetch_optional(
-                sqlx::query("SELECT * FROM dashboard_sessions WHERE token_hash = ?").bind(token_hash.to_owned()),
-            )
+            .fetch_optional(q("SELECT * FROM dashboard_sessions WHERE token_hash = ?").bind(token_hash.to_owned()))
             .await?;
         row.as_ref().map(dashboard_session_row).transpose()
     }
@@ -1507,10 +1456,8 @@ impl StoreTx for SqliteTx {
     ) -> Result<bool, StoreError> {
         let n = self
             .execute(
-                sqlx::query(
-                    "UPDATE dashboard_sessions SET last_seen_at = max(last_seen_at, ?)
-                     WHERE org_id = ? AND token_hash = ? AND revoked_at IS NULL",
-                )
+                q("UPDATE dashboard_sessions SET last_seen_at = max(last_seen_at, ?)
+                     WHERE org_id = ? AND token_hash = ? AND revoked_at IS NULL")
                 .bind(to_us(at))
                 .bind(org.as_str().to_owned())
                 .bind(token_hash.to_owned()),
@@ -1527,10 +1474,8 @@ impl StoreTx for SqliteTx {
     ) -> Result<bool, StoreError> {
         let n = self
             .execute(
-                sqlx::query(
-                    "UPDATE dashboard_sessions SET revoked_at = ?
-                     WHERE org_id = ? AND token_hash = ? AND revoked_at IS NULL",
-                )
+                q("UPDATE dashboard_sessions SET revoked_at = ?
+                     WHERE org_id = ? AND token_hash = ? AND revoked_at IS NULL")
                 .bind(to_us(at))
                 .bind(org.as_str().to_owned())
                 .bind(token_hash.to_owned()),
@@ -1540,7 +1485,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn delete_expired_dashboard_sessions(&mut self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        self.execute(sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at <= ?").bind(to_us(now))).await
+        self.execute(q("DELETE FROM dashboard_sessions WHERE expires_at <= ?").bind(to_us(now))).await
     }
 
     async fn insert_action(&mut self, a: &Action) -> Result<(), StoreError> {
@@ -1565,7 +1510,7 @@ impl StoreTx for SqliteTx {
     async fn get_action(&mut self, org: &OrgId, id: &ActionId) -> Result<Option<Action>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT * FROM actions WHERE org_id = ? AND id = ?")
+                q("SELECT * FROM actions WHERE org_id = ? AND id = ?")
                     .bind(org.as_str().to_owned())
                     .bind(id.as_str().to_owned()),
             )
@@ -1581,7 +1526,7 @@ impl StoreTx for SqliteTx {
     ) -> Result<Option<Action>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT * FROM actions WHERE org_id = ? AND agent_id = ? AND idempotency_key = ?")
+                q("SELECT * FROM actions WHERE org_id = ? AND agent_id = ? AND idempotency_key = ?")
                     .bind(org.as_str().to_owned())
                     .bind(agent.as_str().to_owned())
                     .bind(key.to_owned()),
@@ -1598,12 +1543,10 @@ impl StoreTx for SqliteTx {
     ) -> Result<Vec<Action>, StoreError> {
         let rows = self
             .fetch_all(
-                sqlx::query(
-                    "SELECT * FROM actions WHERE org_id = ?
+                q("SELECT * FROM actions WHERE org_id = ?
                        AND (? IS NULL OR state = ?) AND (? IS NULL OR agent_id = ?) AND (? IS NULL OR capability = ?)
                        AND (? IS NULL OR id < ?)
-                     ORDER BY id DESC LIMIT ?",
-                )
+                     ORDER BY id DESC LIMIT ?")
                 .bind(org.as_str().to_owned())
                 .bind(filter.state.map(ActionState::as_str))
                 .bind(filter.state.map(ActionState::as_str))
@@ -1622,7 +1565,7 @@ impl StoreTx for SqliteTx {
     async fn count_successes(&mut self, org: &OrgId, agent: &AgentId, capability: &str) -> Result<u64, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query(
+                q(
                     "SELECT COUNT(*) AS n FROM (SELECT 1 FROM actions WHERE org_id = ? AND agent_id = ? AND capability = ?
                        AND state IN ('succeeded', 'approved')
                        AND (state = 'succeeded' OR (target IS NULL AND approval_id IS NOT NULL)) LIMIT ?)",
@@ -1639,11 +1582,9 @@ impl StoreTx for SqliteTx {
 
     async fn insert_approval(&mut self, a: &Approval) -> Result<(), StoreError> {
         self.execute(
-            sqlx::query(
-                "INSERT INTO approvals (id, org_id, action_id, group_name, quorum, status, expires_at, token_hash,
+            q("INSERT INTO approvals (id, org_id, action_id, group_name, quorum, status, expires_at, token_hash,
                     policy_version, request_hash, rule, snapshot, risk, created_at, decided_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(a.id.as_str().to_owned())
             .bind(a.org_id.as_str().to_owned())
             .bind(a.action_id.as_str().to_owned())
@@ -1667,7 +1608,7 @@ impl StoreTx for SqliteTx {
     async fn update_approval(&mut self, a: &Approval) -> Result<(), StoreError> {
         let n = self
             .execute(
-                sqlx::query("UPDATE approvals SET status = ?, decided_at = ? WHERE org_id = ? AND id = ?")
+                q("UPDATE approvals SET status = ?, decided_at = ? WHERE org_id = ? AND id = ?")
                     .bind(a.status.as_str())
                     .bind(opt_us(a.decided_at))
                     .bind(a.org_id.as_str().to_owned())
@@ -1684,10 +1625,8 @@ impl StoreTx for SqliteTx {
         d: &DecisionRecord,
     ) -> Result<(), StoreError> {
         self.execute(
-            sqlx::query(
-                "INSERT INTO decisions (approval_id, org_id, user_id, user_name, decision, note, counted, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
+            q("INSERT INTO decisions (approval_id, org_id, user_id, user_name, decision, note, counted, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(approval.as_str().to_owned())
             .bind(org.as_str().to_owned())
             .bind(d.user_id.as_str().to_owned())
@@ -1704,7 +1643,7 @@ impl StoreTx for SqliteTx {
     async fn get_approval(&mut self, org: &OrgId, id: &ApprovalId) -> Result<Option<Approval>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT * FROM approvals WHERE org_id = ? AND id = ?")
+                q("SELECT * FROM approvals WHERE org_id = ? AND id = ?")
                     .bind(org.as_str().to_owned())
                     .bind(id.as_str().to_owned()),
             )
@@ -1713,9 +1652,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn find_approval_by_token_hash(&mut self, hash: &str) -> Result<Option<Approval>, StoreError> {
-        let row = self
-            .fetch_optional(sqlx::query("SELECT * FROM approvals WHERE token_hash = ?").bind(hash.to_owned()))
-            .await?;
+        let row = self.fetch_optional(q("SELECT * FROM approvals WHERE token_hash = ?").bind(hash.to_owned())).await?;
         Ok(self.approvals_with_decisions(row.into_iter().collect()).await?.pop())
     }
 
@@ -1731,7 +1668,7 @@ impl StoreTx for SqliteTx {
         } else {
             "SELECT * FROM approvals WHERE org_id = ? AND (? IS NULL OR status = ?) AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?"
         };
-        let query = sqlx::query(sql).bind(org.as_str().to_owned());
+        let query = q(sql).bind(org.as_str().to_owned());
         let query = if status == Some(ApprovalStatus::Pending) {
             query.bind("pending")
         } else {
@@ -1742,16 +1679,13 @@ impl StoreTx for SqliteTx {
     }
 
     async fn count_pending_approvals(&mut self) -> Result<i64, StoreError> {
-        let row =
-            self.fetch_optional(sqlx::query("SELECT COUNT(*) AS n FROM approvals WHERE status = 'pending'")).await?;
+        let row = self.fetch_optional(q("SELECT COUNT(*) AS n FROM approvals WHERE status = 'pending'")).await?;
         row.map(|r| get(&r, "n")).transpose().map(|n| n.unwrap_or(0))
     }
 
     async fn list_pending_deadlines(&mut self) -> Result<Vec<PendingDeadline>, StoreError> {
         let rows = self
-            .fetch_all(sqlx::query(
-                "SELECT org_id, id, expires_at FROM approvals WHERE status = 'pending' ORDER BY expires_at",
-            ))
+            .fetch_all(q("SELECT org_id, id, expires_at FROM approvals WHERE status = 'pending' ORDER BY expires_at"))
             .await?;
         rows.iter()
             .map(|row| {
@@ -1776,7 +1710,7 @@ impl StoreTx for SqliteTx {
         }
         let head = self
             .fetch_optional(
-                sqlx::query("SELECT seq, hash FROM audit_events WHERE org_id = ? ORDER BY seq DESC LIMIT 1")
+                q("SELECT seq, hash FROM audit_events WHERE org_id = ? ORDER BY seq DESC LIMIT 1")
                     .bind(org.as_str().to_owned()),
             )
             .await?;
@@ -1787,11 +1721,9 @@ impl StoreTx for SqliteTx {
             None => {
                 let retained = self
                     .fetch_optional(
-                        sqlx::query(
-                            "SELECT c.seq, c.head_hash FROM audit_retention r
+                        q("SELECT c.seq, c.head_hash FROM audit_retention r
                              JOIN audit_checkpoints c ON c.org_id = r.org_id AND c.seq = r.deleted_upto
-                             WHERE r.org_id = ? AND r.deleted_upto > 0",
-                        )
+                             WHERE r.org_id = ? AND r.deleted_upto > 0")
                         .bind(org.as_str().to_owned()),
                     )
                     .await?;
@@ -1827,7 +1759,7 @@ impl StoreTx for SqliteTx {
     async fn audit_head(&mut self, org: &OrgId) -> Result<Option<AuditHead>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT seq, hash, time_us FROM audit_events WHERE org_id = ? ORDER BY seq DESC LIMIT 1")
+                q("SELECT seq, hash, time_us FROM audit_events WHERE org_id = ? ORDER BY seq DESC LIMIT 1")
                     .bind(org.as_str().to_owned()),
             )
             .await?;
@@ -1840,7 +1772,7 @@ impl StoreTx for SqliteTx {
     async fn last_audit_seq_before(&mut self, org: &OrgId, before: DateTime<Utc>) -> Result<Option<i64>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query(LAST_AUDIT_SEQ_BEFORE)
+                q(LAST_AUDIT_SEQ_BEFORE)
                     .bind(org.as_str().to_owned())
                     .bind(to_us(before))
                     .bind(org.as_str().to_owned()),
@@ -1855,11 +1787,9 @@ impl StoreTx for SqliteTx {
 
     async fn insert_checkpoint(&mut self, c: &Checkpoint) -> Result<(), StoreError> {
         self.execute(
-            sqlx::query(
-                "INSERT INTO audit_checkpoints (org_id, seq, head_hash, time_us, key_id, signature)
+            q("INSERT INTO audit_checkpoints (org_id, seq, head_hash, time_us, key_id, signature)
                  VALUES (?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (org_id, seq) DO NOTHING",
-            )
+                 ON CONFLICT (org_id, seq) DO NOTHING")
             .bind(c.org_id.clone())
             .bind(c.seq)
             .bind(c.head_hash.clone())
@@ -1874,7 +1804,7 @@ impl StoreTx for SqliteTx {
     async fn checkpoint_at(&mut self, org: &OrgId, seq: i64) -> Result<Option<Checkpoint>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT * FROM audit_checkpoints WHERE org_id = ? AND seq = ?")
+                q("SELECT * FROM audit_checkpoints WHERE org_id = ? AND seq = ?")
                     .bind(org.as_str().to_owned())
                     .bind(seq),
             )
@@ -1891,13 +1821,11 @@ impl StoreTx for SqliteTx {
     ) -> Result<Vec<Checkpoint>, StoreError> {
         let rows = self
             .fetch_all(
-                sqlx::query(
-                    "SELECT * FROM audit_checkpoints WHERE org_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-                )
-                .bind(org.as_str().to_owned())
-                .bind(after_seq)
-                .bind(upto_seq)
-                .bind(i64::from(limit)),
+                q("SELECT * FROM audit_checkpoints WHERE org_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?")
+                    .bind(org.as_str().to_owned())
+                    .bind(after_seq)
+                    .bind(upto_seq)
+                    .bind(i64::from(limit)),
             )
             .await?;
         rows.iter().map(checkpoint_row).collect()
@@ -1905,7 +1833,7 @@ impl StoreTx for SqliteTx {
 
     async fn retention(&mut self, org: &OrgId) -> Result<Retention, StoreError> {
         let row = self
-            .fetch_optional(sqlx::query("SELECT * FROM audit_retention WHERE org_id = ?").bind(org.as_str().to_owned()))
+            .fetch_optional(q("SELECT * FROM audit_retention WHERE org_id = ?").bind(org.as_str().to_owned()))
             .await?;
         match row {
             Some(row) => retention_row(&row),
@@ -1914,17 +1842,14 @@ impl StoreTx for SqliteTx {
     }
 
     async fn list_retention_windows(&mut self) -> Result<Vec<Retention>, StoreError> {
-        let rows =
-            self.fetch_all(sqlx::query("SELECT * FROM audit_retention WHERE days IS NOT NULL ORDER BY org_id")).await?;
+        let rows = self.fetch_all(q("SELECT * FROM audit_retention WHERE days IS NOT NULL ORDER BY org_id")).await?;
         rows.iter().map(retention_row).collect()
     }
 
     async fn set_retention_days(&mut self, org: &OrgId, days: Option<u32>) -> Result<(), StoreError> {
         self.execute(
-            sqlx::query(
-                "INSERT INTO audit_retention (org_id, days) VALUES (?, ?)
-                 ON CONFLICT (org_id) DO UPDATE SET days = excluded.days",
-            )
+            q("INSERT INTO audit_retention (org_id, days) VALUES (?, ?)
+                 ON CONFLICT (org_id) DO UPDATE SET days = excluded.days")
             .bind(org.as_str().to_owned())
             .bind(days.map(i64::from)),
         )
@@ -1934,18 +1859,14 @@ impl StoreTx for SqliteTx {
 
     async fn delete_audit_prefix(&mut self, org: &OrgId, upto_seq: i64) -> Result<u64, StoreError> {
         self.execute(
-            sqlx::query(
-                "INSERT INTO audit_retention (org_id, deleted_upto) VALUES (?, ?)
-                 ON CONFLICT (org_id) DO UPDATE SET deleted_upto = excluded.deleted_upto",
-            )
+            q("INSERT INTO audit_retention (org_id, deleted_upto) VALUES (?, ?)
+                 ON CONFLICT (org_id) DO UPDATE SET deleted_upto = excluded.deleted_upto")
             .bind(org.as_str().to_owned())
             .bind(upto_seq),
         )
         .await?;
         self.execute(
-            sqlx::query("DELETE FROM audit_events WHERE org_id = ? AND seq <= ?")
-                .bind(org.as_str().to_owned())
-                .bind(upto_seq),
+            q("DELETE FROM audit_events WHERE org_id = ? AND seq <= ?").bind(org.as_str().to_owned()).bind(upto_seq),
         )
         .await
     }
@@ -1968,7 +1889,7 @@ impl StoreTx for SqliteTx {
     async fn get_job(&mut self, org: &OrgId, id: &JobId) -> Result<Option<Job>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT * FROM jobs WHERE org_id = ? AND id = ?")
+                q("SELECT * FROM jobs WHERE org_id = ? AND id = ?")
                     .bind(org.as_str().to_owned())
                     .bind(id.as_str().to_owned()),
             )
@@ -1976,47 +1897,15 @@ impl StoreTx for SqliteTx {
         row.as_ref().map(job_row).transpose()
     }
 
-    async fn get_job_and_action(
-        &mut self,
-        org: &OrgId,
-        job: Option<&JobId>,
-        action: &ActionId,
-    ) -> Result<(Option<Job>, Option<Action>), StoreError> {
-        let Some(job) = job else { return Ok((None, self.get_action(org, action).await?)) };
-        let rows = self
-            .fetch_all(
-                sqlx::query(
-                    "SELECT * FROM jobs WHERE org_id = ? AND id = ?;
-                     SELECT * FROM actions WHERE org_id = ? AND id = ?",
-                )
-                .bind(org.as_str().to_owned())
-                .bind(job.as_str().to_owned())
-                .bind(org.as_str().to_owned())
-                .bind(action.as_str().to_owned()),
-            )
-            .await?;
-        // The rows of both statements, in order; an action's has `capability`, a job's has not.
-        let mut found = (None, None);
-        for row in &rows {
-            match row.try_column("capability") {
-                Ok(_) => found.1 = Some(action_row(row)?),
-                Err(_) => found.0 = Some(job_row(row)?),
-            }
-        }
-        Ok(found)
-    }
-
     async fn list_jobs(&mut self, org: &OrgId, filter: &JobFilter, page: &Page) -> Result<Vec<Job>, StoreError> {
         let kind = filter.kind.map(JobKind::as_str);
         let state = filter.state.map(JobState::as_str);
         let rows = self
             .fetch_all(
-                sqlx::query(
-                    "SELECT * FROM jobs WHERE org_id = ?
+                q("SELECT * FROM jobs WHERE org_id = ?
                        AND (? IS NULL OR kind = ?) AND (? IS NULL OR state = ?) AND (? IS NULL OR subject = ?)
                        AND (? IS NULL OR id < ?)
-                     ORDER BY id DESC LIMIT ?",
-                )
+                     ORDER BY id DESC LIMIT ?")
                 .bind(org.as_str().to_owned())
                 .bind(kind)
                 .bind(kind)
@@ -2042,13 +1931,11 @@ impl StoreTx for SqliteTx {
             .fetch_optional(
                 // Two probes, each on its partial index (`jobs_due`, `jobs_leased`); one OR over both would scan
                 // every running job on each claim.
-                sqlx::query(
-                    "SELECT * FROM (SELECT * FROM jobs WHERE state = 'queued' AND run_at <= ? ORDER BY run_at LIMIT 1)
+                q("SELECT * FROM (SELECT * FROM jobs WHERE state = 'queued' AND run_at <= ? ORDER BY run_at LIMIT 1)
                      UNION ALL
                      SELECT * FROM (SELECT * FROM jobs WHERE state = 'running' AND lease_until <= ?
                                     ORDER BY lease_until LIMIT 1)
-                     ORDER BY run_at LIMIT 1",
-                )
+                     ORDER BY run_at LIMIT 1")
                 .bind(to_us(now))
                 .bind(to_us(now)),
             )
@@ -2065,11 +1952,9 @@ impl StoreTx for SqliteTx {
 
     async fn next_job_due(&mut self) -> Result<Option<DateTime<Utc>>, StoreError> {
         let row = self
-            .fetch_optional(sqlx::query(
-                "SELECT MIN(t) AS t FROM (
+            .fetch_optional(q("SELECT MIN(t) AS t FROM (
                     SELECT MIN(run_at) AS t FROM jobs WHERE state = 'queued'
-                    UNION ALL SELECT MIN(lease_until) AS t FROM jobs WHERE state = 'running')",
-            ))
+                    UNION ALL SELECT MIN(lease_until) AS t FROM jobs WHERE state = 'running')"))
             .await?;
         match row {
             Some(row) => opt_from_us(get(&row, "t")?),
@@ -2080,7 +1965,7 @@ impl StoreTx for SqliteTx {
     async fn renew_job_lease(&mut self, id: &JobId, owner: &str, until: DateTime<Utc>) -> Result<bool, StoreError> {
         let n = self
             .execute(
-                sqlx::query("UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running' AND lease_owner = ?")
+                q("UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running' AND lease_owner = ?")
                     .bind(to_us(until))
                     .bind(id.as_str().to_owned())
                     .bind(owner.to_owned()),
@@ -2090,12 +1975,12 @@ impl StoreTx for SqliteTx {
     }
 
     async fn release_job_leases(&mut self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        self.execute(sqlx::query("UPDATE jobs SET lease_until = ? WHERE state = 'running'").bind(to_us(now))).await
+        self.execute(q("UPDATE jobs SET lease_until = ? WHERE state = 'running'").bind(to_us(now))).await
     }
 
     async fn count_open_jobs(&mut self) -> Result<Vec<(JobKind, JobState, i64)>, StoreError> {
         let rows = self
-            .fetch_all(sqlx::query(
+            .fetch_all(q(
                 "SELECT kind, state, COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running') GROUP BY kind, state",
             ))
             .await?;
@@ -2115,10 +2000,8 @@ impl StoreTx for SqliteTx {
     async fn insert_webhook(&mut self, w: &Webhook) -> Result<(), StoreError> {
         self.forget_webhooks(&w.org_id);
         self.execute(
-            sqlx::query(
-                "INSERT INTO webhooks (id, org_id, url, events, secret, format, description, created_at, deleted_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
+            q("INSERT INTO webhooks (id, org_id, url, events, secret, format, description, created_at, deleted_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(w.id.as_str().to_owned())
             .bind(w.org_id.as_str().to_owned())
             .bind(w.url.clone())
@@ -2136,7 +2019,7 @@ impl StoreTx for SqliteTx {
     async fn get_webhook(&mut self, org: &OrgId, id: &WebhookId) -> Result<Option<Webhook>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT * FROM webhooks WHERE org_id = ? AND id = ?")
+                q("SELECT * FROM webhooks WHERE org_id = ? AND id = ?")
                     .bind(org.as_str().to_owned())
                     .bind(id.as_str().to_owned()),
             )
@@ -2150,7 +2033,7 @@ impl StoreTx for SqliteTx {
         }
         let rows = self
             .fetch_all(
-                sqlx::query("SELECT * FROM webhooks WHERE org_id = ? AND deleted_at IS NULL ORDER BY id")
+                q("SELECT * FROM webhooks WHERE org_id = ? AND deleted_at IS NULL ORDER BY id")
                     .bind(org.as_str().to_owned()),
             )
             .await?;
@@ -2167,7 +2050,7 @@ impl StoreTx for SqliteTx {
         self.forget_webhooks(org);
         let n = self
             .execute(
-                sqlx::query("UPDATE webhooks SET deleted_at = ? WHERE org_id = ? AND id = ? AND deleted_at IS NULL")
+                q("UPDATE webhooks SET deleted_at = ? WHERE org_id = ? AND id = ? AND deleted_at IS NULL")
                     .bind(to_us(at))
                     .bind(org.as_str().to_owned())
                     .bind(id.as_str().to_owned()),
@@ -2189,10 +2072,8 @@ impl StoreTx for SqliteTx {
     ) -> Result<Vec<Delivery>, StoreError> {
         let rows = self
             .fetch_all(
-                sqlx::query(
-                    "SELECT * FROM webhook_deliveries WHERE org_id = ? AND webhook_id = ? AND (? IS NULL OR id < ?)
-                     ORDER BY id DESC LIMIT ?",
-                )
+                q("SELECT * FROM webhook_deliveries WHERE org_id = ? AND webhook_id = ? AND (? IS NULL OR id < ?)
+                     ORDER BY id DESC LIMIT ?")
                 .bind(org.as_str().to_owned())
                 .bind(webhook.as_str().to_owned())
                 .bind(page.after.clone())
@@ -2205,7 +2086,7 @@ impl StoreTx for SqliteTx {
 
     async fn insert_policy(&mut self, p: &StoredPolicy) -> Result<(), StoreError> {
         self.execute(
-            sqlx::query("INSERT INTO policies (org_id, version, sources, origin, created_at) VALUES (?, ?, ?, ?, ?)")
+            q("INSERT INTO policies (org_id, version, sources, origin, created_at) VALUES (?, ?, ?, ?, ?)")
                 .bind(p.org_id.as_str().to_owned())
                 .bind(p.version.clone())
                 .bind(to_json(&p.sources)?)
@@ -2219,8 +2100,7 @@ impl StoreTx for SqliteTx {
     async fn current_policy(&mut self, org: &OrgId) -> Result<Option<StoredPolicy>, StoreError> {
         let row = self
             .fetch_optional(
-                sqlx::query("SELECT * FROM policies WHERE org_id = ? ORDER BY seq DESC LIMIT 1")
-                    .bind(org.as_str().to_owned()),
+                q("SELECT * FROM policies WHERE org_id = ? ORDER BY seq DESC LIMIT 1").bind(org.as_str().to_owned()),
             )
             .await?;
         row.as_ref().map(policy_row).transpose()
@@ -2510,10 +2390,7 @@ mod tests {
         tx.commit().await.unwrap();
 
         // Remembered: a row changed behind the store's back is not read again ...
-        sqlx::query("UPDATE webhooks SET url = 'https://changed.example'")
-            .execute(&mut store.writer.lock().await.conn)
-            .await
-            .unwrap();
+        store.writer.lock().await.conn.execute_batch("UPDATE webhooks SET url = 'https://changed.example'").unwrap();
         let mut tx = store.write().await.unwrap();
         assert_eq!(urls(tx.list_webhooks(&org.id).await.unwrap()), ["https://hooks.example/in"]);
         // ... until a change through the store forgets them.
@@ -2551,8 +2428,38 @@ mod tests {
         assert_eq!(tx.get_job(&org.id, &second.id).await.unwrap(), Some(second));
     }
 
-    /// An update that finds no row fails the round trip it goes in, before the `COMMIT` sent with it: the
-    /// transaction commits nothing, every later statement fails, and the next writer starts clean.
+    /// A uniqueness conflict refuses one statement and the transaction goes on (a caller may answer the
+    /// conflict); a guard's refusal (a trigger: the audit log is append-only) fails the transaction, so nothing
+    /// after it runs and it cannot commit.
+    #[tokio::test]
+    async fn a_conflict_leaves_the_transaction_going_and_a_guard_refusal_ends_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let (first, second) = (org("o"), org("p"));
+        let mut tx = store.write().await.unwrap();
+        tx.insert_org(&first).await.unwrap();
+        tx.append_audit(&first.id, event("org.created")).await.unwrap();
+        let conflict = tx.insert_org(&first).await.unwrap_err();
+        assert!(matches!(conflict, StoreError::Conflict(_)), "{conflict}");
+        tx.insert_org(&second).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(store.read().await.unwrap().count_orgs().await.unwrap(), 2);
+
+        let turn = WriterTurn(Arc::clone(&store.writer).lock_owned().await);
+        let mut tx = SqliteTx::new(TxConn::Write(turn, store.clone()));
+        tx.insert_org(&org("q")).await.unwrap();
+        let refused = tx.execute(q("UPDATE audit_events SET action = 'rewritten'")).await.unwrap_err();
+        assert!(refused.to_string().contains("append-only"), "{refused}");
+        let after = tx.count_orgs().await.unwrap_err();
+        assert!(after.to_string().contains("can only roll back"), "a refused transaction went on: {after}");
+        assert!(Box::new(tx).commit().await.is_err(), "a refused transaction committed");
+        let mut read = store.read().await.unwrap();
+        assert_eq!(read.count_orgs().await.unwrap(), 2, "the refused transaction wrote");
+        assert_eq!(read.list_audit(&first.id, &AuditFilter::default(), 0, 10).await.unwrap()[0].action, "org.created");
+    }
+
+    /// An update that finds no row fails the transaction before its `COMMIT`: it commits nothing, every later
+    /// statement fails, and the next writer starts clean.
     #[tokio::test]
     async fn a_queued_update_of_a_missing_row_fails_its_transaction_before_the_commit() {
         let dir = tempfile::tempdir().unwrap();
@@ -2568,7 +2475,7 @@ mod tests {
         tx.insert_job(&kept).await.unwrap();
         tx.update_job(&job(&org.id)).await.unwrap();
         let failed = tx.commit().await.unwrap_err();
-        assert!(failed.to_string().contains("a row this transaction updates is gone"), "{failed}");
+        assert!(matches!(&failed, StoreError::Internal(m) if m.contains("vanished")), "{failed}");
         assert_eq!(
             store.read().await.unwrap().get_job(&org.id, &kept.id).await.unwrap(),
             None,
@@ -2580,13 +2487,12 @@ mod tests {
         tx.insert_job(&kept).await.unwrap();
         tx.update_job(&job(&org.id)).await.unwrap();
         let failed = tx.count_orgs().await.unwrap_err();
-        assert!(failed.to_string().contains("a row this transaction updates is gone"), "{failed}");
+        assert!(matches!(&failed, StoreError::Internal(m) if m.contains("vanished")), "{failed}");
         let after = tx.get_job(&org.id, &kept.id).await.unwrap_err();
         assert!(after.to_string().contains("can only roll back"), "a failed transaction went on: {after}");
         assert!(tx.commit().await.is_err(), "a failed transaction committed");
 
-        // Dropped with its transaction open: rolled back at once, in the background (the task spawned by the
-        // drop runs, and takes the writer, before one spawned after it), else before the next one begins.
+        // Dropped with its transaction open: rolled back as it is dropped.
         let mut tx = store.write().await.unwrap();
         tx.insert_job(&kept).await.unwrap();
         assert!(tx.get_job(&org.id, &kept.id).await.unwrap().is_some());
@@ -2674,9 +2580,8 @@ mod tests {
         let level = |store: &SqliteStore| {
             let writer = Arc::clone(&store.writer);
             async move {
-                let mut writer = writer.lock().await;
-                let row = sqlx::query("PRAGMA synchronous").fetch_one(&mut writer.conn).await.unwrap();
-                row.get::<i64, _>(0)
+                let writer = writer.lock().await;
+                writer.conn.query_row("PRAGMA synchronous", [], |row| row.get::<_, i64>(0)).unwrap()
             }
         };
         let synced = || durability.synced.load(Ordering::Acquire);

@@ -28,9 +28,9 @@ pub enum Expect {
     /// An insert, which fails on its own when it cannot insert.
     Insert,
     /// An update of a row the transaction knows is there: one row, or it fails with `StoreError::Internal`
-    /// saying this (on PostgreSQL; SQLite's check raises a message of its own).
+    /// saying this.
     One(String),
-    /// A conditional update: one row, or it fails with [`StoreError::Stale`] saying this (on PostgreSQL).
+    /// A conditional update: one row, or it fails with [`StoreError::Stale`] saying this.
     Unchanged(String),
 }
 
