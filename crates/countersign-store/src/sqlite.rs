@@ -749,6 +749,12 @@ struct Batch {
 /// Audit rows per multi-row `INSERT` (ten values each, far below SQLite's limit on bound values).
 const AUDIT_ROWS_PER_INSERT: usize = 64;
 
+/// A write asked of a read transaction: refused, since only the writer's commits are counted and synced
+/// ([`Durability`]), so a write committed on a reader could be acknowledged before it is on disk.
+fn read_only() -> StoreError {
+    StoreError::Internal("a read transaction cannot write; use a write transaction".into())
+}
+
 /// Runs a statement without values on the writer, kept prepared.
 fn run(conn: &rusqlite::Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(drop)
@@ -884,16 +890,8 @@ impl SqliteTx {
         self.batch.failed = true;
         let ran = match &mut self.conn {
             TxConn::Write(turn, _) => run_writes(&turn.conn, &writes),
-            TxConn::Read(tx) => {
-                let mut ran = Ok(());
-                for (stmt, ..) in &writes {
-                    if let Err(e) = stmt.for_sqlx().execute(&mut **tx).await {
-                        ran = Err(map_sqlx(e));
-                        break;
-                    }
-                }
-                ran
-            }
+            TxConn::Read(_) if !writes.is_empty() => Err(read_only()),
+            TxConn::Read(_) => Ok(()),
         };
         if let Err(e) = ran {
             // A conflict in the audit rows may mean a remembered head was wrong: read them from disk.
@@ -1068,10 +1066,7 @@ impl SqliteTx {
                     (Err(map_lite(e)), constraint)
                 }
             },
-            TxConn::Read(tx) => match stmt.for_sqlx().execute(&mut **tx).await {
-                Ok(done) => (Ok(done.rows_affected()), false),
-                Err(e) => (Err(map_sqlx(e)), false),
-            },
+            TxConn::Read(_) => (Err(read_only()), false),
         };
         self.outcome(done, constraint)
     }
@@ -2426,6 +2421,30 @@ mod tests {
         let mut tx = store.read().await.unwrap();
         assert_eq!(tx.get_job(&org.id, &first.id).await.unwrap(), Some(first));
         assert_eq!(tx.get_job(&org.id, &second.id).await.unwrap(), Some(second));
+    }
+
+    /// Only the writer's commits are counted and synced, so a read transaction refuses every write: one run at
+    /// once, and queued ones at its commit, which then writes nothing.
+    #[tokio::test]
+    async fn a_read_transaction_refuses_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let mut tx = store.read().await.unwrap();
+        let refused = tx.insert_org(&org("o")).await.unwrap_err();
+        assert!(refused.to_string().contains("cannot write"), "{refused}");
+        let mut tx = store.write().await.unwrap();
+        let kept = org("p");
+        tx.insert_org(&kept).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = store.read().await.unwrap();
+        tx.insert_job(&job(&kept.id)).await.unwrap();
+        let refused = tx.commit().await.unwrap_err();
+        assert!(refused.to_string().contains("cannot write"), "{refused}");
+        let mut read = store.read().await.unwrap();
+        assert_eq!(
+            read.list_jobs(&kept.id, &JobFilter::default(), &Page { limit: 10, after: None }).await.unwrap(),
+            Vec::new()
+        );
     }
 
     /// A uniqueness conflict refuses one statement and the transaction goes on (a caller may answer the
