@@ -138,6 +138,14 @@ impl Gateway {
         Ok(caller)
     }
 
+    /// [`Gateway::authenticate`] read from the store, never from the cache: what a long-lived stream asks after
+    /// reading, so that a revocation its read saw (the cache forgets credentials only once the revoking commit
+    /// has returned) is seen here too.
+    pub async fn authenticate_uncached(&self, secret: &str) -> Result<Caller> {
+        let hash = secrets::hash_secret(secret);
+        Ok(self.resolve(secret, &hash, self.now()).await?.0)
+    }
+
     /// The caller behind a secret, read from the store, and when its key or session expires.
     async fn resolve(&self, secret: &str, hash: &str, now: DateTime<Utc>) -> Result<(Caller, Option<DateTime<Utc>>)> {
         let mut tx = self.read().await?;

@@ -80,7 +80,8 @@ pub async fn verify(State(state): State<AppState>, Auth(caller): Auth) -> Result
 const CREDENTIAL_RECHECK: Duration = Duration::from_secs(5);
 
 /// Server-Sent Events: first the events after `Last-Event-ID` (or `?cursor=`), then new ones live. The
-/// credential is checked again before every read and every few seconds; the stream ends once it fails.
+/// credential is checked again before every read, after it (from the store, before its events go out) and
+/// every few seconds; the stream ends once it fails.
 pub async fn stream(
     State(state): State<AppState>,
     Auth(caller): Auth,
@@ -106,6 +107,11 @@ pub async fn stream(
         let still_allowed = |gateway: crate::gateway::Gateway, secret: String| async move {
             gateway.authenticate(&secret).await.ok().filter(|caller| caller.require_user().is_ok())
         };
+        // Asked again after each read and before its events go out, from the store: a read that saw the
+        // credential's revocation (or anything committed after it) must not be served.
+        let allowed_after_read = |gateway: crate::gateway::Gateway, secret: String| async move {
+            gateway.authenticate_uncached(&secret).await.is_ok_and(|caller| caller.require_user().is_ok())
+        };
         loop {
             let Some(caller) = still_allowed(gateway.clone(), secret.clone()).await else { return };
             let page = match gateway.query_audit(&caller, &filter, last_seq, 500).await {
@@ -113,6 +119,9 @@ pub async fn stream(
                 Err(_) => return,
             };
             let Some(last) = page.last() else { break };
+            if !allowed_after_read(gateway.clone(), secret.clone()).await {
+                return;
+            }
             last_seq = last.seq;
             for e in &page {
                 if let Some(event) = to_event(e)
@@ -142,6 +151,9 @@ pub async fn stream(
                     // Live events are filtered the same way as the backlog by re-reading through the query.
                     match gateway.query_audit(&caller, &filter, last_seq, 500).await {
                         Ok(page) => {
+                            if !page.is_empty() && !allowed_after_read(gateway.clone(), secret.clone()).await {
+                                return;
+                            }
                             for e in &page {
                                 last_seq = last_seq.max(e.seq);
                                 if let Some(event) = to_event(e)
