@@ -56,7 +56,7 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions, P
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
 
 use crate::rows::{
-    Cols, action_row, agent_row, approval_row, audit_row, audit_rows, batch_error, checkpoint_row, corrupt,
+    SqlxRow, action_row, agent_row, approval_row, audit_row, audit_rows, batch_error, checkpoint_row, corrupt,
     dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator,
     opt_from_us, opt_us, org_row, policy_row, retention_row, revoked_sessions, seal_pending, session_row, to_json,
     to_us, user_row, webhook_row,
@@ -364,24 +364,8 @@ const MAX_QUEUED_WRITES: usize = 256;
 /// Audit rows per multi-row `INSERT` (ten parameters each, far below PostgreSQL's limit).
 const AUDIT_ROWS_PER_INSERT: usize = 64;
 
-impl Cols for PgRow {
-    fn text(&self, column: &str) -> Result<String, StoreError> {
-        self.try_get(column).map_err(map_sqlx)
-    }
-
-    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
-        self.try_get(column).map_err(map_sqlx)
-    }
-
-    fn int(&self, column: &str) -> Result<i64, StoreError> {
-        self.try_get(column).map_err(map_sqlx)
-    }
-
-    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
-        self.try_get(column).map_err(map_sqlx)
-    }
-
-    fn flag(&self, column: &str) -> Result<bool, StoreError> {
+impl SqlxRow for PgRow {
+    fn flag_of(&self, column: &str) -> Result<bool, StoreError> {
         self.try_get(column).map_err(map_sqlx)
     }
 }

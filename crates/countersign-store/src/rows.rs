@@ -202,6 +202,40 @@ pub trait Cols {
     fn flag(&self, column: &str) -> Result<bool, StoreError>;
 }
 
+/// A sqlx row (SQLite's readers, PostgreSQL's): every column read as sqlx decodes it, the error mapped, except
+/// a boolean, which each backend stores its own way.
+pub trait SqlxRow: sqlx::Row {
+    fn flag_of(&self, column: &str) -> Result<bool, StoreError>;
+}
+
+impl<R> Cols for R
+where
+    R: SqlxRow,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn text(&self, column: &str) -> Result<String, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
+
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
+
+    fn int(&self, column: &str) -> Result<i64, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
+
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        self.try_get(column).map_err(map_sqlx)
+    }
+
+    fn flag(&self, column: &str) -> Result<bool, StoreError> {
+        self.flag_of(column)
+    }
+}
+
 /// A Rust type one column can be read as, through [`Cols`].
 pub trait Column: Sized {
     fn read(row: &impl Cols, column: &str) -> Result<Self, StoreError>;

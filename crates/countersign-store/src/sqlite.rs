@@ -1027,7 +1027,7 @@ impl SqliteTx {
                     (Err(map_lite(e)), constraint)
                 }
             },
-            TxConn::Read(tx) => match stmt.for_sqlx().fetch_all(&mut **tx).await {
+            TxConn::Read(tx) => match stmt.into_sqlx().fetch_all(&mut **tx).await {
                 Ok(rows) => (Ok(rows.into_iter().map(Row::Reader).collect()), false),
                 Err(e) => (Err(map_sqlx(e)), false),
             },
@@ -1046,7 +1046,7 @@ impl SqliteTx {
                     (Err(map_lite(e)), constraint)
                 }
             },
-            TxConn::Read(tx) => match stmt.for_sqlx().fetch_optional(&mut **tx).await {
+            TxConn::Read(tx) => match stmt.into_sqlx().fetch_optional(&mut **tx).await {
                 Ok(row) => (Ok(row.map(Row::Reader)), false),
                 Err(e) => (Err(map_sqlx(e)), false),
             },
@@ -2449,7 +2449,7 @@ mod tests {
 
     /// A uniqueness conflict refuses one statement and the transaction goes on (a caller may answer the
     /// conflict); a guard's refusal (a trigger: the audit log is append-only) fails the transaction, so nothing
-    /// after it runs and it cannot commit.
+    /// after it runs, it cannot commit, and what it did before the refusal (the retention marker) is undone.
     #[tokio::test]
     async fn a_conflict_leaves_the_transaction_going_and_a_guard_refusal_ends_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -2464,16 +2464,18 @@ mod tests {
         tx.commit().await.unwrap();
         assert_eq!(store.read().await.unwrap().count_orgs().await.unwrap(), 2);
 
-        let turn = WriterTurn(Arc::clone(&store.writer).lock_owned().await);
-        let mut tx = SqliteTx::new(TxConn::Write(turn, store.clone()));
+        // A retention cut with no signed checkpoint at its end: the retention marker moves first, then the
+        // append-only guard refuses the delete.
+        let mut tx = store.write().await.unwrap();
         tx.insert_org(&org("q")).await.unwrap();
-        let refused = tx.execute(q("UPDATE audit_events SET action = 'rewritten'")).await.unwrap_err();
+        let refused = tx.delete_audit_prefix(&first.id, 1).await.unwrap_err();
         assert!(refused.to_string().contains("append-only"), "{refused}");
         let after = tx.count_orgs().await.unwrap_err();
         assert!(after.to_string().contains("can only roll back"), "a refused transaction went on: {after}");
-        assert!(Box::new(tx).commit().await.is_err(), "a refused transaction committed");
+        assert!(tx.commit().await.is_err(), "a refused transaction committed");
         let mut read = store.read().await.unwrap();
         assert_eq!(read.count_orgs().await.unwrap(), 2, "the refused transaction wrote");
+        assert_eq!(read.retention(&first.id).await.unwrap().deleted_upto, 0, "the retention marker moved");
         assert_eq!(read.list_audit(&first.id, &AuditFilter::default(), 0, 10).await.unwrap()[0].action, "org.created");
     }
 

@@ -6,11 +6,11 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use countersign_core::store::StoreError;
-use rusqlite::types::{ToSqlOutput, Value as Lite};
+use rusqlite::types::{FromSql, ToSqlOutput, Value as Lite};
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{AssertSqlSafe, Row as _, Sqlite};
 
-use crate::rows::{Cols, corrupt, map_sqlx};
+use crate::rows::{Cols, SqlxRow, map_sqlx};
 use crate::writes::Value;
 
 /// A statement with a `?` for each of its values, in order.
@@ -32,12 +32,15 @@ impl Stmt {
     }
 
     /// The statement as sqlx's, for a reader.
-    pub fn for_sqlx(&self) -> sqlx::query::Query<'_, Sqlite, SqliteArguments> {
-        let mut query = sqlx::query(AssertSqlSafe(self.sql.as_ref()));
-        for value in &self.values {
+    pub fn into_sqlx(self) -> sqlx::query::Query<'static, Sqlite, SqliteArguments> {
+        let mut query = match self.sql {
+            Cow::Borrowed(sql) => sqlx::query(sql),
+            Cow::Owned(sql) => sqlx::query(AssertSqlSafe(sql)),
+        };
+        for value in self.values {
             query = match value {
-                Value::Text(text) => query.bind(text.clone()),
-                Value::Int(int) => query.bind(*int),
+                Value::Text(text) => query.bind(text),
+                Value::Int(int) => query.bind(int),
             };
         }
         query
@@ -118,10 +121,13 @@ pub struct OwnedRow {
 }
 
 impl OwnedRow {
-    fn value(&self, column: &str) -> Result<&Lite, StoreError> {
+    /// The column as `T`, as strictly as sqlx reads it: text only from TEXT, integers only from INTEGER.
+    fn get<T: FromSql>(&self, column: &str) -> Result<T, StoreError> {
         let at = self.columns.iter().position(|c| c == column);
-        at.and_then(|i| self.values.get(i))
-            .ok_or_else(|| StoreError::Internal(format!("no column `{column}` in the row read")))
+        let value = at
+            .and_then(|i| self.values.get(i))
+            .ok_or_else(|| StoreError::Internal(format!("no column `{column}` in the row read")))?;
+        T::column_result(value.into()).map_err(|e| StoreError::Internal(format!("stored {column} cannot be read: {e}")))
     }
 }
 
@@ -131,24 +137,9 @@ pub enum Row {
     Writer(OwnedRow),
 }
 
-impl Cols for SqliteRow {
-    fn text(&self, column: &str) -> Result<String, StoreError> {
-        self.try_get(column).map_err(map_sqlx)
-    }
-
-    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
-        self.try_get(column).map_err(map_sqlx)
-    }
-
-    fn int(&self, column: &str) -> Result<i64, StoreError> {
-        self.try_get(column).map_err(map_sqlx)
-    }
-
-    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
-        self.try_get(column).map_err(map_sqlx)
-    }
-
-    fn flag(&self, column: &str) -> Result<bool, StoreError> {
+/// SQLite stores a boolean as an integer, 0 or 1.
+impl SqlxRow for SqliteRow {
+    fn flag_of(&self, column: &str) -> Result<bool, StoreError> {
         Ok(self.try_get::<i64, _>(column).map_err(map_sqlx)? != 0)
     }
 }
@@ -157,36 +148,28 @@ impl Cols for Row {
     fn text(&self, column: &str) -> Result<String, StoreError> {
         match self {
             Row::Reader(row) => row.text(column),
-            Row::Writer(_) => self.opt_text(column)?.ok_or_else(|| corrupt(column, "NULL")),
+            Row::Writer(row) => row.get(column),
         }
     }
 
     fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
         match self {
             Row::Reader(row) => row.opt_text(column),
-            Row::Writer(row) => match row.value(column)? {
-                Lite::Text(text) => Ok(Some(text.clone())),
-                Lite::Null => Ok(None),
-                other => Err(corrupt(column, &format!("{:?}", other.data_type()))),
-            },
+            Row::Writer(row) => row.get(column),
         }
     }
 
     fn int(&self, column: &str) -> Result<i64, StoreError> {
         match self {
             Row::Reader(row) => row.int(column),
-            Row::Writer(_) => self.opt_int(column)?.ok_or_else(|| corrupt(column, "NULL")),
+            Row::Writer(row) => row.get(column),
         }
     }
 
     fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
         match self {
             Row::Reader(row) => row.opt_int(column),
-            Row::Writer(row) => match row.value(column)? {
-                Lite::Integer(int) => Ok(Some(*int)),
-                Lite::Null => Ok(None),
-                other => Err(corrupt(column, &format!("{:?}", other.data_type()))),
-            },
+            Row::Writer(row) => row.get(column),
         }
     }
 
