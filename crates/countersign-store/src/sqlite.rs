@@ -635,7 +635,10 @@ impl SqliteStore {
             .idle_timeout(None)
             .max_lifetime(None)
             .acquire_timeout(WRITER_WAIT)
-            .connect_with(options)
+            // Readers never change the database (only the writer does, under `Durability`'s counting and
+            // syncs): SQLite refuses any statement that would, whatever the code above it checked.
+            // Checkpoints, which readers run, are not changes in that sense and still run.
+            .connect_with(options.pragma("query_only", "ON"))
             .await
             .map_err(map_sqlx)?;
         migrator(&MIGRATIONS)
@@ -751,6 +754,18 @@ const AUDIT_ROWS_PER_INSERT: usize = 64;
 
 /// A write asked of a read transaction: refused, since only the writer's commits are counted and synced
 /// ([`Durability`]), so a write committed on a reader could be acknowledged before it is on disk.
+/// A writer statement's result as the store's, and whether its error is a constraint refusal, after which
+/// the transaction goes on ([`SqliteTx::outcome`]).
+fn on_writer<T>(result: rusqlite::Result<T>) -> (Result<T, StoreError>, bool) {
+    match result {
+        Ok(value) => (Ok(value), false),
+        Err(e) => {
+            let constraint = is_constraint(&e);
+            (Err(map_lite(e)), constraint)
+        }
+    }
+}
+
 fn read_only() -> StoreError {
     StoreError::Internal("a read transaction cannot write; use a write transaction".into())
 }
@@ -1020,13 +1035,7 @@ impl SqliteTx {
         self.before().await?;
         self.batch.failed = true;
         let (rows, constraint) = match &mut self.conn {
-            TxConn::Write(turn, _) => match stmt.rows(&turn.conn, false) {
-                Ok(rows) => (Ok(rows), false),
-                Err(e) => {
-                    let constraint = is_constraint(&e);
-                    (Err(map_lite(e)), constraint)
-                }
-            },
+            TxConn::Write(turn, _) => on_writer(stmt.rows(&turn.conn, false)),
             TxConn::Read(tx) => match stmt.into_sqlx().fetch_all(&mut **tx).await {
                 Ok(rows) => (Ok(rows.into_iter().map(Row::Reader).collect()), false),
                 Err(e) => (Err(map_sqlx(e)), false),
@@ -1039,13 +1048,7 @@ impl SqliteTx {
         self.before().await?;
         self.batch.failed = true;
         let (row, constraint) = match &mut self.conn {
-            TxConn::Write(turn, _) => match stmt.rows(&turn.conn, true) {
-                Ok(rows) => (Ok(rows.into_iter().next()), false),
-                Err(e) => {
-                    let constraint = is_constraint(&e);
-                    (Err(map_lite(e)), constraint)
-                }
-            },
+            TxConn::Write(turn, _) => on_writer(stmt.rows(&turn.conn, true).map(|rows| rows.into_iter().next())),
             TxConn::Read(tx) => match stmt.into_sqlx().fetch_optional(&mut **tx).await {
                 Ok(row) => (Ok(row.map(Row::Reader)), false),
                 Err(e) => (Err(map_sqlx(e)), false),
@@ -1059,13 +1062,7 @@ impl SqliteTx {
         self.before().await?;
         self.batch.failed = true;
         let (done, constraint) = match &mut self.conn {
-            TxConn::Write(turn, _) => match stmt.execute(&turn.conn) {
-                Ok(n) => (Ok(n as u64), false),
-                Err(e) => {
-                    let constraint = is_constraint(&e);
-                    (Err(map_lite(e)), constraint)
-                }
-            },
+            TxConn::Write(turn, _) => on_writer(stmt.execute(&turn.conn).map(|n| n as u64)),
             TxConn::Read(_) => (Err(read_only()), false),
         };
         self.outcome(done, constraint)
@@ -2445,6 +2442,10 @@ mod tests {
             read.list_jobs(&kept.id, &JobFilter::default(), &Page { limit: 10, after: None }).await.unwrap(),
             Vec::new()
         );
+        // Below that check, the reader connections themselves refuse to change the database.
+        let refused = sqlx::query("DELETE FROM orgs").execute(&store.reader).await.unwrap_err();
+        assert!(refused.to_string().contains("readonly"), "{refused}");
+        assert_eq!(store.read().await.unwrap().count_orgs().await.unwrap(), 1);
     }
 
     /// A uniqueness conflict refuses one statement and the transaction goes on (a caller may answer the
