@@ -240,6 +240,8 @@ impl Gateway {
         };
 
         let mut work = self.write().await?;
+        // Times are read once the turn is ours, so a wait for the writer does not shorten the approval window.
+        let now = self.now();
         // A model call's claim defers its sync. Said before the first statement, so SQLite does not begin the
         // transaction to sync its commit; taken back below if the call is not claimed.
         work.defer_sync(inline && matches!(request.target, Some(Target::Llm(_))));

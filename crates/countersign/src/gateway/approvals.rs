@@ -67,7 +67,6 @@ impl Gateway {
     ) -> Result<(Approval, Action)> {
         let user = Self::decider(caller)?.clone();
         let org = caller.org_id().clone();
-        let now = self.now();
         let mut work = self.write().await?;
         let mut approval =
             work.tx.get_approval(&org, id).await?.ok_or_else(|| Error::not_found("approval", id.as_str()))?;
@@ -76,6 +75,9 @@ impl Gateway {
             .get_action(&org, &approval.action_id)
             .await?
             .ok_or_else(|| Error::Internal(format!("approval {id} has no action")))?;
+        // Read once the approval is ours (the writer's turn on SQLite, its row lock on PostgreSQL): a decision
+        // that waited past the deadline must find it expired, as the expiry timer queued behind it would.
+        let now = self.now();
         self.check_group(&user, &approval)?;
         if approval.status != ApprovalStatus::Pending {
             return Err(Error::Conflict {

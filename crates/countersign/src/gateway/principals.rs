@@ -348,10 +348,20 @@ impl Gateway {
     }
 
     pub async fn revoke_key(&self, caller: &Caller, id: &KeyId) -> Result<()> {
-        caller.require_admin()?;
+        let me = caller.require_admin()?;
         let org = caller.org_id().clone();
         let now = self.now();
         let mut work = self.write().await?;
+        // The instance admin's keys are its only way in (no other path mints it one once the store is set up),
+        // so an org admin revoking them would lock it out for good, as disabling it would.
+        if !me.instance_admin {
+            let owner = work.tx.list_keys(&org).await?.into_iter().find(|k| &k.id == id).map(|k| k.principal);
+            if let Some(PrincipalRef::User(user)) = owner
+                && work.tx.get_user(&org, &user).await?.is_some_and(|u| u.instance_admin)
+            {
+                return Err(Error::Forbidden("only the instance admin may revoke the instance admin's keys".into()));
+            }
+        }
         let Some(sessions) = work.tx.revoke_key(&org, id, now).await? else {
             return Err(Error::not_found("active key", id.as_str()));
         };

@@ -511,6 +511,22 @@ async fn an_org_admin_cannot_take_over_the_instance_admin() {
         .unwrap()
         .to_owned();
     assert_eq!(ops.delete_user(&admin_id).await.unwrap().status, 403);
+    // Nor revoke its keys, which would lock it out as surely: nothing else mints it one.
+    let keys = ops.list_keys().await.unwrap();
+    let admin_keys: Vec<String> = keys.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["user"] == admin_id.as_str())
+        .map(|k| k["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!admin_keys.is_empty(), "{:?}", keys.body);
+    for id in &admin_keys {
+        let revoked = ops.revoke_key(id).await.unwrap();
+        assert_eq!(revoked.status, 403, "{:?}", revoked.body);
+        assert!(revoked.str("/detail").contains("instance admin"), "{:?}", revoked.body);
+    }
+    assert_eq!(server.admin.list_users().await.unwrap().status, 200, "the instance admin's key still works");
     // The instance admin itself still can.
     assert_eq!(server.admin.create_key("user", "admin").await.unwrap().status, 201);
     server.stop().await;
