@@ -135,25 +135,33 @@ pub fn signature(secret: &str, unix: i64, body: &[u8]) -> Result<String> {
     Ok(format!("t={unix},v1={}", hex::encode(mac.finalize().into_bytes())))
 }
 
+/// Text for Slack's mrkdwn with its three control characters escaped, so what an agent wrote (its reasoning
+/// above all) shows as written and cannot mention `@channel` or pose as a link (`<https://…|Open in
+/// Countersign>`) beside the real one.
+fn mrkdwn_text(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
 /// A Slack incoming-webhook message for an event.
 fn slack_body(event: &Value) -> Value {
     let kind = event["type"].as_str().unwrap_or("event");
     let data = &event["data"];
     let action = &data["action"];
-    let agent = action["agent"]["name"].as_str().unwrap_or("an agent");
-    let capability = action["capability"].as_str().unwrap_or("?");
+    let field = |value: &Value, absent: &str| mrkdwn_text(value.as_str().unwrap_or(absent));
+    let agent = field(&action["agent"]["name"], "an agent");
+    let capability = field(&action["capability"], "?");
     let approval_url = data["approval"]["url"].as_str();
     let headline = match kind {
         "approval.requested" => format!(
             "*{agent}* asks to `{capability}` (rule `{}`) — needs {} approval(s)",
-            data["approval"]["rule"].as_str().unwrap_or("?"),
+            field(&data["approval"]["rule"], "?"),
             data["approval"]["quorum"]
         ),
         "approval.decided" => {
-            format!("Approval for *{agent}* `{capability}` is {}", data["approval"]["status"].as_str().unwrap_or("?"))
+            format!("Approval for *{agent}* `{capability}` is {}", field(&data["approval"]["status"], "?"))
         }
         "approval.expired" => format!("Approval for *{agent}* `{capability}` expired unanswered"),
-        _ => format!("*{agent}* `{capability}` ended {}", action["state"].as_str().unwrap_or("?")),
+        _ => format!("*{agent}* `{capability}` ended {}", field(&action["state"], "?")),
     };
     let mut text = headline.clone();
     if let Some(url) = approval_url {
@@ -163,7 +171,7 @@ fn slack_body(event: &Value) -> Value {
     if kind == "approval.requested"
         && let Some(reasoning) = action["reasoning"].as_str()
     {
-        let shown: String = reasoning.chars().take(2000).collect();
+        let shown = mrkdwn_text(&reasoning.chars().take(2000).collect::<String>());
         blocks
             .push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!("Reasoning: {shown}")}]}));
     }

@@ -149,8 +149,11 @@ async fn every_event_kind_is_delivered_and_slack_gets_its_own_shape() {
     subscribe(&server, &slack, json!(["approval.requested"]), "slack").await;
     let agent = server.agent("ops").await;
 
-    // Held, then approved: requested, decided, finished.
-    let held = agent.submit_action(&action("payments.charge.card")).await.unwrap();
+    // Held, then approved: requested, decided, finished. Its reasoning tries Slack's markup: a channel-wide
+    // mention and a link posing as the real one.
+    let mut charge = action("payments.charge.card");
+    charge["reasoning"] = json!({"goal": "<!channel> see <https://evil.example/ui/login|Open in Countersign> & pay"});
+    let held = agent.submit_action(&charge).await.unwrap();
     assert_eq!(held.status, 202);
     let approved = server.admin.approve(held.str("/approval/id"), Some("fine")).await.unwrap();
     assert_eq!(approved.status, 200);
@@ -201,12 +204,22 @@ async fn every_event_kind_is_delivered_and_slack_gets_its_own_shape() {
 
     // Both requests reach Slack, in whichever order their deliveries ran.
     let mut texts = Vec::new();
+    let mut reasonings = Vec::new();
     for _ in 0..2 {
         let message = slack.next().await;
         assert!(message.signature_ok);
-        assert!(message.body["blocks"].as_array().is_some_and(|b| !b.is_empty()));
+        let blocks = message.body["blocks"].as_array().unwrap();
+        assert!(!blocks.is_empty());
         texts.push(message.body["text"].as_str().unwrap().to_owned());
+        reasonings.extend(blocks.iter().filter(|b| b["type"] == "context").map(|b| b.to_string()));
     }
+    // The agent's words arrive as text, escaped: no mention, no link but the gateway's own.
+    let reasoning = reasonings.iter().find(|r| r.contains("evil.example")).unwrap_or_else(|| panic!("{reasonings:?}"));
+    assert!(
+        reasoning.contains("&lt;!channel&gt; see &lt;https://evil.example/ui/login|Open in Countersign&gt; &amp; pay"),
+        "{reasoning}"
+    );
+    assert!(!reasoning.contains("<!channel>") && !reasoning.contains("<https://evil"), "{reasoning}");
     let text = texts.iter().find(|t| t.contains("payments.charge.card")).unwrap_or_else(|| panic!("{texts:?}"));
     assert!(text.contains("ops"), "{text}");
     assert!(text.contains("/ui/approvals/apr_"), "links to the dashboard: {text}");
