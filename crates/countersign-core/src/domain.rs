@@ -242,9 +242,11 @@ pub struct HttpTarget {
     pub body: Option<Value>,
 }
 
-/// Headers an agent may not set on a frozen request: credentials come from the server configuration, and
-/// framing and idempotency headers are the gateway's.
-pub const FORBIDDEN_TARGET_HEADERS: [&str; 9] = [
+/// Headers an agent may not set on a frozen request: credentials come from the server configuration;
+/// framing, hop-by-hop and idempotency headers are the gateway's; and the forwarding and override family
+/// would let a request a human approved as one thing be routed or read upstream as another (another host or
+/// tenant behind a proxy that trusts them, a spoofed client address, a `DELETE` sent as the approved `POST`).
+pub const FORBIDDEN_TARGET_HEADERS: [&str; 23] = [
     "authorization",
     "proxy-authorization",
     "cookie",
@@ -252,9 +254,26 @@ pub const FORBIDDEN_TARGET_HEADERS: [&str; 9] = [
     "content-length",
     "transfer-encoding",
     "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
     "idempotency-key",
     "x-api-key",
+    "forwarded",
+    "via",
+    "x-real-ip",
+    "x-client-ip",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
 ];
+
+/// Header name prefixes refused the same way: `x-forwarded-for`, `-host`, `-proto`, `-port`, `-prefix`, ….
+pub const FORBIDDEN_TARGET_HEADER_PREFIXES: [&str; 1] = ["x-forwarded-"];
 
 impl HttpTarget {
     /// Checks what serde cannot: the method, the path shape and the headers.
@@ -277,11 +296,15 @@ impl HttpTarget {
                 self.path
             ));
         }
-        if let Some(name) =
-            self.headers.keys().find(|name| FORBIDDEN_TARGET_HEADERS.contains(&name.to_ascii_lowercase().as_str()))
-        {
+        let forbidden = |name: &str| {
+            let name = name.to_ascii_lowercase();
+            FORBIDDEN_TARGET_HEADERS.contains(&name.as_str())
+                || FORBIDDEN_TARGET_HEADER_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+        };
+        if let Some(name) = self.headers.keys().find(|name| forbidden(name)) {
             return Err(format!(
-                "target.headers may not set `{name}`: credentials and framing come from the server configuration"
+                "target.headers may not set `{name}`: credentials, framing, forwarding and method-override headers \
+                 are the gateway's and the server configuration's"
             ));
         }
         Ok(())

@@ -225,7 +225,12 @@ impl Connectors {
         request = request.headers(configured);
         if let Some(body) = &target.body {
             let bytes = serde_json::to_vec(body).map_err(|e| ConnectorError::Invalid(e.to_string()))?;
-            request = request.header("content-type", "application/json").body(bytes);
+            // The body is JSON; an agent's own JSON media type (`application/merge-patch+json`) is kept and
+            // sent once (reqwest adds a header beside one already set, it does not replace it).
+            if !target.headers.keys().any(|name| name.eq_ignore_ascii_case("content-type")) {
+                request = request.header("content-type", "application/json");
+            }
+            request = request.body(bytes);
         }
         let response = request.send().await.map_err(|e| sent_and_lost(&e.without_url()))?;
         let status = response.status().as_u16();

@@ -125,6 +125,38 @@ async fn approval_replays_the_frozen_request_exactly_once_and_wakes_the_waiter()
     server.stop().await;
 }
 
+/// What an agent may not put in a frozen request's headers: the forwarding and method-override family (which
+/// a proxy in front of the upstream may trust to route or read the request as something else) and hop-by-hop
+/// headers, refused at submission with 422 naming the header. Its own JSON media type is sent, once.
+#[tokio::test]
+async fn frozen_requests_carry_no_routing_headers_and_one_content_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let server = TestServer::start(dir.path(), Some(&upstream.url)).await;
+    let bot = server.agent("bot").await;
+    for name in ["X-Forwarded-Host", "x-forwarded-for", "Forwarded", "X-HTTP-Method-Override", "TE", "Upgrade"] {
+        let mut submitted = http_action("email.send.message");
+        submitted["target"]["headers"] = json!({name: "evil"});
+        let refused = bot.submit_action(&submitted).await.unwrap();
+        assert_eq!(refused.status, 422, "{name}: {:?}", refused.body);
+        assert!(refused.str("/detail").contains(&format!("may not set `{name}`")), "{:?}", refused.body);
+    }
+    assert_eq!(upstream.count(), 0, "nothing refused was sent");
+
+    let mut patch = http_action("email.send.message");
+    patch["target"]["headers"] = json!({"Content-Type": "application/merge-patch+json", "X-Request-Source": "bot"});
+    let sent = bot.submit_action(&patch).await.unwrap();
+    assert_eq!(sent.status, 202, "allowed, and running: {:?}", sent.body);
+    let done = bot.wait_action(sent.str("/id"), 10.0).await.unwrap();
+    assert_eq!(done.str("/state"), "succeeded", "{:?}", done.body);
+    let requests = upstream.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1);
+    let types: Vec<_> = requests[0].headers.get_all("content-type").iter().collect();
+    assert_eq!(types, ["application/merge-patch+json"], "one content type, the agent's");
+    assert_eq!(&requests[0].body[..], br#"{"amount":1200,"currency":"eur"}"#);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn routing_quorum_owner_and_who_may_decide() {
     let dir = tempfile::tempdir().unwrap();
