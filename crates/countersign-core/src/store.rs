@@ -179,6 +179,7 @@ pub trait StoreTx: Send {
     async fn insert_key(&mut self, key: &ApiKey) -> Result<(), StoreError>;
     async fn find_key_by_hash(&mut self, hash: &str) -> Result<Option<ApiKey>, StoreError>;
     async fn list_keys(&mut self, org: &OrgId) -> Result<Vec<ApiKey>, StoreError>;
+    async fn get_key(&mut self, org: &OrgId, id: &KeyId) -> Result<Option<ApiKey>, StoreError>;
     /// Revokes an active key and the sessions minted with it: `None` when no active key has this id in the
     /// org, else the ids of the sessions it ended.
     async fn revoke_key(

@@ -919,6 +919,14 @@ impl StoreTx for PgTx {
         rows.iter().map(key_row).collect()
     }
 
+    async fn get_key(&mut self, org: &OrgId, id: &KeyId) -> Result<Option<ApiKey>, StoreError> {
+        let query = sqlx::query("SELECT * FROM api_keys WHERE org_id = $1 AND id = $2")
+            .bind(org.as_str().to_owned())
+            .bind(id.as_str().to_owned());
+        let row = self.fetch_optional(query).await?;
+        row.as_ref().map(key_row).transpose()
+    }
+
     async fn revoke_key(
         &mut self,
         org: &OrgId,

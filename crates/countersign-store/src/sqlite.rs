@@ -1328,6 +1328,14 @@ impl StoreTx for SqliteTx {
         rows.iter().map(key_row).collect()
     }
 
+    async fn get_key(&mut self, org: &OrgId, id: &KeyId) -> Result<Option<ApiKey>, StoreError> {
+        let query = q("SELECT * FROM api_keys WHERE org_id = ? AND id = ?")
+            .bind(org.as_str().to_owned())
+            .bind(id.as_str().to_owned());
+        let row = self.fetch_optional(query).await?;
+        row.as_ref().map(key_row).transpose()
+    }
+
     async fn revoke_key(
         &mut self,
         org: &OrgId,

@@ -402,6 +402,9 @@ mod checks {
         assert_eq!(tx.find_key_by_hash("nope").await.unwrap(), None, "{n}");
         assert_eq!(tx.list_keys(&o1.id).await.unwrap().len(), 2, "{n}");
         assert!(tx.list_keys(&o2.id).await.unwrap().is_empty(), "{n}");
+        assert_eq!(tx.get_key(&o1.id, &user_key.id).await.unwrap(), Some(user_key.clone()), "{n}");
+        assert_eq!(tx.get_key(&o2.id, &user_key.id).await.unwrap(), None, "{n}: wrong org");
+        assert_eq!(tx.get_key(&o1.id, &KeyId::new()).await.unwrap(), None, "{n}");
         assert_eq!(tx.revoke_key(&o2.id, &key.id, now()).await.unwrap(), None, "{n}: wrong org");
         assert_eq!(tx.revoke_key(&o1.id, &key.id, now()).await.unwrap(), Some(vec![]), "{n}");
         assert!(tx.find_key_by_hash(&key.hash).await.unwrap().unwrap().revoked_at.is_some(), "{n}");

@@ -97,6 +97,14 @@ impl AuthCache {
     }
 }
 
+/// A key's 401 restated for a session minted, or about to be minted, with it; other errors as they are.
+pub(super) fn of_minting_key(error: Error, key: &str) -> Error {
+    match error {
+        Error::Unauthenticated(why) => Error::Unauthenticated(format!("{key} no longer works: {why}")),
+        other => other,
+    }
+}
+
 impl Gateway {
     /// Empties the credential cache (after the replica feed was lost and messages may have been missed).
     pub fn forget_cached_credentials(&self) {
@@ -168,6 +176,17 @@ impl Gateway {
                     .await?
                     .filter(|a| a.disabled_at.is_none())
                     .ok_or_else(|| Error::Unauthenticated("the agent of this session is disabled".into()))?;
+                // The key it was minted with must still stand, whatever the order of the commits that minted
+                // the session and revoked the key or disabled its owner (on PostgreSQL a revocation's cascade
+                // cannot see a session minted in a transaction still open).
+                if let Some(id) = &session.minted_with {
+                    let key = tx.get_key(&session.org_id, id).await?.ok_or_else(|| {
+                        Error::Unauthenticated("the key this session was minted with no longer exists".into())
+                    })?;
+                    self.key_standing(&mut *tx, &key)
+                        .await
+                        .map_err(|e| of_minting_key(e, "the key this session was minted with"))?;
+                }
                 let expires_at = session.expires_at;
                 Ok((Caller::Session { session: Box::new(session), agent }, Some(expires_at)))
             }
@@ -196,12 +215,22 @@ impl Gateway {
         tx: &mut dyn countersign_core::store::StoreTx,
         hash: &str,
     ) -> Result<(Caller, Option<DateTime<Utc>>)> {
-        let now = self.now();
         let key = tx
             .find_key_by_hash(hash)
             .await?
             .filter(|k| secrets::hashes_equal(&k.hash, hash))
             .ok_or_else(|| Error::Unauthenticated("unknown API key".into()))?;
+        self.key_standing(tx, &key).await
+    }
+
+    /// The caller a key stands for, unless it is revoked or expired or its principal is disabled (401 naming
+    /// which); and when it expires.
+    pub(super) async fn key_standing(
+        &self,
+        tx: &mut dyn countersign_core::store::StoreTx,
+        key: &countersign_core::domain::ApiKey,
+    ) -> Result<(Caller, Option<DateTime<Utc>>)> {
+        let now = self.now();
         if key.revoked_at.is_some() {
             return Err(Error::Unauthenticated("this API key has been revoked".into()));
         }

@@ -93,10 +93,11 @@ impl Gateway {
             Some(hash) => work.tx.find_key_by_hash(hash).await?.filter(|k| secrets::hashes_equal(&k.hash, hash)),
             None => None,
         };
-        if minting_key.as_ref().is_some_and(|k| k.revoked_at.is_some() || k.expires_at.is_some_and(|at| at <= now)) {
-            return Err(Error::Unauthenticated(
-                "the key this session would be minted with is revoked or expired".into(),
-            ));
+        // Revoked, expired, or its user or agent disabled since the request was authenticated.
+        if let Some(key) = &minting_key {
+            self.key_standing(&mut *work.tx, key)
+                .await
+                .map_err(|e| super::auth::of_minting_key(e, "the key this session would be minted with"))?;
         }
         let secret = secrets::generate(SecretKind::SessionToken);
         let created_by = match caller {

@@ -317,6 +317,65 @@ async fn orgs_are_isolated() {
     server.stop().await;
 }
 
+/// A session stands only while the key it was minted with does. Minting with a key whose user was disabled
+/// after the request was authenticated is refused; and a session that a revocation's cascade missed (minted
+/// in a transaction still open when the revocation committed, which PostgreSQL allows) stops working anyway.
+#[tokio::test]
+async fn a_session_never_outlives_the_key_it_was_minted_with() {
+    use countersign::gateway::SessionRequest;
+    use countersign_core::secrets::{SecretKind, generate, hash_secret};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let gateway = server.gateway();
+    let bot = server.agent("bot").await;
+    assert_eq!(server.admin.create_user("bob", "admin").await.unwrap().status, 201);
+    let bob_key = server.admin.create_key("user", "bob").await.unwrap().str("/key").to_owned();
+    let request = |key: &str| SessionRequest {
+        agent: Some("bot".into()),
+        ttl_seconds: Some(600),
+        scopes: None,
+        minting_key_hash: Some(hash_secret(key)),
+    };
+
+    // Bob is authenticated, then disabled before his mint reaches the writer.
+    let bob = gateway.authenticate(&bob_key).await.unwrap();
+    let users = server.admin.list_users().await.unwrap();
+    let bob_id = users.body["items"].as_array().unwrap().iter().find(|u| u["name"] == "bob").unwrap()["id"].clone();
+    assert_eq!(server.admin.delete_user(bob_id.as_str().unwrap()).await.unwrap().status, 204);
+    let refused = gateway.create_session(&bob, request(&bob_key)).await.map(|c| c.token).unwrap_err();
+    assert!(refused.to_string().contains("the user of this key is disabled"), "{refused}");
+
+    // A session written as if its mint had committed after the revocation of its key.
+    let bot_key = bot.key().unwrap().to_owned();
+    let countersign::gateway::Caller::Agent(agent) = gateway.authenticate(&bot_key).await.unwrap() else {
+        panic!("an agent key")
+    };
+    let minted =
+        gateway.create_session(&gateway.authenticate(&bot_key).await.unwrap(), request(&bot_key)).await.unwrap();
+    let key_id = minted.session.minted_with.clone().unwrap();
+    assert!(gateway.authenticate(&minted.token).await.is_ok());
+    let keys = server.admin.list_keys().await.unwrap();
+    assert!(keys.body["items"].as_array().unwrap().iter().any(|k| k["id"] == key_id.as_str()));
+    assert_eq!(server.admin.revoke_key(key_id.as_str()).await.unwrap().status, 204);
+    let late = generate(SecretKind::SessionToken);
+    let mut tx = gateway.store().write().await.unwrap();
+    let session = countersign_core::domain::Session {
+        id: countersign_core::ids::SessionId::new(),
+        hash: late.hash.clone(),
+        revoked_at: None,
+        ..minted.session.clone()
+    };
+    assert_eq!(session.org_id, agent.org_id);
+    tx.insert_session(&session).await.unwrap();
+    tx.commit().await.unwrap();
+    let refused = gateway.authenticate(&late.plaintext).await.map(|_| ()).unwrap_err();
+    assert!(refused.to_string().contains("minted with no longer works: this API key has been revoked"), "{refused}");
+    let over_http = server.admin.with_key(late.plaintext).submit_action(&action("email.send.message")).await.unwrap();
+    assert_eq!(over_http.status, 401, "{:?}", over_http.body);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn sessions_are_scoped_and_revocable() {
     let dir = tempfile::tempdir().unwrap();
