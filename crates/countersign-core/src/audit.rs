@@ -192,6 +192,20 @@ pub fn canonical_hash(value: &Value) -> String {
     hex::encode(Sha256::digest(canonical_json(value).as_bytes()))
 }
 
+/// The event retention appends, by the system, after it deleted the log's prefix up to `upto_seq` (in the same
+/// transaction). A log (or an export) that begins after seq 1 holds one whose `upto_seq` is the seq just before
+/// its first event; without it, the missing prefix was cut by something other than retention.
+pub const RETENTION_APPLIED: &str = "audit.retention_applied";
+
+impl AuditEvent {
+    /// Whether this is retention's own record of cutting the log up to `upto_seq`.
+    pub fn records_retention_upto(&self, upto_seq: i64) -> bool {
+        self.action == RETENTION_APPLIED
+            && self.actor == Actor::system()
+            && self.data.get("upto_seq").and_then(Value::as_i64) == Some(upto_seq)
+    }
+}
+
 /// Result of walking a chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChainReport {

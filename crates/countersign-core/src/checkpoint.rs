@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 use sha2::{Digest, Sha256};
 
-use crate::audit::{AuditEvent, GENESIS_HASH, canonical_json};
+use crate::audit::{AuditEvent, GENESIS_HASH, RETENTION_APPLIED, canonical_json};
 
 /// A signed statement of an org's chain head.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,6 +260,10 @@ fn read_key_file(path: &Path) -> Result<AuditSigner, CheckpointError> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportReport {
     pub ok: bool,
+    /// The org the export's events belong to (the first one read): one instance signs every org's log with
+    /// the same key, so a whole export of another org would verify as well; the reader must check it.
+    #[serde(default)]
+    pub org_id: Option<String>,
     /// Event lines read.
     pub events: u64,
     /// Checkpoint lines read.
@@ -290,7 +294,10 @@ pub struct ExportReport {
 ///   each `hash` recomputes ([`AuditEvent::compute_hash`]), as in [`crate::audit::ChainVerifier`];
 /// - the first event has seq 1 and `prev_hash` [`GENESIS_HASH`]; or, for a retained export whose prefix was
 ///   deleted, a correctly signed checkpoint at its seq − 1 appears before it and its `head_hash` equals the
-///   first event's `prev_hash`;
+///   first event's `prev_hash`, and the file holds retention's record of that cut (a system
+///   [`crate::audit::RETENTION_APPLIED`] event whose `upto_seq` is that seq − 1), so a beginning cut off
+///   behind any other signed checkpoint fails;
+/// - no checkpoint's seq is past the last event (its end was cut off behind a checkpoint that outlives it);
 /// - every checkpoint's `key_id` names the given key and its signature verifies; where its seq is covered by
 ///   the file (from the first event's seq − 1, through the `prev_hash`, to the last event's seq), its
 ///   `head_hash` equals the hash at that seq. A bad checkpoint is reported at its own seq.
@@ -494,6 +501,8 @@ struct ExportVerifier {
     pending: BTreeMap<i64, Vec<(usize, String)>>,
     /// The highest seq a valid checkpoint vouches for.
     signed_upto: Option<i64>,
+    /// For an export that begins after seq 1: whether it holds retention's record of that cut.
+    cut_recorded: bool,
     failure: Option<(Option<i64>, String)>,
 }
 
@@ -512,6 +521,7 @@ impl ExportVerifier {
             hashes: Vec::new(),
             pending: BTreeMap::new(),
             signed_upto: None,
+            cut_recorded: false,
             failure: None,
         }
     }
@@ -602,6 +612,12 @@ impl ExportVerifier {
             }
         };
         self.hashes.push(digest);
+        if let Some(first) = self.first_seq
+            && first > 1
+            && event.records_retention_upto(first - 1)
+        {
+            self.cut_recorded = true;
+        }
         for (cp_line, head_hash) in self.pending.remove(&seq).unwrap_or_default() {
             if head_hash != event.hash {
                 self.fail(Some(seq), checkpoint_mismatch(cp_line, seq, &head_hash, &event.hash));
@@ -698,6 +714,34 @@ impl ExportVerifier {
         if self.events == 0 {
             self.fail(None, "the export holds no events".to_owned());
         }
+        // A head cut off: the only prefix a log may lack is the one retention deleted, and retention records
+        // each cut in the log it leaves. (A checkpoint at seq − 1 is not enough: the server signs one wherever
+        // an export or a checkpoint request found the head.)
+        if let Some(first) = self.first_seq.filter(|&f| f > 1 && self.failure.is_none())
+            && !self.cut_recorded
+        {
+            self.fail(
+                Some(first),
+                format!(
+                    "the export begins at seq {first}, but no {RETENTION_APPLIED} event in it records retention \
+                     deleting the log up to seq {}: its beginning was cut off",
+                    first - 1
+                ),
+            );
+        }
+        // A tail cut off behind a checkpoint that outlives it: that checkpoint vouches for events not here.
+        if let (Some(last), Some((&seq, lines))) = (self.last_verified_seq(), self.pending.iter().next())
+            && self.failure.is_none()
+        {
+            let line = lines.first().map_or(0, |(line, _)| *line);
+            self.fail(
+                Some(last + 1),
+                format!(
+                    "the checkpoint at seq {seq} (line {line}) vouches for events up to seq {seq}, but the export \
+                     ends at seq {last}: its end was cut off"
+                ),
+            );
+        }
         // A chain anyone could have recomputed proves nothing: the last event must be vouched for by a
         // checkpoint signed with the key (an export from the server always ends with one).
         if let Some(last) = self.last_verified_seq().filter(|_| self.failure.is_none())
@@ -718,6 +762,7 @@ impl ExportVerifier {
         };
         ExportReport {
             ok: reason.is_none(),
+            org_id: self.org,
             events: self.events,
             checkpoints: self.checkpoints,
             first_seq: self.first_seq,
@@ -761,6 +806,25 @@ mod tests {
                 },
             ));
         }
+        out
+    }
+
+    /// `chain(org, n)` and then retention's record of having deleted the log up to `upto_seq`.
+    fn chain_then_retention(org: &OrgId, n: usize, upto_seq: i64) -> Vec<AuditEvent> {
+        let mut out = chain(org, n);
+        let last = out.last().map(|e| (e.seq, e.hash.clone())).unwrap_or((0, GENESIS_HASH.into()));
+        out.push(AuditEvent::seal(
+            org.clone(),
+            last.0,
+            &last.1,
+            NewAuditEvent {
+                time_us: T + n as i64,
+                actor: Actor::system(),
+                action: crate::audit::RETENTION_APPLIED.into(),
+                subject: Some(org.to_string()),
+                data: serde_json::json!({"days": 1, "deleted": upto_seq, "upto_seq": upto_seq, "checkpoint_seq": upto_seq}),
+            },
+        ));
         out
     }
 
@@ -899,6 +963,7 @@ mod tests {
             report,
             ExportReport {
                 ok: true,
+                org_id: Some(events[0].org_id.to_string()),
                 events: 5,
                 checkpoints: 2,
                 first_seq: Some(1),
@@ -982,7 +1047,7 @@ mod tests {
     #[test]
     fn export_without_seq_1_needs_a_checkpoint_before_it() {
         let signer = AuditSigner::generate();
-        let events = chain(&OrgId::new(), 6);
+        let events = chain_then_retention(&OrgId::new(), 5, 3);
         let kept = &events[3..];
         let cp3 = checkpoint_of(&signer, &events[2]);
 
@@ -1026,6 +1091,58 @@ mod tests {
         lines.extend(kept.iter().map(Line::E));
         let report = verify(&export(&lines), &signer);
         assert_eq!(report.first_broken_seq, Some(4), "{report:?}");
+    }
+
+    /// A checkpoint at seq − 1 and one at the end are not enough: the server signs one wherever an export or a
+    /// checkpoint request found the head, so an export with its beginning cut off would carry both. Only a cut
+    /// that retention recorded in the log passes.
+    #[test]
+    fn a_cut_beginning_needs_retentions_record_of_the_cut() {
+        let signer = AuditSigner::generate();
+        let org = OrgId::new();
+        let events = chain(&org, 6);
+        let (cp3, cp6) = (checkpoint_of(&signer, &events[2]), checkpoint_of(&signer, &events[5]));
+        let mut lines = vec![Line::C(&cp3)];
+        lines.extend(events[3..].iter().map(Line::E));
+        lines.push(Line::C(&cp6));
+        let report = verify(&export(&lines), &signer);
+        assert!(!report.ok, "{report:?}");
+        assert_eq!(report.first_broken_seq, Some(4), "{report:?}");
+        let reason = report.reason.unwrap();
+        assert!(
+            reason.contains("no audit.retention_applied event in it records retention deleting the log up to seq 3"),
+            "{reason}"
+        );
+
+        // Retention's record of another cut (up to seq 2) does not vouch for this one.
+        let events = chain_then_retention(&org, 5, 2);
+        let (cp3, cp6) = (checkpoint_of(&signer, &events[2]), checkpoint_of(&signer, &events[5]));
+        let mut lines = vec![Line::C(&cp3)];
+        lines.extend(events[3..].iter().map(Line::E));
+        lines.push(Line::C(&cp6));
+        assert_eq!(verify(&export(&lines), &signer).first_broken_seq, Some(4));
+    }
+
+    /// A checkpoint past the last event vouches for events the file does not hold: its end was cut off.
+    #[test]
+    fn a_checkpoint_past_the_last_event_is_a_cut_end() {
+        let signer = AuditSigner::generate();
+        let events = chain(&OrgId::new(), 5);
+        let (cp3, cp5) = (checkpoint_of(&signer, &events[2]), checkpoint_of(&signer, &events[4]));
+        let mut lines: Vec<Line<'_>> = events[..3].iter().map(Line::E).collect();
+        lines.push(Line::C(&cp3));
+        lines.push(Line::C(&cp5));
+        let report = verify(&export(&lines), &signer);
+        assert!(!report.ok, "{report:?}");
+        assert_eq!(report.first_broken_seq, Some(4), "{report:?}");
+        assert!(
+            report.reason.unwrap().contains(
+                "the checkpoint at seq 5 (line 5) vouches for events up to seq 5, but the export ends at seq 3"
+            )
+        );
+        // Without it, the same three events pass.
+        lines.pop();
+        assert!(verify(&export(&lines), &signer).ok);
     }
 
     #[test]

@@ -150,8 +150,9 @@ fn verify_export(ctx: &Ctx, file: &Path, public_key: &str) -> Outcome {
         output::json(&json!(report))?;
     } else if report.ok {
         output::out(&format!(
-            "ok: {} events (seq {} to {}), {} signed checkpoints, head {}",
+            "ok: {} events of org {} (seq {} to {}), {} signed checkpoints, head {}",
             report.events,
+            report.org_id.as_deref().unwrap_or("-"),
             report.first_seq.unwrap_or(0),
             report.last_seq.unwrap_or(0),
             report.checkpoints,

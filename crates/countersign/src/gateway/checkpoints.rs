@@ -59,13 +59,19 @@ impl Gateway {
         };
         // A checkpoint is never signed over a hash the chain no longer has: say so instead of handing out
         // a pair that cannot verify.
-        if stored.head_hash != head.hash {
+        if !self.vouches_for(&stored, &head.hash) {
             return Err(Error::Internal(format!(
-                "the checkpoint stored at seq {} does not match the audit chain there; run audit verify",
+                "the checkpoint stored at seq {} does not vouch for the audit chain there (its hash differs, or \
+                 another key signed it); run audit verify",
                 head.seq
             )));
         }
         Ok(Some(stored))
+    }
+
+    /// Whether a stored checkpoint is this instance's signature over `hash`.
+    fn vouches_for(&self, checkpoint: &Checkpoint, hash: &str) -> bool {
+        checkpoint.head_hash == hash && verify_checkpoint(checkpoint, &self.inner.signer.public_key_base64()).is_ok()
     }
 
     /// Stores a checkpoint and answers the one stored at its seq. Another replica may have signed the same
@@ -296,8 +302,24 @@ impl Gateway {
         }
     }
 
-    /// Deletes the events older than the window, behind a signed checkpoint at the last deleted seq.
+    /// Deletes the events older than the window, behind a signed checkpoint at the last deleted seq. Never while
+    /// the log fails verification: the events it would delete may be what shows the tampering, and a fresh
+    /// checkpoint over a rewritten hash would launder it.
     async fn apply_retention(&self, org: &OrgId) -> Result<serde_json::Value> {
+        let report = {
+            let mut tx = self.read().await?;
+            self.verify_chain(&mut *tx, org).await?
+        };
+        if !report.ok {
+            return Err(Error::Conflict {
+                message: format!(
+                    "the audit log fails verification at seq {}: retention deletes nothing until that is explained \
+                     (GET /v1/audit/verify)",
+                    report.first_broken_seq.map_or_else(|| "?".to_owned(), |s| s.to_string())
+                ),
+                state: None,
+            });
+        }
         let now = self.now();
         let mut work = self.write().await?;
         let retention = work.tx.retention(org).await?;
@@ -317,16 +339,30 @@ impl Gateway {
             .next()
             .filter(|e| e.seq == upto)
             .ok_or_else(|| Error::Internal(format!("audit event {upto} vanished")))?;
-        if work.tx.checkpoint_at(org, upto).await?.is_none() {
-            let checkpoint = self.inner.signer.sign(org.as_str(), upto, &event.hash, event.time_us);
-            self.store_checkpoint(&mut *work.tx, org, &checkpoint).await?;
+        match work.tx.checkpoint_at(org, upto).await? {
+            None => {
+                let checkpoint = self.inner.signer.sign(org.as_str(), upto, &event.hash, event.time_us);
+                self.store_checkpoint(&mut *work.tx, org, &checkpoint).await?;
+            }
+            // The checkpoint the cut will stand on must vouch for it, or the log could never verify again.
+            Some(stored) => {
+                if !self.vouches_for(&stored, &event.hash) {
+                    return Err(Error::Conflict {
+                        message: format!(
+                            "the stored checkpoint at seq {upto} does not vouch for the event there (another key \
+                             signed it, or its hash differs): retention deletes nothing behind it"
+                        ),
+                        state: None,
+                    });
+                }
+            }
         }
         let deleted = work.tx.delete_audit_prefix(org, upto).await?;
         work.audit(
             org,
             now,
             &Actor::system(),
-            "audit.retention_applied",
+            countersign_core::audit::RETENTION_APPLIED,
             Some(org.as_str()),
             json!({"days": days, "deleted": deleted, "upto_seq": upto, "checkpoint_seq": upto}),
         )
@@ -342,25 +378,39 @@ impl Gateway {
     /// checkpoint past the last event is a break too: the events it vouched for are gone.
     pub async fn verify_audit(&self, caller: &Caller) -> Result<ChainReport> {
         caller.require_admin()?;
-        let org = caller.org_id();
-        let public_key = self.inner.signer.public_key_base64();
         let mut tx = self.read().await?;
+        self.verify_chain(&mut *tx, caller.org_id()).await
+    }
+
+    /// [`Gateway::verify_audit`] in a transaction of the caller's.
+    async fn verify_chain(&self, tx: &mut dyn StoreTx, org: &OrgId) -> Result<ChainReport> {
+        let public_key = self.inner.signer.public_key_base64();
         let retention = tx.retention(org).await?;
-        let mut verifier = if retention.deleted_upto > 0 {
-            let checkpoint = tx.checkpoint_at(org, retention.deleted_upto).await?;
+        let cut = retention.deleted_upto;
+        // Where the log was cut, if it was, and nothing vouches for the cut: broken there, even with no events
+        // after it (an empty log after a cut is not a verified one).
+        let mut bad_cut: Option<i64> = None;
+        let mut verifier = if cut > 0 {
+            let checkpoint = tx.checkpoint_at(org, cut).await?;
             match checkpoint {
                 Some(c) if verify_checkpoint(&c, &public_key).is_ok() => {
                     ChainVerifier::starting_after(c.seq, &c.head_hash)
                 }
                 // Without a valid checkpoint the first remaining event cannot be vouched for.
-                _ => ChainVerifier::default(),
+                _ => {
+                    bad_cut = Some(cut + 1);
+                    ChainVerifier::starting_after(cut, "")
+                }
             }
         } else {
             ChainVerifier::default()
         };
+        // Retention records each cut in the log it leaves: a prefix gone without that record was cut by
+        // something else (plain SQL moving the retention marker).
+        let mut cut_recorded = cut == 0;
         // The first stored checkpoint that fails; events are walked in seq order, so the first found is it.
         let mut bad_checkpoint: Option<i64> = None;
-        let mut after = retention.deleted_upto;
+        let mut after = cut;
         loop {
             let page = tx.list_audit(org, &AuditFilter::default(), after, VERIFY_PAGE).await?;
             let Some(last) = page.last() else { break };
@@ -373,6 +423,7 @@ impl Gateway {
             let mut checkpoints = checkpoints.into_iter().peekable();
             for event in &page {
                 verifier.push(event);
+                cut_recorded |= event.records_retention_upto(cut);
                 while let Some(c) = checkpoints.next_if(|c| c.seq <= event.seq) {
                     let vouches =
                         c.seq == event.seq && c.head_hash == event.hash && verify_checkpoint(&c, &public_key).is_ok();
@@ -388,8 +439,11 @@ impl Gateway {
         {
             bad_checkpoint = Some(c.seq);
         }
+        if !cut_recorded {
+            bad_cut = Some(cut + 1);
+        }
         let mut report = verifier.finish();
-        if let Some(seq) = bad_checkpoint {
+        for seq in bad_checkpoint.into_iter().chain(bad_cut) {
             report.ok = false;
             report.first_broken_seq = Some(report.first_broken_seq.map_or(seq, |broken| broken.min(seq)));
         }

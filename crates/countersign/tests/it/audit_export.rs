@@ -56,6 +56,8 @@ async fn exports_verify_offline_and_retention_keeps_the_chain_verifiable() {
     let (code, out) = verify_offline(dir.path(), "full.jsonl", &text, &public_key);
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("ok:"), "{out}");
+    let org = serde_json::from_str::<serde_json::Value>(text.lines().next().unwrap()).unwrap()["org_id"].clone();
+    assert!(out.contains(&format!(" of org {} ", org.as_str().unwrap())), "names whose log it is: {out}");
 
     let queued = admin.post("/v1/audit/exports", &json!({})).await.unwrap();
     assert_eq!(queued.status, 202);
@@ -170,16 +172,24 @@ async fn rewrite_event(data_dir: &std::path::Path, org: &OrgId, seq: i64) {
     }
 }
 
-#[tokio::test]
-async fn online_verify_holds_a_rewritten_chain_against_its_signed_checkpoints() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path(), None).await;
+/// A server with three actions submitted and the head then signed (`POST /v1/audit/checkpoints`'s answer).
+async fn signed_after_three_actions(
+    data_dir: &std::path::Path,
+) -> (TestServer, countersign::client::Client, countersign::client::ApiResponse) {
+    let server = TestServer::start(data_dir, None).await;
     let agent = server.agent("writer").await;
     for _ in 0..3 {
         assert_eq!(agent.submit_action(&action("email.send.message")).await.unwrap().status, 200);
     }
     let signed = server.admin.post("/v1/audit/checkpoints", &json!({})).await.unwrap();
     assert_eq!(signed.status, 201, "{:?}", signed.body);
+    (server, agent, signed)
+}
+
+#[tokio::test]
+async fn online_verify_holds_a_rewritten_chain_against_its_signed_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, agent, signed) = signed_after_three_actions(dir.path()).await;
     let checkpoint_seq = signed.body["checkpoint"]["seq"].as_i64().unwrap();
     let org = OrgId::parse(signed.str("/checkpoint/org_id")).unwrap();
     // Signing the same head again answers the stored checkpoint.
@@ -202,5 +212,53 @@ async fn online_verify_holds_a_rewritten_chain_against_its_signed_checkpoints() 
     assert_eq!(verified.status, 200);
     assert_eq!(verified.body["ok"], false, "the rewritten chain is whole but the checkpoint says otherwise");
     assert_eq!(verified.body["first_broken_seq"], checkpoint_seq, "{:?}", verified.body);
+    // Retention deletes nothing from a log that fails verification: what it would delete may be the evidence,
+    // and a fresh checkpoint over the rewritten hash would launder it.
+    let set = server.admin.send(reqwest::Method::PUT, "/v1/audit/retention", Some(&json!({"days": 1}))).await.unwrap();
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    let run = server.admin.get(&format!("/v1/jobs/{}/wait?timeout=10", set.str("/job/id"))).await.unwrap();
+    assert_eq!(run.str("/state"), "failed", "{:?}", run.body);
+    let error = run.str("/error");
+    assert!(error.contains(&format!("fails verification at seq {checkpoint_seq}")), "{error}");
+    server.stop().await;
+}
+
+/// Someone with write access to the database can move the retention marker and delete a prefix behind any
+/// stored checkpoint, which the schema's delete guard allows. Retention records every cut it makes in the log
+/// it leaves, so a cut without that record, or behind a checkpoint that does not verify, never verifies, even
+/// when no event follows it.
+#[tokio::test]
+async fn a_prefix_cut_by_hand_never_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, agent, signed) = signed_after_three_actions(dir.path()).await;
+    let cut = signed.body["checkpoint"]["seq"].as_i64().unwrap().to_string();
+    let org = signed.str("/checkpoint/org_id").to_owned();
+    assert_eq!(agent.submit_action(&action("email.send.message")).await.unwrap().status, 200);
+    server.stop().await;
+
+    let mark = "INSERT INTO audit_retention (org_id, deleted_upto) VALUES (?, CAST(? AS BIGINT))
+                ON CONFLICT (org_id) DO UPDATE SET deleted_upto = excluded.deleted_upto";
+    let delete = "DELETE FROM audit_events WHERE org_id = ? AND seq <= CAST(? AS BIGINT)";
+    // Behind a valid checkpoint (the one just signed): the prefix is gone with no record of retention.
+    raw_sql(dir.path(), mark, &[&org, &cut]).await.unwrap();
+    assert!(raw_sql(dir.path(), delete, &[&org, &cut]).await.unwrap() > 0);
+    let server = TestServer::start(dir.path(), None).await;
+    let verified = server.admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(verified.body["ok"], false, "{:?}", verified.body);
+    let after_cut = cut.parse::<i64>().unwrap() + 1;
+    assert_eq!(verified.body["first_broken_seq"], after_cut, "{:?}", verified.body);
+    server.stop().await;
+
+    // Behind a junk checkpoint far past the head, with every event gone: nothing follows the cut to break.
+    let far = "1000000";
+    let junk = "INSERT INTO audit_checkpoints (org_id, seq, head_hash, time_us, key_id, signature)
+                VALUES (?, CAST(? AS BIGINT), 'h', 1, 'k', 's')";
+    raw_sql(dir.path(), junk, &[&org, far]).await.unwrap();
+    raw_sql(dir.path(), mark, &[&org, far]).await.unwrap();
+    assert!(raw_sql(dir.path(), delete, &[&org, far]).await.unwrap() > 0);
+    let server = TestServer::start(dir.path(), None).await;
+    let verified = server.admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(verified.body["ok"], false, "{:?}", verified.body);
+    assert_eq!(verified.body["first_broken_seq"], 1_000_001, "{:?}", verified.body);
     server.stop().await;
 }
