@@ -114,6 +114,10 @@ fn condition_cases() -> Vec<ConditionCase> {
         case("content case-insensitive", "{ content_patterns: [\"send.*email\"] }", "x", "llm.chat.completion", chat("SEND THE EMAIL"), true),
         case("content no match", "{ content_patterns: [\"send.*email\"] }", "x", "llm.chat.completion", chat("write a poem"), false),
         case("content list any", "{ content_patterns: [\"nomatch\", \"post.*slack\"] }", "x", "llm.chat.completion", chat("post it to slack"), true),
+        // Token-id prompts cannot be read: they meet a restrictive rule's patterns (the probe denies).
+        case("content token-id prompt", "{ content_patterns: [\"payroll\"] }", "x", "llm.text.completion", json!({"model": "m", "prompt": [1, 2, 3], "text": ""}), true),
+        case("content token-id batch", "{ content_patterns: [\"payroll\"] }", "x", "llm.embedding.create", json!({"model": "m", "input": [[1, 2], [3]], "text": ""}), true),
+        case("content text prompt list", "{ content_patterns: [\"payroll\"] }", "x", "llm.text.completion", json!({"model": "m", "prompt": ["a poem"], "text": "a poem"}), false),
         case("content single pattern", "{ content_patterns: \"post.*slack\" }", "x", "llm.chat.completion", chat("post it to slack"), true),
         case("content keys are not scanned", "{ content_patterns: [\"send_email\"] }", "x", "tool.call.run", json!({"send_email": true}), false),
         case("content nested string value", "{ content_patterns: [\"secret\"] }", "x", "tool.call.run", json!({"a": {"b": [1, {"c": "top SECRET"}]}}), true),
@@ -535,6 +539,36 @@ rules:
         let verdict = decide(&policy, "a", capability, &json!({"note": text}), 0)?;
         assert_eq!(verdict.rule, rule, "{text} / {capability}: {}", verdict.explanation);
     }
+    Ok(())
+}
+
+/// A prompt given as token ids cannot be read by content patterns: it meets those of a rule that denies or
+/// holds (saying why), and none of a rule that allows.
+#[test]
+fn token_id_prompts_meet_restrictions_and_win_no_allowance() -> TestResult {
+    let policy = load(
+        "version: 1
+defaults: { effect: deny }
+rules:
+  - { name: harmless, effect: allow, conditions: { capability: \"llm.*\", content_patterns: [\"poem\"] } }
+",
+    )?;
+    let tokens = json!({"model": "m", "prompt": [15496, 995], "text": ""});
+    let verdict = decide(&policy, "a", "llm.text.completion", &tokens, 0)?;
+    assert_eq!(verdict.rule, "default", "{}", verdict.explanation);
+    let words = json!({"model": "m", "prompt": "a poem", "text": "a poem"});
+    assert_eq!(decide(&policy, "a", "llm.text.completion", &words, 0)?.rule, "harmless");
+
+    let policy = load(
+        "version: 1
+rules:
+  - { name: payroll, effect: require_approval, conditions: { capability: \"llm.*\", content_patterns: [\"payroll\"] } }
+",
+    )?;
+    let verdict =
+        decide(&policy, "a", "llm.embedding.create", &json!({"model": "m", "input": [[1, 2]], "text": ""}), 0)?;
+    assert_eq!(verdict.rule, "payroll", "{}", verdict.explanation);
+    assert!(verdict.explanation.contains("token ids"), "{}", verdict.explanation);
     Ok(())
 }
 

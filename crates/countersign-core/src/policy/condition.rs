@@ -53,6 +53,20 @@ impl<'a> Subject<'a> {
         self.prior_successes == 0
     }
 
+    /// Whether the prompt or input is given (partly) as token ids, which OpenAI's completions and embeddings
+    /// accept (`prompt`/`input`: integers, or arrays of them) and which no content pattern can read. Like a
+    /// number its parsers disagree on, such text meets the content patterns of a rule that denies or holds,
+    /// and none of one that allows: unreadable text can neither slip a restriction nor win an allowance.
+    fn has_token_ids(&self) -> bool {
+        ["prompt", "input"].iter().filter_map(|field| self.params.get(*field)?.as_array()).any(|items| {
+            items.iter().any(|item| match item {
+                Json::Number(_) => true,
+                Json::Array(inner) => inner.iter().any(Json::is_number),
+                _ => false,
+            })
+        })
+    }
+
     /// Every string value in `params`, at any depth, never keys; collected on first use.
     fn strings(&self) -> &[&'a str] {
         self.strings.get_or_init(|| collect_strings(self.params))
@@ -209,6 +223,7 @@ impl Conditions {
         }
         if let Some(content) = &self.content
             && content.first_hit(subject)?.is_none()
+            && !(restrictive && subject.has_token_ids())
         {
             return Err(Miss::Content);
         }
@@ -266,6 +281,11 @@ impl Conditions {
         if let Some(content) = &self.content {
             match content.first_hit(subject).ok().flatten().and_then(|index| content.sources.get(index)) {
                 Some(pattern) => reasons.push(format!("parameter text matches content pattern `{pattern}`")),
+                None if subject.has_token_ids() => reasons.push(
+                    "the prompt is given as token ids, which content patterns cannot read: a rule that denies or \
+                     holds takes it as matching"
+                        .to_owned(),
+                ),
                 None => reasons.push("parameter text matches a content pattern".to_owned()),
             }
         }

@@ -535,7 +535,6 @@ impl Gateway {
     /// Withdraws a pending action: its own agent (or session) or an admin.
     pub async fn cancel_action(&self, caller: &Caller, id: &ActionId) -> Result<Action> {
         let org = caller.org_id().clone();
-        let now = self.now();
         // Lock the approval before the action, in the same order as deciding does.
         let approval_id = self.read().await?.get_action(&org, id).await?.and_then(|a| a.approval_id);
         let mut work = self.write().await?;
@@ -544,6 +543,7 @@ impl Gateway {
             None => None,
         };
         let mut action = work.tx.get_action(&org, id).await?.ok_or_else(|| Error::not_found("action", id.as_str()))?;
+        let now = self.now();
         match caller {
             Caller::User(_) => {
                 caller.require_admin()?;
@@ -558,12 +558,20 @@ impl Gateway {
         action.decided_at = Some(now);
         action.finished_at = Some(now);
         work.tx.update_action(&action).await?;
+        let mut cancelled_approval = None;
         if let Some(mut approval) = locked_approval {
             approval.status = approval.status.transition(ApprovalStatus::Cancelled)?;
             approval.decided_at = Some(now);
             work.tx.update_approval(&approval).await?;
+            cancelled_approval = Some(approval.id);
         }
-        work.audit(&org, now, &caller.actor(), "action.cancelled", Some(action.id.as_str()), json!({})).await?;
+        let data = json!({"approval_id": cancelled_approval});
+        work.audit(&org, now, &caller.actor(), "action.cancelled", Some(action.id.as_str()), data).await?;
+        // The approval left the queue too: its own trail (`?subject=apr_…`) says so, as for every other end.
+        if let Some(approval_id) = &cancelled_approval {
+            let data = json!({"action_id": action.id});
+            work.audit(&org, now, &caller.actor(), "approval.cancelled", Some(approval_id.as_str()), data).await?;
+        }
         work.emit("action.finished", super::webhooks::action_data(&action));
         work.action_changed(&org, &action.id);
         work.commit(self).await?;

@@ -154,6 +154,32 @@ impl Gateway {
         Ok(self.resolve(secret, &hash, self.now()).await?.0)
     }
 
+    /// Checks, from the store, that `secret` still stands for `caller`: what a request that waited (a long
+    /// poll, a held model call) asks before it answers or sends, so a credential revoked (or its principal
+    /// disabled) meanwhile gets 401 instead of the outcome.
+    pub async fn still_stands(&self, secret: &str, caller: &Caller) -> Result<()> {
+        let now = match self.authenticate_uncached(secret).await {
+            Ok(now) => now,
+            Err(Error::Unauthenticated(why)) => {
+                return Err(Error::Unauthenticated(format!(
+                    "this credential stopped working while the request waited: {why}"
+                )));
+            }
+            Err(other) => return Err(other),
+        };
+        let same = match (&now, caller) {
+            (Caller::User(a), Caller::User(b)) => a.id == b.id,
+            (Caller::Agent(a), Caller::Agent(b)) => a.id == b.id,
+            (Caller::Session { session: a, .. }, Caller::Session { session: b, .. }) => a.id == b.id,
+            _ => false,
+        };
+        if same {
+            Ok(())
+        } else {
+            Err(Error::Unauthenticated("this credential changed while the request waited".into()))
+        }
+    }
+
     /// The caller behind a secret, read from the store, and when its key or session expires.
     async fn resolve(&self, secret: &str, hash: &str, now: DateTime<Utc>) -> Result<(Caller, Option<DateTime<Utc>>)> {
         let mut tx = self.read().await?;

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::auth::Auth;
+use super::auth::{Auth, AuthThatWaits};
 use super::problem::{ApiJson, ApiPath, ApiQuery, problem_response};
 use super::{AppState, next_cursor, page_from, views};
 use crate::error::{Error, Result};
@@ -99,7 +99,7 @@ fn action_response(body: Value, action: &Action) -> Response {
 
 pub async fn submit(
     State(state): State<AppState>,
-    Auth(caller): Auth,
+    AuthThatWaits(caller, secret): AuthThatWaits,
     ApiQuery(query): ApiQuery<WaitQuery>,
     ApiJson(body): ApiJson<SubmitBody>,
 ) -> Result<Response> {
@@ -111,6 +111,7 @@ pub async fn submit(
         && !wait.is_zero()
     {
         outcome.action = state.gateway.wait_action(&caller, &outcome.action.id, wait).await?;
+        state.gateway.still_stands(&secret, &caller).await?;
         outcome.approval = state.gateway.approval_of(&outcome.action).await?;
     }
     Ok(submit_response(&state, &outcome))
@@ -132,12 +133,13 @@ pub async fn get(
 
 pub async fn wait(
     State(state): State<AppState>,
-    Auth(caller): Auth,
+    AuthThatWaits(caller, secret): AuthThatWaits,
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> Result<Json<Value>> {
     let timeout = wait_duration(query.timeout.or(query.wait))?.unwrap_or(Duration::from_secs(30));
     let action = state.gateway.wait_action(&caller, &parse_action_id(&id)?, timeout).await?;
+    state.gateway.still_stands(&secret, &caller).await?;
     let approval = state.gateway.approval_of(&action).await?;
     Ok(Json(views::action(&state.gateway, &action, approval.as_ref(), None)))
 }

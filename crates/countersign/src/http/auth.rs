@@ -36,6 +36,19 @@ pub fn presented_secret_in(headers: &axum::http::HeaderMap) -> Result<&str, Erro
     Err(Error::Unauthenticated("no credential: send `Authorization: Bearer <Countersign key>`".into()))
 }
 
+/// An authenticated caller and the secret it presented, for a request that may wait a long time: its handler
+/// asks [`crate::gateway::Gateway::still_stands`] before it answers.
+pub struct AuthThatWaits(pub Caller, pub String);
+
+impl FromRequestParts<AppState> for AuthThatWaits {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let Auth(caller) = Auth::from_request_parts(parts, state).await?;
+        Ok(AuthThatWaits(caller, presented_secret(parts)?.to_owned()))
+    }
+}
+
 impl FromRequestParts<AppState> for Auth {
     type Rejection = Error;
 

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::actions::wait_duration;
-use super::auth::Auth;
+use super::auth::{Auth, AuthThatWaits};
 use super::problem::{ApiJson, ApiPath, ApiQuery};
 use super::{AppState, next_cursor, page_from, views};
 use crate::error::{Error, Result};
@@ -65,12 +65,13 @@ pub async fn get(
 
 pub async fn wait(
     State(state): State<AppState>,
-    Auth(caller): Auth,
+    AuthThatWaits(caller, secret): AuthThatWaits,
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<TimeoutQuery>,
 ) -> Result<Json<Value>> {
     let timeout = wait_duration(query.timeout)?.unwrap_or(Duration::from_secs(30));
     let job = state.gateway.wait_job(&caller, &parse_job_id(&id)?, timeout).await?;
+    state.gateway.still_stands(&secret, &caller).await?;
     Ok(Json(views::job(&job)))
 }
 

@@ -136,7 +136,18 @@ fn caller_of(context: &RequestContext<RoleServer>) -> Result<(Caller, Option<Sec
         .extensions
         .get::<Parts>()
         .ok_or_else(|| ErrorData::internal_error("the request reached MCP without its HTTP parts", None))?;
-    Ok((caller_in(parts)?, parts.extensions.get::<Secret>().cloned()))
+    Ok((caller_in(parts)?, secret_in(parts)))
+}
+
+fn secret_in(parts: &Parts) -> Option<Secret> {
+    parts.extensions.get::<Secret>().cloned()
+}
+
+/// After a wait: the credential must still stand for the caller (see [`Gateway::still_stands`]); a request
+/// without its secret, which the authentication in front always adds, is refused as well.
+pub(super) async fn still_stands(gateway: &Gateway, secret: Option<&Secret>, caller: &Caller) -> Result<(), Error> {
+    let secret = secret.ok_or_else(|| Error::Internal("the request reached MCP without its credential".into()))?;
+    gateway.still_stands(&secret.0, caller).await
 }
 
 /// A gateway error as a tool error carrying the problem body.
@@ -290,6 +301,7 @@ impl McpServer {
                     Some(s) => crate::gateway::wait_seconds("timeout_seconds", s)?,
                 };
                 let action = self.gateway.wait_action(&caller, &parse_action_id(&args.id)?, timeout).await?;
+                still_stands(&self.gateway, secret_in(&parts).as_ref(), &caller).await?;
                 Ok(action_result(&self.gateway, &self.outcome_of(action).await?))
             }
             .await,
@@ -460,8 +472,10 @@ impl ServerHandler for McpServer {
             let call = ToolCallContext::new(self, request, context);
             return self.tool_router.call(call).await;
         }
-        let (caller, _) = caller_of(&context)?;
-        upstream_tools::call(&self.gateway, &caller, request, &context.meta).await.map(CallToolResponse::from)
+        let (caller, secret) = caller_of(&context)?;
+        upstream_tools::call(&self.gateway, &caller, secret.as_ref(), request, &context.meta)
+            .await
+            .map(CallToolResponse::from)
     }
 
     /// With upstream MCP servers configured, tells this client `notifications/tools/list_changed` whenever

@@ -17,6 +17,7 @@ use rmcp::ErrorData;
 use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, JsonObject, RequestMetaObject, Tool};
 use serde_json::{Value, json};
 
+use super::Secret;
 use super::server::{internal, next_steps};
 use crate::connectors::Service;
 use crate::error::Error;
@@ -70,6 +71,7 @@ fn unknown_tool(name: &str) -> ErrorData {
 pub async fn call(
     gateway: &Gateway,
     caller: &Caller,
+    secret: Option<&Secret>,
     request: CallToolRequestParams,
     meta: &RequestMetaObject,
 ) -> Result<CallToolResult, ErrorData> {
@@ -109,12 +111,13 @@ pub async fn call(
     };
     let call =
         McpCall { server: server.to_owned(), tool: tool.to_owned(), arguments: Value::Object(arguments), reasoning };
-    Ok(governed(gateway, caller, &name, call, hold).await.unwrap_or_else(|e| gateway_error(&e)))
+    Ok(governed(gateway, caller, secret, &name, call, hold).await.unwrap_or_else(|e| gateway_error(&e)))
 }
 
 async fn governed(
     gateway: &Gateway,
     caller: &Caller,
+    secret: Option<&Secret>,
     name: &str,
     call: McpCall,
     hold: Option<Duration>,
@@ -146,9 +149,12 @@ async fn governed(
             let decided = if limit.is_zero() {
                 action.clone()
             } else {
-                gateway
+                let decided = gateway
                     .wait_action_until(caller, &action.id, limit, |a| a.state != ActionState::PendingApproval)
-                    .await?
+                    .await?;
+                // A credential revoked during the hold gets no answer (the approved call is the job's).
+                super::server::still_stands(gateway, secret, caller).await?;
+                decided
             };
             match decided.state {
                 ActionState::PendingApproval => Ok(pending(name, &decided, outcome.approval.as_ref())),

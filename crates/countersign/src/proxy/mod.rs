@@ -260,6 +260,9 @@ async fn governed(
                 let decided = gateway
                     .wait_action_until(caller, &action.id, limit, |a| a.state != ActionState::PendingApproval)
                     .await?;
+                // A credential revoked during the hold gets neither the call carried out on its connection
+                // nor its answer (an approved call is then carried out by its job, as for a client that left).
+                gateway.still_stands(crate::http::auth::presented_secret_in(headers)?, caller).await?;
                 match decided.state {
                     ActionState::PendingApproval => pending(gateway, &decided, &approval, &token),
                     ActionState::Approved => execute(gateway, caller, dialect, &decided, stream).await?,

@@ -122,7 +122,8 @@ pub fn params(provider: &str, body: &Value) -> Value {
 }
 
 /// Every string under `value` except structural keys and inline binary. Numbers (token-id prompts) are
-/// not text. Free-form JSON the model wrote or reads whole (a `tool_use` block's `input`, object-valued
+/// not text: the policy sees them in the params as they came and takes such a prompt as meeting the content
+/// patterns of a rule that denies or holds (`policy::condition`). Free-form JSON the model wrote or reads whole (a `tool_use` block's `input`, object-valued
 /// `arguments`) is taken whole, keys included, so no key name hides a value from policy.
 fn collect_text(value: &Value, out: &mut Vec<String>) {
     match value {

@@ -45,6 +45,15 @@ async fn allowed_denied_and_held_actions() {
     assert_eq!(status.str("/status"), "pending");
     assert_eq!(status.body.get("params"), None, "the token reveals only the status");
 
+    // Withdrawn by its agent: the approval leaves the queue, and its own trail says so.
+    let approval_id = held.str("/approval/id");
+    let cancelled = bot.post(&format!("/v1/actions/{}/cancel", held.str("/id")), &json!({})).await.unwrap();
+    assert_eq!((cancelled.status, cancelled.str("/state")), (200, "cancelled"), "{:?}", cancelled.body);
+    let trail = server.admin.get(&format!("/v1/audit?subject={approval_id}")).await.unwrap();
+    let kinds: Vec<&str> =
+        trail.body["events"].as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    assert!(kinds.contains(&"approval.requested") && kinds.contains(&"approval.cancelled"), "{kinds:?}");
+
     let verify = server.admin.get("/v1/audit/verify").await.unwrap();
     assert_eq!(verify.body["ok"], json!(true), "{:?}", verify.body);
     assert!(verify.body["events"].as_u64().unwrap() >= 10);
@@ -373,6 +382,34 @@ async fn a_session_never_outlives_the_key_it_was_minted_with() {
     assert!(refused.to_string().contains("minted with no longer works: this API key has been revoked"), "{refused}");
     let over_http = server.admin.with_key(late.plaintext).submit_action(&action("email.send.message")).await.unwrap();
     assert_eq!(over_http.status, 401, "{:?}", over_http.body);
+    server.stop().await;
+}
+
+/// A long poll checks its credential again before it answers: a key revoked while the wait was open gets 401,
+/// not the approved action.
+#[tokio::test]
+async fn a_wait_answers_401_once_its_credential_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let _bot = server.agent("bot").await;
+    let minted = server.admin.create_key("agent", "bot").await.unwrap();
+    let (key_id, stolen) = (minted.str("/id").to_owned(), server.admin.with_key(minted.str("/key").to_owned()));
+    let held = stolen.submit_action(&action("payments.charge.card")).await.unwrap();
+    assert_eq!(held.status, 202, "{:?}", held.body);
+    let id = held.str("/id").to_owned();
+    let waiter = {
+        let (stolen, id) = (stolen.clone(), id.clone());
+        tokio::spawn(async move { stolen.get(&format!("/v1/actions/{id}/wait?timeout=30")).await.unwrap() })
+    };
+    // Other requests meanwhile, so the wait is most likely open (authenticated) when the key is revoked; if it
+    // is not, it is refused at once, with the same 401.
+    assert_eq!(server.admin.get(&format!("/v1/actions/{id}")).await.unwrap().status, 200);
+    assert_eq!(server.admin.revoke_key(&key_id).await.unwrap().status, 204);
+    let approved = server.admin.approve(held.str("/approval/id"), None).await.unwrap();
+    assert_eq!(approved.status, 200, "{:?}", approved.body);
+    let answered = waiter.await.unwrap();
+    assert_eq!(answered.status, 401, "{:?}", answered.body);
+    assert!(answered.str("/detail").contains("revoked"), "{:?}", answered.body);
     server.stop().await;
 }
 

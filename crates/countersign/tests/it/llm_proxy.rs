@@ -73,17 +73,23 @@ fn event<'a>(events: &'a [Value], name: &str) -> &'a Value {
 /// Approves the next pending approval as the admin, from another task, once it shows up.
 fn approve_when_pending(admin: Client) -> tokio::task::JoinHandle<String> {
     tokio::spawn(async move {
-        for _ in 0..200 {
-            let page = admin.list_approvals(Some("pending"), None, None).await.unwrap();
-            if let Some(id) = page.body["items"][0]["id"].as_str() {
-                let approved = admin.approve(id, Some("fine")).await.unwrap();
-                assert_eq!(approved.status, 200, "{:?}", approved.body);
-                return id.to_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("no approval became pending");
+        let id = first_pending(&admin).await;
+        let approved = admin.approve(&id, Some("fine")).await.unwrap();
+        assert_eq!(approved.status, 200, "{:?}", approved.body);
+        id
     })
+}
+
+/// The first approval to become pending, asked again for up to 10 s: there is no event to await from outside.
+async fn first_pending(admin: &Client) -> String {
+    for _ in 0..200 {
+        let page = admin.list_approvals(Some("pending"), None, None).await.unwrap();
+        if let Some(id) = page.body["items"][0]["id"].as_str() {
+            return id.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no approval became pending");
 }
 
 #[tokio::test]
@@ -289,7 +295,49 @@ async fn denied_calls_answer_403_in_the_providers_shape_naming_the_rule() {
     assert_eq!(body["type"], "error");
     assert_eq!(body["error"]["type"], "permission_error");
     assert!(body["error"]["message"].as_str().unwrap().contains("llm-no-launch-codes"));
+
+    // A prompt given as token ids cannot be read, so it meets the first content rule that denies.
+    for (path, body) in [
+        ("/llm/openai/v1/completions", json!({"model": "gpt-fake", "prompt": [3497, 279, 6241, 14236]})),
+        ("/llm/openai/v1/embeddings", json!({"model": "gpt-fake", "input": [[3497, 279], [6241]]})),
+    ] {
+        let tokens = s.post(path, &body).send().await.unwrap();
+        assert_eq!(tokens.status(), 403, "{path}");
+        let body: Value = tokens.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("llm-no-launch-codes"), "{path}: {message}");
+    }
     assert_eq!(s.provider.count(), 0, "nothing denied reaches the provider");
+    s.server.stop().await;
+}
+
+/// A held call checks its credential again once the hold ends: a key revoked while the call waited gets 401
+/// in the provider's shape, not the call carried out on its connection nor its answer.
+#[tokio::test]
+async fn a_held_call_whose_key_is_revoked_meanwhile_answers_401() {
+    let s = setup().await;
+    let minted = s.server.admin.create_key("agent", "model-user").await.unwrap();
+    let (key_id, key) = (minted.str("/id").to_owned(), minted.str("/key").to_owned());
+    // Once the approval is pending, the held request has been authenticated and is waiting.
+    let admin = s.server.admin.clone();
+    let revoke_then_approve = tokio::spawn(async move {
+        let id = first_pending(&admin).await;
+        assert_eq!(admin.revoke_key(&key_id).await.unwrap().status, 204);
+        admin.approve(&id, None).await.unwrap().status
+    });
+    let response = s
+        .http
+        .post(s.url("/llm/openai/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "gpt-premium", "messages": [{"role": "user", "content": "premium please"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoke_then_approve.await.unwrap(), 200);
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("stopped working while the request waited") && message.contains("revoked"), "{message}");
     s.server.stop().await;
 }
 
