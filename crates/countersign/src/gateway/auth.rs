@@ -114,10 +114,10 @@ impl Gateway {
     /// Refuses a principal that is over its rate with 429 and when to retry.
     pub fn check_rate(&self, caller: &Caller) -> Result<()> {
         let Some(limiter) = &self.inner.limiter else { return Ok(()) };
+        // A session is its agent's: minting sessions must not multiply the agent's rate.
         let key = match caller {
             Caller::User(u) => u.id.to_string(),
-            Caller::Agent(a) => a.id.to_string(),
-            Caller::Session { session, .. } => session.id.to_string(),
+            Caller::Agent(agent) | Caller::Session { agent, .. } => agent.id.to_string(),
         };
         match limiter.check_key(&key) {
             Ok(()) => Ok(()),

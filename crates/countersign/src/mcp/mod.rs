@@ -8,6 +8,9 @@
 //!
 //! Resources `countersign://actions/{id}` can be read and subscribed; a subscription sends
 //! `notifications/resources/updated` when the action changes.
+//!
+//! A session is its opener's: the middleware notes which principal (a session token counts as its agent)
+//! was handed each `Mcp-Session-Id`, and answers 404 to any other that presents it ([`SessionOwners`]).
 
 mod server;
 mod upstream_tools;
@@ -46,7 +49,7 @@ pub fn router(gateway: Gateway, max_body_bytes: usize) -> Router {
         Arc::new(LocalSessionManager::default()),
         config,
     );
-    let state = Front { gateway, max_body_bytes };
+    let state = Front { gateway, max_body_bytes, owners: Arc::new(SessionOwners::default()) };
     Router::new().fallback_service(service).layer(middleware::from_fn_with_state(state, authenticate))
 }
 
@@ -54,7 +57,56 @@ pub fn router(gateway: Gateway, max_body_bytes: usize) -> Router {
 struct Front {
     gateway: Gateway,
     max_body_bytes: usize,
+    owners: Arc<SessionOwners>,
 }
+
+/// Who opened each MCP session: rmcp finds a session by its `Mcp-Session-Id` alone, so without this any
+/// valid credential holding another principal's session id could read that session's notifications, cancel
+/// its subscriptions or end it. A session id this replica did not hand out, or handed to another principal,
+/// is answered 404, as rmcp answers an unknown one.
+#[derive(Default)]
+struct SessionOwners(std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>);
+
+/// How long an MCP session unused by any request is remembered: well past rmcp's own idle limit (5 minutes),
+/// after which it has ended the session anyway.
+const OWNER_IDLE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+impl SessionOwners {
+    /// Whether `principal` may use session `id`, noting the use.
+    fn allows(&self, id: &str, principal: &str) -> bool {
+        let Ok(mut owners) = self.0.lock() else { return false };
+        match owners.get_mut(id) {
+            Some((owner, seen)) if owner == principal => {
+                *seen = std::time::Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn opened(&self, id: String, principal: String) {
+        let Ok(mut owners) = self.0.lock() else { return };
+        let now = std::time::Instant::now();
+        owners.retain(|_, (_, seen)| now.duration_since(*seen) < OWNER_IDLE);
+        owners.insert(id, (principal, now));
+    }
+
+    fn closed(&self, id: &str) {
+        if let Ok(mut owners) = self.0.lock() {
+            owners.remove(id);
+        }
+    }
+}
+
+/// The principal a caller acts as: a session token acts as its agent.
+fn principal_of(caller: &Caller) -> String {
+    match caller {
+        Caller::User(user) => format!("user:{}", user.id),
+        Caller::Agent(agent) | Caller::Session { agent, .. } => format!("agent:{}", agent.id),
+    }
+}
+
+const SESSION_HEADER: &str = "mcp-session-id";
 
 /// Loopback names plus the host of the public URL, with and without its port.
 fn allowed_hosts(public_url: &str) -> Vec<String> {
@@ -87,13 +139,38 @@ async fn authenticate(State(front): State<Front>, request: Request, next: Next) 
         Ok(caller) => caller,
         Err(error) => return error.into_response(),
     };
+    let principal = principal_of(&caller);
+    let session = request.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if let Some(id) = &session
+        && !front.owners.allows(id, &principal)
+    {
+        return Error::not_found("MCP session", id).into_response();
+    }
     let (mut parts, body) = request.into_parts();
     parts.extensions.insert(caller);
     parts.extensions.insert(secret);
-    if parts.method != Method::POST {
-        return next.run(Request::from_parts(parts, body)).await;
+    let closing = parts.method == Method::DELETE;
+    let response = if parts.method != Method::POST {
+        next.run(Request::from_parts(parts, body)).await
+    } else {
+        post(&front, parts, body, next).await
+    };
+    match session {
+        // A session handed out now is its opener's.
+        None => {
+            if let Some(id) = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+                front.owners.opened(id.to_owned(), principal);
+            }
+        }
+        Some(id) if closing && response.status().is_success() => front.owners.closed(&id),
+        Some(_) => {}
     }
-    // Buffer the message so a refusal by rmcp (which answers plain text) can become a JSON-RPC error.
+    response
+}
+
+/// A POST, read under the body limit so a refusal by rmcp (which answers plain text) can become a JSON-RPC
+/// error.
+async fn post(front: &Front, parts: axum::http::request::Parts, body: Body, next: Next) -> Response {
     // Read under the byte limit; only the limit is answered 413, a body that broke off is a 400.
     let mut limited = Request::from_parts(parts.clone(), body);
     DefaultBodyLimit::max(front.max_body_bytes).apply(&mut limited);

@@ -504,7 +504,28 @@ async fn stored_answer(
     action: &Action,
 ) -> Result<Response, Error> {
     let action = gateway.wait_action(caller, &action.id, MAX_HOLD).await?;
+    Ok(recorded_answer(dialect, &action))
+}
+
+/// The answer an action's record holds, in the provider's shape: what the job stored, or why there is none.
+/// A body cut at the stored size cap is not relayed as if whole (a 200 with broken JSON or a stream without
+/// its end): 502 saying so.
+fn recorded_answer(dialect: Dialect, action: &Action) -> Response {
     let result = action.result.as_ref();
+    if result.and_then(|r| r.get("truncated")).and_then(Value::as_bool) == Some(true) {
+        return wire::error(
+            dialect,
+            StatusCode::BAD_GATEWAY,
+            &format!(
+                "Countersign: action {} was carried out by its job, not on this connection, and the provider's \
+                 answer was larger than the {} bytes kept on the action, so it cannot be relayed whole; the call \
+                 was made (see /v1/actions/{})",
+                action.id,
+                crate::connectors::MAX_RESULT_BODY_BYTES,
+                action.id
+            ),
+        );
+    }
     let status = result.and_then(|r| r.get("status")).and_then(Value::as_u64).unwrap_or(0);
     let status = u16::try_from(status).unwrap_or(0);
     let content_type = result
@@ -519,19 +540,19 @@ async fn stored_answer(
     };
     match action.state {
         ActionState::Succeeded | ActionState::Failed if status != 0 => {
-            Ok(answer_response(dialect, status, &content_type, body, action.state == ActionState::Succeeded))
+            answer_response(dialect, status, &content_type, body, action.state == ActionState::Succeeded)
         }
         ActionState::Failed => {
             let error = action.error.clone().unwrap_or_else(|| "the request failed".into());
             let status =
                 if error.contains("timed out") { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
-            Ok(wire::error(dialect, status, &format!("Countersign: {error}")))
+            wire::error(dialect, status, &format!("Countersign: {error}"))
         }
-        _ => Ok(wire::error(
+        _ => wire::error(
             dialect,
             StatusCode::GATEWAY_TIMEOUT,
             &format!("Countersign: action {} is still being carried out; see /v1/actions/{}", action.id, action.id),
-        )),
+        ),
     }
 }
 
@@ -553,4 +574,57 @@ fn raw(status: u16, content_type: &str, body: Vec<u8>) -> Response {
 
 fn header_value(text: &str) -> HeaderValue {
     HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// An action as the execution job left it, with `result` stored.
+    fn finished(result: Value) -> Action {
+        use countersign_core::ids::{ActionId, AgentId, OrgId};
+        Action {
+            id: ActionId::new(),
+            org_id: OrgId::new(),
+            agent_id: AgentId::new(),
+            agent_name: "bot".into(),
+            session_id: None,
+            capability: Capability::parse("llm.chat.completion").unwrap(),
+            params: json!({}),
+            reasoning: "{}".into(),
+            target: None,
+            idempotency_key: None,
+            state: ActionState::Succeeded,
+            verdict: None,
+            approval_id: None,
+            result: Some(result),
+            error: None,
+            request_hash: String::new(),
+            created_at: chrono::Utc::now(),
+            decided_at: None,
+            started_at: None,
+            finished_at: None,
+            job_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stored_answer_cut_at_the_cap_is_a_502_not_a_broken_200() {
+        let cut = "x".repeat(100);
+        let action = finished(json!({"status": 200, "headers": {"content-type": "application/json"},
+                                     "body": format!("{{\"choices\": \"{cut}"), "truncated": true}));
+        let response = recorded_answer(Dialect::Openai, &action);
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert!(body["error"]["message"].as_str().unwrap().contains("cannot be relayed whole"), "{body}");
+
+        let whole = finished(json!({"status": 200, "headers": {"content-type": "application/json"},
+                                    "body": {"choices": []}, "truncated": false}));
+        let response = recorded_answer(Dialect::Openai, &whole);
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), json!({"choices": []}));
+    }
 }

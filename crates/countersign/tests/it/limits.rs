@@ -71,6 +71,11 @@ async fn a_principal_over_its_rate_gets_429_and_others_do_not() {
         .unwrap();
     assert_eq!(raw.status(), 429);
     assert!(raw.headers().get("retry-after").is_some());
+    // A session is the agent's credential, not another principal: minting sessions does not multiply the rate.
+    let minted = server.admin.post("/v1/sessions", &serde_json::json!({"agent": "chatty"})).await.unwrap();
+    assert_eq!(minted.status, 201, "{:?}", minted.body);
+    let session = server.admin.with_key(minted.str("/token").to_owned());
+    assert_eq!(session.get("/v1/actions").await.unwrap().status, 429, "the session shares its agent's bucket");
     assert_eq!(quiet.get("/v1/actions").await.unwrap().status, 200, "limits are per principal");
     server.stop().await;
 }

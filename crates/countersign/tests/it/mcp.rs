@@ -287,6 +287,46 @@ async fn agent_tools_over_streamable_http() {
     server.stop().await;
 }
 
+/// An MCP session is its opener's: another principal presenting its id, even with a valid key of the same
+/// org, gets 404 on every method and cannot end it; the opener goes on.
+#[tokio::test]
+async fn an_mcp_session_answers_only_the_principal_that_opened_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let owner = server.agent("owner").await;
+    let other = server.agent("other").await;
+    let mut mcp = Mcp::new(owner.base(), owner.key().unwrap());
+    mcp.initialize().await;
+    let session = mcp.session.clone().unwrap();
+
+    let mut intruder = Mcp::new(other.base(), other.key().unwrap());
+    intruder.session = Some(session.clone());
+    let listed = intruder.request("tools/list", json!({})).await;
+    assert_eq!(listed.status, 404, "{}", listed.text);
+    for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+        let answer = intruder
+            .http
+            .request(method.clone(), &intruder.url)
+            .header("authorization", format!("Bearer {}", other.key().unwrap()))
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", &session)
+            .header("mcp-protocol-version", PROTOCOL)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 404, "{method}");
+    }
+    // A session token of the owner's agent is the same principal.
+    let minted = server.admin.post("/v1/sessions", &json!({"agent": "owner"})).await.unwrap();
+    let mut delegated = Mcp::new(owner.base(), minted.str("/token"));
+    delegated.session = Some(session);
+    assert_eq!(delegated.request("tools/list", json!({})).await.status, 200);
+    let listed = mcp.request("tools/list", json!({})).await;
+    assert_eq!(listed.status, 200, "the opener's session is still there: {}", listed.text);
+    assert!(listed.response()["result"]["tools"].as_array().is_some_and(|t| !t.is_empty()));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn agent_keys_work_and_expired_sessions_are_cut_off() {
     let dir = tempfile::tempdir().unwrap();
