@@ -217,10 +217,26 @@ fn verify_with(cp: &Checkpoint, key: &VerifyingKey, key_id: &str) -> Result<(), 
 /// Reads the audit signing key at `path`, or, if there is no file there, generates one and writes it (on
 /// unix with mode 0600, never replacing an existing file). The parent directory must exist.
 pub fn load_or_create(path: &Path) -> Result<AuditSigner, CheckpointError> {
-    let io_err = |source: std::io::Error| CheckpointError::KeyFile { path: path.to_owned(), source };
+    load_or_install(path, || Ok(AuditSigner::generate()))
+}
+
+/// The audit signing key at `path`, or `None` if there is no file there.
+pub fn load_if_present(path: &Path) -> Result<Option<AuditSigner>, CheckpointError> {
     match read_key_file(path) {
-        Err(CheckpointError::KeyFile { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
-        other => return other,
+        Err(CheckpointError::KeyFile { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        other => other.map(Some),
+    }
+}
+
+/// Reads the audit signing key at `path`, or, if there is no file there, writes the key `make` answers to it
+/// (as [`load_or_create`] writes a new one).
+pub fn load_or_install(
+    path: &Path,
+    make: impl FnOnce() -> Result<AuditSigner, CheckpointError>,
+) -> Result<AuditSigner, CheckpointError> {
+    let io_err = |source: std::io::Error| CheckpointError::KeyFile { path: path.to_owned(), source };
+    if let Some(signer) = load_if_present(path)? {
+        return Ok(signer);
     }
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -235,7 +251,14 @@ pub fn load_or_create(path: &Path) -> Result<AuditSigner, CheckpointError> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return read_key_file(path),
         Err(e) => return Err(io_err(e)),
     };
-    let signer = AuditSigner::generate();
+    let signer = match make() {
+        Ok(signer) => signer,
+        Err(e) => {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+    };
     let written = file.write_all(signer.to_file_contents().as_bytes()).and_then(|()| file.sync_all());
     if let Err(e) = written {
         drop(file);

@@ -146,9 +146,18 @@ pub trait StoreTx: Send {
         Ok(())
     }
 
-    /// The audit signing key all replicas share: the first `candidate` stored wins and every later call
-    /// answers it. A single-process store answers `None`; its key file in the data dir serves instead.
-    async fn shared_signing_key(&mut self, _candidate: &str) -> Result<Option<String>, StoreError> {
+    /// The public key (standard base64) this database's audit checkpoints are signed with, once recorded.
+    /// Only the public half is ever stored: the private key is each replica's `audit-signing.key`.
+    async fn audit_public_key(&mut self) -> Result<Option<String>, StoreError>;
+
+    /// Records `candidate` as the audit public key unless one is recorded already, and answers the recorded
+    /// one: the first recorded wins, so a replica or a restart with another key can be refused.
+    async fn record_audit_public_key(&mut self, candidate: &str) -> Result<String, StoreError>;
+
+    /// The private signing key that earlier versions kept in the database for PostgreSQL replicas to share,
+    /// if it is still there: read only so that a replica without a key file can write it to one. `None` on a
+    /// store that never held one.
+    async fn legacy_signing_key(&mut self) -> Result<Option<String>, StoreError> {
         Ok(None)
     }
 

@@ -693,14 +693,25 @@ impl StoreTx for PgTx {
         Ok(())
     }
 
-    async fn shared_signing_key(&mut self, candidate: &str) -> Result<Option<String>, StoreError> {
+    async fn audit_public_key(&mut self) -> Result<Option<String>, StoreError> {
+        let row = self
+            .fetch_optional(sqlx::query("SELECT value FROM instance_secrets WHERE name = 'audit_public_key'"))
+            .await?;
+        row.map(|row| row.try_get::<String, _>("value").map_err(map_sqlx)).transpose()
+    }
+
+    async fn record_audit_public_key(&mut self, candidate: &str) -> Result<String, StoreError> {
         self.execute(
             sqlx::query(
-                "INSERT INTO instance_secrets (name, value) VALUES ('audit_signing_key', $1) ON CONFLICT DO NOTHING",
+                "INSERT INTO instance_secrets (name, value) VALUES ('audit_public_key', $1) ON CONFLICT DO NOTHING",
             )
             .bind(candidate.to_owned()),
         )
         .await?;
+        self.audit_public_key().await?.ok_or_else(|| StoreError::Internal("the audit public key vanished".into()))
+    }
+
+    async fn legacy_signing_key(&mut self) -> Result<Option<String>, StoreError> {
         let row = self
             .fetch_optional(sqlx::query("SELECT value FROM instance_secrets WHERE name = 'audit_signing_key'"))
             .await?;

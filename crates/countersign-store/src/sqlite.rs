@@ -50,12 +50,13 @@ use crate::rows::{
 use crate::stmt::{Row, Stmt, is_constraint, is_io, map_lite, q};
 use crate::writes::{self, Expect, Write};
 
-const MIGRATIONS: [(i64, &str, &str); 5] = [
+const MIGRATIONS: [(i64, &str, &str); 6] = [
     (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
     (2, "jobs_webhooks_checkpoints", include_str!("../migrations/sqlite/0002_jobs_webhooks_checkpoints.sql")),
     (3, "dashboard_sessions", include_str!("../migrations/sqlite/0003_dashboard_sessions.sql")),
     (4, "session_minting_key", include_str!("../migrations/sqlite/0004_session_minting_key.sql")),
     (5, "audit_events_rowid", include_str!("../migrations/sqlite/0005_audit_events_rowid.sql")),
+    (6, "instance_secrets", include_str!("../migrations/sqlite/0006_instance_secrets.sql")),
 ];
 
 /// How long a transaction waits for its connection (a writer, for the one writer) before it gives up.
@@ -1128,6 +1129,17 @@ impl StoreTx for SqliteTx {
 
     fn defer_sync(&mut self, defer: bool) {
         self.defer_sync = defer;
+    }
+
+    async fn audit_public_key(&mut self) -> Result<Option<String>, StoreError> {
+        let row = self.fetch_optional(q("SELECT value FROM instance_secrets WHERE name = 'audit_public_key'")).await?;
+        row.map(|r| get(&r, "value")).transpose()
+    }
+
+    async fn record_audit_public_key(&mut self, candidate: &str) -> Result<String, StoreError> {
+        let insert = "INSERT INTO instance_secrets (name, value) VALUES ('audit_public_key', ?) ON CONFLICT DO NOTHING";
+        self.execute(q(insert).bind(candidate.to_owned())).await?;
+        self.audit_public_key().await?.ok_or_else(|| StoreError::Internal("the audit public key vanished".into()))
     }
 
     async fn count_orgs(&mut self) -> Result<i64, StoreError> {

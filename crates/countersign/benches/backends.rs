@@ -52,6 +52,10 @@ async fn measure(label: &str, database_url: Option<String>, replicas: usize, ful
     let dirs: Vec<tempfile::TempDir> = (0..replicas).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut nodes = Vec::new();
     for dir in &dirs {
+        // Replicas share the audit signing key as a file (the database holds only its public half).
+        if !nodes.is_empty() {
+            std::fs::copy(dirs[0].path().join("audit-signing.key"), dir.path().join("audit-signing.key")).unwrap();
+        }
         nodes.push(start(dir.path(), database_url.as_deref(), &key).await);
     }
     let admins: Vec<Client> = nodes.iter().map(|n| n.admin.clone()).collect();

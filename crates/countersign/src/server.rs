@@ -69,23 +69,66 @@ fn write_admin_key(data_dir: &Path, key: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// The audit signing key: shared through the database when replicas share one, else the key file in the data
-/// dir (created on first start).
+/// The audit signing key: the data dir's `audit-signing.key`, created on the first start. Only its public half
+/// is recorded in the database, so checkpoints cannot be forged by anyone who can read the database, and a
+/// start with another key (a replica given none, or a lost file replaced by a new one) is refused, since its
+/// checkpoints would verify against nothing signed before. Replicas share the file (copied by the operator).
+/// A private key earlier versions kept in the database for PostgreSQL replicas is written to a replica's file
+/// when it has none, and a warning asks for it to be deleted.
 async fn load_signer(store: &dyn Store, data_dir: &Path) -> Result<AuditSigner, StartError> {
-    let candidate = AuditSigner::generate().to_file_contents();
-    let shared = async {
-        let mut tx = store.write().await?;
-        let shared = tx.shared_signing_key(&candidate).await?;
-        tx.commit().await?;
-        Ok::<_, countersign_core::store::StoreError>(shared)
+    use countersign_core::checkpoint::{load_if_present, load_or_create, load_or_install};
+    let path = data_dir.join(SIGNING_KEY_FILE);
+    let key_error =
+        |e: countersign_core::checkpoint::CheckpointError| StartError::Config(format!("audit signing key: {e}"));
+    let store_error = |e: countersign_core::store::StoreError| StartError::Store(e.to_string());
+    let mut tx = store.write().await.map_err(store_error)?;
+    let legacy = tx.legacy_signing_key().await.map_err(store_error)?;
+    let recorded = tx.audit_public_key().await.map_err(store_error)?;
+    let signer = match (load_if_present(&path).map_err(key_error)?, &legacy) {
+        (Some(signer), _) => signer,
+        (None, Some(text)) => load_or_install(&path, || AuditSigner::from_file_contents(text)).map_err(key_error)?,
+        (None, None) => match &recorded {
+            Some(public_key) => {
+                return Err(StartError::Config(format!(
+                    "audit signing key: {} does not exist, but this database's checkpoints are signed with key {}: \
+                     copy {SIGNING_KEY_FILE} from a replica (or a backup) into the data directory; a new key would \
+                     leave every checkpoint so far unverifiable",
+                    path.display(),
+                    key_id(public_key)
+                )));
+            }
+            None => load_or_create(&path).map_err(key_error)?,
+        },
+    };
+    let public_key = signer.public_key_base64();
+    let recorded = tx.record_audit_public_key(&public_key).await.map_err(store_error)?;
+    if recorded != public_key {
+        return Err(StartError::Config(format!(
+            "audit signing key: {} is key {}, but this database's checkpoints are signed with key {}: copy \
+             {SIGNING_KEY_FILE} from a replica that has the right one",
+            path.display(),
+            signer.key_id(),
+            key_id(&recorded)
+        )));
     }
-    .await
-    .map_err(|e| StartError::Store(e.to_string()))?;
-    match shared {
-        Some(text) => AuditSigner::from_file_contents(&text),
-        None => countersign_core::checkpoint::load_or_create(&data_dir.join("audit-signing.key")),
+    tx.commit().await.map_err(store_error)?;
+    if legacy.is_some() {
+        tracing::warn!(
+            "the audit signing key's private half is still stored in the database (instance_secrets, \
+             name audit_signing_key), where anyone who can read the database could sign checkpoints: once every \
+             replica has started with this version (each now holds {SIGNING_KEY_FILE}), delete it with \
+             DELETE FROM instance_secrets WHERE name = 'audit_signing_key'"
+        );
     }
-    .map_err(|e| StartError::Config(format!("audit signing key: {e}")))
+    Ok(signer)
+}
+
+/// The audit signing key's file in the data dir.
+const SIGNING_KEY_FILE: &str = "audit-signing.key";
+
+/// A recorded public key's id, for messages (the key itself if it does not parse).
+fn key_id(public_key: &str) -> String {
+    countersign_core::checkpoint::public_key_id(public_key).unwrap_or_else(|_| public_key.to_owned())
 }
 
 impl Server {

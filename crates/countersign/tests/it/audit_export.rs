@@ -262,3 +262,38 @@ async fn a_prefix_cut_by_hand_never_verifies() {
     assert_eq!(verified.body["first_broken_seq"], 1_000_001, "{:?}", verified.body);
     server.stop().await;
 }
+
+/// The database records only the audit key's public half, and a start with another key file (a lost one
+/// replaced by a new one) or none is refused, since its checkpoints would verify against nothing signed before.
+#[tokio::test]
+async fn the_signing_key_stays_out_of_the_database_and_another_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let public_key = server.admin.get("/v1/audit/public-key").await.unwrap().str("/public_key").to_owned();
+    server.stop().await;
+    let no_private = raw_sql(dir.path(), "DELETE FROM instance_secrets WHERE name = 'audit_signing_key'", &[]).await;
+    assert_eq!(no_private, Ok(0), "no private key in the database");
+    let recorded = "UPDATE instance_secrets SET value = value WHERE name = 'audit_public_key' AND value = ?";
+    assert_eq!(raw_sql(dir.path(), recorded, &[&public_key]).await, Ok(1), "its public half is recorded");
+
+    let path = dir.path().join("audit-signing.key");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let build = || async {
+        let mut config = config(dir.path(), None);
+        config.database_url = database_for(dir.path()).await.map(countersign::config::Secret::new);
+        countersign::server::Server::build(config).await.map(|_| ()).unwrap_err().to_string()
+    };
+    std::fs::write(&path, countersign_core::checkpoint::AuditSigner::generate().to_file_contents()).unwrap();
+    let refused = build().await;
+    assert!(refused.contains("but this database's checkpoints are signed with key"), "{refused}");
+    std::fs::remove_file(&path).unwrap();
+    let refused = build().await;
+    assert!(refused.contains("does not exist, but this database's checkpoints are signed with key"), "{refused}");
+    assert!(!path.exists(), "no new key was made");
+
+    std::fs::write(&path, &original).unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let again = server.admin.get("/v1/audit/public-key").await.unwrap().str("/public_key").to_owned();
+    assert_eq!(again, public_key);
+    server.stop().await;
+}

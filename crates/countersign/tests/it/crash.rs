@@ -774,9 +774,12 @@ async fn a_replica_killed_mid_job_has_its_job_taken_over() {
     let id = submitted.str("/id").to_owned();
     upstream.received_at_least(1).await;
 
-    // The second replica shares the database (and so the admin key the first one bootstrapped).
+    // The second replica shares the database (and so the admin key the first one bootstrapped), and is given
+    // the audit signing key as replicas are.
     std::fs::create_dir_all(second.path().join("data")).unwrap();
-    std::fs::copy(first.path().join("data/admin.key"), second.path().join("data/admin.key")).unwrap();
+    for file in ["admin.key", "audit-signing.key"] {
+        std::fs::copy(first.path().join("data").join(file), second.path().join("data").join(file)).unwrap();
+    }
     let b = Proc::start(second.path()).await;
     upstream.hold.store(false, Ordering::SeqCst);
     a.kill9().await;

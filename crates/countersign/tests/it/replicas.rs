@@ -12,7 +12,7 @@ use countersign_core::secrets::{SecretKind, generate};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestServer, Upstream, action, audit_stream, config, database_for, http_action, postgres_url, read_until,
+    TestServer, Upstream, action, audit_stream, config, database_for, http_action, postgres_url, raw_sql, read_until,
 };
 
 /// Three servers on one database, each with its own data dir, sharing the bootstrap admin key.
@@ -26,6 +26,11 @@ async fn replicas(upstream: Option<&str>) -> Option<(Vec<tempfile::TempDir>, Vec
     let key = generate(SecretKind::ApiKey).plaintext;
     let mut servers = Vec::new();
     for dir in &dirs {
+        // Replicas share the audit signing key as a file the operator copies; the database holds only its
+        // public half.
+        if !servers.is_empty() {
+            std::fs::copy(dirs[0].path().join("audit-signing.key"), dir.path().join("audit-signing.key")).unwrap();
+        }
         let mut config = config(dir.path(), upstream);
         config.database_url = Some(countersign::config::Secret::new(url.clone()));
         config.bootstrap_admin_key = Some(countersign::config::Secret::new(key.clone()));
@@ -409,4 +414,44 @@ async fn every_replica_serves_an_export_made_on_another() {
     for server in servers {
         server.stop().await;
     }
+}
+
+/// Upgrading from versions that kept the private signing key in PostgreSQL: a replica without a key file
+/// writes that key to one and signs on with it (so its checkpoints still verify with the published public
+/// key), and a replica given no key file at all while the database names a key refuses to start.
+#[tokio::test]
+async fn a_replica_takes_the_legacy_key_from_the_database_once_and_needs_the_file_after() {
+    if postgres_url().is_none() {
+        eprintln!("replicas: skipped (COUNTERSIGN_TEST_DATABASE_URL is not set; scripts/with-postgres sets it)");
+        return;
+    }
+    let first = tempfile::tempdir().unwrap();
+    let url = database_for(first.path()).await.unwrap();
+    let start = |dir: &std::path::Path| {
+        let mut config = config(dir, None);
+        config.database_url = Some(countersign::config::Secret::new(url.clone()));
+        countersign::server::Server::build(config)
+    };
+    let server = start(first.path()).await.unwrap();
+    let public_key = server.gateway().audit_public_key();
+    drop(server);
+    let key_file = std::fs::read_to_string(first.path().join("audit-signing.key")).unwrap();
+    // As an earlier version left it: the private key shared in the database, no public key recorded.
+    let removed = raw_sql(first.path(), "DELETE FROM instance_secrets WHERE name = 'audit_public_key'", &[]).await;
+    assert_eq!(removed, Ok(1));
+    let legacy = "INSERT INTO instance_secrets (name, value) VALUES ('audit_signing_key', ?)";
+    assert_eq!(raw_sql(first.path(), legacy, &[&key_file]).await, Ok(1));
+
+    let second = tempfile::tempdir().unwrap();
+    let server = start(second.path()).await.unwrap();
+    assert_eq!(server.gateway().audit_public_key(), public_key, "the same key, so earlier checkpoints verify");
+    drop(server);
+    assert_eq!(std::fs::read_to_string(second.path().join("audit-signing.key")).unwrap(), key_file);
+
+    // Once the legacy row is deleted (as the start's warning asks), a replica needs the file.
+    let deleted = raw_sql(first.path(), "DELETE FROM instance_secrets WHERE name = 'audit_signing_key'", &[]).await;
+    assert_eq!(deleted, Ok(1));
+    let third = tempfile::tempdir().unwrap();
+    let refused = start(third.path()).await.map(|_| ()).unwrap_err().to_string();
+    assert!(refused.contains("does not exist, but this database's checkpoints are signed with key"), "{refused}");
 }
