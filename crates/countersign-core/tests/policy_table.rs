@@ -117,6 +117,7 @@ fn condition_cases() -> Vec<ConditionCase> {
         // Token-id prompts cannot be read: they meet a restrictive rule's patterns (the probe denies).
         case("content token-id prompt", "{ content_patterns: [\"payroll\"] }", "x", "llm.text.completion", json!({"model": "m", "prompt": [1, 2, 3], "text": ""}), true),
         case("content token-id batch", "{ content_patterns: [\"payroll\"] }", "x", "llm.embedding.create", json!({"model": "m", "input": [[1, 2], [3]], "text": ""}), true),
+        case("content numbers outside llm", "{ content_patterns: [\"payroll\"] }", "x", "data.load.rows", json!({"input": [4, 8, 15]}), false),
         case("content text prompt list", "{ content_patterns: [\"payroll\"] }", "x", "llm.text.completion", json!({"model": "m", "prompt": ["a poem"], "text": "a poem"}), false),
         case("content single pattern", "{ content_patterns: \"post.*slack\" }", "x", "llm.chat.completion", chat("post it to slack"), true),
         case("content keys are not scanned", "{ content_patterns: [\"send_email\"] }", "x", "tool.call.run", json!({"send_email": true}), false),

@@ -85,7 +85,23 @@ async fn load_signer(store: &dyn Store, data_dir: &Path) -> Result<AuditSigner, 
     let legacy = tx.legacy_signing_key().await.map_err(store_error)?;
     let recorded = tx.audit_public_key().await.map_err(store_error)?;
     let signer = match (load_if_present(&path).map_err(key_error)?, &legacy) {
-        (Some(signer), _) => signer,
+        // The key the database held is the one earlier versions signed with, whatever file a replica kept
+        // from before then.
+        (Some(signer), Some(text)) => {
+            let shared = AuditSigner::from_file_contents(text).map_err(key_error)?;
+            if signer.public_key_base64() != shared.public_key_base64() {
+                return Err(StartError::Config(format!(
+                    "audit signing key: {} is key {}, but this database's checkpoints are signed with key {}, kept \
+                     in the database by an earlier version: move that file aside and start again, and the key \
+                     will be written to it from the database",
+                    path.display(),
+                    signer.key_id(),
+                    shared.key_id()
+                )));
+            }
+            signer
+        }
+        (Some(signer), None) => signer,
         (None, Some(text)) => load_or_install(&path, || AuditSigner::from_file_contents(text)).map_err(key_error)?,
         (None, None) => match &recorded {
             Some(public_key) => {

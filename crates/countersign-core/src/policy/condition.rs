@@ -53,18 +53,20 @@ impl<'a> Subject<'a> {
         self.prior_successes == 0
     }
 
-    /// Whether the prompt or input is given (partly) as token ids, which OpenAI's completions and embeddings
-    /// accept (`prompt`/`input`: integers, or arrays of them) and which no content pattern can read. Like a
-    /// number its parsers disagree on, such text meets the content patterns of a rule that denies or holds,
-    /// and none of one that allows: unreadable text can neither slip a restriction nor win an allowance.
+    /// Whether a model request's prompt or input is given (partly) as token ids, which OpenAI's completions
+    /// and embeddings accept (`prompt`/`input`: integers, or arrays of them) and which no content pattern can
+    /// read. Like a number its parsers disagree on, such text meets the content patterns of a rule that denies
+    /// or holds, and none of one that allows: unreadable text can neither slip a restriction nor win an
+    /// allowance. Only model requests (`llm.*`, whose params are the provider request body) are read so.
     fn has_token_ids(&self) -> bool {
-        ["prompt", "input"].iter().filter_map(|field| self.params.get(*field)?.as_array()).any(|items| {
-            items.iter().any(|item| match item {
-                Json::Number(_) => true,
-                Json::Array(inner) => inner.iter().any(Json::is_number),
-                _ => false,
+        self.capability.starts_with("llm.")
+            && ["prompt", "input"].iter().filter_map(|field| self.params.get(*field)?.as_array()).any(|items| {
+                items.iter().any(|item| match item {
+                    Json::Number(_) => true,
+                    Json::Array(inner) => inner.iter().any(Json::is_number),
+                    _ => false,
+                })
             })
-        })
     }
 
     /// Every string value in `params`, at any depth, never keys; collected on first use.

@@ -159,16 +159,29 @@ impl Gateway {
     async fn export_audit(&self, job: &Job) -> Result<serde_json::Value> {
         let org = &job.org_id;
         let path = self.export_path(&job.id);
-        // Sign the head first: the export covers up to it, and its checkpoint closes the file.
-        let closing = {
-            let mut work = self.write().await?;
-            let checkpoint = self.checkpoint_head(&mut *work.tx, org).await?;
-            work.commit(self).await?;
-            checkpoint
+        // Sign the head first: the export covers up to it, and its checkpoint closes the file. Then one read
+        // transaction for where retention cut the log and the events after it; a cut that landed between the
+        // two would leave its record of the cut past the closing checkpoint, outside the file (which would then
+        // fail offline as a log whose beginning was cut off), so then it starts over.
+        let mut attempts = 0;
+        let (closing, mut tx, retention) = loop {
+            let (closing, cut) = {
+                let mut work = self.write().await?;
+                let cut = work.tx.retention(org).await?.deleted_upto;
+                let checkpoint = self.checkpoint_head(&mut *work.tx, org).await?;
+                work.commit(self).await?;
+                (checkpoint, cut)
+            };
+            let mut tx = self.read().await?;
+            let retention = tx.retention(org).await?;
+            if retention.deleted_upto == cut {
+                break (closing, tx, retention);
+            }
+            attempts += 1;
+            if attempts == 3 {
+                return Err(Error::Unavailable("retention kept cutting the log while the export began".into()));
+            }
         };
-        // One read transaction for where retention cut the log and the events after it.
-        let mut tx = self.read().await?;
-        let retention = tx.retention(org).await?;
         let opening = if retention.deleted_upto > 0 {
             Some(tx.checkpoint_at(org, retention.deleted_upto).await?.ok_or_else(|| {
                 Error::Internal(format!("no checkpoint at seq {} where retention cut the log", retention.deleted_upto))
@@ -306,31 +319,29 @@ impl Gateway {
     /// the log fails verification: the events it would delete may be what shows the tampering, and a fresh
     /// checkpoint over a rewritten hash would launder it.
     async fn apply_retention(&self, org: &OrgId) -> Result<serde_json::Value> {
-        let report = {
-            let mut tx = self.read().await?;
-            self.verify_chain(&mut *tx, org).await?
-        };
-        if !report.ok {
-            return Err(Error::Conflict {
-                message: format!(
-                    "the audit log fails verification at seq {}: retention deletes nothing until that is explained \
-                     (GET /v1/audit/verify)",
-                    report.first_broken_seq.map_or_else(|| "?".to_owned(), |s| s.to_string())
-                ),
-                state: None,
-            });
-        }
         let now = self.now();
-        let mut work = self.write().await?;
-        let retention = work.tx.retention(org).await?;
-        let Some(days) = retention.days else { return Ok(json!({"deleted": 0, "reason": "no retention window"})) };
-        let cutoff = now
-            .checked_sub_signed(chrono::Duration::days(i64::from(days.min(MAX_RETENTION_DAYS))))
-            .ok_or_else(|| Error::Internal(format!("a retention window of {days} days is out of range")))?;
-        let upto = work.tx.last_audit_seq_before(org, cutoff).await?.unwrap_or(0);
-        if upto <= retention.deleted_upto {
-            return Ok(json!({"deleted": 0, "upto_seq": retention.deleted_upto}));
+        {
+            let mut tx = self.read().await?;
+            if let Err(nothing) = Self::due_cut(&mut *tx, org, now).await? {
+                return Ok(nothing);
+            }
+            let report = self.verify_chain(&mut *tx, org).await?;
+            if !report.ok {
+                return Err(Error::Conflict {
+                    message: format!(
+                        "the audit log fails verification at seq {}: retention deletes nothing until that is \
+                         explained (GET /v1/audit/verify)",
+                        report.first_broken_seq.map_or_else(|| "?".to_owned(), |s| s.to_string())
+                    ),
+                    state: None,
+                });
+            }
         }
+        let mut work = self.write().await?;
+        let (days, upto) = match Self::due_cut(&mut *work.tx, org, now).await? {
+            Ok(cut) => cut,
+            Err(nothing) => return Ok(nothing),
+        };
         let event = work
             .tx
             .list_audit(org, &AuditFilter::default(), upto - 1, 1)
@@ -369,6 +380,25 @@ impl Gateway {
         .await?;
         work.commit(self).await?;
         Ok(json!({"deleted": deleted, "upto_seq": upto}))
+    }
+
+    /// What retention would delete now: its window and the last seq to delete; or, when nothing is due, the
+    /// job's answer saying so.
+    async fn due_cut(
+        tx: &mut dyn StoreTx,
+        org: &OrgId,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<std::result::Result<(u32, i64), serde_json::Value>> {
+        let retention = tx.retention(org).await?;
+        let Some(days) = retention.days else { return Ok(Err(json!({"deleted": 0, "reason": "no retention window"}))) };
+        let cutoff = now
+            .checked_sub_signed(chrono::Duration::days(i64::from(days.min(MAX_RETENTION_DAYS))))
+            .ok_or_else(|| Error::Internal(format!("a retention window of {days} days is out of range")))?;
+        let upto = tx.last_audit_seq_before(org, cutoff).await?.unwrap_or(0);
+        if upto <= retention.deleted_upto {
+            return Ok(Err(json!({"deleted": 0, "upto_seq": retention.deleted_upto})));
+        }
+        Ok(Ok((days, upto)))
     }
 
     /// Recomputes the org's chain, in pages, from the start or from the checkpoint retention left, and names

@@ -142,6 +142,27 @@ fn mrkdwn_text(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// The reasoning as Slack shows it: escaped, then cut to at most [`SLACK_REASONING_CHARS`] characters (Slack
+/// refuses a text object over 3,000, and would post nothing), never inside an escape.
+fn shown_reasoning(reasoning: &str) -> String {
+    let escaped = mrkdwn_text(reasoning);
+    if escaped.chars().count() <= SLACK_REASONING_CHARS {
+        return escaped;
+    }
+    let mut cut: String = escaped.chars().take(SLACK_REASONING_CHARS - 1).collect();
+    // An escape is `&`, then letters, then `;`: drop one left open at the end.
+    if let Some(amp) = cut.rfind('&')
+        && !cut[amp..].contains(';')
+    {
+        cut.truncate(amp);
+    }
+    cut.push('…');
+    cut
+}
+
+/// Room for the agent's reasoning in Slack's context block (3,000 characters at most), beside its label.
+const SLACK_REASONING_CHARS: usize = 2900;
+
 /// A Slack incoming-webhook message for an event.
 fn slack_body(event: &Value) -> Value {
     let kind = event["type"].as_str().unwrap_or("event");
@@ -171,7 +192,7 @@ fn slack_body(event: &Value) -> Value {
     if kind == "approval.requested"
         && let Some(reasoning) = action["reasoning"].as_str()
     {
-        let shown = mrkdwn_text(&reasoning.chars().take(2000).collect::<String>());
+        let shown = shown_reasoning(reasoning);
         blocks
             .push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!("Reasoning: {shown}")}]}));
     }
@@ -398,4 +419,25 @@ enum SendError {
     Refused(String),
     #[error("{0}")]
     Other(String),
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasoning_is_escaped_then_cut_to_what_slack_takes_never_mid_escape() {
+        assert_eq!(shown_reasoning("a <b> & c"), "a &lt;b&gt; &amp; c");
+        // 2,000 `<` escape to 8,000 characters: cut below Slack's 3,000, at a whole escape.
+        let shown = shown_reasoning(&"<".repeat(2000));
+        assert!(shown.chars().count() <= SLACK_REASONING_CHARS, "{}", shown.len());
+        assert!(shown.ends_with("&lt;…"), "{}", &shown[shown.len() - 12..]);
+        let shown = shown_reasoning(&format!("{}&", "x".repeat(2897)));
+        assert_eq!(shown, format!("{}…", "x".repeat(2897)), "an escape that does not fit is dropped whole");
+        let event = json!({"type": "approval.requested", "data": {"action": {"reasoning": "&".repeat(5000)}}});
+        let body = slack_body(&event);
+        let context = body["blocks"][1]["elements"][0]["text"].as_str().unwrap();
+        assert!(context.chars().count() <= 3000, "{}", context.chars().count());
+    }
 }

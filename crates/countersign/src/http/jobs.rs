@@ -165,9 +165,13 @@ pub async fn download_export(
 }
 
 /// `GET /v1/audit/export`: the same export, waited for and streamed in one call.
-pub async fn export_now(State(state): State<AppState>, Auth(caller): Auth) -> Result<Response> {
+pub async fn export_now(
+    State(state): State<AppState>,
+    AuthThatWaits(caller, secret): AuthThatWaits,
+) -> Result<Response> {
     let job = state.gateway.start_audit_export(&caller).await?;
     let job = state.gateway.wait_job(&caller, &job.id, Duration::from_secs(300)).await?;
+    state.gateway.still_stands(&secret, &caller).await?;
     match job.state {
         JobState::Succeeded => file_response(&state.gateway.export_file(&caller, &job.id).await?).await,
         JobState::Failed | JobState::Cancelled => Err(Error::Internal(format!(

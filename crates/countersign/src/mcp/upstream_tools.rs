@@ -136,7 +136,7 @@ async fn governed(
                 let outcome = gateway.execute_mcp_inline(&claimed).await?;
                 Ok(answer_of(name, &claimed, outcome.state, outcome.result.as_ref(), outcome.error.as_deref()))
             }
-            None => finished(gateway, caller, name, &action, MAX_HOLD).await,
+            None => finished(gateway, caller, secret, name, &action, MAX_HOLD).await,
         },
         ActionState::PendingApproval => {
             let until_expiry = outcome
@@ -161,7 +161,7 @@ async fn governed(
                 ActionState::Approved | ActionState::Executing | ActionState::Succeeded | ActionState::Failed => {
                     // The approval's execution job makes the call; its answer is what it stored.
                     let timeout = gateway.mcp_upstreams().timeout(&call_server(&decided)).unwrap_or(DEFAULT_HOLD);
-                    finished(gateway, caller, name, &decided, timeout + Duration::from_secs(5)).await
+                    finished(gateway, caller, secret, name, &decided, timeout + Duration::from_secs(5)).await
                 }
                 _ => Ok(refused(name, &decided)),
             }
@@ -181,11 +181,14 @@ fn call_server(action: &Action) -> String {
 async fn finished(
     gateway: &Gateway,
     caller: &Caller,
+    secret: Option<&Secret>,
     name: &str,
     action: &Action,
     limit: Duration,
 ) -> Result<CallToolResult, Error> {
     let done = gateway.wait_action(caller, &action.id, limit).await?;
+    // Only to a credential that still stands after that wait.
+    super::server::still_stands(gateway, secret, caller).await?;
     if !done.is_terminal() {
         let mut body = json!({
             "action_id": done.id,

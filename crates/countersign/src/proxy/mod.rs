@@ -262,12 +262,13 @@ async fn governed(
                     .await?;
                 // A credential revoked during the hold gets neither the call carried out on its connection
                 // nor its answer (an approved call is then carried out by its job, as for a client that left).
-                gateway.still_stands(crate::http::auth::presented_secret_in(headers)?, caller).await?;
+                let secret = crate::http::auth::presented_secret_in(headers)?;
+                gateway.still_stands(secret, caller).await?;
                 match decided.state {
                     ActionState::PendingApproval => pending(gateway, &decided, &approval, &token),
-                    ActionState::Approved => execute(gateway, caller, dialect, &decided, stream).await?,
+                    ActionState::Approved => execute(gateway, caller, secret, dialect, &decided, stream).await?,
                     ActionState::Executing | ActionState::Succeeded | ActionState::Failed => {
-                        stored_answer(gateway, caller, dialect, &decided).await?
+                        stored_answer(gateway, caller, secret, dialect, &decided).await?
                     }
                     _ => denied(dialect, &decided),
                 }
@@ -332,12 +333,13 @@ fn pending(gateway: &Gateway, action: &Action, approval: &Approval, token: &str)
 async fn execute(
     gateway: &Gateway,
     caller: &Caller,
+    secret: &str,
     dialect: Dialect,
     action: &Action,
     stream: bool,
 ) -> Result<Response, Error> {
     let Some(action) = gateway.claim_inline(caller, &action.id).await? else {
-        return stored_answer(gateway, caller, dialect, action).await;
+        return stored_answer(gateway, caller, secret, dialect, action).await;
     };
     carry_out(gateway, dialect, action, stream).await
 }
@@ -500,10 +502,13 @@ fn answer_response(dialect: Dialect, status: u16, content_type: &str, body: Vec<
 async fn stored_answer(
     gateway: &Gateway,
     caller: &Caller,
+    secret: &str,
     dialect: Dialect,
     action: &Action,
 ) -> Result<Response, Error> {
     let action = gateway.wait_action(caller, &action.id, MAX_HOLD).await?;
+    // That wait can be long too: the answer goes only to a credential that still stands.
+    gateway.still_stands(secret, caller).await?;
     Ok(recorded_answer(dialect, &action))
 }
 

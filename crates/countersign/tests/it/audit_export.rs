@@ -207,19 +207,23 @@ async fn online_verify_holds_a_rewritten_chain_against_its_signed_checkpoints() 
 
     rewrite_event(dir.path(), &org, forged_seq).await;
 
-    let server = TestServer::start(dir.path(), None).await;
+    let clock = Arc::new(ShiftedClock::default());
+    let server = TestServer::start_with(config(dir.path(), None), Some(clock.clone())).await;
     let verified = server.admin.get("/v1/audit/verify").await.unwrap();
     assert_eq!(verified.status, 200);
     assert_eq!(verified.body["ok"], false, "the rewritten chain is whole but the checkpoint says otherwise");
     assert_eq!(verified.body["first_broken_seq"], checkpoint_seq, "{:?}", verified.body);
-    // Retention deletes nothing from a log that fails verification: what it would delete may be the evidence,
-    // and a fresh checkpoint over the rewritten hash would launder it.
+    // Retention deletes nothing from a log that fails verification, though every event is past its window:
+    // what it would delete may be the evidence, and a fresh checkpoint over the rewritten hash would launder it.
+    clock.advance(chrono::Duration::days(2));
     let set = server.admin.send(reqwest::Method::PUT, "/v1/audit/retention", Some(&json!({"days": 1}))).await.unwrap();
     assert_eq!(set.status, 200, "{:?}", set.body);
     let run = server.admin.get(&format!("/v1/jobs/{}/wait?timeout=10", set.str("/job/id"))).await.unwrap();
     assert_eq!(run.str("/state"), "failed", "{:?}", run.body);
     let error = run.str("/error");
     assert!(error.contains(&format!("fails verification at seq {checkpoint_seq}")), "{error}");
+    let first = server.admin.get("/v1/audit?limit=1").await.unwrap();
+    assert_eq!(first.body["events"][0]["seq"], 1, "nothing was deleted: {:?}", first.body);
     server.stop().await;
 }
 

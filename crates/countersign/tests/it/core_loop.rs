@@ -394,22 +394,16 @@ async fn a_wait_answers_401_once_its_credential_is_revoked() {
     let _bot = server.agent("bot").await;
     let minted = server.admin.create_key("agent", "bot").await.unwrap();
     let (key_id, stolen) = (minted.str("/id").to_owned(), server.admin.with_key(minted.str("/key").to_owned()));
-    let held = stolen.submit_action(&action("payments.charge.card")).await.unwrap();
-    assert_eq!(held.status, 202, "{:?}", held.body);
-    let id = held.str("/id").to_owned();
-    let waiter = {
-        let (stolen, id) = (stolen.clone(), id.clone());
-        tokio::spawn(async move { stolen.get(&format!("/v1/actions/{id}/wait?timeout=30")).await.unwrap() })
-    };
-    // Other requests meanwhile, so the wait is most likely open (authenticated) when the key is revoked; if it
-    // is not, it is refused at once, with the same 401.
-    assert_eq!(server.admin.get(&format!("/v1/actions/{id}")).await.unwrap().status, 200);
+    let waiter =
+        tokio::spawn(async move { stolen.post("/v1/actions?wait=30", &action("payments.charge.card")).await.unwrap() });
+    // Once its approval is pending, the submission was authenticated and its wait is open.
+    let approval_id = crate::helpers::first_pending(&server.admin).await;
     assert_eq!(server.admin.revoke_key(&key_id).await.unwrap().status, 204);
-    let approved = server.admin.approve(held.str("/approval/id"), None).await.unwrap();
+    let approved = server.admin.approve(&approval_id, None).await.unwrap();
     assert_eq!(approved.status, 200, "{:?}", approved.body);
     let answered = waiter.await.unwrap();
     assert_eq!(answered.status, 401, "{:?}", answered.body);
-    assert!(answered.str("/detail").contains("revoked"), "{:?}", answered.body);
+    assert!(answered.str("/detail").contains("stopped working while the request waited"), "{:?}", answered.body);
     server.stop().await;
 }
 

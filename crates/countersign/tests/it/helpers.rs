@@ -410,3 +410,15 @@ pub async fn serve(app: axum::Router) -> String {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     url
 }
+
+/// The first approval to become pending, asked again for up to 10 s: there is no event to await from outside.
+pub async fn first_pending(admin: &Client) -> String {
+    for _ in 0..200 {
+        let page = admin.list_approvals(Some("pending"), None, None).await.unwrap();
+        if let Some(id) = page.body["items"][0]["id"].as_str() {
+            return id.to_owned();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no approval became pending");
+}

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::fake_llm::{CHUNK_DELAY, FakeProvider, PROVIDER_KEY, STREAM_CHUNKS};
-use crate::helpers::{TestServer, llm_config};
+use crate::helpers::{TestServer, first_pending, llm_config};
 
 struct Setup {
     server: TestServer,
@@ -78,18 +78,6 @@ fn approve_when_pending(admin: Client) -> tokio::task::JoinHandle<String> {
         assert_eq!(approved.status, 200, "{:?}", approved.body);
         id
     })
-}
-
-/// The first approval to become pending, asked again for up to 10 s: there is no event to await from outside.
-async fn first_pending(admin: &Client) -> String {
-    for _ in 0..200 {
-        let page = admin.list_approvals(Some("pending"), None, None).await.unwrap();
-        if let Some(id) = page.body["items"][0]["id"].as_str() {
-            return id.to_owned();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no approval became pending");
 }
 
 #[tokio::test]

@@ -443,6 +443,12 @@ async fn a_replica_takes_the_legacy_key_from_the_database_once_and_needs_the_fil
     assert_eq!(raw_sql(first.path(), legacy, &[&key_file]).await, Ok(1));
 
     let second = tempfile::tempdir().unwrap();
+    // A key file kept from before the database held the key is not the one signing: refused, naming both.
+    let stale = second.path().join("audit-signing.key");
+    std::fs::write(&stale, countersign_core::checkpoint::AuditSigner::generate().to_file_contents()).unwrap();
+    let refused = start(second.path()).await.map(|_| ()).unwrap_err().to_string();
+    assert!(refused.contains("kept in the database by an earlier version: move that file aside"), "{refused}");
+    std::fs::remove_file(&stale).unwrap();
     let server = start(second.path()).await.unwrap();
     assert_eq!(server.gateway().audit_public_key(), public_key, "the same key, so earlier checkpoints verify");
     drop(server);
