@@ -485,13 +485,15 @@ impl Work {
                 // Even when the commit reported an error: it may have landed all the same.
                 gateway.inner.auth_cache.forget_all();
             }
+            // Armed even when the commit reported an error, for the same reason: a timer for an approval that
+            // does not exist, or was decided, finds it settled and ends.
+            for (org_id, approval_id, expires_at) in std::mem::take(&mut changes.expiries) {
+                let _ = gateway.inner.expiry.send(ExpiryRequest { org_id, approval_id, expires_at });
+            }
             committed?;
             gateway.inner.notifier.publish(&changes);
             if changes.jobs_added {
                 gateway.inner.jobs_added.notify_one();
-            }
-            for (org_id, approval_id, expires_at) in changes.expiries {
-                let _ = gateway.inner.expiry.send(ExpiryRequest { org_id, approval_id, expires_at });
             }
             Ok(())
         })
