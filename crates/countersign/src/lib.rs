@@ -18,4 +18,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;
+pub mod text;
 pub mod workers;

@@ -61,12 +61,28 @@ pub fn install_crypto_provider() {
 
 /// Writes the generated admin key (0600) and syncs it to disk.
 fn write_admin_key(data_dir: &Path, key: &str) -> std::io::Result<()> {
+    write_private_file(&data_dir.join("admin.key"), format!("{key}\n").as_bytes())
+}
+
+/// Writes `bytes` to `path` readable by its owner only (0600), synced: through a new file beside it renamed
+/// over `path`, so a file left there with a wider mode (restored from a backup) or a symlink planted there
+/// never receives them, and a failed write leaves nothing half-written at `path`.
+pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join("admin.key");
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
-    writeln!(file, "{key}")?;
-    file.sync_all()
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let partial = path.with_file_name(format!(".{name}.{}.partial", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()))
+        .and_then(|()| std::fs::rename(&partial, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
 }
 
 /// The audit signing key: the data dir's `audit-signing.key`, created on the first start. Only its public half

@@ -152,15 +152,17 @@ fn verify_export(ctx: &Ctx, file: &Path, public_key: &str) -> Outcome {
         output::out(&format!(
             "ok: {} events of org {} (seq {} to {}), {} signed checkpoints, head {}",
             report.events,
-            report.org_id.as_deref().unwrap_or("-"),
+            output::clean(report.org_id.as_deref().unwrap_or("-")),
             report.first_seq.unwrap_or(0),
             report.last_seq.unwrap_or(0),
             report.checkpoints,
-            report.head_hash.as_deref().unwrap_or("-")
+            output::clean(report.head_hash.as_deref().unwrap_or("-"))
         ))?;
     } else {
         let at = report.first_broken_seq.map(|s| format!(" at seq {s}")).unwrap_or_default();
-        output::out(&format!("BROKEN{at}: {}", report.reason.as_deref().unwrap_or("the chain does not verify")))?;
+        // The reason can quote the file (a key id, a field name): an export under examination is untrusted.
+        let reason = output::clean(report.reason.as_deref().unwrap_or("the chain does not verify"));
+        output::out(&format!("BROKEN{at}: {reason}"))?;
     }
     Ok(if report.ok { 0 } else { 1 })
 }
@@ -189,7 +191,8 @@ async fn export(ctx: &Ctx, out: Option<&Path>) -> Outcome {
             Err(e) => Err(Failure::Message(format!("cannot write to stdout: {e}"))),
         };
     };
-    std::fs::write(path, &response.body)
+    // Readable by its owner only: the whole org's log is admin-only through the API.
+    crate::server::write_private_file(path, &response.body)
         .map_err(|e| Failure::Message(format!("cannot write {}: {e}", path.display())))?;
     let lines = response.body.split(|b| *b == b'\n').filter(|l| !l.is_empty());
     let (mut events, mut checkpoints) = (0u64, 0u64);

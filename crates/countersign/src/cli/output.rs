@@ -40,14 +40,15 @@ pub fn json(value: &Value) -> Result<(), Failure> {
 }
 
 /// Text safe for a terminal: control characters (escape sequences, carriage returns, and newlines when
-/// `multiline` is false) become visible escapes.
+/// `multiline` is false) and the invisible format characters ([`crate::text::is_hidden_format`]: bidi
+/// overrides, zero widths) become visible escapes.
 pub fn clean_text(text: &str, multiline: bool) -> String {
     let mut cleaned = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
             '\n' if multiline => cleaned.push('\n'),
             '\t' if multiline => cleaned.push('\t'),
-            c if c.is_control() => cleaned.extend(c.escape_default()),
+            c if c.is_control() || crate::text::is_hidden_format(c) => cleaned.extend(c.escape_default()),
             c => cleaned.push(c),
         }
     }

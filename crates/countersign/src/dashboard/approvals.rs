@@ -112,9 +112,13 @@ impl Detail {
             group: approval.group.clone(),
             quorum: approval.quorum,
             params: view::fields(&action.params),
-            params_json: view::pretty_json(&action.params),
-            reasoning: action.reasoning.clone(),
-            target: action.target.as_ref().and_then(|t| serde_json::to_value(t).ok()).map(|t| view::pretty_json(&t)),
+            params_json: crate::text::reveal(&view::pretty_json(&action.params)),
+            reasoning: crate::text::reveal(&action.reasoning),
+            target: action
+                .target
+                .as_ref()
+                .and_then(|t| serde_json::to_value(t).ok())
+                .map(|t| crate::text::reveal(&view::pretty_json(&t))),
             rule_message: verdict.and_then(|v| v.message.clone()),
             explanation: verdict.map(|v| v.explanation.clone()),
             policy_version: approval.policy_version.clone(),

@@ -106,7 +106,8 @@ fn flatten(value: &Value, label: String, depth: usize, out: &mut Vec<Field>) {
             }
             let child_depth = if label.is_empty() { depth } else { depth + 1 };
             for (key, child) in map {
-                let child_label = if label.is_empty() { key.clone() } else { format!("{label}.{key}") };
+                let key = crate::text::reveal(key);
+                let child_label = if label.is_empty() { key } else { format!("{label}.{key}") };
                 flatten(child, child_label, child_depth, out);
             }
         }
@@ -116,7 +117,7 @@ fn flatten(value: &Value, label: String, depth: usize, out: &mut Vec<Field>) {
                 flatten(child, format!("{label}[{i}]"), depth + 1, out);
             }
         }
-        Value::String(text) => out.push(Field { label, value: text.clone(), depth }),
+        Value::String(text) => out.push(Field { label, value: crate::text::reveal(text), depth }),
         other => out.push(Field { label, value: other.to_string(), depth }),
     }
 }

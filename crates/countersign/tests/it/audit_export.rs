@@ -301,3 +301,17 @@ async fn the_signing_key_stays_out_of_the_database_and_another_key_is_refused() 
     assert_eq!(again, public_key);
     server.stop().await;
 }
+
+/// `audit verify` is run on exports nobody trusts: what it prints from the file (here a key id that is a
+/// terminal escape drawing a fake "ok" line) reaches the terminal as visible escapes, never as control bytes.
+#[test]
+fn offline_verify_prints_nothing_from_the_file_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let forged = json!({"checkpoint": {"org_id": "org_x", "seq": 1, "head_hash": "00", "time_us": 0,
+                                       "key_id": "\u{1b}[2K\r\u{1b}[1Aok: 5120 events", "signature": "AA=="}});
+    let public_key = countersign_core::checkpoint::AuditSigner::generate().public_key_base64();
+    let (code, out) = verify_offline(dir.path(), "forged.jsonl", &format!("{forged}\n"), &public_key);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("BROKEN"), "{out}");
+    assert!(!out.contains('\u{1b}') && !out.contains('\r'), "{out:?}");
+}

@@ -232,6 +232,11 @@ async fn audit_query_tail_verify_and_export() {
     let file = dir.path().join("audit.jsonl");
     let exported = cli.admin(&["audit", "export", "--out", file.to_str().unwrap(), "--json"]).await.ok().json();
     assert!(exported["events"].as_u64().unwrap() >= 5 && exported["checkpoints"].as_u64().unwrap() >= 1);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the org's whole log is readable by its owner only: {mode:o}");
+    }
     let public_key = server.admin.audit_public_key().await.unwrap().str("/public_key").to_owned();
     let offline = cs(
         "http://127.0.0.1:1",

@@ -654,6 +654,29 @@ async fn an_org_admin_cannot_take_over_the_instance_admin() {
     server.stop().await;
 }
 
+/// The generated admin key is written readable by its owner only, even over a file left in the data directory
+/// with a wider mode (restored from a backup), and never through a symlink planted there.
+#[tokio::test]
+async fn the_admin_key_file_is_private_whatever_was_there() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("admin.key");
+    std::fs::write(&path, "stale\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), server.admin.key().unwrap());
+    server.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    std::os::unix::fs::symlink(&elsewhere, dir.path().join("admin.key")).unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    assert!(!elsewhere.exists(), "the symlink was replaced, not followed");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn the_schema_refuses_to_rewrite_audit_events() {
     let dir = tempfile::tempdir().unwrap();

@@ -251,6 +251,32 @@ async fn an_idle_dashboard_session_ends() {
     server.stop().await;
 }
 
+/// An approver sees what will be replayed: bidi overrides and zero-width characters in an agent's params and
+/// reasoning show as visible markers, never as characters that redraw the text around them.
+#[tokio::test]
+async fn invisible_characters_in_agent_text_show_as_markers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let base = server.admin.base().to_owned();
+    let agent = server.agent("bot").await;
+    let held = agent
+        .submit_action(&serde_json::json!({"capability": "payments.charge.card",
+            "params": {"to": "acct \u{202E}0001\u{202C}", "we\u{200B}ird": 1},
+            "reasoning": {"goal": "pay\u{2066} bob\u{2069}"}}))
+        .await
+        .unwrap();
+    assert_eq!(held.status, 202, "{:?}", held.body);
+    let (admin, _) = login(&base, server.admin.key().unwrap()).await;
+    let (status, html) = page(&base, &admin, &format!("/ui/approvals/{}", held.str("/approval/id"))).await;
+    assert_eq!(status, StatusCode::OK);
+    for hidden in ['\u{202E}', '\u{202C}', '\u{200B}', '\u{2066}', '\u{2069}'] {
+        assert!(!html.contains(hidden), "U+{:04X} reached the page", u32::from(hidden));
+    }
+    assert!(html.contains("acct ⟨U+202E⟩0001⟨U+202C⟩") && html.contains("we⟨U+200B⟩ird"), "{html}");
+    assert!(html.contains("pay⟨U+2066⟩ bob⟨U+2069⟩"), "{html}");
+    server.stop().await;
+}
+
 /// GET a dashboard page with a session; answers (status, body).
 async fn page(base: &str, session: &str, path: &str) -> (StatusCode, String) {
     let response = http().get(format!("{base}{path}")).header(COOKIE, session).send().await.unwrap();
