@@ -691,8 +691,10 @@ impl ServeArgs {
     }
 }
 
+/// Errors never quote the URL whole: it is read after `${env:…}` references are expanded, so its path or
+/// query may hold a secret (`?key=${env:MAPS_KEY}`); they show it as `connectors::shown_url` does.
 fn url_is_http(text: &str) -> Result<reqwest::Url, String> {
-    let parsed = reqwest::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    let parsed = reqwest::Url::parse(text).map_err(|e| format!("it is not a URL: {e}"))?;
     match parsed.scheme() {
         "http" | "https" => Ok(parsed),
         other => Err(format!("scheme `{other}` is not http or https")),
@@ -703,7 +705,10 @@ fn url_is_http(text: &str) -> Result<reqwest::Url, String> {
 fn base_url_is_http(text: &str) -> Result<(), String> {
     let parsed = url_is_http(text)?;
     if parsed.query().is_some() || parsed.fragment().is_some() {
-        return Err(format!("`{text}` must not have a query or fragment (`?…`, `#…`); paths are appended to it"));
+        return Err(format!(
+            "`{}` must not have a query or fragment (`?…`, `#…`); paths are appended to it",
+            crate::connectors::shown_url(text)
+        ));
     }
     Ok(())
 }
@@ -892,6 +897,11 @@ mod tests {
         assert!(error.contains("query or fragment"), "{error}");
         assert!(base_url_is_http("https://api.example/#x").is_err());
         assert!(url_is_http("https://mcp.example/mcp?token=x").is_ok());
+        // What `${env:…}` put in a URL is never quoted back.
+        let error = base_url_is_http("https://maps.example/api?key=sk-secret-123").unwrap_err();
+        assert!(error.contains("https://maps.example/…") && !error.contains("sk-secret-123"), "{error}");
+        let error = url_is_http("https://exa mple/sk-secret-123").unwrap_err();
+        assert!(!error.contains("sk-secret-123"), "{error}");
     }
 
     #[test]

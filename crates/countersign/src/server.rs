@@ -170,8 +170,16 @@ impl Server {
 
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Server, StartError> {
         install_crypto_provider();
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
+        // Private to the server's user when it creates it: the database holds webhook signing secrets and
+        // every action's params, and exports hold the whole audit log. (A directory that exists keeps its mode.)
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&config.data_dir)
+                .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
+        }
         let mut postgres = None;
         let store: Arc<dyn Store> = match &config.database_url {
             Some(url) if url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://") => {

@@ -222,10 +222,17 @@ impl Gateway {
         // A name of its own: two downloads rebuilding the same export at once each write their own file.
         let partial = PartialFile(path.with_extension(format!("jsonl.{}.partial", ulid::Ulid::generate())));
         if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await.map_err(|e| Error::Internal(format!("cannot create {dir:?}: {e}")))?;
+            tokio::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .await
+                .map_err(|e| Error::Internal(format!("cannot create {dir:?}: {e}")))?;
         }
         let io = |e: std::io::Error| Error::Internal(format!("cannot write the export: {e}"));
-        let mut file = tokio::io::BufWriter::new(tokio::fs::File::create(&partial.0).await.map_err(io)?);
+        // The org's whole log: readable by the server's user only.
+        let created = tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&partial.0).await;
+        let mut file = tokio::io::BufWriter::new(created.map_err(io)?);
         if let Some(opening) = opening {
             write_line(&mut file, &CheckpointLine { checkpoint: opening }).await?;
         }

@@ -18,6 +18,8 @@ use crate::gateway::Gateway;
 
 /// The longest the runner sleeps without looking at the store.
 const SAFETY_LOOK: Duration = Duration::from_secs(5);
+/// How long the runner waits after a claim failed before it tries again.
+const CLAIM_RETRY: Duration = Duration::from_secs(1);
 /// How often orgs with a retention window get a retention job.
 const RETENTION_SWEEP: Duration = Duration::from_secs(3600);
 
@@ -25,8 +27,13 @@ pub async fn run(gateway: Gateway, shutdown: CancellationToken, tracker: TaskTra
     let permits = Arc::new(Semaphore::new(gateway.job_settings().concurrency.max(1)));
     loop {
         // Claim while there are free slots and due jobs.
+        let mut slots_full = false;
+        let mut claim_failed = false;
         loop {
-            let Ok(permit) = permits.clone().try_acquire_owned() else { break };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                slots_full = true;
+                break;
+            };
             if shutdown.is_cancelled() {
                 return;
             }
@@ -42,16 +49,26 @@ pub async fn run(gateway: Gateway, shutdown: CancellationToken, tracker: TaskTra
                 Ok(None) => break,
                 Err(error) => {
                     tracing::error!(%error, "cannot claim a job");
+                    claim_failed = true;
                     break;
                 }
             }
         }
-        let sleep = match gateway.next_job_due().await {
-            Ok(Some(due)) => (due - gateway.now()).to_std().unwrap_or_default().min(SAFETY_LOOK),
-            Ok(None) => SAFETY_LOOK,
-            Err(error) => {
-                tracing::error!(%error, "cannot read when the next job is due");
-                SAFETY_LOOK
+        // With every slot busy, a job that is due already cannot be claimed before a slot frees, and a freed
+        // slot wakes the runner: sleeping until "due" (now) would spin on the store. After a failed claim,
+        // back off instead of retrying at once.
+        let sleep = if slots_full {
+            SAFETY_LOOK
+        } else if claim_failed {
+            CLAIM_RETRY
+        } else {
+            match gateway.next_job_due().await {
+                Ok(Some(due)) => (due - gateway.now()).to_std().unwrap_or_default().min(SAFETY_LOOK),
+                Ok(None) => SAFETY_LOOK,
+                Err(error) => {
+                    tracing::error!(%error, "cannot read when the next job is due");
+                    SAFETY_LOOK
+                }
             }
         };
         tokio::select! {

@@ -66,6 +66,12 @@ async fn exports_verify_offline_and_retention_keeps_the_chain_verifiable() {
     assert_eq!(job.body["progress"]["events_written"], job.body["result"]["events"], "{:?}", job.body);
     let file = admin.get(&format!("/v1/audit/exports/{}", queued.str("/id"))).await.unwrap();
     assert_eq!(file.status, 200);
+    {
+        // The org's whole log is readable by the server's user only.
+        use std::os::unix::fs::PermissionsExt;
+        let export = dir.path().join("exports").join(format!("{}.jsonl", queued.str("/id")));
+        assert_eq!(std::fs::metadata(&export).unwrap().permissions().mode() & 0o077, 0);
+    }
     assert_eq!(verify_offline(dir.path(), "job.jsonl", file.body.as_str().unwrap(), &public_key).0, 0);
 
     // A changed word in one event, and a different key: both refused, the first naming the seq.
@@ -314,4 +320,18 @@ fn offline_verify_prints_nothing_from_the_file_raw() {
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("BROKEN"), "{out}");
     assert!(!out.contains('\u{1b}') && !out.contains('\r'), "{out:?}");
+}
+
+/// A data directory the server creates is private to its user: the database holds webhook signing secrets
+/// and every action's params.
+#[tokio::test]
+async fn a_data_directory_the_server_creates_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = config(dir.path(), None);
+    settings.data_dir = dir.path().join("fresh/data");
+    let server = TestServer::start_with(settings, None).await;
+    let mode = std::fs::metadata(dir.path().join("fresh/data")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+    server.stop().await;
 }

@@ -143,3 +143,22 @@ async fn a_wait_must_be_seconds_and_a_huge_one_is_capped_not_an_error() {
     }
     server.stop().await;
 }
+
+/// Requests with made-up methods, unauthenticated, share one metrics series: a method name is not a label
+/// anyone can add to without bound.
+#[tokio::test]
+async fn made_up_methods_share_one_metrics_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let http = reqwest::Client::new();
+    for i in 0..50 {
+        let method = reqwest::Method::from_bytes(format!("X{i}").as_bytes()).unwrap();
+        let answered = http.request(method, format!("{}/healthz", server.admin.base())).send().await.unwrap();
+        assert!(answered.status().is_client_error(), "{}", answered.status());
+    }
+    let metrics = server.admin.get("/metrics").await.unwrap();
+    let text = metrics.body.as_str().unwrap();
+    assert!(!text.contains("method=\"X49\"") && !text.contains("method=\"X0\""), "a series per made-up method");
+    assert!(text.contains("method=\"OTHER\""), "{text}");
+    server.stop().await;
+}
