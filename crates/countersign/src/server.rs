@@ -65,21 +65,23 @@ fn write_admin_key(data_dir: &Path, key: &str) -> std::io::Result<()> {
 }
 
 /// Writes `bytes` to `path` readable by its owner only (0600), synced: through a new file beside it renamed
-/// over `path`, so a file left there with a wider mode (restored from a backup) or a symlink planted there
-/// never receives them, and a failed write leaves nothing half-written at `path`.
-pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// over `path` (the directory synced after), so a file left there with a wider mode (restored from a backup)
+/// or a symlink planted there never receives them, and a failed write leaves nothing half-written at `path`.
+fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let partial = path.with_file_name(format!(".{name}.{}.partial", std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&partial)
-        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()))
-        .and_then(|()| std::fs::rename(&partial, path));
+    let partial = path.with_file_name(format!(".{name}.{}.partial", ulid::Ulid::generate()));
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&partial)?;
+    let written =
+        file.write_all(bytes).and_then(|()| file.sync_all()).and_then(|()| std::fs::rename(&partial, path)).and_then(
+            |()| match path.parent() {
+                Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()),
+                None => Ok(()),
+            },
+        );
     if written.is_err() {
+        // Ours (created above), so ours to remove.
         let _ = std::fs::remove_file(&partial);
     }
     written

@@ -3,11 +3,16 @@
 //! something other than the bytes that will be replayed. The dashboard shows each as a visible marker; the
 //! CLI escapes them with the control characters.
 
-/// Whether `c` is a format character that changes how text around it is drawn, or draws as nothing:
-/// U+061C, U+180E, U+200B–U+200F, U+202A–U+202E, U+2060–U+2064, U+2066–U+2069 and U+FEFF.
+/// Whether `c` changes how the text around it is drawn, or draws as nothing: the bidi controls and Unicode's
+/// default-ignorable code points (soft hyphen, zero widths including the joiners, variation selectors,
+/// Hangul fillers, interlinear annotation marks, tag characters, which can carry a hidden message to a
+/// model, and the blocks reserved as ignorable). The joiners are marked too, so emoji sequences and some
+/// scripts show markers: an approver seeing more than was drawn is the safe side.
 pub fn is_hidden_format(c: char) -> bool {
-    matches!(c, '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+    matches!(c, '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}'
+        | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}'
+        | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
 }
 
 /// `text` with each hidden format character shown as `⟨U+XXXX⟩`.
@@ -34,6 +39,9 @@ mod tests {
     fn overrides_and_zero_widths_show_as_markers_and_other_text_is_untouched() {
         assert_eq!(reveal("pay \u{202E}321\u{202C} to bob"), "pay ⟨U+202E⟩321⟨U+202C⟩ to bob");
         assert_eq!(reveal("a\u{200B}b\u{FEFF}"), "a⟨U+200B⟩b⟨U+FEFF⟩");
+        // Tag characters can spell a message no one sees.
+        assert_eq!(reveal("ok\u{E0041}\u{E0042}"), "ok⟨U+E0041⟩⟨U+E0042⟩");
+        assert_eq!(reveal("soft\u{00AD}hyphen\u{FE0F}"), "soft⟨U+00AD⟩hyphen⟨U+FE0F⟩");
         assert_eq!(reveal("naïve — ok ✓ 東京"), "naïve — ok ✓ 東京");
     }
 }

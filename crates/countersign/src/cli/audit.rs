@@ -191,8 +191,7 @@ async fn export(ctx: &Ctx, out: Option<&Path>) -> Outcome {
             Err(e) => Err(Failure::Message(format!("cannot write to stdout: {e}"))),
         };
     };
-    // Readable by its owner only: the whole org's log is admin-only through the API.
-    crate::server::write_private_file(path, &response.body)
+    write_owner_only(path, &response.body)
         .map_err(|e| Failure::Message(format!("cannot write {}: {e}", path.display())))?;
     let lines = response.body.split(|b| *b == b'\n').filter(|l| !l.is_empty());
     let (mut events, mut checkpoints) = (0u64, 0u64);
@@ -323,4 +322,17 @@ fn print_event(ctx: &Ctx, data: &str) -> Result<(), Failure> {
     }
     let cells = event_cells(&event);
     output::out(&cells.join("  "))
+}
+
+/// Writes `bytes` to `path` as the user asked, whatever it is (a file, `/dev/stdout`, a pipe), but a regular
+/// file ends up readable by its owner only, new or not: the whole org's log is admin-only through the API.
+fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    if file.metadata()?.is_file() {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    file.write_all(bytes)?;
+    file.flush()
 }

@@ -123,7 +123,8 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     };
     let route =
         request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
-    let span = tracing::info_span!("request", %method, %route);
+    // The log keeps the method as sent (a log line is not a series that lives on).
+    let span = tracing::info_span!("request", method = %request.method(), %route);
     let mut response = next.run(request).instrument(span.clone()).await;
     // Handlers that read the raw body get axum's plain-text 413; every error is problem+json. The LLM proxy
     // shapes its own errors as the provider does, and relays a provider's 413 as it came.

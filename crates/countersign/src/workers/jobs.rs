@@ -39,11 +39,10 @@ pub async fn run(gateway: Gateway, shutdown: CancellationToken, tracker: TaskTra
             }
             match gateway.claim_job().await {
                 Ok(Some(job)) => {
-                    let gateway = gateway.clone();
+                    let slot = Slot { permit: Some(permit), gateway: gateway.clone() };
                     tracker.spawn(async move {
-                        run_one(&gateway, job).await;
-                        drop(permit);
-                        gateway.wake_job_runner();
+                        run_one(&slot.gateway, job).await;
+                        drop(slot);
                     });
                 }
                 Ok(None) => break,
@@ -76,6 +75,21 @@ pub async fn run(gateway: Gateway, shutdown: CancellationToken, tracker: TaskTra
             () = gateway.jobs_added() => {}
             () = tokio::time::sleep(sleep.max(Duration::from_millis(1))) => {}
         }
+    }
+}
+
+/// A claimed job's slot: freed, and the runner woken to fill it, when the job's task ends, even by a panic
+/// (the runner waits for a slot to free once all are busy).
+struct Slot {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    gateway: Gateway,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // Free first, then wake: the runner wakes to a slot it can take.
+        drop(self.permit.take());
+        self.gateway.wake_job_runner();
     }
 }
 
