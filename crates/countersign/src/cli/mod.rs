@@ -134,6 +134,12 @@ impl Ctx {
                     .into(),
             )
         })?;
+        if sends_in_clear(&self.remote.url) {
+            output::note(&format!(
+                "warning: {} is plain http to another machine: the key goes over the network unencrypted; use https",
+                output::clean(&self.remote.url)
+            ));
+        }
         Client::new(self.remote.url.clone(), Some(key.to_owned())).map_err(Failure::from)
     }
 
@@ -279,10 +285,29 @@ pub fn more(document: &Value) {
     }
 }
 
+/// Whether a URL is plain http to a host other than this machine's loopback.
+fn sends_in_clear(url: &str) -> bool {
+    let Ok(parsed) = reqwest::Url::parse(url) else { return false };
+    let host = parsed.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || host.is_empty();
+    parsed.scheme() == "http" && !loopback
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_http_is_flagged_only_off_this_machine() {
+        assert!(sends_in_clear("http://gw.example.com:8080"));
+        assert!(sends_in_clear("http://10.0.0.5"));
+        for local in ["http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:9000", "https://gw.example.com"] {
+            assert!(!sends_in_clear(local), "{local}");
+        }
+    }
 
     #[test]
     fn seconds_take_numbers_and_units() {
