@@ -101,57 +101,64 @@ async fn load_signer(store: &dyn Store, data_dir: &Path) -> Result<AuditSigner, 
     let store_error = |e: countersign_core::store::StoreError| StartError::Store(e.to_string());
     let mut tx = store.write().await.map_err(store_error)?;
     let legacy = tx.legacy_signing_key().await.map_err(store_error)?;
+    let legacy_held = legacy.is_some();
+    let legacy = legacy.map(|text| AuditSigner::from_file_contents(&text)).transpose().map_err(key_error)?;
     let recorded = tx.audit_public_key().await.map_err(store_error)?;
-    let signer = match (load_if_present(&path).map_err(key_error)?, &legacy) {
-        // The key the database held is the one earlier versions signed with, whatever file a replica kept
-        // from before then.
-        (Some(signer), Some(text)) => {
-            let shared = AuditSigner::from_file_contents(text).map_err(key_error)?;
-            if signer.public_key_base64() != shared.public_key_base64() {
-                return Err(StartError::Config(format!(
-                    "audit signing key: {} is key {}, but this database's checkpoints are signed with key {}, kept \
-                     in the database by an earlier version: move that file aside and start again, and the key \
-                     will be written to it from the database",
-                    path.display(),
-                    signer.key_id(),
-                    shared.key_id()
-                )));
-            }
-            signer
-        }
-        (Some(signer), None) => signer,
-        (None, Some(text)) => load_or_install(&path, || AuditSigner::from_file_contents(text)).map_err(key_error)?,
-        (None, None) => match &recorded {
-            Some(public_key) => {
-                return Err(StartError::Config(format!(
-                    "audit signing key: {} does not exist, but this database's checkpoints are signed with key {}: \
-                     copy {SIGNING_KEY_FILE} from a replica (or a backup) into the data directory; a new key would \
-                     leave every checkpoint so far unverifiable",
-                    path.display(),
-                    key_id(public_key)
-                )));
-            }
-            None => load_or_create(&path).map_err(key_error)?,
-        },
-    };
-    let public_key = signer.public_key_base64();
-    let recorded = tx.record_audit_public_key(&public_key).await.map_err(store_error)?;
-    if recorded != public_key {
-        return Err(StartError::Config(format!(
-            "audit signing key: {} is key {}, but this database's checkpoints are signed with key {}: copy \
-             {SIGNING_KEY_FILE} from a replica that has the right one",
+    // The key this database's checkpoints are signed with: the one recorded, else the one an earlier version
+    // kept in the database (whatever file a replica kept from before then).
+    let from_legacy = recorded.is_none() && legacy.is_some();
+    let expected = recorded.or_else(|| legacy.as_ref().map(AuditSigner::public_key_base64));
+    let mismatch = |signer: &AuditSigner, expected: &str| {
+        let remedy = if from_legacy {
+            ", kept in the database by an earlier version: move that file aside and start again, and the key will \
+             be written to it from the database"
+        } else {
+            ": copy the right audit-signing.key from a replica or a backup"
+        };
+        StartError::Config(format!(
+            "audit signing key: {} is key {}, but this database's checkpoints are signed with key {}{remedy}",
             path.display(),
             signer.key_id(),
-            key_id(&recorded)
-        )));
+            key_id(expected)
+        ))
+    };
+    let signer = match (load_if_present(&path).map_err(key_error)?, legacy, &expected) {
+        (Some(signer), _, _) => signer,
+        // Only the key expected is ever written to the file.
+        (None, Some(shared), Some(expected)) if &shared.public_key_base64() == expected => {
+            load_or_install(&path, || Ok(shared)).map_err(key_error)?
+        }
+        (None, _, Some(expected)) => {
+            return Err(StartError::Config(format!(
+                "audit signing key: {} does not exist, but this database's checkpoints are signed with key {}: \
+                 copy {SIGNING_KEY_FILE} from a replica (or a backup) into the data directory. To start over \
+                 without it, delete the row named audit_public_key from instance_secrets; every checkpoint made \
+                 so far will then no longer verify",
+                path.display(),
+                key_id(expected)
+            )));
+        }
+        (None, _, None) => load_or_create(&path).map_err(key_error)?,
+    };
+    // Recorded by the first start (or the first of several replicas starting at once: the others are refused).
+    let public_key = signer.public_key_base64();
+    if let Some(expected) = expected.as_deref()
+        && expected != public_key
+    {
+        return Err(mismatch(&signer, expected));
+    }
+    let recorded = tx.record_audit_public_key(&public_key).await.map_err(store_error)?;
+    if recorded != public_key {
+        return Err(mismatch(&signer, &recorded));
     }
     tx.commit().await.map_err(store_error)?;
-    if legacy.is_some() {
+    if legacy_held {
         tracing::warn!(
             "the audit signing key's private half is still stored in the database (instance_secrets, \
              name audit_signing_key), where anyone who can read the database could sign checkpoints: once every \
              replica has started with this version (each now holds {SIGNING_KEY_FILE}), delete it with \
-             DELETE FROM instance_secrets WHERE name = 'audit_signing_key'"
+             DELETE FROM instance_secrets WHERE name = 'audit_signing_key'. Backups taken before then still \
+             hold it; the key cannot be rotated without leaving earlier checkpoints unverifiable"
         );
     }
     Ok(signer)

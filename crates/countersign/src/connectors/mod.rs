@@ -225,9 +225,11 @@ impl Connectors {
         request = request.headers(configured);
         if let Some(body) = &target.body {
             let bytes = serde_json::to_vec(body).map_err(|e| ConnectorError::Invalid(e.to_string()))?;
-            // The body is JSON; an agent's own JSON media type (`application/merge-patch+json`) is kept and
-            // sent once (reqwest adds a header beside one already set, it does not replace it).
-            if !target.headers.keys().any(|name| name.eq_ignore_ascii_case("content-type")) {
+            // The body is JSON; a media type the agent or the upstream's configuration sets
+            // (`application/merge-patch+json`) is kept and sent once (reqwest adds a header beside one already
+            // set, it does not replace it).
+            let is_type = |name: &String| name.eq_ignore_ascii_case("content-type");
+            if !target.headers.keys().chain(upstream.headers.keys()).any(is_type) {
                 request = request.header("content-type", "application/json");
             }
             request = request.body(bytes);

@@ -97,10 +97,10 @@ impl AuthCache {
     }
 }
 
-/// A key's 401 restated for a session minted, or about to be minted, with it; other errors as they are.
-pub(super) fn of_minting_key(error: Error, key: &str) -> Error {
+/// A credential's 401 restated in the context it was checked in (`{context}: {why}`); other errors as they are.
+pub(super) fn restated(error: Error, context: &str) -> Error {
     match error {
-        Error::Unauthenticated(why) => Error::Unauthenticated(format!("{key} no longer works: {why}")),
+        Error::Unauthenticated(why) => Error::Unauthenticated(format!("{context}: {why}")),
         other => other,
     }
 }
@@ -154,30 +154,15 @@ impl Gateway {
         Ok(self.resolve(secret, &hash, self.now()).await?.0)
     }
 
-    /// Checks, from the store, that `secret` still stands for `caller`: what a request that waited (a long
-    /// poll, a held model call) asks before it answers or sends, so a credential revoked (or its principal
-    /// disabled) meanwhile gets 401 instead of the outcome.
-    pub async fn still_stands(&self, secret: &str, caller: &Caller) -> Result<()> {
-        let now = match self.authenticate_uncached(secret).await {
-            Ok(now) => now,
-            Err(Error::Unauthenticated(why)) => {
-                return Err(Error::Unauthenticated(format!(
-                    "this credential stopped working while the request waited: {why}"
-                )));
-            }
-            Err(other) => return Err(other),
-        };
-        let same = match (&now, caller) {
-            (Caller::User(a), Caller::User(b)) => a.id == b.id,
-            (Caller::Agent(a), Caller::Agent(b)) => a.id == b.id,
-            (Caller::Session { session: a, .. }, Caller::Session { session: b, .. }) => a.id == b.id,
-            _ => false,
-        };
-        if same {
-            Ok(())
-        } else {
-            Err(Error::Unauthenticated("this credential changed while the request waited".into()))
-        }
+    /// Checks, from the store, that `secret` still stands: what a request that waited (a long poll, a held
+    /// model call) asks before it answers or sends, so a credential revoked (or its principal disabled)
+    /// meanwhile gets 401 instead of the outcome. (A secret always resolves to the same key or session, and
+    /// so to the same principal: only whether it still works can change.)
+    pub async fn still_stands(&self, secret: &str) -> Result<()> {
+        self.authenticate_uncached(secret)
+            .await
+            .map(|_| ())
+            .map_err(|e| restated(e, "this credential stopped working while the request waited"))
     }
 
     /// The caller behind a secret, read from the store, and when its key or session expires.
@@ -211,7 +196,7 @@ impl Gateway {
                     })?;
                     self.key_standing(&mut *tx, &key)
                         .await
-                        .map_err(|e| of_minting_key(e, "the key this session was minted with"))?;
+                        .map_err(|e| restated(e, "the key this session was minted with no longer works"))?;
                 }
                 let expires_at = session.expires_at;
                 Ok((Caller::Session { session: Box::new(session), agent }, Some(expires_at)))

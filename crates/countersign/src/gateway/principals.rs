@@ -355,7 +355,7 @@ impl Gateway {
         // The instance admin's keys are its only way in (no other path mints it one once the store is set up),
         // so an org admin revoking them would lock it out for good, as disabling it would.
         if !me.instance_admin {
-            let owner = work.tx.list_keys(&org).await?.into_iter().find(|k| &k.id == id).map(|k| k.principal);
+            let owner = work.tx.get_key(&org, id).await?.map(|k| k.principal);
             if let Some(PrincipalRef::User(user)) = owner
                 && work.tx.get_user(&org, &user).await?.is_some_and(|u| u.instance_admin)
             {

@@ -97,7 +97,7 @@ impl Gateway {
         if let Some(key) = &minting_key {
             self.key_standing(&mut *work.tx, key)
                 .await
-                .map_err(|e| super::auth::of_minting_key(e, "the key this session would be minted with"))?;
+                .map_err(|e| super::auth::restated(e, "the key this session would be minted with no longer works"))?;
         }
         let secret = secrets::generate(SecretKind::SessionToken);
         let created_by = match caller {

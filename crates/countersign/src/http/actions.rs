@@ -111,7 +111,7 @@ pub async fn submit(
         && !wait.is_zero()
     {
         outcome.action = state.gateway.wait_action(&caller, &outcome.action.id, wait).await?;
-        state.gateway.still_stands(&secret, &caller).await?;
+        state.gateway.still_stands(&secret).await?;
         outcome.approval = state.gateway.approval_of(&outcome.action).await?;
     }
     Ok(submit_response(&state, &outcome))
@@ -139,7 +139,7 @@ pub async fn wait(
 ) -> Result<Json<Value>> {
     let timeout = wait_duration(query.timeout.or(query.wait))?.unwrap_or(Duration::from_secs(30));
     let action = state.gateway.wait_action(&caller, &parse_action_id(&id)?, timeout).await?;
-    state.gateway.still_stands(&secret, &caller).await?;
+    state.gateway.still_stands(&secret).await?;
     let approval = state.gateway.approval_of(&action).await?;
     Ok(Json(views::action(&state.gateway, &action, approval.as_ref(), None)))
 }

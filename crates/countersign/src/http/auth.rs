@@ -1,5 +1,6 @@
 //! The credential extractor: `Authorization: Bearer <key or session token>` (or `x-api-key`) becomes a
-//! [`Caller`] through the gateway, then the caller's rate limit is checked. No handler sees a raw secret.
+//! [`Caller`] through the gateway, then the caller's rate limit is checked. Only a handler that waits takes the
+//! secret too ([`AuthThatWaits`]), to check it again before it answers.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;

@@ -71,7 +71,7 @@ pub async fn wait(
 ) -> Result<Json<Value>> {
     let timeout = wait_duration(query.timeout)?.unwrap_or(Duration::from_secs(30));
     let job = state.gateway.wait_job(&caller, &parse_job_id(&id)?, timeout).await?;
-    state.gateway.still_stands(&secret, &caller).await?;
+    state.gateway.still_stands(&secret).await?;
     Ok(Json(views::job(&job)))
 }
 
@@ -171,7 +171,7 @@ pub async fn export_now(
 ) -> Result<Response> {
     let job = state.gateway.start_audit_export(&caller).await?;
     let job = state.gateway.wait_job(&caller, &job.id, Duration::from_secs(300)).await?;
-    state.gateway.still_stands(&secret, &caller).await?;
+    state.gateway.still_stands(&secret).await?;
     match job.state {
         JobState::Succeeded => file_response(&state.gateway.export_file(&caller, &job.id).await?).await,
         JobState::Failed | JobState::Cancelled => Err(Error::Internal(format!(

@@ -145,9 +145,9 @@ fn secret_in(parts: &Parts) -> Option<Secret> {
 
 /// After a wait: the credential must still stand for the caller (see [`Gateway::still_stands`]); a request
 /// without its secret, which the authentication in front always adds, is refused as well.
-pub(super) async fn still_stands(gateway: &Gateway, secret: Option<&Secret>, caller: &Caller) -> Result<(), Error> {
+pub(super) async fn still_stands(gateway: &Gateway, secret: Option<&Secret>) -> Result<(), Error> {
     let secret = secret.ok_or_else(|| Error::Internal("the request reached MCP without its credential".into()))?;
-    gateway.still_stands(&secret.0, caller).await
+    gateway.still_stands(&secret.0).await
 }
 
 /// A gateway error as a tool error carrying the problem body.
@@ -301,7 +301,7 @@ impl McpServer {
                     Some(s) => crate::gateway::wait_seconds("timeout_seconds", s)?,
                 };
                 let action = self.gateway.wait_action(&caller, &parse_action_id(&args.id)?, timeout).await?;
-                still_stands(&self.gateway, secret_in(&parts).as_ref(), &caller).await?;
+                still_stands(&self.gateway, secret_in(&parts).as_ref()).await?;
                 Ok(action_result(&self.gateway, &self.outcome_of(action).await?))
             }
             .await,

@@ -153,7 +153,7 @@ async fn governed(
                     .wait_action_until(caller, &action.id, limit, |a| a.state != ActionState::PendingApproval)
                     .await?;
                 // A credential revoked during the hold gets no answer (the approved call is the job's).
-                super::server::still_stands(gateway, secret, caller).await?;
+                super::server::still_stands(gateway, secret).await?;
                 decided
             };
             match decided.state {
@@ -188,7 +188,7 @@ async fn finished(
 ) -> Result<CallToolResult, Error> {
     let done = gateway.wait_action(caller, &action.id, limit).await?;
     // Only to a credential that still stands after that wait.
-    super::server::still_stands(gateway, secret, caller).await?;
+    super::server::still_stands(gateway, secret).await?;
     if !done.is_terminal() {
         let mut body = json!({
             "action_id": done.id,

@@ -263,7 +263,7 @@ async fn governed(
                 // A credential revoked during the hold gets neither the call carried out on its connection
                 // nor its answer (an approved call is then carried out by its job, as for a client that left).
                 let secret = crate::http::auth::presented_secret_in(headers)?;
-                gateway.still_stands(secret, caller).await?;
+                gateway.still_stands(secret).await?;
                 match decided.state {
                     ActionState::PendingApproval => pending(gateway, &decided, &approval, &token),
                     ActionState::Approved => execute(gateway, caller, secret, dialect, &decided, stream).await?,
@@ -508,7 +508,7 @@ async fn stored_answer(
 ) -> Result<Response, Error> {
     let action = gateway.wait_action(caller, &action.id, MAX_HOLD).await?;
     // That wait can be long too: the answer goes only to a credential that still stands.
-    gateway.still_stands(secret, caller).await?;
+    gateway.still_stands(secret).await?;
     Ok(recorded_answer(dialect, &action))
 }
 

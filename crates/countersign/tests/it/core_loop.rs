@@ -397,7 +397,7 @@ async fn a_wait_answers_401_once_its_credential_is_revoked() {
     let waiter =
         tokio::spawn(async move { stolen.post("/v1/actions?wait=30", &action("payments.charge.card")).await.unwrap() });
     // Once its approval is pending, the submission was authenticated and its wait is open.
-    let approval_id = crate::helpers::first_pending(&server.admin).await;
+    let approval_id = crate::helpers::first_pending(server.gateway(), &server.admin).await;
     assert_eq!(server.admin.revoke_key(&key_id).await.unwrap().status, 204);
     let approved = server.admin.approve(&approval_id, None).await.unwrap();
     assert_eq!(approved.status, 200, "{:?}", approved.body);

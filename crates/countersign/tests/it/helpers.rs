@@ -411,14 +411,19 @@ pub async fn serve(app: axum::Router) -> String {
     url
 }
 
-/// The first approval to become pending, asked again for up to 10 s: there is no event to await from outside.
-pub async fn first_pending(admin: &Client) -> String {
-    for _ in 0..200 {
+/// The first approval to become pending, as `admin` lists them: asked again each time the server announces
+/// an action change (no polling tick), for up to 30 s.
+pub async fn first_pending(gateway: &countersign::gateway::Gateway, admin: &Client) -> String {
+    let mut changes = gateway.notifier().subscribe_actions();
+    loop {
         let page = admin.list_approvals(Some("pending"), None, None).await.unwrap();
         if let Some(id) = page.body["items"][0]["id"].as_str() {
             return id.to_owned();
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let changed = tokio::time::timeout(std::time::Duration::from_secs(30), changes.recv()).await;
+        match changed.expect("no approval became pending") {
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => panic!("the server stopped"),
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+        }
     }
-    panic!("no approval became pending");
 }

@@ -71,9 +71,10 @@ fn event<'a>(events: &'a [Value], name: &str) -> &'a Value {
 }
 
 /// Approves the next pending approval as the admin, from another task, once it shows up.
-fn approve_when_pending(admin: Client) -> tokio::task::JoinHandle<String> {
+fn approve_when_pending(server: &TestServer) -> tokio::task::JoinHandle<String> {
+    let (gateway, admin) = (server.gateway().clone(), server.admin.clone());
     tokio::spawn(async move {
-        let id = first_pending(&admin).await;
+        let id = first_pending(&gateway, &admin).await;
         let approved = admin.approve(&id, Some("fine")).await.unwrap();
         assert_eq!(approved.status, 200, "{:?}", approved.body);
         id
@@ -307,9 +308,9 @@ async fn a_held_call_whose_key_is_revoked_meanwhile_answers_401() {
     let minted = s.server.admin.create_key("agent", "model-user").await.unwrap();
     let (key_id, key) = (minted.str("/id").to_owned(), minted.str("/key").to_owned());
     // Once the approval is pending, the held request has been authenticated and is waiting.
-    let admin = s.server.admin.clone();
+    let (gateway, admin) = (s.server.gateway().clone(), s.server.admin.clone());
     let revoke_then_approve = tokio::spawn(async move {
-        let id = first_pending(&admin).await;
+        let id = first_pending(&gateway, &admin).await;
         assert_eq!(admin.revoke_key(&key_id).await.unwrap().status, 204);
         admin.approve(&id, None).await.unwrap().status
     });
@@ -332,7 +333,7 @@ async fn a_held_call_whose_key_is_revoked_meanwhile_answers_401() {
 #[tokio::test]
 async fn held_calls_wait_for_the_decision_then_answer_with_the_real_response() {
     let s = setup().await;
-    let approver = approve_when_pending(s.server.admin.clone());
+    let approver = approve_when_pending(&s.server);
     let response = s
         .post(
             "/llm/openai/v1/chat/completions",
@@ -359,7 +360,7 @@ async fn held_calls_wait_for_the_decision_then_answer_with_the_real_response() {
     assert_eq!(s.provider.count(), 1);
 
     // Streamed and held: the approval arrives, then the chunks.
-    let approver = approve_when_pending(s.server.admin.clone());
+    let approver = approve_when_pending(&s.server);
     let response = s
         .post(
             "/llm/anthropic/v1/messages",
@@ -375,16 +376,10 @@ async fn held_calls_wait_for_the_decision_then_answer_with_the_real_response() {
     assert!(text.contains("message_stop") && text.contains("part4"), "{text}");
 
     // Denied by the approver: 403 naming the rule that held it.
-    let admin = s.server.admin.clone();
+    let (gateway, admin) = (s.server.gateway().clone(), s.server.admin.clone());
     let denier = tokio::spawn(async move {
-        for _ in 0..200 {
-            let page = admin.list_approvals(Some("pending"), None, None).await.unwrap();
-            if let Some(id) = page.body["items"][0]["id"].as_str() {
-                return admin.deny(id, Some("no")).await.unwrap().status;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        0
+        let id = first_pending(&gateway, &admin).await;
+        admin.deny(&id, Some("no")).await.unwrap().status
     });
     let response = s
         .post(
@@ -435,7 +430,7 @@ async fn an_approved_stream_run_by_the_job_is_not_cut_off_at_the_timeout() {
     let response = response.unwrap();
     assert_eq!(response.status(), 202);
     let token = response.json::<Value>().await.unwrap()["approval_token"].as_str().unwrap().to_owned();
-    approve_when_pending(s.server.admin.clone()).await.unwrap();
+    approve_when_pending(&s.server).await.unwrap();
     let stored = s.stored_result(&token).await;
     assert_eq!(stored["state"], "succeeded", "{stored}");
     let streamed = stored["result"]["body"].as_str().unwrap_or_default();
@@ -473,7 +468,7 @@ async fn immediate_mode_answers_202_and_the_job_executes_after_approval() {
 
     let result_url = s.url(&format!("/v1/approval-status/{token}/result"));
     assert_eq!(s.http.get(&result_url).send().await.unwrap().status(), 409, "no result before approval");
-    approve_when_pending(s.server.admin.clone()).await.unwrap();
+    approve_when_pending(&s.server).await.unwrap();
     let stored = s.stored_result(&token).await;
     assert_eq!(stored["state"], "succeeded", "{stored}");
     assert_eq!(stored["result"]["status"], 200);
@@ -698,7 +693,7 @@ async fn a_held_call_whose_client_left_is_carried_out_by_the_job_after_the_grace
         .send()
         .await;
     assert!(gave_up.is_err(), "the client gave up while the call was held");
-    approve_when_pending(server.admin.clone()).await.unwrap();
+    approve_when_pending(&server).await.unwrap();
     let page = server.admin.get("/v1/actions?capability=llm.chat.completion").await.unwrap();
     let id = page.body["items"][0]["id"].as_str().unwrap().to_owned();
     let action = agent.wait_action(&id, 10.0).await.unwrap().body;
