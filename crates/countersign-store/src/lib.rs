@@ -11,5 +11,8 @@ pub mod sqlite;
 mod stmt;
 mod writes;
 
-pub use postgres::{CHANGES_CHANNEL, PostgresStore, ReplicaFeed};
+pub use postgres::{
+    CHANGES_CHANNEL, DEAF_REPORT_INTERVAL, FEED_APPLICATION_NAME, FeedEvent, FeedHealth, HEARTBEAT_ECHO,
+    HEARTBEAT_QUIET, PostgresStore, ReplicaFeed,
+};
 pub use sqlite::SqliteStore;

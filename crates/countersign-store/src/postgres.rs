@@ -81,8 +81,19 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The `LISTEN`/`NOTIFY` channel on which each commit tells the other replicas what it changed.
 pub const CHANGES_CHANNEL: &str = "countersign_changes";
 
-/// How long the replica feed waits before trying to listen again after a failure, at most.
-const MAX_RELISTEN_DELAY: Duration = Duration::from_secs(30);
+/// Heartbeats of the replica feed (see [`ReplicaFeed`]); their messages are empty.
+const HEARTBEAT_CHANNEL: &str = "countersign_heartbeat";
+/// How long the replica feed hears nothing before it publishes a heartbeat.
+pub const HEARTBEAT_QUIET: Duration = Duration::from_secs(5);
+/// How long after publishing a heartbeat the feed gives its connection up if it has heard nothing.
+pub const HEARTBEAT_ECHO: Duration = Duration::from_secs(5);
+/// How often the feed says [`FeedEvent::Deaf`] while it cannot listen.
+pub const DEAF_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// The `application_name` of the replica feed's connection (the pool's are `countersign`).
+pub const FEED_APPLICATION_NAME: &str = "countersign replica feed";
+/// How long the replica feed waits before trying to listen again after a failure: at first, and at most.
+const FIRST_RELISTEN_DELAY: Duration = Duration::from_millis(250);
+const MAX_RELISTEN_DELAY: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -213,70 +224,194 @@ impl PostgresStore {
     /// Starts listening to what the other replicas publish ([`StoreTx::publish`]), on a connection of its
     /// own (not one of the pool's). A replica hears its own messages too.
     pub async fn subscribe(&self) -> Result<ReplicaFeed, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .min_connections(0)
-            .max_lifetime(None)
-            .idle_timeout(None)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(self.options.clone())
-            .await
-            .map_err(map_sqlx)?;
-        let listener = listen(&pool).await?;
-        Ok(ReplicaFeed { pool, listener: Some(listener), lost: false })
+        let options = self.options.clone().application_name(FEED_APPLICATION_NAME);
+        let listener = listen(&options).await?;
+        Ok(ReplicaFeed {
+            options,
+            pool: self.pool.clone(),
+            listener: Some(listener),
+            last_heard: Instant::now(),
+            asked: false,
+            reported_deaf: None,
+            next_attempt: Instant::now(),
+            retry: FIRST_RELISTEN_DELAY,
+            health: FeedHealth::default(),
+        })
     }
 }
 
-async fn listen(pool: &PgPool) -> Result<PgListener, StoreError> {
-    let mut listener = PgListener::connect_with(pool).await.map_err(map_sqlx)?;
+/// Listens on a connection of a pool of its own. A pool per connection: a listener given up as deaf keeps its
+/// connection (sqlx sends it `UNLISTEN` as it drops) for as long as the server behind it does not answer, so
+/// the next listener must not wait for that one.
+async fn listen(options: &PgConnectOptions) -> Result<PgListener, StoreError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options.clone());
+    let mut listener = PgListener::connect_with(&pool).await.map_err(map_sqlx)?;
     listener.ignore_pool_close_event(true);
-    listener.listen(CHANGES_CHANNEL).await.map_err(map_sqlx)?;
+    tokio::time::timeout(ACQUIRE_TIMEOUT, listener.listen_all([CHANGES_CHANNEL, HEARTBEAT_CHANNEL]))
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("LISTEN got no answer within {ACQUIRE_TIMEOUT:?}")))?
+        .map_err(map_sqlx)?;
     Ok(listener)
 }
 
+/// What the replica feed hears.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FeedEvent {
+    /// A message a replica (this one included) published.
+    Message(String),
+    /// Not listening: the connection was lost, or heard nothing (not even a heartbeat) for too long, and a
+    /// new one is not listening yet. Said at once and then every [`DEAF_REPORT_INTERVAL`] while it lasts:
+    /// anything published meanwhile is missed, so the caller should re-read what it watches each time.
+    Deaf,
+    /// Listening again after a loss: anything published in between was missed, so the caller should re-read
+    /// what it watches.
+    Resumed,
+}
+
+/// Whether a replica feed is listening, for readiness; shared with whoever asks.
+#[derive(Clone, Debug)]
+pub struct FeedHealth(Arc<Mutex<Option<Instant>>>);
+
+impl Default for FeedHealth {
+    fn default() -> Self {
+        FeedHealth(Arc::new(Mutex::new(None)))
+    }
+}
+
+impl FeedHealth {
+    /// How long the feed has not been listening, or `None` while it listens.
+    pub fn deaf_for(&self) -> Option<Duration> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).map(|since| since.elapsed())
+    }
+
+    fn set_deaf(&self, deaf: bool) {
+        let mut since = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (deaf, *since) {
+            (true, None) => *since = Some(Instant::now()),
+            (false, _) => *since = None,
+            (true, Some(_)) => {}
+        }
+    }
+}
+
 /// Messages from every replica's commits, in commit order, as they were published.
+///
+/// A connection can die without a word (a frozen server, a firewall that drops packets): nothing is read and
+/// no error comes. So a feed that has heard nothing for [`HEARTBEAT_QUIET`] publishes a heartbeat through the
+/// store's pool, and one that does not hear it (or anything else) within [`HEARTBEAT_ECHO`] more gives the
+/// connection up and listens on a new one. Every replica hears every heartbeat, so a busy or several-replica
+/// deployment seldom needs to send one.
 pub struct ReplicaFeed {
+    options: PgConnectOptions,
+    /// The store's pool: heartbeats go out through it, as commits' messages do.
     pool: PgPool,
     listener: Option<PgListener>,
-    /// The connection dropped since the last `recv` returned: the next one says so once listening again.
-    lost: bool,
+    /// When anything was last heard on this connection.
+    last_heard: Instant,
+    /// A heartbeat was published since then.
+    asked: bool,
+    /// When [`FeedEvent::Deaf`] was last said, while not listening.
+    reported_deaf: Option<Instant>,
+    /// When to try to listen again, and how long to wait after that attempt if it fails too.
+    next_attempt: Instant,
+    retry: Duration,
+    health: FeedHealth,
 }
 
 impl ReplicaFeed {
-    /// The next message: `Some(Some(text))`. `Some(None)` when the connection was lost and the feed is
-    /// listening again: anything published in between was missed, so the caller should re-read what it
-    /// watches. `None` when the feed has closed for good. A lost connection is re-opened with backoff; this
-    /// waits until then.
-    pub async fn recv(&mut self) -> Option<Option<String>> {
-        let mut delay = Duration::from_millis(250);
+    /// Whether this feed is listening, for readiness.
+    pub fn health(&self) -> FeedHealth {
+        self.health.clone()
+    }
+
+    /// What is heard next; `None` when the feed has closed for good. A lost connection is re-opened with
+    /// backoff, saying [`FeedEvent::Deaf`] meanwhile.
+    pub async fn recv(&mut self) -> Option<FeedEvent> {
         loop {
             let Some(listener) = self.listener.as_mut() else {
-                match listen(&self.pool).await {
-                    Ok(listener) => self.listener = Some(listener),
+                let now = Instant::now();
+                let next_report = self.reported_deaf.map_or(now, |at| at + DEAF_REPORT_INTERVAL);
+                if now >= next_report {
+                    self.reported_deaf = Some(now);
+                    return Some(FeedEvent::Deaf);
+                }
+                if now < self.next_attempt {
+                    tokio::time::sleep_until(self.next_attempt.min(next_report).into()).await;
+                    continue;
+                }
+                match listen(&self.options).await {
+                    Ok(listener) => {
+                        self.listener = Some(listener);
+                        self.heard();
+                        self.retry = FIRST_RELISTEN_DELAY;
+                        self.reported_deaf = None;
+                        self.health.set_deaf(false);
+                        return Some(FeedEvent::Resumed);
+                    }
                     Err(error) => {
-                        tracing::warn!(%error, "cannot listen for other replicas; retrying in {delay:?}");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(MAX_RELISTEN_DELAY);
+                        tracing::warn!(%error, "cannot listen for other replicas; retrying in {:?}", self.retry);
+                        self.next_attempt = Instant::now() + self.retry;
+                        self.retry = (self.retry * 2).min(MAX_RELISTEN_DELAY);
                     }
                 }
                 continue;
             };
-            if self.lost {
-                self.lost = false;
-                return Some(None);
-            }
-            match listener.try_recv().await {
-                Ok(Some(notification)) => return Some(Some(notification.payload().to_owned())),
+            let deadline = self.last_heard + HEARTBEAT_QUIET + if self.asked { HEARTBEAT_ECHO } else { Duration::ZERO };
+            match tokio::time::timeout_at(deadline.into(), listener.try_recv()).await {
+                Err(_) if !self.asked => {
+                    self.asked = true;
+                    let pool = self.pool.clone();
+                    tokio::spawn(async move {
+                        let publish = sqlx::query("SELECT pg_notify($1, '')").bind(HEARTBEAT_CHANNEL).execute(&pool);
+                        if let Ok(Err(error)) = tokio::time::timeout(HEARTBEAT_ECHO, publish).await {
+                            tracing::debug!(%error, "cannot publish the replica feed's heartbeat");
+                        }
+                    });
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "the connection that listens for other replicas heard nothing for {:?}, not even a \
+                         heartbeat; listening on a new one",
+                        HEARTBEAT_QUIET + HEARTBEAT_ECHO
+                    );
+                    self.lose();
+                }
+                Ok(Ok(Some(notification))) => {
+                    self.heard();
+                    if notification.channel() == CHANGES_CHANNEL {
+                        return Some(FeedEvent::Message(notification.payload().to_owned()));
+                    }
+                }
                 // Lost, and already listening again on a new connection.
-                Ok(None) => return Some(None),
-                Err(sqlx::Error::PoolClosed) => return None,
-                Err(error) => {
+                Ok(Ok(None)) => {
+                    self.heard();
+                    return Some(FeedEvent::Resumed);
+                }
+                Ok(Err(sqlx::Error::PoolClosed)) => return None,
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "lost the connection that listens for other replicas");
-                    self.listener = None;
-                    self.lost = true;
+                    self.lose();
                 }
             }
         }
+    }
+
+    fn heard(&mut self) {
+        self.last_heard = Instant::now();
+        self.asked = false;
+    }
+
+    fn lose(&mut self) {
+        self.listener = None;
+        self.reported_deaf = None;
+        self.next_attempt = Instant::now();
+        self.health.set_deaf(true);
     }
 }
 

@@ -248,6 +248,7 @@ impl Server {
             public_url: public_url.trim_end_matches('/').to_owned(),
             shutdown: shutdown.clone(),
             auth_cache: config.auth_cache,
+            replica_feed: postgres.as_ref().map(ReplicaFeed::health),
         });
         let provided = config.bootstrap_admin_key.as_ref().map(|k| k.expose().to_owned());
         let data_dir = config.data_dir.clone();

@@ -134,6 +134,10 @@ impl Gateway {
     pub async fn authenticate(&self, secret: &str) -> Result<Caller> {
         let now = self.now();
         let hash = secrets::hash_secret(secret);
+        // A replica that cannot hear the others would not hear a revocation either: it reads every credential.
+        if self.replica_feed_deaf_for().is_some() {
+            return Ok(self.resolve(secret, &hash, now).await?.0);
+        }
         let cache = &self.inner.auth_cache;
         if let Some(caller) = cache.get(&hash, now, Instant::now()) {
             return Ok(caller);

@@ -157,6 +157,8 @@ struct Inner {
     /// the connectors they use.
     inline: tokio_util::task::TaskTracker,
     auth_cache: auth::AuthCache,
+    /// With PostgreSQL: whether this replica hears the others' changes.
+    replica_feed: Option<countersign_store::FeedHealth>,
     /// Org names by id, for the `orgs` of configured services. An org's name never changes, and orgs are
     /// never deleted, so an entry never goes stale.
     org_names: std::sync::Mutex<std::collections::HashMap<OrgId, String>>,
@@ -185,6 +187,9 @@ pub struct GatewayParts {
     pub shutdown: CancellationToken,
     /// How long a resolved credential is served from memory (zero: never).
     pub auth_cache: std::time::Duration,
+    /// With PostgreSQL: whether the replica feed listens (readiness, and the credential cache is skipped
+    /// while it does not).
+    pub replica_feed: Option<countersign_store::FeedHealth>,
 }
 
 impl Gateway {
@@ -207,6 +212,7 @@ impl Gateway {
                 shutdown: parts.shutdown,
                 inline: tokio_util::task::TaskTracker::new(),
                 auth_cache: auth::AuthCache::new(parts.auth_cache),
+                replica_feed: parts.replica_feed,
                 org_names: std::sync::Mutex::default(),
                 precedent_capped: std::sync::Mutex::default(),
             }),
@@ -227,6 +233,12 @@ impl Gateway {
 
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// With PostgreSQL, how long this replica has not heard the others' changes (its feed's connection lost
+    /// and not listening again yet); `None` while it hears them, and always with SQLite.
+    pub fn replica_feed_deaf_for(&self) -> Option<std::time::Duration> {
+        self.inner.replica_feed.as_ref().and_then(countersign_store::FeedHealth::deaf_for)
     }
 
     pub fn public_url(&self) -> &str {

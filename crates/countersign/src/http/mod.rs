@@ -163,13 +163,27 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
-async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse> {
+async fn readyz(State(state): State<AppState>) -> Result<Response> {
     // A store that cannot answer within two seconds is not ready, whatever its pool would wait for.
     tokio::time::timeout(std::time::Duration::from_secs(2), state.gateway.store().ping())
         .await
         .map_err(|_| Error::Unavailable("the store did not answer within 2 s".into()))?
         .map_err(|e| Error::Unavailable(e.to_string()))?;
-    Ok(axum::Json(json!({"status": "ready", "store": state.gateway.store().backend()})))
+    // A replica that cannot hear the others would decide by a policy another replica replaced, and wake its
+    // waiters late: a load balancer should send requests elsewhere until it hears them again. Said in full
+    // (a store error's detail is not), since it names nothing but this replica's state.
+    if let Some(deaf) = state.gateway.replica_feed_deaf_for() {
+        let detail = format!(
+            "this replica has not heard the other replicas' changes for {} s (its LISTEN connection to PostgreSQL \
+             is lost and not back yet): policy changes and decisions made elsewhere reach it late",
+            deaf.as_secs()
+        );
+        tracing::warn!("{detail}");
+        let (status, mut body) = Error::Unavailable(detail.clone()).problem();
+        body["detail"] = json!(detail);
+        return Ok(problem::problem_response(status, body));
+    }
+    Ok(axum::Json(json!({"status": "ready", "store": state.gateway.store().backend()})).into_response())
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse> {

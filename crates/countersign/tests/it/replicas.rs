@@ -461,3 +461,104 @@ async fn a_replica_takes_the_legacy_key_from_the_database_once_and_needs_the_fil
     let refused = start(third.path()).await.map(|_| ()).unwrap_err().to_string();
     assert!(refused.contains("does not exist, but this database's checkpoints are signed with key"), "{refused}");
 }
+
+/// Processes stopped with SIGSTOP until this is dropped (then continued, even when the test fails: a stopped
+/// backend would hold up the cluster's shutdown).
+struct Stopped(Vec<i32>);
+
+impl Stopped {
+    fn signal(pids: &[i32], signal: &str) {
+        for pid in pids {
+            let sent = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+            assert!(sent.success(), "kill {signal} {pid}");
+        }
+    }
+
+    fn new(pids: Vec<i32>) -> Stopped {
+        Self::signal(&pids, "-STOP");
+        Stopped(pids)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = std::process::Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// Asks `/readyz` until it answers `status` (bounded): readiness has no event to await.
+async fn readyz_until(admin: &Client, status: u16, within: Duration) -> countersign::client::ApiResponse {
+    let deadline = Instant::now() + within;
+    loop {
+        let ready = admin.get("/readyz").await.unwrap();
+        if ready.status == status {
+            return ready;
+        }
+        assert!(Instant::now() < deadline, "/readyz still answers {} after {within:?}: {:?}", ready.status, ready.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A replica whose LISTEN connection dies without a word (its server process frozen here, as a hung server
+/// or a network that drops packets leaves it: no error, nothing read) notices by its heartbeat within
+/// seconds. While it cannot listen again (here the database takes no new connections) `/readyz` answers 503,
+/// and it still re-reads what it would have heard: a policy set on another replica rules on it. Once it can
+/// connect again it listens on a new connection and is ready.
+#[tokio::test]
+async fn a_replica_that_stops_hearing_the_others_says_so_and_still_catches_up() {
+    use sqlx::Connection;
+    let Some((dirs, servers)) = replicas(None).await else { return };
+    let database_url = database_for(dirs[0].path()).await.unwrap();
+    let database = database_url.rsplit('/').next().unwrap().to_owned();
+    let mut control = sqlx::PgConnection::connect(&postgres_url().unwrap()).await.unwrap();
+    let agent_key = servers[0].agent("listener").await.key().unwrap().to_owned();
+    let watched = &servers[1].admin;
+    let agent = watched.with_key(agent_key.clone());
+    // Enough pooled connections on the watched replica to serve the test once no new ones are allowed.
+    let mail = action("email.send.message");
+    let warm: Vec<_> = (0..6).map(|_| agent.submit_action(&mail)).collect();
+    for answer in futures_util::future::join_all(warm).await {
+        assert_eq!(answer.unwrap().status, 200, "the example policy allows mail");
+    }
+    let events = watched.get("/v1/audit?limit=1000").await.unwrap();
+    let head = events.body["events"].as_array().unwrap().last().unwrap()["seq"].as_i64().unwrap();
+    let mut stream = Box::pin(audit_stream(watched, "", head).await);
+    assert_eq!(watched.get("/readyz").await.unwrap().status, 200);
+
+    let feeds: Vec<i32> =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2")
+            .bind(&database)
+            .bind(countersign_store::FEED_APPLICATION_NAME)
+            .fetch_all(&mut control)
+            .await
+            .unwrap();
+    assert_eq!(feeds.len(), 3, "one feed connection per replica");
+    let allow = |yes: bool| sqlx::AssertSqlSafe(format!("ALTER DATABASE {database} ALLOW_CONNECTIONS {yes}"));
+    sqlx::query(allow(false)).execute(&mut control).await.unwrap();
+    let stopped = Stopped::new(feeds);
+
+    let within = countersign_store::HEARTBEAT_QUIET + countersign_store::HEARTBEAT_ECHO + Duration::from_secs(20);
+    let unready = readyz_until(watched, 503, within).await;
+    assert_eq!(unready.content_type, "application/problem+json");
+    assert!(unready.str("/detail").contains("has not heard the other replicas' changes"), "{:?}", unready.body);
+
+    let policy =
+        b"version: 1\nrules:\n  - name: no-mail\n    effect: deny\n    conditions: { capability: 'email.*' }\n";
+    let set = servers[0].admin.send_raw(reqwest::Method::PUT, "/v1/policy", "application/yaml", policy.to_vec());
+    let set = set.await.unwrap();
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    // The replica re-reads policies before it wakes its waiters, this stream included.
+    read_until(&mut stream, &mut String::new(), "policy.updated").await;
+    let denied = agent.submit_action(&action("email.send.message")).await.unwrap();
+    assert_eq!(denied.status, 403, "the deaf replica decides by the new policy: {:?}", denied.body);
+    assert!(denied.body.to_string().contains("no-mail"), "{:?}", denied.body);
+
+    sqlx::query(allow(true)).execute(&mut control).await.unwrap();
+    readyz_until(watched, 200, Duration::from_secs(30)).await;
+    drop(stopped);
+    for server in servers {
+        server.stop().await;
+    }
+}
