@@ -81,6 +81,8 @@ pub struct JobFilter {
     pub kind: Option<JobKind>,
     pub state: Option<JobState>,
     pub subject: Option<String>,
+    /// Only the executions (`action.execute`) of this agent's actions: what an agent may see.
+    pub agent: Option<AgentId>,
 }
 
 /// The newest event of an org's chain.

@@ -1653,6 +1653,8 @@ impl StoreTx for PgTx {
                     "SELECT * FROM jobs WHERE org_id = $1
                        AND ($2::text IS NULL OR kind = $2) AND ($3::text IS NULL OR state = $3)
                        AND ($4::text IS NULL OR subject = $4) AND ($5::text IS NULL OR id < $5)
+                       AND ($7::text IS NULL OR kind = $8 AND EXISTS (SELECT 1 FROM actions
+                            WHERE actions.id = jobs.subject AND actions.org_id = jobs.org_id AND actions.agent_id = $7))
                      ORDER BY id DESC LIMIT $6",
                 )
                 .bind(org.as_str().to_owned())
@@ -1660,7 +1662,9 @@ impl StoreTx for PgTx {
                 .bind(filter.state.map(JobState::as_str))
                 .bind(filter.subject.clone())
                 .bind(page.after.clone())
-                .bind(limit(page)),
+                .bind(limit(page))
+                .bind(filter.agent.as_ref().map(AgentId::as_str))
+                .bind(JobKind::ActionExecute.as_str()),
             )
             .await?;
         rows.iter().map(job_row).collect()

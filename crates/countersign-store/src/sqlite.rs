@@ -1912,10 +1912,13 @@ impl StoreTx for SqliteTx {
     async fn list_jobs(&mut self, org: &OrgId, filter: &JobFilter, page: &Page) -> Result<Vec<Job>, StoreError> {
         let kind = filter.kind.map(JobKind::as_str);
         let state = filter.state.map(JobState::as_str);
+        let agent = filter.agent.as_ref().map(AgentId::as_str);
         let rows = self
             .fetch_all(
                 q("SELECT * FROM jobs WHERE org_id = ?
                        AND (? IS NULL OR kind = ?) AND (? IS NULL OR state = ?) AND (? IS NULL OR subject = ?)
+                       AND (? IS NULL OR kind = ? AND EXISTS (SELECT 1 FROM actions
+                            WHERE actions.id = jobs.subject AND actions.org_id = jobs.org_id AND actions.agent_id = ?))
                        AND (? IS NULL OR id < ?)
                      ORDER BY id DESC LIMIT ?")
                 .bind(org.as_str().to_owned())
@@ -1925,6 +1928,9 @@ impl StoreTx for SqliteTx {
                 .bind(state)
                 .bind(filter.subject.clone())
                 .bind(filter.subject.clone())
+                .bind(agent)
+                .bind(JobKind::ActionExecute.as_str())
+                .bind(agent)
                 .bind(page.after.clone())
                 .bind(page.after.clone())
                 .bind(limit(page)),

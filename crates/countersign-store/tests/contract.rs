@@ -172,6 +172,7 @@ contract!(
     schema_refuses_audit_changes_and_retention_needs_a_checkpoint,
     concurrent_claimers_take_each_job_once,
     leases_expire_renew_and_release,
+    an_agent_lists_only_the_executions_of_its_own_actions,
     webhooks_and_deliveries_round_trip,
     concurrent_writers_serialise_on_an_approval,
     lock_waits_that_time_out_are_unavailable,
@@ -1122,6 +1123,42 @@ mod checks {
             ],
             "{n}"
         );
+    }
+
+    /// The job list's `agent` filter: only `action.execute` jobs whose action is that agent's (in the org).
+    pub async fn an_agent_lists_only_the_executions_of_its_own_actions(b: &Backend) {
+        let (o, u, bot) = seed(b, "executions").await;
+        let n = b.name;
+        let peer = agent(&o, "peer", Some(&u));
+        let mine = action(&o, &bot, "email.send.message", ActionState::Approved);
+        let theirs = action(&o, &peer, "email.send.message", ActionState::Approved);
+        let job = |kind, subject: &Action| Job::new(o.id.clone(), kind, Some(subject.id.to_string()), json!({}), now());
+        let (mine_1, mine_2) = (job(JobKind::ActionExecute, &mine), job(JobKind::ActionExecute, &mine));
+        let theirs_1 = job(JobKind::ActionExecute, &theirs);
+        // Another kind of job naming the agent's action is not an execution.
+        let other_kind = job(JobKind::WebhookDeliver, &mine);
+        let mut tx = b.store.write().await.unwrap();
+        tx.insert_agent(&peer).await.unwrap();
+        tx.insert_action(&mine).await.unwrap();
+        tx.insert_action(&theirs).await.unwrap();
+        for j in [&mine_1, &theirs_1, &other_kind, &mine_2] {
+            tx.insert_job(j).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let mut tx = b.store.read().await.unwrap();
+        let ids = |jobs: Vec<Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+        let by_bot = JobFilter { agent: Some(bot.id.clone()), ..Default::default() };
+        let mut expected = vec![mine_1.id.clone(), mine_2.id.clone()];
+        expected.sort();
+        expected.reverse();
+        assert_eq!(ids(tx.list_jobs(&o.id, &by_bot, &page(10, None)).await.unwrap()), expected, "{n}");
+        // A full page of the agent's own: the limit counts only what it may see.
+        let first = tx.list_jobs(&o.id, &by_bot, &page(1, None)).await.unwrap();
+        assert_eq!(ids(first), expected[..1], "{n}");
+        let by_peer = JobFilter { agent: Some(peer.id.clone()), ..Default::default() };
+        assert_eq!(ids(tx.list_jobs(&o.id, &by_peer, &page(10, None)).await.unwrap()), vec![theirs_1.id], "{n}");
+        let succeeded = JobFilter { state: Some(JobState::Succeeded), ..by_bot };
+        assert!(tx.list_jobs(&o.id, &succeeded, &page(10, None)).await.unwrap().is_empty(), "{n}: filters combine");
     }
 
     pub async fn leases_expire_renew_and_release(b: &Backend) {
