@@ -327,7 +327,45 @@ pub struct ExportReport {
 ///
 /// An error is returned only when the public key is malformed or the reader fails; every verdict about the
 /// contents is in the report.
-pub fn verify_export(mut reader: impl BufRead, public_key_base64: &str) -> Result<ExportReport, CheckpointError> {
+pub fn verify_export(reader: impl BufRead, public_key_base64: &str) -> Result<ExportReport, CheckpointError> {
+    verify_export_expecting(reader, public_key_base64, &Expected::default())
+}
+
+/// What the reader of an export knows of the log from elsewhere: the org it asked for, and a head it saw
+/// before (from an earlier export's report, an export job's result or `GET /v1/audit/verify`). A signed
+/// export can be cut short at any earlier checkpoint and still verify on its own; one that must reach a
+/// known head cannot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expected {
+    pub org: Option<String>,
+    /// The hash of an event the export must hold, and its seq when known.
+    pub head: Option<(Option<i64>, String)>,
+}
+
+impl Expected {
+    /// Parses a head as given on a command line: `HASH` or `SEQ:HASH`.
+    pub fn parse_head(text: &str) -> Result<(Option<i64>, String), String> {
+        let (seq, hash) = match text.split_once(':') {
+            Some((seq, hash)) => {
+                let seq = seq.trim().parse::<i64>().ok().filter(|s| *s >= 1);
+                (Some(seq.ok_or_else(|| format!("`{text}`: the seq before `:` must be a positive number"))?), hash)
+            }
+            None => (None, text),
+        };
+        let hash = hash.trim().to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("`{text}`: a head is HASH or SEQ:HASH, the hash 64 hex digits"));
+        }
+        Ok((seq, hash))
+    }
+}
+
+/// [`verify_export`], and then that the export agrees with what the reader expects ([`Expected`]).
+pub fn verify_export_expecting(
+    mut reader: impl BufRead,
+    public_key_base64: &str,
+    expected: &Expected,
+) -> Result<ExportReport, CheckpointError> {
     let key = parse_public_key(public_key_base64)?;
     let mut verifier = ExportVerifier::new(key);
     let mut buf = Vec::new();
@@ -348,7 +386,7 @@ pub fn verify_export(mut reader: impl BufRead, public_key_base64: &str) -> Resul
             Err(message) => verifier.fail(None, format!("line {line_no}: {message}")),
         }
     }
-    Ok(verifier.finish())
+    Ok(verifier.finish(expected))
 }
 
 enum ExportLine {
@@ -732,7 +770,59 @@ impl ExportVerifier {
         self.signed_upto = Some(self.signed_upto.map_or(seq, |s| s.max(seq)));
     }
 
-    fn finish(mut self) -> ExportReport {
+    /// Checks what the reader expects, once every line is read (and only if nothing failed before).
+    fn expect(&mut self, expected: &Expected) {
+        if self.failure.is_some() {
+            return;
+        }
+        if let (Some(want), Some(org)) = (&expected.org, &self.org)
+            && want != org
+        {
+            let reason = format!("the export is of org {org}, not of the expected org {want}");
+            self.fail(self.first_seq, reason);
+            return;
+        }
+        let Some((seq, hash)) = &expected.head else { return };
+        let (Some(first), Some(last)) = (self.first_seq, self.last_verified_seq()) else { return };
+        let found = match seq {
+            Some(seq) => self.hash_at(*seq).map(|at| (*seq, at)),
+            None => self
+                .hashes
+                .iter()
+                .position(|digest| hex::encode(digest) == *hash)
+                .and_then(|index| i64::try_from(index).ok())
+                .map(|index| (first + index, hash.clone())),
+        };
+        let reason = match (found, seq) {
+            (Some((_, at)), _) if at == *hash => return,
+            (Some((seq, at)), _) => Some((
+                seq,
+                format!("the event at seq {seq} has hash {at}, not the expected {hash}: the log was rewritten"),
+            )),
+            (None, Some(seq)) if *seq > last => Some((
+                last + 1,
+                format!("the export ends at seq {last}, before the expected head at seq {seq}: its end was cut off"),
+            )),
+            (None, Some(seq)) => Some((
+                first,
+                format!(
+                    "the export begins at seq {first}, after the expected head at seq {seq}: it cannot vouch for it"
+                ),
+            )),
+            (None, None) => Some((
+                last + 1,
+                format!(
+                    "no event of the export (seq {first} to {last}) has the expected hash {hash}: its end was cut \
+                     off, or the log was rewritten"
+                ),
+            )),
+        };
+        if let Some((seq, reason)) = reason {
+            self.fail(Some(seq), reason);
+        }
+    }
+
+    fn finish(mut self, expected: &Expected) -> ExportReport {
         // No events, no chain: an empty file (or checkpoints alone) must not pass for a verified log.
         if self.events == 0 {
             self.fail(None, "the export holds no events".to_owned());
@@ -779,6 +869,7 @@ impl ExportVerifier {
                 ),
             );
         }
+        self.expect(expected);
         let (first_broken_seq, reason) = match self.failure {
             Some((seq, reason)) => (seq, Some(reason)),
             None => (None, None),
@@ -1166,6 +1257,60 @@ mod tests {
         // Without it, the same three events pass.
         lines.pop();
         assert!(verify(&export(&lines), &signer).ok);
+    }
+
+    /// An export cut short at an earlier checkpoint verifies on its own; one that must reach a head the reader
+    /// saw before does not, nor one whose event at that seq has another hash, nor one of another org.
+    #[test]
+    fn an_export_must_reach_the_head_the_reader_expects() {
+        let signer = AuditSigner::generate();
+        let org = OrgId::new();
+        let events = chain(&org, 5);
+        let (cp3, cp5) = (checkpoint_of(&signer, &events[2]), checkpoint_of(&signer, &events[4]));
+        let mut whole: Vec<Line<'_>> = events.iter().map(Line::E).collect();
+        whole.push(Line::C(&cp5));
+        let mut cut: Vec<Line<'_>> = events[..3].iter().map(Line::E).collect();
+        cut.push(Line::C(&cp3));
+        let check = |lines: &[Line<'_>], expected: &Expected| {
+            verify_export_expecting(export(lines).as_bytes(), &signer.public_key_base64(), expected).unwrap()
+        };
+        let head = |seq: Option<i64>, hash: &str| Expected { org: None, head: Some((seq, hash.to_owned())) };
+        let last = &events[4].hash;
+        assert!(check(&cut, &Expected::default()).ok, "cut short, it verifies on its own");
+        for expected in [head(Some(5), last), head(None, last), head(Some(2), &events[1].hash)] {
+            let report = check(&whole, &expected);
+            assert!(report.ok, "{expected:?}: {report:?}");
+        }
+        let report = check(&cut, &head(Some(5), last));
+        assert_eq!(report.first_broken_seq, Some(4), "{report:?}");
+        assert!(report.reason.unwrap().contains("ends at seq 3, before the expected head at seq 5"));
+        let report = check(&cut, &head(None, last));
+        assert!(report.reason.unwrap().contains("no event of the export (seq 1 to 3) has the expected hash"));
+        let report = check(&whole, &head(Some(4), last));
+        assert_eq!(report.first_broken_seq, Some(4), "{report:?}");
+        assert!(report.reason.unwrap().contains("not the expected"));
+        let other = Expected { org: Some(OrgId::new().to_string()), head: None };
+        let report = check(&whole, &other);
+        assert!(report.reason.unwrap().contains(&format!("the export is of org {org}, not of the expected org")));
+        let same = Expected { org: Some(org.to_string()), head: None };
+        assert!(check(&whole, &same).ok);
+        // A failure of the export itself is reported first.
+        let mut unsigned: Vec<Line<'_>> = events.iter().map(Line::E).collect();
+        unsigned.push(Line::C(&cp3));
+        let report = check(&unsigned, &head(Some(1), "0".repeat(64).as_str()));
+        assert!(report.reason.unwrap().contains("no signed checkpoint vouches for the events from seq 4 to 5"));
+    }
+
+    #[test]
+    fn a_head_is_a_hash_or_a_seq_and_a_hash() {
+        let hash = "AB".repeat(32);
+        assert_eq!(Expected::parse_head(&hash), Ok((None, hash.to_ascii_lowercase())));
+        assert_eq!(Expected::parse_head(&format!("42:{hash}")), Ok((Some(42), hash.to_ascii_lowercase())));
+        for bad in
+            ["", "42:", "0:abc", &format!("x:{hash}"), &format!("-1:{hash}"), &hash[1..], "zz".repeat(32).as_str()]
+        {
+            assert!(Expected::parse_head(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

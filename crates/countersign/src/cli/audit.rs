@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
+use countersign_core::checkpoint::Expected;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -47,6 +48,14 @@ pub enum AuditCommand {
         /// The instance's public key, base64 (from `GET /v1/audit/public-key`).
         #[arg(long, requires = "file")]
         public_key: Option<String>,
+        /// A head the export must reach, as HASH or SEQ:HASH (an earlier report's last seq and head, an export
+        /// job's result, or the head_hash of `audit verify` on the server): an export cut short at an earlier
+        /// checkpoint verifies on its own, but not against a head it does not hold.
+        #[arg(long, requires = "file", value_parser = Expected::parse_head)]
+        expect_head: Option<(Option<i64>, String)>,
+        /// The org the export must be of (one instance signs every org's log with the same key).
+        #[arg(long, requires = "file")]
+        expect_org: Option<String>,
     },
     /// Export the audit log as JSON Lines with signed checkpoints (admins); to stdout or --out.
     Export {
@@ -90,8 +99,9 @@ impl Filters {
 
 pub async fn run(ctx: &Ctx, command: AuditCommand) -> Outcome {
     match command {
-        AuditCommand::Verify { file: Some(file), public_key: Some(public_key) } => {
-            verify_export(ctx, &file, &public_key)
+        AuditCommand::Verify { file: Some(file), public_key: Some(public_key), expect_head, expect_org } => {
+            let expected = countersign_core::checkpoint::Expected { org: expect_org, head: expect_head };
+            verify_export(ctx, &file, &public_key, &expected)
         }
         AuditCommand::Verify { .. } => {
             let client = ctx.client()?;
@@ -141,10 +151,11 @@ fn event_cells(e: &Value) -> Vec<String> {
 }
 
 /// The offline check of an export: the same report and exit code as before the CLI had a server side.
-fn verify_export(ctx: &Ctx, file: &Path, public_key: &str) -> Outcome {
+fn verify_export(ctx: &Ctx, file: &Path, public_key: &str, expected: &Expected) -> Outcome {
     let reader =
         std::fs::File::open(file).map_err(|e| Failure::Message(format!("cannot open {}: {e}", file.display())))?;
-    let report = countersign_core::checkpoint::verify_export(std::io::BufReader::new(reader), public_key.trim())
+    let reader = std::io::BufReader::new(reader);
+    let report = countersign_core::checkpoint::verify_export_expecting(reader, public_key.trim(), expected)
         .map_err(|e| Failure::Message(format!("cannot verify: {e}")))?;
     if ctx.json() {
         output::json(&json!(report))?;

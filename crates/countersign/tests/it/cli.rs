@@ -249,6 +249,29 @@ async fn audit_query_tail_verify_and_export() {
     .await
     .ok();
     assert!(offline.stdout.starts_with("ok: "), "{offline:?}");
+    // Checked against a head known from elsewhere: the file's own reaches it; once the log has grown, the
+    // server's head is past the file's end, as it would be for an export cut short.
+    let verify_file = |extra: Vec<String>| {
+        let mut args = vec!["audit", "verify", "--file", file.to_str().unwrap(), "--public-key", &public_key];
+        args.extend(extra.iter().map(String::as_str));
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        async move { cs("http://127.0.0.1:1", None, &args.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+    let report = verify_file(vec!["--json".into()]).await.ok().json();
+    let own_head = format!("{}:{}", report["last_seq"], report["head_hash"].as_str().unwrap());
+    let own_org = report["org_id"].as_str().unwrap().to_owned();
+    let reached = verify_file(vec!["--expect-head".into(), own_head, "--expect-org".into(), own_org]).await.ok();
+    assert!(reached.stdout.starts_with("ok: "), "{reached:?}");
+    bot.submit_action(&action("email.send.message")).await.unwrap();
+    let server_head =
+        cli.admin(&["audit", "verify", "--json"]).await.ok().json()["head_hash"].as_str().unwrap().to_owned();
+    let behind = verify_file(vec!["--expect-head".into(), server_head]).await;
+    assert_eq!(behind.code, 1, "{behind:?}");
+    assert!(behind.stdout.contains("has the expected hash") && behind.stdout.contains("cut"), "{behind:?}");
+    let elsewhere = verify_file(vec!["--expect-org".into(), "org_01ARZ3NDEKTSV4RRFFQ69G5FAV".into()]).await;
+    assert_eq!(elsewhere.code, 1, "{elsewhere:?}");
+    assert!(elsewhere.stdout.contains("not of the expected org"), "{elsewhere:?}");
+    assert_eq!(verify_file(vec!["--expect-head".into(), "12:nothex".into()]).await.code, 2, "a usage error");
     let to_stdout = cli.admin(&["audit", "export"]).await.ok();
     assert!(to_stdout.stdout.lines().all(|l| serde_json::from_str::<Value>(l).is_ok()), "JSON Lines");
 
