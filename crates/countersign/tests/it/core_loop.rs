@@ -164,6 +164,29 @@ async fn frozen_requests_carry_no_routing_headers_and_one_content_type() {
     assert_eq!(types, ["application/merge-patch+json"], "one content type, the agent's");
     assert_eq!(&requests[0].body[..], br#"{"amount":1200,"currency":"eur"}"#);
     server.stop().await;
+
+    // A content type the upstream's configuration sets is sent once (not beside application/json), and an
+    // agent may not set its own.
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let mut config = crate::helpers::config(dir.path(), Some(&upstream.url));
+    let configured = config.upstreams.get_mut("payments").unwrap();
+    configured
+        .headers
+        .insert("Content-Type".into(), countersign::config::Secret::new("application/vnd.api+json".into()));
+    let server = TestServer::start_with(config, None).await;
+    let bot = server.agent("bot").await;
+    let refused = bot.submit_action(&patch).await.unwrap();
+    assert_eq!(refused.status, 422, "{:?}", refused.body);
+    assert!(refused.str("/detail").contains("the upstream `payments` sets it"), "{:?}", refused.body);
+    let sent = bot.submit_action(&http_action("email.send.message")).await.unwrap();
+    let done = bot.wait_action(sent.str("/id"), 10.0).await.unwrap();
+    assert_eq!(done.str("/state"), "succeeded", "{:?}", done.body);
+    let requests = upstream.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1);
+    let types: Vec<_> = requests[0].headers.get_all("content-type").iter().collect();
+    assert_eq!(types, ["application/vnd.api+json"], "one content type, the configured one");
+    server.stop().await;
 }
 
 #[tokio::test]
