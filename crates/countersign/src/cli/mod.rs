@@ -2,7 +2,7 @@
 //! `users`, `jobs` and `webhooks`, over the typed v1 client (`client.rs`), the same one the tests use.
 //!
 //! This module holds the clap definitions, the global options (`--url`/`COUNTERSIGN_URL`,
-//! `--key`/`COUNTERSIGN_KEY`, `--json`), and the one place that turns a failure into a message and an exit
+//! `--key`/`COUNTERSIGN_KEY`, `--key-file`/`COUNTERSIGN_KEY_FILE`, `--json`), and the one place that turns a failure into a message and an exit
 //! code. Output is a table or aligned fields for people, or with `--json` the server's JSON document as is.
 //! Exit codes: 0 success; 1 an error (a problem+json answer is printed as `error: <title>: <detail>`), or for
 //! the `wait` commands a denied, failed or cancelled outcome; 2 a usage error (clap), or for `wait` an
@@ -33,9 +33,13 @@ pub struct Remote {
     /// The server's base URL (give it before the subcommand).
     #[arg(long, env = "COUNTERSIGN_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// The API key (a user key to decide and administer, an agent key to submit).
+    /// The API key (a user key to decide and administer, an agent key to submit). Given as a flag it shows
+    /// in `ps` and shell history: prefer COUNTERSIGN_KEY or --key-file.
     #[arg(long, global = true, env = "COUNTERSIGN_KEY", hide_env_values = true)]
     pub key: Option<String>,
+    /// A file holding the API key (the data dir's admin.key, say); used instead of --key and COUNTERSIGN_KEY.
+    #[arg(long, global = true, env = "COUNTERSIGN_KEY_FILE")]
+    pub key_file: Option<std::path::PathBuf>,
     /// Machine output: the server's JSON as is, one document (JSON Lines for `audit tail`).
     #[arg(long, global = true)]
     pub json: bool,
@@ -127,13 +131,30 @@ impl Ctx {
 
     /// A client holding the key; without one, a message that says where a key comes from.
     pub fn client(&self) -> Result<Client, Failure> {
-        let key = self.remote.key.as_deref().map(str::trim).filter(|k| !k.is_empty()).ok_or_else(|| {
+        let from_file = match &self.remote.key_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                Failure::Message(format!(
+                    "cannot read the key file {}: {e}",
+                    output::clean(&path.display().to_string())
+                ))
+            })?),
+            None => None,
+        };
+        let given = from_file.as_deref().or(self.remote.key.as_deref());
+        let key = given.map(str::trim).filter(|k| !k.is_empty()).ok_or_else(|| {
             Failure::Message(
-                "no API key: set COUNTERSIGN_KEY (or pass --key) to a key of this server; the first admin key is \
-                 printed by `countersign serve` at its first start and kept in the data dir as admin.key"
+                "no API key: set COUNTERSIGN_KEY (or pass --key-file or --key) to a key of this server; the first \
+                 admin key is printed by `countersign serve` at its first start and kept in the data dir as admin.key"
                     .into(),
             )
         })?;
+        // A key not read from the file or the environment came as a flag: anyone on this machine can read it.
+        if from_file.is_none() && std::env::var("COUNTERSIGN_KEY").ok().as_deref() != self.remote.key.as_deref() {
+            output::note(
+                "warning: --key shows the key to other users of this machine (ps) and keeps it in shell history; \
+                 set COUNTERSIGN_KEY or pass --key-file instead",
+            );
+        }
         if sends_in_clear(&self.remote.url) {
             output::note(&format!(
                 "warning: {} is plain http to another machine: the key goes over the network unencrypted; use https",

@@ -37,6 +37,7 @@ fn command(url: &str, key: Option<&str>, args: &[&str]) -> tokio::process::Comma
         .args(args)
         .env("COUNTERSIGN_URL", url)
         .env_remove("COUNTERSIGN_KEY")
+        .env_remove("COUNTERSIGN_KEY_FILE")
         .env_remove("COUNTERSIGN_LOG_FORMAT")
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -588,6 +589,19 @@ async fn errors_are_clear_and_exit_codes_usable() {
     let no_key = cs(&cli.url, None, &["approvals", "list"]).await;
     assert_eq!(no_key.code, 1);
     assert!(no_key.stderr.contains("COUNTERSIGN_KEY"), "{no_key:?}");
+    // A key from the environment or a file is used quietly; one given as a flag, which `ps` shows, with a
+    // warning.
+    const FLAG_WARNING: &str = "warning: --key shows the key to other users of this machine";
+    let from_env = cli.admin(&["approvals", "list"]).await.ok();
+    assert!(!from_env.stderr.contains("warning"), "{from_env:?}");
+    let key_file = dir.path().join("admin.key");
+    let from_file = cs(&cli.url, None, &["approvals", "list", "--key-file", key_file.to_str().unwrap()]).await.ok();
+    assert!(!from_file.stderr.contains("warning"), "{from_file:?}");
+    let from_flag = cs(&cli.url, None, &["approvals", "list", "--key", &cli.admin]).await.ok();
+    assert!(from_flag.stderr.contains(FLAG_WARNING), "{from_flag:?}");
+    let no_file = cs(&cli.url, None, &["approvals", "list", "--key-file", "/nonexistent/admin.key"]).await;
+    assert_eq!(no_file.code, 1);
+    assert!(no_file.stderr.contains("cannot read the key file /nonexistent/admin.key"), "{no_file:?}");
     let bad_key = cli.with("cs_sk_not_a_real_key", &["approvals", "list"]).await;
     assert_eq!(bad_key.code, 1);
     assert!(bad_key.stderr.starts_with("error: "), "{bad_key:?}");
