@@ -73,6 +73,9 @@ const MIGRATIONS: [(i64, &str, &str); 4] = [
 /// Prepared statements kept per connection (sqlx's default is 100).
 const STATEMENT_CACHE: usize = 400;
 
+/// The oldest server this store works with (`server_version_num`): 13, for `pg_current_xact_id`.
+const MIN_SERVER_VERSION: u32 = 130_000;
+
 /// Connections per replica. Each open transaction holds one.
 const MAX_CONNECTIONS: u32 = 16;
 /// How long a transaction waits for a free connection before the store answers `Unavailable`.
@@ -199,6 +202,16 @@ impl PostgresStore {
             .connect_with(options.clone())
             .await
             .map_err(map_sqlx)?;
+        let (number, version): (String, String) =
+            sqlx::query_as("SELECT current_setting('server_version_num'), current_setting('server_version')")
+                .fetch_one(&pool)
+                .await
+                .map_err(map_sqlx)?;
+        if number.parse::<u32>().is_ok_and(|n| n < MIN_SERVER_VERSION) {
+            return Err(StoreError::Internal(format!(
+                "PostgreSQL 13 or newer is needed (durable commits use pg_current_xact_id); this server is {version}"
+            )));
+        }
         migrator(&MIGRATIONS).run(&pool).await.map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
         Ok(PostgresStore { pool, options, lost })
     }

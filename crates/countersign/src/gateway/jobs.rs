@@ -361,14 +361,30 @@ impl Gateway {
         }
     }
 
-    /// Cancels a queued job (admin). A webhook delivery waiting for its next attempt is queued too. A queued
+    /// Cancels a queued job: an admin any job of the org, an agent (or its session) the executions of its own
+    /// actions, the jobs it may see. A webhook delivery waiting for its next attempt is queued too. A queued
     /// execution fails its action, audited; an execution already running cannot be called back (409).
     pub async fn cancel_job(&self, caller: &Caller, id: &JobId) -> Result<Job> {
-        let user = caller.require_admin()?;
+        let who = match caller.agent() {
+            Some(agent) => agent.name.clone(),
+            None => caller.require_admin()?.name.clone(),
+        };
         let org = caller.org_id().clone();
         let now = self.now();
         let mut work = self.write().await?;
         let mut job = work.tx.get_job(&org, id).await?.ok_or_else(|| Error::not_found("job", id.as_str()))?;
+        if let Some(agent) = caller.agent() {
+            let action_id = job.subject.as_deref().and_then(countersign_core::ids::ActionId::parse);
+            let own = match action_id {
+                Some(action_id) if job.kind == JobKind::ActionExecute => {
+                    work.tx.get_action(&org, &action_id).await?.is_some_and(|action| action.agent_id == agent.id)
+                }
+                _ => false,
+            };
+            if !own {
+                return Err(Error::not_found("job", id.as_str()));
+            }
+        }
         if job.state == JobState::Running && job.kind == JobKind::ActionExecute {
             return Err(Error::Conflict {
                 message: format!("job {id} is sending its request now; an execution in flight cannot be called back"),
@@ -395,7 +411,7 @@ impl Gateway {
             });
         }
         job.state = job.state.transition(JobState::Cancelled)?;
-        job.error = Some(format!("cancelled by {}", user.name));
+        job.error = Some(format!("cancelled by {who}"));
         job.finished_at = Some(now);
         job.lease_owner = None;
         job.lease_until = None;
@@ -407,11 +423,8 @@ impl Gateway {
             && matches!(action.state, ActionState::Approved | ActionState::Executing)
         {
             let error = match action.state {
-                ActionState::Approved => format!("execution cancelled by {} before it was sent", user.name),
-                _ => format!(
-                    "outcome unknown: the request went out with no answer, and {} cancelled its resend",
-                    user.name
-                ),
+                ActionState::Approved => format!("execution cancelled by {who} before it was sent"),
+                _ => format!("outcome unknown: the request went out with no answer, and {who} cancelled its resend"),
             };
             let data = json!({"reason": "execution_cancelled", "job_id": job.id});
             fail_action(&mut work, &mut action, now, &caller.actor(), error, data).await?;

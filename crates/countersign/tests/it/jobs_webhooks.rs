@@ -602,9 +602,12 @@ async fn the_jobs_api_tracks_executions_and_keeps_to_its_org_and_agent() {
     // Another agent of the same org does not see this agent's executions.
     assert_eq!(other_agent.get(&format!("/v1/jobs/{job_id}")).await.unwrap().status, 404);
     assert_eq!(other_agent.get("/v1/jobs").await.unwrap().body["items"], json!([]));
-    // Agents cannot cancel; a finished job cannot be cancelled.
-    assert_eq!(agent.post(&format!("/v1/jobs/{job_id}/cancel"), &json!({})).await.unwrap().status, 403);
-    assert_eq!(server.admin.post(&format!("/v1/jobs/{job_id}/cancel"), &json!({})).await.unwrap().status, 409);
+    // Only its own agent (or an admin) may cancel an execution; a finished one cannot be cancelled.
+    let cancel = format!("/v1/jobs/{job_id}/cancel");
+    assert_eq!(other_agent.post(&cancel, &json!({})).await.unwrap().status, 404);
+    assert_eq!(agent.post(&format!("/v1/jobs/{}/cancel", export.str("/id")), &json!({})).await.unwrap().status, 404);
+    assert_eq!(agent.post(&cancel, &json!({})).await.unwrap().status, 409);
+    assert_eq!(server.admin.post(&cancel, &json!({})).await.unwrap().status, 409);
     // Another org sees nothing.
     let org = server.admin.post("/v1/orgs", &json!({"name": "elsewhere"})).await.unwrap();
     let stranger = server.admin.with_key(org.str("/admin_key"));
@@ -622,5 +625,60 @@ async fn the_jobs_api_tracks_executions_and_keeps_to_its_org_and_agent() {
     ] {
         assert!(text.contains(series), "metrics lack {series}");
     }
+    server.stop().await;
+}
+
+/// An agent withdraws the execution of its own approved action while it waits for a free job slot: the
+/// request is never sent and the action fails saying who cancelled it. Another agent cannot see the job;
+/// a user who is not an admin may not cancel.
+#[tokio::test]
+async fn an_agent_cancels_the_queued_execution_of_its_own_action() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Some(&upstream.url));
+    config.jobs.concurrency = 1;
+    let server = TestServer::start_with(config, None).await;
+    // The one job slot is taken by a delivery to a receiver that accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}/hook", silent.local_addr().unwrap());
+    let (accepted, mut delivering) = mpsc::unbounded_channel();
+    let receiver = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+            let _ = accepted.send(());
+        }
+    });
+    let hook = json!({"url": silent_url, "events": ["approval.requested"]});
+    assert_eq!(server.admin.post("/v1/webhooks", &hook).await.unwrap().status, 201);
+    let agent = server.agent("payer").await;
+    let other_agent = server.agent("someone-else").await;
+    let approver = server.user("avery", "approver").await;
+
+    let held = agent.submit_action(&http_action("payments.charge.card")).await.unwrap();
+    assert_eq!(held.status, 202, "{:?}", held.body);
+    tokio::time::timeout(Duration::from_secs(10), delivering.recv()).await.unwrap().unwrap();
+    let approved = server.admin.approve(held.str("/approval/id"), None).await.unwrap();
+    assert_eq!(approved.status, 200, "{:?}", approved.body);
+    let action = agent.get_action(held.str("/id")).await.unwrap();
+    let job_id = action.str("/job_id").to_owned();
+    let job = agent.get(&format!("/v1/jobs/{job_id}")).await.unwrap();
+    assert_eq!(job.str("/state"), "queued", "the slot is busy: {:?}", job.body);
+
+    let cancel = format!("/v1/jobs/{job_id}/cancel");
+    assert_eq!(other_agent.post(&cancel, &json!({})).await.unwrap().status, 404);
+    assert_eq!(approver.post(&cancel, &json!({})).await.unwrap().status, 403);
+    let cancelled = agent.post(&cancel, &json!({})).await.unwrap();
+    assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
+    assert_eq!(cancelled.str("/state"), "cancelled");
+    assert_eq!(cancelled.str("/error"), "cancelled by payer");
+    let failed = agent.get_action(held.str("/id")).await.unwrap();
+    assert_eq!(failed.str("/state"), "failed", "{:?}", failed.body);
+    assert_eq!(failed.str("/error"), "execution cancelled by payer before it was sent");
+    let trail = server.admin.get(&format!("/v1/audit?subject={job_id}")).await.unwrap();
+    let cancelled_by = trail.body["events"].as_array().unwrap().iter().find(|e| e["action"] == "job.cancelled");
+    assert_eq!(cancelled_by.unwrap()["actor"]["name"], "payer", "{:?}", trail.body);
+    assert_eq!(upstream.count(), 0, "never sent");
+    receiver.abort();
     server.stop().await;
 }
