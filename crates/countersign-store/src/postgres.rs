@@ -1660,26 +1660,34 @@ impl StoreTx for PgTx {
     }
 
     async fn list_jobs(&mut self, org: &OrgId, filter: &JobFilter, page: &Page) -> Result<Vec<Job>, StoreError> {
-        let rows = self
-            .fetch_all(
-                sqlx::query(
-                    "SELECT * FROM jobs WHERE org_id = $1
-                       AND ($2::text IS NULL OR kind = $2) AND ($3::text IS NULL OR state = $3)
-                       AND ($4::text IS NULL OR subject = $4) AND ($5::text IS NULL OR id < $5)
-                       AND ($7::text IS NULL OR kind = $8 AND EXISTS (SELECT 1 FROM actions
-                            WHERE actions.id = jobs.subject AND actions.org_id = jobs.org_id AND actions.agent_id = $7))
-                     ORDER BY id DESC LIMIT $6",
-                )
-                .bind(org.as_str().to_owned())
-                .bind(filter.kind.map(JobKind::as_str))
-                .bind(filter.state.map(JobState::as_str))
-                .bind(filter.subject.clone())
-                .bind(page.after.clone())
-                .bind(limit(page))
-                .bind(filter.agent.as_ref().map(AgentId::as_str))
-                .bind(JobKind::ActionExecute.as_str()),
-            )
-            .await?;
+        // An agent's ($7): only executions of its own actions, found from those actions (`actions_precedent`,
+        // then `jobs_subject`), so a request costs as much as the agent's actions, not the org's job history.
+        let query = match filter.agent {
+            Some(_) => sqlx::query(
+                "SELECT jobs.* FROM actions JOIN jobs ON jobs.org_id = actions.org_id AND jobs.subject = actions.id
+                 WHERE actions.org_id = $1 AND actions.agent_id = $7 AND jobs.kind = 'action.execute'
+                   AND ($2::text IS NULL OR jobs.kind = $2) AND ($3::text IS NULL OR jobs.state = $3)
+                   AND ($4::text IS NULL OR jobs.subject = $4) AND ($5::text IS NULL OR jobs.id < $5)
+                 ORDER BY jobs.id DESC LIMIT $6",
+            ),
+            None => sqlx::query(
+                "SELECT * FROM jobs WHERE org_id = $1
+                   AND ($2::text IS NULL OR kind = $2) AND ($3::text IS NULL OR state = $3)
+                   AND ($4::text IS NULL OR subject = $4) AND ($5::text IS NULL OR id < $5)
+                 ORDER BY id DESC LIMIT $6",
+            ),
+        };
+        let mut query = query
+            .bind(org.as_str().to_owned())
+            .bind(filter.kind.map(JobKind::as_str))
+            .bind(filter.state.map(JobState::as_str))
+            .bind(filter.subject.clone())
+            .bind(page.after.clone())
+            .bind(limit(page));
+        if let Some(agent) = &filter.agent {
+            query = query.bind(agent.as_str().to_owned());
+        }
+        let rows = self.fetch_all(query).await?;
         rows.iter().map(job_row).collect()
     }
 

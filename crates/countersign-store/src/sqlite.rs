@@ -1912,30 +1912,40 @@ impl StoreTx for SqliteTx {
     async fn list_jobs(&mut self, org: &OrgId, filter: &JobFilter, page: &Page) -> Result<Vec<Job>, StoreError> {
         let kind = filter.kind.map(JobKind::as_str);
         let state = filter.state.map(JobState::as_str);
-        let agent = filter.agent.as_ref().map(AgentId::as_str);
-        let rows = self
-            .fetch_all(
+        // An agent's: driven from its own actions (CROSS JOIN fixes that order in SQLite), each looked up in
+        // `jobs_subject`, so a request costs as much as the agent's actions, not the org's whole job history.
+        let (query, agent) = match &filter.agent {
+            Some(agent) => (
+                q("SELECT jobs.* FROM actions CROSS JOIN jobs ON jobs.org_id = actions.org_id AND jobs.subject = actions.id
+                     WHERE actions.org_id = ? AND actions.agent_id = ? AND jobs.kind = 'action.execute'
+                       AND (? IS NULL OR jobs.kind = ?) AND (? IS NULL OR jobs.state = ?)
+                       AND (? IS NULL OR jobs.subject = ?) AND (? IS NULL OR jobs.id < ?)
+                     ORDER BY jobs.id DESC LIMIT ?"),
+                Some(agent.as_str()),
+            ),
+            None => (
                 q("SELECT * FROM jobs WHERE org_id = ?
-                       AND (? IS NULL OR kind = ?) AND (? IS NULL OR state = ?) AND (? IS NULL OR subject = ?)
-                       AND (? IS NULL OR kind = ? AND EXISTS (SELECT 1 FROM actions
-                            WHERE actions.id = jobs.subject AND actions.org_id = jobs.org_id AND actions.agent_id = ?))
-                       AND (? IS NULL OR id < ?)
-                     ORDER BY id DESC LIMIT ?")
-                .bind(org.as_str().to_owned())
-                .bind(kind)
-                .bind(kind)
-                .bind(state)
-                .bind(state)
-                .bind(filter.subject.clone())
-                .bind(filter.subject.clone())
-                .bind(agent)
-                .bind(JobKind::ActionExecute.as_str())
-                .bind(agent)
-                .bind(page.after.clone())
-                .bind(page.after.clone())
-                .bind(limit(page)),
-            )
-            .await?;
+                       AND (? IS NULL OR kind = ?) AND (? IS NULL OR state = ?)
+                       AND (? IS NULL OR subject = ?) AND (? IS NULL OR id < ?)
+                     ORDER BY id DESC LIMIT ?"),
+                None,
+            ),
+        };
+        let mut query = query.bind(org.as_str().to_owned());
+        if let Some(agent) = agent {
+            query = query.bind(agent.to_owned());
+        }
+        let query = query
+            .bind(kind)
+            .bind(kind)
+            .bind(state)
+            .bind(state)
+            .bind(filter.subject.clone())
+            .bind(filter.subject.clone())
+            .bind(page.after.clone())
+            .bind(page.after.clone())
+            .bind(limit(page));
+        let rows = self.fetch_all(query).await?;
         rows.iter().map(job_row).collect()
     }
 
