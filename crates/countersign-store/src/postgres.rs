@@ -244,7 +244,7 @@ impl PostgresStore {
             pool: self.pool.clone(),
             listener: Some(listener),
             last_heard: Instant::now(),
-            asked: false,
+            asked: None,
             reported_deaf: None,
             next_attempt: Instant::now(),
             retry: FIRST_RELISTEN_DELAY,
@@ -266,6 +266,8 @@ async fn listen(options: &PgConnectOptions) -> Result<PgListener, StoreError> {
         .connect_lazy_with(options.clone());
     let mut listener = PgListener::connect_with(&pool).await.map_err(map_sqlx)?;
     listener.ignore_pool_close_event(true);
+    // A lost connection is the feed's to replace (and to report), not sqlx's to replace silently.
+    listener.eager_reconnect(false);
     tokio::time::timeout(ACQUIRE_TIMEOUT, listener.listen_all([CHANGES_CHANNEL, HEARTBEAT_CHANNEL]))
         .await
         .map_err(|_| StoreError::Unavailable(format!("LISTEN got no answer within {ACQUIRE_TIMEOUT:?}")))?
@@ -327,8 +329,8 @@ pub struct ReplicaFeed {
     listener: Option<PgListener>,
     /// When anything was last heard on this connection.
     last_heard: Instant,
-    /// A heartbeat was published since then.
-    asked: bool,
+    /// When a heartbeat was published, if one was since then.
+    asked: Option<Instant>,
     /// When [`FeedEvent::Deaf`] was last said, while not listening.
     reported_deaf: Option<Instant>,
     /// When to try to listen again, and how long to wait after that attempt if it fails too.
@@ -346,6 +348,8 @@ impl ReplicaFeed {
     /// What is heard next; `None` when the feed has closed for good. A lost connection is re-opened with
     /// backoff, saying [`FeedEvent::Deaf`] meanwhile.
     pub async fn recv(&mut self) -> Option<FeedEvent> {
+        // Silence counts only while waiting here: what arrived while the caller was busy is in the socket.
+        let entered = Instant::now();
         loop {
             let Some(listener) = self.listener.as_mut() else {
                 let now = Instant::now();
@@ -375,10 +379,16 @@ impl ReplicaFeed {
                 }
                 continue;
             };
-            let deadline = self.last_heard + HEARTBEAT_QUIET + if self.asked { HEARTBEAT_ECHO } else { Duration::ZERO };
+            let deadline = match self.asked {
+                Some(asked) => asked + HEARTBEAT_ECHO,
+                None => self.last_heard.max(entered) + HEARTBEAT_QUIET,
+            };
+            // Cancelling `try_recv` while it waits loses nothing (sqlx takes a message only once it is whole);
+            // it never reconnects on its own here (`eager_reconnect` is off), which could not be cancelled
+            // safely.
             match tokio::time::timeout_at(deadline.into(), listener.try_recv()).await {
-                Err(_) if !self.asked => {
-                    self.asked = true;
+                Err(_) if self.asked.is_none() => {
+                    self.asked = Some(Instant::now());
                     let pool = self.pool.clone();
                     tokio::spawn(async move {
                         let publish = sqlx::query("SELECT pg_notify($1, '')").bind(HEARTBEAT_CHANNEL).execute(&pool);
@@ -401,10 +411,10 @@ impl ReplicaFeed {
                         return Some(FeedEvent::Message(notification.payload().to_owned()));
                     }
                 }
-                // Lost, and already listening again on a new connection.
+                // Lost (sqlx dropped the connection): listen again on a new one, and say so.
                 Ok(Ok(None)) => {
-                    self.heard();
-                    return Some(FeedEvent::Resumed);
+                    tracing::warn!("lost the connection that listens for other replicas");
+                    self.lose();
                 }
                 Ok(Err(sqlx::Error::PoolClosed)) => return None,
                 Ok(Err(error)) => {
@@ -417,7 +427,7 @@ impl ReplicaFeed {
 
     fn heard(&mut self) {
         self.last_heard = Instant::now();
-        self.asked = false;
+        self.asked = None;
     }
 
     fn lose(&mut self) {

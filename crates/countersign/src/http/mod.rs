@@ -163,6 +163,9 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
+/// How long a replica may not hear the others before `/readyz` says so.
+const DEAF_BEFORE_UNREADY: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn readyz(State(state): State<AppState>) -> Result<Response> {
     // A store that cannot answer within two seconds is not ready, whatever its pool would wait for.
     tokio::time::timeout(std::time::Duration::from_secs(2), state.gateway.store().ping())
@@ -172,7 +175,8 @@ async fn readyz(State(state): State<AppState>) -> Result<Response> {
     // A replica that cannot hear the others would decide by a policy another replica replaced, and wake its
     // waiters late: a load balancer should send requests elsewhere until it hears them again. Said in full
     // (a store error's detail is not), since it names nothing but this replica's state.
-    if let Some(deaf) = state.gateway.replica_feed_deaf_for() {
+    // A moment's reconnect is not worth taking every replica out of rotation at once.
+    if let Some(deaf) = state.gateway.replica_feed_deaf_for().filter(|deaf| *deaf >= DEAF_BEFORE_UNREADY) {
         let detail = format!(
             "this replica has not heard the other replicas' changes for {} s (its LISTEN connection to PostgreSQL \
              is lost and not back yet): policy changes and decisions made elsewhere reach it late",

@@ -352,11 +352,21 @@ pub async fn read_until(
     text: &mut String,
     needle: &str,
 ) {
+    read_until_within(body, text, needle, std::time::Duration::from_secs(10)).await;
+}
+
+/// [`read_until`], failing after `patience` without a chunk.
+pub async fn read_until_within(
+    body: &mut (impl futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin),
+    text: &mut String,
+    needle: &str,
+    patience: std::time::Duration,
+) {
     use futures_util::StreamExt;
     while !text.contains(needle) {
-        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), body.next())
+        let chunk = tokio::time::timeout(patience, body.next())
             .await
-            .unwrap_or_else(|_| panic!("no `{needle}` within 10 s; read so far: {text}"))
+            .unwrap_or_else(|_| panic!("no `{needle}` within {patience:?}; read so far: {text}"))
             .unwrap()
             .unwrap();
         text.push_str(&String::from_utf8_lossy(&chunk));
