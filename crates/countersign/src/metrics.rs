@@ -63,6 +63,7 @@ struct Inner {
     decision_latency: Histogram,
     actions: Family<StateLabels, Counter>,
     pending_approvals: Gauge,
+    replica_feed_deaf: Gauge,
     jobs_open: Family<JobLabels, Gauge>,
     jobs_finished: Family<JobLabels, Counter>,
     webhook_deliveries: Family<OutcomeLabels, Counter>,
@@ -99,6 +100,13 @@ impl Metrics {
         );
         let pending_approvals = Gauge::default();
         registry.register("pending_approvals", "Approvals waiting for a decision", pending_approvals.clone());
+        let replica_feed_deaf = Gauge::default();
+        registry.register(
+            "replica_feed_deaf_seconds",
+            "With PostgreSQL: how long this replica has not heard the other replicas' changes (its LISTEN \
+             connection lost and not back yet); 0 while it hears them, and always with SQLite",
+            replica_feed_deaf.clone(),
+        );
         let jobs_open = Family::<JobLabels, Gauge>::default();
         registry.register("jobs_open", "Queued and running jobs (the queue depth)", jobs_open.clone());
         let jobs_finished = Family::<JobLabels, Counter>::default();
@@ -139,6 +147,7 @@ impl Metrics {
                 decision_latency,
                 actions,
                 pending_approvals,
+                replica_feed_deaf,
                 jobs_open,
                 jobs_finished,
                 webhook_deliveries,
@@ -169,6 +178,10 @@ impl Metrics {
 
     pub fn set_pending_approvals(&self, count: i64) {
         self.inner.pending_approvals.set(count);
+    }
+
+    pub fn set_replica_feed_deaf(&self, deaf: Option<Duration>) {
+        self.inner.replica_feed_deaf.set(deaf.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
     }
 
     /// Sets the queue depth; kinds and states absent from `open` go to zero.

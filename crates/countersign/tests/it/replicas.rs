@@ -582,8 +582,15 @@ async fn a_replica_that_stops_hearing_the_others_says_so_and_still_catches_up() 
     };
     let unready = readyz_until(watched, Duration::from_secs(30), is_deaf).await;
     assert_eq!(unready.content_type, "application/problem+json");
+    let deaf_seconds = |metrics: &countersign::client::ApiResponse| {
+        let text = metrics.body.as_str().unwrap().to_owned();
+        let line = text.lines().find(|l| l.starts_with("countersign_replica_feed_deaf_seconds ")).map(str::to_owned);
+        line.and_then(|l| l.rsplit(' ').next().and_then(|n| n.parse::<i64>().ok())).unwrap()
+    };
+    assert!(deaf_seconds(&watched.get("/metrics").await.unwrap()) >= 5, "operators see it in the metrics too");
     sqlx::query(allow(true)).execute(&mut control).await.unwrap();
     readyz_until(watched, Duration::from_secs(30), |r| r.status == 200).await;
+    assert_eq!(deaf_seconds(&watched.get("/metrics").await.unwrap()), 0);
     for server in servers {
         server.stop().await;
     }
