@@ -98,7 +98,7 @@ impl SessionOwners {
     }
 }
 
-/// The principal a caller acts as: a session token acts as its agent.
+/// The principal a caller acts as: a session token acts as its agent (users are refused before this).
 fn principal_of(caller: &Caller) -> String {
     match caller {
         Caller::User(user) => format!("user:{}", user.id),
@@ -213,8 +213,15 @@ async fn json_rpc_error(response: Response, body_was_json: bool) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
+/// The agent or session behind a secret. `/mcp` is for agents (design §5): a user key is refused, so a user
+/// cannot read the upstream tools' catalogue or a second path to actions and jobs that nobody expects.
 async fn caller_of(gateway: &Gateway, secret: &Secret) -> crate::error::Result<Caller> {
     let caller = gateway.authenticate(&secret.0).await?;
+    if caller.agent().is_none() {
+        return Err(crate::error::Error::Forbidden(
+            "/mcp is for agents: use an agent key or a session token (POST /v1/sessions mints one)".into(),
+        ));
+    }
     gateway.check_rate(&caller)?;
     Ok(caller)
 }

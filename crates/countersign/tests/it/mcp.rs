@@ -283,6 +283,12 @@ async fn agent_tools_over_streamable_http() {
     let mut anonymous = Mcp::new(&base, "nothing");
     let refused = anonymous.request("initialize", json!({})).await;
     assert_eq!(refused.status, 401);
+    // A user key, even an admin's: /mcp is for agents and their sessions.
+    let mut user = Mcp::new(&base, server.admin.key().unwrap());
+    let refused = user.request("initialize", json!({})).await;
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    assert!(refused.content_type.starts_with("application/problem+json"));
+    assert!(refused.text.contains("/mcp is for agents"), "{}", refused.text);
 
     server.stop().await;
 }
