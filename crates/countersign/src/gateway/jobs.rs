@@ -270,10 +270,12 @@ impl Gateway {
             && current.kind == JobKind::ActionExecute
             && let Err(error) = fail_unfinished_action(&mut work, &current, now).await
         {
-            // The job still ends: run again, the same error would fail it forever. A failed write fails the
-            // commit too, so nothing is half-written; a failed read (a row that cannot be decoded) leaves the
-            // action as it was, and this log line is what says so.
+            // The job still ends (run again, the same error would fail it forever), but alone, in a transaction
+            // of its own: this one may hold the action's change without its audit event. The action stays as
+            // it was, and this log line is what says so.
             tracing::error!(job = %current.id, %error, "cannot end the action of a failed execution job");
+            drop(work);
+            return self.settle_job_alone(job, current).await;
         }
         // Retries are visible on the job and in webhook deliveries; the audit log records how jobs end.
         if state.is_terminal() && current.kind != JobKind::ActionExecute {
@@ -292,6 +294,23 @@ impl Gateway {
         work.jobs_added |= state == JobState::Queued;
         work.commit(self).await?;
         self.metrics().job_finished(current.kind.as_str(), current.state.as_str());
+        Ok(())
+    }
+
+    /// Ends a job as `settled` says, touching nothing else, if this runner still holds it.
+    async fn settle_job_alone(&self, job: &Job, settled: Job) -> Result<()> {
+        let mut work = self.write().await?;
+        let held = work.tx.get_job(&job.org_id, &job.id).await?.is_some_and(|current| {
+            current.state == JobState::Running && job.lease_owner.is_some() && current.lease_owner == job.lease_owner
+        });
+        if !held {
+            tracing::warn!(job = %job.id, "job no longer held; outcome dropped");
+            return Ok(());
+        }
+        work.tx.update_job(&settled).await?;
+        work.job_changed(&settled);
+        work.commit(self).await?;
+        self.metrics().job_finished(settled.kind.as_str(), settled.state.as_str());
         Ok(())
     }
 

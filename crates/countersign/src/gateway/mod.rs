@@ -336,6 +336,7 @@ impl Gateway {
             principals: false,
             policies: Vec::new(),
             deferred: false,
+            audit_failed: false,
         })
     }
 
@@ -361,6 +362,10 @@ struct Work {
     /// The commit's sync was asked to be left to a later commit ([`StoreTx::defer_sync`]), for the commit's
     /// metric.
     deferred: bool,
+    /// An audit append failed: the commit refuses, whatever the caller did with the error, so no change
+    /// lands without its event (an error that did not fail the transaction itself, such as a head row that
+    /// cannot be decoded, would otherwise let it).
+    audit_failed: bool,
 }
 
 impl Work {
@@ -387,7 +392,7 @@ impl Work {
             subject: subject.map(str::to_owned),
             data,
         };
-        let sealed = self.tx.append_audit(org, event).await?;
+        let sealed = self.tx.append_audit(org, event).await.inspect_err(|_| self.audit_failed = true)?;
         self.events.push(sealed);
         Ok(())
     }
@@ -448,6 +453,11 @@ impl Work {
     }
 
     async fn commit(mut self, gateway: &Gateway) -> Result<()> {
+        if self.audit_failed {
+            return Err(Error::Internal(
+                "an audit append failed in this transaction; nothing of it was committed".into(),
+            ));
+        }
         let mut audit: Vec<(OrgId, i64)> = Vec::new();
         for event in &self.events {
             match audit.iter_mut().find(|(org, _)| *org == event.org_id) {

@@ -95,11 +95,12 @@ impl Changes {
             && self.policies.is_empty()
     }
 
-    /// A message from another replica, or `None` for one this replica sent itself or cannot read.
+    /// A message from another replica, or `None` for one this replica sent itself. One that cannot be read
+    /// may have named anything (a policy, a revocation): it is taken as "re-read everything".
     pub fn from_remote(message: &str, own_replica: &str) -> Option<Changes> {
         let Ok(changes) = serde_json::from_str::<Changes>(message) else {
-            tracing::warn!("ignoring an unreadable replica notification");
-            return None;
+            tracing::warn!("an unreadable replica notification; re-reading everything it may have named");
+            return Some(Changes { everything: true, principals: true, ..Changes::default() });
         };
         (changes.replica != own_replica).then_some(changes)
     }
@@ -226,14 +227,16 @@ mod tests {
     }
 
     #[test]
-    fn own_and_unreadable_messages_change_nothing() {
+    fn own_messages_change_nothing_and_unreadable_ones_everything() {
         let notifier = Notifier::default();
         let mut actions = notifier.subscribe_actions();
         let changes =
             Changes { replica: "me".into(), actions: vec![(OrgId::new(), ActionId::new())], ..Changes::default() };
         let forgot = std::cell::Cell::new(0);
         assert_eq!(Changes::from_remote(&changes.to_wire(), "me"), None);
-        assert_eq!(Changes::from_remote("not json", "me"), None);
+        // It may have named a policy or a revocation: everything is read again.
+        let unreadable = Changes::from_remote("not json", "me").unwrap_or_default();
+        assert!(unreadable.everything && unreadable.principals, "{unreadable:?}");
         let theirs = Changes::from_remote(&changes.to_wire(), "other").unwrap_or_default();
         assert!(!notifier.apply_remote(theirs, || forgot.set(forgot.get() + 1)).jobs_added);
         assert!(actions.try_recv().is_ok());

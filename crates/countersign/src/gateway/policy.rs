@@ -44,7 +44,7 @@ pub struct PolicyRegistry {
 
 /// Why an org has no policy.
 #[derive(Clone)]
-struct Refusal {
+pub(super) struct Refusal {
     message: String,
     /// The store could not be read (retried), rather than a stored policy that no longer compiles.
     transient: bool,
@@ -55,11 +55,14 @@ pub fn load_policy_path(path: &Path) -> std::result::Result<Policy, PolicyError>
     let read_error =
         |message: String| PolicyError { file: path.display().to_string(), line: None, column: None, message };
     if path.is_dir() {
-        let mut names: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| read_error(format!("cannot read folder: {e}")))?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|ext| ext == "yaml" || ext == "yml"))
-            .collect();
+        let mut names: Vec<PathBuf> = Vec::new();
+        // An entry that cannot be read fails the load: a folder read short could drop a deny rule.
+        for entry in std::fs::read_dir(path).map_err(|e| read_error(format!("cannot read folder: {e}")))? {
+            let name = entry.map_err(|e| read_error(format!("cannot read folder: {e}")))?.path();
+            if name.extension().is_some_and(|ext| ext == "yaml" || ext == "yml") {
+                names.push(name);
+            }
+        }
         names.sort();
         let mut files = Vec::with_capacity(names.len());
         for name in names {
@@ -145,6 +148,16 @@ impl PolicyRegistry {
         std::mem::replace(&mut *guard, policy)
     }
 
+    /// Every org the registry rules or refuses.
+    fn known_orgs(&self) -> Vec<OrgId> {
+        let by_org = self.by_org.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let refused = self.refused.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut orgs: Vec<OrgId> = by_org.keys().chain(refused.keys()).cloned().collect();
+        orgs.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        orgs.dedup();
+        orgs
+    }
+
     /// The org's policy. `None` only for an org the registry has not seen, which callers treat as deny.
     pub fn for_org(&self, org: &OrgId) -> Option<ActivePolicy> {
         let map = match self.by_org.read() {
@@ -224,19 +237,20 @@ fn stored(org: &OrgId, policy: &Policy, origin: &str, now: chrono::DateTime<chro
 }
 
 impl Gateway {
-    /// Brings an org's policy into the registry at start or when the org is created: an `api` policy stays,
-    /// otherwise the configured file policy is recorded (a new version only when it changed). A stored `api`
-    /// policy that no longer compiles is not replaced by the file policy, which may allow more: the org is
-    /// left without a policy (its actions denied) until an admin sets one.
-    pub(super) async fn activate_org_policy(&self, work: &mut Work, org: &OrgId) -> Result<()> {
+    /// Decides an org's policy at start, when the file policy changed, or when the org is created: an `api`
+    /// policy stays, otherwise the configured file policy is recorded (a new version only when it changed). A
+    /// stored `api` policy that no longer compiles is not replaced by the file policy, which may allow more:
+    /// the org is left without a policy (its actions denied) until an admin sets one. The caller puts the
+    /// answer in force ([`Gateway::put_in_force`]) once `work` has committed, so no action is decided by a
+    /// policy whose record never landed.
+    pub(super) async fn activate_org_policy(&self, work: &mut Work, org: &OrgId) -> Result<Activation> {
         let now = self.now();
         let file_policy = self.policies().file_policy();
         let current = work.tx.current_policy(org).await?;
         if let Some(current) = &current
             && current.origin == "api"
         {
-            self.rule_by_stored(org, current);
-            return Ok(());
+            return Ok(stored_activation(org, current));
         }
         if current.as_ref().is_none_or(|c| c.version != file_policy.version() || c.origin != "file") {
             work.tx.insert_policy(&stored(org, &file_policy, "file", now)).await?;
@@ -250,28 +264,14 @@ impl Gateway {
             )
             .await?;
         }
-        self.policies().set(org, ActivePolicy { policy: file_policy, origin: "file".into() });
-        Ok(())
+        Ok(Activation::Rule(ActivePolicy { policy: file_policy, origin: "file".into() }))
     }
 
-    /// Rules the org by its stored `api` policy, or refuses it one (fail closed) if that no longer compiles.
-    fn rule_by_stored(&self, org: &OrgId, current: &StoredPolicy) {
-        match Policy::from_sources(&current.sources) {
-            Ok(policy) => self.policies().set(org, ActivePolicy { policy: Arc::new(policy), origin: "api".into() }),
-            Err(e) => {
-                tracing::error!(org = %org, error = %e, "the org's stored policy no longer compiles; denying its actions until an admin sets one");
-                self.policies().refuse(
-                    org,
-                    Refusal {
-                        message: format!(
-                            "the org's stored policy (version {}) no longer compiles: {e}; its actions are denied \
-                             until an admin sets a policy with PUT /v1/policy",
-                            current.version
-                        ),
-                        transient: false,
-                    },
-                );
-            }
+    /// Puts what [`Gateway::activate_org_policy`] decided in force.
+    pub(super) fn put_in_force(&self, org: &OrgId, activation: Activation) {
+        match activation {
+            Activation::Rule(active) => self.policies().set(org, active),
+            Activation::Refuse(why) => self.policies().refuse(org, why),
         }
     }
 
@@ -284,10 +284,16 @@ impl Gateway {
     /// [`Gateway::activate_policies`] for a caller that holds the registry's turn.
     async fn activate_policies_in_turn(&self) -> Result<()> {
         let mut work = self.write().await?;
+        let mut activations = Vec::new();
         for org in work.tx.list_orgs().await? {
-            self.activate_org_policy(&mut work, &org.id).await?;
+            let activation = self.activate_org_policy(&mut work, &org.id).await?;
+            activations.push((org.id, activation));
         }
-        work.commit(self).await
+        work.commit(self).await?;
+        for (org, activation) in activations {
+            self.put_in_force(&org, activation);
+        }
+        Ok(())
     }
 
     /// Reloads an org's policy from the store after another replica set it (or created the org). Read-only:
@@ -323,7 +329,7 @@ impl Gateway {
         match current {
             Ok(current) => {
                 match current.filter(|c| c.origin == "api") {
-                    Some(current) => self.rule_by_stored(org, &current),
+                    Some(current) => self.put_in_force(org, stored_activation(org, &current)),
                     None => {
                         let file_policy = self.policies().file_policy();
                         self.policies().set(org, ActivePolicy { policy: file_policy, origin: "file".into() });
@@ -353,7 +359,14 @@ impl Gateway {
                     self.reload_org_policy(&org.id).await;
                 }
             }
-            Err(error) => tracing::error!(%error, "cannot list the orgs to reload their policies"),
+            // Every org this replica rules may have a policy it missed: each is reloaded (and, while the store
+            // cannot be read, denied and retried) rather than left ruling by what it had.
+            Err(error) => {
+                tracing::error!(%error, "cannot list the orgs to reload their policies; reloading each known org");
+                for org in self.policies().known_orgs() {
+                    self.reload_org_policy(&org).await;
+                }
+            }
         }
     }
 
@@ -462,6 +475,31 @@ impl Gateway {
         };
         let facts = Facts { prior_successes };
         Ok(active.policy.evaluate(&EvalInput { agent: agent_name, capability, params, facts: &facts }))
+    }
+}
+
+/// What an org is to be ruled by.
+pub(super) enum Activation {
+    Rule(ActivePolicy),
+    /// No policy (its actions denied): a stored one that no longer compiles.
+    Refuse(Refusal),
+}
+
+/// The org's stored `api` policy, or a refusal (fail closed) if that no longer compiles.
+fn stored_activation(org: &OrgId, current: &StoredPolicy) -> Activation {
+    match Policy::from_sources(&current.sources) {
+        Ok(policy) => Activation::Rule(ActivePolicy { policy: Arc::new(policy), origin: "api".into() }),
+        Err(e) => {
+            tracing::error!(org = %org, error = %e, "the org's stored policy no longer compiles; denying its actions until an admin sets one");
+            Activation::Refuse(Refusal {
+                message: format!(
+                    "the org's stored policy (version {}) no longer compiles: {e}; its actions are denied until an \
+                     admin sets a policy with PUT /v1/policy",
+                    current.version
+                ),
+                transient: false,
+            })
+        }
     }
 }
 

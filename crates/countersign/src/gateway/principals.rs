@@ -142,7 +142,9 @@ impl Gateway {
         )
         .await?;
         let created = self.insert_key(work, &org.id, PrincipalRef::User(admin.id.clone()), None, key, &system).await?;
-        self.activate_org_policy(work, &org.id).await?;
+        // In force at once: an org nobody can use until this commits cannot be ruled by it too early.
+        let activation = self.activate_org_policy(work, &org.id).await?;
+        self.put_in_force(&org.id, activation);
         work.policy_changed(&org.id);
         Ok(CreatedOrg { org, admin, admin_key: created.plaintext })
     }

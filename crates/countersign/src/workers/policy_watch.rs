@@ -22,10 +22,13 @@ pub async fn reload(gateway: &Gateway, why: &str) {
 pub async fn run(gateway: Gateway, shutdown: CancellationToken) {
     let Some(path) = gateway.policies().path().map(std::path::Path::to_path_buf) else { return };
     let (tx, mut rx) = mpsc::unbounded_channel();
+    // An error from the watcher may stand for a change it could not describe (an overflowed event queue):
+    // logged, and the file read again (a reload of an unchanged file changes nothing).
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.send(());
+        if let Err(error) = &event {
+            tracing::warn!(%error, "the policy file watcher reported an error; reading the file again");
         }
+        let _ = tx.send(());
     });
     let mut watcher = match watcher {
         Ok(w) => w,
