@@ -313,7 +313,8 @@ impl Server {
             tracker.spawn(workers::policy_watch::run(gateway.clone(), token.clone()));
         }
         // Re-arm timers and finish what an earlier process left behind.
-        gateway.rearm_expiry_timers_until_done("start");
+        // Runs on its own until the store answers; nothing waits for it.
+        drop(gateway.rearm_expiry_timers_until_done("start"));
 
         let inline = gateway.clone();
         let app = crate::http::router(gateway, self.max_body_bytes, self.llm_max_body_bytes);

@@ -354,7 +354,7 @@ impl Gateway {
     /// [`Gateway::rearm_expiry_timers`] on a task of its own, tried again every second until the store
     /// answers or the server stops: a pending approval whose timer was never armed would otherwise wait
     /// past its deadline until someone tried to decide it.
-    pub fn rearm_expiry_timers_until_done(&self, why: &'static str) {
+    pub fn rearm_expiry_timers_until_done(&self, why: &'static str) -> tokio::task::JoinHandle<()> {
         let gateway = self.clone();
         tokio::spawn(async move {
             loop {
@@ -372,6 +372,6 @@ impl Gateway {
                     () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
                 }
             }
-        });
+        })
     }
 }

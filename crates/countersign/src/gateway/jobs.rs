@@ -270,9 +270,14 @@ impl Gateway {
             && current.kind == JobKind::ActionExecute
             && let Err(error) = fail_unfinished_action(&mut work, &current, now).await
         {
-            // The job still ends (run again, the same error would fail it forever), but alone, in a transaction
-            // of its own: this one may hold the action's change without its audit event. The action stays as
-            // it was, and this log line is what says so.
+            // A store that is only unavailable for now (a lock timeout, a lost connection): nothing is settled,
+            // the lease runs out and the job runs again, and then ends its action.
+            if matches!(error, Error::Unavailable(_)) {
+                return Err(error);
+            }
+            // Otherwise the job still ends (run again, the same error would fail it forever), but alone, in a
+            // transaction of its own: this one may hold the action's change without its audit event. The
+            // action stays as it was, and this log line is what says so.
             tracing::error!(job = %current.id, %error, "cannot end the action of a failed execution job");
             drop(work);
             return self.settle_job_alone(job, current).await;

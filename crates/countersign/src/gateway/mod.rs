@@ -271,17 +271,16 @@ impl Gateway {
 
     /// Applies what another replica committed: reloads the policies it set, then wakes local waiters, the
     /// job runner and expiry timers — so whoever sees the change announced here already meets its policy.
-    pub async fn apply_remote_changes(&self, message: &str) {
-        let Some(changes) = notify::Changes::from_remote(message, &self.inner.jobs.owner) else { return };
+    /// Answers true for a message that could not list what changed (too large, or unreadable): cached
+    /// credentials are forgotten here, and the caller re-reads everything else ([`crate::workers::replicas`]),
+    /// reloading every policy before it wakes anyone.
+    pub async fn apply_remote_changes(&self, message: &str) -> bool {
+        let Some(mut changes) = notify::Changes::from_remote(message, &self.inner.jobs.owner) else { return false };
         if changes.principals || changes.everything {
             // First: a revocation must not wait behind the policy reloads.
             self.inner.auth_cache.forget_all();
         }
-        if changes.everything {
-            self.reload_policies().await;
-            // The message was too large to list its deadlines: read them all again.
-            self.rearm_expiry_timers_until_done("a replica's change too large to list");
-        }
+        let everything = std::mem::take(&mut changes.everything);
         for org in &changes.policies {
             self.reload_org_policy(org).await;
         }
@@ -292,6 +291,7 @@ impl Gateway {
         for request in follow_up.expiries {
             let _ = self.inner.expiry.send(request);
         }
+        everything
     }
 
     /// Resolves when the server begins to stop.

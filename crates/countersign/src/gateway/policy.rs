@@ -40,6 +40,8 @@ pub struct PolicyRegistry {
     /// Held from reading (or committing) a policy to setting it here, so an older read cannot overwrite a
     /// newer policy. Taken before any store transaction, never inside one.
     turn: Arc<tokio::sync::Mutex<()>>,
+    /// A retry of the org list is running ([`Gateway::retry_listing_orgs`]).
+    listing: std::sync::atomic::AtomicBool,
 }
 
 /// Why an org has no policy.
@@ -94,6 +96,7 @@ impl PolicyRegistry {
             refused: RwLock::new(HashMap::new()),
             retrying: std::sync::Mutex::new(HashSet::new()),
             turn: Arc::new(tokio::sync::Mutex::new(())),
+            listing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -301,7 +304,15 @@ impl Gateway {
     /// org is left without a policy, so its actions are denied, and the load is tried again every second
     /// until it succeeds or the server stops: a replica never keeps ruling by a policy it knows was replaced.
     pub(crate) async fn reload_org_policy(&self, org: &OrgId) {
-        if self.reload_or_refuse(org).await || !self.policies().start_retry(org) {
+        if !self.reload_or_refuse(org).await {
+            self.retry_until_loaded(org);
+        }
+    }
+
+    /// Tries to load a refused org's policy every second until it loads or the server stops (one retry per
+    /// org at a time).
+    fn retry_until_loaded(&self, org: &OrgId) {
+        if !self.policies().start_retry(org) {
             return;
         }
         let (gateway, org) = (self.clone(), org.clone());
@@ -359,15 +370,47 @@ impl Gateway {
                     self.reload_org_policy(&org.id).await;
                 }
             }
-            // Every org this replica rules may have a policy it missed: each is reloaded (and, while the store
-            // cannot be read, denied and retried) rather than left ruling by what it had.
+            // Every org this replica rules may have a policy it missed: each is denied at once (no store read,
+            // so none waits behind another) and retried until it loads, and the list is read again every second
+            // until it can be, for orgs this replica has not seen yet.
             Err(error) => {
-                tracing::error!(%error, "cannot list the orgs to reload their policies; reloading each known org");
+                tracing::error!(%error, "cannot list the orgs to reload their policies; denying each known org until it loads");
                 for org in self.policies().known_orgs() {
-                    self.reload_org_policy(&org).await;
+                    let message = "the org's policy could not be reloaded from the database; retrying".to_owned();
+                    self.policies().refuse(&org, Refusal { message, transient: true });
+                    self.retry_until_loaded(&org);
                 }
+                self.retry_listing_orgs();
             }
         }
+    }
+
+    /// Reads the org list every second until it can, then loads the policy of every org (one such retry at
+    /// a time).
+    fn retry_listing_orgs(&self) {
+        if self.policies().listing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let gateway = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = gateway.shutdown().cancelled() => break,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+                let orgs = match gateway.read().await {
+                    Ok(mut tx) => tx.list_orgs().await.map_err(Error::from),
+                    Err(error) => Err(error),
+                };
+                if let Ok(orgs) = orgs {
+                    for org in orgs {
+                        gateway.reload_org_policy(&org.id).await;
+                    }
+                    break;
+                }
+            }
+            gateway.policies().listing.store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 
     /// Re-reads the configured file (SIGHUP, file change). On a validation error the running policy stays

@@ -116,7 +116,7 @@ impl Gateway {
         name: &str,
         instance_admin: bool,
         key: Option<String>,
-    ) -> Result<CreatedOrg> {
+    ) -> Result<(CreatedOrg, super::policy::Activation)> {
         let now = self.now();
         let org = Org { id: OrgId::new(), name: name.to_owned(), created_at: now };
         work.tx.insert_org(&org).await.map_err(conflict_on_duplicate("org", name))?;
@@ -142,11 +142,10 @@ impl Gateway {
         )
         .await?;
         let created = self.insert_key(work, &org.id, PrincipalRef::User(admin.id.clone()), None, key, &system).await?;
-        // In force at once: an org nobody can use until this commits cannot be ruled by it too early.
+        // Put in force by the caller once this commits (so a creation that fails leaves no org behind).
         let activation = self.activate_org_policy(work, &org.id).await?;
-        self.put_in_force(&org.id, activation);
         work.policy_changed(&org.id);
-        Ok(CreatedOrg { org, admin, admin_key: created.plaintext })
+        Ok((CreatedOrg { org, admin, admin_key: created.plaintext }, activation))
     }
 
     /// On an empty store: org `default`, user `admin`, and an admin key (the given one, or a new one).
@@ -170,12 +169,14 @@ impl Gateway {
         if work.tx.count_orgs().await? > 0 {
             return Ok(None);
         }
-        let created = self.create_org_in(&mut work, "default", true, provided_key.map(str::to_owned)).await?;
+        let (created, activation) =
+            self.create_org_in(&mut work, "default", true, provided_key.map(str::to_owned)).await?;
         if provided_key.is_none() {
             keep_key(&created.admin_key)
                 .map_err(|e| Error::Internal(format!("cannot keep the generated admin key: {e}")))?;
         }
         work.commit(self).await?;
+        self.put_in_force(&created.org.id, activation);
         Ok(Some(Bootstrapped {
             org: created.org,
             admin: created.admin,
@@ -191,7 +192,7 @@ impl Gateway {
         }
         validate_name("name", name)?;
         let mut work = self.write().await?;
-        let created = self.create_org_in(&mut work, name, false, None).await?;
+        let (created, activation) = self.create_org_in(&mut work, name, false, None).await?;
         let now = self.now();
         work.audit(
             caller.org_id(),
@@ -203,6 +204,7 @@ impl Gateway {
         )
         .await?;
         work.commit(self).await?;
+        self.put_in_force(&created.org.id, activation);
         Ok(created)
     }
 
