@@ -158,7 +158,11 @@ impl Gateway {
                 None
             }
             Caller::Agent(a) => Some(a.id.clone()),
-            Caller::Session { .. } => return Err(Error::Forbidden("a session token cannot revoke sessions".into())),
+            // A runtime may end its own session (log out); no other.
+            Caller::Session { session, agent } if &session.id == id => Some(agent.id.clone()),
+            Caller::Session { .. } => {
+                return Err(Error::Forbidden("a session token can revoke only itself".into()));
+            }
         };
         let sessions = work.tx.list_sessions(&org, own_agent.as_ref()).await?;
         if !sessions.iter().any(|s| &s.id == id) {

@@ -454,6 +454,15 @@ async fn sessions_are_scoped_and_revocable() {
     let too_long = server.admin.post("/v1/sessions", &json!({"agent": "bot", "ttl_seconds": 90000})).await.unwrap();
     assert_eq!(too_long.status, 422);
 
+    // A session may end itself (a runtime logging out), and no other session.
+    let sibling = server.admin.post("/v1/sessions", &json!({"agent": "bot", "ttl_seconds": 600})).await.unwrap();
+    let sibling_token = server.admin.with_key(sibling.str("/token").to_owned());
+    let refused = session.delete(&format!("/v1/sessions/{}", sibling.str("/id"))).await.unwrap();
+    assert_eq!(refused.status, 403, "{:?}", refused.body);
+    let ended = sibling_token.delete(&format!("/v1/sessions/{}", sibling.str("/id"))).await.unwrap();
+    assert_eq!(ended.status, 204, "{:?}", ended.body);
+    assert_eq!(sibling_token.submit_action(&action("email.send.message")).await.unwrap().status, 401);
+
     let revoked = server.admin.delete(&format!("/v1/sessions/{}", minted.str("/id"))).await.unwrap();
     assert_eq!(revoked.status, 204);
     assert_eq!(session.submit_action(&action("email.send.message")).await.unwrap().status, 401);
