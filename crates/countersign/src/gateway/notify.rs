@@ -197,6 +197,11 @@ impl Notifier {
         self.jobs.subscribe()
     }
 
+    /// How many are listening for job changes right now (job waits, and the runner's own).
+    pub fn job_listeners(&self) -> usize {
+        self.jobs.receiver_count()
+    }
+
     pub fn subscribe_audit(&self) -> broadcast::Receiver<AuditAppended> {
         self.audit.subscribe()
     }

@@ -665,6 +665,22 @@ async fn an_agent_cancels_the_queued_execution_of_its_own_action() {
     let job = agent.get(&format!("/v1/jobs/{job_id}")).await.unwrap();
     assert_eq!(job.str("/state"), "queued", "the slot is busy: {:?}", job.body);
 
+    // A wait on the job by a key revoked while it waits answers 401 when the job ends, not the job.
+    let minted = server.admin.create_key("agent", "payer").await.unwrap();
+    let revocable = server.admin.with_key(minted.str("/key").to_owned());
+    let listening = server.gateway().notifier().job_listeners();
+    let waiter = {
+        let path = format!("/v1/jobs/{job_id}/wait?timeout=30");
+        tokio::spawn(async move { revocable.get(&path).await.unwrap() })
+    };
+    // The wait is open once it listens for job changes (it authenticated before that).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.gateway().notifier().job_listeners() == listening {
+        assert!(Instant::now() < deadline, "the wait never began");
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(server.admin.revoke_key(minted.str("/id")).await.unwrap().status, 204);
+
     let cancel = format!("/v1/jobs/{job_id}/cancel");
     assert_eq!(other_agent.post(&cancel, &json!({})).await.unwrap().status, 404);
     assert_eq!(approver.post(&cancel, &json!({})).await.unwrap().status, 403);
@@ -679,6 +695,9 @@ async fn an_agent_cancels_the_queued_execution_of_its_own_action() {
     let cancelled_by = trail.body["events"].as_array().unwrap().iter().find(|e| e["action"] == "job.cancelled");
     assert_eq!(cancelled_by.unwrap()["actor"]["name"], "payer", "{:?}", trail.body);
     assert_eq!(upstream.count(), 0, "never sent");
+    let answered = waiter.await.unwrap();
+    assert_eq!(answered.status, 401, "{:?}", answered.body);
+    assert!(answered.str("/detail").contains("stopped working while the request waited"), "{:?}", answered.body);
     receiver.abort();
     server.stop().await;
 }
