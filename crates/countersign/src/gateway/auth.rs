@@ -171,47 +171,55 @@ impl Gateway {
 
     /// The caller behind a secret, read from the store, and when its key or session expires.
     async fn resolve(&self, secret: &str, hash: &str, now: DateTime<Utc>) -> Result<(Caller, Option<DateTime<Utc>>)> {
-        let mut tx = self.read().await?;
+        // Refused before any store read: anyone reaching the port can send these.
         match SecretKind::of(secret) {
-            Some(SecretKind::ApiKey) => self.key_caller(&mut *tx, hash).await,
-            Some(SecretKind::SessionToken) => {
-                let session = tx
-                    .find_session_by_hash(hash)
-                    .await?
-                    .filter(|s| secrets::hashes_equal(&s.hash, hash))
-                    .ok_or_else(|| Error::Unauthenticated("unknown session token".into()))?;
-                if session.revoked_at.is_some() {
-                    return Err(Error::Unauthenticated("this session has been revoked".into()));
-                }
-                if session.expires_at <= now {
-                    return Err(Error::Unauthenticated("this session has expired; mint a new one".into()));
-                }
-                let agent = tx
-                    .get_agent(&session.org_id, &session.agent_id)
-                    .await?
-                    .filter(|a| a.disabled_at.is_none())
-                    .ok_or_else(|| Error::Unauthenticated("the agent of this session is disabled".into()))?;
-                // The key it was minted with must still stand, whatever the order of the commits that minted
-                // the session and revoked the key or disabled its owner (on PostgreSQL a revocation's cascade
-                // cannot see a session minted in a transaction still open).
-                if let Some(id) = &session.minted_with {
-                    let key = tx.get_key(&session.org_id, id).await?.ok_or_else(|| {
-                        Error::Unauthenticated("the key this session was minted with no longer exists".into())
-                    })?;
-                    self.key_standing(&mut *tx, &key)
-                        .await
-                        .map_err(|e| restated(e, "the key this session was minted with no longer works"))?;
-                }
-                let expires_at = session.expires_at;
-                Ok((Caller::Session { session: Box::new(session), agent }, Some(expires_at)))
+            Some(SecretKind::ApiKey) => {
+                let mut tx = self.read().await?;
+                return self.key_caller(&mut *tx, hash).await;
             }
-            Some(SecretKind::ApprovalToken) => Err(Error::Unauthenticated(
-                "an approval poll token (cs_ap_) only works on /v1/approval-status/{token}".into(),
-            )),
-            None => Err(Error::Unauthenticated(
-                "expected `Authorization: Bearer` with a Countersign key (cs_sk_…) or session token (cs_st_…)".into(),
-            )),
+            Some(SecretKind::SessionToken) => {}
+            Some(SecretKind::ApprovalToken) => {
+                return Err(Error::Unauthenticated(
+                    "an approval poll token (cs_ap_) only works on /v1/approval-status/{token}".into(),
+                ));
+            }
+            None => {
+                return Err(Error::Unauthenticated(
+                    "expected `Authorization: Bearer` with a Countersign key (cs_sk_…) or session token (cs_st_…)"
+                        .into(),
+                ));
+            }
         }
+        let mut tx = self.read().await?;
+        let session = tx
+            .find_session_by_hash(hash)
+            .await?
+            .filter(|s| secrets::hashes_equal(&s.hash, hash))
+            .ok_or_else(|| Error::Unauthenticated("unknown session token".into()))?;
+        if session.revoked_at.is_some() {
+            return Err(Error::Unauthenticated("this session has been revoked".into()));
+        }
+        if session.expires_at <= now {
+            return Err(Error::Unauthenticated("this session has expired; mint a new one".into()));
+        }
+        let agent = tx
+            .get_agent(&session.org_id, &session.agent_id)
+            .await?
+            .filter(|a| a.disabled_at.is_none())
+            .ok_or_else(|| Error::Unauthenticated("the agent of this session is disabled".into()))?;
+        // The key it was minted with must still stand, whatever the order of the commits that minted
+        // the session and revoked the key or disabled its owner (on PostgreSQL a revocation's cascade
+        // cannot see a session minted in a transaction still open).
+        if let Some(id) = &session.minted_with {
+            let key = tx.get_key(&session.org_id, id).await?.ok_or_else(|| {
+                Error::Unauthenticated("the key this session was minted with no longer exists".into())
+            })?;
+            self.key_standing(&mut *tx, &key)
+                .await
+                .map_err(|e| restated(e, "the key this session was minted with no longer works"))?;
+        }
+        let expires_at = session.expires_at;
+        Ok((Caller::Session { session: Box::new(session), agent }, Some(expires_at)))
     }
 
     /// The caller behind an API key, found by the key's SHA-256 (a dashboard session keeps only this hash, so

@@ -212,6 +212,12 @@ async fn routing_quorum_owner_and_who_may_decide() {
 
     assert_eq!(bot.approve(&id, None).await.unwrap().status, 403, "agents never decide");
     assert_eq!(viewer.approve(&id, None).await.unwrap().status, 403, "viewers never decide");
+    // Validating a policy is an admin's (design §5): compiling patterns is work a reader could make huge.
+    let policy = b"version: 1\nrules: []\n".to_vec();
+    for (who, expected) in [(&viewer, 403), (&alice, 403), (&server.admin, 200)] {
+        let validated = who.send_raw(reqwest::Method::POST, "/v1/policy/validate", "application/yaml", policy.clone());
+        assert_eq!(validated.await.unwrap().status, expected);
+    }
     assert_eq!(outsider.approve(&id, None).await.unwrap().status, 403, "not in the finance group");
 
     let owner = alice.approve(&id, Some("mine")).await.unwrap();
