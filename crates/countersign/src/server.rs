@@ -54,6 +54,63 @@ pub struct Server {
     shutdown: CancellationToken,
 }
 
+/// How long a client may take to send a request's headers (hyper's own default, which it applies only with
+/// a timer: `axum::serve` gives it none, so a client trickling headers held its connection for ever).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a request body may go without sending anything (a body is read frame by frame; the whole may
+/// take longer).
+const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets the connections finish. As `axum::serve`
+/// does, with two limits it lacks: a deadline for a request's headers, and for each piece of its body.
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+    let app = app.map_request(|request: axum::http::Request<hyper::body::Incoming>| {
+        request.map(|body| axum::body::Body::new(tower_http::timeout::TimeoutBody::new(BODY_IDLE_TIMEOUT, body)))
+    });
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, say: wait a moment instead of spinning.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Small request/response exchanges: do not let Nagle hold back the last segment.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::trace!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
 /// Installs the process-wide TLS crypto provider once (reqwest is built without one).
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -319,18 +376,11 @@ impl Server {
         let inline = gateway.clone();
         let app = crate::http::router(gateway, self.max_body_bytes, self.llm_max_body_bytes);
         let serve_token = token.clone();
-        // Small request/response exchanges: do not let Nagle hold back the last segment.
-        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                serve_token.cancel();
-            })
-            .await;
+        let result = serve(self.listener, app, async move {
+            shutdown.await;
+            serve_token.cancel();
+        })
+        .await;
         token.cancel();
         tracker.close();
         tracker.wait().await;

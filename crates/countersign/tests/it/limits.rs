@@ -162,3 +162,40 @@ async fn made_up_methods_share_one_metrics_series() {
     assert!(text.contains("method=\"OTHER\""), "{text}");
     server.stop().await;
 }
+
+/// A client that never finishes its headers, or stops sending a body it announced, is cut off once the
+/// deadline passes (30 s without progress), instead of holding its connection (and a file descriptor) for
+/// ever: anyone reaching the port could otherwise exhaust them with a few thousand such sockets.
+#[tokio::test]
+async fn clients_that_stall_mid_request_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let address = server.admin.base().trim_start_matches("http://").to_owned();
+    let stalled = |request: Vec<u8>| {
+        let address = address.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+            stream.write_all(&request).await.unwrap();
+            let mut answer = Vec::new();
+            // Closed (an end of stream or a reset) well within a minute; still open after it is the defect.
+            let read = tokio::time::timeout(std::time::Duration::from_secs(60), stream.read_to_end(&mut answer)).await;
+            assert!(read.is_ok(), "still connected after 60 s, having sent {:?}", String::from_utf8_lossy(&request));
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    let headers = stalled(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n".to_vec());
+    // Authenticated, so the handler reads the body, which stops after 14 of its 100 bytes.
+    let key = server.admin.key().unwrap();
+    let body = stalled(
+        format!(
+            "POST /v1/policy/validate HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/yaml\r\nContent-Length: 100\r\n\r\nversion: 1\nrul"
+        )
+        .into_bytes(),
+    );
+    let (headers, body) = tokio::join!(headers, body);
+    assert!(!headers.contains("200 OK"), "{headers}");
+    assert!(!body.contains("200 OK"), "{body}");
+    server.stop().await;
+}
