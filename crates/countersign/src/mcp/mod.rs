@@ -65,17 +65,28 @@ struct Front {
 /// its subscriptions or end it. A session id this replica did not hand out, or handed to another principal,
 /// is answered 404, as rmcp answers an unknown one.
 #[derive(Default)]
-struct SessionOwners(std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>);
+struct SessionOwners(std::sync::Mutex<Owners>);
 
-/// How long an MCP session unused by any request is remembered: well past rmcp's own idle limit (5 minutes),
+#[derive(Default)]
+struct Owners {
+    by_session: std::collections::HashMap<String, (String, std::time::Instant)>,
+    /// When entries idle past [`OWNER_IDLE`] were last dropped.
+    swept: Option<std::time::Instant>,
+}
+
+/// How long an MCP session unused by any request is remembered: twice rmcp's own idle limit (5 minutes),
 /// after which it has ended the session anyway.
-const OWNER_IDLE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+const OWNER_IDLE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+/// How often idle entries are dropped (not at every session opened: that scans them all).
+const OWNER_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+/// MCP sessions one principal may hold open at once (each is a task of rmcp's, with its own streams).
+const MAX_SESSIONS_PER_PRINCIPAL: usize = 64;
 
 impl SessionOwners {
     /// Whether `principal` may use session `id`, noting the use.
     fn allows(&self, id: &str, principal: &str) -> bool {
         let Ok(mut owners) = self.0.lock() else { return false };
-        match owners.get_mut(id) {
+        match owners.by_session.get_mut(id) {
             Some((owner, seen)) if owner == principal => {
                 *seen = std::time::Instant::now();
                 true
@@ -84,17 +95,35 @@ impl SessionOwners {
         }
     }
 
+    /// Whether `principal` may open another session (fewer than [`MAX_SESSIONS_PER_PRINCIPAL`] remembered).
+    fn may_open(&self, principal: &str) -> bool {
+        let Ok(mut owners) = self.0.lock() else { return false };
+        owners.sweep();
+        owners.by_session.values().filter(|(owner, _)| owner == principal).count() < MAX_SESSIONS_PER_PRINCIPAL
+    }
+
     fn opened(&self, id: String, principal: String) {
         let Ok(mut owners) = self.0.lock() else { return };
-        let now = std::time::Instant::now();
-        owners.retain(|_, (_, seen)| now.duration_since(*seen) < OWNER_IDLE);
-        owners.insert(id, (principal, now));
+        owners.sweep();
+        owners.by_session.insert(id, (principal, std::time::Instant::now()));
     }
 
     fn closed(&self, id: &str) {
         if let Ok(mut owners) = self.0.lock() {
-            owners.remove(id);
+            owners.by_session.remove(id);
         }
+    }
+}
+
+impl Owners {
+    /// Drops the entries idle past [`OWNER_IDLE`], at most once per [`OWNER_SWEEP`].
+    fn sweep(&mut self) {
+        let now = std::time::Instant::now();
+        if self.swept.is_some_and(|at| now.duration_since(at) < OWNER_SWEEP) {
+            return;
+        }
+        self.swept = Some(now);
+        self.by_session.retain(|_, (_, seen)| now.duration_since(*seen) < OWNER_IDLE);
     }
 }
 
@@ -145,6 +174,16 @@ async fn authenticate(State(front): State<Front>, request: Request, next: Next) 
         && !front.owners.allows(id, &principal)
     {
         return Error::not_found("MCP session", id).into_response();
+    }
+    if session.is_none() && request.method() == Method::POST && !front.owners.may_open(&principal) {
+        return Error::RateLimited {
+            message: format!(
+                "{MAX_SESSIONS_PER_PRINCIPAL} MCP sessions are open for this agent: end one (DELETE /mcp with its \
+                 Mcp-Session-Id) or let one sit idle for 10 minutes"
+            ),
+            retry_after_seconds: 60,
+        }
+        .into_response();
     }
     let (mut parts, body) = request.into_parts();
     parts.extensions.insert(caller);

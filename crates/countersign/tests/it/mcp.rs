@@ -378,3 +378,39 @@ async fn a_message_over_the_limit_is_refused_with_413() {
     assert!(response.text().await.unwrap().contains("byte limit"));
     server.stop().await;
 }
+
+/// One agent may hold a bounded number of MCP sessions open (each is a task of rmcp's with its own
+/// streams): past it, opening another answers 429 saying how to free one, and ending one makes room.
+#[tokio::test]
+async fn an_agent_holds_a_bounded_number_of_mcp_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let agent = server.agent("opener").await;
+    let mut open = Vec::new();
+    for _ in 0..64 {
+        let mut mcp = Mcp::new(agent.base(), agent.key().unwrap());
+        mcp.initialize().await;
+        open.push(mcp);
+    }
+    let mut one_more = Mcp::new(agent.base(), agent.key().unwrap());
+    let hello = json!({"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "it", "version": "0"}});
+    let refused = one_more.request("initialize", hello).await;
+    assert_eq!(refused.status, 429, "{}", refused.text);
+    assert!(refused.text.contains("64 MCP sessions are open for this agent"), "{}", refused.text);
+    // Another agent is not held back by this one.
+    let other = server.agent("someone-else").await;
+    Mcp::new(other.base(), other.key().unwrap()).initialize().await;
+
+    let first = open[0].session.clone().unwrap();
+    let ended = reqwest::Client::new()
+        .delete(format!("{}/mcp", agent.base()))
+        .bearer_auth(agent.key().unwrap())
+        .header("mcp-session-id", &first)
+        .header("mcp-protocol-version", PROTOCOL)
+        .send()
+        .await
+        .unwrap();
+    assert!(ended.status().is_success(), "{}", ended.status());
+    Mcp::new(agent.base(), agent.key().unwrap()).initialize().await;
+    server.stop().await;
+}
