@@ -51,6 +51,9 @@ struct ProviderLabels {
     outcome: &'static str,
 }
 
+/// How often the gauges read from the store are refreshed at most.
+const STORE_GAUGES_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
@@ -69,6 +72,8 @@ struct Inner {
     webhook_deliveries: Family<OutcomeLabels, Counter>,
     commits: Family<SyncLabels, Histogram>,
     llm_upstream: Family<ProviderLabels, Histogram>,
+    /// When the gauges read from the store were last refreshed ([`Metrics::store_gauges_due`]).
+    store_gauges_read: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Default for Metrics {
@@ -153,6 +158,7 @@ impl Metrics {
                 webhook_deliveries,
                 commits,
                 llm_upstream,
+                store_gauges_read: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -178,6 +184,18 @@ impl Metrics {
 
     pub fn set_pending_approvals(&self, count: i64) {
         self.inner.pending_approvals.set(count);
+    }
+
+    /// Whether the gauges read from the store (pending approvals, open jobs) are due a refresh: at most once
+    /// a second, so a client hammering the unauthenticated `/metrics` does not make the store count as often.
+    pub fn store_gauges_due(&self) -> bool {
+        let mut read = self.inner.store_gauges_read.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        if read.is_some_and(|at| now.duration_since(at) < STORE_GAUGES_EVERY) {
+            return false;
+        }
+        *read = Some(now);
+        true
     }
 
     pub fn set_replica_feed_deaf(&self, deaf: Option<Duration>) {
@@ -252,5 +270,20 @@ impl Drop for UpstreamWait {
         if !self.ended {
             self.observe("abandoned");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_gauges_are_read_at_most_once_a_second() {
+        let metrics = Metrics::new();
+        assert!(metrics.store_gauges_due(), "the first scrape reads them");
+        assert!(!metrics.store_gauges_due(), "a scrape right after serves what was read");
+        *metrics.inner.store_gauges_read.lock().unwrap() = Some(Instant::now() - STORE_GAUGES_EVERY);
+        assert!(metrics.store_gauges_due(), "a second later they are read again");
     }
 }

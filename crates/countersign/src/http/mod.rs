@@ -191,10 +191,12 @@ async fn readyz(State(state): State<AppState>) -> Result<Response> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse> {
-    let pending = state.gateway.pending_approvals_count().await?;
-    state.gateway.metrics().set_pending_approvals(pending);
-    let open = state.gateway.open_jobs().await?;
-    state.gateway.metrics().set_open_jobs(&open);
+    if state.gateway.metrics().store_gauges_due() {
+        let pending = state.gateway.pending_approvals_count().await?;
+        state.gateway.metrics().set_pending_approvals(pending);
+        let open = state.gateway.open_jobs().await?;
+        state.gateway.metrics().set_open_jobs(&open);
+    }
     state.gateway.metrics().set_replica_feed_deaf(state.gateway.replica_feed_deaf_for());
     let text = state.gateway.metrics().encode().map_err(|e| Error::Internal(e.to_string()))?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text))
