@@ -54,15 +54,20 @@ pub struct Server {
     shutdown: CancellationToken,
 }
 
-/// How long a client may take to send a request's headers (hyper's own default, which it applies only with
-/// a timer: `axum::serve` gives it none, so a client trickling headers held its connection for ever).
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a client may take to send a request's headers, from the moment the connection is free for one:
+/// also how long an idle keep-alive connection stays open. Above the idle timeouts of common load balancers
+/// and proxies (60 s for nginx's upstream keep-alive and AWS's ALB), so they close first and never reuse a
+/// connection just as it closes. (`axum::serve` gives hyper no timer, so its own 30 s default was off and a
+/// client trickling headers held its connection for ever.)
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 /// How long a request body may go without sending anything (a body is read frame by frame; the whole may
 /// take longer).
 const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets the connections finish. As `axum::serve`
-/// does, with two limits it lacks: a deadline for a request's headers, and for each piece of its body.
+/// does, with two limits it lacks: a deadline for a request's headers, and for each piece of its body. HTTP/1
+/// only: telling HTTP/2 apart means reading a connection's first bytes with no deadline, so a client sending
+/// nothing would hold its connection for ever (TLS and HTTP/2 belong to the proxy in front).
 async fn serve(
     listener: TcpListener,
     app: axum::Router,
@@ -76,7 +81,7 @@ async fn serve(
     let app = app.map_request(|request: axum::http::Request<hyper::body::Incoming>| {
         request.map(|body| axum::body::Body::new(tower_http::timeout::TimeoutBody::new(BODY_IDLE_TIMEOUT, body)))
     });
-    let mut builder = Builder::new(TokioExecutor::new());
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -98,7 +103,7 @@ async fn serve(
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
         let service = TowerToHyperService::new(app.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {

@@ -44,12 +44,10 @@ pub fn router(gateway: Gateway, max_body_bytes: usize) -> Router {
         .with_cancellation_token(gateway.shutdown().child_token())
         .with_max_request_body_bytes(max_body_bytes);
     let for_sessions = gateway.clone();
-    let service = StreamableHttpService::new(
-        move || Ok(server::McpServer::new(for_sessions.clone())),
-        Arc::new(LocalSessionManager::default()),
-        config,
-    );
-    let state = Front { gateway, max_body_bytes, owners: Arc::new(SessionOwners::default()) };
+    let sessions = Arc::new(LocalSessionManager::default());
+    let service =
+        StreamableHttpService::new(move || Ok(server::McpServer::new(for_sessions.clone())), sessions.clone(), config);
+    let state = Front { gateway, max_body_bytes, owners: Arc::new(SessionOwners::default()), sessions };
     Router::new().fallback_service(service).layer(middleware::from_fn_with_state(state, authenticate))
 }
 
@@ -58,6 +56,8 @@ struct Front {
     gateway: Gateway,
     max_body_bytes: usize,
     owners: Arc<SessionOwners>,
+    /// rmcp's sessions, to tell which remembered ones are still open.
+    sessions: Arc<LocalSessionManager>,
 }
 
 /// Who opened each MCP session: rmcp finds a session by its `Mcp-Session-Id` alone, so without this any
@@ -95,16 +95,17 @@ impl SessionOwners {
         }
     }
 
-    /// Whether `principal` may open another session (fewer than [`MAX_SESSIONS_PER_PRINCIPAL`] remembered).
-    fn may_open(&self, principal: &str) -> bool {
+    /// Whether `principal` may open another session: fewer than [`MAX_SESSIONS_PER_PRINCIPAL`] of its sessions
+    /// are still open (`open`: rmcp's, which ends a session idle for 5 minutes or whose worker stopped).
+    fn may_open(&self, principal: &str, open: &std::collections::HashSet<String>) -> bool {
         let Ok(mut owners) = self.0.lock() else { return false };
-        owners.sweep();
-        owners.by_session.values().filter(|(owner, _)| owner == principal).count() < MAX_SESSIONS_PER_PRINCIPAL
+        owners.sweep(open);
+        let held = owners.by_session.iter().filter(|(id, (owner, _))| owner == principal && open.contains(*id));
+        held.count() < MAX_SESSIONS_PER_PRINCIPAL
     }
 
     fn opened(&self, id: String, principal: String) {
         let Ok(mut owners) = self.0.lock() else { return };
-        owners.sweep();
         owners.by_session.insert(id, (principal, std::time::Instant::now()));
     }
 
@@ -116,14 +117,16 @@ impl SessionOwners {
 }
 
 impl Owners {
-    /// Drops the entries idle past [`OWNER_IDLE`], at most once per [`OWNER_SWEEP`].
-    fn sweep(&mut self) {
+    /// Drops the entries of sessions rmcp no longer has `open` and nobody used for [`OWNER_IDLE`] (a session
+    /// kept alive by what the server sends stays its opener's however long its client is quiet), at most once
+    /// per [`OWNER_SWEEP`].
+    fn sweep(&mut self, open: &std::collections::HashSet<String>) {
         let now = std::time::Instant::now();
         if self.swept.is_some_and(|at| now.duration_since(at) < OWNER_SWEEP) {
             return;
         }
         self.swept = Some(now);
-        self.by_session.retain(|_, (_, seen)| now.duration_since(*seen) < OWNER_IDLE);
+        self.by_session.retain(|id, (_, seen)| open.contains(id) || now.duration_since(*seen) < OWNER_IDLE);
     }
 }
 
@@ -175,11 +178,14 @@ async fn authenticate(State(front): State<Front>, request: Request, next: Next) 
     {
         return Error::not_found("MCP session", id).into_response();
     }
-    if session.is_none() && request.method() == Method::POST && !front.owners.may_open(&principal) {
+    if session.is_none()
+        && request.method() == Method::POST
+        && !front.owners.may_open(&principal, &open_sessions(&front).await)
+    {
         return Error::RateLimited {
             message: format!(
                 "{MAX_SESSIONS_PER_PRINCIPAL} MCP sessions are open for this agent: end one (DELETE /mcp with its \
-                 Mcp-Session-Id) or let one sit idle for 10 minutes"
+                 Mcp-Session-Id) or let one sit idle for 5 minutes"
             ),
             retry_after_seconds: 60,
         }
@@ -250,6 +256,11 @@ async fn json_rpc_error(response: Response, body_was_json: bool) -> Response {
     let message = format!("{title}: {}", String::from_utf8_lossy(&text).trim());
     let body = json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message}});
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// The ids of the sessions rmcp has open.
+async fn open_sessions(front: &Front) -> std::collections::HashSet<String> {
+    front.sessions.sessions.read().await.keys().map(|id| id.to_string()).collect()
 }
 
 /// The agent or session behind a secret. `/mcp` is for agents (design §5): a user key is refused, so a user
