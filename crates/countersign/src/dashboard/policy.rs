@@ -160,6 +160,10 @@ pub async fn show(State(state): State<DashboardState>, ui: UiUser) -> Result<Res
 
 pub async fn validate(State(state): State<DashboardState>, posted: Posted<ValidateForm>) -> Result<Response, Error> {
     let Posted { ui, form } = posted;
+    // A non-admin sees the page saying why (the form is shown disabled), not a bare refusal.
+    if view::admin_block(&ui).is_some() {
+        return Ok(render(StatusCode::FORBIDDEN, &page(&state, &ui, form, None, fresh_dry(), None)?));
+    }
     let files = [("policy.yaml".to_owned(), form.source.clone())];
     let (status, checked) = match state.gateway.check_policy(&ui.caller, &files)? {
         Ok(policy) => {

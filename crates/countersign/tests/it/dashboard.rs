@@ -471,6 +471,13 @@ async fn operator_pages_jobs_sessions_webhooks_policy() {
     let (status, _, html) = submit_form(&base, &viewer_session, "/ui/sessions", &with_token).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "the gateway refuses a viewer anyway: {html}");
     assert!(html.contains("needs the admin role"));
+    // Validating a policy is an admin's too: the form is disabled, and a post gets the page saying why.
+    let (_, html) = page(&base, &viewer_session, "/ui/policy").await;
+    assert!(html.contains("id=\"validate-blocked\"") && html.contains("You cannot validate"), "{html}");
+    let validate = [("source", good), ("csrf", viewer_csrf.as_str())];
+    let (status, _, html) = submit_form(&base, &viewer_session, "/ui/policy/validate", &validate).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(html.contains("You cannot validate") && !html.contains("Valid: version"), "{html}");
     server.stop().await;
 }
 
