@@ -294,13 +294,8 @@ async fn replicas_recover_from_a_postgres_restart() {
     assert_eq!(refused.str("/code"), "unavailable");
     pg_ctl(&["start"]);
 
-    // Readiness has no event to await: ask until every replica says ready (bounded).
-    let deadline = Instant::now() + Duration::from_secs(30);
     for admin in &admins {
-        while admin.get("/readyz").await.unwrap().status != 200 {
-            assert!(Instant::now() < deadline, "a replica did not recover");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        readyz_until(admin, Duration::from_secs(30), |r| r.status == 200).await;
     }
     for (i, id) in acknowledged.iter().enumerate() {
         let action = agents[(i + 1) % 3].get_action(id).await.unwrap();
