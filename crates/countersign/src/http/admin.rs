@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::Auth;
-use super::problem::{ApiJson, ApiPath};
+use super::problem::{ApiBytes, ApiJson, ApiPath};
 use super::{AppState, views};
 use crate::error::{Error, Result};
 use crate::gateway::policy::ActivePolicy;
@@ -282,7 +282,7 @@ pub async fn put_policy(
     State(state): State<AppState>,
     Auth(caller): Auth,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>> {
     let files = policy_files(&headers, &body)?;
     Ok(Json(policy_view(&state.gateway.put_policy(&caller, files).await?)))
@@ -292,7 +292,7 @@ pub async fn validate_policy(
     State(state): State<AppState>,
     Auth(caller): Auth,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>> {
     let files = policy_files(&headers, &body)?;
     let policy: Policy = state.gateway.validate_policy(&caller, &files)?;

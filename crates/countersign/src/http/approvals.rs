@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::auth::Auth;
-use super::problem::{ApiPath, ApiQuery};
+use super::problem::{ApiBytes, ApiPath, ApiQuery};
 use super::{AppState, next_cursor, page_from, views};
 use crate::error::{Error, Result};
 
@@ -87,7 +87,7 @@ pub async fn approve(
     State(state): State<AppState>,
     Auth(caller): Auth,
     ApiPath(id): ApiPath<String>,
-    body: axum::body::Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>> {
     decide(state, caller, id, Decision::Approve, parse_body(&body)?).await
 }
@@ -96,7 +96,7 @@ pub async fn deny(
     State(state): State<AppState>,
     Auth(caller): Auth,
     ApiPath(id): ApiPath<String>,
-    body: axum::body::Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>> {
     decide(state, caller, id, Decision::Deny, parse_body(&body)?).await
 }

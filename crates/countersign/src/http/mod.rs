@@ -126,7 +126,7 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     // The log keeps the method as sent (a log line is not a series that lives on).
     let span = tracing::info_span!("request", method = %request.method(), %route);
     let mut response = next.run(request).instrument(span.clone()).await;
-    // Handlers that read the raw body get axum's plain-text 413; every error is problem+json. The LLM proxy
+    // A plain-text 413 from an extractor of axum's own (the dashboard's forms) becomes problem+json. The LLM proxy
     // shapes its own errors as the provider does, and relays a provider's 413 as it came.
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem(&response) && !route.starts_with("/llm/") {
         response =

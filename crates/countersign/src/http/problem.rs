@@ -4,7 +4,8 @@
 //! Internal errors answer "internal error"; their detail is logged here, once, never sent to the client.
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
@@ -102,13 +103,7 @@ fn json_rejection(rejection: JsonRejection) -> Error {
             field: None,
             message: "expected a JSON body with `Content-Type: application/json`".into(),
         },
-        JsonRejection::BytesRejection(e) => {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                Error::PayloadTooLarge("request body is over the size limit".into())
-            } else {
-                Error::BadRequest { field: None, message: format!("cannot read request body: {}", e.body_text()) }
-            }
-        }
+        JsonRejection::BytesRejection(e) => bytes_rejection(&e),
         other => Error::BadRequest { field: None, message: other.body_text() },
     }
 }
@@ -127,6 +122,36 @@ where
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(ApiJson(value)),
             Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+/// A body that could not be read: over the size limit (413), or cut off, stalled past its deadline or
+/// malformed on the wire (400).
+fn bytes_rejection(rejection: &BytesRejection) -> Error {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        Error::PayloadTooLarge(
+            "the request body is over the size limit (max_body_bytes in the Countersign configuration)".into(),
+        )
+    } else {
+        Error::BadRequest { field: None, message: format!("cannot read request body: {}", rejection.body_text()) }
+    }
+}
+
+/// Raw body extractor (for handlers that parse YAML or an optional JSON body themselves) whose rejections
+/// are problem+json.
+pub struct ApiBytes(pub Bytes);
+
+impl<S> FromRequest<S> for ApiBytes
+where
+    S: Send + Sync,
+{
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Bytes::from_request(req, state).await {
+            Ok(body) => Ok(ApiBytes(body)),
+            Err(rejection) => Err(bytes_rejection(&rejection)),
         }
     }
 }
