@@ -49,6 +49,19 @@ pub struct JobEnd {
     pub error: Option<String>,
 }
 
+/// How many bytes of actions' stored text (parameters, reasoning, target, result and error) one page of
+/// actions or of approvals carries, whatever its limit; its first row comes whatever its size. Without it a
+/// page of 1,000 model calls of up to 16 MiB each would be read into memory, and serialized, at once.
+pub const PAGE_BYTES: i64 = 4 * 1024 * 1024;
+
+/// One page of a list that stops at [`PAGE_BYTES`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listed<T> {
+    pub items: Vec<T>,
+    /// The page stopped before its limit at [`PAGE_BYTES`]: more rows follow.
+    pub cut: bool,
+}
+
 /// One page of a list, and where the next one starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
@@ -242,13 +255,13 @@ pub trait StoreTx: Send {
         agent: &AgentId,
         key: &str,
     ) -> Result<Option<Action>, StoreError>;
-    /// Newest first.
+    /// Newest first, up to [`PAGE_BYTES`].
     async fn list_actions(
         &mut self,
         org: &OrgId,
         filter: &ActionFilter,
         page: &Page,
-    ) -> Result<Vec<Action>, StoreError>;
+    ) -> Result<Listed<Action>, StoreError>;
     /// The agent's earlier successes on the capability, counted up to [`crate::risk::PRECEDENT_CAP`]: never
     /// more than that, so a submission costs the same at any history. A success is an action that
     /// succeeded, or a record-only one (no target) that people approved (it has an approval). A record-only
@@ -267,13 +280,13 @@ pub trait StoreTx: Send {
     ) -> Result<(), StoreError>;
     async fn get_approval(&mut self, org: &OrgId, id: &ApprovalId) -> Result<Option<Approval>, StoreError>;
     async fn find_approval_by_token_hash(&mut self, hash: &str) -> Result<Option<Approval>, StoreError>;
-    /// Pending ones oldest first; decided ones newest first.
+    /// Pending ones oldest first; decided ones newest first; up to [`PAGE_BYTES`] of their actions.
     async fn list_approvals(
         &mut self,
         org: &OrgId,
         status: Option<ApprovalStatus>,
         page: &Page,
-    ) -> Result<Vec<Approval>, StoreError>;
+    ) -> Result<Listed<Approval>, StoreError>;
     async fn count_pending_approvals(&mut self) -> Result<i64, StoreError>;
     /// Across all orgs, for arming expiry timers at start.
     async fn list_pending_deadlines(&mut self) -> Result<Vec<PendingDeadline>, StoreError>;

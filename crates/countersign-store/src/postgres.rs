@@ -49,17 +49,17 @@ use countersign_core::ids::{ActionId, AgentId, ApprovalId, JobId, KeyId, OrgId, 
 use countersign_core::risk::PRECEDENT_CAP;
 use countersign_core::state::{ActionState, ApprovalStatus, JobState};
 use countersign_core::store::{
-    ActionFilter, AuditFilter, AuditHead, JobEnd, JobFilter, Page, PendingDeadline, Retention, Store, StoreError,
-    StoreTx,
+    ActionFilter, AuditFilter, AuditHead, JobEnd, JobFilter, Listed, PAGE_BYTES, Page, PendingDeadline, Retention,
+    Store, StoreError, StoreTx,
 };
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
 
 use crate::rows::{
-    SqlxRow, action_row, agent_row, approval_row, audit_row, audit_rows, batch_error, checkpoint_row, corrupt,
-    dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator,
-    opt_from_us, opt_us, org_row, policy_row, retention_row, revoked_sessions, seal_pending, session_row, to_json,
-    to_us, user_row, webhook_row,
+    SqlxRow, action_bytes, action_row, agent_row, approval_row, audit_row, audit_rows, batch_error, checkpoint_row,
+    corrupt, dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx,
+    migrator, opt_from_us, opt_us, org_row, page_cut, policy_row, retention_row, revoked_sessions, seal_pending,
+    session_row, to_json, to_us, user_row, webhook_row, within_page_bytes,
 };
 use crate::writes::{self, Expect, Write, push_write};
 
@@ -818,6 +818,49 @@ fn counts_hold(
     Ok(())
 }
 
+/// A page of actions, newest first, up to [`PAGE_BYTES`] of them.
+const LIST_ACTIONS: &str = within_page_bytes!(
+    "actions",
+    "DESC",
+    "JOIN",
+    "$1",
+    "$7",
+    "SELECT a.id AS id, ",
+    action_bytes!(),
+    " AS bytes FROM actions a WHERE a.org_id = $1
+       AND ($2::text IS NULL OR a.state = $2) AND ($3::text IS NULL OR a.agent_id = $3)
+       AND ($4::text IS NULL OR a.capability = $4) AND ($5::text IS NULL OR a.id < $5)
+     ORDER BY a.id DESC LIMIT $6",
+);
+
+/// The pending approvals, oldest first, up to [`PAGE_BYTES`] of their actions.
+const LIST_PENDING_APPROVALS: &str = within_page_bytes!(
+    "approvals",
+    "ASC",
+    "JOIN",
+    "$1",
+    "$5",
+    "SELECT ap.id AS id, ",
+    action_bytes!(),
+    " AS bytes FROM approvals ap LEFT JOIN actions a ON a.id = ap.action_id AND a.org_id = ap.org_id
+     WHERE ap.org_id = $1 AND ap.status = $2 AND ($3::text IS NULL OR ap.id > $3)
+     ORDER BY ap.id ASC LIMIT $4",
+);
+
+/// Approvals of any or one status, newest first, up to [`PAGE_BYTES`] of their actions.
+const LIST_DECIDED_APPROVALS: &str = within_page_bytes!(
+    "approvals",
+    "DESC",
+    "JOIN",
+    "$1",
+    "$5",
+    "SELECT ap.id AS id, ",
+    action_bytes!(),
+    " AS bytes FROM approvals ap LEFT JOIN actions a ON a.id = ap.action_id AND a.org_id = ap.org_id
+     WHERE ap.org_id = $1 AND ($2::text IS NULL OR ap.status = $2) AND ($3::text IS NULL OR ap.id < $3)
+     ORDER BY ap.id DESC LIMIT $4",
+);
+
 /// Retention's end: the seq before the first event at or after the cutoff, else the head. Event times do
 /// not strictly grow with seq (replicas' clocks drift; a writer reads the clock before it waits for the
 /// chain's lock), so "the newest event older than the cutoff" could pass a newer one. Both lookups walk the
@@ -1307,24 +1350,20 @@ impl StoreTx for PgTx {
         org: &OrgId,
         filter: &ActionFilter,
         page: &Page,
-    ) -> Result<Vec<Action>, StoreError> {
+    ) -> Result<Listed<Action>, StoreError> {
         let rows = self
             .fetch_all(
-                sqlx::query(
-                    "SELECT * FROM actions WHERE org_id = $1
-                       AND ($2::text IS NULL OR state = $2) AND ($3::text IS NULL OR agent_id = $3)
-                       AND ($4::text IS NULL OR capability = $4) AND ($5::text IS NULL OR id < $5)
-                     ORDER BY id DESC LIMIT $6",
-                )
-                .bind(org.as_str().to_owned())
-                .bind(filter.state.map(ActionState::as_str))
-                .bind(filter.agent_id.as_ref().map(|a| a.as_str().to_owned()))
-                .bind(filter.capability.clone())
-                .bind(page.after.clone())
-                .bind(limit(page)),
+                sqlx::query(LIST_ACTIONS)
+                    .bind(org.as_str().to_owned())
+                    .bind(filter.state.map(ActionState::as_str))
+                    .bind(filter.agent_id.as_ref().map(|a| a.as_str().to_owned()))
+                    .bind(filter.capability.clone())
+                    .bind(page.after.clone())
+                    .bind(limit(page))
+                    .bind(PAGE_BYTES),
             )
             .await?;
-        rows.iter().map(action_row).collect()
+        Ok(Listed { cut: page_cut(&rows)?, items: rows.iter().map(action_row).collect::<Result<_, _>>()? })
     }
 
     async fn count_successes(&mut self, org: &OrgId, agent: &AgentId, capability: &str) -> Result<u64, StoreError> {
@@ -1429,26 +1468,20 @@ impl StoreTx for PgTx {
         org: &OrgId,
         status: Option<ApprovalStatus>,
         page: &Page,
-    ) -> Result<Vec<Approval>, StoreError> {
+    ) -> Result<Listed<Approval>, StoreError> {
         // Pending: oldest first (the queue); anything else: newest first (history). ULIDs sort by time.
-        let sql = if status == Some(ApprovalStatus::Pending) {
-            "SELECT * FROM approvals WHERE org_id = $1 AND status = $2 AND ($3::text IS NULL OR id > $3)
-             ORDER BY id ASC LIMIT $4"
-        } else {
-            "SELECT * FROM approvals WHERE org_id = $1 AND ($2::text IS NULL OR status = $2)
-               AND ($3::text IS NULL OR id < $3)
-             ORDER BY id DESC LIMIT $4"
-        };
+        let sql = if status == Some(ApprovalStatus::Pending) { LIST_PENDING_APPROVALS } else { LIST_DECIDED_APPROVALS };
         let rows = self
             .fetch_all(
                 sqlx::query(sql)
                     .bind(org.as_str().to_owned())
                     .bind(status.map(ApprovalStatus::as_str))
                     .bind(page.after.clone())
-                    .bind(limit(page)),
+                    .bind(limit(page))
+                    .bind(PAGE_BYTES),
             )
             .await?;
-        self.approvals_with_decisions(rows).await
+        Ok(Listed { cut: page_cut(&rows)?, items: self.approvals_with_decisions(rows).await? })
     }
 
     async fn count_pending_approvals(&mut self) -> Result<i64, StoreError> {

@@ -528,6 +528,48 @@ pub fn policy_row(row: &impl Cols) -> Result<StoredPolicy, StoreError> {
     })
 }
 
+/// What an action's stored text weighs, for [`countersign_core::store::PAGE_BYTES`]: `octet_length` reads a
+/// value's size without loading the value (from SQLite's record header; from PostgreSQL's TOAST pointer). The
+/// action is `a`. A macro, so the queries that use it stay literals.
+macro_rules! action_bytes {
+    () => {
+        "COALESCE(octet_length(a.params), 0) + COALESCE(octet_length(a.reasoning), 0)
+         + COALESCE(octet_length(a.target), 0) + COALESCE(octet_length(a.result), 0)
+         + COALESCE(octet_length(a.error), 0)"
+    };
+}
+pub(crate) use action_bytes;
+
+/// A page query that stops at [`countersign_core::store::PAGE_BYTES`]: the inner query (the rest of the
+/// arguments, concatenated) selects the page's `id`s and their `bytes` in `$order` with its `LIMIT`; the sizes
+/// are summed for the whole page (`bytes_before`: what the page's earlier rows weigh) and only the rows of
+/// `$table` within the budget are read, each with `page_rows` (see [`page_cut`]). `$join` joins the page to
+/// `$table` (SQLite's `CROSS JOIN` keeps the page as the outer loop; PostgreSQL's takes no `ON`); `$org` and
+/// `$budget` are the parameters of the org and the budget.
+macro_rules! within_page_bytes {
+    ($table:literal, $order:literal, $join:literal, $org:literal, $budget:literal, $($inner:expr),+ $(,)?) => {
+        concat!(
+            "SELECT x.*, p.page_rows FROM (
+               SELECT id, COUNT(*) OVER () AS page_rows,
+                      SUM(bytes) OVER (ORDER BY id ", $order, " ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                        AS bytes_before
+                 FROM (", $($inner),+, ") s) p ",
+            $join, " ", $table, " x ON x.id = p.id
+             WHERE x.org_id = ", $org, " AND COALESCE(p.bytes_before, 0) < ", $budget, "
+             ORDER BY x.id ", $order
+        )
+    };
+}
+pub(crate) use within_page_bytes;
+
+/// Whether a page read under [`countersign_core::store::PAGE_BYTES`] stopped short: each row carries
+/// `page_rows`, how many rows the page had before the byte budget.
+pub fn page_cut(rows: &[impl Cols]) -> Result<bool, StoreError> {
+    let Some(first) = rows.first() else { return Ok(false) };
+    let before: i64 = get(first, "page_rows")?;
+    Ok(usize::try_from(before).unwrap_or(usize::MAX) > rows.len())
+}
+
 pub fn limit(page: &Page) -> i64 {
     i64::from(page.limit.clamp(1, 1000))
 }

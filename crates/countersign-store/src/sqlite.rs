@@ -35,17 +35,17 @@ use countersign_core::ids::{ActionId, AgentId, ApprovalId, JobId, KeyId, OrgId, 
 use countersign_core::risk::PRECEDENT_CAP;
 use countersign_core::state::{ActionState, ApprovalStatus, JobState};
 use countersign_core::store::{
-    ActionFilter, AuditFilter, AuditHead, JobEnd, JobFilter, Page, PendingDeadline, Retention, Store, StoreError,
-    StoreTx,
+    ActionFilter, AuditFilter, AuditHead, JobEnd, JobFilter, Listed, PAGE_BYTES, Page, PendingDeadline, Retention,
+    Store, StoreError, StoreTx,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection as _, Sqlite, SqlitePool, Transaction};
 
 use crate::rows::{
-    action_row, agent_row, approval_row, audit_row, audit_rows, audit_write_failed, checkpoint_row, corrupt,
-    dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx, migrator,
-    opt_from_us, opt_us, org_row, policy_row, retention_row, revoked_sessions, seal_pending, session_row, to_json,
-    to_us, user_row, webhook_row,
+    action_bytes, action_row, agent_row, approval_row, audit_row, audit_rows, audit_write_failed, checkpoint_row,
+    corrupt, dashboard_session_row, decision_row, delivery_row, from_us, get, job_row, key_row, limit, map_sqlx,
+    migrator, opt_from_us, opt_us, org_row, page_cut, policy_row, retention_row, revoked_sessions, seal_pending,
+    session_row, to_json, to_us, user_row, webhook_row, within_page_bytes,
 };
 use crate::stmt::{Row, Stmt, is_constraint, is_io, map_lite, q};
 use crate::writes::{self, Expect, Write};
@@ -1092,6 +1092,49 @@ impl SqliteTx {
     }
 }
 
+/// A page of actions, newest first, up to [`PAGE_BYTES`] of them.
+const LIST_ACTIONS: &str = within_page_bytes!(
+    "actions",
+    "DESC",
+    "CROSS JOIN",
+    "?",
+    "?",
+    "SELECT a.id AS id, ",
+    action_bytes!(),
+    " AS bytes FROM actions a WHERE a.org_id = ?
+       AND (? IS NULL OR a.state = ?) AND (? IS NULL OR a.agent_id = ?) AND (? IS NULL OR a.capability = ?)
+       AND (? IS NULL OR a.id < ?)
+     ORDER BY a.id DESC LIMIT ?",
+);
+
+/// The pending approvals, oldest first, up to [`PAGE_BYTES`] of their actions.
+const LIST_PENDING_APPROVALS: &str = within_page_bytes!(
+    "approvals",
+    "ASC",
+    "CROSS JOIN",
+    "?",
+    "?",
+    "SELECT ap.id AS id, ",
+    action_bytes!(),
+    " AS bytes FROM approvals ap LEFT JOIN actions a ON a.id = ap.action_id AND a.org_id = ap.org_id
+     WHERE ap.org_id = ? AND ap.status = ? AND (? IS NULL OR ap.id > ?)
+     ORDER BY ap.id ASC LIMIT ?",
+);
+
+/// Approvals of any or one status, newest first, up to [`PAGE_BYTES`] of their actions.
+const LIST_DECIDED_APPROVALS: &str = within_page_bytes!(
+    "approvals",
+    "DESC",
+    "CROSS JOIN",
+    "?",
+    "?",
+    "SELECT ap.id AS id, ",
+    action_bytes!(),
+    " AS bytes FROM approvals ap LEFT JOIN actions a ON a.id = ap.action_id AND a.org_id = ap.org_id
+     WHERE ap.org_id = ? AND (? IS NULL OR ap.status = ?) AND (? IS NULL OR ap.id < ?)
+     ORDER BY ap.id DESC LIMIT ?",
+);
+
 /// Retention's end: the seq before the first event at or after the cutoff, else the head. Event times do
 /// not strictly grow with seq (a writer reads the clock before it waits for its turn), so "the newest event
 /// older than the cutoff" could pass a newer one. Both lookups walk the (org, seq) key: the first only over
@@ -1552,26 +1595,25 @@ impl StoreTx for SqliteTx {
         org: &OrgId,
         filter: &ActionFilter,
         page: &Page,
-    ) -> Result<Vec<Action>, StoreError> {
+    ) -> Result<Listed<Action>, StoreError> {
         let rows = self
             .fetch_all(
-                q("SELECT * FROM actions WHERE org_id = ?
-                       AND (? IS NULL OR state = ?) AND (? IS NULL OR agent_id = ?) AND (? IS NULL OR capability = ?)
-                       AND (? IS NULL OR id < ?)
-                     ORDER BY id DESC LIMIT ?")
-                .bind(org.as_str().to_owned())
-                .bind(filter.state.map(ActionState::as_str))
-                .bind(filter.state.map(ActionState::as_str))
-                .bind(filter.agent_id.as_ref().map(|a| a.as_str().to_owned()))
-                .bind(filter.agent_id.as_ref().map(|a| a.as_str().to_owned()))
-                .bind(filter.capability.clone())
-                .bind(filter.capability.clone())
-                .bind(page.after.clone())
-                .bind(page.after.clone())
-                .bind(limit(page)),
+                q(LIST_ACTIONS)
+                    .bind(org.as_str().to_owned())
+                    .bind(filter.state.map(ActionState::as_str))
+                    .bind(filter.state.map(ActionState::as_str))
+                    .bind(filter.agent_id.as_ref().map(|a| a.as_str().to_owned()))
+                    .bind(filter.agent_id.as_ref().map(|a| a.as_str().to_owned()))
+                    .bind(filter.capability.clone())
+                    .bind(filter.capability.clone())
+                    .bind(page.after.clone())
+                    .bind(page.after.clone())
+                    .bind(limit(page))
+                    .bind(org.as_str().to_owned())
+                    .bind(PAGE_BYTES),
             )
             .await?;
-        rows.iter().map(action_row).collect()
+        Ok(Listed { cut: page_cut(&rows)?, items: rows.iter().map(action_row).collect::<Result<_, _>>()? })
     }
 
     async fn count_successes(&mut self, org: &OrgId, agent: &AgentId, capability: &str) -> Result<u64, StoreError> {
@@ -1673,21 +1715,19 @@ impl StoreTx for SqliteTx {
         org: &OrgId,
         status: Option<ApprovalStatus>,
         page: &Page,
-    ) -> Result<Vec<Approval>, StoreError> {
+    ) -> Result<Listed<Approval>, StoreError> {
         // Pending: oldest first (the queue); anything else: newest first (history). ULIDs sort by time.
-        let sql = if status == Some(ApprovalStatus::Pending) {
-            "SELECT * FROM approvals WHERE org_id = ? AND status = ? AND (? IS NULL OR id > ?) ORDER BY id ASC LIMIT ?"
-        } else {
-            "SELECT * FROM approvals WHERE org_id = ? AND (? IS NULL OR status = ?) AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?"
-        };
-        let query = q(sql).bind(org.as_str().to_owned());
         let query = if status == Some(ApprovalStatus::Pending) {
-            query.bind("pending")
+            q(LIST_PENDING_APPROVALS).bind(org.as_str().to_owned()).bind("pending")
         } else {
-            query.bind(status.map(ApprovalStatus::as_str)).bind(status.map(ApprovalStatus::as_str))
+            q(LIST_DECIDED_APPROVALS)
+                .bind(org.as_str().to_owned())
+                .bind(status.map(ApprovalStatus::as_str))
+                .bind(status.map(ApprovalStatus::as_str))
         };
-        let rows = self.fetch_all(query.bind(page.after.clone()).bind(page.after.clone()).bind(limit(page))).await?;
-        self.approvals_with_decisions(rows).await
+        let query = query.bind(page.after.clone()).bind(page.after.clone()).bind(limit(page));
+        let rows = self.fetch_all(query.bind(org.as_str().to_owned()).bind(PAGE_BYTES)).await?;
+        Ok(Listed { cut: page_cut(&rows)?, items: self.approvals_with_decisions(rows).await? })
     }
 
     async fn count_pending_approvals(&mut self) -> Result<i64, StoreError> {

@@ -25,7 +25,7 @@ use countersign_core::ids::{
 };
 use countersign_core::risk::RiskAssessment;
 use countersign_core::state::{ActionState, ApprovalStatus, Decision, JobState};
-use countersign_core::store::{ActionFilter, AuditFilter, JobEnd, JobFilter, Page, Store, StoreError};
+use countersign_core::store::{ActionFilter, AuditFilter, JobEnd, JobFilter, PAGE_BYTES, Page, Store, StoreError};
 use countersign_store::{FeedEvent, PostgresStore, SqliteStore};
 use serde_json::json;
 use sqlx::{Connection, Executor};
@@ -173,6 +173,7 @@ contract!(
     concurrent_claimers_take_each_job_once,
     leases_expire_renew_and_release,
     an_agent_lists_only_the_executions_of_its_own_actions,
+    pages_of_actions_and_approvals_stop_at_the_byte_budget,
     webhooks_and_deliveries_round_trip,
     concurrent_writers_serialise_on_an_approval,
     lock_waits_that_time_out_are_unavailable,
@@ -247,14 +248,18 @@ fn action(org: &Org, agent: &Agent, capability: &str, state: ActionState) -> Act
 }
 
 fn http_target() -> Target {
-    Target::Http(HttpTarget {
+    Target::Http(http_target_parts())
+}
+
+fn http_target_parts() -> HttpTarget {
+    HttpTarget {
         upstream: "bank".into(),
         method: "POST".into(),
         path: "/cards".into(),
         query: [("limit".to_owned(), "5".to_owned())].into(),
         headers: Default::default(),
         body: Some(json!({"card": "virtual"})),
-    })
+    }
 }
 
 fn approval(org: &Org, action: &Action) -> Approval {
@@ -594,13 +599,14 @@ mod checks {
         let mut newest_first: Vec<ActionId> = actions.iter().map(|a| a.id.clone()).collect();
         newest_first.sort();
         newest_first.reverse();
-        let all = tx.list_actions(&o.id, &ActionFilter::default(), &page(100, None)).await.unwrap();
+        let all = tx.list_actions(&o.id, &ActionFilter::default(), &page(100, None)).await.unwrap().items;
         assert_eq!(all.iter().map(|a| a.id.clone()).collect::<Vec<_>>(), newest_first, "{n}: newest first");
         // Cursor pages of two cover everything once.
         let mut seen = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let chunk = tx.list_actions(&o.id, &ActionFilter::default(), &page(2, after.as_deref())).await.unwrap();
+            let chunk =
+                tx.list_actions(&o.id, &ActionFilter::default(), &page(2, after.as_deref())).await.unwrap().items;
             if chunk.is_empty() {
                 break;
             }
@@ -610,18 +616,22 @@ mod checks {
         }
         assert_eq!(seen, newest_first, "{n}: cursor pages");
         let by_state = ActionFilter { state: Some(ActionState::Submitted), ..Default::default() };
-        assert_eq!(tx.list_actions(&o.id, &by_state, &page(100, None)).await.unwrap().len(), 1, "{n}");
+        assert_eq!(tx.list_actions(&o.id, &by_state, &page(100, None)).await.unwrap().items.len(), 1, "{n}");
         let by_agent = ActionFilter { agent_id: Some(bot2.id.clone()), ..Default::default() };
-        assert_eq!(tx.list_actions(&o.id, &by_agent, &page(100, None)).await.unwrap().len(), 1, "{n}");
+        assert_eq!(tx.list_actions(&o.id, &by_agent, &page(100, None)).await.unwrap().items.len(), 1, "{n}");
         let by_cap = ActionFilter { capability: Some("crm.read.contact".into()), ..Default::default() };
-        assert_eq!(tx.list_actions(&o.id, &by_cap, &page(100, None)).await.unwrap().len(), 2, "{n}");
+        assert_eq!(tx.list_actions(&o.id, &by_cap, &page(100, None)).await.unwrap().items.len(), 2, "{n}");
         let both = ActionFilter {
             agent_id: Some(bot.id.clone()),
             capability: Some("crm.read.contact".into()),
             state: Some(ActionState::PendingApproval),
         };
-        assert_eq!(tx.list_actions(&o.id, &both, &page(100, None)).await.unwrap(), vec![actions[4].clone()], "{n}");
-        assert_eq!(tx.list_actions(&other.id, &by_agent, &page(100, None)).await.unwrap(), vec![], "{n}");
+        assert_eq!(
+            tx.list_actions(&o.id, &both, &page(100, None)).await.unwrap().items,
+            vec![actions[4].clone()],
+            "{n}"
+        );
+        assert_eq!(tx.list_actions(&other.id, &by_agent, &page(100, None)).await.unwrap().items, vec![], "{n}");
 
         // Successes: succeeded, or record-only (no target) and approved by people.
         assert_eq!(tx.count_successes(&o.id, &bot.id, "finance.issue.card").await.unwrap(), 1, "{n}");
@@ -683,21 +693,21 @@ mod checks {
 
         let mut tx = b.store.read().await.unwrap();
         assert_eq!(tx.get_approval(&o.id, &first.id).await.unwrap(), Some(decided.clone()), "{n}");
-        let pending = tx.list_approvals(&o.id, Some(ApprovalStatus::Pending), &page(10, None)).await.unwrap();
+        let pending = tx.list_approvals(&o.id, Some(ApprovalStatus::Pending), &page(10, None)).await.unwrap().items;
         let pending_ids: Vec<_> = pending.iter().map(|a| a.id.clone()).collect();
         assert_eq!(pending_ids, vec![approvals[1].id.clone(), approvals[2].id.clone()], "{n}: oldest first");
         let after_first =
             tx.list_approvals(&o.id, Some(ApprovalStatus::Pending), &page(10, Some(approvals[1].id.as_str()))).await;
-        assert_eq!(after_first.unwrap().len(), 1, "{n}: pending cursor");
-        let all = tx.list_approvals(&o.id, None, &page(10, None)).await.unwrap();
+        assert_eq!(after_first.unwrap().items.len(), 1, "{n}: pending cursor");
+        let all = tx.list_approvals(&o.id, None, &page(10, None)).await.unwrap().items;
         let all_ids: Vec<_> = all.iter().map(|a| a.id.clone()).collect();
         let mut newest_first: Vec<_> = approvals.iter().map(|a| a.id.clone()).collect();
         newest_first.reverse();
         assert_eq!(all_ids, newest_first, "{n}: history newest first");
         assert_eq!(all.last().unwrap().decisions.len(), 2, "{n}: listed with decisions");
-        let approved = tx.list_approvals(&o.id, Some(ApprovalStatus::Approved), &page(10, None)).await.unwrap();
+        let approved = tx.list_approvals(&o.id, Some(ApprovalStatus::Approved), &page(10, None)).await.unwrap().items;
         assert_eq!(approved, vec![decided], "{n}");
-        assert!(tx.list_approvals(&other.id, None, &page(10, None)).await.unwrap().is_empty(), "{n}");
+        assert!(tx.list_approvals(&other.id, None, &page(10, None)).await.unwrap().items.is_empty(), "{n}");
         assert_eq!(tx.count_pending_approvals().await.unwrap(), 2, "{n}");
         let deadlines = tx.list_pending_deadlines().await.unwrap();
         assert_eq!(deadlines.len(), 2, "{n}");
@@ -1159,6 +1169,77 @@ mod checks {
         assert_eq!(ids(tx.list_jobs(&o.id, &by_peer, &page(10, None)).await.unwrap()), vec![theirs_1.id], "{n}");
         let succeeded = JobFilter { state: Some(JobState::Succeeded), ..by_bot };
         assert!(tx.list_jobs(&o.id, &succeeded, &page(10, None)).await.unwrap().is_empty(), "{n}: filters combine");
+    }
+
+    /// A page of actions, or of approvals with their actions, stops once its rows carry `PAGE_BYTES` of stored
+    /// text, and says it was cut; the first row comes whatever its size, and the next page goes on from there.
+    pub async fn pages_of_actions_and_approvals_stop_at_the_byte_budget(b: &Backend) {
+        let (o, _, bot) = seed(b, "page-bytes").await;
+        let n = b.name;
+        let third = "x".repeat(usize::try_from(PAGE_BYTES / 3).unwrap());
+        // Five actions of about a third of the budget each, in each column that can be large.
+        let mut actions = Vec::new();
+        for i in 0..5 {
+            let mut a = action(&o, &bot, "email.send.message", ActionState::PendingApproval);
+            match i {
+                0 => a.params = json!({"body": third}),
+                1 => a.reasoning = third.clone(),
+                2 => a.result = Some(json!(third)),
+                3 => a.error = Some(third.clone()),
+                _ => a.target = Some(Target::Http(HttpTarget { body: Some(json!(third)), ..http_target_parts() })),
+            }
+            actions.push(a);
+        }
+        // Ids made in one millisecond need not sort in the order they were made; the indexes below are in id order.
+        actions.sort_by(|a, b| a.id.cmp(&b.id));
+        // One over the whole budget, after a small one, under another capability.
+        let mut pair = [0, 1].map(|_| action(&o, &bot, "files.upload.blob", ActionState::PendingApproval));
+        pair.sort_by(|a, b| a.id.cmp(&b.id));
+        let [small, mut huge] = pair;
+        huge.params = json!({"blob": "y".repeat(usize::try_from(PAGE_BYTES).unwrap() + 10)});
+        let mut approvals: Vec<Approval> = actions.iter().map(|a| approval(&o, a)).collect();
+        approvals.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut tx = b.store.write().await.unwrap();
+        for a in actions.iter().chain([&small, &huge]) {
+            tx.insert_action(a).await.unwrap();
+        }
+        for ap in &approvals {
+            tx.insert_approval(ap).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+
+        let mut tx = b.store.read().await.unwrap();
+        let ids = |actions: &[Action]| actions.iter().map(|a| a.id.clone()).collect::<Vec<_>>();
+        let mail = ActionFilter { capability: Some("email.send.message".into()), ..Default::default() };
+        // Newest first: 4, 3, 2 fit (what comes before 2 is two thirds); 1 would pass the budget.
+        let first = tx.list_actions(&o.id, &mail, &page(100, None)).await.unwrap();
+        assert_eq!(ids(&first.items), [4, 3, 2].map(|i| actions[i].id.clone()), "{n}");
+        assert!(first.cut, "{n}: a page cut at the budget says so");
+        let rest = tx.list_actions(&o.id, &mail, &page(100, Some(actions[2].id.as_str()))).await.unwrap();
+        assert_eq!(ids(&rest.items), [1, 0].map(|i| actions[i].id.clone()), "{n}");
+        assert!(!rest.cut, "{n}: the last page is not cut");
+        assert_eq!(rest.items[1], actions[0], "{n}: rows come whole");
+        let blobs = ActionFilter { capability: Some("files.upload.blob".into()), ..Default::default() };
+        let first = tx.list_actions(&o.id, &blobs, &page(100, None)).await.unwrap();
+        assert_eq!(ids(&first.items), [huge.id.clone()], "{n}: a row over the budget comes alone");
+        assert!(first.cut, "{n}");
+        let under_limit = tx.list_actions(&o.id, &mail, &page(2, None)).await.unwrap();
+        assert_eq!(under_limit.items.len(), 2, "{n}");
+        assert!(!under_limit.cut, "{n}: a page the limit ends is not cut");
+
+        let approval_ids = |list: &[Approval]| list.iter().map(|a| a.id.clone()).collect::<Vec<_>>();
+        let pending = Some(ApprovalStatus::Pending);
+        // The queue, oldest first: 0, 1, 2 fit.
+        let first = tx.list_approvals(&o.id, pending, &page(100, None)).await.unwrap();
+        assert_eq!(approval_ids(&first.items), [0, 1, 2].map(|i| approvals[i].id.clone()), "{n}");
+        assert!(first.cut, "{n}");
+        let rest = tx.list_approvals(&o.id, pending, &page(100, Some(approvals[2].id.as_str()))).await.unwrap();
+        assert_eq!(approval_ids(&rest.items), [3, 4].map(|i| approvals[i].id.clone()), "{n}");
+        assert!(!rest.cut, "{n}");
+        // The history, newest first: 4, 3, 2 fit.
+        let history = tx.list_approvals(&o.id, None, &page(100, None)).await.unwrap();
+        assert_eq!(approval_ids(&history.items), [4, 3, 2].map(|i| approvals[i].id.clone()), "{n}");
+        assert!(history.cut, "{n}");
     }
 
     pub async fn leases_expire_renew_and_release(b: &Backend) {

@@ -184,7 +184,8 @@ async fn restart_with_pending(full: bool) {
     let actions = tx
         .list_actions(org, &Default::default(), &countersign_core::store::Page { limit: 1, after: None })
         .await
-        .unwrap();
+        .unwrap()
+        .items;
     let template = actions[0].clone();
     let approval = tx.get_approval(org, template.approval_id.as_ref().unwrap()).await.unwrap().unwrap();
     drop(tx);

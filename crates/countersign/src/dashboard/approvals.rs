@@ -41,9 +41,10 @@ const HISTORY_LIMIT: u32 = 25;
 async fn queue(state: &DashboardState, ui: &UiUser) -> Result<(Vec<ApprovalRow>, bool), Error> {
     // One more than the page, to know whether there are more.
     let page = Page { limit: QUEUE_LIMIT + 1, after: None };
-    let items = state.gateway.list_approvals(&ui.caller, Some(ApprovalStatus::Pending), &page).await?;
+    let listed = state.gateway.list_approvals(&ui.caller, Some(ApprovalStatus::Pending), &page).await?;
+    let items = listed.items;
     let now = state.gateway.now();
-    let more = items.len() > QUEUE_LIMIT as usize;
+    let more = listed.cut || items.len() > QUEUE_LIMIT as usize;
     let rows =
         items.iter().take(QUEUE_LIMIT as usize).map(|(approval, action)| ApprovalRow::new(approval, action, now));
     Ok((rows.collect(), more))
@@ -243,8 +244,9 @@ pub async fn history(
         ),
     };
     let page = crate::http::page_from(Some(HISTORY_LIMIT), query.cursor.filter(|c| !c.is_empty()))?;
-    let items = state.gateway.list_approvals(&ui.caller, status, &page).await?;
-    let next = crate::http::next_cursor(&page, items.last().map(|(a, _)| a.id.to_string()), items.len());
+    let listed = state.gateway.list_approvals(&ui.caller, status, &page).await?;
+    let items = listed.items;
+    let next = crate::http::next_cursor(&page, items.last().map(|(a, _)| a.id.to_string()), items.len(), listed.cut);
     let now = state.gateway.now();
     let rows = items.iter().map(|(approval, action)| ApprovalRow::new(approval, action, now)).collect();
     let statuses = ["all", "pending", "approved", "denied", "expired", "cancelled"].map(String::from).to_vec();

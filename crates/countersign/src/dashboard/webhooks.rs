@@ -183,7 +183,7 @@ pub async fn deliveries(
     let hook = state.gateway.get_webhook(&ui.caller, &id).await?;
     let page = crate::http::page_from(Some(DELIVERIES_LIMIT), query.cursor.filter(|c| !c.is_empty()))?;
     let list = state.gateway.list_deliveries(&ui.caller, &id, &page).await?;
-    let next = crate::http::next_cursor(&page, list.last().map(|d| d.id.to_string()), list.len());
+    let next = crate::http::next_cursor(&page, list.last().map(|d| d.id.to_string()), list.len(), false);
     let rows = list
         .iter()
         .map(|d| DeliveryRow {

@@ -8,7 +8,7 @@ use countersign_core::domain::{Action, Approval, DecisionRecord, Role, User};
 use countersign_core::ids::{ApprovalId, OrgId};
 use countersign_core::secrets::{self, SecretKind};
 use countersign_core::state::{ActionState, ApprovalStatus, Decision};
-use countersign_core::store::Page;
+use countersign_core::store::{Listed, Page};
 use serde_json::json;
 
 use super::{Caller, Gateway, Work};
@@ -30,19 +30,19 @@ impl Gateway {
         caller: &Caller,
         status: Option<ApprovalStatus>,
         page: &Page,
-    ) -> Result<Vec<(Approval, Action)>> {
+    ) -> Result<Listed<(Approval, Action)>> {
         caller.require_user()?;
         let mut tx = self.read().await?;
         let approvals = tx.list_approvals(caller.org_id(), status, page).await?;
-        let mut out = Vec::with_capacity(approvals.len());
-        for approval in approvals {
+        let mut out = Vec::with_capacity(approvals.items.len());
+        for approval in approvals.items {
             let action = tx
                 .get_action(caller.org_id(), &approval.action_id)
                 .await?
                 .ok_or_else(|| Error::Internal(format!("approval {} has no action", approval.id)))?;
             out.push((approval, action));
         }
-        Ok(out)
+        Ok(Listed { items: out, cut: approvals.cut })
     }
 
     /// One approval and its action.

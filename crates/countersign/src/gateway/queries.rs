@@ -7,7 +7,7 @@ use chrono::{DateTime, NaiveDateTime};
 use countersign_core::audit::AuditEvent;
 use countersign_core::domain::{Action, Agent, Approval};
 use countersign_core::ids::ActionId;
-use countersign_core::store::{ActionFilter, AuditFilter, Page};
+use countersign_core::store::{ActionFilter, AuditFilter, Listed, Page};
 
 use super::{Caller, Gateway};
 use crate::error::{Error, Result};
@@ -94,7 +94,7 @@ impl Gateway {
         Ok(self.read().await?.find_agent_by_name(caller.org_id(), name).await?)
     }
 
-    pub async fn list_actions(&self, caller: &Caller, mut filter: ActionFilter, page: &Page) -> Result<Vec<Action>> {
+    pub async fn list_actions(&self, caller: &Caller, mut filter: ActionFilter, page: &Page) -> Result<Listed<Action>> {
         if let Some(agent) = caller.agent() {
             filter.agent_id = Some(agent.id.clone());
         }

@@ -196,8 +196,9 @@ pub async fn list(
     };
     let filter = ActionFilter { state: action_state, agent_id, capability: query.capability.clone() };
     let page = page_from(query.limit, query.cursor)?;
-    let actions = state.gateway.list_actions(&caller, filter, &page).await?;
-    let cursor = next_cursor(&page, actions.last().map(|a| a.id.to_string()), actions.len());
+    let listed = state.gateway.list_actions(&caller, filter, &page).await?;
+    let actions = &listed.items;
+    let cursor = next_cursor(&page, actions.last().map(|a| a.id.to_string()), actions.len(), listed.cut);
     let items = actions.iter().map(|a| views::action(&state.gateway, a, None, None)).collect();
     Ok(Json(views::list(items, cursor)))
 }

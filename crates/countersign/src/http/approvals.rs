@@ -32,8 +32,9 @@ pub async fn list(
         ),
     };
     let page = page_from(query.limit, query.cursor)?;
-    let approvals = state.gateway.list_approvals(&caller, status, &page).await?;
-    let cursor = next_cursor(&page, approvals.last().map(|(a, _)| a.id.to_string()), approvals.len());
+    let listed = state.gateway.list_approvals(&caller, status, &page).await?;
+    let approvals = &listed.items;
+    let cursor = next_cursor(&page, approvals.last().map(|(a, _)| a.id.to_string()), approvals.len(), listed.cut);
     let items = approvals.iter().map(|(a, action)| views::approval_detail(&state.gateway, a, action)).collect();
     Ok(Json(views::list(items, cursor)))
 }

@@ -144,7 +144,7 @@ pub async fn deliveries(
 ) -> Result<Json<Value>> {
     let page = page_from(query.limit, query.cursor)?;
     let list = state.gateway.list_deliveries(&caller, &parse_webhook_id(&id)?, &page).await?;
-    let next = next_cursor(&page, list.last().map(|d| d.id.to_string()), list.len());
+    let next = next_cursor(&page, list.last().map(|d| d.id.to_string()), list.len(), false);
     Ok(Json(views::list(list.iter().map(views::delivery).collect(), next)))
 }
 

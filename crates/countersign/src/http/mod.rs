@@ -48,9 +48,10 @@ pub fn page_from(limit: Option<u32>, cursor: Option<String>) -> Result<Page> {
     Ok(Page { limit, after: cursor })
 }
 
-/// A full page may have a successor; its cursor is the last item's id.
-pub fn next_cursor(page: &Page, last: Option<String>, count: usize) -> Option<String> {
-    if count == page.limit as usize { last } else { None }
+/// A full page, or one the store cut short at its byte budget (`cut`), may have a successor; its cursor is the
+/// last item's id.
+pub fn next_cursor(page: &Page, last: Option<String>, count: usize, cut: bool) -> Option<String> {
+    if cut || count == page.limit as usize { last } else { None }
 }
 
 pub fn router(gateway: Gateway, max_body_bytes: usize, llm_max_body_bytes: usize) -> Router {

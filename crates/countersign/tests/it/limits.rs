@@ -127,6 +127,46 @@ async fn an_oversized_body_is_a_problem_on_every_endpoint() {
     server.stop().await;
 }
 
+/// A page of actions, or of approvals, stops once it carries the store's byte budget (4 MiB of actions' stored
+/// text) and gives a cursor to the rest, whatever its limit: a `limit=1000` of large actions would otherwise be
+/// read into memory and serialized at once.
+#[tokio::test]
+async fn a_page_of_large_actions_stops_at_the_byte_budget_and_goes_on_by_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), None).await;
+    let bot = server.agent("verbose-bot").await;
+    // Six of about 0.9 MiB each (under the 1 MiB body limit), each held for approval.
+    let mut submitted = Vec::new();
+    for i in 0..6 {
+        let body = json!({
+            "capability": "payments.charge.card",
+            "params": {"i": i, "notes": "n".repeat(900 * 1024)},
+            "reasoning": {"goal": "test"},
+        });
+        let answer = bot.submit_action(&body).await.unwrap();
+        assert_eq!(answer.status, 202, "{:?}", answer.body["detail"]);
+        submitted.push(answer.str("/id").to_owned());
+    }
+    submitted.reverse();
+    for (list, field) in [("/v1/actions?limit=1000", "/id"), ("/v1/approvals?status=all&limit=1000", "/action/id")] {
+        let first = server.admin.get(list).await.unwrap();
+        assert_eq!(first.status, 200);
+        let items = first.body["items"].as_array().unwrap();
+        assert!((1..6).contains(&items.len()), "{list}: {} items in one page", items.len());
+        let cursor = first.str("/next_cursor").to_owned();
+        let rest = server.admin.get(&format!("{list}&cursor={cursor}")).await.unwrap();
+        assert_eq!(rest.status, 200);
+        assert!(rest.body["next_cursor"].is_null(), "{list}");
+        let ids: Vec<&str> = items
+            .iter()
+            .chain(rest.body["items"].as_array().unwrap())
+            .map(|item| item.pointer(field).and_then(|v| v.as_str()).unwrap())
+            .collect();
+        assert_eq!(ids, submitted, "{list}: every action once, newest first");
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_wait_must_be_seconds_and_a_huge_one_is_capped_not_an_error() {
     let dir = tempfile::tempdir().unwrap();
