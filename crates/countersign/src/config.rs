@@ -387,11 +387,22 @@ pub struct RateLimitConfig {
     pub per_second: u32,
     /// How many requests may come at once above the sustained rate.
     pub burst: u32,
+    /// Waits one principal may hold open at once on a replica (long polls, held model and MCP tool calls,
+    /// audit and dashboard streams, MCP resource subscriptions); 0 turns the limit off.
+    #[serde(default = "default_open_waits")]
+    pub open_waits: u32,
+}
+
+/// The default of [`RateLimitConfig::open_waits`].
+pub const DEFAULT_OPEN_WAITS: u32 = 128;
+
+fn default_open_waits() -> u32 {
+    DEFAULT_OPEN_WAITS
 }
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        RateLimitConfig { per_second: 100, burst: 200 }
+        RateLimitConfig { per_second: 100, burst: 200, open_waits: DEFAULT_OPEN_WAITS }
     }
 }
 
@@ -773,6 +784,7 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # [rate_limit]                      # per agent, user or session; 429 beyond it
 # per_second = 100                  # 0 turns the limit off
 # burst = 200
+# open_waits = 128                  # long polls, held calls and streams open at once; 0 turns it off
 "#;
 
 #[cfg(test)]

@@ -67,6 +67,8 @@ struct Inner {
     actions: Family<StateLabels, Counter>,
     pending_approvals: Gauge,
     replica_feed_deaf: Gauge,
+    open_waits: Gauge,
+    open_waits_refused: Counter,
     jobs_open: Family<JobLabels, Gauge>,
     jobs_finished: Family<JobLabels, Counter>,
     webhook_deliveries: Family<OutcomeLabels, Counter>,
@@ -112,6 +114,19 @@ impl Metrics {
              connection lost and not back yet); 0 while it hears them, and always with SQLite",
             replica_feed_deaf.clone(),
         );
+        let open_waits = Gauge::default();
+        registry.register(
+            "open_waits",
+            "Waits held open on this replica: long polls, held model and MCP tool calls, audit and dashboard \
+             streams, MCP resource subscriptions",
+            open_waits.clone(),
+        );
+        let open_waits_refused = Counter::default();
+        registry.register(
+            "open_waits_refused",
+            "Waits refused (429) because their principal already held rate_limit.open_waits of them",
+            open_waits_refused.clone(),
+        );
         let jobs_open = Family::<JobLabels, Gauge>::default();
         registry.register("jobs_open", "Queued and running jobs (the queue depth)", jobs_open.clone());
         let jobs_finished = Family::<JobLabels, Counter>::default();
@@ -153,6 +168,8 @@ impl Metrics {
                 actions,
                 pending_approvals,
                 replica_feed_deaf,
+                open_waits,
+                open_waits_refused,
                 jobs_open,
                 jobs_finished,
                 webhook_deliveries,
@@ -196,6 +213,15 @@ impl Metrics {
         }
         *read = Some(now);
         true
+    }
+
+    /// One more wait held open ([`crate::gateway::WaitSlot`]), or one fewer (`opened` false).
+    pub fn wait_open(&self, opened: bool) {
+        self.inner.open_waits.inc_by(if opened { 1 } else { -1 });
+    }
+
+    pub fn wait_refused(&self) {
+        self.inner.open_waits_refused.inc();
     }
 
     pub fn set_replica_feed_deaf(&self, deaf: Option<Duration>) {

@@ -34,11 +34,17 @@ const LOGIN_RECHECK: Duration = Duration::from_secs(5);
 pub async fn events(State(state): State<DashboardState>, ui: UiUser, headers: HeaderMap) -> Response {
     let token = cookie(&headers, SESSION_COOKIE).unwrap_or_default().to_owned();
     let org = ui.caller.org_id().clone();
+    // One of the user's open waits for as long as the stream lasts.
+    let slot = match state.gateway.open_wait(&ui.caller) {
+        Ok(slot) => slot,
+        Err(e) => return e.into_response(),
+    };
     let mut live = state.gateway.notifier().subscribe_audit();
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
     let gateway = state.gateway.clone();
     let caller = ui.caller;
     tokio::spawn(async move {
+        let _slot = slot;
         // A first message tells the page the stream is up (it re-fetches once, covering the gap before it).
         if tx.send(Ok(Event::default().event("ready").data("ok"))).await.is_err() {
             return;

@@ -499,7 +499,8 @@ impl Gateway {
         self.wait_action_until(caller, id, timeout, Action::is_terminal).await
     }
 
-    /// Waits until `done` holds for the action or `timeout` passes; answers the action as it is then.
+    /// Waits until `done` holds for the action or `timeout` passes; answers the action as it is then. A wait
+    /// that has to wait counts as one of the caller's open waits: 429 when it holds as many as it may.
     pub async fn wait_action_until(
         &self,
         caller: &Caller,
@@ -512,6 +513,7 @@ impl Gateway {
         if done(&action) {
             return Ok(action);
         }
+        let _slot = self.open_wait(caller)?;
         let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
         loop {
             let next = tokio::select! {
@@ -534,6 +536,12 @@ impl Gateway {
 
     /// Withdraws a pending action: its own agent (or session) or an admin.
     pub async fn cancel_action(&self, caller: &Caller, id: &ActionId) -> Result<Action> {
+        self.cancel_action_because(caller, id, None).await
+    }
+
+    /// [`Gateway::cancel_action`], with the reason (recorded in the audit event) when the gateway withdraws it
+    /// for the caller, such as a held call turned away because the caller holds too many waits.
+    pub async fn cancel_action_because(&self, caller: &Caller, id: &ActionId, reason: Option<&str>) -> Result<Action> {
         let org = caller.org_id().clone();
         // Lock the approval before the action, in the same order as deciding does.
         let approval_id = self.read().await?.get_action(&org, id).await?.and_then(|a| a.approval_id);
@@ -565,7 +573,10 @@ impl Gateway {
             work.tx.update_approval(&approval).await?;
             cancelled_approval = Some(approval.id);
         }
-        let data = json!({"approval_id": cancelled_approval});
+        let mut data = json!({"approval_id": cancelled_approval});
+        if let Some(reason) = reason {
+            data["reason"] = json!(reason);
+        }
         work.audit(&org, now, &caller.actor(), "action.cancelled", Some(action.id.as_str()), data).await?;
         // The approval left the queue too: its own trail (`?subject=apr_…`) says so, as for every other end.
         if let Some(approval_id) = &cancelled_approval {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -18,6 +18,7 @@ use governor::clock::{Clock as _, DefaultClock};
 use super::{Caller, Gateway};
 use crate::config::RateLimitConfig;
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 
 /// Requests per principal, in memory: each replica limits what it serves.
 pub type RateLimiter = governor::DefaultKeyedRateLimiter<String>;
@@ -26,6 +27,72 @@ pub fn rate_limiter(config: RateLimitConfig) -> Option<RateLimiter> {
     let per_second = NonZeroU32::new(config.per_second)?;
     let burst = NonZeroU32::new(config.burst.max(config.per_second)).unwrap_or(per_second);
     Some(governor::RateLimiter::keyed(governor::Quota::per_second(per_second).allow_burst(burst)))
+}
+
+/// The key a principal is limited by: a session is its agent's (minting sessions must not multiply what an
+/// agent may do).
+fn principal_key(caller: &Caller) -> String {
+    match caller {
+        Caller::User(u) => u.id.to_string(),
+        Caller::Agent(agent) | Caller::Session { agent, .. } => agent.id.to_string(),
+    }
+}
+
+/// The waits each principal holds open on this replica: long polls (`?wait=`, `…/wait`), held model and MCP
+/// tool calls, audit and dashboard streams, and MCP resource subscriptions. Each keeps a connection or a task,
+/// and wakes on every change of its kind (across orgs), so one key holding thousands would cost every change
+/// thousands of wake-ups and the server as many sockets; past the limit a new wait answers 429.
+pub struct OpenWaits {
+    /// Zero: no limit (still counted).
+    limit: usize,
+    open: Mutex<HashMap<String, usize>>,
+    /// `countersign_open_waits` and `countersign_open_waits_refused`.
+    metrics: Metrics,
+}
+
+impl OpenWaits {
+    pub fn new(limit: u32, metrics: Metrics) -> Arc<Self> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        Arc::new(OpenWaits { limit, open: Mutex::new(HashMap::new()), metrics })
+    }
+
+    fn open(self: &Arc<Self>, key: String) -> Result<WaitSlot> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = open.entry(key.clone()).or_default();
+        if self.limit > 0 && *held >= self.limit {
+            self.metrics.wait_refused();
+            return Err(Error::RateLimited {
+                message: format!(
+                    "{key} already holds {} waits open on this server (long polls, held calls, streams, \
+                     subscriptions); let one end first, or ask without waiting and poll",
+                    self.limit
+                ),
+                retry_after_seconds: 1,
+            });
+        }
+        *held += 1;
+        self.metrics.wait_open(true);
+        Ok(WaitSlot { waits: Arc::clone(self), key })
+    }
+}
+
+/// One open wait, counted until dropped.
+pub struct WaitSlot {
+    waits: Arc<OpenWaits>,
+    key: String,
+}
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        let mut open = self.waits.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = open.get_mut(&self.key) {
+            self.waits.metrics.wait_open(false);
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// Entries the cache holds at most; past that it starts over (a burst of distinct keys, or a scan).
@@ -114,11 +181,7 @@ impl Gateway {
     /// Refuses a principal that is over its rate with 429 and when to retry.
     pub fn check_rate(&self, caller: &Caller) -> Result<()> {
         let Some(limiter) = &self.inner.limiter else { return Ok(()) };
-        // A session is its agent's: minting sessions must not multiply the agent's rate.
-        let key = match caller {
-            Caller::User(u) => u.id.to_string(),
-            Caller::Agent(agent) | Caller::Session { agent, .. } => agent.id.to_string(),
-        };
+        let key = principal_key(caller);
         match limiter.check_key(&key) {
             Ok(()) => Ok(()),
             Err(not_until) => {
@@ -129,6 +192,12 @@ impl Gateway {
                 })
             }
         }
+    }
+
+    /// Counts a wait the caller is about to hold open (see [`OpenWaits`]) until the slot is dropped; 429 when
+    /// the caller already holds as many as it may.
+    pub fn open_wait(&self, caller: &Caller) -> Result<WaitSlot> {
+        self.inner.open_waits.open(principal_key(caller))
     }
 
     pub async fn authenticate(&self, secret: &str) -> Result<Caller> {

@@ -359,13 +359,15 @@ impl Gateway {
         Ok(action.is_some_and(|a| a.agent_id == agent.id))
     }
 
-    /// Waits until the job ends or `timeout` passes; wakes on the commit that changes it.
+    /// Waits until the job ends or `timeout` passes; wakes on the commit that changes it. Counts as one of the
+    /// caller's open waits while it waits (429 past the limit).
     pub async fn wait_job(&self, caller: &Caller, id: &JobId, timeout: Duration) -> Result<Job> {
         let mut changes = self.notifier().subscribe_jobs();
         let job = self.get_job(caller, id).await?;
         if job.state.is_terminal() {
             return Ok(job);
         }
+        let _slot = self.open_wait(caller)?;
         let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
         loop {
             let next = tokio::select! {

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use actions::{MAX_WAIT, SubmitOutcome, SubmitRequest, wait_seconds};
 pub use approvals::ApprovalStatusView;
+pub use auth::WaitSlot;
 pub use dashboard_sessions::DashboardLogin;
 pub use jobs::{JobOutcome, JobRunnerSettings, job_filter};
 pub use llm::InlineOutcome;
@@ -145,6 +146,7 @@ struct Inner {
     expiry: mpsc::UnboundedSender<ExpiryRequest>,
     jobs: JobRunnerSettings,
     limiter: Option<auth::RateLimiter>,
+    open_waits: Arc<auth::OpenWaits>,
     /// Wakes the job runner when a commit added jobs.
     jobs_added: Notify,
     signer: countersign_core::checkpoint::AuditSigner,
@@ -204,6 +206,7 @@ impl Gateway {
                 expiry: parts.expiry,
                 jobs: parts.jobs,
                 limiter: auth::rate_limiter(parts.rate_limit),
+                open_waits: auth::OpenWaits::new(parts.rate_limit.open_waits, parts.metrics.clone()),
                 jobs_added: Notify::new(),
                 signer: parts.signer,
                 data_dir: parts.data_dir,

@@ -110,9 +110,17 @@ pub async fn submit(
         && !outcome.action.is_terminal()
         && !wait.is_zero()
     {
-        outcome.action = state.gateway.wait_action(&caller, &outcome.action.id, wait).await?;
-        state.gateway.still_stands(&secret).await?;
-        outcome.approval = state.gateway.approval_of(&outcome.action).await?;
+        match state.gateway.wait_action(&caller, &outcome.action.id, wait).await {
+            Ok(action) => {
+                outcome.action = action;
+                state.gateway.still_stands(&secret).await?;
+                outcome.approval = state.gateway.approval_of(&outcome.action).await?;
+            }
+            // Over the caller's open waits: the action is recorded, so it answers as submitted (202, pending)
+            // rather than an error that would lose it; a wait on it later may find a free slot.
+            Err(Error::RateLimited { .. }) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(submit_response(&state, &outcome))
 }

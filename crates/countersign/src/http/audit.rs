@@ -96,11 +96,14 @@ pub async fn stream(
     let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned).or(query.cursor.clone());
     let mut last_seq = parse_cursor(resume.as_deref())?;
     let org = caller.org_id().clone();
+    // One of the caller's open waits for as long as the stream lasts.
+    let slot = state.gateway.open_wait(&caller)?;
     // Subscribe before reading the backlog so nothing appended in between is lost.
     let mut live = state.gateway.notifier().subscribe_audit();
     let (tx, rx) = mpsc::channel(256);
     let gateway = state.gateway.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         let to_event = |e: &countersign_core::audit::AuditEvent| {
             Event::default().id(e.seq.to_string()).event("audit").json_data(views::audit_event(e)).ok()
         };

@@ -32,7 +32,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{Secret, upstream_tools};
 use crate::error::Error;
-use crate::gateway::{Caller, Gateway, SubmitOutcome, SubmitRequest};
+use crate::gateway::{Caller, Gateway, SubmitOutcome, SubmitRequest, WaitSlot};
 use crate::http::views;
 
 const RESOURCE_PREFIX: &str = "countersign://actions/";
@@ -390,41 +390,49 @@ impl McpServer {
     }
 }
 
-/// Sends `notifications/resources/updated` for `uri` whenever the action changes, until it is terminal,
-/// the subscription ends, the session's credential stops working or the peer goes away.
-async fn follow(
+/// A resource subscription's follower: sends `notifications/resources/updated` for its URI whenever the
+/// action changes, until it is terminal, the subscription ends, the session's credential stops working or the
+/// peer goes away. It holds one of the agent's open waits until then.
+struct Follower {
     gateway: Gateway,
     peer: Peer<RoleServer>,
-    id: ActionId,
-    uri: String,
     secret: Option<Secret>,
     stop: CancellationToken,
-    mut changes: tokio::sync::broadcast::Receiver<crate::gateway::notify::ActionChanged>,
-) {
-    loop {
-        let change = tokio::select! {
-            () = stop.cancelled() => return,
-            () = gateway.shutdown().cancelled() => return,
-            change = changes.recv() => change,
-        };
-        match change {
-            Ok(change) if !change.concerns(&id) => continue,
-            Ok(_) | Err(RecvError::Lagged(_)) => {}
-            Err(RecvError::Closed) => return,
-        }
-        let caller = match &secret {
-            Some(secret) => match gateway.authenticate(&secret.0).await {
-                Ok(caller) => caller,
-                Err(_) => return,
-            },
-            None => return,
-        };
-        let Ok(action) = gateway.get_action(&caller, &id).await else { return };
-        if peer.notify_resource_updated(ResourceUpdatedNotificationParam::new(uri.clone())).await.is_err() {
-            return;
-        }
-        if action.is_terminal() {
-            return;
+    _slot: WaitSlot,
+}
+
+impl Follower {
+    async fn follow(
+        self,
+        id: ActionId,
+        uri: String,
+        mut changes: tokio::sync::broadcast::Receiver<crate::gateway::notify::ActionChanged>,
+    ) {
+        loop {
+            let change = tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = self.gateway.shutdown().cancelled() => return,
+                change = changes.recv() => change,
+            };
+            match change {
+                Ok(change) if !change.concerns(&id) => continue,
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            }
+            let caller = match &self.secret {
+                Some(secret) => match self.gateway.authenticate(&secret.0).await {
+                    Ok(caller) => caller,
+                    Err(_) => return,
+                },
+                None => return,
+            };
+            let Ok(action) = self.gateway.get_action(&caller, &id).await else { return };
+            if self.peer.notify_resource_updated(ResourceUpdatedNotificationParam::new(uri.clone())).await.is_err() {
+                return;
+            }
+            if action.is_terminal() {
+                return;
+            }
         }
     }
 }
@@ -544,11 +552,19 @@ impl ServerHandler for McpServer {
         let changes = self.gateway.notifier().subscribe_actions();
         let action = self.resource_action(&caller, &request.uri).await?;
         self.unsubscribe_uri(&request.uri);
+        // A finished action never changes again: nothing to follow.
+        if action.is_terminal() {
+            return Ok(());
+        }
+        // One of the agent's open waits until the action finishes or the subscription ends.
+        let slot = self.gateway.open_wait(&caller).map_err(|e| internal(&e))?;
         let stop = CancellationToken::new();
         if let Ok(mut subs) = self.subscriptions.lock() {
             subs.insert(request.uri.clone(), stop.clone());
         }
-        tokio::spawn(follow(self.gateway.clone(), context.peer.clone(), action.id, request.uri, secret, stop, changes));
+        let follower =
+            Follower { gateway: self.gateway.clone(), peer: context.peer.clone(), secret, stop, _slot: slot };
+        tokio::spawn(follower.follow(action.id, request.uri, changes));
         Ok(())
     }
 

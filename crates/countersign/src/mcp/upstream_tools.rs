@@ -149,12 +149,19 @@ async fn governed(
             let decided = if limit.is_zero() {
                 action.clone()
             } else {
-                let decided = gateway
+                match gateway
                     .wait_action_until(caller, &action.id, limit, |a| a.state != ActionState::PendingApproval)
-                    .await?;
-                // A credential revoked during the hold gets no answer (the approved call is the job's).
-                super::server::still_stands(gateway, secret).await?;
-                decided
+                    .await
+                {
+                    // Over the agent's open waits: answered pending at once, with how to wait for it later.
+                    Err(Error::RateLimited { .. }) => action.clone(),
+                    decided => {
+                        let decided = decided?;
+                        // A credential revoked during the hold gets no answer (the approved call is the job's).
+                        super::server::still_stands(gateway, secret).await?;
+                        decided
+                    }
+                }
             };
             match decided.state {
                 ActionState::PendingApproval => Ok(pending(name, &decided, outcome.approval.as_ref())),

@@ -257,9 +257,24 @@ async fn governed(
                 let until_expiry = (approval.expires_at - gateway.now()).to_std().unwrap_or_default();
                 // A little past the deadline, so the expiry lands while this connection still waits.
                 let limit = wait.unwrap_or(until_expiry + Duration::from_secs(1)).min(MAX_HOLD);
-                let decided = gateway
+                let decided = match gateway
                     .wait_action_until(caller, &action.id, limit, |a| a.state != ActionState::PendingApproval)
-                    .await?;
+                    .await
+                {
+                    Err(Error::RateLimited { message, retry_after_seconds }) => {
+                        // Over the agent's open waits: the call is withdrawn, so nothing stays pending for a
+                        // client that was turned away (its SDK retries a 429 later), unless decided meanwhile.
+                        match gateway.cancel_action_because(caller, &action.id, Some(&message)).await {
+                            Ok(_) => {
+                                let message = format!("{message} (action {} was withdrawn)", action.id);
+                                return Err(Error::RateLimited { message, retry_after_seconds });
+                            }
+                            Err(Error::Conflict { .. }) => gateway.get_action(caller, &action.id).await?,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    decided => decided?,
+                };
                 // A credential revoked during the hold gets neither the call carried out on its connection
                 // nor its answer (an approved call is then carried out by its job, as for a client that left).
                 let secret = crate::http::auth::presented_secret_in(headers)?;

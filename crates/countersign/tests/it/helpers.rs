@@ -437,3 +437,23 @@ pub async fn first_pending(gateway: &countersign::gateway::Gateway, admin: &Clie
         }
     }
 }
+
+/// The value of one series in the Prometheus text format, if it is there.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Reads `/metrics` until `series` reads `value` (bounded, 30 s): a gauge such as the open waits has no event
+/// to await.
+pub async fn metric_until(client: &Client, series: &str, value: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let metrics = client.get("/metrics").await.unwrap();
+        let text = metrics.body.as_str().unwrap_or_default().to_owned();
+        if metric(&text, series) == Some(value) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{series} is not {value} after 30 s:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::helpers::{ShiftedClock, TEST_POLICY, TestServer, action, audit_stream, config, read_until};
+use crate::helpers::{
+    ShiftedClock, TEST_POLICY, TestServer, action, audit_stream, config, metric, metric_until, read_until,
+};
 
 #[tokio::test]
 async fn keys_and_sessions_stop_working_when_they_expire() {
@@ -45,7 +47,7 @@ async fn keys_and_sessions_stop_working_when_they_expire() {
 async fn a_principal_over_its_rate_gets_429_and_others_do_not() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), None);
-    config.rate_limit = countersign::config::RateLimitConfig { per_second: 1, burst: 5 };
+    config.rate_limit = countersign::config::RateLimitConfig { per_second: 1, burst: 5, ..Default::default() };
     let server = TestServer::start_with(config, None).await;
     let chatty = server.agent("chatty").await;
     let quiet = server.agent("quiet").await;
@@ -164,6 +166,75 @@ async fn a_page_of_large_actions_stops_at_the_byte_budget_and_goes_on_by_cursor(
             .collect();
         assert_eq!(ids, submitted, "{list}: every action once, newest first");
     }
+    server.stop().await;
+}
+
+/// A principal holds at most `rate_limit.open_waits` waits open at once (each keeps a connection and wakes on
+/// every change): past it a wait answers 429, and a submission that asks to wait answers as submitted (its
+/// action is recorded, so an error would lose it). A session counts as its agent; another agent has its own.
+#[tokio::test]
+async fn a_principal_holds_only_so_many_waits_open_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), None);
+    config.rate_limit.open_waits = 2;
+    let server = TestServer::start_with(config, None).await;
+    let bot = server.agent("patient-bot").await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let submitted = bot.submit_action(&action("payments.charge.card")).await.unwrap();
+        assert_eq!(submitted.status, 202, "{:?}", submitted.body);
+        held.push(submitted.str("/id").to_owned());
+    }
+    let waits: Vec<_> = held[..2]
+        .iter()
+        .map(|id| {
+            let (bot, id) = (bot.clone(), id.clone());
+            tokio::spawn(async move { bot.wait_action(&id, 120.0).await.unwrap() })
+        })
+        .collect();
+    metric_until(&server.admin, "countersign_open_waits", 2.0).await;
+
+    let refused = bot.wait_action(&held[2], 120.0).await.unwrap();
+    assert_eq!(refused.status, 429, "{:?}", refused.body);
+    assert_eq!(refused.content_type, "application/problem+json");
+    assert!(refused.str("/detail").contains("2 waits open"), "{:?}", refused.body);
+    let session =
+        server.admin.post("/v1/sessions", &json!({"agent": "patient-bot", "ttl_seconds": 600})).await.unwrap();
+    let session = server.admin.with_key(session.str("/token"));
+    assert_eq!(session.wait_action(&held[2], 120.0).await.unwrap().status, 429, "a session is its agent's");
+    // Answered as submitted, at once, not after the two minutes it asked for.
+    let asked = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        bot.submit_action_waiting(&action("payments.charge.card"), 120.0),
+    )
+    .await
+    .expect("a submission over the open waits waited anyway")
+    .unwrap();
+    assert_eq!(asked.status, 202, "{:?}", asked.body);
+    assert_eq!(asked.str("/state"), "pending_approval");
+    let text = server.admin.get("/metrics").await.unwrap().body.as_str().unwrap().to_owned();
+    assert_eq!(metric(&text, "countersign_open_waits_refused_total"), Some(3.0), "{text}");
+
+    // Another agent's waits are its own: this one waits out its short timeout.
+    let other = server.agent("other-bot").await;
+    let mine = other.submit_action(&action("payments.charge.card")).await.unwrap();
+    let waited = other.wait_action(mine.str("/id"), 0.2).await.unwrap();
+    assert_eq!((waited.status, waited.str("/state")), (200, "pending_approval"), "{:?}", waited.body);
+
+    // Decisions end the waits, and their slots are free again.
+    let queue = server.admin.list_approvals(Some("pending"), None, None).await.unwrap();
+    for item in queue.body["items"].as_array().unwrap() {
+        if held[..2].iter().any(|id| item["action"]["id"] == json!(id)) {
+            assert_eq!(server.admin.approve(item["id"].as_str().unwrap(), None).await.unwrap().status, 200);
+        }
+    }
+    for wait in waits {
+        let answer = wait.await.unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    }
+    metric_until(&server.admin, "countersign_open_waits", 0.0).await;
+    let again = bot.wait_action(&held[2], 0.2).await.unwrap();
+    assert_eq!((again.status, again.str("/state")), (200, "pending_approval"), "{:?}", again.body);
     server.stop().await;
 }
 

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::fake_llm::{CHUNK_DELAY, FakeProvider, PROVIDER_KEY, STREAM_CHUNKS};
-use crate::helpers::{TestServer, first_pending, llm_config};
+use crate::helpers::{TestServer, first_pending, llm_config, metric, metric_until};
 
 struct Setup {
     server: TestServer,
@@ -330,6 +330,43 @@ async fn a_held_call_whose_key_is_revoked_meanwhile_answers_401() {
     s.server.stop().await;
 }
 
+/// A held call from an agent that already holds its `rate_limit.open_waits` gets 429 in the provider's shape (its
+/// SDK retries later), and the call is withdrawn (cancelled, audited with the reason), so nothing stays pending
+/// for a client that was turned away.
+#[tokio::test]
+async fn a_held_call_over_the_agents_open_waits_is_withdrawn_with_a_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = FakeProvider::start().await;
+    let mut config = llm_config(dir.path(), &provider.url);
+    config.rate_limit.open_waits = 1;
+    let server = TestServer::start_with(config, None).await;
+    let agent = server.agent("model-user").await;
+    let s = Setup { server, agent, provider, http: reqwest::Client::new(), _dir: dir };
+    let premium = json!({"model": "gpt-premium", "messages": [{"role": "user", "content": "premium please"}]});
+    let first = s.post("/llm/openai/v1/chat/completions", &premium).send();
+    let first = tokio::spawn(first);
+    metric_until(&s.server.admin, "countersign_open_waits", 1.0).await;
+
+    let refused = s.post("/llm/openai/v1/chat/completions", &premium).send().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("1 waits open") && message.contains("was withdrawn"), "{message}");
+    let id = message.split_whitespace().find(|w| w.starts_with("act_")).unwrap();
+    let withdrawn = s.agent.get_action(id).await.unwrap();
+    assert_eq!(withdrawn.str("/state"), "cancelled", "{:?}", withdrawn.body);
+    let events = s.events(id).await;
+    assert!(event(&events, "action.cancelled")["data"]["reason"].as_str().unwrap().contains("waits open"));
+
+    // The first call still holds its place: approved, it is carried out; the withdrawn one never is.
+    let approval = first_pending(s.server.gateway(), &s.server.admin).await;
+    assert_eq!(s.server.admin.approve(&approval, None).await.unwrap().status, 200);
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(s.provider.count(), 1);
+    s.server.stop().await;
+}
+
 #[tokio::test]
 async fn held_calls_wait_for_the_decision_then_answer_with_the_real_response() {
     let s = setup().await;
@@ -543,11 +580,6 @@ async fn upstream_failures_answer_502_or_504_in_the_providers_shape_and_are_reco
     assert_eq!(commits("deferred"), Some(5.0), "{text}");
     assert!(commits("durable").is_some_and(|n| n >= 5.0), "{text}");
     s.server.stop().await;
-}
-
-/// The value of one series in the Prometheus text format, if it is there.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Reads a streamed body, noting when each piece arrived.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::TestServer;
+use crate::helpers::{TestServer, action, config, metric_until};
 
 const PROTOCOL: &str = "2025-06-18";
 
@@ -412,5 +412,52 @@ async fn an_agent_holds_a_bounded_number_of_mcp_sessions() {
         .unwrap();
     assert!(ended.status().is_success(), "{}", ended.status());
     Mcp::new(agent.base(), agent.key().unwrap()).initialize().await;
+    server.stop().await;
+}
+
+/// A resource subscription and a `wait_action` each hold one of the agent's open waits (`rate_limit.open_waits`):
+/// past the limit, a subscription is refused with an error and a wait is a tool error, both saying why; a
+/// finished action's resource is subscribed without one (it never changes again), and a subscription gives its
+/// wait back once its action finishes.
+#[tokio::test]
+async fn subscriptions_and_waits_count_against_the_agents_open_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), None);
+    config.rate_limit.open_waits = 1;
+    let server = TestServer::start_with(config, None).await;
+    let bot = server.agent("mcp-subscriber").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let submitted = bot.submit_action(&action("payments.charge.card")).await.unwrap();
+        assert_eq!(submitted.status, 202, "{:?}", submitted.body);
+        held.push(submitted.str("/id").to_owned());
+    }
+    let done = bot.submit_action(&action("email.send.message")).await.unwrap();
+    assert_eq!(done.status, 200, "{:?}", done.body);
+    let uri = |id: &str| format!("countersign://actions/{id}");
+
+    let mut first = Mcp::new(bot.base(), bot.key().unwrap());
+    first.initialize().await;
+    let subscribed = first.request("resources/subscribe", json!({"uri": uri(&held[0])})).await;
+    assert!(subscribed.response().get("result").is_some(), "{}", subscribed.text);
+    metric_until(&server.admin, "countersign_open_waits", 1.0).await;
+
+    let mut second = Mcp::new(bot.base(), bot.key().unwrap());
+    second.initialize().await;
+    let refused = second.request("resources/subscribe", json!({"uri": uri(&held[1])})).await;
+    let error = &refused.response()["error"];
+    assert!(error["message"].as_str().unwrap().contains("1 waits open"), "{}", refused.text);
+    let waited = second.call("wait_action", json!({"id": held[1], "timeout_seconds": 30})).await;
+    assert_eq!(waited["result"]["isError"], true, "{waited}");
+    assert!(waited.to_string().contains("1 waits open"), "{waited}");
+    let finished = second.request("resources/subscribe", json!({"uri": uri(done.str("/id"))})).await;
+    assert!(finished.response().get("result").is_some(), "{}", finished.text);
+
+    // Its action finished (withdrawn), the subscription ends and its wait is free again.
+    let cancelled = bot.post(&format!("/v1/actions/{}/cancel", held[0]), &json!({})).await.unwrap();
+    assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
+    metric_until(&server.admin, "countersign_open_waits", 0.0).await;
+    let again = second.request("resources/subscribe", json!({"uri": uri(&held[1])})).await;
+    assert!(again.response().get("result").is_some(), "{}", again.text);
     server.stop().await;
 }

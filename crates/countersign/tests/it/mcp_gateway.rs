@@ -24,7 +24,7 @@ use rmcp::{ClientHandler, RoleClient, ServiceError, ServiceExt};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use crate::helpers::{TestServer, config, run_python_client, venv_python};
+use crate::helpers::{TestServer, config, metric_until, run_python_client, venv_python};
 
 const POLICY: &str = r#"
 version: 1
@@ -89,6 +89,11 @@ impl Gateway {
 
 /// The server with `local` (stdio), `web` (HTTP) and `dead` (nobody listening), both live ones connected.
 async fn start() -> Gateway {
+    start_configured(|_| {}).await
+}
+
+/// [`start`], with `tweak` applied to the configuration.
+async fn start_configured(tweak: impl FnOnce(&mut countersign::config::Config)) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
     let stdio_log = dir.path().join("stdio-calls.jsonl");
@@ -122,6 +127,7 @@ async fn start() -> Gateway {
     );
     config.mcp_servers.insert("web".into(), McpServerConfig::http(format!("http://127.0.0.1:{port}/mcp")));
     config.mcp_servers.insert("dead".into(), McpServerConfig::http(format!("http://127.0.0.1:{}/mcp", free_port())));
+    tweak(&mut config);
     let server = TestServer::start_with(config, None).await;
     for name in ["local", "web"] {
         assert!(server.gateway().mcp_upstream_ready(name, READY).await, "upstream `{name}` did not connect");
@@ -360,6 +366,44 @@ async fn a_held_call_returns_pending_when_asked_not_to_wait_and_a_denial_by_an_a
     assert!(calls(&g.stdio_log, "transfer").is_empty());
 
     client.cancel().await.unwrap();
+    g.server.stop().await;
+}
+
+/// A held tool call from an agent that already holds its `rate_limit.open_waits` answers pending at once, with
+/// how to wait for it later, instead of waiting (or failing: the action is recorded and stays pending).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_held_call_over_the_agents_open_waits_answers_pending_at_once() {
+    let g = start_configured(|config| config.rate_limit.open_waits = 1).await;
+    let agent = g.server.agent("mcp-busy-agent").await;
+    let (client, _) = connect(agent.base(), agent.key().unwrap()).await;
+    let first =
+        call(&client, "web__transfer", json!({"to": "carol", "amount_cents": 5}), Some(json!({"countersign_wait": 0})))
+            .await
+            .unwrap();
+    let first_id = first.structured_content.unwrap()["action_id"].as_str().unwrap().to_owned();
+    let peer = client.peer().clone();
+    let waiting = tokio::spawn(async move {
+        let params = CallToolRequestParams::new("wait_action")
+            .with_arguments(json!({"id": first_id, "timeout_seconds": 120}).as_object().unwrap().clone());
+        peer.call_tool(params).await
+    });
+    metric_until(&g.server.admin, "countersign_open_waits", 1.0).await;
+
+    let held = tokio::time::timeout(
+        Duration::from_secs(30),
+        call(&client, "local__transfer", json!({"to": "dave", "amount_cents": 7}), None),
+    )
+    .await
+    .expect("a held call over the open waits waited anyway")
+    .unwrap();
+    assert_eq!(held.is_error, Some(false), "{held:?}");
+    let body = held.structured_content.unwrap();
+    assert_eq!(body["state"], "pending_approval", "{body}");
+    assert_eq!(body["next"]["tool"], "wait_action", "{body}");
+    assert!(calls(&g.stdio_log, "transfer").is_empty());
+
+    client.cancel().await.unwrap();
+    let _ = waiting.await;
     g.server.stop().await;
 }
 
