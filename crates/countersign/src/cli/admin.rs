@@ -406,7 +406,7 @@ pub async fn run_jobs(ctx: &Ctx, command: JobsCommand) -> Outcome {
             let waited = async {
                 loop {
                     let slice = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(60));
-                    let job = ctx.call(client.wait_job(&id, slice.as_secs_f64())).await?.body;
+                    let job = ctx.call_waiting(deadline, || client.wait_job(&id, slice.as_secs_f64())).await?.body;
                     if job_finished(&job) || Instant::now() >= deadline || slice.is_zero() {
                         return Ok::<Value, Failure>(job);
                     }

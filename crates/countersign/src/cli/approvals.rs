@@ -214,7 +214,7 @@ async fn wait_for_action(ctx: &Ctx, client: &Client, id: &str, timeout: Duration
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let slice = remaining.min(WAIT_SLICE);
-            let action = ctx.call(client.wait_action(id, slice.as_secs_f64())).await?.body;
+            let action = ctx.call_waiting(deadline, || client.wait_action(id, slice.as_secs_f64())).await?.body;
             if is_settled(&action) || Instant::now() >= deadline || slice.is_zero() {
                 return Ok(action);
             }

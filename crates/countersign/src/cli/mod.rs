@@ -177,6 +177,28 @@ impl Ctx {
         }
     }
 
+    /// A long poll (`…/wait`) until `deadline`: a 429 (the caller already holds as many waits as it may) is
+    /// asked again after the `retry_after_seconds` it names, instead of failing the command.
+    pub async fn call_waiting<F, Fut>(&self, deadline: std::time::Instant, call: F) -> Result<ApiResponse, Failure>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<ApiResponse, ClientError>>,
+    {
+        loop {
+            match self.call(call()).await {
+                Err(Failure::Api(response)) if response.status == 429 => {
+                    let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+                    if remaining.is_zero() {
+                        return Err(Failure::Api(response));
+                    }
+                    let seconds = response.body["retry_after_seconds"].as_u64().unwrap_or(1).clamp(1, 60);
+                    tokio::time::sleep(std::time::Duration::from_secs(seconds).min(remaining)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     pub fn unreachable(&self, error: &ClientError) -> Failure {
         Failure::Message(format!("cannot reach the server at {} ({error}); is COUNTERSIGN_URL right?", self.remote.url))
     }

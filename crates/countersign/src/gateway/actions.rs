@@ -19,7 +19,7 @@ use countersign_core::store::StoreError;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{Caller, Gateway};
+use super::{Caller, Gateway, WaitSlot};
 use crate::connectors::Service;
 use crate::error::{Error, Result};
 
@@ -508,12 +508,36 @@ impl Gateway {
         timeout: Duration,
         done: impl Fn(&Action) -> bool,
     ) -> Result<Action> {
+        self.wait_action_in(None, caller, id, timeout, done).await
+    }
+
+    /// [`Gateway::wait_action_until`] for a caller that already holds one of its open waits (`slot`): a held
+    /// call takes it before it is recorded, so every wait of its hold is one it may make.
+    pub async fn wait_action_holding(
+        &self,
+        slot: &WaitSlot,
+        caller: &Caller,
+        id: &ActionId,
+        timeout: Duration,
+        done: impl Fn(&Action) -> bool,
+    ) -> Result<Action> {
+        self.wait_action_in(Some(slot), caller, id, timeout, done).await
+    }
+
+    async fn wait_action_in(
+        &self,
+        held: Option<&WaitSlot>,
+        caller: &Caller,
+        id: &ActionId,
+        timeout: Duration,
+        done: impl Fn(&Action) -> bool,
+    ) -> Result<Action> {
         let mut changes = self.notifier().subscribe_actions();
         let action = self.get_action(caller, id).await?;
         if done(&action) {
             return Ok(action);
         }
-        let _slot = self.open_wait(caller)?;
+        let _own = if held.is_none() { Some(self.open_wait(caller)?) } else { None };
         let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
         loop {
             let next = tokio::select! {
@@ -536,12 +560,6 @@ impl Gateway {
 
     /// Withdraws a pending action: its own agent (or session) or an admin.
     pub async fn cancel_action(&self, caller: &Caller, id: &ActionId) -> Result<Action> {
-        self.cancel_action_because(caller, id, None).await
-    }
-
-    /// [`Gateway::cancel_action`], with the reason (recorded in the audit event) when the gateway withdraws it
-    /// for the caller, such as a held call turned away because the caller holds too many waits.
-    pub async fn cancel_action_because(&self, caller: &Caller, id: &ActionId, reason: Option<&str>) -> Result<Action> {
         let org = caller.org_id().clone();
         // Lock the approval before the action, in the same order as deciding does.
         let approval_id = self.read().await?.get_action(&org, id).await?.and_then(|a| a.approval_id);
@@ -573,10 +591,7 @@ impl Gateway {
             work.tx.update_approval(&approval).await?;
             cancelled_approval = Some(approval.id);
         }
-        let mut data = json!({"approval_id": cancelled_approval});
-        if let Some(reason) = reason {
-            data["reason"] = json!(reason);
-        }
+        let data = json!({"approval_id": cancelled_approval});
         work.audit(&org, now, &caller.actor(), "action.cancelled", Some(action.id.as_str()), data).await?;
         // The approval left the queue too: its own trail (`?subject=apr_…`) says so, as for every other end.
         if let Some(approval_id) = &cancelled_approval {

@@ -16,7 +16,7 @@ use countersign_core::store::{JobFilter, Page};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{Caller, Gateway, Work};
+use super::{Caller, Gateway, WaitSlot, Work};
 use crate::error::{Error, Result};
 
 /// The longest a `…/wait` holds a request.
@@ -362,12 +362,34 @@ impl Gateway {
     /// Waits until the job ends or `timeout` passes; wakes on the commit that changes it. Counts as one of the
     /// caller's open waits while it waits (429 past the limit).
     pub async fn wait_job(&self, caller: &Caller, id: &JobId, timeout: Duration) -> Result<Job> {
+        self.wait_job_in(None, caller, id, timeout).await
+    }
+
+    /// [`Gateway::wait_job`] for a caller that already holds one of its open waits (`slot`), taken before it
+    /// started the job.
+    pub async fn wait_job_holding(
+        &self,
+        slot: &WaitSlot,
+        caller: &Caller,
+        id: &JobId,
+        timeout: Duration,
+    ) -> Result<Job> {
+        self.wait_job_in(Some(slot), caller, id, timeout).await
+    }
+
+    async fn wait_job_in(
+        &self,
+        held: Option<&WaitSlot>,
+        caller: &Caller,
+        id: &JobId,
+        timeout: Duration,
+    ) -> Result<Job> {
         let mut changes = self.notifier().subscribe_jobs();
         let job = self.get_job(caller, id).await?;
         if job.state.is_terminal() {
             return Ok(job);
         }
-        let _slot = self.open_wait(caller)?;
+        let _own = if held.is_none() { Some(self.open_wait(caller)?) } else { None };
         let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
         loop {
             let next = tokio::select! {

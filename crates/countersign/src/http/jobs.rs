@@ -169,8 +169,10 @@ pub async fn export_now(
     State(state): State<AppState>,
     AuthThatWaits(caller, secret): AuthThatWaits,
 ) -> Result<Response> {
+    // Taken before the export starts: past the caller's open waits nothing is exported for nobody.
+    let slot = state.gateway.open_wait(&caller)?;
     let job = state.gateway.start_audit_export(&caller).await?;
-    let job = state.gateway.wait_job(&caller, &job.id, Duration::from_secs(300)).await?;
+    let job = state.gateway.wait_job_holding(&slot, &caller, &job.id, Duration::from_secs(300)).await?;
     state.gateway.still_stands(&secret).await?;
     match job.state {
         JobState::Succeeded => file_response(&state.gateway.export_file(&caller, &job.id).await?).await,

@@ -408,6 +408,8 @@ impl Follower {
         uri: String,
         mut changes: tokio::sync::broadcast::Receiver<crate::gateway::notify::ActionChanged>,
     ) {
+        // However it ends, the subscription is over (subscribing again starts a new follower).
+        let _ended = self.stop.clone().drop_guard();
         loop {
             let change = tokio::select! {
                 () = self.stop.cancelled() => return,
@@ -551,6 +553,12 @@ impl ServerHandler for McpServer {
         // the gap before the follower task first runs.
         let changes = self.gateway.notifier().subscribe_actions();
         let action = self.resource_action(&caller, &request.uri).await?;
+        // Subscribing again to what is still followed changes nothing (and takes no second open wait).
+        let followed =
+            self.subscriptions.lock().ok().and_then(|subs| subs.get(&request.uri).map(|t| !t.is_cancelled()));
+        if followed == Some(true) {
+            return Ok(());
+        }
         self.unsubscribe_uri(&request.uri);
         // A finished action never changes again: nothing to follow.
         if action.is_terminal() {

@@ -21,7 +21,7 @@ use super::Secret;
 use super::server::{internal, next_steps};
 use crate::connectors::Service;
 use crate::error::Error;
-use crate::gateway::{Caller, Gateway, McpCall};
+use crate::gateway::{Caller, Gateway, McpCall, WaitSlot};
 use crate::http::views;
 
 /// Between the server's name and the tool's in the names `/mcp` shows (server names never contain it).
@@ -136,7 +136,7 @@ async fn governed(
                 let outcome = gateway.execute_mcp_inline(&claimed).await?;
                 Ok(answer_of(name, &claimed, outcome.state, outcome.result.as_ref(), outcome.error.as_deref()))
             }
-            None => finished(gateway, caller, secret, name, &action, MAX_HOLD).await,
+            None => finished(gateway, caller, secret, name, &action, MAX_HOLD, None).await,
         },
         ActionState::PendingApproval => {
             let until_expiry = outcome
@@ -146,21 +146,28 @@ async fn governed(
                 .unwrap_or_default();
             // A little past the deadline, so an expiry lands while this request still waits.
             let limit = hold.unwrap_or(DEFAULT_HOLD).min(until_expiry + Duration::from_secs(1));
-            let decided = if limit.is_zero() {
-                action.clone()
+            // The hold is one of the agent's open waits, through the wait for the job's answer. Over the limit
+            // (or asked not to wait) it answers pending at once, with how to wait for it later.
+            let slot = if limit.is_zero() {
+                None
             } else {
-                match gateway
-                    .wait_action_until(caller, &action.id, limit, |a| a.state != ActionState::PendingApproval)
-                    .await
-                {
-                    // Over the agent's open waits: answered pending at once, with how to wait for it later.
-                    Err(Error::RateLimited { .. }) => action.clone(),
-                    decided => {
-                        let decided = decided?;
-                        // A credential revoked during the hold gets no answer (the approved call is the job's).
-                        super::server::still_stands(gateway, secret).await?;
-                        decided
-                    }
+                match gateway.open_wait(caller) {
+                    Ok(slot) => Some(slot),
+                    Err(Error::RateLimited { .. }) => None,
+                    Err(e) => return Err(e),
+                }
+            };
+            let decided = match &slot {
+                None => action.clone(),
+                Some(slot) => {
+                    let decided = gateway
+                        .wait_action_holding(slot, caller, &action.id, limit, |a| {
+                            a.state != ActionState::PendingApproval
+                        })
+                        .await?;
+                    // A credential revoked during the hold gets no answer (the approved call is the job's).
+                    super::server::still_stands(gateway, secret).await?;
+                    decided
                 }
             };
             match decided.state {
@@ -168,7 +175,8 @@ async fn governed(
                 ActionState::Approved | ActionState::Executing | ActionState::Succeeded | ActionState::Failed => {
                     // The approval's execution job makes the call; its answer is what it stored.
                     let timeout = gateway.mcp_upstreams().timeout(&call_server(&decided)).unwrap_or(DEFAULT_HOLD);
-                    finished(gateway, caller, secret, name, &decided, timeout + Duration::from_secs(5)).await
+                    let limit = timeout + Duration::from_secs(5);
+                    finished(gateway, caller, secret, name, &decided, limit, slot.as_ref()).await
                 }
                 _ => Ok(refused(name, &decided)),
             }
@@ -184,7 +192,9 @@ fn call_server(action: &Action) -> String {
     }
 }
 
-/// Waits for an approved call that the execution job carries out, then answers what it stored.
+/// Waits for an approved call that the execution job carries out, then answers what it stored. `slot`: the
+/// hold's open wait; without one, and over the agent's open waits, it answers that the call is being carried
+/// out (with how to wait for it) rather than an error that would invite the call again.
 async fn finished(
     gateway: &Gateway,
     caller: &Caller,
@@ -192,8 +202,15 @@ async fn finished(
     name: &str,
     action: &Action,
     limit: Duration,
+    slot: Option<&WaitSlot>,
 ) -> Result<CallToolResult, Error> {
-    let done = gateway.wait_action(caller, &action.id, limit).await?;
+    let done = match slot {
+        Some(slot) => gateway.wait_action_holding(slot, caller, &action.id, limit, Action::is_terminal).await?,
+        None => match gateway.wait_action(caller, &action.id, limit).await {
+            Err(Error::RateLimited { .. }) => action.clone(),
+            done => done?,
+        },
+    };
     // Only to a credential that still stands after that wait.
     super::server::still_stands(gateway, secret).await?;
     if !done.is_terminal() {

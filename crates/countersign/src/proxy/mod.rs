@@ -29,7 +29,7 @@ use crate::config::Dialect;
 use crate::connectors::ConnectorError;
 use crate::connectors::llm::{MAX_LLM_RESPONSE_BYTES, classify, content_type, read_all};
 use crate::error::Error;
-use crate::gateway::{Caller, Gateway, InlineOutcome, SubmitRequest};
+use crate::gateway::{Caller, Gateway, InlineOutcome, SubmitRequest, WaitSlot};
 use crate::http::AppState;
 pub use wire::Endpoint;
 
@@ -232,6 +232,10 @@ async fn governed(
         headers: forwarded,
         held: !immediate,
     };
+    // A held call takes one of the agent's open waits before it is recorded: past the limit it is refused
+    // (429 in the provider's shape, which SDKs retry later) with nothing recorded and no approver paged. So an
+    // agent that holds that many is refused every model call until one of them ends.
+    let slot = if immediate { None } else { Some(gateway.open_wait(caller)?) };
     let outcome = gateway
         .submit_inline(
             caller,
@@ -246,47 +250,35 @@ async fn governed(
         .await?;
     let action = outcome.action;
     let response = match action.state {
-        ActionState::Executing if outcome.claimed => carry_out(gateway, dialect, action.clone(), stream).await?,
+        ActionState::Executing if outcome.claimed => {
+            drop(slot);
+            carry_out(gateway, dialect, action.clone(), stream).await?
+        }
         ActionState::PendingApproval => {
             let approval =
                 outcome.approval.ok_or_else(|| Error::Internal("a pending action has no approval".into()))?;
             let token = outcome.token.unwrap_or_default();
-            if immediate {
-                pending(gateway, &action, &approval, &token)
-            } else {
+            if let Some(slot) = slot {
                 let until_expiry = (approval.expires_at - gateway.now()).to_std().unwrap_or_default();
                 // A little past the deadline, so the expiry lands while this connection still waits.
                 let limit = wait.unwrap_or(until_expiry + Duration::from_secs(1)).min(MAX_HOLD);
-                let decided = match gateway
-                    .wait_action_until(caller, &action.id, limit, |a| a.state != ActionState::PendingApproval)
-                    .await
-                {
-                    Err(Error::RateLimited { message, retry_after_seconds }) => {
-                        // Over the agent's open waits: the call is withdrawn, so nothing stays pending for a
-                        // client that was turned away (its SDK retries a 429 later), unless decided meanwhile.
-                        match gateway.cancel_action_because(caller, &action.id, Some(&message)).await {
-                            Ok(_) => {
-                                let message = format!("{message} (action {} was withdrawn)", action.id);
-                                return Err(Error::RateLimited { message, retry_after_seconds });
-                            }
-                            Err(Error::Conflict { .. }) => gateway.get_action(caller, &action.id).await?,
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    decided => decided?,
-                };
+                let decided = gateway
+                    .wait_action_holding(&slot, caller, &action.id, limit, |a| a.state != ActionState::PendingApproval)
+                    .await?;
                 // A credential revoked during the hold gets neither the call carried out on its connection
                 // nor its answer (an approved call is then carried out by its job, as for a client that left).
                 let secret = crate::http::auth::presented_secret_in(headers)?;
                 gateway.still_stands(secret).await?;
                 match decided.state {
                     ActionState::PendingApproval => pending(gateway, &decided, &approval, &token),
-                    ActionState::Approved => execute(gateway, caller, secret, dialect, &decided, stream).await?,
+                    ActionState::Approved => execute(gateway, caller, secret, dialect, &decided, stream, slot).await?,
                     ActionState::Executing | ActionState::Succeeded | ActionState::Failed => {
-                        stored_answer(gateway, caller, secret, dialect, &decided).await?
+                        stored_answer(gateway, caller, secret, dialect, &decided, &slot).await?
                     }
                     _ => denied(dialect, &decided),
                 }
+            } else {
+                pending(gateway, &action, &approval, &token)
             }
         }
         _ => denied(dialect, &action),
@@ -344,7 +336,8 @@ fn pending(gateway: &Gateway, action: &Action, approval: &Approval, token: &str)
 }
 
 /// Carries out an approved request on this connection, or, when the execution job took it first,
-/// answers with what the job stored.
+/// answers with what the job stored. The hold's open wait (`slot`) ends once it is carried out here, or is
+/// kept for the wait for the job's answer.
 async fn execute(
     gateway: &Gateway,
     caller: &Caller,
@@ -352,10 +345,12 @@ async fn execute(
     dialect: Dialect,
     action: &Action,
     stream: bool,
+    slot: WaitSlot,
 ) -> Result<Response, Error> {
     let Some(action) = gateway.claim_inline(caller, &action.id).await? else {
-        return stored_answer(gateway, caller, secret, dialect, action).await;
+        return stored_answer(gateway, caller, secret, dialect, action, &slot).await;
     };
+    drop(slot);
     carry_out(gateway, dialect, action, stream).await
 }
 
@@ -520,8 +515,9 @@ async fn stored_answer(
     secret: &str,
     dialect: Dialect,
     action: &Action,
+    slot: &WaitSlot,
 ) -> Result<Response, Error> {
-    let action = gateway.wait_action(caller, &action.id, MAX_HOLD).await?;
+    let action = gateway.wait_action_holding(slot, caller, &action.id, MAX_HOLD, Action::is_terminal).await?;
     // That wait can be long too: the answer goes only to a credential that still stands.
     gateway.still_stands(secret).await?;
     Ok(recorded_answer(dialect, &action))

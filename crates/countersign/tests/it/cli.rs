@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::helpers::{TestServer, Upstream, action};
+use crate::helpers::{TestServer, Upstream, action, metric_until, metric_until_it};
 
 /// What one run of the binary produced.
 #[derive(Debug)]
@@ -739,4 +739,39 @@ async fn serve_logs_json_when_the_config_file_says_so() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("log_format") && stderr.contains("json"), "{stderr}");
+}
+
+/// `actions wait` from an agent that already holds its `rate_limit.open_waits` asks again after the 429's
+/// `retry_after_seconds` instead of failing, and settles once a slot is free.
+#[tokio::test]
+async fn a_wait_over_the_open_waits_is_asked_again_not_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::helpers::config(dir.path(), None);
+    config.rate_limit.open_waits = 1;
+    let server = TestServer::start_with(config, None).await;
+    let bot = server.agent("cli-waiter").await;
+    let first = bot.submit_action(&action("payments.charge.card")).await.unwrap();
+    let second = bot.submit_action(&action("payments.charge.card")).await.unwrap();
+    assert_eq!((first.status, second.status), (202, 202));
+    let holder = {
+        let (bot, id) = (bot.clone(), first.str("/id").to_owned());
+        tokio::spawn(async move { bot.wait_action(&id, 120.0).await.unwrap() })
+    };
+    metric_until(&server.admin, "countersign_open_waits", 1.0).await;
+    let waiting = {
+        let (url, key, id) =
+            (server.admin.base().to_owned(), bot.key().unwrap().to_owned(), second.str("/id").to_owned());
+        tokio::spawn(async move { cs(&url, Some(&key), &["actions", "wait", &id, "--timeout", "60", "--json"]).await })
+    };
+    metric_until_it(&server.admin, "countersign_open_waits_refused_total", |n| n >= 1.0).await;
+
+    // The first wait ends with its decision; the command's next ask takes the free slot and waits.
+    assert_eq!(server.admin.approve(first.str("/approval/id"), None).await.unwrap().status, 200);
+    assert_eq!(holder.await.unwrap().status, 200);
+    metric_until(&server.admin, "countersign_open_waits", 1.0).await;
+    assert_eq!(server.admin.approve(second.str("/approval/id"), None).await.unwrap().status, 200);
+    let waited = waiting.await.unwrap().ok().json();
+    assert_eq!(waited["id"], second.body["id"]);
+    assert_eq!(waited["state"], "approved", "{waited}");
+    server.stop().await;
 }

@@ -446,14 +446,19 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 /// Reads `/metrics` until `series` reads `value` (bounded, 30 s): a gauge such as the open waits has no event
 /// to await.
 pub async fn metric_until(client: &Client, series: &str, value: f64) {
+    metric_until_it(client, series, |v| v == value).await;
+}
+
+/// [`metric_until`], until the series passes `check`.
+pub async fn metric_until_it(client: &Client, series: &str, check: impl Fn(f64) -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let metrics = client.get("/metrics").await.unwrap();
         let text = metrics.body.as_str().unwrap_or_default().to_owned();
-        if metric(&text, series) == Some(value) {
+        if metric(&text, series).is_some_and(&check) {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "{series} is not {value} after 30 s:\n{text}");
+        assert!(std::time::Instant::now() < deadline, "{series} is still not as expected after 30 s:\n{text}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }

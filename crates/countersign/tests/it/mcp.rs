@@ -452,6 +452,9 @@ async fn subscriptions_and_waits_count_against_the_agents_open_waits() {
     assert!(waited.to_string().contains("1 waits open"), "{waited}");
     let finished = second.request("resources/subscribe", json!({"uri": uri(done.str("/id"))})).await;
     assert!(finished.response().get("result").is_some(), "{}", finished.text);
+    // Subscribing again to what the session still follows keeps its subscription.
+    let again = first.request("resources/subscribe", json!({"uri": uri(&held[0])})).await;
+    assert!(again.response().get("result").is_some(), "{}", again.text);
 
     // Its action finished (withdrawn), the subscription ends and its wait is free again.
     let cancelled = bot.post(&format!("/v1/actions/{}/cancel", held[0]), &json!({})).await.unwrap();

@@ -102,10 +102,18 @@
 
   if (window.EventSource && (list || audit)) {
     const live = document.getElementById("live");
-    const source = new EventSource("/ui/events");
-    source.addEventListener("ready", () => { if (live) live.classList.add("on"); refreshQueue(); });
-    source.addEventListener("approvals", () => { refreshQueue(); });
-    source.addEventListener("audit", () => { if (audit) tail(); });
-    source.onerror = () => { if (live) live.classList.remove("on"); };
+    const connect = () => {
+      const source = new EventSource("/ui/events");
+      source.addEventListener("ready", () => { if (live) live.classList.add("on"); refreshQueue(); });
+      source.addEventListener("approvals", () => { refreshQueue(); });
+      source.addEventListener("audit", () => { if (audit) tail(); });
+      source.onerror = () => {
+        if (live) live.classList.remove("on");
+        // The browser retries a dropped stream itself, but gives up on an answer that is not a stream (a
+        // 429 when the user already holds as many open as they may, a restart's 503): try again later.
+        if (source.readyState === EventSource.CLOSED) setTimeout(connect, 5000);
+      };
+    };
+    connect();
   }
 })();
