@@ -6,14 +6,18 @@
 //! `main` only adds signals; tests build the same server on port 0.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use countersign_core::checkpoint::AuditSigner;
 use countersign_core::clock::{Clock, SystemClock};
 use countersign_core::store::Store;
 use countersign_store::{PostgresStore, ReplicaFeed, SqliteStore};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -64,8 +68,82 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// take longer).
 const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long a write may wait for a client that does not read what it asked for (each write, not a whole
+/// response): past it the connection is closed, instead of holding its task, its buffers and a file descriptor
+/// for ever. An idle stream (nothing to send) is not a stalled write.
+const WRITE_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A connection whose writes fail once one has waited [`WRITE_STALL_TIMEOUT`] for the client to take it.
+struct WriteDeadline<T> {
+    io: T,
+    /// Armed at a write the socket could not take, cleared at the next one it took.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(io: T) -> Self {
+        WriteDeadline { io, stalled: None }
+    }
+
+    /// What a write that got `poll` answers: its result, or, once stalled past the deadline, an error.
+    fn deadline<R>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL_TIMEOUT)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading the response")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.deadline(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.deadline(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_flush(cx);
+        this.deadline(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.deadline(cx, poll)
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets the connections finish. As `axum::serve`
-/// does, with two limits it lacks: a deadline for a request's headers, and for each piece of its body. HTTP/1
+/// does, with three limits it lacks: a deadline for a request's headers, for each piece of its body, and for
+/// each write of its response ([`WriteDeadline`]). HTTP/1
 /// only: telling HTTP/2 apart means reading a connection's first bytes with no deadline, so a client sending
 /// nothing would hold its connection for ever (TLS and HTTP/2 belong to the proxy in front).
 async fn serve(
@@ -103,7 +181,7 @@ async fn serve(
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
         let service = TowerToHyperService::new(app.clone());
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let connection = builder.serve_connection(TokioIo::new(WriteDeadline::new(stream)), service).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {

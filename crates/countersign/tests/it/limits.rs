@@ -274,10 +274,11 @@ async fn made_up_methods_share_one_metrics_series() {
     server.stop().await;
 }
 
-/// A client that sends nothing, never finishes its headers, or stops sending a body it announced, is cut off
-/// once the deadline passes (90 s for headers, 30 s without progress for a body), instead of holding its
-/// connection (and a file descriptor) for ever: anyone reaching the port could otherwise exhaust them with a
-/// few thousand such sockets. A handler that was reading the stalled body answers a problem+json 400 first.
+/// A client that sends nothing, never finishes its headers, stops sending a body it announced, or stops reading
+/// the answers it asked for, is cut off once the deadline passes (90 s for headers, 30 s without progress for
+/// a body or for a write), instead of holding its connection (and a file descriptor, and buffers) for ever:
+/// anyone reaching the port could otherwise exhaust them with a few thousand such sockets. A handler that was
+/// reading the stalled body answers a problem+json 400 first.
 #[tokio::test]
 async fn clients_that_stall_mid_request_are_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -307,7 +308,34 @@ async fn clients_that_stall_mid_request_are_cut_off() {
         .into_bytes(),
     );
     let nothing = stalled(Vec::new());
-    let (headers, body, nothing) = tokio::join!(headers, body, nothing);
+    // Asks for 60 copies of the OpenAPI document (about 10 MB, more than the sockets' buffers hold) in one go,
+    // then reads nothing for longer than the write deadline: the server gives up on the connection, and the
+    // client, reading at last, gets what was buffered and then the end, not every answer.
+    const ASKED: usize = 60;
+    let unread = async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(address.parse().unwrap()).await.unwrap();
+        let ask = "GET /v1/openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(ASKED);
+        stream.write_all(ask.as_bytes()).await.unwrap();
+        // The client that does not read: nothing to await but time.
+        tokio::time::sleep(std::time::Duration::from_secs(45)).await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            let mut chunk = vec![0u8; 1 << 16];
+            loop {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "still connected after reading for 60 s");
+        String::from_utf8_lossy(&answer).matches("HTTP/1.1 200 OK").count()
+    };
+    let (headers, body, nothing, answered) = tokio::join!(headers, body, nothing, unread);
+    assert!(answered < ASKED, "all {ASKED} answers were written to a client that did not read for 45 s");
     assert!(!nothing.contains("200 OK"), "{nothing}");
     assert!(!headers.contains("200 OK"), "{headers}");
     assert!(body.starts_with("HTTP/1.1 400") && body.contains("application/problem+json"), "{body}");
