@@ -405,9 +405,11 @@ pub async fn run_jobs(ctx: &Ctx, command: JobsCommand) -> Outcome {
             let spinner = Spinner::start(format!("waiting for job {}", output::clean(&id)));
             let waited = async {
                 loop {
-                    let slice = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(60));
-                    let job = ctx.call_waiting(deadline, || client.wait_job(&id, slice.as_secs_f64())).await?.body;
-                    if job_finished(&job) || Instant::now() >= deadline || slice.is_zero() {
+                    let slice = || deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(60));
+                    let asked = slice();
+                    // Each ask (again after a 429) waits only for what is left of the deadline.
+                    let job = ctx.call_waiting(deadline, || client.wait_job(&id, slice().as_secs_f64())).await?.body;
+                    if job_finished(&job) || Instant::now() >= deadline || asked.is_zero() {
                         return Ok::<Value, Failure>(job);
                     }
                 }

@@ -212,10 +212,11 @@ async fn wait_for_action(ctx: &Ctx, client: &Client, id: &str, timeout: Duration
     let spinner = Spinner::start(format!("waiting for {}", output::clean(id)));
     let result = async {
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let slice = remaining.min(WAIT_SLICE);
-            let action = ctx.call_waiting(deadline, || client.wait_action(id, slice.as_secs_f64())).await?.body;
-            if is_settled(&action) || Instant::now() >= deadline || slice.is_zero() {
+            let slice = || deadline.saturating_duration_since(Instant::now()).min(WAIT_SLICE);
+            let asked = slice();
+            // Each ask (again after a 429) waits only for what is left of the deadline.
+            let action = ctx.call_waiting(deadline, || client.wait_action(id, slice().as_secs_f64())).await?.body;
+            if is_settled(&action) || Instant::now() >= deadline || asked.is_zero() {
                 return Ok(action);
             }
         }

@@ -35,7 +35,7 @@ pub struct SubmitRequest {
 }
 
 /// What a submission produced.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SubmitOutcome {
     pub action: Action,
     pub approval: Option<Approval>,
@@ -47,6 +47,10 @@ pub struct SubmitOutcome {
     /// action is `executing`, its recovery job written, and the caller sends it now (and records how it
     /// ended with [`Gateway::finish_inline`] or [`Gateway::record`]).
     pub claimed: bool,
+    /// A model call held for approval whose client holds its connection open (`LlmTarget::held`) holds one of
+    /// the agent's open waits from before it was recorded, taken once the verdict was known: past the limit
+    /// the submission failed (429) with nothing recorded.
+    pub slot: Option<WaitSlot>,
 }
 
 /// Longest a caller may hold a wait open.
@@ -302,6 +306,12 @@ impl Gateway {
             (Effect::RequireApproval, None) | (Effect::Deny, _) => ActionState::Denied,
         };
         action.state = ActionState::Submitted.transition(next_state)?;
+        let slot = match &action.target {
+            Some(Target::Llm(llm)) if llm.held && next_state == ActionState::PendingApproval => {
+                Some(self.open_wait(caller)?)
+            }
+            _ => None,
+        };
         if next_state != ActionState::PendingApproval {
             action.decided_at = Some(now);
         }
@@ -452,7 +462,7 @@ impl Gateway {
         work.commit(self).await?;
         // Counted by the verdict: an allowed inline call claimed at once still counts as approved.
         self.metrics().action_submitted(next_state.as_str());
-        Ok(SubmitOutcome { action, approval, token, replayed: false, claimed: claim.is_some() })
+        Ok(SubmitOutcome { action, approval, token, replayed: false, claimed: claim.is_some(), slot })
     }
 
     async fn idempotent_replay(
@@ -474,7 +484,7 @@ impl Gateway {
             Some(id) => self.read().await?.get_approval(&existing.org_id, id).await?,
             None => None,
         };
-        Ok(SubmitOutcome { action: existing, approval, token: None, replayed: true, claimed: false })
+        Ok(SubmitOutcome { action: existing, approval, token: None, replayed: true, claimed: false, slot: None })
     }
 
     /// Reads an action the caller may see: agents and sessions only their own agent's.

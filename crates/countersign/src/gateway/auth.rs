@@ -82,6 +82,12 @@ pub struct WaitSlot {
     key: String,
 }
 
+impl std::fmt::Debug for WaitSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitSlot").field("key", &self.key).finish()
+    }
+}
+
 impl Drop for WaitSlot {
     fn drop(&mut self) {
         let mut open = self.waits.open.lock().unwrap_or_else(PoisonError::into_inner);

@@ -6,7 +6,7 @@
 //! wrong. Malformed arguments and unknown tools are JSON-RPC errors, raised by rmcp.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::http::request::Parts;
@@ -248,7 +248,7 @@ impl McpServer {
 
     async fn outcome_of(&self, action: Action) -> Result<SubmitOutcome, Error> {
         let approval = self.gateway.approval_of(&action).await?;
-        Ok(SubmitOutcome { action, approval, token: None, replayed: false, claimed: false })
+        Ok(SubmitOutcome { action, approval, token: None, replayed: false, claimed: false, slot: None })
     }
 
     #[tool(description = "Ask Countersign for permission to perform an action (and, with a target, to carry it out). \
@@ -553,23 +553,19 @@ impl ServerHandler for McpServer {
         // the gap before the follower task first runs.
         let changes = self.gateway.notifier().subscribe_actions();
         let action = self.resource_action(&caller, &request.uri).await?;
-        // Subscribing again to what is still followed changes nothing (and takes no second open wait).
-        let followed =
-            self.subscriptions.lock().ok().and_then(|subs| subs.get(&request.uri).map(|t| !t.is_cancelled()));
-        if followed == Some(true) {
-            return Ok(());
-        }
-        self.unsubscribe_uri(&request.uri);
-        // A finished action never changes again: nothing to follow.
-        if action.is_terminal() {
+        // Decided, taken and started under one lock: concurrent subscribes to one URI leave one follower.
+        let mut subs = self.subscriptions.lock().unwrap_or_else(PoisonError::into_inner);
+        // Followers that ended leave their cancelled tokens behind.
+        subs.retain(|_, stop| !stop.is_cancelled());
+        // Subscribing again to what is still followed changes nothing (and takes no second open wait); a
+        // finished action never changes again, so there is nothing to follow.
+        if subs.contains_key(&request.uri) || action.is_terminal() {
             return Ok(());
         }
         // One of the agent's open waits until the action finishes or the subscription ends.
         let slot = self.gateway.open_wait(&caller).map_err(|e| internal(&e))?;
         let stop = CancellationToken::new();
-        if let Ok(mut subs) = self.subscriptions.lock() {
-            subs.insert(request.uri.clone(), stop.clone());
-        }
+        subs.insert(request.uri.clone(), stop.clone());
         let follower =
             Follower { gateway: self.gateway.clone(), peer: context.peer.clone(), secret, stop, _slot: slot };
         tokio::spawn(follower.follow(action.id, request.uri, changes));

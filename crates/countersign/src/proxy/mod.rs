@@ -232,11 +232,10 @@ async fn governed(
         headers: forwarded,
         held: !immediate,
     };
-    // A held call takes one of the agent's open waits before it is recorded: past the limit it is refused
-    // (429 in the provider's shape, which SDKs retry later) with nothing recorded and no approver paged. So an
-    // agent that holds that many is refused every model call until one of them ends.
-    let slot = if immediate { None } else { Some(gateway.open_wait(caller)?) };
-    let outcome = gateway
+    // A held call takes one of the agent's open waits once the verdict is known and before it is recorded
+    // (`SubmitOutcome::slot`): past the limit it is refused (429 in the provider's shape, which SDKs retry
+    // later) with nothing recorded and no approver paged. A call the policy allows or denies takes none.
+    let mut outcome = gateway
         .submit_inline(
             caller,
             SubmitRequest {
@@ -248,12 +247,10 @@ async fn governed(
             },
         )
         .await?;
+    let slot = outcome.slot.take();
     let action = outcome.action;
     let response = match action.state {
-        ActionState::Executing if outcome.claimed => {
-            drop(slot);
-            carry_out(gateway, dialect, action.clone(), stream).await?
-        }
+        ActionState::Executing if outcome.claimed => carry_out(gateway, dialect, action.clone(), stream).await?,
         ActionState::PendingApproval => {
             let approval =
                 outcome.approval.ok_or_else(|| Error::Internal("a pending action has no approval".into()))?;

@@ -308,10 +308,10 @@ async fn clients_that_stall_mid_request_are_cut_off() {
         .into_bytes(),
     );
     let nothing = stalled(Vec::new());
-    // Asks for 60 copies of the OpenAPI document (about 10 MB, more than the sockets' buffers hold) in one go,
+    // Asks for 200 copies of the OpenAPI document (about 35 MB, far more than the sockets' buffers hold) in one go,
     // then reads nothing for longer than the write deadline: the server gives up on the connection, and the
     // client, reading at last, gets what was buffered and then the end, not every answer.
-    const ASKED: usize = 60;
+    const ASKED: usize = 200;
     let unread = async {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();

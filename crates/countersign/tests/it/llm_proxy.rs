@@ -355,12 +355,16 @@ async fn a_held_call_over_the_agents_open_waits_is_refused_with_a_429_and_not_re
     assert!(message.contains("1 waits open"), "{message}");
     let recorded = s.server.admin.get("/v1/actions?capability=llm.chat.completion").await.unwrap();
     assert_eq!(recorded.body["items"].as_array().unwrap().len(), 1, "only the first call is recorded");
+    // A call the policy allows never waits, so it needs no open wait and goes through.
+    let allowed = json!({"model": "gpt-fake", "messages": [{"role": "user", "content": "hello"}]});
+    let allowed = s.post("/llm/openai/v1/chat/completions", &allowed).send().await.unwrap();
+    assert_eq!(allowed.status(), 200);
 
     // The first call still holds its place: approved, it is carried out; the refused one never is.
     let approval = first_pending(s.server.gateway(), &s.server.admin).await;
     assert_eq!(s.server.admin.approve(&approval, None).await.unwrap().status, 200);
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
-    assert_eq!(s.provider.count(), 1);
+    assert_eq!(s.provider.count(), 2, "the allowed call and the approved one");
     s.server.stop().await;
 }
 

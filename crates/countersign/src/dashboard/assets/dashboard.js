@@ -102,16 +102,23 @@
 
   if (window.EventSource && (list || audit)) {
     const live = document.getElementById("live");
+    let retry = 5000;
     const connect = () => {
       const source = new EventSource("/ui/events");
-      source.addEventListener("ready", () => { if (live) live.classList.add("on"); refreshQueue(); });
+      source.addEventListener("ready", () => { retry = 5000; if (live) live.classList.add("on"); refreshQueue(); });
       source.addEventListener("approvals", () => { refreshQueue(); });
       source.addEventListener("audit", () => { if (audit) tail(); });
       source.onerror = () => {
         if (live) live.classList.remove("on");
         // The browser retries a dropped stream itself, but gives up on an answer that is not a stream (a
-        // 429 when the user already holds as many open as they may, a restart's 503): try again later.
-        if (source.readyState === EventSource.CLOSED) setTimeout(connect, 5000);
+        // 429 when the user already holds as many open as they may, a restart's 503, a login that ended).
+        // A login that ended shows the login page (fetchHtml follows the redirect there); anything else is
+        // tried again later, backing off to a minute, with jitter.
+        if (source.readyState !== EventSource.CLOSED) return;
+        fetchHtml("/ui/pending/list", true).catch(() => null).finally(() => {
+          setTimeout(connect, retry / 2 + Math.random() * retry / 2);
+          retry = Math.min(retry * 2, 60000);
+        });
       };
     };
     connect();
