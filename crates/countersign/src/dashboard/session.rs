@@ -119,8 +119,15 @@ impl FromRequestParts<DashboardState> for UiUser {
         let Some(token) = cookie(&parts.headers, SESSION_COOKIE) else {
             return Err(reject(Error::Unauthenticated("not logged in to the dashboard".into())));
         };
-        // The page's script marks the fetches no one clicked for (the queue's timer, live updates).
-        let activity = !parts.headers.contains_key(BACKGROUND_HEADER);
+        // The page's script marks the fetches no one clicked for (the queue's timer, live updates). Its live
+        // stream cannot carry a header (EventSource), and the browser reconnects it by itself: a stream is
+        // never activity, or a page left open would keep its login for ever.
+        let stream = parts
+            .headers
+            .get(axum::http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"));
+        let activity = !parts.headers.contains_key(BACKGROUND_HEADER) && !stream;
         let (caller, key_hash) = match state.gateway.resume_dashboard_session(token, activity).await {
             Ok(resumed) => resumed,
             Err(Error::Unauthenticated(reason)) => return Err(reject(Error::Unauthenticated(reason))),

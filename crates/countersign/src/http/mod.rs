@@ -133,6 +133,12 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         response =
             Error::PayloadTooLarge(format!("the body is over the {} byte limit", state.max_body_bytes)).into_response();
     }
+    // No browser may guess another type than the one sent (a JSON body read as HTML, say); the dashboard's pages
+    // set their own headers, this one included.
+    response
+        .headers_mut()
+        .entry(axum::http::header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(axum::http::HeaderValue::from_static("nosniff"));
     let status = response.status().as_u16();
     state.gateway.metrics().observe_request(&method, &route, status, started.elapsed());
     tracing::debug!(parent: &span, status, elapsed_ms = started.elapsed().as_secs_f64() * 1000.0, "request done");

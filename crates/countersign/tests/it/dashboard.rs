@@ -237,13 +237,22 @@ async fn an_idle_dashboard_session_ends() {
     let (fresh, _) = login(&base, server.admin.key().unwrap()).await;
     assert_eq!(page(&base, &fresh, "/ui/pending").await.0, StatusCode::OK);
 
-    // What an open page fetches by itself (the queue's timer, live updates) is not activity.
+    // What an open page fetches by itself (the queue's timer, live updates) is not activity, nor is its live
+    // stream connecting again (EventSource sends no header of ours; the browser reconnects on its own).
     let background = |path: &str| {
         http().get(format!("{base}{path}")).header(COOKIE, &fresh).header("x-countersign-background", "1").send()
     };
     for _ in 0..2 {
         clock.advance(chrono::Duration::minutes(14));
         assert_eq!(background("/ui/pending/list").await.unwrap().status(), StatusCode::OK);
+        let stream = http()
+            .get(format!("{base}/ui/events"))
+            .header(COOKIE, &fresh)
+            .header(axum::http::header::ACCEPT, "text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stream.status(), StatusCode::OK);
     }
     clock.advance(chrono::Duration::minutes(3));
     let ended = background("/ui/pending/list").await.unwrap();

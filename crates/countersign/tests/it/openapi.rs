@@ -171,6 +171,11 @@ async fn the_server_serves_the_document_without_a_key() {
     assert_eq!(response.str("/info/title"), "Countersign");
     assert_eq!(response.str("/info/version"), env!("CARGO_PKG_VERSION"), "info.version follows the crate");
     assert_eq!(response.body, document());
+    // Every answer, a problem too, tells browsers not to guess another content type.
+    for path in ["/v1/openapi.json", "/v1/actions", "/no/such/path"] {
+        let raw = reqwest::get(format!("{}{path}", server.admin.base())).await.unwrap();
+        assert_eq!(raw.headers()["x-content-type-options"], "nosniff", "{path}");
+    }
     server.stop().await;
 }
 
