@@ -236,11 +236,24 @@ impl<T: serde::de::DeserializeOwned + Send> axum::extract::FromRequest<Dashboard
     }
 }
 
-pub async fn logout(State(state): State<DashboardState>, headers: HeaderMap, posted: Posted<CsrfField>) -> Response {
-    if let Some(token) = cookie(&headers, SESSION_COOKIE)
-        && let Err(e) = state.gateway.end_dashboard_session(&posted.ui.caller, token).await
-    {
-        return e.into_response();
+pub async fn logout(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    posted: Result<Posted<CsrfField>, Response>,
+) -> Response {
+    match posted {
+        Ok(posted) => {
+            if let Some(token) = cookie(&headers, SESSION_COOKIE)
+                && let Err(e) = state.gateway.end_dashboard_session(&posted.ui.caller, token).await
+            {
+                return e.into_response();
+            }
+        }
+        // No login, or one that ended (expired, idle, revoked): nothing to end, so the browser just goes to
+        // the login form with the dead cookie cleared, instead of a 401 it cannot act on. A live login whose
+        // form token did not match is still refused (403).
+        Err(refused) if refused.status() == StatusCode::UNAUTHORIZED => {}
+        Err(refused) => return refused,
     }
     let mut response = Redirect::to("/ui/login").into_response();
     response.headers_mut().append(header::SET_COOKIE, set_cookie(&state, SESSION_COOKIE, "", "/ui", Some(0)));

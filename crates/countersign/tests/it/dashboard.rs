@@ -86,8 +86,10 @@ async fn login_cookie_flags_csrf_and_logout() {
     let response = client.get(format!("{base}/ui/pending")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     assert_eq!(response.headers()[LOCATION], "/ui/login");
+    // Logging out without a login just goes to the login form.
     let response = client.post(format!("{base}/ui/logout")).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()[LOCATION], "/ui/login");
 
     // The login form needs its own token (double submit), and a user's key.
     let page = client.get(format!("{base}/ui/login")).send().await.unwrap();
@@ -233,6 +235,12 @@ async fn an_idle_dashboard_session_ends() {
     let ended = http().get(format!("{base}/ui/pending")).header(COOKIE, &session).send().await.unwrap();
     assert_eq!(ended.status(), StatusCode::SEE_OTHER);
     assert_eq!(ended.headers()[LOCATION], "/ui/login");
+    // Logging out of a login that ended goes to the login form and clears the dead cookie.
+    let out = http().post(format!("{base}/ui/logout")).header(COOKIE, &session).form(&[("csrf", "x")]).send().await;
+    let out = out.unwrap();
+    assert_eq!((out.status(), &out.headers()[LOCATION]), (StatusCode::SEE_OTHER, &"/ui/login".parse().unwrap()));
+    let cleared = set_cookies(&out).into_iter().find(|c| c.starts_with("cs_ui=")).unwrap();
+    assert!(cleared.contains("Max-Age=0"), "{cleared}");
     // Its activity is what counted: a new login works at once.
     let (fresh, _) = login(&base, server.admin.key().unwrap()).await;
     assert_eq!(page(&base, &fresh, "/ui/pending").await.0, StatusCode::OK);
