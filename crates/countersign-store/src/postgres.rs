@@ -833,33 +833,31 @@ const LIST_ACTIONS: &str = within_page_bytes!(
      ORDER BY a.id DESC LIMIT $6",
 );
 
-/// The pending approvals, oldest first, up to [`PAGE_BYTES`] of their actions.
-const LIST_PENDING_APPROVALS: &str = within_page_bytes!(
-    "approvals",
-    "ASC",
-    "JOIN",
-    "$1",
-    "$5",
-    "SELECT ap.id AS id, ",
-    action_bytes!(),
-    " AS bytes FROM approvals ap LEFT JOIN actions a ON a.id = ap.action_id AND a.org_id = ap.org_id
-     WHERE ap.org_id = $1 AND ap.status = $2 AND ($3::text IS NULL OR ap.id > $3)
-     ORDER BY ap.id ASC LIMIT $4",
-);
-
-/// Approvals of any or one status, newest first, up to [`PAGE_BYTES`] of their actions.
-const LIST_DECIDED_APPROVALS: &str = within_page_bytes!(
-    "approvals",
-    "DESC",
-    "JOIN",
-    "$1",
-    "$5",
-    "SELECT ap.id AS id, ",
-    action_bytes!(),
-    " AS bytes FROM approvals ap LEFT JOIN actions a ON a.id = ap.action_id AND a.org_id = ap.org_id
-     WHERE ap.org_id = $1 AND ($2::text IS NULL OR ap.status = $2) AND ($3::text IS NULL OR ap.id < $3)
-     ORDER BY ap.id DESC LIMIT $4",
-);
+/// Approvals, up to [`PAGE_BYTES`] of their actions, in `$order` from the cursor (`$after`), filtered by
+/// status (`$status`, the parameter `$2`): the pending queue oldest first, any other status newest first.
+macro_rules! approvals_page {
+    ($order:literal, $after:literal, $status:literal) => {
+        within_page_bytes!(
+            "approvals",
+            $order,
+            "JOIN",
+            "$1",
+            "$5",
+            "SELECT ap.id AS id, ",
+            action_bytes!(),
+            " AS bytes FROM approvals ap LEFT JOIN actions a ON a.id = ap.action_id AND a.org_id = ap.org_id
+             WHERE ap.org_id = $1 AND ",
+            $status,
+            " AND ($3::text IS NULL OR ap.id ",
+            $after,
+            " $3) ORDER BY ap.id ",
+            $order,
+            " LIMIT $4",
+        )
+    };
+}
+const LIST_PENDING_APPROVALS: &str = approvals_page!("ASC", ">", "ap.status = $2");
+const LIST_DECIDED_APPROVALS: &str = approvals_page!("DESC", "<", "($2::text IS NULL OR ap.status = $2)");
 
 /// Retention's end: the seq before the first event at or after the cutoff, else the head. Event times do
 /// not strictly grow with seq (replicas' clocks drift; a writer reads the clock before it waits for the

@@ -1107,33 +1107,31 @@ const LIST_ACTIONS: &str = within_page_bytes!(
      ORDER BY a.id DESC LIMIT ?",
 );
 
-/// The pending approvals, oldest first, up to [`PAGE_BYTES`] of their actions.
-const LIST_PENDING_APPROVALS: &str = within_page_bytes!(
-    "approvals",
-    "ASC",
-    "CROSS JOIN",
-    "?",
-    "?",
-    "SELECT ap.id AS id, ",
-    action_bytes!(),
-    " AS bytes FROM approvals ap LEFT JOIN actions a ON a.id = ap.action_id AND a.org_id = ap.org_id
-     WHERE ap.org_id = ? AND ap.status = ? AND (? IS NULL OR ap.id > ?)
-     ORDER BY ap.id ASC LIMIT ?",
-);
-
-/// Approvals of any or one status, newest first, up to [`PAGE_BYTES`] of their actions.
-const LIST_DECIDED_APPROVALS: &str = within_page_bytes!(
-    "approvals",
-    "DESC",
-    "CROSS JOIN",
-    "?",
-    "?",
-    "SELECT ap.id AS id, ",
-    action_bytes!(),
-    " AS bytes FROM approvals ap LEFT JOIN actions a ON a.id = ap.action_id AND a.org_id = ap.org_id
-     WHERE ap.org_id = ? AND (? IS NULL OR ap.status = ?) AND (? IS NULL OR ap.id < ?)
-     ORDER BY ap.id DESC LIMIT ?",
-);
+/// Approvals, up to [`PAGE_BYTES`] of their actions, in `$order` from the cursor (`$after`), filtered by
+/// status (`$status`): the pending queue oldest first, any other status newest first.
+macro_rules! approvals_page {
+    ($order:literal, $after:literal, $status:literal) => {
+        within_page_bytes!(
+            "approvals",
+            $order,
+            "CROSS JOIN",
+            "?",
+            "?",
+            "SELECT ap.id AS id, ",
+            action_bytes!(),
+            " AS bytes FROM approvals ap LEFT JOIN actions a ON a.id = ap.action_id AND a.org_id = ap.org_id
+             WHERE ap.org_id = ? AND ",
+            $status,
+            " AND (? IS NULL OR ap.id ",
+            $after,
+            " ?) ORDER BY ap.id ",
+            $order,
+            " LIMIT ?",
+        )
+    };
+}
+const LIST_PENDING_APPROVALS: &str = approvals_page!("ASC", ">", "ap.status = ?");
+const LIST_DECIDED_APPROVALS: &str = approvals_page!("DESC", "<", "(? IS NULL OR ap.status = ?)");
 
 /// Retention's end: the seq before the first event at or after the cutoff, else the head. Event times do
 /// not strictly grow with seq (a writer reads the clock before it waits for its turn), so "the newest event

@@ -201,7 +201,7 @@ impl Gateway {
     }
 
     /// Counts a wait the caller is about to hold open (see [`OpenWaits`]) until the slot is dropped; 429 when
-    /// the caller already holds as many as it may.
+    /// the caller already holds as many as it may (its only error).
     pub fn open_wait(&self, caller: &Caller) -> Result<WaitSlot> {
         self.inner.open_waits.open(principal_key(caller))
     }

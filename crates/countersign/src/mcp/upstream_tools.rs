@@ -148,15 +148,7 @@ async fn governed(
             let limit = hold.unwrap_or(DEFAULT_HOLD).min(until_expiry + Duration::from_secs(1));
             // The hold is one of the agent's open waits, through the wait for the job's answer. Over the limit
             // (or asked not to wait) it answers pending at once, with how to wait for it later.
-            let slot = if limit.is_zero() {
-                None
-            } else {
-                match gateway.open_wait(caller) {
-                    Ok(slot) => Some(slot),
-                    Err(Error::RateLimited { .. }) => None,
-                    Err(e) => return Err(e),
-                }
-            };
+            let slot = if limit.is_zero() { None } else { gateway.open_wait(caller).ok() };
             let decided = match &slot {
                 None => action.clone(),
                 Some(slot) => {
