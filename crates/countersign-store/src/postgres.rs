@@ -73,7 +73,8 @@ const MIGRATIONS: [(i64, &str, &str); 4] = [
 /// Prepared statements kept per connection (sqlx's default is 100).
 const STATEMENT_CACHE: usize = 400;
 
-/// The oldest server this store works with (`server_version_num`): 13, for `pg_current_xact_id`.
+/// The oldest server this store works with (`server_version_num`): 13 (`MATERIALIZED` common table
+/// expressions need 12).
 const MIN_SERVER_VERSION: u32 = 130_000;
 
 /// Connections per replica. Each open transaction holds one.
@@ -208,9 +209,7 @@ impl PostgresStore {
                 .await
                 .map_err(map_sqlx)?;
         if number.parse::<u32>().is_ok_and(|n| n < MIN_SERVER_VERSION) {
-            return Err(StoreError::Internal(format!(
-                "PostgreSQL 13 or newer is needed (durable commits use pg_current_xact_id); this server is {version}"
-            )));
+            return Err(StoreError::Internal(format!("PostgreSQL 13 or newer is needed; this server is {version}")));
         }
         migrator(&MIGRATIONS).run(&pool).await.map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
         Ok(PostgresStore { pool, options, lost })
@@ -455,12 +454,17 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    /// A transaction of its own (one statement) that takes a transaction id, so its commit writes a record
-    /// and, synchronous as every commit but a deferred one (at the server's level: `on`, `remote_apply`, …),
-    /// returns once the WAL is flushed up to it: every commit before it, deferred ones included, is then on
-    /// disk. (`pg_current_xact_id` needs PostgreSQL 13 or newer.)
+    /// A transaction of its own (one statement) that writes a WAL record, so its commit, synchronous as every
+    /// commit but a deferred one (at the server's level: `on`, `remote_apply`, …), returns once the WAL is
+    /// flushed up to it: every commit before it, deferred ones included, is then on disk. The record is a
+    /// transactional logical-decoding message (prefix `countersign`, empty), which any role may write at any
+    /// `wal_level`. A transaction that only takes an id writes no WAL before its commit record, and
+    /// PostgreSQL commits such a transaction asynchronously, flushing nothing.
     async fn durable(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_current_xact_id()::text").execute(&self.pool).await.map_err(map_sqlx)?;
+        sqlx::query("SELECT pg_logical_emit_message(true, 'countersign', ''::text)::text")
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
         Ok(())
     }
 

@@ -1823,3 +1823,43 @@ async fn postgres_connects_over_tls_only_to_the_certificate_it_trusts() {
     let _ = admin.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))).await;
     let _ = admin.close().await;
 }
+
+/// PostgreSQL: `durable` returns only once the WAL is flushed past every commit before it, a deferred one
+/// (`synchronous_commit` off, as a model call's claim commits) included. A transaction that only takes an
+/// id writes no WAL, so its commit flushes nothing; `durable` writes a record of its own. The test server's
+/// default is `synchronous_commit = off`, so the database is set to `on`, as a durable server is. Skipped
+/// without a server.
+#[tokio::test]
+async fn postgres_durable_flushes_the_deferred_commits_before_it() {
+    let Ok(url) = std::env::var(PG_URL_VAR) else {
+        eprintln!("{PG_URL_VAR} is not set, so this PostgreSQL test is skipped");
+        return;
+    };
+    let b = Backend::postgres(&url).await;
+    let own_url = b.url.clone().unwrap();
+    let Raw::Postgres(pool) = &b.raw else { unreachable!() };
+    let db = own_url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+    sqlx::query(sqlx::AssertSqlSafe(format!("ALTER DATABASE {db} SET synchronous_commit = on")))
+        .execute(pool)
+        .await
+        .unwrap();
+    let store = PostgresStore::connect(&own_url).await.unwrap();
+    let (o, _, bot) = seed(&b, "durable").await;
+    for round in 0..5 {
+        let mut tx = store.write().await.unwrap();
+        tx.defer_sync(true);
+        tx.insert_action(&action(&o, &bot, "llm.chat.completion", ActionState::Executing)).await.unwrap();
+        tx.commit().await.unwrap();
+        let written: String =
+            sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(pool).await.unwrap();
+        store.durable().await.unwrap();
+        let flushed: bool = sqlx::query_scalar("SELECT pg_current_wal_flush_lsn() >= $1::pg_lsn")
+            .bind(&written)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert!(flushed, "round {round}: the WAL is not flushed to {written} after durable()");
+    }
+    store.pool().close().await;
+    b.finish().await;
+}

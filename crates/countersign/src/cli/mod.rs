@@ -189,7 +189,9 @@ impl Ctx {
                 Err(Failure::Api(response)) if response.status == 429 => {
                     let remaining = deadline.saturating_duration_since(std::time::Instant::now());
                     if remaining.is_zero() {
-                        return Err(Failure::Api(response));
+                        // At the deadline the call asks to wait no time, which the server answers at once
+                        // without an open wait: the last state seen, so a wait that timed out says so.
+                        return self.call(call()).await;
                     }
                     let seconds = response.body["retry_after_seconds"].as_u64().unwrap_or(1).clamp(1, 60);
                     tokio::time::sleep(std::time::Duration::from_secs(seconds).min(remaining)).await;

@@ -765,6 +765,13 @@ async fn a_wait_over_the_open_waits_is_asked_again_not_failed() {
     };
     metric_until_it(&server.admin, "countersign_open_waits_refused_total", |n| n >= 1.0).await;
 
+    // A wait whose deadline passes while every ask is refused ends as a timed-out wait does (exit 3, the
+    // action as last seen), not as a failed command: its last ask, at the deadline, waits no time.
+    let (url, key, id) = (server.admin.base(), bot.key().unwrap(), second.str("/id"));
+    let timed_out = cs(url, Some(key), &["actions", "wait", id, "--timeout", "2", "--json"]).await;
+    assert_eq!(timed_out.code, 3, "{} {}", timed_out.stdout, timed_out.stderr);
+    assert_eq!(timed_out.json()["state"], "pending_approval", "{}", timed_out.stdout);
+
     // The first wait ends with its decision; the command's next ask takes the free slot and waits.
     assert_eq!(server.admin.approve(first.str("/approval/id"), None).await.unwrap().status, 200);
     assert_eq!(holder.await.unwrap().status, 200);
