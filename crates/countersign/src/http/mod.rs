@@ -152,8 +152,11 @@ fn is_problem(response: &Response) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"))
 }
 
-async fn not_found() -> Error {
-    Error::NotFound("no such endpoint; see /v1/openapi.json".into())
+async fn not_found(uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with("/llm/") {
+        return crate::proxy::no_endpoint(uri.path());
+    }
+    Error::NotFound("no such endpoint; see /v1/openapi.json".into()).into_response()
 }
 
 async fn method_not_allowed() -> Response {

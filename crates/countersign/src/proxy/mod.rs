@@ -54,6 +54,24 @@ pub fn router() -> Router<AppState> {
         .route("/llm/{provider}/v1/embeddings", post(action(Endpoint::Embeddings)))
         .route("/llm/{provider}/v1/messages", post(action(Endpoint::Messages)))
         .route("/llm/{provider}/v1/models", get(models))
+        // Anthropic's SDK adds `/v1` to its base URL itself, so one pointed at `/llm/NAME/v1` (as the design
+        // and the README say for both clients) asks for `/llm/NAME/v1/v1/messages`.
+        .route("/llm/{provider}/v1/v1/messages", post(action(Endpoint::Messages)))
+        .route("/llm/{provider}/v1/v1/models", get(models))
+}
+
+/// Any other path under `/llm/` (the router's fallback sends them here): 404 in a provider's error shape
+/// (Anthropic's for a `messages` path, OpenAI's otherwise), so the SDK shows which paths exist and which base
+/// URL to use. Said before authentication and the same for every provider name, so it tells no one which
+/// providers exist.
+pub fn no_endpoint(path: &str) -> Response {
+    let dialect = if path.contains("/messages") { Dialect::Anthropic } else { Dialect::Openai };
+    let message = format!(
+        "no LLM proxy endpoint at {path}: point the client's base URL at /llm/PROVIDER/v1 (PROVIDER as named \
+         [llm.PROVIDER] in the Countersign configuration); the proxy answers POST v1/chat/completions, \
+         v1/completions, v1/embeddings and v1/messages, and GET v1/models"
+    );
+    wire::error(dialect, StatusCode::NOT_FOUND, &message)
 }
 
 /// The provider's name from the path, or why it cannot be read (answered in the provider's shape, not as

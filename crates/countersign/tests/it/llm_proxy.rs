@@ -230,7 +230,30 @@ async fn allowed_calls_are_forwarded_with_the_provider_key_and_audited() {
     let mismatch = s.post("/llm/openai/v1/messages", &json!({"model": "x"})).send().await.unwrap();
     assert_eq!(mismatch.status(), 404);
     assert_eq!(mismatch.json::<Value>().await.unwrap()["type"], "error");
+    // A path the proxy does not serve (here the base URL without its /v1) says which base URL to use, in the
+    // provider's shape, before any key is checked.
+    for (path, anthropic) in [("/llm/openai/chat/completions", false), ("/llm/anthropic/messages", true)] {
+        let stray = s.http.post(s.url(path)).json(&json!({"model": "x"})).send().await.unwrap();
+        assert_eq!(stray.status(), 404, "{path}");
+        let stray: Value = stray.json().await.unwrap();
+        assert_eq!(stray["type"] == "error", anthropic, "{stray}");
+        assert!(stray["error"]["message"].as_str().unwrap().contains("/llm/PROVIDER/v1"), "{stray}");
+    }
     assert_eq!(s.provider.count(), before);
+
+    // Anthropic's SDK adds /v1 to a base URL of /llm/anthropic/v1: that path is the messages endpoint too.
+    let doubled = s
+        .post(
+            "/llm/anthropic/v1/v1/messages",
+            &json!({"model": "claude-fake", "max_tokens": 8,
+                                                        "messages": [{"role": "user", "content": "twice"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(doubled.status(), 200);
+    assert_eq!(s.action(&doubled).await["capability"], "llm.messages.create");
+    assert_eq!(doubled.json::<Value>().await.unwrap()["content"][0]["text"], "echo: twice");
     s.server.stop().await;
 }
 

@@ -25,7 +25,10 @@ ADMIN_KEY = os.environ["COUNTERSIGN_ADMIN_KEY"]
 CHUNK_DELAY = float(os.environ.get("FAKE_CHUNK_DELAY", "0.3"))
 
 oai = openai.OpenAI(base_url=f"{URL}/llm/openai/v1", api_key=AGENT_KEY, max_retries=0, timeout=60)
-ant = anthropic.Anthropic(base_url=f"{URL}/llm/anthropic", api_key=AGENT_KEY, max_retries=0, timeout=60)
+# The base URL the design and the README give for both clients; the SDK adds /v1 itself, and the proxy
+# answers there too. `ant_root` is the provider's base without /v1, as with api.anthropic.com.
+ant = anthropic.Anthropic(base_url=f"{URL}/llm/anthropic/v1", api_key=AGENT_KEY, max_retries=0, timeout=60)
+ant_root = anthropic.Anthropic(base_url=f"{URL}/llm/anthropic", api_key=AGENT_KEY, max_retries=0, timeout=60)
 
 
 def admin(method, path, body=None):
@@ -71,6 +74,8 @@ def allowed():
     )
     check(message.content[0].text == "echo: hi claude", message)
     check(message.usage.output_tokens == 6, message.usage)
+    message = ant_root.messages.create(model="claude-fake", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
+    check(message.content[0].text == "echo: hi", message)
     vectors = oai.embeddings.create(model="fake-embed", input="embed me")
     check(len(vectors.data[0].embedding) == 3, vectors)
     models = oai.models.list()
