@@ -275,8 +275,10 @@ async fn governed(
             let token = outcome.token.unwrap_or_default();
             if let Some(slot) = slot {
                 let until_expiry = (approval.expires_at - gateway.now()).to_std().unwrap_or_default();
-                // A little past the deadline, so the expiry lands while this connection still waits.
-                let limit = wait.unwrap_or(until_expiry + Duration::from_secs(1)).min(MAX_HOLD);
+                // A little past the deadline, so the expiry lands while this connection still waits; and
+                // never past the client's own timeout, after which it would retry (a second action) and
+                // never read this answer.
+                let limit = hold_limit(wait.unwrap_or(until_expiry + Duration::from_secs(1)), headers);
                 let decided = gateway
                     .wait_action_holding(&slot, caller, &action.id, limit, |a| a.state != ActionState::PendingApproval)
                     .await?;
@@ -285,7 +287,7 @@ async fn governed(
                 let secret = crate::http::auth::presented_secret_in(headers)?;
                 gateway.still_stands(secret).await?;
                 match decided.state {
-                    ActionState::PendingApproval => pending(gateway, &decided, &approval, &token),
+                    ActionState::PendingApproval => hold_ran_out(gateway, dialect, &decided, &approval, &token, limit),
                     ActionState::Approved => execute(gateway, caller, secret, dialect, &decided, stream, slot).await?,
                     ActionState::Executing | ActionState::Succeeded | ActionState::Failed => {
                         stored_answer(gateway, caller, secret, dialect, &decided, &slot).await?
@@ -329,25 +331,77 @@ fn denied(dialect: Dialect, action: &Action) -> Response {
     wire::error(dialect, StatusCode::FORBIDDEN, &message)
 }
 
-/// 202 for `Countersign-Wait: 0` (or a hold that ran out): how to follow the approval.
+/// 202 for `Countersign-Wait: 0`: how to follow the approval.
 fn pending(gateway: &Gateway, action: &Action, approval: &Approval, token: &str) -> Response {
+    let body = pending_body(gateway, action, approval, token, None);
+    (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+}
+
+/// The body that says how to follow a held call's approval: `{error: {type: "approval_required", message,
+/// policy, agent}, action_id, approval_id, approval_token, poll_url, expires_at}`, its message saying how
+/// long the call was held when that ran out.
+fn pending_body(gateway: &Gateway, action: &Action, approval: &Approval, token: &str, held: Option<Duration>) -> Value {
     let verdict = action.verdict.as_ref();
     let rule = verdict.map(|v| v.rule.as_str()).unwrap_or("default");
     let why = verdict.and_then(|v| v.message.clone()).unwrap_or_else(|| "this request needs a human approval".into());
-    let body = json!({
-        "error": {
-            "type": "approval_required",
-            "message": format!("Countersign holds this request for approval by rule `{rule}`: {why}"),
-            "policy": rule,
-            "agent": action.agent_name,
-        },
+    let poll_url = gateway.poll_url_for(token);
+    let message = match held {
+        None => format!("Countersign holds this request for approval by rule `{rule}`: {why}"),
+        Some(held) => format!(
+            "Countersign held this request {}s for approval by rule `{rule}` ({why}) and no one has decided yet; \
+             it stays pending until {}: follow it at {poll_url}, whose /result holds the answer once approved \
+             (or send Countersign-Wait: 0 to be answered at once)",
+            held.as_secs(),
+            approval.expires_at.to_rfc3339()
+        ),
+    };
+    json!({
+        "error": {"type": "approval_required", "message": message, "policy": rule, "agent": action.agent_name},
         "action_id": action.id,
         "approval_id": approval.id,
         "approval_token": token,
-        "poll_url": gateway.poll_url_for(token),
+        "poll_url": poll_url,
         "expires_at": approval.expires_at.to_rfc3339(),
-    });
-    (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+    })
+}
+
+/// A hold that ran out undecided: 504 in the provider's shape (for Anthropic's, `type: "error"` beside the
+/// same fields), carrying how to follow the approval, with `x-should-retry: false`. SDKs read a 2xx as the
+/// model's answer (a 202 would be an empty completion, or an empty stream), and would retry a 5xx, which
+/// records a second action and pages the approvers again; this one raises their error with the message.
+fn hold_ran_out(
+    gateway: &Gateway,
+    dialect: Dialect,
+    action: &Action,
+    approval: &Approval,
+    token: &str,
+    held: Duration,
+) -> Response {
+    let mut body = pending_body(gateway, action, approval, token, Some(held));
+    if dialect == Dialect::Anthropic {
+        body["type"] = json!("error");
+    }
+    let mut response = (StatusCode::GATEWAY_TIMEOUT, axum::Json(body)).into_response();
+    response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+    response
+}
+
+/// How long a held call may wait on its connection: what it asked for (or its approval's deadline), at most
+/// [`MAX_HOLD`], and ending before the client's own timeout when the client says it, by a tenth of it and at
+/// most 5 s, so the answer arrives while the client still reads. OpenAI's and Anthropic's SDKs send it in
+/// seconds (600 by default): `x-stainless-read-timeout`, how long they wait for a byte, which a hold never
+/// sends, and `x-stainless-timeout` (Anthropic's, the whole call); the shorter counts.
+fn hold_limit(asked: Duration, headers: &HeaderMap) -> Duration {
+    let limit = asked.min(MAX_HOLD);
+    let client = ["x-stainless-read-timeout", "x-stainless-timeout"]
+        .into_iter()
+        .filter_map(|name| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok())
+        .filter_map(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .min();
+    match client {
+        Some(client) if !client.is_zero() => limit.min(client - (client / 10).min(Duration::from_secs(5))),
+        _ => limit,
+    }
 }
 
 /// Carries out an approved request on this connection, or, when the execution job took it first,

@@ -503,6 +503,28 @@ async fn an_approved_stream_run_by_the_job_is_not_cut_off_at_the_timeout() {
     s.server.stop().await;
 }
 
+/// A hold that runs out undecided (here the `Countersign-Wait` asked for) answers 504 in the provider's shape
+/// with how to follow the approval and `x-should-retry: false`, not a 2xx an SDK would read as the model's
+/// answer; the call stays pending. (Once approved its job carries it out after the grace period, as for a
+/// client that left: `a_held_call_whose_client_left_is_carried_out_by_the_job_after_the_grace_period`.)
+#[tokio::test]
+async fn a_hold_that_runs_out_answers_504_that_sdks_do_not_retry() {
+    let s = setup().await;
+    let body = json!({"model": "claude-opus-9", "max_tokens": 8, "messages": [{"role": "user", "content": "soon?"}]});
+    let response = s.post("/llm/anthropic/v1/messages", &body).header("Countersign-Wait", "1").send().await.unwrap();
+    assert_eq!(response.status(), 504);
+    assert_eq!(response.headers()["x-should-retry"], "false");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["type"], "error", "{answer}");
+    assert_eq!(answer["error"]["type"], "approval_required", "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("no one has decided yet"), "{answer}");
+    assert!(answer["approval_token"].as_str().unwrap().starts_with("cs_ap_"), "{answer}");
+    let status = s.http.get(answer["poll_url"].as_str().unwrap()).send().await.unwrap();
+    assert_eq!(status.json::<Value>().await.unwrap()["status"], "pending");
+    assert_eq!(s.provider.count(), 0);
+    s.server.stop().await;
+}
+
 #[tokio::test]
 async fn immediate_mode_answers_202_and_the_job_executes_after_approval() {
     let s = setup().await;

@@ -15,7 +15,7 @@ async fn the_real_openai_and_anthropic_python_clients_work_through_the_proxy() {
     let server = TestServer::start_with(llm_config(dir.path(), &provider.url), None).await;
     let agent = server.agent("python-agent").await;
     let delay = CHUNK_DELAY.as_secs_f64().to_string();
-    let cases = ["allowed", "streamed", "denied", "held_approved", "held_expired"];
+    let cases = ["allowed", "streamed", "denied", "held_approved", "held_expired", "held_past_client_timeout"];
     run_python_client("llm_clients.py", &agent, &server.admin, &[("FAKE_CHUNK_DELAY", &delay)], &cases).await;
     server.stop().await;
 }

@@ -172,12 +172,42 @@ def held_expired():
         raise AssertionError("anthropic: an expired call returned normally")
 
 
+def held_past_client_timeout():
+    """A hold nobody decides ends before the SDK's own timeout (which it sends as x-stainless-timeout), with an
+    error the SDK raises and does not retry (x-should-retry: false): one action, not one per retry."""
+    before = len(admin("GET", "/v1/approvals?status=pending&limit=1000")["items"])
+    impatient = openai.OpenAI(base_url=f"{URL}/llm/openai/v1", api_key=AGENT_KEY, timeout=3)  # default retries
+    started = time.monotonic()
+    try:
+        impatient.chat.completions.create(model="gpt-premium", messages=[{"role": "user", "content": "in time?"}])
+    except openai.InternalServerError as error:
+        check(error.status_code == 504, error)
+        check("no one has decided yet" in str(error) and "llm-premium-models" in str(error), str(error))
+        check(error.response.json()["approval_token"].startswith("cs_ap_"), error.response.text)
+        check(error.response.headers["x-should-retry"] == "false", error.response.headers)
+    else:
+        raise AssertionError("openai: a hold that ran out returned normally")
+    check(time.monotonic() - started < 3, "answered before the client's 3 s timeout")
+    terse = anthropic.Anthropic(base_url=f"{URL}/llm/anthropic/v1", api_key=AGENT_KEY, timeout=3)
+    try:
+        terse.messages.create(model="claude-opus-9", max_tokens=8, messages=[{"role": "user", "content": "in time?"}])
+    except anthropic.InternalServerError as error:
+        check(error.status_code == 504 and "no one has decided yet" in str(error), str(error))
+    else:
+        raise AssertionError("anthropic: a hold that ran out returned normally")
+    pending = admin("GET", "/v1/approvals?status=pending&limit=1000")["items"]
+    check(len(pending) == before + 2, f"one approval a call, none for retries: {len(pending)} after {before}")
+    for approval in pending:
+        admin("POST", f"/v1/approvals/{approval['id']}/deny", {"note": "cleanup"})
+
+
 CASES = {
     "allowed": allowed,
     "streamed": streamed,
     "denied": denied,
     "held_approved": held_approved,
     "held_expired": held_expired,
+    "held_past_client_timeout": held_past_client_timeout,
 }
 
 if __name__ == "__main__":
