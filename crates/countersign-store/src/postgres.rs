@@ -16,6 +16,8 @@
 //!   chain stays gapless; different orgs never wait for each other. The lock is held until commit, so a
 //!   transaction that appends should take its other row locks first, or PostgreSQL may break a lock cycle by
 //!   failing one transaction (mapped to `StoreError::Unavailable`).
+//! - **Policies.** A writer locks the org's row before it reads or inserts a policy, so an org's policy writes
+//!   take turns and the newest `seq` is the last committed (`lock_org_policy`).
 //! - **Jobs** are claimed with `FOR NO KEY UPDATE SKIP LOCKED`: a claimer skips rows another replica is claiming, so
 //!   each due job goes to exactly one replica and claimers never wait for each other.
 //! - **Reader transactions** ([`Store::read`]) are `REPEATABLE READ READ ONLY`: one consistent snapshot (as a
@@ -72,6 +74,30 @@ const MIGRATIONS: [(i64, &str, &str); 4] = [
 
 /// Prepared statements kept per connection (sqlx's default is 100).
 const STATEMENT_CACHE: usize = 400;
+
+/// Settings each pooled connection makes for its session (with `SET`, which any role may, and which passes
+/// through connection poolers that refuse startup options), each unless the database URL's `options` names
+/// it. A replica whose host dies or is cut off while its transaction holds row locks (an org's audit head,
+/// an approval) would otherwise keep them until the server's TCP stack gives up on it (two hours by default),
+/// and every other replica's writes to that org would queue behind them: the server now probes an idle
+/// connection after 30 s and ends it after three unanswered probes 10 s apart. A transaction left open and
+/// idle for 5 minutes (none of the gateway's is) is ended too.
+const SESSION_SETTINGS: [(&str, &str); 4] = [
+    ("tcp_keepalives_idle", "30"),
+    ("tcp_keepalives_interval", "10"),
+    ("tcp_keepalives_count", "3"),
+    ("idle_in_transaction_session_timeout", "'5min'"),
+];
+
+/// The `SET` statements of [`SESSION_SETTINGS`] not named in the URL's `options` (`-c name=value …`).
+fn session_settings(url_options: &str) -> String {
+    SESSION_SETTINGS
+        .iter()
+        .filter(|(name, _)| !url_options.contains(name))
+        .map(|(name, value)| format!("SET {name} = {value};"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 /// The oldest server this store works with (`server_version_num`): 13 (`MATERIALIZED` common table
 /// expressions need 12).
@@ -187,7 +213,17 @@ impl PostgresStore {
         }
         let lost = ConnectionLost::default();
         let hook = lost.clone();
+        let settings = session_settings(options.get_options().unwrap_or_default());
         let pool = PgPoolOptions::new()
+            .after_connect(move |conn, _| {
+                let settings = settings.clone();
+                Box::pin(async move {
+                    if !settings.is_empty() {
+                        sqlx::Executor::execute(&mut *conn, AssertSqlSafe(settings)).await?;
+                    }
+                    Ok(())
+                })
+            })
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
@@ -713,6 +749,23 @@ impl PgTx {
             )
             .await?;
         rows.iter().map(audit_row).collect()
+    }
+
+    /// In a writer, locks the org's row until commit before its policy is read or written, so an org's policy
+    /// writes take turns: a policy's `seq` is given at its insert, not at its commit, so two replicas writing at
+    /// once could commit in the other order and leave the newest `seq` (what every replica puts in force) to
+    /// the one whose `policy.updated` is not the last in the audit log; and a replica starting beside an
+    /// admin's `PUT /v1/policy` could record its file policy over the `api` one it did not yet see. Nothing
+    /// else locks the row this way (a foreign key's check takes `FOR KEY SHARE`, which this does not block),
+    /// and it is taken before the transaction's first audit append. A reader locks nothing.
+    async fn lock_org_policy(&mut self, org: &OrgId) -> Result<(), StoreError> {
+        if self.writer {
+            self.execute(
+                sqlx::query("SELECT 1 FROM orgs WHERE id = $1 FOR NO KEY UPDATE").bind(org.as_str().to_owned()),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// `sql` as is in a reader; with `FOR NO KEY UPDATE` appended in a writer.
@@ -1744,12 +1797,15 @@ impl StoreTx for PgTx {
     ) -> Result<Option<Job>, StoreError> {
         // SKIP LOCKED: a job another replica is claiming right now is passed over, not waited for. A row
         // claimed and committed since this statement's snapshot is re-checked under its lock and dropped.
-        // Due queued jobs first, then jobs whose lease ran out; each probe walks its own partial index
-        // (`jobs_due`, `jobs_leased`) instead of one OR that would look at every running job.
+        // Jobs whose lease ran out first (a replica died running them: few, and each is taken once, with a
+        // new lease), then due queued jobs; otherwise a steady backlog of queued jobs would keep a dead
+        // replica's job, and its action stuck `executing`, from being taken up again until the backlog
+        // drained. Each probe walks its own partial index (`jobs_leased`, `jobs_due`) instead of one OR that
+        // would look at every running job.
         for probe in [
-            "SELECT id FROM jobs WHERE state = 'queued' AND run_at <= $1 ORDER BY run_at LIMIT 1
-             FOR NO KEY UPDATE SKIP LOCKED",
             "SELECT id FROM jobs WHERE state = 'running' AND lease_until <= $1 ORDER BY lease_until LIMIT 1
+             FOR NO KEY UPDATE SKIP LOCKED",
+            "SELECT id FROM jobs WHERE state = 'queued' AND run_at <= $1 ORDER BY run_at LIMIT 1
              FOR NO KEY UPDATE SKIP LOCKED",
         ] {
             let row = self
@@ -1909,6 +1965,7 @@ impl StoreTx for PgTx {
     }
 
     async fn insert_policy(&mut self, p: &StoredPolicy) -> Result<(), StoreError> {
+        self.lock_org_policy(&p.org_id).await?;
         self.execute(
             sqlx::query(
                 "INSERT INTO policies (org_id, version, sources, origin, created_at) VALUES ($1, $2, $3, $4, $5)",
@@ -1924,6 +1981,7 @@ impl StoreTx for PgTx {
     }
 
     async fn current_policy(&mut self, org: &OrgId) -> Result<Option<StoredPolicy>, StoreError> {
+        self.lock_org_policy(org).await?;
         let row = self
             .fetch_optional(
                 sqlx::query("SELECT * FROM policies WHERE org_id = $1 ORDER BY seq DESC LIMIT 1")

@@ -1996,12 +1996,14 @@ impl StoreTx for SqliteTx {
         let row = self
             .fetch_optional(
                 // Two probes, each on its partial index (`jobs_due`, `jobs_leased`); one OR over both would scan
-                // every running job on each claim.
+                // every running job on each claim. A job whose lease ran out comes first, as on PostgreSQL (see
+                // there: a backlog of queued jobs must not keep a dead runner's job waiting): 'running' sorts
+                // after 'queued' (a compound SELECT orders by its columns only, not by an expression).
                 q("SELECT * FROM (SELECT * FROM jobs WHERE state = 'queued' AND run_at <= ? ORDER BY run_at LIMIT 1)
                      UNION ALL
                      SELECT * FROM (SELECT * FROM jobs WHERE state = 'running' AND lease_until <= ?
                                     ORDER BY lease_until LIMIT 1)
-                     ORDER BY run_at LIMIT 1")
+                     ORDER BY state DESC LIMIT 1")
                 .bind(to_us(now))
                 .bind(to_us(now)),
             )

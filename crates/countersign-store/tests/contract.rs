@@ -91,6 +91,15 @@ impl Backend {
         }
     }
 
+    /// PostgreSQL: another store on this database (a second replica) whose sessions start with `setting`
+    /// (`name = value`, set for the database; the first store's open connections keep theirs).
+    async fn replica_with(&self, url: &str, setting: &str) -> PostgresStore {
+        let Raw::Postgres(pool) = &self.raw else { unreachable!() };
+        let db = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER DATABASE {db} SET {setting}"))).execute(pool).await.unwrap();
+        PostgresStore::connect(url).await.unwrap()
+    }
+
     /// Runs one statement outside the store; the error text on failure.
     async fn raw(&self, sql: &'static str) -> Result<u64, String> {
         let done = match &self.raw {
@@ -172,11 +181,13 @@ contract!(
     schema_refuses_audit_changes_and_retention_needs_a_checkpoint,
     concurrent_claimers_take_each_job_once,
     leases_expire_renew_and_release,
+    an_expired_lease_is_taken_before_the_queue,
     an_agent_lists_only_the_executions_of_its_own_actions,
     pages_of_actions_and_approvals_stop_at_the_byte_budget,
     webhooks_and_deliveries_round_trip,
     concurrent_writers_serialise_on_an_approval,
     lock_waits_that_time_out_are_unavailable,
+    policy_writes_of_an_org_take_turns,
     published_changes_reach_subscribers_only_when_committed,
     policies_keep_every_version,
     precedent_counts_successes_and_human_approved_records_only,
@@ -1242,6 +1253,26 @@ mod checks {
         assert!(history.cut, "{n}");
     }
 
+    /// A job whose lease ran out is taken before a due queued job, even one due long before: a backlog of
+    /// queued jobs does not keep a dead runner's job (and its action, stuck `executing`) waiting.
+    pub async fn an_expired_lease_is_taken_before_the_queue(b: &Backend) {
+        let (o, _, _) = seed(b, "dead-runner").await;
+        let n = b.name;
+        let t0 = now();
+        let at = |secs: i64| t0 + TimeDelta::seconds(secs);
+        let mut tx = b.store.write().await.unwrap();
+        let stuck = Job::new(o.id.clone(), JobKind::ActionExecute, Some("act_x".into()), json!({}), at(-60));
+        tx.insert_job(&stuck).await.unwrap();
+        assert_eq!(tx.claim_job(at(-60), "dead", at(-30)).await.unwrap().map(|j| j.id), Some(stuck.id.clone()));
+        let backlog = Job::new(o.id.clone(), JobKind::WebhookDeliver, Some("whd_x".into()), json!({}), at(-3600));
+        tx.insert_job(&backlog).await.unwrap();
+        let taken = tx.claim_job(at(0), "alive", at(30)).await.unwrap().unwrap();
+        assert_eq!((taken.id, taken.attempts, taken.lease_owner.as_deref()), (stuck.id, 2, Some("alive")), "{n}");
+        assert_eq!(tx.claim_job(at(0), "alive", at(30)).await.unwrap().map(|j| j.id), Some(backlog.id), "{n}");
+        assert_eq!(tx.claim_job(at(0), "alive", at(30)).await.unwrap(), None, "{n}");
+        tx.commit().await.unwrap();
+    }
+
     pub async fn leases_expire_renew_and_release(b: &Backend) {
         let (o, _, _) = seed(b, "leases").await;
         let (other, _, _) = seed(b, "other").await;
@@ -1459,13 +1490,7 @@ mod checks {
         tx.insert_approval(&apr).await.unwrap();
         tx.commit().await.unwrap();
         // A second replica whose sessions give up on a lock after 100 ms.
-        let Raw::Postgres(pool) = &b.raw else { unreachable!() };
-        let db = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
-        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER DATABASE {db} SET lock_timeout = '100ms'")))
-            .execute(pool)
-            .await
-            .unwrap();
-        let impatient = PostgresStore::connect(url).await.unwrap();
+        let impatient = b.replica_with(url, "lock_timeout = '100ms'").await;
 
         let mut holder = b.store.write().await.unwrap();
         assert!(holder.get_approval(&o.id, &apr.id).await.unwrap().is_some());
@@ -1476,6 +1501,45 @@ mod checks {
         // Readers take no locks, so they are not refused.
         assert!(impatient.read().await.unwrap().get_approval(&o.id, &apr.id).await.unwrap().is_some());
         holder.commit().await.unwrap();
+        impatient.pool().close().await;
+    }
+
+    /// PostgreSQL only: a writer that reads or writes an org's policy holds that org's turn until it commits,
+    /// so policies commit in the order of their `seq` and the one in force is the last written. (SQLite has one
+    /// writer.) Another org's policy, and the org's other writes, do not wait.
+    pub async fn policy_writes_of_an_org_take_turns(b: &Backend) {
+        let Some(url) = &b.url else { return };
+        let (o, _, bot) = seed(b, "turns").await;
+        let (other, _, _) = seed(b, "others").await;
+        let policy = |org: &Org, version: &str, origin: &str| StoredPolicy {
+            org_id: org.id.clone(),
+            version: version.into(),
+            sources: vec![("policy.yaml".into(), format!("version: {version}\n"))],
+            origin: origin.into(),
+            created_at: now(),
+        };
+        let impatient = b.replica_with(url, "lock_timeout = '100ms'").await;
+
+        let mut first = b.store.write().await.unwrap();
+        first.insert_policy(&policy(&o, "p1", "api")).await.unwrap();
+        // A second writer cannot read the org's policy, nor write one, until the first commits.
+        let mut second = impatient.write().await.unwrap();
+        assert!(matches!(second.current_policy(&o.id).await, Err(StoreError::Unavailable(_))));
+        drop(second);
+        let mut second = impatient.write().await.unwrap();
+        assert!(matches!(second.insert_policy(&policy(&o, "p2", "file")).await, Err(StoreError::Unavailable(_))));
+        drop(second);
+        // Other orgs' policies, the org's other writes and readers go on.
+        let mut elsewhere = impatient.write().await.unwrap();
+        elsewhere.insert_policy(&policy(&other, "q1", "file")).await.unwrap();
+        elsewhere.insert_action(&action(&o, &bot, "email.send.message", ActionState::Succeeded)).await.unwrap();
+        elsewhere.commit().await.unwrap();
+        assert_eq!(impatient.read().await.unwrap().current_policy(&o.id).await.unwrap(), None);
+        first.commit().await.unwrap();
+        // Now the second sees the first's policy, as it decides what to write.
+        let mut second = impatient.write().await.unwrap();
+        assert_eq!(second.current_policy(&o.id).await.unwrap().map(|p| p.version), Some("p1".to_owned()));
+        drop(second);
         impatient.pool().close().await;
     }
 
@@ -1836,14 +1900,8 @@ async fn postgres_durable_flushes_the_deferred_commits_before_it() {
         return;
     };
     let b = Backend::postgres(&url).await;
-    let own_url = b.url.clone().unwrap();
     let Raw::Postgres(pool) = &b.raw else { unreachable!() };
-    let db = own_url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
-    sqlx::query(sqlx::AssertSqlSafe(format!("ALTER DATABASE {db} SET synchronous_commit = on")))
-        .execute(pool)
-        .await
-        .unwrap();
-    let store = PostgresStore::connect(&own_url).await.unwrap();
+    let store = b.replica_with(b.url.as_deref().unwrap(), "synchronous_commit = on").await;
     let (o, _, bot) = seed(&b, "durable").await;
     for round in 0..5 {
         let mut tx = store.write().await.unwrap();
@@ -1860,6 +1918,38 @@ async fn postgres_durable_flushes_the_deferred_commits_before_it() {
             .unwrap();
         assert!(flushed, "round {round}: the WAL is not flushed to {written} after durable()");
     }
+    store.pool().close().await;
+    b.finish().await;
+}
+
+/// PostgreSQL: the store's connections have the server probe them when idle (so a replica that dies holding
+/// row locks loses them in about a minute, not two hours) and end a transaction left idle; a setting the
+/// database URL's `options` names is the URL's. Skipped without a server.
+#[tokio::test]
+async fn postgres_sessions_are_probed_and_the_url_options_win() {
+    let Ok(url) = std::env::var(PG_URL_VAR) else {
+        eprintln!("{PG_URL_VAR} is not set, so this PostgreSQL test is skipped");
+        return;
+    };
+    let b = Backend::postgres(&url).await;
+    // The store's own pool.
+    let Raw::Postgres(pool) = &b.raw else { unreachable!() };
+    let show = |name: &'static str| async move {
+        sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SHOW {name}"))).fetch_one(pool).await.unwrap()
+    };
+    assert_eq!(show("tcp_keepalives_idle").await, "30");
+    assert_eq!(show("tcp_keepalives_interval").await, "10");
+    assert_eq!(show("tcp_keepalives_count").await, "3");
+    assert_eq!(show("idle_in_transaction_session_timeout").await, "5min");
+    let own_url = b.url.clone().unwrap();
+    let separator = if own_url.contains('?') { '&' } else { '?' };
+    let custom = format!("{own_url}{separator}options=-c%20idle_in_transaction_session_timeout%3D7s");
+    let store = PostgresStore::connect(&custom).await.unwrap();
+    let timeout: String =
+        sqlx::query_scalar("SHOW idle_in_transaction_session_timeout").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(timeout, "7s");
+    let idle: String = sqlx::query_scalar("SHOW tcp_keepalives_idle").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(idle, "30");
     store.pool().close().await;
     b.finish().await;
 }
