@@ -140,6 +140,9 @@ pub struct LlmFileConfig {
     /// Default: `anthropic` when the provider is named `anthropic`, else `openai`.
     #[serde(default)]
     pub dialect: Option<Dialect>,
+    /// How long a non-streamed call may take in all, and a stream may go without a byte (its first one
+    /// included). Default 600 s, the OpenAI and Anthropic SDKs' own timeout: a reasoning model may think for
+    /// minutes, and a call that works directly must not fail through the proxy.
     #[serde(default = "default_llm_timeout")]
     pub timeout_seconds: u64,
     /// Ask an OpenAI-dialect stream for its token usage (`stream_options.include_usage`) when the client
@@ -190,7 +193,7 @@ fn default_dialect(name: &str) -> Dialect {
 }
 
 fn default_llm_timeout() -> u64 {
-    120
+    600
 }
 
 /// An upstream MCP server as written under `[mcp_servers.NAME]`: exactly one of `url` (Streamable HTTP)
@@ -751,7 +754,7 @@ data_dir = "./data"                 # SQLite file, admin.key, audit-signing.key,
 # base_url = "https://api.openai.com/v1"   # with or without the trailing /v1
 # api_key = "${env:OPENAI_API_KEY}"
 # dialect = "openai"                # default: "anthropic" for [llm.anthropic], else "openai"
-# timeout_seconds = 120
+# timeout_seconds = 600
 # stream_usage = true               # ask streams for token usage (default: on for api.openai.com only)
 # orgs = ["default"]                # the orgs that may use it; default: every org
 # [llm.anthropic]
@@ -812,7 +815,7 @@ mod tests {
         assert_eq!(file.llm.get("local").and_then(|p| p.dialect), Some(Dialect::Anthropic));
         assert_eq!(default_dialect("anthropic"), Dialect::Anthropic);
         assert_eq!(default_dialect("openai"), Dialect::Openai);
-        assert_eq!(file.llm.get("openai").map(|p| p.timeout_seconds), Some(120));
+        assert_eq!(file.llm.get("openai").map(|p| p.timeout_seconds), Some(600));
         assert!(!format!("{:?}", file.llm.get("openai")).contains("\"k\""));
     }
 

@@ -327,17 +327,19 @@ pub fn classify(dialect: Dialect, status: u16, content_type: &str, body: &[u8]) 
     let is_stream = content_type.starts_with("text/event-stream");
     let parsed: Option<Value> = if is_stream { None } else { serde_json::from_slice(body).ok() };
     let mut details = Map::new();
+    let mut stream_failure = None;
     if is_stream {
         let mut usage = SseUsage::new(dialect);
         usage.feed(body);
         usage.finish();
         details = usage.details();
+        stream_failure = usage.failure();
     } else if let Some(value) = &parsed {
         details = usage_of(dialect, value);
     }
     let (succeeded, error) = match (status, &parsed) {
         (200..=299, Some(_)) => (true, None),
-        (200..=299, None) if is_stream => (true, None),
+        (200..=299, None) if is_stream => (stream_failure.is_none(), stream_failure),
         (200..=299, None) => (false, Some("the provider answered with a body that is not valid JSON".to_owned())),
         (status, _) => (false, Some(format!("upstream answered {status}"))),
     };
@@ -400,6 +402,9 @@ pub struct SseUsage {
     usage: Map<String, Value>,
     /// The stream said it was complete (`[DONE]` or `message_stop`).
     pub completed: bool,
+    /// The message of the first error event the stream carried (Anthropic's `{"type": "error", "error":
+    /// {…}}`, such as `overloaded_error`; an OpenAI-style `{"error": {…}}`).
+    pub error: Option<String>,
 }
 
 /// A line longer than this is not an event we read usage from; it is skipped, not buffered.
@@ -407,7 +412,7 @@ const MAX_SSE_LINE: usize = 1024 * 1024;
 
 impl SseUsage {
     pub fn new(dialect: Dialect) -> Self {
-        SseUsage { dialect, line: Vec::new(), model: None, usage: Map::new(), completed: false }
+        SseUsage { dialect, line: Vec::new(), model: None, usage: Map::new(), completed: false, error: None }
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
@@ -436,6 +441,13 @@ impl SseUsage {
             return;
         }
         let Ok(event) = serde_json::from_slice::<Value>(data) else { return };
+        if self.error.is_none()
+            && let Some(error) = event.get("error").filter(|e| e.is_object())
+        {
+            let kind = error.get("type").and_then(Value::as_str).unwrap_or("error");
+            let message = error.get("message").and_then(Value::as_str).unwrap_or("no message");
+            self.error = Some(format!("{kind}: {}", &message[..message.floor_char_boundary(500)]));
+        }
         match self.dialect {
             Dialect::Openai => {
                 if let Some(model) = event.get("model").and_then(Value::as_str) {
@@ -464,6 +476,18 @@ impl SseUsage {
                     self.completed = true;
                 }
             }
+        }
+    }
+
+    /// Why a stream the provider closed is not a success: an error event in it, or no word that it was
+    /// complete (it was cut short). `None` for a complete stream. Read after [`SseUsage::finish`].
+    pub fn failure(&self) -> Option<String> {
+        match (&self.error, self.completed) {
+            (Some(error), _) => Some(format!("the provider's stream reported an error: {error}")),
+            (None, false) => {
+                Some("the provider's stream ended before it said it was complete ([DONE] or message_stop)".into())
+            }
+            (None, true) => None,
         }
     }
 

@@ -592,6 +592,19 @@ impl Gateway {
                 }
             }
         }
+        // Past its deadline an approval is expired, whether or not its timer has fired yet: the action ends
+        // as the timer would end it, as a decision arriving then finds it.
+        if let Some(mut approval) = locked_approval.clone()
+            && approval.status == ApprovalStatus::Pending
+            && approval.expires_at <= now
+        {
+            self.expire_in(&mut work, &mut approval, &mut action).await?;
+            work.commit(self).await?;
+            return Err(Error::Conflict {
+                message: format!("action {id} expired at {}; nothing to cancel", approval.expires_at.to_rfc3339()),
+                state: Some("expired".into()),
+            });
+        }
         action.state = action.state.transition(ActionState::Cancelled)?;
         action.decided_at = Some(now);
         action.finished_at = Some(now);

@@ -20,7 +20,6 @@ pub struct ApprovalStatusView {
     pub status: ApprovalStatus,
     pub decided_at: Option<chrono::DateTime<chrono::Utc>>,
     pub note: Option<String>,
-    pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Gateway {
@@ -78,6 +77,14 @@ impl Gateway {
         // Read once the approval is ours (the writer's turn on SQLite, its row lock on PostgreSQL): a decision
         // that waited past the deadline must find it expired, as the expiry timer queued behind it would.
         let now = self.now();
+        // The decider as stored now, not as authenticated: a user disabled or made a viewer since (while this
+        // request was on its way, or within another replica's credential cache) decides nothing, a deny
+        // included, as an approval of theirs would no longer count.
+        let user = match work.tx.get_user(&org, &user.id).await? {
+            Some(stored) if stored.disabled_at.is_none() => stored,
+            _ => return Err(Error::Unauthenticated("the user of this key is disabled".into())),
+        };
+        Self::role_may_decide(&user)?;
         self.check_group(&user, &approval)?;
         if approval.status != ApprovalStatus::Pending {
             return Err(Error::Conflict {
@@ -176,12 +183,17 @@ impl Gateway {
             Caller::User(user) => user,
             _ => return Err(Error::Forbidden("agents and sessions can never decide approvals".into())),
         };
+        Self::role_may_decide(user)?;
+        Ok(user)
+    }
+
+    fn role_may_decide(user: &User) -> Result<()> {
         if user.role == Role::Viewer {
             return Err(Error::Forbidden(
                 "viewers cannot decide approvals; this needs the approver or admin role".into(),
             ));
         }
-        Ok(user)
+        Ok(())
     }
 
     /// The counted approvals whose authors, read again in this transaction, are still enabled users who may
@@ -230,7 +242,7 @@ impl Gateway {
         Ok(())
     }
 
-    async fn expire_in(&self, work: &mut Work, approval: &mut Approval, action: &mut Action) -> Result<()> {
+    pub(super) async fn expire_in(&self, work: &mut Work, approval: &mut Approval, action: &mut Action) -> Result<()> {
         let now = self.now();
         approval.status = approval.status.transition(ApprovalStatus::Expired)?;
         approval.decided_at = Some(now);
@@ -309,12 +321,7 @@ impl Gateway {
             ApprovalStatus::Denied => deciding(Some(Decision::Deny)),
             _ => None,
         };
-        Ok(ApprovalStatusView {
-            status: approval.status,
-            decided_at: approval.decided_at,
-            note,
-            expires_at: approval.expires_at,
-        })
+        Ok(ApprovalStatusView { status: approval.status, decided_at: approval.decided_at, note })
     }
 
     /// `GET /v1/approval-status/{token}/result`: the stored result of the executed request.

@@ -158,10 +158,13 @@ impl Gateway {
     /// runner and this one claim (`<runner>/<claim>`), so a job this runner lost and then took again is a
     /// different claim: the earlier handler's renewals and settling no longer match it.
     pub async fn claim_job(&self) -> Result<Option<Job>> {
-        let now = self.now();
-        let lease_until = now + chrono::Duration::from_std(self.inner.jobs.lease).unwrap_or_default();
         let owner = format!("{}/{}", self.inner.jobs.owner, ulid::Ulid::generate());
         let mut work = self.write().await?;
+        // The lease runs from when the writer is ours, not from before a wait for it (a busy pool, a long
+        // write ahead): the runner counts its first renewal from the claim's return, so a lease timed from
+        // earlier could run out, and another runner take the job, while this one still holds it in mind.
+        let now = self.now();
+        let lease_until = now + chrono::Duration::from_std(self.inner.jobs.lease).unwrap_or_default();
         let job = work.tx.claim_job(now, &owner, lease_until).await?;
         if let Some(job) = &job {
             work.job_changed(job);
@@ -178,8 +181,8 @@ impl Gateway {
     /// Keeps the lease of this claim of a running job; false once it was lost.
     pub async fn renew_job_lease(&self, job: &Job) -> Result<bool> {
         let Some(owner) = job.lease_owner.as_deref() else { return Ok(false) };
-        let until = self.now() + chrono::Duration::from_std(self.inner.jobs.lease).unwrap_or_default();
         let mut work = self.write().await?;
+        let until = self.now() + chrono::Duration::from_std(self.inner.jobs.lease).unwrap_or_default();
         let held = work.tx.renew_job_lease(&job.id, owner, until).await?;
         work.commit(self).await?;
         Ok(held)

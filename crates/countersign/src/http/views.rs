@@ -176,7 +176,9 @@ pub fn approval_detail(gateway: &Gateway, a: &Approval, act: &Action) -> Value {
 }
 
 pub fn approval_status(s: &ApprovalStatusView) -> Value {
-    json!({"status": s.status, "decided_at": opt_time(s.decided_at), "note": s.note, "expires_at": time(s.expires_at)})
+    // Exactly the design's `{status, decided_at, note}`: the token is a credential anyone holding it may use,
+    // and it reveals nothing else.
+    json!({"status": s.status, "decided_at": opt_time(s.decided_at), "note": s.note})
 }
 
 pub fn audit_event(e: &AuditEvent) -> Value {

@@ -177,8 +177,13 @@ pub fn relay(upstream: reqwest::Response, recorder: Recorder, idle: Duration, dr
                 Some((Ok(chunk), state))
             }
             Ok(None) => {
+                // The provider closed its stream: a success only if the stream said it was complete and
+                // carried no error event (an overloaded provider sends one, then closes). Either way the
+                // client gets the stream as it came.
+                recorder.usage.finish();
+                let failure = recorder.usage.failure();
                 // Not durable: the body ends with an error, not as a complete answer.
-                if let Err(e) = recorder.record(None).await {
+                if let Err(e) = recorder.record(failure).await {
                     return Some((Err(e), state));
                 }
                 // What is left is an event the provider did not finish: passed on as it came.

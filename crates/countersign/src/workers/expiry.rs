@@ -2,14 +2,16 @@
 //! pending approval, armed at submission and, after a restart, from the store's pending deadlines.
 //!
 //! When a timer fires the gateway expires the approval in a transaction that first re-checks it is still
-//! pending and due, so a decided approval is left alone and an early timer is simply re-armed.
+//! pending and due, so a decided approval is left alone and an early timer is simply re-armed. Up to
+//! [`CONCURRENT_EXPIRIES`] run at once, each on a task of its own, so approvals due together expire together.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use countersign_core::ids::ApprovalId;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 
@@ -23,10 +25,20 @@ fn delay_until(gateway: &Gateway, request: &ExpiryRequest) -> Duration {
     (request.expires_at - gateway.now()).to_std().unwrap_or(Duration::ZERO).min(LONGEST_TIMER)
 }
 
+/// How many expiries run at once. Each is a write transaction with a durable commit; run one at a time, a
+/// burst of approvals due together (2,000 submitted within a second, say) would end seconds after their
+/// deadline, and one slow expiry would hold up every timer behind it. Run together, their commits share
+/// syncs (SQLite's group commit; PostgreSQL's, across connections).
+const CONCURRENT_EXPIRIES: usize = 32;
+
 pub async fn run(gateway: Gateway, mut requests: mpsc::UnboundedReceiver<ExpiryRequest>, shutdown: CancellationToken) {
     let mut timers: DelayQueue<ExpiryRequest> = DelayQueue::new();
-    // One timer per approval, however often it is announced (its own commit, other replicas, re-arming).
+    // One timer per approval, however often it is announced (its own commit, other replicas, re-arming); an
+    // approval stays armed while its expiry runs.
     let mut armed: HashSet<ApprovalId> = HashSet::new();
+    let mut running: JoinSet<bool> = JoinSet::new();
+    // What each running expiry is about, so one that ends in any way (a panic included) is seen to.
+    let mut about: HashMap<tokio::task::Id, ExpiryRequest> = HashMap::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -39,19 +51,40 @@ pub async fn run(gateway: Gateway, mut requests: mpsc::UnboundedReceiver<ExpiryR
                 }
                 None => return,
             },
-            Some(expired) = timers.next(), if !timers.is_empty() => {
+            Some(expired) = timers.next(), if !timers.is_empty() && running.len() < CONCURRENT_EXPIRIES => {
                 let request = expired.into_inner();
-                armed.remove(&request.approval_id);
-                match gateway.expire_approval(&request.org_id, &request.approval_id).await {
-                    Ok(true) => {}
-                    Ok(false) => {
+                let (gateway, org, id) = (gateway.clone(), request.org_id.clone(), request.approval_id.clone());
+                let task = running.spawn(async move {
+                    match gateway.expire_approval(&org, &id).await {
+                        Ok(settled) => settled,
+                        Err(error) => {
+                            tracing::warn!(approval = %id, %error, "expiring an approval failed; retrying in 1s");
+                            false
+                        }
+                    }
+                });
+                about.insert(task.id(), request);
+            }
+            Some(ended) = running.join_next_with_id(), if !running.is_empty() => {
+                let (task, settled) = match ended {
+                    Ok((task, settled)) => (task, Some(settled)),
+                    Err(error) => (error.id(), None),
+                };
+                let Some(request) = about.remove(&task) else { continue };
+                match settled {
+                    Some(true) => {
+                        armed.remove(&request.approval_id);
+                    }
+                    // Not due yet (a timer set for at most a day, or a clock that moved): set again.
+                    Some(false) if request.expires_at > gateway.now() => {
                         let delay = delay_until(&gateway, &request).max(Duration::from_millis(10));
-                        armed.insert(request.approval_id.clone());
                         timers.insert(request, delay);
                     }
-                    Err(error) => {
-                        tracing::warn!(approval = %request.approval_id, %error, "expiring an approval failed; retrying in 1s");
-                        armed.insert(request.approval_id.clone());
+                    // Failed (logged above) or panicked: tried again in a second.
+                    _ => {
+                        if settled.is_none() {
+                            tracing::error!(approval = %request.approval_id, "expiring an approval panicked; retrying in 1s");
+                        }
                         timers.insert(request, Duration::from_secs(1));
                     }
                 }

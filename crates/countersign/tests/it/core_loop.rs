@@ -43,7 +43,9 @@ async fn allowed_denied_and_held_actions() {
     let status = server.admin.get(&format!("/v1/approval-status/{}", held.str("/approval/token"))).await.unwrap();
     assert_eq!(status.status, 200);
     assert_eq!(status.str("/status"), "pending");
-    assert_eq!(status.body.get("params"), None, "the token reveals only the status");
+    let mut fields: Vec<&str> = status.body.as_object().unwrap().keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["decided_at", "note", "status"], "the token reveals only the status");
 
     // Withdrawn by its agent: the approval leaves the queue, and its own trail says so.
     let approval_id = held.str("/approval/id");
@@ -383,6 +385,12 @@ async fn a_session_never_outlives_the_key_it_was_minted_with() {
     assert_eq!(server.admin.delete_user(bob_id.as_str().unwrap()).await.unwrap().status, 204);
     let refused = gateway.create_session(&bob, request(&bob_key)).await.map(|c| c.token).unwrap_err();
     assert!(refused.to_string().contains("the user of this key is disabled"), "{refused}");
+    // Nor does he decide an approval, a deny included: it stays pending.
+    let held = bot.submit_action(&action("finance.issue.card")).await.unwrap();
+    let approval_id = countersign_core::ids::ApprovalId::parse(held.str("/approval/id")).unwrap();
+    let denied = gateway.decide(&bob, &approval_id, countersign_core::state::Decision::Deny, None).await;
+    assert!(denied.unwrap_err().to_string().contains("the user of this key is disabled"));
+    assert_eq!(server.admin.get_approval(approval_id.as_str()).await.unwrap().str("/status"), "pending");
 
     // A session written as if its mint had committed after the revocation of its key.
     let bot_key = bot.key().unwrap().to_owned();
@@ -803,4 +811,25 @@ async fn precedent_stops_at_its_cap_for_that_agent_and_capability_only() {
     assert!(crate::helpers::raw_sql(dir.path(), failed, &["busy"]).await.unwrap() > cap);
     assert_eq!(submit(&busy, "email.send.message").await, cap, "the cap was counted again");
     assert_eq!(submit(&busy, "email.send.digest").await, 0, "a pair below the cap is counted from the store");
+}
+
+/// An agent that cancels its action after the approval's deadline, before the expiry timer has fired (here
+/// the clock jumps a day; the timer still waits its 15 minutes), finds it expired, as a decision would: the
+/// action ends `expired`, not `cancelled`, and the cancel answers 409 saying so.
+#[tokio::test]
+async fn a_cancel_after_the_deadline_finds_the_action_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = std::sync::Arc::new(crate::helpers::ShiftedClock::default());
+    let server = TestServer::start_with(crate::helpers::config(dir.path(), None), Some(clock.clone())).await;
+    let bot = server.agent("bot").await;
+    let held = bot.submit_action(&action("finance.issue.card")).await.unwrap();
+    assert_eq!(held.str("/state"), "pending_approval");
+    clock.advance(chrono::Duration::days(1));
+    let cancelled = bot.post(&format!("/v1/actions/{}/cancel", held.str("/id")), &json!({})).await.unwrap();
+    assert_eq!(cancelled.status, 409, "{:?}", cancelled.body);
+    assert!(cancelled.str("/detail").contains("expired"), "{:?}", cancelled.body);
+    assert_eq!(bot.get_action(held.str("/id")).await.unwrap().str("/state"), "expired");
+    let approval = server.admin.get_approval(held.str("/approval/id")).await.unwrap();
+    assert_eq!(approval.str("/status"), "expired");
+    server.stop().await;
 }

@@ -127,6 +127,10 @@ async fn chat(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> R
         for i in 0..STREAM_CHUNKS {
             events.push(format!("data: {}\n\n", chunk(json!({"content": format!("part{i} ")}), Value::Null)));
         }
+        if model == "cut-stream" {
+            // Closed mid-answer, with no finish and no [DONE].
+            return sse(events);
+        }
         events.push(format!("data: {}\n\n", chunk(json!({}), json!("stop"))));
         if body["stream_options"]["include_usage"].as_bool() == Some(true) {
             let last = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
@@ -205,6 +209,12 @@ async fn messages(State(state): State<Shared>, headers: HeaderMap, body: Bytes) 
                 json!({"type": "content_block_delta", "index": 0,
                        "delta": {"type": "text_delta", "text": format!("part{i} ")}}),
             ));
+        }
+        if model == "overloaded-stream" {
+            // Anthropic's way to fail a stream under way: an error event, then the end of the stream.
+            let error = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
+            events.push(event("error", error));
+            return sse(events);
         }
         events.push(event("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
         events.push(event(

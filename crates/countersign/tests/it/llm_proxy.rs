@@ -685,6 +685,48 @@ async fn streams_are_relayed_chunk_by_chunk_as_they_arrive() {
     s.server.stop().await;
 }
 
+/// A stream the provider closes after an error event (Anthropic's overloaded_error), or mid-answer without
+/// saying it was complete (no `[DONE]`), reaches the client as it came and is recorded `failed`, saying why,
+/// not `succeeded`.
+#[tokio::test]
+async fn a_stream_that_ends_with_an_error_or_cut_short_is_recorded_failed() {
+    let s = setup().await;
+    for (path, body, why) in [
+        (
+            "/llm/anthropic/v1/messages",
+            json!({"model": "overloaded-stream", "stream": true, "max_tokens": 20,
+                   "messages": [{"role": "user", "content": "busy?"}]}),
+            "reported an error: overloaded_error: Overloaded",
+        ),
+        (
+            "/llm/openai/v1/chat/completions",
+            json!({"model": "cut-stream", "stream": true, "messages": [{"role": "user", "content": "cut"}]}),
+            "ended before it said it was complete",
+        ),
+    ] {
+        let response = s.post(path, &body).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let id = response.headers()["countersign-action-id"].to_str().unwrap().to_owned();
+        let (_, text) = arrivals(response).await;
+        assert!(text.contains("part4"), "{path}: {text}");
+        let action = s.agent.get_action(&id).await.unwrap().body;
+        assert_eq!(action["state"], "failed", "{path}: {action}");
+        assert!(action["error"].as_str().unwrap().contains(why), "{path}: {action}");
+        let events = s.events(&id).await;
+        assert!(event(&events, "action.failed")["data"]["error"].as_str().unwrap().contains(why), "{events:?}");
+    }
+    // The same stream carried out by the job (held by a content rule, approved, not waited for) is judged the
+    // same way.
+    let body = json!({"model": "cut-stream", "stream": true,
+                      "messages": [{"role": "user", "content": "please wire the money"}]});
+    let response = s.post("/llm/openai/v1/chat/completions", &body).header("Countersign-Wait", "0").send().await;
+    let token = response.unwrap().json::<Value>().await.unwrap()["approval_token"].as_str().unwrap().to_owned();
+    approve_when_pending(&s.server).await.unwrap();
+    let stored = s.stored_result(&token).await;
+    assert_eq!(stored["state"], "failed", "{stored}");
+    s.server.stop().await;
+}
+
 #[tokio::test]
 async fn stream_usage_is_recorded_without_the_client_asking_and_version_headers_pass_on() {
     let s = setup().await;
