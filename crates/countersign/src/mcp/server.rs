@@ -361,11 +361,18 @@ impl McpServer {
 }
 
 /// An error as the client may see it: the problem's `detail`, which for an internal or store failure says
-/// only that one happened (its text is in the log), never the driver's message.
-pub(super) fn internal(error: &Error) -> ErrorData {
-    let (_, problem) = error.problem();
+/// only that one happened (its text is in the log), never the driver's message; the problem itself (with
+/// its HTTP `status`) as the error's data. JSON-RPC's code says whose the fault is: a refusal of the request
+/// (4xx: over the open waits, forbidden, not found…) is "invalid request", not "internal error", so a client
+/// does not take a limit it can wait out for a broken server.
+pub(super) fn rpc_error(error: &Error) -> ErrorData {
+    let (status, problem) = error.problem();
     let detail = problem.get("detail").and_then(serde_json::Value::as_str).unwrap_or("internal error").to_owned();
-    ErrorData::internal_error(detail, Some(problem))
+    if status.is_client_error() {
+        ErrorData::invalid_request(detail, Some(problem))
+    } else {
+        ErrorData::internal_error(detail, Some(problem))
+    }
 }
 
 impl McpServer {
@@ -377,7 +384,7 @@ impl McpServer {
             .ok_or_else(|| ErrorData::resource_not_found(format!("no resource `{uri}`"), None))?;
         self.gateway.get_action(caller, &id).await.map_err(|e| match e {
             Error::NotFound(message) => ErrorData::resource_not_found(message, None),
-            other => internal(&other),
+            other => rpc_error(&other),
         })
     }
 
@@ -465,7 +472,7 @@ impl ServerHandler for McpServer {
     ) -> Result<ListToolsResult, ErrorData> {
         let (caller, _) = caller_of(&context)?;
         let mut tools = self.tool_router.list_all();
-        tools.extend(upstream_tools::listed(&self.gateway, &caller).await.map_err(|e| internal(&e))?);
+        tools.extend(upstream_tools::listed(&self.gateway, &caller).await.map_err(|e| rpc_error(&e))?);
         Ok(ListToolsResult::with_all_items(tools))
     }
 
@@ -535,7 +542,7 @@ impl ServerHandler for McpServer {
     ) -> Result<ReadResourceResponse, ErrorData> {
         let (caller, _) = caller_of(&context)?;
         let action = self.resource_action(&caller, &request.uri).await?;
-        let approval = self.gateway.approval_of(&action).await.map_err(|e| internal(&e))?;
+        let approval = self.gateway.approval_of(&action).await.map_err(|e| rpc_error(&e))?;
         let body = views::action(&self.gateway, &action, approval.as_ref(), None);
         Ok(ReadResourceResult::new(vec![
             ResourceContents::text(body.to_string(), request.uri).with_mime_type("application/json"),
@@ -563,7 +570,7 @@ impl ServerHandler for McpServer {
             return Ok(());
         }
         // One of the agent's open waits until the action finishes or the subscription ends.
-        let slot = self.gateway.open_wait(&caller).map_err(|e| internal(&e))?;
+        let slot = self.gateway.open_wait(&caller).map_err(|e| rpc_error(&e))?;
         let stop = CancellationToken::new();
         subs.insert(request.uri.clone(), stop.clone());
         let follower =

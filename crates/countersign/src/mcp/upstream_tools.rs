@@ -18,7 +18,7 @@ use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, JsonObjec
 use serde_json::{Value, json};
 
 use super::Secret;
-use super::server::{internal, next_steps};
+use super::server::{next_steps, rpc_error};
 use crate::connectors::Service;
 use crate::error::Error;
 use crate::gateway::{Caller, Gateway, McpCall, WaitSlot};
@@ -79,7 +79,7 @@ pub async fn call(
     let Some((server, tool)) = name.split_once(SEPARATOR) else { return Err(unknown_tool(&name)) };
     let upstreams = gateway.mcp_upstreams();
     // A server this org may not use is as unknown as one that is not configured (which serves no one).
-    if !gateway.serves(caller.org_id(), Service::Mcp(server)).await.map_err(|e| internal(&e))? {
+    if !gateway.serves(caller.org_id(), Service::Mcp(server)).await.map_err(|e| rpc_error(&e))? {
         return Err(unknown_tool(&name));
     }
     let arguments = request.arguments.clone().unwrap_or_default();

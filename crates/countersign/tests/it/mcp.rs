@@ -447,6 +447,9 @@ async fn subscriptions_and_waits_count_against_the_agents_open_waits() {
     let refused = second.request("resources/subscribe", json!({"uri": uri(&held[1])})).await;
     let error = &refused.response()["error"];
     assert!(error["message"].as_str().unwrap().contains("1 waits open"), "{}", refused.text);
+    // A refusal the client can wait out, not a broken server: "invalid request", carrying the 429 problem.
+    assert_eq!(error["code"], -32600, "{}", refused.text);
+    assert_eq!(error["data"]["status"], 429, "{}", refused.text);
     let waited = second.call("wait_action", json!({"id": held[1], "timeout_seconds": 30})).await;
     assert_eq!(waited["result"]["isError"], true, "{waited}");
     assert!(waited.to_string().contains("1 waits open"), "{waited}");
