@@ -573,6 +573,40 @@ rules:
     Ok(())
 }
 
+/// Documents and files content patterns cannot read (listed by the LLM proxy in `params.unreadable`): like
+/// token ids, they meet the content patterns of a rule that denies or holds, and none of a rule that allows.
+/// An empty list, or the field on an action that is not a model request, changes nothing.
+#[test]
+fn unreadable_documents_meet_restrictions_and_win_no_allowance() -> TestResult {
+    let policy = load(
+        "version: 1
+defaults: { effect: allow }
+rules:
+  - { name: no-wires, effect: deny, conditions: { capability: \"llm.*\", content_patterns: [\"wire .* to\"] } }
+  - { name: poems, effect: allow, conditions: { capability: \"llm.*\", content_patterns: [\"poem\"] } }
+",
+    )?;
+    let pdf = json!({"model": "m", "text": "summarise this", "unreadable": ["document (base64, application/pdf)"]});
+    let verdict = decide(&policy, "a", "llm.messages.create", &pdf, 0)?;
+    assert_eq!(verdict.rule, "no-wires", "{}", verdict.explanation);
+    assert!(verdict.explanation.contains("params.unreadable"), "{}", verdict.explanation);
+    let plain = json!({"model": "m", "text": "summarise this", "unreadable": []});
+    assert_eq!(decide(&policy, "a", "llm.messages.create", &plain, 0)?.rule, "default");
+    let not_a_model = json!({"note": "summarise this", "unreadable": ["document (url)"]});
+    assert_eq!(decide(&policy, "a", "email.send.message", &not_a_model, 0)?.rule, "default");
+
+    let policy = load(
+        "version: 1
+defaults: { effect: deny }
+rules:
+  - { name: poems, effect: allow, conditions: { capability: \"llm.*\", content_patterns: [\"poem\"] } }
+",
+    )?;
+    let verdict = decide(&policy, "a", "llm.messages.create", &pdf, 0)?;
+    assert_eq!(verdict.rule, "default", "{}", verdict.explanation);
+    Ok(())
+}
+
 #[test]
 fn risk_score_is_monotonic() -> TestResult {
     let profiles = [

@@ -69,6 +69,20 @@ impl<'a> Subject<'a> {
             })
     }
 
+    /// Whether a model request carries documents or files the model reads and no content pattern can (a PDF
+    /// given inline, a file by id, a document by URL): the LLM proxy lists them in `params.unreadable`. Taken
+    /// as token ids are: meeting the content patterns of a rule that denies or holds, so a sentence cannot slip
+    /// a restriction by arriving inside a PDF. Images are not listed.
+    fn has_unreadable_documents(&self) -> bool {
+        self.capability.starts_with("llm.")
+            && self.params.get("unreadable").and_then(Json::as_array).is_some_and(|items| !items.is_empty())
+    }
+
+    /// Text a content pattern cannot read: token ids or documents.
+    fn has_unreadable_text(&self) -> bool {
+        self.has_token_ids() || self.has_unreadable_documents()
+    }
+
     /// Every string value in `params`, at any depth, never keys; collected on first use.
     fn strings(&self) -> &[&'a str] {
         self.strings.get_or_init(|| collect_strings(self.params))
@@ -225,7 +239,7 @@ impl Conditions {
         }
         if let Some(content) = &self.content
             && content.first_hit(subject)?.is_none()
-            && !(restrictive && subject.has_token_ids())
+            && !(restrictive && subject.has_unreadable_text())
         {
             return Err(Miss::Content);
         }
@@ -286,6 +300,11 @@ impl Conditions {
                 None if subject.has_token_ids() => reasons.push(
                     "the prompt is given as token ids, which content patterns cannot read: a rule that denies or \
                      holds takes it as matching"
+                        .to_owned(),
+                ),
+                None if subject.has_unreadable_documents() => reasons.push(
+                    "the request carries documents or files content patterns cannot read (params.unreadable): a \
+                     rule that denies or holds takes them as matching"
                         .to_owned(),
                 ),
                 None => reasons.push("parameter text matches a content pattern".to_owned()),

@@ -118,7 +118,47 @@ pub fn params(provider: &str, body: &Value) -> Value {
         }
     }
     params.insert("text".into(), json!(texts.join("\n")));
+    // Always set, so a body field of that name cannot pose as the list (or hide one).
+    let mut unreadable = Vec::new();
+    collect_unreadable(body, &mut unreadable);
+    params.insert("unreadable".into(), json!(unreadable));
     Value::Object(params)
+}
+
+/// The documents and files in a request that the model reads and no content pattern can, each as a short
+/// description: Anthropic `document` blocks given as base64 (a PDF), by URL or by file id; OpenAI `file`
+/// parts given inline (`file_data`) or by `file_id`. Plain-text documents are text, and images are not
+/// listed. The policy takes a request with any as meeting the content patterns of a rule that denies or
+/// holds (`policy::condition`).
+fn collect_unreadable(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Array(items) => items.iter().for_each(|item| collect_unreadable(item, out)),
+        Value::Object(object) => {
+            match object.get("type").and_then(Value::as_str) {
+                Some("document") => {
+                    let source = object.get("source");
+                    let kind = source.and_then(|s| s.get("type")).and_then(Value::as_str).unwrap_or("");
+                    if matches!(kind, "base64" | "url" | "file") {
+                        let media = source.and_then(|s| s.get("media_type")).and_then(Value::as_str);
+                        out.push(format!("document ({kind}{})", media.map(|m| format!(", {m}")).unwrap_or_default()));
+                    }
+                }
+                Some("file") => {
+                    if let Some(file) = object.get("file").and_then(Value::as_object) {
+                        if let Some(id) = file.get("file_id").and_then(Value::as_str) {
+                            out.push(format!("file {}", &id[..id.floor_char_boundary(64)]));
+                        } else if file.contains_key("file_data") {
+                            let name = file.get("filename").and_then(Value::as_str).unwrap_or("unnamed");
+                            out.push(format!("file {} (inline)", &name[..name.floor_char_boundary(64)]));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            object.values().for_each(|inner| collect_unreadable(inner, out));
+        }
+        _ => {}
+    }
 }
 
 /// Every string under `value` except structural keys and inline binary. Numbers (token-id prompts) are

@@ -581,6 +581,51 @@ async fn immediate_mode_answers_202_and_the_job_executes_after_approval() {
             assert_eq!(response.json::<Value>().await.unwrap()["error"]["policy"], rule);
         }
     }
+    // A PDF, a file by id or a document by URL is text no content pattern can read: listed in
+    // params.unreadable, it meets the content patterns of the rules that deny or hold, and the first of them
+    // (here a deny) decides. A plain-text document is text, read by the patterns.
+    let before = s.provider.count();
+    let pdf_part =
+        json!({"type": "file", "file": {"filename": "memo.pdf", "file_data": "data:application/pdf;base64,JVBERi0x"}});
+    for (path, content, listed) in [
+        (
+            "/llm/openai/v1/chat/completions",
+            json!([{"type": "text", "text": "summarise"}, pdf_part]),
+            "file memo.pdf (inline)",
+        ),
+        (
+            "/llm/openai/v1/chat/completions",
+            json!([{"type": "file", "file": {"file_id": "file-abc123"}}]),
+            "file file-abc123",
+        ),
+        (
+            "/llm/anthropic/v1/messages",
+            json!([{"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}}]),
+            "document (base64, application/pdf)",
+        ),
+        (
+            "/llm/anthropic/v1/messages",
+            json!([{"type": "document", "source": {"type": "url", "url": "https://example.com/memo.pdf"}}]),
+            "document (url)",
+        ),
+    ] {
+        let body = json!({"model": "gpt-fake", "max_tokens": 8, "messages": [{"role": "user", "content": content}]});
+        let response = s.post(path, &body).header("Countersign-Wait", "0").send().await.unwrap();
+        assert_eq!(response.status(), 403, "{body}");
+        let action = s.action(&response).await;
+        assert_eq!(action["params"]["unreadable"], json!([listed]), "{action}");
+        let answer: Value = response.json().await.unwrap();
+        assert!(answer["error"]["message"].as_str().unwrap().contains("llm-no-launch-codes"), "{answer}");
+    }
+    assert_eq!(s.provider.count(), before, "nothing unreadable reached the provider");
+    let document = |source: Value| {
+        json!({"model": "claude-fake", "max_tokens": 8, "messages": [{"role": "user", "content": [
+            {"type": "document", "source": source}, {"type": "text", "text": "summarise"}]}]})
+    };
+    let text = document(json!({"type": "text", "media_type": "text/plain", "data": "minutes of the meeting"}));
+    let response = s.post("/llm/anthropic/v1/messages", &text).header("Countersign-Wait", "0").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(s.action(&response).await["params"]["unreadable"], json!([]));
     s.server.stop().await;
 }
 
