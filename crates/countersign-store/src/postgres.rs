@@ -756,8 +756,11 @@ impl PgTx {
     /// once could commit in the other order and leave the newest `seq` (what every replica puts in force) to
     /// the one whose `policy.updated` is not the last in the audit log; and a replica starting beside an
     /// admin's `PUT /v1/policy` could record its file policy over the `api` one it did not yet see. Nothing
-    /// else locks the row this way (a foreign key's check takes `FOR KEY SHARE`, which this does not block),
-    /// and it is taken before the transaction's first audit append. A reader locks nothing.
+    /// else locks the row this way (a foreign key's check takes `FOR KEY SHARE`, which this does not block).
+    /// A transaction that activates several orgs' policies (a start, a file reload) takes them in turn, after
+    /// appending to the previous org's chain; it cannot deadlock with another, since every such pass walks
+    /// the orgs in one order (`list_orgs`: `created_at`, `id`) and a `PUT /v1/policy` locks one org's row,
+    /// then its chain. A reader locks nothing.
     async fn lock_org_policy(&mut self, org: &OrgId) -> Result<(), StoreError> {
         if self.writer {
             self.execute(

@@ -402,6 +402,10 @@ pub struct SseUsage {
     usage: Map<String, Value>,
     /// The stream said it was complete (`[DONE]` or `message_stop`).
     pub completed: bool,
+    /// OpenAI dialect: the choices seen, and those that carried a `finish_reason`. Some OpenAI-compatible
+    /// servers end a whole stream without `[DONE]`; one whose every choice finished is complete too.
+    choices_seen: std::collections::BTreeSet<u64>,
+    choices_finished: std::collections::BTreeSet<u64>,
     /// The message of the first error event the stream carried (Anthropic's `{"type": "error", "error":
     /// {…}}`, such as `overloaded_error`; an OpenAI-style `{"error": {…}}`).
     pub error: Option<String>,
@@ -412,7 +416,16 @@ const MAX_SSE_LINE: usize = 1024 * 1024;
 
 impl SseUsage {
     pub fn new(dialect: Dialect) -> Self {
-        SseUsage { dialect, line: Vec::new(), model: None, usage: Map::new(), completed: false, error: None }
+        SseUsage {
+            dialect,
+            line: Vec::new(),
+            model: None,
+            usage: Map::new(),
+            completed: false,
+            error: None,
+            choices_seen: std::collections::BTreeSet::new(),
+            choices_finished: std::collections::BTreeSet::new(),
+        }
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
@@ -453,6 +466,13 @@ impl SseUsage {
                 if let Some(model) = event.get("model").and_then(Value::as_str) {
                     self.model = Some(model.to_owned());
                 }
+                for choice in event.get("choices").and_then(Value::as_array).into_iter().flatten() {
+                    let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
+                    self.choices_seen.insert(index);
+                    if choice.get("finish_reason").is_some_and(|reason| !reason.is_null()) {
+                        self.choices_finished.insert(index);
+                    }
+                }
                 if let Some(usage) = event.get("usage").filter(|u| u.is_object())
                     && let Value::Object(u) = normalize_usage(Dialect::Openai, usage)
                 {
@@ -480,9 +500,11 @@ impl SseUsage {
     }
 
     /// Why a stream the provider closed is not a success: an error event in it, or no word that it was
-    /// complete (it was cut short). `None` for a complete stream. Read after [`SseUsage::finish`].
+    /// complete (`[DONE]`, `message_stop`, or a `finish_reason` on every choice): it was cut short. `None` for
+    /// a complete stream. Read after [`SseUsage::finish`].
     pub fn failure(&self) -> Option<String> {
-        match (&self.error, self.completed) {
+        let every_choice_finished = !self.choices_seen.is_empty() && self.choices_seen == self.choices_finished;
+        match (&self.error, self.completed || every_choice_finished) {
             (Some(error), _) => Some(format!("the provider's stream reported an error: {error}")),
             (None, false) => {
                 Some("the provider's stream ended before it said it was complete ([DONE] or message_stop)".into())
@@ -562,6 +584,31 @@ mod tests {
         assert_eq!(details["usage"]["input_tokens"], 3);
         assert_eq!(details["usage"]["output_tokens"], 5);
         assert!(usage.completed);
+        assert_eq!(usage.failure(), None);
+    }
+
+    /// A stream is complete by `[DONE]`, or (for servers that never send it) once every choice finished; one
+    /// cut short, or carrying an error event, is not.
+    #[test]
+    fn a_stream_is_complete_when_it_says_so_or_every_choice_finished() {
+        let judge = |text: &str| {
+            let mut usage = SseUsage::new(Dialect::Openai);
+            usage.feed(text.as_bytes());
+            usage.finish();
+            usage.failure()
+        };
+        let chunk = |index: u64, finish: Value| {
+            format!("data: {}\n\n", json!({"choices": [{"index": index, "delta": {}, "finish_reason": finish}]}))
+        };
+        let (open0, open1) = (chunk(0, Value::Null), chunk(1, Value::Null));
+        let (done0, done1) = (chunk(0, json!("stop")), chunk(1, json!("length")));
+        assert_eq!(judge(&format!("{open0}{open1}{done0}{done1}")), None, "every choice finished, no [DONE]");
+        assert_eq!(judge(&format!("{open0}data: [DONE]\n\n")), None);
+        assert!(judge(&format!("{open0}{open1}{done0}")).unwrap().contains("ended before"), "choice 1 unfinished");
+        assert!(judge(&open0).unwrap().contains("ended before"));
+        assert!(judge("").unwrap().contains("ended before"));
+        let error = "data: {\"error\": {\"type\": \"server_error\", \"message\": \"boom\"}}\n\ndata: [DONE]\n\n";
+        assert_eq!(judge(error).unwrap(), "the provider's stream reported an error: server_error: boom");
     }
 
     #[test]

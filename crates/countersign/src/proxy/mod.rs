@@ -387,8 +387,9 @@ fn hold_ran_out(
 }
 
 /// How long a held call may wait on its connection: what it asked for (or its approval's deadline), at most
-/// [`MAX_HOLD`], and ending before the client's own timeout when the client says it, by a tenth of it and at
-/// most 5 s, so the answer arrives while the client still reads. OpenAI's and Anthropic's SDKs send it in
+/// [`MAX_HOLD`], and ending before the client's own timeout when the client says it, by a tenth of it (at
+/// least 1 s, at most 5 s, never more than half), so the answer arrives while the client still reads: the
+/// client's clock started before the request was sent, authenticated and recorded. OpenAI's and Anthropic's SDKs send it in
 /// seconds (600 by default): `x-stainless-read-timeout`, how long they wait for a byte, which a hold never
 /// sends, and `x-stainless-timeout` (Anthropic's, the whole call); the shorter counts.
 fn hold_limit(asked: Duration, headers: &HeaderMap) -> Duration {
@@ -399,7 +400,10 @@ fn hold_limit(asked: Duration, headers: &HeaderMap) -> Duration {
         .filter_map(|seconds| Duration::try_from_secs_f64(seconds).ok())
         .min();
     match client {
-        Some(client) if !client.is_zero() => limit.min(client - (client / 10).min(Duration::from_secs(5))),
+        Some(client) if !client.is_zero() => {
+            let margin = (client / 10).clamp(Duration::from_secs(1), Duration::from_secs(5)).min(client / 2);
+            limit.min(client - margin)
+        }
         _ => limit,
     }
 }
@@ -711,5 +715,30 @@ mod tests {
         assert_eq!(response.status(), StatusCode::OK);
         let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
         assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), json!({"choices": []}));
+    }
+
+    /// A hold ends before the client's own timeout by a tenth of it, at least 1 s and at most 5 s (never more
+    /// than half); the shorter of the SDK's two headers counts; a header that is not a positive number of
+    /// seconds is ignored.
+    #[test]
+    fn a_hold_ends_before_the_clients_timeout() {
+        let hold = |asked: u64, headers: &[(&'static str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in headers {
+                map.insert(*name, HeaderValue::from_str(value).unwrap());
+            }
+            hold_limit(Duration::from_secs(asked), &map)
+        };
+        assert_eq!(hold(900, &[]), MAX_HOLD);
+        assert_eq!(hold(900, &[("x-stainless-read-timeout", "600")]), Duration::from_secs(595));
+        assert_eq!(hold(900, &[("x-stainless-read-timeout", "20.0")]), Duration::from_secs(18));
+        assert_eq!(hold(900, &[("x-stainless-read-timeout", "4")]), Duration::from_secs(3));
+        assert_eq!(hold(900, &[("x-stainless-read-timeout", "1")]), Duration::from_millis(500));
+        assert_eq!(hold(10, &[("x-stainless-timeout", "600")]), Duration::from_secs(10));
+        let both = [("x-stainless-read-timeout", "600"), ("x-stainless-timeout", "30")];
+        assert_eq!(hold(900, &both), Duration::from_secs(27));
+        for odd in ["0", "-5", "NaN", "inf", "soon"] {
+            assert_eq!(hold(60, &[("x-stainless-read-timeout", odd)]), Duration::from_secs(60), "{odd}");
+        }
     }
 }

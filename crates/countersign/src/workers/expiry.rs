@@ -27,16 +27,27 @@ fn delay_until(gateway: &Gateway, request: &ExpiryRequest) -> Duration {
 
 /// How many expiries run at once. Each is a write transaction with a durable commit; run one at a time, a
 /// burst of approvals due together (2,000 submitted within a second, say) would end seconds after their
-/// deadline, and one slow expiry would hold up every timer behind it. Run together, their commits share
-/// syncs (SQLite's group commit; PostgreSQL's, across connections).
-const CONCURRENT_EXPIRIES: usize = 32;
+/// deadline, and one slow expiry would hold up every timer behind it. Run together, SQLite's commits share
+/// syncs (group commit), and on PostgreSQL different orgs' expiries proceed side by side (one org's queue
+/// on its audit head). Well under the PostgreSQL pool's 16 connections, so a burst never takes them all.
+const CONCURRENT_EXPIRIES: usize = 4;
+
+/// How one expiry ended.
+enum Expiry {
+    /// Expired now, or decided before: nothing more to do.
+    Settled,
+    /// Its deadline has not come (a timer set for at most a day, or a clock that moved): set it again.
+    NotDue,
+    /// The transaction failed (logged): tried again in a second.
+    Failed,
+}
 
 pub async fn run(gateway: Gateway, mut requests: mpsc::UnboundedReceiver<ExpiryRequest>, shutdown: CancellationToken) {
     let mut timers: DelayQueue<ExpiryRequest> = DelayQueue::new();
     // One timer per approval, however often it is announced (its own commit, other replicas, re-arming); an
     // approval stays armed while its expiry runs.
     let mut armed: HashSet<ApprovalId> = HashSet::new();
-    let mut running: JoinSet<bool> = JoinSet::new();
+    let mut running: JoinSet<Expiry> = JoinSet::new();
     // What each running expiry is about, so one that ends in any way (a panic included) is seen to.
     let mut about: HashMap<tokio::task::Id, ExpiryRequest> = HashMap::new();
     loop {
@@ -56,35 +67,35 @@ pub async fn run(gateway: Gateway, mut requests: mpsc::UnboundedReceiver<ExpiryR
                 let (gateway, org, id) = (gateway.clone(), request.org_id.clone(), request.approval_id.clone());
                 let task = running.spawn(async move {
                     match gateway.expire_approval(&org, &id).await {
-                        Ok(settled) => settled,
+                        Ok(true) => Expiry::Settled,
+                        Ok(false) => Expiry::NotDue,
                         Err(error) => {
                             tracing::warn!(approval = %id, %error, "expiring an approval failed; retrying in 1s");
-                            false
+                            Expiry::Failed
                         }
                     }
                 });
                 about.insert(task.id(), request);
             }
             Some(ended) = running.join_next_with_id(), if !running.is_empty() => {
-                let (task, settled) = match ended {
-                    Ok((task, settled)) => (task, Some(settled)),
+                let (task, outcome) = match ended {
+                    Ok((task, outcome)) => (task, Some(outcome)),
                     Err(error) => (error.id(), None),
                 };
                 let Some(request) = about.remove(&task) else { continue };
-                match settled {
-                    Some(true) => {
+                match outcome {
+                    Some(Expiry::Settled) => {
                         armed.remove(&request.approval_id);
                     }
-                    // Not due yet (a timer set for at most a day, or a clock that moved): set again.
-                    Some(false) if request.expires_at > gateway.now() => {
+                    Some(Expiry::NotDue) => {
                         let delay = delay_until(&gateway, &request).max(Duration::from_millis(10));
                         timers.insert(request, delay);
                     }
-                    // Failed (logged above) or panicked: tried again in a second.
-                    _ => {
-                        if settled.is_none() {
-                            tracing::error!(approval = %request.approval_id, "expiring an approval panicked; retrying in 1s");
-                        }
+                    Some(Expiry::Failed) => {
+                        timers.insert(request, Duration::from_secs(1));
+                    }
+                    None => {
+                        tracing::error!(approval = %request.approval_id, "expiring an approval panicked; retrying in 1s");
                         timers.insert(request, Duration::from_secs(1));
                     }
                 }
