@@ -234,6 +234,8 @@ async fn governed(
     if !request.is_object() {
         return Err(Error::bad_request("body", "the request body must be a JSON object"));
     }
+    // The client's clock started about now: a held call must answer before its own timeout runs out.
+    let arrived = tokio::time::Instant::now();
     let wait = requested_wait(headers)?;
     let immediate = wait.is_some_and(|w| w.is_zero());
     let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
@@ -268,7 +270,7 @@ async fn governed(
     let slot = outcome.slot.take();
     let action = outcome.action;
     let response = match action.state {
-        ActionState::Executing if outcome.claimed => carry_out(gateway, dialect, action.clone(), stream).await?,
+        ActionState::Executing if outcome.claimed => carry_out(gateway, dialect, action.clone(), stream, None).await?,
         ActionState::PendingApproval => {
             let approval =
                 outcome.approval.ok_or_else(|| Error::Internal("a pending action has no approval".into()))?;
@@ -288,7 +290,15 @@ async fn governed(
                 gateway.still_stands(secret).await?;
                 match decided.state {
                     ActionState::PendingApproval => hold_ran_out(gateway, dialect, &decided, &approval, &token, limit),
-                    ActionState::Approved => execute(gateway, caller, secret, dialect, &decided, stream, slot).await?,
+                    ActionState::Approved => {
+                        // What is left of the client's time, less the margin: a call approved late in a hold
+                        // answers 504 when it would run past it, rather than leave the SDK to time out and
+                        // send it again (a second action, for approval again).
+                        let deadline = client_timeout(headers).map(|client| arrived + client - client_margin(client));
+                        let response =
+                            execute(gateway, caller, secret, dialect, &decided, stream, slot, deadline).await?;
+                        no_retry_if_failed(response)
+                    }
                     ActionState::Executing | ActionState::Succeeded | ActionState::Failed => {
                         stored_answer(gateway, caller, secret, dialect, &decided, &slot).await?
                     }
@@ -394,23 +404,32 @@ fn hold_ran_out(
 /// sends, and `x-stainless-timeout` (Anthropic's, the whole call); the shorter counts.
 fn hold_limit(asked: Duration, headers: &HeaderMap) -> Duration {
     let limit = asked.min(MAX_HOLD);
-    let client = ["x-stainless-read-timeout", "x-stainless-timeout"]
+    match client_timeout(headers) {
+        Some(client) => limit.min(client - client_margin(client)),
+        None => limit,
+    }
+}
+
+/// The client's own timeout, when its SDK says it: the shorter of the two headers, a positive number of
+/// seconds.
+fn client_timeout(headers: &HeaderMap) -> Option<Duration> {
+    ["x-stainless-read-timeout", "x-stainless-timeout"]
         .into_iter()
         .filter_map(|name| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok())
         .filter_map(|seconds| Duration::try_from_secs_f64(seconds).ok())
-        .min();
-    match client {
-        Some(client) if !client.is_zero() => {
-            let margin = (client / 10).clamp(Duration::from_secs(1), Duration::from_secs(5)).min(client / 2);
-            limit.min(client - margin)
-        }
-        _ => limit,
-    }
+        .filter(|timeout| !timeout.is_zero())
+        .min()
+}
+
+/// How long before the client's timeout its answer must be on its way.
+fn client_margin(client: Duration) -> Duration {
+    (client / 10).clamp(Duration::from_secs(1), Duration::from_secs(5)).min(client / 2)
 }
 
 /// Carries out an approved request on this connection, or, when the execution job took it first,
 /// answers with what the job stored. The hold's open wait (`slot`) ends once it is carried out here, or is
 /// kept for the wait for the job's answer.
+#[allow(clippy::too_many_arguments)]
 async fn execute(
     gateway: &Gateway,
     caller: &Caller,
@@ -419,16 +438,35 @@ async fn execute(
     action: &Action,
     stream: bool,
     slot: WaitSlot,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<Response, Error> {
     let Some(action) = gateway.claim_inline(caller, &action.id).await? else {
         return stored_answer(gateway, caller, secret, dialect, action, &slot).await;
     };
     drop(slot);
-    carry_out(gateway, dialect, action, stream).await
+    carry_out(gateway, dialect, action, stream, deadline).await
+}
+
+/// A held call's failed answer (502, 504) with `x-should-retry: false`: its approval was spent on it, and a
+/// retry would be a new action, held for approval again.
+fn no_retry_if_failed(mut response: Response) -> Response {
+    if response.status().is_server_error() {
+        response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+    }
+    response
 }
 
 /// Sends a request claimed for this connection, relays or reads the answer, and records the outcome.
-async fn carry_out(gateway: &Gateway, dialect: Dialect, action: Action, stream: bool) -> Result<Response, Error> {
+/// `deadline`: when the client will have stopped waiting (a call approved after a hold); the provider's
+/// response headers, and a whole non-streamed answer, must come by then, or the call is cut off and answered
+/// 504 (recorded failed).
+async fn carry_out(
+    gateway: &Gateway,
+    dialect: Dialect,
+    action: Action,
+    stream: bool,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Response, Error> {
     let provider = match &action.target {
         Some(Target::Llm(llm)) => llm.provider.clone(),
         _ => return Err(Error::Internal("a model request without its target".into())),
@@ -441,7 +479,15 @@ async fn carry_out(gateway: &Gateway, dialect: Dialect, action: Action, stream: 
         error: Some(error.to_string()),
         details: json!({"provider": provider, "latency_ms": started.elapsed().as_millis(), "streamed": stream}),
     };
-    let sent = gateway.send_inline(&action, stream);
+    let too_late = || ConnectorError::Timeout("the provider had not answered by the client's own timeout".into());
+    let sent = async {
+        match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, gateway.send_inline(&action, stream))
+                .await
+                .unwrap_or_else(|_| Err(too_late())),
+            None => gateway.send_inline(&action, stream).await,
+        }
+    };
     // A stream's first chunk waits for the claim to be on disk: that sync runs while the request is out, so
     // the client waits for the longer of the two instead of both.
     let (sent, claim_durable) = match stream {
@@ -483,6 +529,8 @@ async fn carry_out(gateway: &Gateway, dialect: Dialect, action: Action, stream: 
         answer.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return Ok(answer);
     }
+    let idle =
+        deadline.map_or(idle, |deadline| idle.min(deadline.saturating_duration_since(tokio::time::Instant::now())));
     let body = match tokio::time::timeout(idle, read_all(response, MAX_LLM_RESPONSE_BYTES)).await {
         Ok(Ok(body)) => body,
         Ok(Err(e)) => {

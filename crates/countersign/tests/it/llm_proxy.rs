@@ -508,7 +508,7 @@ async fn an_approved_stream_run_by_the_job_is_not_cut_off_at_the_timeout() {
 /// answer; the call stays pending. (Once approved its job carries it out after the grace period, as for a
 /// client that left: `a_held_call_whose_client_left_is_carried_out_by_the_job_after_the_grace_period`.)
 #[tokio::test]
-async fn a_hold_that_runs_out_answers_504_that_sdks_do_not_retry() {
+async fn a_hold_that_runs_out_or_an_answer_past_the_clients_timeout_gets_504_that_sdks_do_not_retry() {
     let s = setup().await;
     let body = json!({"model": "claude-opus-9", "max_tokens": 8, "messages": [{"role": "user", "content": "soon?"}]});
     let response = s.post("/llm/anthropic/v1/messages", &body).header("Countersign-Wait", "1").send().await.unwrap();
@@ -522,6 +522,23 @@ async fn a_hold_that_runs_out_answers_504_that_sdks_do_not_retry() {
     let status = s.http.get(answer["poll_url"].as_str().unwrap()).send().await.unwrap();
     assert_eq!(status.json::<Value>().await.unwrap()["status"], "pending");
     assert_eq!(s.provider.count(), 0);
+    let denied = s.server.admin.deny(answer["approval_id"].as_str().unwrap(), None).await.unwrap();
+    assert_eq!(denied.status, 200, "{:?}", denied.body);
+
+    // Approved, but the provider would answer after the client's own timeout (4 s, as the SDK says; the slow
+    // model takes 5 s): cut off before it, 504 with x-should-retry: false, recorded failed. Without the cut the
+    // SDK would time out and send the call again, a new action held for approval again.
+    let slow =
+        json!({"model": "slow", "max_tokens": 5000, "messages": [{"role": "user", "content": "take your time"}]});
+    let approver = approve_when_pending(&s.server);
+    let response =
+        s.post("/llm/anthropic/v1/messages", &slow).header("x-stainless-read-timeout", "4").send().await.unwrap();
+    approver.await.unwrap();
+    assert_eq!(response.status(), 504);
+    assert_eq!(response.headers()["x-should-retry"], "false");
+    let action = s.action(&response).await;
+    assert_eq!(action["state"], "failed", "{action}");
+    assert!(action["error"].as_str().unwrap().contains("client's own timeout"), "{action}");
     s.server.stop().await;
 }
 
