@@ -178,10 +178,27 @@ fn verify_export(ctx: &Ctx, file: &Path, public_key: &str, expected: &Expected) 
     Ok(if report.ok { 0 } else { 1 })
 }
 
+/// How long `audit export` asks again after 429s before it reports one.
+const EXPORT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(300);
+
 async fn export(ctx: &Ctx, out: Option<&Path>) -> Outcome {
     let client = ctx.client()?;
     let spinner = output::Spinner::start("exporting the audit log".into());
-    let response = client.export_audit().await;
+    // A 429 (the key already holds as many waits open as it may; an export is one) is asked again after the
+    // time it names, for up to EXPORT_PATIENCE, as the CLI's waits are, instead of failing the command.
+    let deadline = std::time::Instant::now() + EXPORT_PATIENCE;
+    let response = loop {
+        let response = match client.export_audit().await {
+            Ok(response) => response,
+            Err(e) => break Err(e),
+        };
+        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+        if response.status != 429 || remaining.is_zero() {
+            break Ok(response);
+        }
+        let problem = serde_json::from_slice::<Value>(&response.body).unwrap_or(Value::Null);
+        tokio::time::sleep(super::retry_after(&problem).min(remaining)).await;
+    };
     spinner.stop().await;
     let response = response.map_err(|e| ctx.unreachable(&e))?;
     if response.status != 200 {

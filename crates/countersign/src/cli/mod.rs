@@ -193,8 +193,7 @@ impl Ctx {
                         // without an open wait: the last state seen, so a wait that timed out says so.
                         return self.call(call()).await;
                     }
-                    let seconds = response.body["retry_after_seconds"].as_u64().unwrap_or(1).clamp(1, 60);
-                    tokio::time::sleep(std::time::Duration::from_secs(seconds).min(remaining)).await;
+                    tokio::time::sleep(retry_after(&response.body).min(remaining)).await;
                 }
                 other => return other,
             }
@@ -219,6 +218,11 @@ impl Ctx {
         }
         Ok(0)
     }
+}
+
+/// How long a 429's problem asks the client to wait (`retry_after_seconds`), 1 s to a minute.
+pub fn retry_after(problem: &Value) -> std::time::Duration {
+    std::time::Duration::from_secs(problem["retry_after_seconds"].as_u64().unwrap_or(1).clamp(1, 60))
 }
 
 /// Runs one client command and reports how it ended: its output on stdout, errors on stderr.
