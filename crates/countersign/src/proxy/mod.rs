@@ -293,14 +293,21 @@ async fn governed(
                     ActionState::Approved => {
                         // What is left of the client's time, less the margin: a call approved late in a hold
                         // answers 504 when it would run past it, rather than leave the SDK to time out and
-                        // send it again (a second action, for approval again).
-                        let deadline = client_timeout(headers).map(|client| arrived + client - client_margin(client));
-                        let response =
-                            execute(gateway, caller, secret, dialect, &decided, stream, slot, deadline).await?;
-                        no_retry_if_failed(response)
+                        // send it again (a second action, for approval again). A header too large to add
+                        // to the clock sets none.
+                        let deadline = client_deadline(arrived, headers);
+                        // Approved with less than a second of it left: not sent from here at all; its job
+                        // carries it out (after the grace period), and the answer says where to find it.
+                        if deadline.is_some_and(|d| d <= tokio::time::Instant::now() + Duration::from_secs(1)) {
+                            approved_too_late(gateway, dialect, &decided, &approval, &token)
+                        } else {
+                            let response =
+                                execute(gateway, caller, secret, dialect, &decided, stream, slot, deadline).await?;
+                            no_retry_if_failed(response)
+                        }
                     }
                     ActionState::Executing | ActionState::Succeeded | ActionState::Failed => {
-                        stored_answer(gateway, caller, secret, dialect, &decided, &slot).await?
+                        no_retry_if_failed(stored_answer(gateway, caller, secret, dialect, &decided, &slot).await?)
                     }
                     _ => denied(dialect, &decided),
                 }
@@ -396,6 +403,30 @@ fn hold_ran_out(
     response
 }
 
+/// A held call approved with too little of the client's time left to carry it out here: 504 in the
+/// provider's shape with `x-should-retry: false`, saying its job carries it out and where its answer will be.
+fn approved_too_late(
+    gateway: &Gateway,
+    dialect: Dialect,
+    action: &Action,
+    approval: &Approval,
+    token: &str,
+) -> Response {
+    let mut body = pending_body(gateway, action, approval, token, None);
+    let poll_url = gateway.poll_url_for(token);
+    body["error"]["type"] = json!("approved_too_late");
+    body["error"]["message"] = json!(format!(
+        "Countersign: this request was approved just before the client's own timeout, too late to carry it out \
+         on this connection; its job carries it out, and {poll_url}/result will hold the provider's answer"
+    ));
+    if dialect == Dialect::Anthropic {
+        body["type"] = json!("error");
+    }
+    let mut response = (StatusCode::GATEWAY_TIMEOUT, axum::Json(body)).into_response();
+    response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+    response
+}
+
 /// How long a held call may wait on its connection: what it asked for (or its approval's deadline), at most
 /// [`MAX_HOLD`], and ending before the client's own timeout when the client says it, by a tenth of it (at
 /// least 1 s, at most 5 s, never more than half), so the answer arrives while the client still reads: the
@@ -419,6 +450,12 @@ fn client_timeout(headers: &HeaderMap) -> Option<Duration> {
         .filter_map(|seconds| Duration::try_from_secs_f64(seconds).ok())
         .filter(|timeout| !timeout.is_zero())
         .min()
+}
+
+/// When the client will have stopped waiting, less the margin, for a request that arrived at `arrived`; none
+/// when it does not say, or says a time too large to add to the clock.
+fn client_deadline(arrived: tokio::time::Instant, headers: &HeaderMap) -> Option<tokio::time::Instant> {
+    client_timeout(headers).and_then(|client| arrived.checked_add(client - client_margin(client)))
 }
 
 /// How long before the client's timeout its answer must be on its way.
@@ -788,5 +825,14 @@ mod tests {
         for odd in ["0", "-5", "NaN", "inf", "soon"] {
             assert_eq!(hold(60, &[("x-stainless-read-timeout", odd)]), Duration::from_secs(60), "{odd}");
         }
+        // A timeout too large to add to the clock holds as asked and sets no deadline (no overflow).
+        let mut huge = HeaderMap::new();
+        huge.insert("x-stainless-read-timeout", HeaderValue::from_static("1e19"));
+        assert_eq!(hold_limit(Duration::from_secs(60), &huge), Duration::from_secs(60));
+        assert_eq!(client_deadline(tokio::time::Instant::now(), &huge), None);
+        let mut four = HeaderMap::new();
+        four.insert("x-stainless-read-timeout", HeaderValue::from_static("4"));
+        let arrived = tokio::time::Instant::now();
+        assert_eq!(client_deadline(arrived, &four), Some(arrived + Duration::from_secs(3)));
     }
 }

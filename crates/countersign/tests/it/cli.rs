@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::helpers::{TestServer, Upstream, action, metric_until, metric_until_it};
+use crate::helpers::{TestServer, Upstream, action, metric, metric_until, metric_until_it};
 
 /// What one run of the binary produced.
 #[derive(Debug)]
@@ -758,10 +758,11 @@ async fn a_wait_over_the_open_waits_is_asked_again_not_failed() {
         tokio::spawn(async move { bot.wait_action(&id, 120.0).await.unwrap() })
     };
     metric_until(&server.admin, "countersign_open_waits", 1.0).await;
-    // The admin holds its one wait too, so its `audit export` (an open wait while it runs) is refused, and
-    // asked again until the wait ends.
+    // The admin holds its one wait too (on a third action), so its `audit export` (an open wait while it
+    // runs) is refused, and asked again until that wait ends, when the action is cancelled.
+    let third = bot.submit_action(&action("payments.charge.card")).await.unwrap();
     let admin_holder = {
-        let (admin, id) = (server.admin.clone(), first.str("/id").to_owned());
+        let (admin, id) = (server.admin.clone(), third.str("/id").to_owned());
         tokio::spawn(async move { admin.wait_action(&id, 120.0).await.unwrap() })
     };
     metric_until(&server.admin, "countersign_open_waits", 2.0).await;
@@ -772,12 +773,24 @@ async fn a_wait_over_the_open_waits_is_asked_again_not_failed() {
         tokio::spawn(async move { cs(&url, Some(&key), &["audit", "export", "--out", &out]).await })
     };
     metric_until_it(&server.admin, "countersign_open_waits_refused_total", |n| n >= 1.0).await;
+    let cancelled = bot.post(&format!("/v1/actions/{}/cancel", third.str("/id")), &json!({})).await.unwrap();
+    assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
+    assert_eq!(admin_holder.await.unwrap().status, 200);
+    let exported = exporting.await.unwrap().ok();
+    assert!(exported.stdout.contains("signed checkpoints"), "{}", exported.stdout);
+    assert!(std::fs::read_to_string(&export_file).unwrap().contains("action.submitted"));
+    metric_until(&server.admin, "countersign_open_waits", 1.0).await;
+    let refused_before = {
+        let text = server.admin.get("/metrics").await.unwrap().body.as_str().unwrap_or_default().to_owned();
+        metric(&text, "countersign_open_waits_refused_total").unwrap()
+    };
+
     let waiting = {
         let (url, key, id) =
             (server.admin.base().to_owned(), bot.key().unwrap().to_owned(), second.str("/id").to_owned());
         tokio::spawn(async move { cs(&url, Some(&key), &["actions", "wait", &id, "--timeout", "60", "--json"]).await })
     };
-    metric_until_it(&server.admin, "countersign_open_waits_refused_total", |n| n >= 2.0).await;
+    metric_until_it(&server.admin, "countersign_open_waits_refused_total", |n| n > refused_before).await;
 
     // A wait whose deadline passes while every ask is refused ends as a timed-out wait does (exit 3, the
     // action as last seen), not as a failed command: its last ask, at the deadline, waits no time.
@@ -789,10 +802,6 @@ async fn a_wait_over_the_open_waits_is_asked_again_not_failed() {
     // The first wait ends with its decision; the command's next ask takes the free slot and waits.
     assert_eq!(server.admin.approve(first.str("/approval/id"), None).await.unwrap().status, 200);
     assert_eq!(holder.await.unwrap().status, 200);
-    assert_eq!(admin_holder.await.unwrap().status, 200);
-    let exported = exporting.await.unwrap().ok();
-    assert!(exported.stdout.contains("signed checkpoints"), "{}", exported.stdout);
-    assert!(std::fs::read_to_string(&export_file).unwrap().contains("action.submitted"));
     metric_until(&server.admin, "countersign_open_waits", 1.0).await;
     assert_eq!(server.admin.approve(second.str("/approval/id"), None).await.unwrap().status, 200);
     let waited = waiting.await.unwrap().ok().json();
