@@ -1806,16 +1806,22 @@ mod checks {
     }
 }
 
+/// A fresh PostgreSQL backend for a test of PostgreSQL alone, or `None` (the test is skipped, saying so)
+/// without a server.
+async fn postgres_only() -> Option<Backend> {
+    let Ok(url) = std::env::var(PG_URL_VAR) else {
+        eprintln!("{PG_URL_VAR} is not set, so this PostgreSQL test is skipped");
+        return None;
+    };
+    Some(Backend::postgres(&url).await)
+}
+
 /// PostgreSQL ends every session of the store's pool (as a restart or a failover does) while they sit
 /// idle, a moment after their last use, so the pool's idle check would not ping them: the next transactions
 /// still begin, on new connections, instead of failing on a dead one. Skipped without a server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_transactions_begin_on_a_live_connection_after_the_server_ended_the_pooled_ones() {
-    let Ok(url) = std::env::var(PG_URL_VAR) else {
-        eprintln!("{PG_URL_VAR} is not set, so this PostgreSQL test is skipped");
-        return;
-    };
-    let b = Backend::postgres(&url).await;
+    let Some(b) = postgres_only().await else { return };
     // Several connections in the pool, all idle.
     let mut open = Vec::new();
     for _ in 0..4 {
@@ -1895,11 +1901,7 @@ async fn postgres_connects_over_tls_only_to_the_certificate_it_trusts() {
 /// without a server.
 #[tokio::test]
 async fn postgres_durable_flushes_the_deferred_commits_before_it() {
-    let Ok(url) = std::env::var(PG_URL_VAR) else {
-        eprintln!("{PG_URL_VAR} is not set, so this PostgreSQL test is skipped");
-        return;
-    };
-    let b = Backend::postgres(&url).await;
+    let Some(b) = postgres_only().await else { return };
     let Raw::Postgres(pool) = &b.raw else { unreachable!() };
     let store = b.replica_with(b.url.as_deref().unwrap(), "synchronous_commit = on").await;
     let (o, _, bot) = seed(&b, "durable").await;
@@ -1927,11 +1929,7 @@ async fn postgres_durable_flushes_the_deferred_commits_before_it() {
 /// database URL's `options` names is the URL's. Skipped without a server.
 #[tokio::test]
 async fn postgres_sessions_are_probed_and_the_url_options_win() {
-    let Ok(url) = std::env::var(PG_URL_VAR) else {
-        eprintln!("{PG_URL_VAR} is not set, so this PostgreSQL test is skipped");
-        return;
-    };
-    let b = Backend::postgres(&url).await;
+    let Some(b) = postgres_only().await else { return };
     // The store's own pool.
     let Raw::Postgres(pool) = &b.raw else { unreachable!() };
     let show = |name: &'static str| async move {

@@ -394,7 +394,13 @@ fn hold_ran_out(
     token: &str,
     held: Duration,
 ) -> Response {
-    let mut body = pending_body(gateway, action, approval, token, Some(held));
+    not_carried_out(dialect, pending_body(gateway, action, approval, token, Some(held)))
+}
+
+/// 504 for a held call this connection does not carry out (its body one of [`pending_body`]'s), in the
+/// provider's shape (Anthropic's `type: "error"` added) with `x-should-retry: false`: a retry would be a new
+/// action, held for approval again.
+fn not_carried_out(dialect: Dialect, mut body: Value) -> Response {
     if dialect == Dialect::Anthropic {
         body["type"] = json!("error");
     }
@@ -419,12 +425,7 @@ fn approved_too_late(
         "Countersign: this request was approved just before the client's own timeout, too late to carry it out \
          on this connection; its job carries it out, and {poll_url}/result will hold the provider's answer"
     ));
-    if dialect == Dialect::Anthropic {
-        body["type"] = json!("error");
-    }
-    let mut response = (StatusCode::GATEWAY_TIMEOUT, axum::Json(body)).into_response();
-    response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
-    response
+    not_carried_out(dialect, body)
 }
 
 /// How long a held call may wait on its connection: what it asked for (or its approval's deadline), at most
